@@ -1,0 +1,70 @@
+"""The agent's connection to the control plane: one msgpack POST per protocol message."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import aiohttp
+
+from protocol.codec import ProtocolError, decode
+from protocol.messages import ErrorReply
+
+T = TypeVar("T")
+
+
+class ControlPlaneUnreachable(Exception):
+    """No answer (connection refused, reset, timeout, 5xx): worth retrying."""
+
+
+class ControlPlaneError(Exception):
+    """The control plane answered with a refusal (4xx) that names the problem."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+
+
+class ControlPlaneClient:
+    def __init__(self, base_url: str, token: str | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._headers = {"Content-Type": "application/msgpack"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> ControlPlaneClient:
+        self._session = aiohttp.ClientSession()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def call(self, path: str, message: Any, reply_type: type[T], wait: float) -> T:
+        from protocol.codec import encode
+
+        assert self._session is not None, "use the client as an async context manager"
+        try:
+            async with self._session.post(
+                f"{self.base_url}/agent/v1/{path}",
+                data=encode(message),
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=wait),
+            ) as resp:
+                body = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise ControlPlaneUnreachable(f"{path}: {type(exc).__name__}: {exc}") from None
+        if status >= 500:
+            raise ControlPlaneUnreachable(f"{path}: HTTP {status}")
+        if status != 200:
+            try:
+                err = decode(body, ErrorReply)
+            except ProtocolError:
+                err = ErrorReply(code="http_error", message=body[:200].decode(errors="replace"))
+            raise ControlPlaneError(status, err.code, err.message)
+        try:
+            return decode(body, reply_type)
+        except ProtocolError as exc:
+            raise ControlPlaneError(status, exc.code, f"bad reply to {path}: {exc}") from None

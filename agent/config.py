@@ -1,0 +1,69 @@
+"""`agent.toml`: what one agent serves and where its control plane is (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from protocol.schema import ConfigError, FieldError, load_toml
+
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+@dataclass
+class CodeLocationConfig:
+    name: str
+    python_file: str | None = None
+    module: str | None = None
+    working_directory: str = "."
+    executable: str = ""
+
+    def check(self) -> None:
+        if not self.name or not set(self.name) <= NAME_CHARS or len(self.name) > 128:
+            raise FieldError("name", "must match ^[A-Za-z0-9_]{1,128}$")
+        if (self.python_file is None) == (self.module is None):
+            raise FieldError("python_file", "give exactly one of python_file or module")
+
+
+@dataclass
+class AgentConfig:
+    control_plane_url: str = "http://127.0.0.1:8470"
+    name: str = ""
+    token_file: str = ""
+    queues: list[str] = field(default_factory=lambda: ["default"])
+    max_concurrent_runs: int = 4
+    heartbeat_interval_seconds: float = 5.0
+    code_locations: list[CodeLocationConfig] = field(default_factory=list)
+
+    def check(self) -> None:
+        if not self.control_plane_url.startswith(("http://", "https://")):
+            raise FieldError("control_plane_url", "must start with http:// or https://")
+        if self.max_concurrent_runs < 1:
+            raise FieldError("max_concurrent_runs", "must be >= 1")
+        if not 0 < self.heartbeat_interval_seconds <= 300:
+            raise FieldError("heartbeat_interval_seconds", "must be in (0, 300]")
+        if not self.queues:
+            raise FieldError("queues", "must name at least one queue")
+        names = [loc.name for loc in self.code_locations]
+        for name in names:
+            if names.count(name) > 1:
+                raise FieldError("code_locations", f"location name {name!r} is used twice")
+
+
+def load_agent_config(path: str) -> AgentConfig:
+    """Load agent.toml; relative paths are resolved against the file's folder."""
+    config = load_toml(path, AgentConfig)
+    base_dir = os.path.dirname(os.path.abspath(path))
+    if not config.name:
+        config.name = socket.gethostname()
+    for loc in config.code_locations:
+        loc.working_directory = os.path.normpath(os.path.join(base_dir, loc.working_directory))
+        if loc.python_file is not None:
+            loc.python_file = os.path.join(loc.working_directory, loc.python_file)
+    if config.token_file:
+        config.token_file = os.path.join(base_dir, config.token_file)
+    return config
+
+
+__all__ = ["AgentConfig", "CodeLocationConfig", "ConfigError", "load_agent_config"]

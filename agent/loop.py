@@ -1,0 +1,205 @@
+"""The agent: register, long-poll for launches, run them, stream their records, heartbeat.
+
+Three concurrent activities share one `Agent`: the poll loop (receives LaunchRun and
+starts a RunWorker for each), the heartbeat loop, and one supervisor task per run that
+follows its worker and delivers its outbox until every record is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from dataclasses import dataclass
+
+from agent.client import ControlPlaneClient, ControlPlaneError, ControlPlaneUnreachable
+from agent.config import AgentConfig
+from agent.launcher import RunWorker, describe_location
+from agent.outbox import AttemptRejected, RunOutbox
+from protocol import FLEETRUN_VERSION
+from protocol.messages import (
+    CodeLocationInfo,
+    EventAck,
+    EventBatch,
+    Heartbeat,
+    HeartbeatReply,
+    LaunchRun,
+    Poll,
+    PollReply,
+    Register,
+    Registered,
+    RunState,
+)
+
+log = logging.getLogger("fleetrun.agent")
+
+RETRY_MIN_SECONDS = 0.2
+RETRY_MAX_SECONDS = 5.0
+REQUEST_TIMEOUT_SECONDS = 30.0
+
+
+class FatalAgentError(Exception):
+    """The control plane refused this agent outright (e.g. protocol version mismatch)."""
+
+
+@dataclass
+class ActiveRun:
+    worker: RunWorker
+    outbox: RunOutbox
+    task: asyncio.Task[None]
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, client: ControlPlaneClient) -> None:
+        self.config = config
+        self.client = client
+        self.locations = {loc.name: loc for loc in config.code_locations}
+        self.agent_id: str | None = None
+        self.poll_timeout = 25.0
+        self.heartbeat_interval = config.heartbeat_interval_seconds
+        self.runs: dict[int, ActiveRun] = {}
+        self.location_infos: list[CodeLocationInfo] = []
+
+    async def load_locations(self) -> list[CodeLocationInfo]:
+        infos = await asyncio.gather(*(describe_location(loc) for loc in self.locations.values()))
+        for info in infos:
+            if info.error:
+                log.error("code location %s failed to load: %s", info.name, info.error)
+            else:
+                log.info("code location %s: jobs %s", info.name, [j.name for j in info.jobs])
+        self.location_infos = list(infos)
+        return self.location_infos
+
+    async def register(self) -> None:
+        """Register, retrying while the control plane is unreachable."""
+        message = Register(
+            name=self.config.name,
+            hostname=socket.gethostname(),
+            version=FLEETRUN_VERSION,
+            queues=self.config.queues,
+            max_concurrent_runs=self.config.max_concurrent_runs,
+            code_locations=self.location_infos,
+        )
+        delay = RETRY_MIN_SECONDS
+        while True:
+            try:
+                reply = await self.client.call(
+                    "register", message, Registered, REQUEST_TIMEOUT_SECONDS
+                )
+                break
+            except ControlPlaneUnreachable as exc:
+                log.warning("cannot reach the control plane (%s); retrying", exc)
+            except ControlPlaneError as exc:
+                raise FatalAgentError(f"the control plane refused registration: {exc}") from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+        self.agent_id = reply.agent_id
+        self.poll_timeout = reply.poll_timeout_seconds
+        self.heartbeat_interval = min(
+            self.config.heartbeat_interval_seconds, reply.heartbeat_interval_seconds
+        )
+        log.info(
+            "registered as %s (agent id %s) at %s",
+            self.config.name,
+            self.agent_id,
+            self.client.base_url,
+        )
+
+    async def run(self) -> None:
+        await self.load_locations()
+        await self.register()
+        try:
+            await asyncio.gather(self._poll_forever(), self._heartbeat_forever())
+        finally:
+            for active in self.runs.values():
+                active.worker.kill()
+
+    async def _poll_forever(self) -> None:
+        delay = RETRY_MIN_SECONDS
+        while True:
+            assert self.agent_id is not None
+            try:
+                reply = await self.client.call(
+                    "poll",
+                    Poll(agent_id=self.agent_id, held_leases=list(self.runs)),
+                    PollReply,
+                    self.poll_timeout + REQUEST_TIMEOUT_SECONDS,
+                )
+            except ControlPlaneUnreachable as exc:
+                log.warning("poll failed (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+                continue
+            except ControlPlaneError as exc:
+                if exc.code != "unknown_agent":
+                    raise FatalAgentError(f"the control plane refused a poll: {exc}") from None
+                log.warning("the control plane does not know this agent; registering again")
+                await self.register()
+                continue
+            delay = RETRY_MIN_SECONDS
+            for launch in reply.launches:
+                if launch.lease not in self.runs:
+                    self.start_run(launch)
+
+    async def _heartbeat_forever(self) -> None:
+        while True:
+            assert self.agent_id is not None
+            states = [
+                RunState(run_id=a.worker.launch.run_id, lease=lease, state=a.worker.state)
+                for lease, a in self.runs.items()
+            ]
+            try:
+                await self.client.call(
+                    "heartbeat",
+                    Heartbeat(agent_id=self.agent_id, runs=states),
+                    HeartbeatReply,
+                    REQUEST_TIMEOUT_SECONDS,
+                )
+            except (ControlPlaneUnreachable, ControlPlaneError) as exc:
+                log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def _send(self, batch: EventBatch) -> EventAck:
+        return await self.client.call("events", batch, EventAck, REQUEST_TIMEOUT_SECONDS)
+
+    def start_run(self, launch: LaunchRun) -> None:
+        assert self.agent_id is not None
+        log.info("launching run %s (job %s, lease %d)", launch.run_id, launch.job, launch.lease)
+        outbox = RunOutbox(self.agent_id, launch.run_id, launch.lease, self._send)
+        worker = RunWorker(launch, outbox.add)
+        task = asyncio.create_task(self._supervise(worker, outbox), name=f"run-{launch.run_id}")
+        self.runs[launch.lease] = ActiveRun(worker=worker, outbox=outbox, task=task)
+
+    async def _supervise(self, worker: RunWorker, outbox: RunOutbox) -> None:
+        launch = worker.launch
+        delivery = asyncio.create_task(outbox.deliver())
+        try:
+            loc = self.locations.get(launch.location)
+            if loc is None:
+                worker.report(
+                    "RUN_FAILURE",
+                    f"agent {self.config.name} does not host code location {launch.location!r}",
+                )
+            else:
+                run_task = asyncio.create_task(worker.run(loc))
+                done, _ = await asyncio.wait(
+                    {run_task, delivery}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if delivery in done and not run_task.done():
+                    worker.kill()
+                await run_task
+            outbox.close()
+            await delivery
+            log.info("run %s finished (worker %s)", launch.run_id, worker.state)
+        except AttemptRejected as exc:
+            worker.kill()
+            log.warning(
+                "run %s: control plane refused this attempt (%s); stopped", launch.run_id, exc
+            )
+        finally:
+            if not delivery.done():
+                delivery.cancel()
+                with contextlib.suppress(asyncio.CancelledError, AttemptRejected):
+                    await delivery
+            self.runs.pop(launch.lease, None)

@@ -1,0 +1,83 @@
+"""A run attempt's records on their way to the control plane.
+
+Records are numbered 1, 2, 3… as they arrive and sent in order, in batches of whatever has
+accumulated while the previous send was in flight. The control plane acknowledges the
+highest seq it stored; only acknowledged records are dropped, so a failed or repeated send
+loses and duplicates nothing (the control plane stores each seq once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from agent.client import ControlPlaneError, ControlPlaneUnreachable
+from protocol.messages import EventAck, EventBatch, RunRecord
+
+log = logging.getLogger("fleetrun.agent.outbox")
+
+MAX_BATCH = 500
+RETRY_MIN_SECONDS = 0.2
+RETRY_MAX_SECONDS = 5.0
+
+
+class AttemptRejected(Exception):
+    """The control plane refused this attempt's records (stale lease, not our run)."""
+
+
+class RunOutbox:
+    def __init__(
+        self,
+        agent_id: str,
+        run_id: str,
+        lease: int,
+        send: Callable[[EventBatch], Awaitable[EventAck]],
+    ) -> None:
+        self.agent_id = agent_id
+        self.run_id = run_id
+        self.lease = lease
+        self._send = send
+        self._pending: list[RunRecord] = []
+        self._next_seq = 1
+        self._closed = False
+        self._wake = asyncio.Event()
+
+    def add(self, record: RunRecord) -> None:
+        record.seq = self._next_seq
+        self._next_seq += 1
+        self._pending.append(record)
+        self._wake.set()
+
+    def close(self) -> None:
+        """No more records will be added; `deliver` returns once all are acknowledged."""
+        self._closed = True
+        self._wake.set()
+
+    async def deliver(self) -> None:
+        """Send until closed and fully acknowledged; raises AttemptRejected on refusal."""
+        delay = RETRY_MIN_SECONDS
+        while True:
+            if not self._pending:
+                if self._closed:
+                    return
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            batch = EventBatch(
+                agent_id=self.agent_id,
+                run_id=self.run_id,
+                lease=self.lease,
+                records=self._pending[:MAX_BATCH],
+            )
+            try:
+                ack = await self._send(batch)
+            except ControlPlaneUnreachable as exc:
+                log.warning("run %s: cannot send records (%s); retrying", self.run_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+                continue
+            except ControlPlaneError as exc:
+                raise AttemptRejected(str(exc)) from None
+            delay = RETRY_MIN_SECONDS
+            self._pending = [r for r in self._pending if r.seq > ack.acked_seq]

@@ -1,0 +1,98 @@
+"""The run worker: a process per run (crash-isolated from the agent).
+
+`python -m agent.worker run`: reads a WorkerSpec frame on stdin, loads the code location,
+runs the job's executor and writes RunRecords to the record fd the agent passed in
+FLEETRUN_RECORD_FD. `... describe`: reads a DescribeLocation, replies a CodeLocationInfo.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import traceback
+from typing import BinaryIO
+
+from protocol.codec import FRAME_HEADER_SIZE, decode_any, frame, frame_length
+from protocol.messages import DescribeLocation, WorkerSpec
+
+RECORD_FD_ENV = "FLEETRUN_RECORD_FD"
+
+
+def _read_frame(stream: BinaryIO) -> bytes:
+    header = stream.read(FRAME_HEADER_SIZE)
+    if len(header) != FRAME_HEADER_SIZE:
+        raise SystemExit("run worker: no spec on stdin")
+    body = stream.read(frame_length(header))
+    return body
+
+
+def _run(spec: WorkerSpec, fd: int) -> int:
+    from agent.code_location import LocationLoadError, load_definitions
+    from agent.executors import get_executor
+    from agent.records import RecordSink
+
+    sink = RecordSink(fd)
+    launch = spec.launch
+    try:
+        defs = load_definitions(spec.location)
+        job = defs.get_job(launch.job)
+        executor = get_executor(job.executor["name"])
+    except (LocationLoadError, KeyError, ValueError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        sink.event(
+            "RUN_FAILURE",
+            f"could not load job {launch.job!r}: {message}",
+            data={"error_type": type(exc).__name__, "message": str(message)},
+        )
+        return 1
+    sink.event(
+        "RUN_START",
+        f"run worker started (pid {os.getpid()} on {socket.gethostname()})",
+        data={"pid": os.getpid(), "executor": job.executor["name"]},
+    )
+    try:
+        failed = executor(job, launch, sink)
+    except Exception as exc:
+        sink.event(
+            "RUN_FAILURE",
+            f"executor failed: {type(exc).__name__}: {exc}",
+            data={
+                "error_type": type(exc).__name__,
+                "message": str(exc),
+                "traceback": "".join(traceback.format_exception(exc)),
+            },
+        )
+        return 1
+    if failed:
+        sink.event(
+            "RUN_FAILURE",
+            f"steps failed: {', '.join(failed)}",
+            data={"failed_steps": failed},
+        )
+    else:
+        sink.event("RUN_SUCCESS", f"all {len(job.nodes)} steps succeeded")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    mode = argv[0] if argv else ""
+    fd = int(os.environ[RECORD_FD_ENV])
+    message = decode_any(_read_frame(sys.stdin.buffer))
+    if mode == "describe" and isinstance(message, DescribeLocation):
+        from agent.code_location import describe
+
+        info = describe(message.location)
+        os.write(fd, frame(info))
+        return 0
+    if mode == "run" and isinstance(message, WorkerSpec):
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        os.environ["FLEETRUN_RUN_ID"] = message.launch.run_id
+        os.environ["FLEETRUN_LEASE"] = str(message.launch.lease)
+        return _run(message, fd)
+    print(f"run worker: mode {mode!r} does not take a {type(message).__name__}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,139 @@
+"""The agent protocol's HTTP side: msgpack messages under /agent/v1.
+
+Each handler decodes one message type with the bounded codec (bad input -> 4xx with an
+ErrorReply naming the problem), calls storage/coordinator/dispatcher, and replies.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from control_plane.statuses import TERMINAL_STATUSES
+from control_plane.storage import StaleLease, UnknownRun
+from protocol import FLEETRUN_VERSION
+from protocol.codec import ProtocolError, decode, encode
+from protocol.messages import (
+    ErrorReply,
+    EventAck,
+    EventBatch,
+    Heartbeat,
+    HeartbeatReply,
+    Poll,
+    PollReply,
+    Register,
+    Registered,
+)
+
+if TYPE_CHECKING:
+    from control_plane.app import ControlPlane
+
+MSGPACK = "application/msgpack"
+
+
+class AgentApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def reply(message: Any, status: int = 200) -> web.Response:
+    return web.Response(body=encode(message), status=status, content_type=MSGPACK)
+
+
+def _cp(request: web.Request) -> ControlPlane:
+    from control_plane.app import CONTROL_PLANE
+
+    return request.app[CONTROL_PLANE]
+
+
+def handler(expected: type, fn: Any) -> Any:
+    """Wrap `fn(cp, message)` with decoding of `expected` and msgpack error replies."""
+
+    async def handle(request: web.Request) -> web.Response:
+        try:
+            message = decode(await request.read(), expected)
+            return reply(await fn(_cp(request), message))
+        except ProtocolError as exc:
+            return reply(ErrorReply(code=exc.code, message=str(exc)), 400)
+        except AgentApiError as exc:
+            return reply(ErrorReply(code=exc.code, message=str(exc)), exc.status)
+
+    return handle
+
+
+async def _known_agent(cp: ControlPlane, agent_id: str) -> None:
+    if await cp.storage.get_agent(agent_id) is None:
+        raise AgentApiError(404, "unknown_agent", f"agent {agent_id!r} is not registered")
+
+
+async def register(cp: ControlPlane, msg: Register) -> Registered:
+    agent = await cp.storage.register_agent(
+        name=msg.name,
+        hostname=msg.hostname,
+        version=msg.version,
+        queues=msg.queues,
+        max_concurrent_runs=msg.max_concurrent_runs,
+        locations=msg.code_locations,
+        now=cp.clock.time(),
+    )
+    cp.coordinator.wake()
+    return Registered(
+        agent_id=agent.agent_id,
+        heartbeat_interval_seconds=cp.config.run_monitoring.agent_heartbeat_timeout_seconds / 6,
+        poll_timeout_seconds=cp.config.server.poll_timeout_seconds,
+    )
+
+
+async def poll(cp: ControlPlane, msg: Poll) -> PollReply:
+    await _known_agent(cp, msg.agent_id)
+    launches = await cp.dispatcher.wait_for_launches(
+        msg.agent_id, set(msg.held_leases), cp.config.server.poll_timeout_seconds
+    )
+    return PollReply(launches=launches)
+
+
+async def heartbeat(cp: ControlPlane, msg: Heartbeat) -> HeartbeatReply:
+    now = cp.clock.time()
+    previous = await cp.storage.record_heartbeat(msg.agent_id, now)
+    if previous is None:
+        raise AgentApiError(404, "unknown_agent", f"agent {msg.agent_id!r} is not registered")
+    if now - previous > cp.heartbeat_timeout:
+        cp.coordinator.wake()
+    return HeartbeatReply(ok=True)
+
+
+async def events(cp: ControlPlane, msg: EventBatch) -> EventAck:
+    run = await cp.storage.get_run(msg.run_id)
+    if run is None:
+        raise AgentApiError(404, "unknown_run", f"no run with id {msg.run_id!r}")
+    if run.agent_id != msg.agent_id:
+        raise AgentApiError(403, "not_your_run", f"run {msg.run_id} is not leased to this agent")
+    try:
+        result = await cp.storage.append_records(
+            msg.run_id, msg.lease, msg.records, cp.clock.time()
+        )
+    except StaleLease as exc:
+        raise AgentApiError(409, "stale_lease", str(exc)) from None
+    except UnknownRun:
+        raise AgentApiError(404, "unknown_run", f"no run with id {msg.run_id!r}") from None
+    cp.run_events.notify(msg.run_id)
+    if result.status_changed and result.status in TERMINAL_STATUSES:
+        cp.coordinator.wake()
+    return EventAck(acked_seq=result.acked_seq)
+
+
+async def version(request: web.Request) -> web.Response:
+    from protocol import PROTOCOL_VERSION
+
+    return web.json_response({"version": FLEETRUN_VERSION, "protocol_version": PROTOCOL_VERSION})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/agent/v1/register", handler(Register, register))
+    app.router.add_post("/agent/v1/poll", handler(Poll, poll))
+    app.router.add_post("/agent/v1/heartbeat", handler(Heartbeat, heartbeat))
+    app.router.add_post("/agent/v1/events", handler(EventBatch, events))
+    app.router.add_get("/agent/v1/version", version)

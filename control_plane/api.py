@@ -1,0 +1,315 @@
+"""The user-facing JSON API under /api/v1 (the contract in DESIGN.md)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from control_plane.coordinator import agent_is_live
+from control_plane.errors import ApiError, read_json_object
+from control_plane.statuses import ACTIVE_STATUSES, RunStatus
+from control_plane.storage import NewRun, Run, RunFilter, iso
+from protocol.schema import SchemaError, from_plain
+
+if TYPE_CHECKING:
+    from control_plane.app import ControlPlane
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,128}$")
+MAX_TAGS = 64
+MAX_TAG_KEY = 128
+MAX_TAG_VALUE = 4096
+MAX_LIST_LIMIT = 1000
+MAX_WAIT_SECONDS = 30.0
+
+PRIORITY_TAG = "fleetrun/priority"
+QUEUE_TAG = "fleetrun/queue"
+JOB_TAG = "fleetrun/job"
+
+
+@dataclass
+class SubmitRunRequest:
+    job: str
+    location: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def _cp(request: web.Request) -> ControlPlane:
+    from control_plane.app import CONTROL_PLANE
+
+    return request.app[CONTROL_PLANE]
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, "bad_parameter", f"{name} must be an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ApiError(400, "bad_parameter", f"{name} must be between {lo} and {hi}")
+    return value
+
+
+def _wait_param(request: web.Request) -> float:
+    raw = request.query.get("wait", "0")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(400, "bad_parameter", f"wait must be a number, got {raw!r}") from None
+    if not 0 <= value <= MAX_WAIT_SECONDS:
+        raise ApiError(400, "bad_parameter", f"wait must be between 0 and {MAX_WAIT_SECONDS}")
+    return value
+
+
+def _check_tags(tags: dict[str, str]) -> None:
+    if len(tags) > MAX_TAGS:
+        raise ApiError(422, "too_many_tags", f"a run may have at most {MAX_TAGS} tags")
+    for key, value in tags.items():
+        if not key or len(key) > MAX_TAG_KEY:
+            raise ApiError(422, "bad_tag", f"tag keys must be 1 to {MAX_TAG_KEY} characters")
+        if len(value) > MAX_TAG_VALUE:
+            raise ApiError(
+                422, "bad_tag", f"tag {key!r}: values must be at most {MAX_TAG_VALUE} characters"
+            )
+    priority = tags.get(PRIORITY_TAG)
+    if priority is not None:
+        try:
+            int(priority)
+        except ValueError:
+            raise ApiError(
+                422, "bad_tag", f"tag {PRIORITY_TAG} must be an integer, got {priority!r}"
+            ) from None
+
+
+async def _resolve_location(cp: ControlPlane, job: str, location: str | None) -> str:
+    """The location hosting `job`: the one given, or the only one that defines it."""
+    hosting: set[str] = set()
+    known: set[str] = set()
+    for loc in await cp.storage.list_code_locations():
+        known.add(loc.info.name)
+        if any(j.name == job for j in loc.info.jobs):
+            hosting.add(loc.info.name)
+    if location is not None:
+        if location not in known:
+            raise ApiError(404, "unknown_location", f"no agent hosts code location {location!r}")
+        if location not in hosting:
+            raise ApiError(404, "unknown_job", f"code location {location!r} has no job {job!r}")
+        return location
+    if not hosting:
+        raise ApiError(404, "unknown_job", f"no code location defines job {job!r}")
+    if len(hosting) > 1:
+        raise ApiError(
+            422,
+            "ambiguous_job",
+            f"job {job!r} is defined in several locations ({', '.join(sorted(hosting))});"
+            " give location",
+        )
+    return hosting.pop()
+
+
+async def submit_run(request: web.Request) -> web.Response:
+    cp = _cp(request)
+    try:
+        body = from_plain(SubmitRunRequest, await read_json_object(request))
+    except SchemaError as exc:
+        raise ApiError(422, "bad_request", str(exc)) from None
+    if not NAME_RE.match(body.job):
+        raise ApiError(422, "bad_request", "job must match ^[A-Za-z0-9_]{1,128}$")
+    if body.location is not None and not NAME_RE.match(body.location):
+        raise ApiError(422, "bad_request", "location must match ^[A-Za-z0-9_]{1,128}$")
+    _check_tags(body.tags)
+    location = await _resolve_location(cp, body.job, body.location)
+    tags = {**body.tags, JOB_TAG: body.job}
+    new_run = NewRun(
+        run_id=str(uuid.uuid4()),
+        job=body.job,
+        location=location,
+        tags=tags,
+        config=body.config,
+        priority=int(tags.get(PRIORITY_TAG, "0")),
+        queue=tags.get(QUEUE_TAG, "default"),
+    )
+    run = await cp.coordinator.submit(new_run)
+    return web.json_response({"run_id": run.run_id, "status": str(run.status)}, status=201)
+
+
+def _parse_filter(request: web.Request) -> RunFilter:
+    filt = RunFilter()
+    for raw in request.query.getall("status", []):
+        for name in raw.split(","):
+            try:
+                filt.statuses.append(RunStatus(name.strip().upper()))
+            except ValueError:
+                raise ApiError(400, "bad_parameter", f"unknown run status {name!r}") from None
+    filt.job = request.query.get("job") or None
+    for raw in request.query.getall("tag", []):
+        key, sep, value = raw.partition(":")
+        if not sep or not key:
+            raise ApiError(400, "bad_parameter", f"tag filter must be key:value, got {raw!r}")
+        filt.tags.append((key, value))
+    return filt
+
+
+async def list_runs(request: web.Request) -> web.Response:
+    cp = _cp(request)
+    filt = _parse_filter(request)
+    limit = _int_param(request, "limit", 100, 1, MAX_LIST_LIMIT)
+    raw_cursor = request.query.get("cursor")
+    cursor = None
+    if raw_cursor:
+        if not raw_cursor.isdigit():
+            raise ApiError(400, "bad_parameter", f"cursor {raw_cursor!r} is not valid")
+        cursor = int(raw_cursor)
+    runs, next_cursor = await cp.storage.list_runs(filt, limit, cursor)
+    return web.json_response(
+        {
+            "runs": [r.to_json() for r in runs],
+            "next_cursor": str(next_cursor) if next_cursor is not None else None,
+        }
+    )
+
+
+async def _get_run_or_404(cp: ControlPlane, request: web.Request) -> Run:
+    run_id = request.match_info["run_id"]
+    run = await cp.storage.get_run(run_id) if len(run_id) <= 64 else None
+    if run is None:
+        raise ApiError(404, "unknown_run", f"no run with id {run_id!r}")
+    return run
+
+
+async def get_run(request: web.Request) -> web.Response:
+    cp = _cp(request)
+    run = await _get_run_or_404(cp, request)
+    return web.json_response(run.to_json())
+
+
+async def get_events(request: web.Request) -> web.Response:
+    """Events after `after`; with `wait`, held open until one arrives (long-poll)."""
+    cp = _cp(request)
+    run = await _get_run_or_404(cp, request)
+    after = _int_param(request, "after", 0, 0, 2**62)
+    limit = _int_param(request, "limit", 1000, 1, 10_000)
+    wait = _wait_param(request)
+
+    async def fetch() -> list:
+        return await cp.storage.get_events(run.run_id, after, limit)
+
+    events = await fetch()
+    if not events and wait > 0:
+        events = await cp.run_events.wait_for(run.run_id, fetch, wait) or []
+    return web.json_response({"events": [e.to_json() for e in events]})
+
+
+async def get_logs(request: web.Request) -> web.Response:
+    cp = _cp(request)
+    run = await _get_run_or_404(cp, request)
+    step = request.query.get("step") or None
+    if step is not None and not NAME_RE.match(step):
+        raise ApiError(400, "bad_parameter", "step must match ^[A-Za-z0-9_]{1,128}$")
+    after = _int_param(request, "after", 0, 0, 2**62)
+    wait = _wait_param(request)
+
+    async def fetch() -> list:
+        return await cp.storage.get_logs(run.run_id, step, after)
+
+    chunks = await fetch()
+    if not chunks and wait > 0:
+        chunks = await cp.run_events.wait_for(run.run_id, fetch, wait) or []
+    return web.json_response({"logs": [c.to_json() for c in chunks]})
+
+
+async def list_agents(request: web.Request) -> web.Response:
+    cp = _cp(request)
+    now = cp.clock.time()
+    running: dict[str, int] = {}
+    for run in await cp.storage.active_runs():
+        if run.agent_id and run.status in ACTIVE_STATUSES:
+            running[run.agent_id] = running.get(run.agent_id, 0) + 1
+    locations: dict[str, list[dict[str, Any]]] = {}
+    for loc in await cp.storage.list_code_locations():
+        locations.setdefault(loc.agent_id, []).append(
+            {
+                "name": loc.info.name,
+                "jobs": [j.name for j in loc.info.jobs],
+                "error": loc.info.error,
+            }
+        )
+    agents = []
+    for a in await cp.storage.list_agents():
+        status = a.status
+        if status == "ONLINE" and not agent_is_live(a, now, cp.heartbeat_timeout):
+            status = "OFFLINE"
+        agents.append(
+            {
+                "agent_id": a.agent_id,
+                "name": a.name,
+                "hostname": a.hostname,
+                "status": status,
+                "queues": a.queues,
+                "max_concurrent_runs": a.max_concurrent_runs,
+                "running": running.get(a.agent_id, 0),
+                "last_heartbeat": iso(a.last_heartbeat),
+                "version": a.version,
+                "code_locations": locations.get(a.agent_id, []),
+            }
+        )
+    return web.json_response({"agents": agents})
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    cp = _cp(request)
+    names = {a.agent_id: a.name for a in await cp.storage.list_agents()}
+    jobs: dict[tuple[str, str], dict[str, Any]] = {}
+    errors = []
+    for loc in await cp.storage.list_code_locations():
+        agent_name = names.get(loc.agent_id, loc.agent_id)
+        if loc.info.error is not None:
+            errors.append({"location": loc.info.name, "agent": agent_name, "error": loc.info.error})
+        for job in loc.info.jobs:
+            entry = jobs.setdefault(
+                (loc.info.name, job.name),
+                {
+                    "name": job.name,
+                    "location": loc.info.name,
+                    "ops": [
+                        {"name": o.name, "upstream": o.upstream, "tags": o.tags} for o in job.ops
+                    ],
+                    "tags": job.tags,
+                    "executor": job.executor,
+                    "agents": [],
+                },
+            )
+            entry["agents"].append(agent_name)
+    return web.json_response({"jobs": [jobs[k] for k in sorted(jobs)], "location_errors": errors})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    cp = _cp(request)
+    try:
+        await cp.storage.list_agents()
+    except Exception as exc:
+        raise ApiError(503, "storage_unavailable", f"storage is not reachable: {exc}") from None
+    return web.json_response({"status": "ready"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/v1/runs", submit_run)
+    app.router.add_get("/api/v1/runs", list_runs)
+    app.router.add_get("/api/v1/runs/{run_id}", get_run)
+    app.router.add_get("/api/v1/runs/{run_id}/events", get_events)
+    app.router.add_get("/api/v1/runs/{run_id}/logs", get_logs)
+    app.router.add_get("/api/v1/agents", list_agents)
+    app.router.add_get("/api/v1/jobs", list_jobs)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)

@@ -1,0 +1,303 @@
+"""`fleetrun`: run the control plane, an agent or the demo, and talk to a control plane."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from control_plane.statuses import EVENT_STATUS, TERMINAL_STATUSES
+from protocol.schema import ConfigError
+
+DEFAULT_URL = "http://127.0.0.1:8470"
+
+
+class CliError(Exception):
+    """A failure to report to the user in one line; exit code 1."""
+
+
+class ApiClient:
+    """A small synchronous client of the JSON API, for the CLI."""
+
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: list[tuple[str, str]] | None = None,
+        wait: float = 30.0,
+    ) -> Any:
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"{self.url}/api/v1{path}{query}", data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=wait + 30) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                err = json.loads(exc.read())["error"]
+                raise CliError(f"{err['message']} ({exc.code} {err['code']})") from None
+            except (ValueError, KeyError, TypeError):
+                raise CliError(f"HTTP {exc.code} from {self.url}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise CliError(f"cannot reach the control plane at {self.url}: {reason}") from None
+
+
+def _table(rows: list[list[Any]], headers: list[str]) -> str:
+    cells = [headers] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
+def _parse_kv(values: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for raw in values:
+        key, sep, value = raw.partition("=")
+        if not sep or not key:
+            raise CliError(f"{what} must be KEY=VALUE, got {raw!r}")
+        out[key] = value
+    return out
+
+
+def _follow_status(client: ApiClient, run_id: str, quiet: bool) -> str:
+    """Print the run's status changes until it ends; return the final status."""
+    after = 0
+    while True:
+        events = client.request(
+            "GET", f"/runs/{run_id}/events", params=[("after", str(after)), ("wait", "20")],
+            wait=20,
+        )["events"]  # fmt: skip
+        for ev in events:
+            after = ev["seq"]
+            status = EVENT_STATUS.get(ev["type"])
+            if status is not None and not quiet:
+                print(f"{ev['time']}  {status:<9}  {ev['message']}", file=sys.stderr)
+            if status in TERMINAL_STATUSES:
+                return str(status)
+
+
+def cmd_runs_submit(args: argparse.Namespace, client: ApiClient) -> int:
+    body: dict[str, Any] = {"job": args.job, "tags": _parse_kv(args.tag, "--tag")}
+    if args.location:
+        body["location"] = args.location
+    if args.config:
+        try:
+            body["config"] = json.loads(args.config)
+        except ValueError as exc:
+            raise CliError(f"--config is not valid JSON: {exc}") from None
+    created = client.request("POST", "/runs", body)
+    if not args.wait:
+        _emit(args, created, created["run_id"])
+        return 0
+    print(created["run_id"], file=sys.stderr)
+    final = _follow_status(client, created["run_id"], quiet=args.json)
+    run = client.request("GET", f"/runs/{created['run_id']}")
+    _emit(args, run, f"{run['run_id']} {final}: {run['status_reason'] or ''}")
+    return 0 if final == "SUCCESS" else 1
+
+
+def cmd_runs_list(args: argparse.Namespace, client: ApiClient) -> int:
+    params = [("limit", str(args.limit))]
+    if args.status:
+        params.append(("status", args.status))
+    if args.job:
+        params.append(("job", args.job))
+    for key, value in _parse_kv(args.tag, "--tag").items():
+        params.append(("tag", f"{key}:{value}"))
+    if args.cursor:
+        params.append(("cursor", args.cursor))
+    data = client.request("GET", "/runs", params=params)
+    rows = [
+        [r["run_id"], r["job"], r["status"], r["agent"] or "", r["create_time"]]
+        for r in data["runs"]
+    ]
+    text = _table(rows, ["RUN ID", "JOB", "STATUS", "AGENT", "CREATED"])
+    if data["next_cursor"]:
+        text += f"\n(more: --cursor {data['next_cursor']})"
+    _emit(args, data, text)
+    return 0
+
+
+def cmd_runs_show(args: argparse.Namespace, client: ApiClient) -> int:
+    run = client.request("GET", f"/runs/{args.run_id}")
+    events = client.request("GET", f"/runs/{args.run_id}/events")["events"]
+    if args.json:
+        print(json.dumps({**run, "events": events}, indent=2))
+        return 0
+    for key in ("run_id", "job", "location", "status", "status_reason", "agent",
+                "create_time", "start_time", "end_time"):  # fmt: skip
+        print(f"{key + ':':<15}{run[key] if run[key] is not None else '-'}")
+    print(f"{'tags:':<15}{', '.join(f'{k}={v}' for k, v in sorted(run['tags'].items()))}")
+    print()
+    rows = [[e["seq"], e["time"], e["type"], e["step"] or "", e["message"]] for e in events]
+    print(_table(rows, ["SEQ", "TIME", "EVENT", "STEP", "MESSAGE"]))
+    return 0
+
+
+def cmd_runs_logs(args: argparse.Namespace, client: ApiClient) -> int:
+    after = 0
+    while True:
+        params = [("after", str(after))]
+        if args.step:
+            params.append(("step", args.step))
+        if args.follow:
+            params.append(("wait", "20"))
+        chunks = client.request("GET", f"/runs/{args.run_id}/logs", params=params, wait=20)["logs"]
+        for chunk in chunks:
+            after = chunk["id"]
+            out = sys.stderr if chunk["stream"] == "stderr" else sys.stdout
+            prefix = f"[{chunk['step'] or 'worker'}] " if not args.step else ""
+            for line in chunk["text"].splitlines(keepends=True):
+                out.write(prefix + line)
+            out.flush()
+        if not args.follow:
+            return 0
+        if not chunks:
+            run = client.request("GET", f"/runs/{args.run_id}")
+            if run["status"] in TERMINAL_STATUSES:
+                return 0
+
+
+def cmd_agents_list(args: argparse.Namespace, client: ApiClient) -> int:
+    data = client.request("GET", "/agents")
+    rows = [
+        [
+            a["name"], a["status"], ",".join(a["queues"]),
+            f"{a['running']}/{a['max_concurrent_runs']}", a["last_heartbeat"], a["version"],
+            ", ".join(c["name"] + (" (ERROR)" if c["error"] else "") for c in a["code_locations"]),
+        ]
+        for a in data["agents"]
+    ]  # fmt: skip
+    headers = ["NAME", "STATUS", "QUEUES", "RUNNING", "LAST HEARTBEAT", "VERSION", "LOCATIONS"]
+    _emit(args, data, _table(rows, headers))
+    return 0
+
+
+def cmd_jobs_list(args: argparse.Namespace, client: ApiClient) -> int:
+    data = client.request("GET", "/jobs")
+    rows = [
+        [j["name"], j["location"], len(j["ops"]), j["executor"], ", ".join(j["agents"])]
+        for j in data["jobs"]
+    ]
+    text = _table(rows, ["JOB", "LOCATION", "OPS", "EXECUTOR", "AGENTS"])
+    for err in data["location_errors"]:
+        first_line = err["error"].splitlines()[0] if err["error"] else ""
+        text += f"\nlocation {err['location']} on {err['agent']} failed to load: {first_line}"
+    _emit(args, data, text)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from control_plane.app import serve
+    from control_plane.config import load_control_plane_config
+
+    try:
+        config = load_control_plane_config(args.config)
+    except ConfigError as exc:
+        print(f"fleetrun: config error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"fleetrun: cannot serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleetrun", description=__doc__)
+    parser.add_argument("--url", default=os.environ.get("FLEETRUN_URL", DEFAULT_URL))
+    parser.add_argument("--token", default=os.environ.get("FLEETRUN_TOKEN"))
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the control plane")
+    serve.add_argument("--config", help="control-plane.toml (default: all defaults)")
+    agent = sub.add_parser("agent", help="run an agent")
+    agent.add_argument("--config", required=True, help="agent.toml")
+    demo = sub.add_parser("demo", help="control plane + local agent + example jobs")
+    demo.add_argument("--port", type=int, default=8470, help="0: any free port")
+    demo.add_argument("--exit-when-done", action="store_true", help=argparse.SUPPRESS)
+
+    runs = sub.add_parser("runs", help="submit and inspect runs").add_subparsers(
+        dest="action", required=True
+    )
+    submit = runs.add_parser("submit", help="submit a run of JOB")
+    submit.add_argument("job")
+    submit.add_argument("--location")
+    submit.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--config", help="run config as a JSON object")
+    submit.add_argument("--wait", action="store_true", help="wait; exit 1 unless SUCCESS")
+    submit.set_defaults(func=cmd_runs_submit)
+    lst = runs.add_parser("list", help="list runs, newest first")
+    lst.add_argument("--status", help="e.g. FAILURE or QUEUED,STARTED")
+    lst.add_argument("--job")
+    lst.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    lst.add_argument("--limit", type=int, default=50)
+    lst.add_argument("--cursor")
+    lst.set_defaults(func=cmd_runs_list)
+    show = runs.add_parser("show", help="a run and its event log")
+    show.add_argument("run_id")
+    show.set_defaults(func=cmd_runs_show)
+    logs = runs.add_parser("logs", help="a run's compute logs (stdout/stderr of its steps)")
+    logs.add_argument("run_id")
+    logs.add_argument("--step")
+    logs.add_argument("--follow", action="store_true")
+    logs.set_defaults(func=cmd_runs_logs)
+
+    agents = sub.add_parser("agents", help="agents").add_subparsers(dest="action", required=True)
+    agents.add_parser("list").set_defaults(func=cmd_agents_list)
+    jobs = sub.add_parser("jobs", help="jobs").add_subparsers(dest="action", required=True)
+    jobs.add_parser("list").set_defaults(func=cmd_jobs_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return cmd_serve(args)
+    if args.command == "agent":
+        from agent.cli import run_agent
+
+        return run_agent(args.config)
+    if args.command == "demo":
+        from control_plane.demo import run_demo
+
+        return run_demo(args.port, args.exit_when_done)
+    try:
+        return args.func(args, ApiClient(args.url, args.token))
+    except CliError as exc:
+        print(f"fleetrun: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

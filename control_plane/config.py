@@ -1,0 +1,128 @@
+"""`control-plane.toml`: the instance's configuration (every key optional, see DESIGN.md)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from protocol.schema import ConfigError, FieldError, load_toml
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8470
+    poll_timeout_seconds: float = 25.0
+
+    def check(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise FieldError("port", "must be between 0 and 65535 (0: any free port)")
+        if not 0 < self.poll_timeout_seconds <= 300:
+            raise FieldError("poll_timeout_seconds", "must be in (0, 300]")
+
+
+@dataclass
+class StorageConfig:
+    url: str = "sqlite:///fleetrun.db"
+
+    def check(self) -> None:
+        if not self.url.startswith("sqlite:///"):
+            raise FieldError("url", f"unsupported storage url {self.url!r}: use sqlite:///PATH")
+
+
+@dataclass
+class TagConcurrencyLimit:
+    key: str
+    limit: int
+    value: str | None = None
+    per_unique_value: bool = False
+
+    def check(self) -> None:
+        if self.limit < 0:
+            raise FieldError("limit", "must be >= 0")
+        if self.value is not None and self.per_unique_value:
+            raise FieldError("per_unique_value", "cannot be combined with value")
+
+
+@dataclass
+class RunCoordinatorConfig:
+    kind: str = "queued"
+    max_concurrent_runs: int = 10
+    tag_concurrency_limits: list[TagConcurrencyLimit] = field(default_factory=list)
+
+    def check(self) -> None:
+        if self.kind not in ("queued", "default"):
+            raise FieldError("kind", f"must be 'queued' or 'default', not {self.kind!r}")
+        if self.max_concurrent_runs < -1:
+            raise FieldError("max_concurrent_runs", "must be >= 0, or -1 for no limit")
+
+
+@dataclass
+class RunMonitoringConfig:
+    enabled: bool = True
+    agent_heartbeat_timeout_seconds: float = 30.0
+    start_timeout_seconds: float = 180.0
+    cancel_timeout_seconds: float = 180.0
+    max_runtime_seconds: float = 0.0
+    max_resume_run_attempts: int = 0
+
+    def check(self) -> None:
+        for name in ("agent_heartbeat_timeout_seconds", "start_timeout_seconds",
+                     "cancel_timeout_seconds"):  # fmt: skip
+            if getattr(self, name) <= 0:
+                raise FieldError(name, "must be > 0")
+        if self.max_runtime_seconds < 0:
+            raise FieldError("max_runtime_seconds", "must be >= 0 (0: no limit)")
+        if self.max_resume_run_attempts < 0:
+            raise FieldError("max_resume_run_attempts", "must be >= 0")
+
+
+@dataclass
+class RunRetriesConfig:
+    enabled: bool = True
+    max_retries: int = 0
+    retry_on_op_failure: bool = True
+
+    def check(self) -> None:
+        if self.max_retries < 0:
+            raise FieldError("max_retries", "must be >= 0")
+
+
+@dataclass
+class AuthConfig:
+    enabled: bool = False
+
+
+@dataclass
+class ControlPlaneConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    run_coordinator: RunCoordinatorConfig = field(default_factory=RunCoordinatorConfig)
+    run_monitoring: RunMonitoringConfig = field(default_factory=RunMonitoringConfig)
+    run_retries: RunRetriesConfig = field(default_factory=RunRetriesConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+
+
+def resolve_storage_url(url: str, base_dir: str) -> str:
+    """`sqlite:///rel` is relative to the config file's folder; `sqlite:////abs` is absolute."""
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if path != ":memory:" and not os.path.isabs(path):
+            path = os.path.join(base_dir, path)
+        return "sqlite:///" + path
+    return url
+
+
+def load_control_plane_config(path: str | None) -> ControlPlaneConfig:
+    """Load the config file (all defaults when `path` is None)."""
+    if path is None:
+        config = ControlPlaneConfig()
+        base_dir = os.getcwd()
+    else:
+        config = load_toml(path, ControlPlaneConfig)
+        base_dir = os.path.dirname(os.path.abspath(path))
+    config.storage.url = resolve_storage_url(config.storage.url, base_dir)
+    return config
+
+
+__all__ = ["ConfigError", "ControlPlaneConfig", "load_control_plane_config"]

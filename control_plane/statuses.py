@@ -1,0 +1,62 @@
+"""Run statuses (Dagster's names) and the guarded state machine between them.
+
+Dagster writes whatever status the latest event implies, so a late event can flip a
+FAILURE back to SUCCESS. Here every change goes through `can_transition`: a terminal
+run never changes status again.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RunStatus(StrEnum):
+    NOT_STARTED = "NOT_STARTED"
+    QUEUED = "QUEUED"
+    STARTING = "STARTING"
+    STARTED = "STARTED"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    CANCELING = "CANCELING"
+    CANCELED = "CANCELED"
+
+
+TERMINAL_STATUSES = frozenset({RunStatus.SUCCESS, RunStatus.FAILURE, RunStatus.CANCELED})
+ACTIVE_STATUSES = frozenset({RunStatus.STARTING, RunStatus.STARTED, RunStatus.CANCELING})
+
+EVENT_STATUS: dict[str, RunStatus] = {
+    "RUN_ENQUEUED": RunStatus.QUEUED,
+    "RUN_STARTING": RunStatus.STARTING,
+    "RUN_START": RunStatus.STARTED,
+    "RUN_SUCCESS": RunStatus.SUCCESS,
+    "RUN_FAILURE": RunStatus.FAILURE,
+    "RUN_CANCELING": RunStatus.CANCELING,
+    "RUN_CANCELED": RunStatus.CANCELED,
+}
+
+_ALLOWED: dict[RunStatus, frozenset[RunStatus]] = {
+    RunStatus.NOT_STARTED: frozenset(
+        {RunStatus.QUEUED, RunStatus.STARTING, RunStatus.FAILURE, RunStatus.CANCELED}
+    ),
+    RunStatus.QUEUED: frozenset(
+        {RunStatus.STARTING, RunStatus.CANCELING, RunStatus.CANCELED, RunStatus.FAILURE}
+    ),
+    RunStatus.STARTING: frozenset(
+        {
+            RunStatus.QUEUED,
+            RunStatus.STARTED,
+            RunStatus.FAILURE,
+            RunStatus.CANCELING,
+            RunStatus.CANCELED,
+        }
+    ),
+    RunStatus.STARTED: frozenset({RunStatus.SUCCESS, RunStatus.FAILURE, RunStatus.CANCELING}),
+    RunStatus.CANCELING: frozenset({RunStatus.CANCELED, RunStatus.FAILURE, RunStatus.SUCCESS}),
+    RunStatus.SUCCESS: frozenset(),
+    RunStatus.FAILURE: frozenset(),
+    RunStatus.CANCELED: frozenset(),
+}
+
+
+def can_transition(current: RunStatus, new: RunStatus) -> bool:
+    return new in _ALLOWED[current]

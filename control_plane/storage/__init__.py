@@ -1,0 +1,195 @@
+"""The instance's storage: one narrow async interface, one implementation per database.
+
+Everything the control plane remembers goes through `Storage`: runs and their leases,
+event logs, compute logs, agents and the code locations they host. Implementations
+(`SqliteStorage`, later PostgreSQL) pass the same test suite (tests/unit/test_storage.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from control_plane.statuses import RunStatus
+from protocol.messages import CodeLocationInfo, RunRecord
+
+
+class StorageError(Exception):
+    """Base class of the errors storage reports to its callers."""
+
+
+class UnknownRun(StorageError):
+    pass
+
+
+class StaleLease(StorageError):
+    """A write came with a lease that is no longer the run's current one."""
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class Run:
+    run_id: str
+    job: str
+    location: str
+    status: RunStatus
+    tags: dict[str, str]
+    config: dict[str, Any]
+    create_time: float
+    status_reason: str | None = None
+    agent_id: str | None = None
+    lease: int | None = None
+    start_time: float | None = None
+    end_time: float | None = None
+    priority: int = 0
+    queue: str = "default"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "job": self.job,
+            "location": self.location,
+            "status": str(self.status),
+            "status_reason": self.status_reason,
+            "tags": self.tags,
+            "config": self.config,
+            "agent": self.agent_id,
+            "create_time": iso(self.create_time),
+            "start_time": iso(self.start_time),
+            "end_time": iso(self.end_time),
+        }
+
+
+@dataclass
+class NewRun:
+    run_id: str
+    job: str
+    location: str
+    tags: dict[str, str]
+    config: dict[str, Any]
+    priority: int = 0
+    queue: str = "default"
+
+
+@dataclass
+class Event:
+    seq: int
+    time: float
+    type: str
+    step: str | None
+    message: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "time": iso(self.time),
+            "type": self.type,
+            "step": self.step,
+            "message": self.message,
+            "data": self.data,
+        }
+
+
+@dataclass
+class LogChunk:
+    id: int
+    step: str | None
+    stream: str
+    time: float
+    text: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "step": self.step,
+            "stream": self.stream,
+            "time": iso(self.time),
+            "text": self.text,
+        }
+
+
+@dataclass
+class Agent:
+    agent_id: str
+    name: str
+    hostname: str
+    status: str
+    queues: list[str]
+    max_concurrent_runs: int
+    version: str
+    last_heartbeat: float
+    registered_time: float
+
+
+@dataclass
+class CodeLocation:
+    agent_id: str
+    info: CodeLocationInfo
+
+
+@dataclass
+class RunFilter:
+    statuses: list[RunStatus] = field(default_factory=list)
+    job: str | None = None
+    tags: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class AppendResult:
+    acked_seq: int
+    status: RunStatus
+    status_changed: bool
+
+
+class Storage(Protocol):
+    """The narrow interface every storage backend implements."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def create_run(self, run: NewRun, now: float) -> Run: ...
+    async def get_run(self, run_id: str) -> Run | None: ...
+    async def list_runs(
+        self, filt: RunFilter, limit: int, cursor: int | None
+    ) -> tuple[list[Run], int | None]: ...
+    async def queued_runs(self, limit: int) -> list[Run]: ...
+    async def active_runs(self) -> list[Run]: ...
+    async def assign_run(self, run_id: str, agent_id: str, now: float) -> Run | None: ...
+    async def pending_launches(self, agent_id: str) -> list[Run]: ...
+    async def append_records(
+        self, run_id: str, lease: int, records: list[RunRecord], now: float
+    ) -> AppendResult: ...
+    async def get_events(self, run_id: str, after: int, limit: int) -> list[Event]: ...
+    async def last_event_seq(self, run_id: str) -> int: ...
+    async def get_logs(self, run_id: str, step: str | None, after: int) -> list[LogChunk]: ...
+
+    async def register_agent(
+        self,
+        name: str,
+        hostname: str,
+        version: str,
+        queues: list[str],
+        max_concurrent_runs: int,
+        locations: list[CodeLocationInfo],
+        now: float,
+    ) -> Agent: ...
+    async def record_heartbeat(self, agent_id: str, now: float) -> float | None: ...
+    async def get_agent(self, agent_id: str) -> Agent | None: ...
+    async def list_agents(self) -> list[Agent]: ...
+    async def list_code_locations(self) -> list[CodeLocation]: ...
+
+
+def open_storage(url: str) -> Storage:
+    """Create the storage backend a `[storage] url` names (not yet opened)."""
+    if url.startswith("sqlite:///"):
+        from control_plane.storage.sqlite import SqliteStorage
+
+        return SqliteStorage(url.removeprefix("sqlite:///"))
+    raise ValueError(f"unsupported storage url {url!r}: expected sqlite:///PATH")

@@ -1,0 +1,548 @@
+"""SQLite storage (embedded default): aiosqlite, WAL, synchronous=FULL, versioned schema.
+
+One writer connection, serialised by an asyncio lock so that each write is one
+`BEGIN IMMEDIATE … COMMIT` transaction that no other coroutine can interleave with, and
+one reader connection that WAL lets read concurrently. `synchronous=FULL` makes every
+acknowledged commit survive a power loss, not only a process crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from control_plane.statuses import (
+    ACTIVE_STATUSES,
+    EVENT_STATUS,
+    TERMINAL_STATUSES,
+    RunStatus,
+    can_transition,
+)
+from control_plane.storage import (
+    Agent,
+    AppendResult,
+    CodeLocation,
+    Event,
+    LogChunk,
+    NewRun,
+    Run,
+    RunFilter,
+    StaleLease,
+    UnknownRun,
+)
+from protocol.messages import CodeLocationInfo, RunRecord
+from protocol.schema import from_plain, to_plain
+
+MIGRATIONS: list[str] = [
+    # version 1: runs, leases, event log, compute logs, agents, code locations
+    """
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL UNIQUE,
+        job TEXT NOT NULL,
+        location TEXT NOT NULL,
+        status TEXT NOT NULL,
+        status_reason TEXT,
+        tags TEXT NOT NULL,
+        config TEXT NOT NULL,
+        priority INTEGER NOT NULL DEFAULT 0,
+        queue TEXT NOT NULL DEFAULT 'default',
+        agent_id TEXT,
+        lease INTEGER,
+        create_time REAL NOT NULL,
+        start_time REAL,
+        end_time REAL,
+        update_time REAL NOT NULL,
+        last_event_seq INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX runs_by_status ON runs (status, priority DESC, id);
+    CREATE INDEX runs_by_job ON runs (job, id);
+    CREATE INDEX runs_by_agent ON runs (agent_id, status);
+    CREATE TABLE run_tags (
+        run_id TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (run_id, key)
+    );
+    CREATE INDEX run_tags_by_key_value ON run_tags (key, value);
+    CREATE TABLE run_attempts (
+        attempt_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL,
+        agent_id TEXT NOT NULL,
+        create_time REAL NOT NULL,
+        acked_seq INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX run_attempts_by_run ON run_attempts (run_id);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        time REAL NOT NULL,
+        type TEXT NOT NULL,
+        step TEXT,
+        message TEXT NOT NULL,
+        data TEXT NOT NULL,
+        attempt INTEGER,
+        UNIQUE (run_id, seq)
+    );
+    CREATE TABLE compute_logs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL,
+        attempt INTEGER,
+        step TEXT,
+        stream TEXT NOT NULL,
+        time REAL NOT NULL,
+        text TEXT NOT NULL
+    );
+    CREATE INDEX compute_logs_by_run ON compute_logs (run_id, step, id);
+    CREATE TABLE agents (
+        agent_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        hostname TEXT NOT NULL,
+        status TEXT NOT NULL,
+        queues TEXT NOT NULL,
+        max_concurrent_runs INTEGER NOT NULL,
+        version TEXT NOT NULL,
+        last_heartbeat REAL NOT NULL,
+        registered_time REAL NOT NULL
+    );
+    CREATE TABLE code_locations (
+        agent_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        info TEXT NOT NULL,
+        PRIMARY KEY (agent_id, name)
+    );
+    """,
+]
+
+_RUN_COLUMNS = (
+    "run_id, job, location, status, status_reason, tags, config, agent_id, lease, "
+    "create_time, start_time, end_time, priority, queue, id"
+)
+
+
+def _run_from_row(row: Iterable[Any]) -> Run:
+    (run_id, job, location, status, reason, tags, config, agent_id, lease, create, start, end,
+     priority, queue, _id) = row  # fmt: skip
+    return Run(
+        run_id=run_id,
+        job=job,
+        location=location,
+        status=RunStatus(status),
+        status_reason=reason,
+        tags=json.loads(tags),
+        config=json.loads(config),
+        agent_id=agent_id,
+        lease=lease,
+        create_time=create,
+        start_time=start,
+        end_time=end,
+        priority=priority,
+        queue=queue,
+    )
+
+
+def _agent_from_row(row: Iterable[Any]) -> Agent:
+    agent_id, name, hostname, status, queues, cap, version, hb, registered = row
+    return Agent(
+        agent_id=agent_id,
+        name=name,
+        hostname=hostname,
+        status=status,
+        queues=json.loads(queues),
+        max_concurrent_runs=cap,
+        version=version,
+        last_heartbeat=hb,
+        registered_time=registered,
+    )
+
+
+_AGENT_COLUMNS = (
+    "agent_id, name, hostname, status, queues, max_concurrent_runs, version, "
+    "last_heartbeat, registered_time"
+)
+
+
+class SqliteStorage:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._writer = await self._connect()
+        await self._migrate()
+        self._reader = await self._connect()
+
+    async def _connect(self) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.execute("PRAGMA busy_timeout=10000")
+        return db
+
+    async def close(self) -> None:
+        for db in (self._reader, self._writer):
+            if db is not None:
+                await db.close()
+        self._reader = self._writer = None
+
+    async def _migrate(self) -> None:
+        async with self._write() as db:
+            await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
+            rows = await db.execute_fetchall("SELECT version FROM schema_version")
+            current = rows[0][0] if rows else 0
+            if current > len(MIGRATIONS):
+                raise RuntimeError(
+                    f"{self.path} has schema version {current}, newer than this fleetrun "
+                    f"({len(MIGRATIONS)}); upgrade fleetrun"
+                )
+            for version in range(current + 1, len(MIGRATIONS) + 1):
+                for statement in MIGRATIONS[version - 1].split(";"):
+                    if statement.strip():
+                        await db.execute(statement)
+            if rows:
+                await db.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS),))
+            else:
+                await db.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS),))
+
+    async def schema_version(self) -> int:
+        rows = await self._r.execute_fetchall("SELECT version FROM schema_version")
+        return int(rows[0][0])
+
+    @property
+    def _r(self) -> aiosqlite.Connection:
+        assert self._reader is not None, "storage is not open"
+        return self._reader
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        assert self._writer is not None, "storage is not open"
+        async with self._lock:
+            db = self._writer
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+    # --- runs -------------------------------------------------------------------------
+
+    async def create_run(self, run: NewRun, now: float) -> Run:
+        async with self._write() as db:
+            await db.execute(
+                "INSERT INTO runs (run_id, job, location, status, tags, config, priority, queue,"
+                " create_time, update_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run.run_id,
+                    run.job,
+                    run.location,
+                    RunStatus.NOT_STARTED,
+                    json.dumps(run.tags),
+                    json.dumps(run.config),
+                    run.priority,
+                    run.queue,
+                    now,
+                    now,
+                ),
+            )
+            await db.executemany(
+                "INSERT INTO run_tags (run_id, key, value) VALUES (?, ?, ?)",
+                [(run.run_id, k, v) for k, v in run.tags.items()],
+            )
+            await self._append_event(db, run.run_id, now, "RUN_ENQUEUED", "run queued")
+            return await self._get_run(db, run.run_id)  # type: ignore[return-value]
+
+    async def _get_run(self, db: aiosqlite.Connection, run_id: str) -> Run | None:
+        rows = await db.execute_fetchall(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)
+        )
+        return _run_from_row(rows[0]) if rows else None
+
+    async def get_run(self, run_id: str) -> Run | None:
+        return await self._get_run(self._r, run_id)
+
+    async def list_runs(
+        self, filt: RunFilter, limit: int, cursor: int | None
+    ) -> tuple[list[Run], int | None]:
+        where, args = [], []
+        if filt.statuses:
+            where.append(f"status IN ({','.join('?' * len(filt.statuses))})")
+            args.extend(str(s) for s in filt.statuses)
+        if filt.job:
+            where.append("job = ?")
+            args.append(filt.job)
+        for key, value in filt.tags:
+            where.append(
+                "EXISTS (SELECT 1 FROM run_tags t WHERE t.run_id = runs.run_id"
+                " AND t.key = ? AND t.value = ?)"
+            )
+            args.extend((key, value))
+        if cursor is not None:
+            where.append("id < ?")
+            args.append(cursor)
+        sql = f"SELECT {_RUN_COLUMNS} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit + 1)
+        rows = list(await self._r.execute_fetchall(sql, args))
+        next_cursor = rows[limit - 1][-1] if len(rows) > limit else None
+        return [_run_from_row(r) for r in rows[:limit]], next_cursor
+
+    async def queued_runs(self, limit: int) -> list[Run]:
+        rows = await self._r.execute_fetchall(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = ? ORDER BY priority DESC, id LIMIT ?",
+            (RunStatus.QUEUED, limit),
+        )
+        return [_run_from_row(r) for r in rows]
+
+    async def active_runs(self) -> list[Run]:
+        rows = await self._r.execute_fetchall(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status IN (?, ?, ?)",
+            tuple(ACTIVE_STATUSES),
+        )
+        return [_run_from_row(r) for r in rows]
+
+    async def assign_run(self, run_id: str, agent_id: str, now: float) -> Run | None:
+        """QUEUED -> STARTING on `agent_id` under a new lease; None if no longer QUEUED."""
+        async with self._write() as db:
+            run = await self._get_run(db, run_id)
+            if run is None or run.status != RunStatus.QUEUED:
+                return None
+            cur = await db.execute(
+                "INSERT INTO run_attempts (run_id, agent_id, create_time) VALUES (?, ?, ?)",
+                (run_id, agent_id, now),
+            )
+            lease = cur.lastrowid
+            await db.execute(
+                "UPDATE runs SET agent_id = ?, lease = ? WHERE run_id = ?",
+                (agent_id, lease, run_id),
+            )
+            agent_name = await db.execute_fetchall(
+                "SELECT name FROM agents WHERE agent_id = ?", (agent_id,)
+            )
+            name = agent_name[0][0] if agent_name else agent_id
+            await self._append_event(
+                db,
+                run_id,
+                now,
+                "RUN_STARTING",
+                f"launching on agent {name}",
+                {"agent_id": agent_id, "lease": lease},
+                attempt=lease,
+            )
+            return await self._get_run(db, run_id)
+
+    async def pending_launches(self, agent_id: str) -> list[Run]:
+        rows = await self._r.execute_fetchall(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE agent_id = ? AND status = ? ORDER BY id",
+            (agent_id, RunStatus.STARTING),
+        )
+        return [_run_from_row(r) for r in rows]
+
+    # --- events and compute logs ------------------------------------------------------
+
+    async def _append_event(
+        self,
+        db: aiosqlite.Connection,
+        run_id: str,
+        now: float,
+        event_type: str,
+        message: str,
+        data: dict[str, Any] | None = None,
+        step: str | None = None,
+        attempt: int | None = None,
+    ) -> tuple[RunStatus, bool]:
+        """Insert one event with the run's next seq and apply the status it implies."""
+        rows = await db.execute_fetchall(
+            "UPDATE runs SET last_event_seq = last_event_seq + 1, update_time = ?"
+            " WHERE run_id = ? RETURNING last_event_seq, status",
+            (now, run_id),
+        )
+        seq, status = rows[0]
+        await db.execute(
+            "INSERT INTO events (run_id, seq, time, type, step, message, data, attempt)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (run_id, seq, now, event_type, step, message, json.dumps(data or {}), attempt),
+        )
+        current = RunStatus(status)
+        new = EVENT_STATUS.get(event_type)
+        if new is None or not can_transition(current, new):
+            return current, False
+        sets = ["status = ?", "status_reason = ?"]
+        args: list[Any] = [new, message]
+        if new == RunStatus.STARTED:
+            sets.append("start_time = ?")
+            args.append(now)
+        if new in TERMINAL_STATUSES:
+            sets.append("end_time = ?")
+            args.append(now)
+        await db.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id = ?", (*args, run_id))
+        return new, True
+
+    async def append_records(
+        self, run_id: str, lease: int, records: list[RunRecord], now: float
+    ) -> AppendResult:
+        """Store an attempt's records in seq order, once each; refuse a stale lease."""
+        async with self._write() as db:
+            rows = await db.execute_fetchall(
+                "SELECT r.lease, r.status, a.acked_seq FROM runs r"
+                " LEFT JOIN run_attempts a ON a.attempt_id = r.lease WHERE r.run_id = ?",
+                (run_id,),
+            )
+            if not rows:
+                raise UnknownRun(run_id)
+            current_lease, status, acked = rows[0]
+            if current_lease != lease:
+                raise StaleLease(
+                    f"lease {lease} of run {run_id} is stale (current: {current_lease})"
+                )
+            status = RunStatus(status)
+            changed = False
+            for record in sorted(records, key=lambda r: r.seq):
+                if record.seq <= acked:
+                    continue
+                if record.seq != acked + 1:
+                    break
+                if record.kind == "log":
+                    await db.execute(
+                        "INSERT INTO compute_logs (run_id, attempt, step, stream, time, text)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (run_id, lease, record.step, record.type, record.time, record.message),
+                    )
+                else:
+                    status, did_change = await self._append_event(
+                        db,
+                        run_id,
+                        record.time,
+                        record.type,
+                        record.message,
+                        record.data,
+                        record.step,
+                        lease,
+                    )
+                    changed = changed or did_change
+                acked = record.seq
+            await db.execute(
+                "UPDATE run_attempts SET acked_seq = ? WHERE attempt_id = ?", (acked, lease)
+            )
+            return AppendResult(acked_seq=acked, status=status, status_changed=changed)
+
+    async def get_events(self, run_id: str, after: int, limit: int) -> list[Event]:
+        rows = await self._r.execute_fetchall(
+            "SELECT seq, time, type, step, message, data FROM events"
+            " WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (run_id, after, limit),
+        )
+        return [
+            Event(seq=s, time=t, type=ty, step=st, message=m, data=json.loads(d))
+            for s, t, ty, st, m, d in rows
+        ]
+
+    async def last_event_seq(self, run_id: str) -> int:
+        rows = await self._r.execute_fetchall(
+            "SELECT last_event_seq FROM runs WHERE run_id = ?", (run_id,)
+        )
+        return int(rows[0][0]) if rows else 0
+
+    async def get_logs(self, run_id: str, step: str | None, after: int) -> list[LogChunk]:
+        sql = "SELECT id, step, stream, time, text FROM compute_logs WHERE run_id = ? AND id > ?"
+        args: list[Any] = [run_id, after]
+        if step is not None:
+            sql += " AND step = ?"
+            args.append(step)
+        rows = await self._r.execute_fetchall(sql + " ORDER BY id", args)
+        return [LogChunk(id=i, step=s, stream=st, time=t, text=x) for i, s, st, t, x in rows]
+
+    # --- agents and code locations ----------------------------------------------------
+
+    async def register_agent(
+        self,
+        name: str,
+        hostname: str,
+        version: str,
+        queues: list[str],
+        max_concurrent_runs: int,
+        locations: list[CodeLocationInfo],
+        now: float,
+    ) -> Agent:
+        """Create or refresh the agent called `name`; it keeps its id across restarts."""
+        async with self._write() as db:
+            rows = await db.execute_fetchall("SELECT agent_id FROM agents WHERE name = ?", (name,))
+            agent_id = rows[0][0] if rows else uuid.uuid4().hex
+            await db.execute(
+                "INSERT INTO agents (agent_id, name, hostname, status, queues,"
+                " max_concurrent_runs, version, last_heartbeat, registered_time)"
+                " VALUES (?, ?, ?, 'ONLINE', ?, ?, ?, ?, ?)"
+                " ON CONFLICT (agent_id) DO UPDATE SET hostname = excluded.hostname,"
+                " status = 'ONLINE', queues = excluded.queues,"
+                " max_concurrent_runs = excluded.max_concurrent_runs,"
+                " version = excluded.version, last_heartbeat = excluded.last_heartbeat,"
+                " registered_time = excluded.registered_time",
+                (
+                    agent_id,
+                    name,
+                    hostname,
+                    json.dumps(queues),
+                    max_concurrent_runs,
+                    version,
+                    now,
+                    now,
+                ),
+            )
+            await db.execute("DELETE FROM code_locations WHERE agent_id = ?", (agent_id,))
+            await db.executemany(
+                "INSERT INTO code_locations (agent_id, name, info) VALUES (?, ?, ?)",
+                [(agent_id, loc.name, json.dumps(to_plain(loc))) for loc in locations],
+            )
+            rows = await db.execute_fetchall(
+                f"SELECT {_AGENT_COLUMNS} FROM agents WHERE agent_id = ?", (agent_id,)
+            )
+            return _agent_from_row(rows[0])
+
+    async def record_heartbeat(self, agent_id: str, now: float) -> float | None:
+        """Store a heartbeat; returns the previous one's time, or None for an unknown agent."""
+        async with self._write() as db:
+            rows = await db.execute_fetchall(
+                "SELECT last_heartbeat FROM agents WHERE agent_id = ?", (agent_id,)
+            )
+            if not rows:
+                return None
+            await db.execute(
+                "UPDATE agents SET last_heartbeat = ?, status = CASE status"
+                " WHEN 'OFFLINE' THEN 'ONLINE' ELSE status END WHERE agent_id = ?",
+                (now, agent_id),
+            )
+            return float(rows[0][0])
+
+    async def get_agent(self, agent_id: str) -> Agent | None:
+        rows = await self._r.execute_fetchall(
+            f"SELECT {_AGENT_COLUMNS} FROM agents WHERE agent_id = ?", (agent_id,)
+        )
+        return _agent_from_row(rows[0]) if rows else None
+
+    async def list_agents(self) -> list[Agent]:
+        rows = await self._r.execute_fetchall(f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY name")
+        return [_agent_from_row(r) for r in rows]
+
+    async def list_code_locations(self) -> list[CodeLocation]:
+        rows = await self._r.execute_fetchall(
+            "SELECT agent_id, info FROM code_locations ORDER BY name, agent_id"
+        )
+        return [
+            CodeLocation(agent_id=a, info=from_plain(CodeLocationInfo, json.loads(i)))
+            for a, i in rows
+        ]

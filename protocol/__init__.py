@@ -1,0 +1,8 @@
+"""The agent protocol: versioned msgpack messages shared by the control plane and agents.
+
+This package is the only code both sides share, so it holds nothing but message types,
+their codec and the typed validation both use.
+"""
+
+PROTOCOL_VERSION = 1
+FLEETRUN_VERSION = "0.1.0"

@@ -1,0 +1,141 @@
+"""The one msgpack codec: an envelope {v, type, body} with bounded, validated decoding.
+
+Decoding never trusts its input: the body size, string/bin/array/map lengths and nesting
+depth are bounded, ext types are refused, and the body must fit the expected message's
+schema. Every problem raises `ProtocolError`, which servers turn into a 4xx.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgpack
+
+from protocol import PROTOCOL_VERSION
+from protocol.messages import MESSAGE_TYPES
+from protocol.schema import SchemaError, from_plain, to_plain
+
+T = TypeVar("T")
+
+
+class ProtocolError(ValueError):
+    """A message could not be decoded; `code` is a stable machine-readable reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_str_len: int = 1024 * 1024
+    max_bin_len: int = 1024 * 1024
+    max_array_len: int = 100_000
+    max_map_len: int = 10_000
+    max_depth: int = 32
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError("bad_msgpack", f"msgpack ext type {code} is not allowed")
+
+
+def _check_depth(value: Any, max_depth: int) -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > max_depth:
+            raise ProtocolError("too_deep", f"message nesting exceeds the limit of {max_depth}")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+
+
+def encode(message: Any) -> bytes:
+    """Encode a message dataclass in the versioned envelope."""
+    name = type(message).__name__
+    if MESSAGE_TYPES.get(name) is not type(message):
+        raise TypeError(f"{name} is not a protocol message")
+    return msgpack.packb(
+        {"v": PROTOCOL_VERSION, "type": name, "body": to_plain(message)}, use_bin_type=True
+    )
+
+
+def decode_any(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Any:
+    """Decode an envelope into whichever message type it names."""
+    if len(data) > limits.max_body_bytes:
+        raise ProtocolError(
+            "too_large", f"message of {len(data)} bytes exceeds {limits.max_body_bytes} bytes"
+        )
+    try:
+        raw = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_refuse_ext,
+            max_str_len=limits.max_str_len,
+            max_bin_len=limits.max_bin_len,
+            max_array_len=limits.max_array_len,
+            max_map_len=limits.max_map_len,
+        )
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.StackError) as exc:
+        raise ProtocolError("bad_msgpack", f"body is not valid msgpack: {exc}") from None
+    except Exception as exc:  # msgpack raises assorted errors on garbage input
+        raise ProtocolError("bad_msgpack", f"body is not valid msgpack: {exc!r}") from None
+    if not isinstance(raw, dict) or not {"v", "type", "body"} <= raw.keys():
+        raise ProtocolError("bad_envelope", "message must be a map with keys v, type and body")
+    version = raw["v"]
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "unsupported_version",
+            f"protocol version {version!r} is not supported; this side speaks version "
+            f"{PROTOCOL_VERSION}",
+        )
+    cls = MESSAGE_TYPES.get(raw["type"]) if isinstance(raw["type"], str) else None
+    if cls is None:
+        raise ProtocolError("unknown_message", f"unknown message type {raw['type']!r}")
+    _check_depth(raw["body"], limits.max_depth)
+    try:
+        return from_plain(cls, raw["body"])
+    except SchemaError as exc:
+        raise ProtocolError("bad_message", f"{cls.__name__}.{exc}") from None
+
+
+def decode(data: bytes, expected: type[T], limits: DecodeLimits = DEFAULT_LIMITS) -> T:
+    """Decode an envelope that must hold a message of type `expected`."""
+    message = decode_any(data, limits)
+    if not isinstance(message, expected):
+        raise ProtocolError(
+            "unexpected_message",
+            f"expected a {expected.__name__} message, got {type(message).__name__}",
+        )
+    return message
+
+
+_FRAME_HEADER = struct.Struct(">I")
+
+
+def frame(message: Any) -> bytes:
+    """Encode a message as a length-prefixed frame, for the agent <-> worker pipes."""
+    body = encode(message)
+    return _FRAME_HEADER.pack(len(body)) + body
+
+
+def frame_length(header: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> int:
+    (length,) = _FRAME_HEADER.unpack(header)
+    if length > limits.max_body_bytes:
+        raise ProtocolError(
+            "too_large", f"frame of {length} bytes exceeds {limits.max_body_bytes} bytes"
+        )
+    return length
+
+
+FRAME_HEADER_SIZE = _FRAME_HEADER.size

@@ -1,0 +1,179 @@
+"""Every message the control plane, agents and run workers exchange, one dataclass each.
+
+Agent <-> control plane (HTTP POST under /agent/v1, msgpack bodies):
+    Register -> Registered, Poll -> PollReply, Heartbeat -> HeartbeatReply,
+    EventBatch -> EventAck; any failure -> ErrorReply.
+Agent <-> run worker (length-prefixed frames over pipes):
+    WorkerSpec (agent -> worker, on stdin), RunRecord (worker -> agent, on the record fd);
+    DescribeLocation (agent -> worker) -> CodeLocationInfo, to list a location's jobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class OpInfo:
+    name: str
+    upstream: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class JobInfo:
+    name: str
+    ops: list[OpInfo] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    executor: str = "in_process"
+
+
+@dataclass
+class CodeLocationInfo:
+    """What an agent found when it loaded one code location: its jobs, or the load error."""
+
+    name: str
+    jobs: list[JobInfo] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class Register:
+    name: str
+    hostname: str
+    version: str
+    queues: list[str]
+    max_concurrent_runs: int
+    code_locations: list[CodeLocationInfo] = field(default_factory=list)
+
+
+@dataclass
+class Registered:
+    agent_id: str
+    heartbeat_interval_seconds: float
+    poll_timeout_seconds: float
+
+
+@dataclass
+class Poll:
+    """A long-poll for commands; `held_leases` are the launches the agent already has."""
+
+    agent_id: str
+    held_leases: list[int] = field(default_factory=list)
+
+
+@dataclass
+class LaunchRun:
+    run_id: str
+    job: str
+    location: str
+    lease: int
+    tags: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PollReply:
+    launches: list[LaunchRun] = field(default_factory=list)
+
+
+@dataclass
+class RunState:
+    """One run as its agent sees it: the worker is `starting`, `running` or `exited`."""
+
+    run_id: str
+    lease: int
+    state: str
+
+
+@dataclass
+class Heartbeat:
+    agent_id: str
+    runs: list[RunState] = field(default_factory=list)
+
+
+@dataclass
+class HeartbeatReply:
+    ok: bool = True
+
+
+@dataclass
+class RunRecord:
+    """One entry of a run attempt's record stream, numbered by the agent from 1.
+
+    kind "event": `type` is the event type (RUN_START, STEP_SUCCESS, LOG, ...).
+    kind "log": compute-log text; `type` is the stream ("stdout" or "stderr").
+    """
+
+    seq: int
+    time: float
+    kind: str
+    type: str
+    step: str | None = None
+    message: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EventBatch:
+    agent_id: str
+    run_id: str
+    lease: int
+    records: list[RunRecord]
+
+
+@dataclass
+class EventAck:
+    """Everything up to and including `acked_seq` is stored; resend from `acked_seq + 1`."""
+
+    acked_seq: int
+
+
+@dataclass
+class ErrorReply:
+    code: str
+    message: str
+
+
+@dataclass
+class LocationSpec:
+    """How a run worker loads a code location (resolved from agent.toml by the agent)."""
+
+    name: str
+    python_file: str | None = None
+    module: str | None = None
+    working_directory: str | None = None
+
+
+@dataclass
+class WorkerSpec:
+    launch: LaunchRun
+    location: LocationSpec
+
+
+@dataclass
+class DescribeLocation:
+    """Asks a short-lived worker to load a location and reply with its CodeLocationInfo."""
+
+    location: LocationSpec
+
+
+MESSAGE_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (
+        Register,
+        Registered,
+        Poll,
+        PollReply,
+        Heartbeat,
+        HeartbeatReply,
+        EventBatch,
+        EventAck,
+        ErrorReply,
+        RunRecord,
+        WorkerSpec,
+        DescribeLocation,
+        CodeLocationInfo,
+    )
+}

@@ -1,0 +1,175 @@
+"""Shared fixtures: a real control plane and real agents as subprocesses on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples" / "demo_jobs.py"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FLEETRUN = [sys.executable, "-m", "control_plane.cli"]
+TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
+
+
+def wait_for(
+    check: Callable[[], T | None], timeout: float = 60.0, interval: float = 0.05, what: str = ""
+) -> T:
+    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or check}: {last!r}")
+
+
+def http(method: str, url: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(20)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(10)
+        return self.popen.returncode
+
+
+def start_process(args: list[str], log_path: Path, cwd: Path | None = None) -> Proc:
+    log_file = open(log_path, "wb")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    popen = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+    log_file.close()
+    return Proc(popen, log_path)
+
+
+@dataclass
+class ControlPlaneProc(Proc):
+    url: str = ""
+
+    def get(self, path: str) -> Any:
+        status, body = http("GET", self.url + path)
+        assert status == 200, (status, body)
+        return body
+
+    def submit(self, job: str, **fields: Any) -> str:
+        status, body = http("POST", self.url + "/api/v1/runs", {"job": job, **fields})
+        assert status == 201, (status, body)
+        return body["run_id"]
+
+    def wait_run(self, run_id: str, timeout: float = 90.0) -> dict:
+        def done() -> dict | None:
+            run = self.get(f"/api/v1/runs/{run_id}")
+            return run if run["status"] in TERMINAL else None
+
+        return wait_for(done, timeout, what=f"run {run_id} to finish")
+
+    def events(self, run_id: str) -> list[dict]:
+        return self.get(f"/api/v1/runs/{run_id}/events")["events"]
+
+
+def write_control_plane_config(folder: Path, extra: str = "") -> Path:
+    path = folder / "control-plane.toml"
+    path.write_text(
+        "[server]\nport = 0\n\n[storage]\nurl = \"sqlite:///fleetrun.db\"\n" + extra
+    )
+    return path
+
+
+def start_control_plane(folder: Path, extra_config: str = "") -> ControlPlaneProc:
+    config = write_control_plane_config(folder, extra_config)
+    proc = start_process(
+        [*FLEETRUN, "serve", "--config", str(config)], folder / "control-plane.log"
+    )
+
+    def listening() -> re.Match[str] | None:
+        assert proc.popen.poll() is None, f"control plane exited early:\n{proc.log()}"
+        return re.search(r"listening on (http://\S+)", proc.log())
+
+    match = wait_for(listening, what="control plane to listen")
+    return ControlPlaneProc(proc.popen, proc.log_path, url=match.group(1))
+
+
+def write_agent_config(
+    folder: Path, url: str, name: str, locations: dict[str, Path], extra: str = ""
+) -> Path:
+    path = folder / f"{name}.toml"
+    text = f'control_plane_url = "{url}"\nname = "{name}"\n{extra}\n'
+    for loc_name, file in locations.items():
+        text += f'\n[[code_locations]]\nname = "{loc_name}"\npython_file = "{file}"\n'
+    path.write_text(text)
+    return path
+
+
+def start_agent(
+    cp: ControlPlaneProc,
+    folder: Path,
+    name: str = "agent-1",
+    locations: dict[str, Path] | None = None,
+    extra: str = "",
+) -> Proc:
+    locations = {"examples": EXAMPLES} if locations is None else locations
+    config = write_agent_config(folder, cp.url, name, locations, extra)
+    proc = start_process([*FLEETRUN, "agent", "--config", str(config)], folder / f"{name}.log")
+
+    def registered() -> bool:
+        assert proc.popen.poll() is None, f"agent exited early:\n{proc.log()}"
+        agents = cp.get("/api/v1/agents")["agents"]
+        return any(
+            a["name"] == name
+            and a["status"] == "ONLINE"
+            and len(a["code_locations"]) == len(locations)
+            for a in agents
+        )
+
+    wait_for(registered, what=f"agent {name} to register")
+    return proc
+
+
+@pytest.fixture
+def control_plane(tmp_path: Path) -> Iterator[ControlPlaneProc]:
+    cp = start_control_plane(tmp_path)
+    yield cp
+    cp.stop()
+
+
+@pytest.fixture
+def agent(control_plane: ControlPlaneProc, tmp_path: Path) -> Iterator[Proc]:
+    proc = start_agent(control_plane, tmp_path)
+    yield proc
+    proc.stop()

@@ -1,0 +1,225 @@
+"""The HTTP APIs on a real app and SQLite file: validation, errors, long-poll, fencing.
+
+The agent side is spoken here directly in msgpack (as a fake agent would), so that the
+server's answers to every message, valid or not, can be checked exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from aiohttp.test_utils import TestClient
+
+from control_plane.app import create_app
+from control_plane.config import ControlPlaneConfig
+from protocol.codec import decode, encode
+from protocol.messages import (
+    CodeLocationInfo,
+    ErrorReply,
+    EventAck,
+    EventBatch,
+    JobInfo,
+    OpInfo,
+    Poll,
+    PollReply,
+    Register,
+    Registered,
+    RunRecord,
+)
+
+Client = TestClient
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: Callable[..., Awaitable[TestClient]], tmp_path: Path
+) -> TestClient:
+    config = ControlPlaneConfig()
+    config.storage.url = f"sqlite:///{tmp_path}/fleetrun.db"
+    config.server.poll_timeout_seconds = 0.5
+    return await aiohttp_client(create_app(config))
+
+
+async def agent_call(client: TestClient, path: str, message: Any, reply: type) -> Any:
+    resp = await client.post(f"/agent/v1/{path}", data=encode(message))
+    body = await resp.read()
+    if resp.status != 200:
+        return resp.status, decode(body, ErrorReply)
+    return decode(body, reply)
+
+
+async def register(client: TestClient, name: str = "w1", locations: list | None = None) -> str:
+    locations = locations if locations is not None else [
+        CodeLocationInfo(name="loc", jobs=[JobInfo(name="etl", ops=[OpInfo(name="a")])]),
+        CodeLocationInfo(name="broken", error="ImportError: no module named x"),
+    ]  # fmt: skip
+    reply = await agent_call(
+        client, "register",
+        Register(name=name, hostname="h", version="0.1", queues=["default"],
+                 max_concurrent_runs=2, code_locations=locations),
+        Registered,
+    )  # fmt: skip
+    return reply.agent_id
+
+
+async def submit(client: TestClient, **body: Any) -> tuple[int, dict]:
+    resp = await client.post("/api/v1/runs", json=body)
+    return resp.status, await resp.json()
+
+
+async def test_submit_launch_events_success(client: TestClient) -> None:
+    agent_id = await register(client)
+    status, body = await submit(client, job="etl", tags={"team": "a"}, config={"n": 1})
+    assert status == 201 and body["status"] == "QUEUED"
+    run_id = body["run_id"]
+    reply = await agent_call(client, "poll", Poll(agent_id=agent_id), PollReply)
+    (launch,) = reply.launches
+    assert (launch.run_id, launch.job, launch.location) == (run_id, "etl", "loc")
+    assert launch.tags == {"team": "a", "fleetrun/job": "etl"} and launch.config == {"n": 1}
+    records = [
+        RunRecord(seq=1, time=1.0, kind="event", type="RUN_START"),
+        RunRecord(seq=2, time=2.0, kind="log", type="stdout", step="a", message="hi\n"),
+        RunRecord(seq=3, time=3.0, kind="event", type="RUN_SUCCESS", message="done"),
+    ]
+    batch = EventBatch(agent_id=agent_id, run_id=run_id, lease=launch.lease, records=records)
+    assert (await agent_call(client, "events", batch, EventAck)).acked_seq == 3
+    assert (await agent_call(client, "events", batch, EventAck)).acked_seq == 3  # resent
+    run = await (await client.get(f"/api/v1/runs/{run_id}")).json()
+    assert run["status"] == "SUCCESS" and run["agent"] == agent_id
+    assert run["start_time"] and run["end_time"] and run["status_reason"] == "done"
+    events = (await (await client.get(f"/api/v1/runs/{run_id}/events")).json())["events"]
+    assert [e["type"] for e in events] == ["RUN_ENQUEUED", "RUN_STARTING", "RUN_START",
+                                           "RUN_SUCCESS"]  # fmt: skip
+    logs = (await (await client.get(f"/api/v1/runs/{run_id}/logs?step=a")).json())["logs"]
+    assert [(c["stream"], c["text"]) for c in logs] == [("stdout", "hi\n")]
+
+
+async def test_launch_is_offered_until_the_agent_holds_it(client: TestClient) -> None:
+    agent_id = await register(client)
+    _, body = await submit(client, job="etl")
+    first = await agent_call(client, "poll", Poll(agent_id=agent_id), PollReply)
+    again = await agent_call(client, "poll", Poll(agent_id=agent_id), PollReply)
+    assert [la.run_id for la in again.launches] == [body["run_id"]]  # response may be lost
+    held = await agent_call(
+        client, "poll", Poll(agent_id=agent_id, held_leases=[first.launches[0].lease]), PollReply
+    )
+    assert held.launches == []  # empty after the (short) poll timeout
+
+
+async def test_stale_lease_and_foreign_run_are_refused(client: TestClient) -> None:
+    agent_id = await register(client)
+    other = await register(client, "w2")
+    _, body = await submit(client, job="etl")
+    launch = (await agent_call(client, "poll", Poll(agent_id=agent_id), PollReply)).launches[0]
+    record = RunRecord(seq=1, time=1.0, kind="event", type="RUN_START")
+    stale = EventBatch(agent_id=agent_id, run_id=body["run_id"], lease=launch.lease + 100,
+                       records=[record])  # fmt: skip
+    status, err = await agent_call(client, "events", stale, EventAck)
+    assert (status, err.code) == (409, "stale_lease")
+    foreign = EventBatch(agent_id=other, run_id=body["run_id"], lease=launch.lease,
+                         records=[record])  # fmt: skip
+    status, err = await agent_call(client, "events", foreign, EventAck)
+    assert (status, err.code) == (403, "not_your_run")
+
+
+async def test_agent_protocol_errors_are_4xx(client: TestClient) -> None:
+    bad_version = msgpack.packb({"v": 999, "type": "Poll", "body": {"agent_id": "x"}})
+    for data, code in [
+        (b"\xc1garbage", "bad_msgpack"),
+        (bad_version, "unsupported_version"),
+        (encode(EventAck(acked_seq=1)), "unexpected_message"),
+    ]:
+        resp = await client.post("/agent/v1/poll", data=data)
+        assert resp.status == 400
+        err = decode(await resp.read(), ErrorReply)
+        assert err.code == code
+    resp = await client.post("/agent/v1/poll", data=msgpack.packb(
+        {"v": 999, "type": "Poll", "body": {}}))  # fmt: skip
+    assert "999" in decode(await resp.read(), ErrorReply).message
+    status, err = await agent_call(client, "poll", Poll(agent_id="ghost"), PollReply)
+    assert (status, err.code) == (404, "unknown_agent")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "code"),
+    [
+        ("POST", "/api/v1/runs", b"{not json", 400, "bad_json"),
+        ("POST", "/api/v1/runs", b"[1, 2]", 400, "bad_json"),
+        ("POST", "/api/v1/runs", b'{"job": 5}', 422, "bad_request"),
+        ("POST", "/api/v1/runs", b'{"job": "etl", "tags": {"a": 1}}', 422, "bad_request"),
+        ("POST", "/api/v1/runs", b'{"job": "etl", "surprise": 1}', 422, "bad_request"),
+        ("POST", "/api/v1/runs", b'{"job": "nope"}', 404, "unknown_job"),
+        ("POST", "/api/v1/runs", b'{"job": "etl", "location": "elsewhere"}', 404,
+         "unknown_location"),
+        ("POST", "/api/v1/runs", b'{"job": "etl", "location": "../../etc"}', 422, "bad_request"),
+        ("POST", "/api/v1/runs", b'{"job": "etl", "tags": {"fleetrun/priority": "high"}}', 422,
+         "bad_tag"),
+        ("GET", "/api/v1/runs/does-not-exist", None, 404, "unknown_run"),
+        ("GET", "/api/v1/runs/does-not-exist/events", None, 404, "unknown_run"),
+        ("GET", "/api/v1/runs?status=DONE", None, 400, "bad_parameter"),
+        ("GET", "/api/v1/runs?limit=100000", None, 400, "bad_parameter"),
+        ("GET", "/api/v1/runs?limit=abc", None, 400, "bad_parameter"),
+        ("GET", "/api/v1/runs?cursor=zz", None, 400, "bad_parameter"),
+        ("GET", "/api/v1/runs?tag=novalue", None, 400, "bad_parameter"),
+        ("GET", "/api/v1/nothing", None, 404, "not_found"),
+        ("DELETE", "/api/v1/runs", None, 405, "method_not_allowed"),
+    ],
+)  # fmt: skip
+async def test_bad_requests_get_json_4xx(
+    client: TestClient, method: str, path: str, body: bytes | None, status: int, code: str
+) -> None:
+    await register(client)
+    resp = await client.request(method, path, data=body)
+    assert resp.status == status
+    error = (await resp.json())["error"]
+    assert error["code"] == code and error["message"]
+    assert (await client.get("/healthz")).status == 200  # still serving
+
+
+async def test_run_filters_and_cursor(client: TestClient) -> None:
+    await register(client)
+    ids = [(await submit(client, job="etl", tags={"i": str(i)}))[1]["run_id"] for i in range(5)]
+    page = await (await client.get("/api/v1/runs?limit=3")).json()
+    assert [r["run_id"] for r in page["runs"]] == ids[::-1][:3]
+    rest = await (await client.get(f"/api/v1/runs?limit=3&cursor={page['next_cursor']}")).json()
+    assert [r["run_id"] for r in rest["runs"]] == ids[::-1][3:] and rest["next_cursor"] is None
+    tagged = await (await client.get("/api/v1/runs?tag=i:2&status=QUEUED&job=etl")).json()
+    assert [r["run_id"] for r in tagged["runs"]] == [ids[2]]
+    run = tagged["runs"][0]
+    assert set(run) == {"run_id", "job", "location", "status", "status_reason", "tags", "config",
+                        "agent", "create_time", "start_time", "end_time"}  # fmt: skip
+    assert run["create_time"].endswith("Z") and run["start_time"] is None
+
+
+async def test_agents_and_jobs_show_location_errors(client: TestClient) -> None:
+    await register(client)
+    agents = (await (await client.get("/api/v1/agents")).json())["agents"]
+    (agent,) = agents
+    assert agent["status"] == "ONLINE" and agent["queues"] == ["default"]
+    assert agent["max_concurrent_runs"] == 2 and agent["running"] == 0
+    assert {c["name"]: c["error"] for c in agent["code_locations"]} == {
+        "loc": None, "broken": "ImportError: no module named x"}  # fmt: skip
+    jobs = await (await client.get("/api/v1/jobs")).json()
+    assert [(j["name"], j["location"], j["agents"]) for j in jobs["jobs"]] == [
+        ("etl", "loc", ["w1"])]  # fmt: skip
+    assert jobs["location_errors"][0]["location"] == "broken"
+
+
+async def test_events_long_poll_returns_when_an_event_arrives(client: TestClient) -> None:
+    import asyncio
+
+    agent_id = await register(client)
+    _, body = await submit(client, job="etl")
+    run_id = body["run_id"]
+    launch = (await agent_call(client, "poll", Poll(agent_id=agent_id), PollReply)).launches[0]
+    waiter = asyncio.create_task(client.get(f"/api/v1/runs/{run_id}/events?after=2&wait=20"))
+    await asyncio.sleep(0)
+    batch = EventBatch(agent_id=agent_id, run_id=run_id, lease=launch.lease,
+                       records=[RunRecord(seq=1, time=1.0, kind="event", type="RUN_START")])
+    await agent_call(client, "events", batch, EventAck)
+    resp = await asyncio.wait_for(waiter, 10)
+    assert [e["type"] for e in (await resp.json())["events"]] == ["RUN_START"]

@@ -1,0 +1,155 @@
+"""The protocol codec: every message round-trips; bad input raises one clear error."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+import pytest
+
+from protocol import PROTOCOL_VERSION
+from protocol.codec import DecodeLimits, ProtocolError, decode, decode_any, encode, frame
+from protocol.messages import (
+    MESSAGE_TYPES,
+    CodeLocationInfo,
+    DescribeLocation,
+    ErrorReply,
+    EventAck,
+    EventBatch,
+    Heartbeat,
+    HeartbeatReply,
+    JobInfo,
+    LaunchRun,
+    LocationSpec,
+    OpInfo,
+    Poll,
+    PollReply,
+    Register,
+    Registered,
+    RunRecord,
+    RunState,
+    WorkerSpec,
+)
+
+LAUNCH = LaunchRun(
+    run_id="r1", job="etl", location="loc", lease=7, tags={"a": "b"}, config={"x": [1, 2.5, None]}
+)
+RECORD = RunRecord(
+    seq=3, time=1.5, kind="event", type="LOG", step="s", message="hi", data={"level": "INFO"}
+)
+LOCATION = CodeLocationInfo(
+    name="loc",
+    jobs=[JobInfo(name="etl", ops=[OpInfo(name="a", upstream=["b"], tags={"t": "v"})])],
+)
+SAMPLES = [
+    Register(
+        name="w1", hostname="h", version="0.1", queues=["default"], max_concurrent_runs=4,
+        code_locations=[LOCATION, CodeLocationInfo(name="bad", error="ImportError: x")],
+    ),
+    Registered(agent_id="a1", heartbeat_interval_seconds=5.0, poll_timeout_seconds=25.0),
+    Poll(agent_id="a1", held_leases=[1, 2]),
+    PollReply(launches=[LAUNCH]),
+    Heartbeat(agent_id="a1", runs=[RunState(run_id="r1", lease=7, state="running")]),
+    HeartbeatReply(ok=True),
+    EventBatch(agent_id="a1", run_id="r1", lease=7, records=[RECORD]),
+    EventAck(acked_seq=3),
+    ErrorReply(code="stale_lease", message="no"),
+    RECORD,
+    WorkerSpec(launch=LAUNCH, location=LocationSpec(name="loc", python_file="/x/defs.py")),
+    DescribeLocation(location=LocationSpec(name="loc", module="pkg.defs")),
+    LOCATION,
+]  # fmt: skip
+
+
+def test_samples_cover_every_message_type() -> None:
+    assert {type(m).__name__ for m in SAMPLES} == set(MESSAGE_TYPES)
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(message: object) -> None:
+    data = encode(message)
+    assert decode(data, type(message)) == message
+    assert decode_any(data) == message
+
+
+def test_envelope_carries_version() -> None:
+    raw = msgpack.unpackb(encode(EventAck(acked_seq=1)))
+    assert raw == {"v": PROTOCOL_VERSION, "type": "EventAck", "body": {"acked_seq": 1}}
+
+
+def _envelope(body: object, type_: str = "EventAck", v: object = PROTOCOL_VERSION) -> bytes:
+    return msgpack.packb({"v": v, "type": type_, "body": body})
+
+
+def test_version_mismatch_names_both_versions() -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode(_envelope({"acked_seq": 1}, v=99), EventAck)
+    assert info.value.code == "unsupported_version"
+    assert "99" in str(info.value) and str(PROTOCOL_VERSION) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"\xc1", "bad_msgpack"),
+        (b"", "bad_msgpack"),
+        (msgpack.packb([1, 2]), "bad_envelope"),
+        (_envelope({}, type_="Nope"), "unknown_message"),
+        (_envelope({"acked_seq": "3"}), "bad_message"),
+        (_envelope({"acked_seq": True}), "bad_message"),
+        (_envelope({}), "bad_message"),
+        (_envelope({"acked_seq": 1, "extra": 2}), "bad_message"),
+        (_envelope({"agent_id": "a", "held_leases": ["x"]}, "Poll"), "bad_message"),
+        (msgpack.packb({"v": 1, "type": "EventAck", "body": msgpack.ExtType(5, b"x")}),
+         "bad_msgpack"),
+        (_envelope({"acked_seq": 1}) + b"\x00", "bad_msgpack"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_a_protocol_error(data: bytes, code: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode(data, EventAck if b"Poll" not in data else Poll)
+    assert info.value.code == code
+
+
+def test_wrong_message_type_is_refused() -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode(encode(EventAck(acked_seq=1)), Poll)
+    assert info.value.code == "unexpected_message"
+
+
+def test_error_names_the_field() -> None:
+    bad = dataclasses.asdict(SAMPLES[0])
+    bad["code_locations"][0]["jobs"][0]["ops"][0]["upstream"] = [5]
+    with pytest.raises(ProtocolError, match=r"code_locations\[0\]\.jobs\[0\]\.ops\[0\]"):
+        decode(_envelope(bad, "Register"), Register)
+
+
+@pytest.mark.parametrize(
+    ("limits", "body"),
+    [
+        (DecodeLimits(max_body_bytes=100), {"agent_id": "a" * 200, "held_leases": []}),
+        (DecodeLimits(max_str_len=10), {"agent_id": "a" * 11, "held_leases": []}),
+        (DecodeLimits(max_array_len=5), {"agent_id": "a", "held_leases": list(range(6))}),
+        (DecodeLimits(max_map_len=2), {"agent_id": "a", "held_leases": [], "x": 1}),
+    ],
+)
+def test_bounds(limits: DecodeLimits, body: dict) -> None:
+    with pytest.raises(ProtocolError):
+        decode(_envelope(body, "Poll"), Poll, limits)
+
+
+def test_depth_is_bounded() -> None:
+    nested: object = 1
+    for _ in range(40):
+        nested = {"k": nested}
+    batch = {"agent_id": "a", "run_id": "r", "lease": 1, "records": [
+        {"seq": 1, "time": 0.0, "kind": "event", "type": "LOG", "data": nested}]}  # fmt: skip
+    with pytest.raises(ProtocolError) as info:
+        decode(_envelope(batch, "EventBatch"), EventBatch)
+    assert info.value.code == "too_deep"
+
+
+def test_frame_is_length_prefixed() -> None:
+    data = frame(RECORD)
+    assert int.from_bytes(data[:4], "big") == len(data) - 4
+    assert decode(data[4:], RunRecord) == RECORD

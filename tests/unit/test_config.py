@@ -1,0 +1,156 @@
+"""Config files: defaults, and errors that name the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_agent_config
+from control_plane.config import load_control_plane_config
+from protocol.schema import ConfigError
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_control_plane_defaults(tmp_path: Path) -> None:
+    config = load_control_plane_config(write(tmp_path, "cp.toml", ""))
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 8470)
+    assert config.storage.url == f"sqlite:///{tmp_path}/fleetrun.db"
+    assert config.run_coordinator.kind == "queued"
+    assert config.run_coordinator.max_concurrent_runs == 10
+    assert config.run_monitoring.agent_heartbeat_timeout_seconds == 30
+    assert config.run_monitoring.start_timeout_seconds == 180
+    assert config.run_retries.max_retries == 0
+    assert config.auth.enabled is False
+
+
+def test_control_plane_full_file(tmp_path: Path) -> None:
+    config = load_control_plane_config(
+        write(
+            tmp_path,
+            "cp.toml",
+            """
+[server]
+host = "127.0.0.2"
+port = 9000
+[storage]
+url = "sqlite:////var/tmp/x.db"
+[run_coordinator]
+kind = "default"
+max_concurrent_runs = -1
+[[run_coordinator.tag_concurrency_limits]]
+key = "database"
+value = "redshift"
+limit = 2
+[[run_coordinator.tag_concurrency_limits]]
+key = "team"
+per_unique_value = true
+limit = 1
+[run_monitoring]
+agent_heartbeat_timeout_seconds = 10
+max_runtime_seconds = 60
+[run_retries]
+max_retries = 3
+retry_on_op_failure = false
+[auth]
+enabled = true
+""",
+        )
+    )
+    assert config.server.port == 9000
+    assert config.storage.url == "sqlite:////var/tmp/x.db"
+    limits = config.run_coordinator.tag_concurrency_limits
+    assert (limits[0].key, limits[0].value, limits[0].limit) == ("database", "redshift", 2)
+    assert limits[1].per_unique_value is True
+    assert config.run_monitoring.agent_heartbeat_timeout_seconds == 10.0
+    assert config.run_retries.retry_on_op_failure is False
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("[server]\nprot = 1\n", "server.prot", "unknown key"),
+        ("[serverr]\n", "serverr", "unknown key"),
+        ('[server]\nport = "8470"\n', "server.port", "expected an integer"),
+        ("[run_coordinator]\nmax_concurrent_runs = -2\n", "run_coordinator.max_concurrent_runs",
+         ">= 0"),
+        ('[run_coordinator]\nkind = "fifo"\n', "run_coordinator.kind", "queued"),
+        ("[[run_coordinator.tag_concurrency_limits]]\nkey = \"a\"\nlimit = \"x\"\n",
+         "run_coordinator.tag_concurrency_limits[0].limit", "expected an integer"),
+        ("[[run_coordinator.tag_concurrency_limits]]\nlimit = 1\n",
+         "run_coordinator.tag_concurrency_limits[0].key", "missing"),
+        ("[run_monitoring]\nenabled = 1\n", "run_monitoring.enabled", "expected a boolean"),
+        ('[storage]\nurl = "mysql://x"\n', "storage.url", "unsupported"),
+    ],
+)  # fmt: skip
+def test_control_plane_errors_name_file_and_key(
+    tmp_path: Path, text: str, key: str, problem: str
+) -> None:
+    path = write(tmp_path, "control-plane.toml", text)
+    with pytest.raises(ConfigError) as info:
+        load_control_plane_config(path)
+    message = str(info.value)
+    assert path in message and repr(key) in message and problem in message
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "cp.toml", "[server\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_control_plane_config(path)
+
+
+def test_agent_config_resolves_paths(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "agent.toml",
+        """
+control_plane_url = "http://127.0.0.1:9"
+name = "w1"
+queues = ["default", "gpu"]
+max_concurrent_runs = 2
+[[code_locations]]
+name = "etl"
+python_file = "defs.py"
+working_directory = "jobs"
+[[code_locations]]
+name = "pkg"
+module = "my.defs"
+""",
+    )
+    config = load_agent_config(path)
+    assert config.queues == ["default", "gpu"]
+    etl, pkg = config.code_locations
+    assert etl.working_directory == str(tmp_path / "jobs")
+    assert etl.python_file == str(tmp_path / "jobs" / "defs.py")
+    assert pkg.module == "my.defs" and pkg.working_directory == str(tmp_path)
+
+
+def test_agent_name_defaults_to_host_name(tmp_path: Path) -> None:
+    import socket
+
+    assert load_agent_config(write(tmp_path, "a.toml", "")).name == socket.gethostname()
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("max_concurrent_runs = \"4\"\n", "max_concurrent_runs"),
+        ("max_concurrent_runs = 0\n", "max_concurrent_runs"),
+        ("queue = [\"a\"]\n", "queue"),
+        ("[[code_locations]]\nname = \"x\"\n", "code_locations[0].python_file"),
+        ("[[code_locations]]\nname = \"x\"\npython_file = \"a\"\nmodule = \"b\"\n",
+         "code_locations[0].python_file"),
+        ("[[code_locations]]\nname = \"x y\"\nmodule = \"b\"\n", "code_locations[0].name"),
+        ("control_plane_url = \"ftp://x\"\n", "control_plane_url"),
+    ],
+)  # fmt: skip
+def test_agent_errors_name_file_and_key(tmp_path: Path, text: str, key: str) -> None:
+    path = write(tmp_path, "agent.toml", text)
+    with pytest.raises(ConfigError) as info:
+        load_agent_config(path)
+    assert path in str(info.value) and repr(key) in str(info.value)

@@ -1,0 +1,163 @@
+"""The storage contract. Every backend runs this same suite (the `storage` fixture)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from control_plane.statuses import RunStatus
+from control_plane.storage import NewRun, RunFilter, StaleLease, Storage, UnknownRun, open_storage
+from protocol.messages import CodeLocationInfo, JobInfo, RunRecord
+
+
+@pytest.fixture(params=["sqlite"])
+async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
+    store = open_storage(f"sqlite:///{tmp_path}/fleetrun.db")
+    await store.open()
+    yield store
+    await store.close()
+
+
+def new_run(run_id: str, job: str = "etl", tags: dict | None = None, priority: int = 0) -> NewRun:
+    return NewRun(
+        run_id=run_id, job=job, location="loc", tags=tags or {}, config={"k": 1},
+        priority=priority,
+    )  # fmt: skip
+
+
+def event(seq: int, type_: str, step: str | None = None, message: str = "") -> RunRecord:
+    return RunRecord(seq=seq, time=100.0 + seq, kind="event", type=type_, step=step,
+                     message=message)  # fmt: skip
+
+
+async def agent_id(storage: Storage, name: str = "w1") -> str:
+    agent = await storage.register_agent(
+        name, "host", "0.1", ["default"], 4,
+        [CodeLocationInfo(name="loc", jobs=[JobInfo(name="etl")])], now=10.0,
+    )  # fmt: skip
+    return agent.agent_id
+
+
+async def test_create_run_is_queued_with_an_event(storage: Storage) -> None:
+    run = await storage.create_run(new_run("r1", tags={"team": "a"}), now=5.0)
+    assert run.status == RunStatus.QUEUED
+    assert (run.tags, run.config, run.create_time) == ({"team": "a"}, {"k": 1}, 5.0)
+    events = await storage.get_events("r1", 0, 100)
+    assert [(e.seq, e.type) for e in events] == [(1, "RUN_ENQUEUED")]
+    assert await storage.get_run("missing") is None
+
+
+async def test_list_runs_filters_and_pages_newest_first(storage: Storage) -> None:
+    for i in range(5):
+        await storage.create_run(
+            new_run(f"r{i}", job="a" if i % 2 else "b", tags={"n": str(i)}), now=i
+        )
+    runs, cursor = await storage.list_runs(RunFilter(), 2, None)
+    assert [r.run_id for r in runs] == ["r4", "r3"]
+    runs, cursor = await storage.list_runs(RunFilter(), 2, cursor)
+    assert [r.run_id for r in runs] == ["r2", "r1"]
+    runs, cursor = await storage.list_runs(RunFilter(), 2, cursor)
+    assert [r.run_id for r in runs] == ["r0"] and cursor is None
+    runs, _ = await storage.list_runs(RunFilter(job="a"), 10, None)
+    assert [r.run_id for r in runs] == ["r3", "r1"]
+    runs, _ = await storage.list_runs(RunFilter(tags=[("n", "2")]), 10, None)
+    assert [r.run_id for r in runs] == ["r2"]
+    runs, _ = await storage.list_runs(RunFilter(statuses=[RunStatus.SUCCESS]), 10, None)
+    assert runs == []
+
+
+async def test_queued_runs_by_priority_then_submission(storage: Storage) -> None:
+    for run_id, prio in [("a", 0), ("b", 5), ("c", -1), ("d", 5)]:
+        await storage.create_run(new_run(run_id, priority=prio), now=1)
+    assert [r.run_id for r in await storage.queued_runs(10)] == ["b", "d", "a", "c"]
+
+
+async def test_assign_gives_growing_leases_once(storage: Storage) -> None:
+    aid = await agent_id(storage)
+    await storage.create_run(new_run("r1"), now=1)
+    await storage.create_run(new_run("r2"), now=1)
+    first = await storage.assign_run("r1", aid, now=2)
+    second = await storage.assign_run("r2", aid, now=2)
+    assert first is not None and second is not None
+    assert first.status == RunStatus.STARTING and first.agent_id == aid
+    assert second.lease > first.lease  # type: ignore[operator]
+    assert await storage.assign_run("r1", aid, now=3) is None  # no longer QUEUED
+    assert [r.run_id for r in await storage.pending_launches(aid)] == ["r1", "r2"]
+    assert {r.run_id for r in await storage.active_runs()} == {"r1", "r2"}
+
+
+async def test_append_records_in_order_once(storage: Storage) -> None:
+    aid = await agent_id(storage)
+    await storage.create_run(new_run("r1"), now=1)
+    run = await storage.assign_run("r1", aid, now=2)
+    lease = run.lease  # type: ignore[union-attr]
+    log = RunRecord(seq=3, time=104.0, kind="log", type="stdout", step="a", message="out\n")
+    batch = [event(1, "RUN_START"), event(2, "STEP_START", "a"), log]
+    result = await storage.append_records("r1", lease, batch, now=3)
+    assert result.acked_seq == 3 and result.status == RunStatus.STARTED
+    again = await storage.append_records("r1", lease, batch, now=4)  # a resent batch
+    assert again.acked_seq == 3 and not again.status_changed
+    gap = await storage.append_records("r1", lease, [event(9, "LOG")], now=4)
+    assert gap.acked_seq == 3  # records after a gap are not stored
+    await storage.append_records("r1", lease, [event(4, "RUN_SUCCESS", message="ok")], now=5)
+    types = [e.type for e in await storage.get_events("r1", 0, 100)]
+    assert types == ["RUN_ENQUEUED", "RUN_STARTING", "RUN_START", "STEP_START", "RUN_SUCCESS"]
+    assert [e.seq for e in await storage.get_events("r1", 3, 100)] == [4, 5]
+    final = await storage.get_run("r1")
+    assert final is not None and final.status == RunStatus.SUCCESS
+    assert final.status_reason == "ok" and final.start_time == 101.0 and final.end_time == 104.0
+    chunks = await storage.get_logs("r1", "a", 0)
+    assert [(c.stream, c.text) for c in chunks] == [("stdout", "out\n")]
+    assert await storage.get_logs("r1", "other", 0) == []
+
+
+async def test_terminal_status_never_changes(storage: Storage) -> None:
+    aid = await agent_id(storage)
+    await storage.create_run(new_run("r1"), now=1)
+    lease = (await storage.assign_run("r1", aid, now=2)).lease  # type: ignore[union-attr]
+    await storage.append_records(
+        "r1", lease, [event(1, "RUN_START"), event(2, "RUN_FAILURE")], now=3
+    )
+    result = await storage.append_records("r1", lease, [event(3, "RUN_SUCCESS")], now=4)
+    assert result.status == RunStatus.FAILURE and not result.status_changed
+    assert (await storage.get_run("r1")).status == RunStatus.FAILURE  # type: ignore[union-attr]
+
+
+async def test_stale_lease_and_unknown_run_are_refused(storage: Storage) -> None:
+    aid = await agent_id(storage)
+    await storage.create_run(new_run("r1"), now=1)
+    lease = (await storage.assign_run("r1", aid, now=2)).lease  # type: ignore[union-attr]
+    with pytest.raises(StaleLease):
+        await storage.append_records("r1", lease + 1, [event(1, "RUN_START")], now=3)
+    with pytest.raises(UnknownRun):
+        await storage.append_records("nope", lease, [event(1, "RUN_START")], now=3)
+
+
+async def test_agents_keep_their_id_by_name(storage: Storage) -> None:
+    first = await agent_id(storage)
+    assert await agent_id(storage) == first
+    other = await agent_id(storage, "w2")
+    assert other != first
+    assert [a.name for a in await storage.list_agents()] == ["w1", "w2"]
+    assert await storage.record_heartbeat(first, now=50.0) == 10.0
+    assert (await storage.get_agent(first)).last_heartbeat == 50.0  # type: ignore[union-attr]
+    assert await storage.record_heartbeat("nobody", now=50.0) is None
+    locations = await storage.list_code_locations()
+    assert {(loc.agent_id, loc.info.name) for loc in locations} == {(first, "loc"), (other, "loc")}
+    assert locations[0].info.jobs[0].name == "etl"
+
+
+async def test_schema_is_versioned_and_reopens(tmp_path: Path) -> None:
+    from control_plane.storage.sqlite import MIGRATIONS, SqliteStorage
+
+    store = SqliteStorage(str(tmp_path / "x.db"))
+    await store.open()
+    await store.create_run(new_run("r1"), now=1)
+    assert await store.schema_version() == len(MIGRATIONS) >= 1
+    await store.close()
+    store = SqliteStorage(str(tmp_path / "x.db"))
+    await store.open()
+    assert (await store.get_run("r1")) is not None
+    await store.close()
