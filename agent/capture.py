@@ -1,7 +1,12 @@
-"""Per-step capture of stdout/stderr, at the file-descriptor level, streamed live.
+"""Per-step capture of stdout/stderr that survives a crash of the step's process.
 
-Redirecting fds 1 and 2 (not just `sys.stdout`) also catches output of C extensions and
-of subprocesses the op starts. A reader thread per stream forwards chunks as they come.
+The run worker's fds 1 and 2 are pipes read by the agent. At each step boundary the
+worker writes a marker into both streams (`begin_step`/`end_step`); the agent's
+`StepOutputSplitter` attributes the bytes between markers to that step. Because the
+markers travel in the same pipe as the output, attribution is exact, output of C
+extensions and subprocesses is included, and everything written before a crash
+(os._exit, segfault, OOM kill) still reaches the agent, whose end of the pipe outlives
+the worker.
 """
 
 from __future__ import annotations
@@ -10,48 +15,75 @@ import codecs
 import contextlib
 import os
 import sys
-import threading
 from collections.abc import Iterator
 
-from agent.records import RecordSink
+MARK_OPEN = b"\x00\x1efleetrun-step:"
+MARK_CLOSE = b"\x1e\x00"
 
-CHUNK = 64 * 1024
+
+def _mark(step: str) -> bytes:
+    return MARK_OPEN + step.encode() + MARK_CLOSE
 
 
-def _pump(fd: int, stream: str, step: str, sink: RecordSink) -> None:
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    with os.fdopen(fd, "rb", buffering=0) as pipe:
-        while True:
-            data = pipe.read(CHUNK)
-            text = decoder.decode(data, final=not data)
-            if text:
-                sink.log(stream, text, step)
-            if not data:
-                return
+def _write_marker(step: str) -> None:
+    data = _mark(step)
+    for pystream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
+        with contextlib.suppress(Exception):
+            pystream.flush()
+        os.write(fd, data)
 
 
 @contextlib.contextmanager
-def capture_step_output(step: str, sink: RecordSink) -> Iterator[None]:
-    """Send everything written to fds 1 and 2 while the block runs to `step`'s log."""
-    threads = []
-    saved = []
-    for target, stream, pystream in ((1, "stdout", sys.stdout), (2, "stderr", sys.stderr)):
-        pystream.flush()
-        read_fd, write_fd = os.pipe()
-        saved.append((target, os.dup(target), pystream))
-        os.dup2(write_fd, target)
-        os.close(write_fd)
-        thread = threading.Thread(
-            target=_pump, args=(read_fd, stream, step, sink), daemon=True, name=f"capture-{stream}"
-        )
-        thread.start()
-        threads.append(thread)
+def capture_step_output(step: str) -> Iterator[None]:
+    """Attribute what the block writes to fds 1 and 2 to `step` (in the worker)."""
+    _write_marker(step)
     try:
         yield
     finally:
-        for target, original, pystream in saved:
-            pystream.flush()
-            os.dup2(original, target)
-            os.close(original)
-        for thread in threads:
-            thread.join(timeout=10)
+        _write_marker("")
+
+
+class StepOutputSplitter:
+    """Splits one output stream (in the agent) into (step, text) pieces at the markers."""
+
+    def __init__(self) -> None:
+        self.step: str | None = None
+        self._buffer = b""
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def _text(self, data: bytes, final: bool = False) -> list[tuple[str | None, str]]:
+        text = self._decoder.decode(data, final=final)
+        return [(self.step, text)] if text else []
+
+    def feed(self, data: bytes) -> list[tuple[str | None, str]]:
+        self._buffer += data
+        out: list[tuple[str | None, str]] = []
+        while True:
+            start = self._buffer.find(MARK_OPEN)
+            if start < 0:
+                keep = _partial_suffix(self._buffer, MARK_OPEN)
+                cut = len(self._buffer) - keep
+                out += self._text(self._buffer[:cut])
+                self._buffer = self._buffer[cut:]
+                return out
+            end = self._buffer.find(MARK_CLOSE, start + len(MARK_OPEN))
+            if end < 0:
+                out += self._text(self._buffer[:start])
+                self._buffer = self._buffer[start:]
+                return out
+            out += self._text(self._buffer[:start], final=True)
+            name = self._buffer[start + len(MARK_OPEN) : end].decode(errors="replace")
+            self.step = name or None
+            self._buffer = self._buffer[end + len(MARK_CLOSE) :]
+
+    def flush(self) -> list[tuple[str | None, str]]:
+        data, self._buffer = self._buffer, b""
+        return self._text(data, final=True)
+
+
+def _partial_suffix(data: bytes, marker: bytes) -> int:
+    """Length of the longest suffix of `data` that is a proper prefix of `marker`."""
+    for length in range(min(len(marker) - 1, len(data)), 0, -1):
+        if data.endswith(marker[:length]):
+            return length
+    return 0

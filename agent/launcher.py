@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from agent.capture import StepOutputSplitter
 from agent.config import CodeLocationConfig
 from protocol.codec import FRAME_HEADER_SIZE, ProtocolError, decode, frame, frame_length
 from protocol.messages import (
@@ -137,16 +138,19 @@ class RunWorker:
             self._record(record)
 
     async def _pump_output(self, stream: asyncio.StreamReader, name: str) -> None:
-        while chunk := await stream.read(65536):
-            self._record(
-                RunRecord(
-                    seq=0,
-                    time=time.time(),
-                    kind="log",
-                    type=name,
-                    message=chunk.decode(errors="replace"),
+        """Forward the worker's output as it comes, split by step at the markers."""
+        splitter = StepOutputSplitter()
+        while True:
+            chunk = await stream.read(65536)
+            pieces = splitter.feed(chunk) if chunk else splitter.flush()
+            for step, text in pieces:
+                self._record(
+                    RunRecord(
+                        seq=0, time=time.time(), kind="log", type=name, step=step, message=text
+                    )
                 )
-            )
+            if not chunk:
+                return
 
     async def run(self, loc: CodeLocationConfig) -> None:
         """Start the worker and follow it to its end; reports a crash as RUN_FAILURE."""

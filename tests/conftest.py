@@ -153,7 +153,7 @@ def start_agent(
         return any(
             a["name"] == name
             and a["status"] == "ONLINE"
-            and len(a["code_locations"]) == len(locations)
+            and len(a["code_locations"]) >= len(locations)
             for a in agents
         )
 

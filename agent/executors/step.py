@@ -81,7 +81,7 @@ def run_step(
         max_retries = policy.max_retries if policy is not None else 0
         wait: float | None = None
         try:
-            with capture_step_output(node.name, sink):
+            with capture_step_output(node.name):
                 value = node.op.fn(*args)
         except RetryRequested as exc:
             error: Exception = exc
