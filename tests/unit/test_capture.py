@@ -33,5 +33,6 @@ def test_splits_at_markers_whatever_the_read_sizes(chunk_size: int) -> None:
 
 def test_a_lone_nul_byte_is_output_not_a_marker() -> None:
     splitter = StepOutputSplitter()
-    assert splitter.feed(b"a\x00b") == [(None, "a")]
-    assert splitter.flush() == [(None, "\x00b")]
+    assert splitter.feed(b"a\x00") == [(None, "a")]  # could start a marker: held back
+    assert splitter.feed(b"b") == [(None, "\x00b")]
+    assert splitter.feed(b"\x00\x1ex") == [(None, "\x00\x1ex")]
