@@ -11,7 +11,7 @@ from aiohttp import web
 
 from control_plane.coordinator import agent_is_live
 from control_plane.errors import ApiError, read_json_object
-from control_plane.statuses import ACTIVE_STATUSES, RunStatus
+from control_plane.statuses import ACTIVE_STATUSES, TERMINAL_STATUSES, RunStatus
 from control_plane.storage import NewRun, Run, RunFilter, iso
 from protocol.schema import SchemaError, from_plain
 
@@ -290,6 +290,65 @@ async def list_jobs(request: web.Request) -> web.Response:
     return web.json_response({"jobs": [jobs[k] for k in sorted(jobs)], "location_errors": errors})
 
 
+@dataclass
+class PriorityRequest:
+    priority: int
+
+
+async def set_priority(request: web.Request) -> web.Response:
+    cp = _cp(request)
+    run = await _get_run_or_404(cp, request)
+    try:
+        body = from_plain(PriorityRequest, await read_json_object(request))
+    except SchemaError as exc:
+        raise ApiError(422, "bad_request", str(exc)) from None
+    if not -(2**31) <= body.priority < 2**31:
+        raise ApiError(422, "bad_request", "priority must fit in 32 bits")
+    updated = await cp.storage.set_priority(run.run_id, body.priority, cp.clock.time())
+    if updated is None or updated.status != RunStatus.QUEUED:
+        status = updated.status if updated else run.status
+        raise ApiError(409, "not_queued", f"run is {status}; only a queued run's priority changes")
+    cp.coordinator.wake()
+    return web.json_response(updated.to_json())
+
+
+async def cancel_run(request: web.Request) -> web.Response:
+    cp = _cp(request)
+    run = await _get_run_or_404(cp, request)
+    updated = await cp.storage.cancel_queued(run.run_id, "canceled while queued", cp.clock.time())
+    current = updated or run
+    if current.status != RunStatus.CANCELED:
+        if current.status in TERMINAL_STATUSES:
+            raise ApiError(409, "already_finished", f"run already ended with {current.status}")
+        raise ApiError(
+            409, "not_cancelable",
+            f"run is {current.status}; this version cancels runs only while they are queued",
+        )  # fmt: skip
+    cp.run_events.notify(run.run_id)
+    return web.json_response({"run_id": run.run_id, "status": str(current.status)})
+
+
+async def get_queue(request: web.Request) -> web.Response:
+    """The queued runs in the order they would leave, each with why it waits."""
+    cp = _cp(request)
+    plan = await cp.coordinator.explain()
+    runs = [
+        {
+            "position": i + 1,
+            "run_id": d.run.run_id,
+            "job": d.run.job,
+            "location": d.run.location,
+            "queue": d.run.queue,
+            "priority": d.run.priority,
+            "create_time": iso(d.run.create_time),
+            "waiting_for": d.reason,
+            "next_agent": d.agent.name if d.agent else None,
+        }
+        for i, d in enumerate(plan.decisions)
+    ]
+    return web.json_response({"runs": runs, "limits": [u.to_json() for u in plan.limits]})
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -309,6 +368,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/runs/{run_id}", get_run)
     app.router.add_get("/api/v1/runs/{run_id}/events", get_events)
     app.router.add_get("/api/v1/runs/{run_id}/logs", get_logs)
+    app.router.add_post("/api/v1/runs/{run_id}/priority", set_priority)
+    app.router.add_post("/api/v1/runs/{run_id}/cancel", cancel_run)
+    app.router.add_get("/api/v1/queue", get_queue)
     app.router.add_get("/api/v1/agents", list_agents)
     app.router.add_get("/api/v1/jobs", list_jobs)
     app.router.add_get("/healthz", healthz)

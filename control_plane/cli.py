@@ -176,6 +176,34 @@ def cmd_runs_logs(args: argparse.Namespace, client: ApiClient) -> int:
                 return 0
 
 
+def cmd_runs_cancel(args: argparse.Namespace, client: ApiClient) -> int:
+    data = client.request("POST", f"/runs/{args.run_id}/cancel", {})
+    _emit(args, data, f"{data['run_id']} {data['status']}")
+    return 0
+
+
+def cmd_runs_priority(args: argparse.Namespace, client: ApiClient) -> int:
+    run = client.request("POST", f"/runs/{args.run_id}/priority", {"priority": args.priority})
+    _emit(args, run, f"{run['run_id']} priority {run['tags'].get('fleetrun/priority')}")
+    return 0
+
+
+def cmd_queue(args: argparse.Namespace, client: ApiClient) -> int:
+    data = client.request("GET", "/queue")
+    rows = [
+        [r["position"], r["run_id"], r["job"], r["queue"], r["priority"],
+         r["waiting_for"] or f"launching on {r['next_agent']}"]
+        for r in data["runs"]
+    ]  # fmt: skip
+    text = _table(rows, ["#", "RUN ID", "JOB", "QUEUE", "PRIORITY", "WAITING FOR"])
+    limits = [[u["limit"], f"{u['in_use']}/{u['max']}", ", ".join(u["runs"][:5])]
+              for u in data["limits"]]  # fmt: skip
+    if limits:
+        text += "\n\n" + _table(limits, ["LIMIT", "IN USE", "HELD BY"])
+    _emit(args, data, text)
+    return 0
+
+
 def cmd_agents_list(args: argparse.Namespace, client: ApiClient) -> int:
     data = client.request("GET", "/agents")
     rows = [
@@ -270,6 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--step")
     logs.add_argument("--follow", action="store_true")
     logs.set_defaults(func=cmd_runs_logs)
+
+    cancel = runs.add_parser("cancel", help="cancel a queued run")
+    cancel.add_argument("run_id")
+    cancel.set_defaults(func=cmd_runs_cancel)
+    priority = runs.add_parser("priority", help="change a queued run's priority")
+    priority.add_argument("run_id")
+    priority.add_argument("priority", type=int)
+    priority.set_defaults(func=cmd_runs_priority)
+    sub.add_parser("queue", help="queued runs in dequeue order and why each waits").set_defaults(
+        func=cmd_queue
+    )
 
     agents = sub.add_parser("agents", help="agents").add_subparsers(dest="action", required=True)
     agents.add_parser("list").set_defaults(func=cmd_agents_list)

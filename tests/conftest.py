@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -103,16 +104,22 @@ class ControlPlaneProc(Proc):
         return self.get(f"/api/v1/runs/{run_id}/events")["events"]
 
 
-def write_control_plane_config(folder: Path, extra: str = "") -> Path:
+def write_control_plane_config(folder: Path, extra: str = "", port: int = 0) -> Path:
     path = folder / "control-plane.toml"
     path.write_text(
-        "[server]\nport = 0\n\n[storage]\nurl = \"sqlite:///fleetrun.db\"\n" + extra
+        f'[server]\nport = {port}\n\n[storage]\nurl = "sqlite:///fleetrun.db"\n' + extra
     )
     return path
 
 
-def start_control_plane(folder: Path, extra_config: str = "") -> ControlPlaneProc:
-    config = write_control_plane_config(folder, extra_config)
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_control_plane(folder: Path, extra_config: str = "", port: int = 0) -> ControlPlaneProc:
+    config = write_control_plane_config(folder, extra_config, port)
     proc = start_process(
         [*FLEETRUN, "serve", "--config", str(config)], folder / "control-plane.log"
     )

@@ -7,6 +7,7 @@ event logs, compute logs, agents and the code locations they host. Implementatio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -142,6 +143,16 @@ class RunFilter:
 
 
 @dataclass
+class QueueSnapshot:
+    """What a dispatch decision needs, read in one transaction."""
+
+    queued: list[Run]
+    active: list[Run]
+    agents: list[Agent]
+    hosted: dict[str, set[str]]
+
+
+@dataclass
 class AppendResult:
     acked_seq: int
     status: RunStatus
@@ -159,9 +170,13 @@ class Storage(Protocol):
     async def list_runs(
         self, filt: RunFilter, limit: int, cursor: int | None
     ) -> tuple[list[Run], int | None]: ...
-    async def queued_runs(self, limit: int) -> list[Run]: ...
     async def active_runs(self) -> list[Run]: ...
-    async def assign_run(self, run_id: str, agent_id: str, now: float) -> Run | None: ...
+    async def queue_snapshot(self) -> QueueSnapshot: ...
+    async def assign_queued(
+        self, now: float, decide: Callable[[QueueSnapshot], list[tuple[str, str]]]
+    ) -> list[Run]: ...
+    async def set_priority(self, run_id: str, priority: int, now: float) -> Run | None: ...
+    async def cancel_queued(self, run_id: str, message: str, now: float) -> Run | None: ...
     async def pending_launches(self, agent_id: str) -> list[Run]: ...
     async def append_records(
         self, run_id: str, lease: int, records: list[RunRecord], now: float

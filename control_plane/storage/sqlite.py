@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from control_plane.storage import (
     Event,
     LogChunk,
     NewRun,
+    QueueSnapshot,
     Run,
     RunFilter,
     StaleLease,
@@ -121,6 +122,8 @@ MIGRATIONS: list[str] = [
     );
     """,
 ]
+
+DISPATCH_BATCH = 1000
 
 _RUN_COLUMNS = (
     "run_id, job, location, status, status_reason, tags, config, agent_id, lease, "
@@ -316,34 +319,100 @@ class SqliteStorage:
         )
         return [_run_from_row(r) for r in rows]
 
-    async def assign_run(self, run_id: str, agent_id: str, now: float) -> Run | None:
+    async def _snapshot(self, db: aiosqlite.Connection) -> QueueSnapshot:
+        queued = await db.execute_fetchall(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = ? ORDER BY priority DESC, id LIMIT ?",
+            (RunStatus.QUEUED, DISPATCH_BATCH),
+        )
+        active = await db.execute_fetchall(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status IN (?, ?, ?)",
+            tuple(ACTIVE_STATUSES),
+        )
+        agents = await db.execute_fetchall(f"SELECT {_AGENT_COLUMNS} FROM agents")
+        hosted: dict[str, set[str]] = {}
+        for agent_id, info in await db.execute_fetchall(
+            "SELECT agent_id, info FROM code_locations"
+        ):
+            loc = json.loads(info)
+            if loc.get("error") is None:
+                hosted.setdefault(agent_id, set()).add(loc["name"])
+        return QueueSnapshot(
+            queued=[_run_from_row(r) for r in queued],
+            active=[_run_from_row(r) for r in active],
+            agents=[_agent_from_row(r) for r in agents],
+            hosted=hosted,
+        )
+
+    async def queue_snapshot(self) -> QueueSnapshot:
+        return await self._snapshot(self._r)
+
+    async def assign_queued(
+        self, now: float, decide: Callable[[QueueSnapshot], list[tuple[str, str]]]
+    ) -> list[Run]:
+        """Decide on a snapshot and record the assignments, all in one transaction."""
+        async with self._write() as db:
+            snapshot = await self._snapshot(db)
+            if not snapshot.queued:
+                return []
+            assigned = []
+            for run_id, agent_id in decide(snapshot):
+                run = await self._assign(db, run_id, agent_id, now)
+                if run is not None:
+                    assigned.append(run)
+            return assigned
+
+    async def _assign(
+        self, db: aiosqlite.Connection, run_id: str, agent_id: str, now: float
+    ) -> Run | None:
         """QUEUED -> STARTING on `agent_id` under a new lease; None if no longer QUEUED."""
+        run = await self._get_run(db, run_id)
+        if run is None or run.status != RunStatus.QUEUED:
+            return None
+        cur = await db.execute(
+            "INSERT INTO run_attempts (run_id, agent_id, create_time) VALUES (?, ?, ?)",
+            (run_id, agent_id, now),
+        )
+        lease = cur.lastrowid
+        await db.execute(
+            "UPDATE runs SET agent_id = ?, lease = ? WHERE run_id = ?", (agent_id, lease, run_id)
+        )
+        names = await db.execute_fetchall("SELECT name FROM agents WHERE agent_id = ?", (agent_id,))
+        await self._append_event(
+            db,
+            run_id,
+            now,
+            "RUN_STARTING",
+            f"launching on agent {names[0][0] if names else agent_id}",
+            {"agent_id": agent_id, "lease": lease},
+            attempt=lease,
+        )
+        return await self._get_run(db, run_id)
+
+    async def set_priority(self, run_id: str, priority: int, now: float) -> Run | None:
+        """Change a queued run's priority (and its fleetrun/priority tag); else no-op."""
         async with self._write() as db:
             run = await self._get_run(db, run_id)
             if run is None or run.status != RunStatus.QUEUED:
-                return None
-            cur = await db.execute(
-                "INSERT INTO run_attempts (run_id, agent_id, create_time) VALUES (?, ?, ?)",
-                (run_id, agent_id, now),
-            )
-            lease = cur.lastrowid
+                return run
+            run.tags["fleetrun/priority"] = str(priority)
             await db.execute(
-                "UPDATE runs SET agent_id = ?, lease = ? WHERE run_id = ?",
-                (agent_id, lease, run_id),
+                "UPDATE runs SET priority = ?, tags = ?, update_time = ? WHERE run_id = ?",
+                (priority, json.dumps(run.tags), now, run_id),
             )
-            agent_name = await db.execute_fetchall(
-                "SELECT name FROM agents WHERE agent_id = ?", (agent_id,)
+            await db.execute(
+                "INSERT INTO run_tags (run_id, key, value) VALUES (?, 'fleetrun/priority', ?)"
+                " ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value",
+                (run_id, str(priority)),
             )
-            name = agent_name[0][0] if agent_name else agent_id
-            await self._append_event(
-                db,
-                run_id,
-                now,
-                "RUN_STARTING",
-                f"launching on agent {name}",
-                {"agent_id": agent_id, "lease": lease},
-                attempt=lease,
-            )
+            return await self._get_run(db, run_id)
+
+    async def cancel_queued(self, run_id: str, message: str, now: float) -> Run | None:
+        """QUEUED -> CANCELED; other statuses are left as they are."""
+        async with self._write() as db:
+            run = await self._get_run(db, run_id)
+            if run is None or run.status != RunStatus.QUEUED:
+                return run
+            await self._append_event(db, run_id, now, "RUN_CANCELED", message)
             return await self._get_run(db, run_id)
 
     async def pending_launches(self, agent_id: str) -> list[Run]:
@@ -365,8 +434,13 @@ class SqliteStorage:
         data: dict[str, Any] | None = None,
         step: str | None = None,
         attempt: int | None = None,
+        event_time: float | None = None,
     ) -> tuple[RunStatus, bool]:
-        """Insert one event with the run's next seq and apply the status it implies."""
+        """Insert one event with the run's next seq and apply the status it implies.
+
+        The event keeps the time its source stamped (`event_time`); the run's start and
+        end times are the control plane's (`now`), the moment the change took effect.
+        """
         rows = await db.execute_fetchall(
             "UPDATE runs SET last_event_seq = last_event_seq + 1, update_time = ?"
             " WHERE run_id = ? RETURNING last_event_seq, status",
@@ -376,7 +450,16 @@ class SqliteStorage:
         await db.execute(
             "INSERT INTO events (run_id, seq, time, type, step, message, data, attempt)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (run_id, seq, now, event_type, step, message, json.dumps(data or {}), attempt),
+            (
+                run_id,
+                seq,
+                event_time or now,
+                event_type,
+                step,
+                message,
+                json.dumps(data or {}),
+                attempt,
+            ),
         )
         current = RunStatus(status)
         new = EVENT_STATUS.get(event_type)
@@ -427,12 +510,13 @@ class SqliteStorage:
                     status, did_change = await self._append_event(
                         db,
                         run_id,
-                        record.time,
+                        now,
                         record.type,
                         record.message,
                         record.data,
                         record.step,
                         lease,
+                        event_time=record.time,
                     )
                     changed = changed or did_change
                 acked = record.seq

@@ -58,8 +58,8 @@ def test_example_jobs_succeed_and_fail(control_plane: ControlPlaneProc, agent: P
 
 def test_context_config_tags_and_locations(control_plane: ControlPlaneProc, tmp_path: Path) -> None:
     extra = (
-        "\n[[code_locations]]\nname = \"by_module\"\nmodule = \"context_jobs\"\n"
-        f"working_directory = \"{FIXTURES}\"\nexecutable = \"{sys.executable}\"\n"
+        '\n[[code_locations]]\nname = "by_module"\nmodule = "context_jobs"\n'
+        f'working_directory = "{FIXTURES}"\nexecutable = "{sys.executable}"\n'
     )
     proc = start_agent(
         control_plane, tmp_path, "ctx-agent", {"by_file": FIXTURES / "context_jobs.py"}, extra
@@ -134,7 +134,7 @@ def test_broken_location_is_reported_and_the_rest_serves(
 
 def test_bad_config_files_exit_2_naming_file_and_key(tmp_path: Path) -> None:
     cp_config = tmp_path / "control-plane.toml"
-    cp_config.write_text("[server]\nport = \"eighty\"\n")
+    cp_config.write_text('[server]\nport = "eighty"\n')
     result = subprocess.run([*FLEETRUN, "serve", "--config", str(cp_config)],
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 2

@@ -218,8 +218,12 @@ async def test_events_long_poll_returns_when_an_event_arrives(client: TestClient
     launch = (await agent_call(client, "poll", Poll(agent_id=agent_id), PollReply)).launches[0]
     waiter = asyncio.create_task(client.get(f"/api/v1/runs/{run_id}/events?after=2&wait=20"))
     await asyncio.sleep(0)
-    batch = EventBatch(agent_id=agent_id, run_id=run_id, lease=launch.lease,
-                       records=[RunRecord(seq=1, time=1.0, kind="event", type="RUN_START")])
+    batch = EventBatch(
+        agent_id=agent_id,
+        run_id=run_id,
+        lease=launch.lease,
+        records=[RunRecord(seq=1, time=1.0, kind="event", type="RUN_START")],
+    )
     await agent_call(client, "events", batch, EventAck)
     resp = await asyncio.wait_for(waiter, 10)
     assert [e["type"] for e in (await resp.json())["events"]] == ["RUN_START"]

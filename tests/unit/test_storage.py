@@ -32,6 +32,11 @@ def event(seq: int, type_: str, step: str | None = None, message: str = "") -> R
                      message=message)  # fmt: skip
 
 
+async def assign(storage: Storage, run_id: str, agent: str, now: float):  # type: ignore[no-untyped-def]
+    assigned = await storage.assign_queued(now, lambda snapshot: [(run_id, agent)])
+    return assigned[0] if assigned else None
+
+
 async def agent_id(storage: Storage, name: str = "w1") -> str:
     agent = await storage.register_agent(
         name, "host", "0.1", ["default"], 4,
@@ -71,19 +76,26 @@ async def test_list_runs_filters_and_pages_newest_first(storage: Storage) -> Non
 async def test_queued_runs_by_priority_then_submission(storage: Storage) -> None:
     for run_id, prio in [("a", 0), ("b", 5), ("c", -1), ("d", 5)]:
         await storage.create_run(new_run(run_id, priority=prio), now=1)
-    assert [r.run_id for r in await storage.queued_runs(10)] == ["b", "d", "a", "c"]
+    snapshot = await storage.queue_snapshot()
+    assert [r.run_id for r in snapshot.queued] == ["b", "d", "a", "c"]
+    await storage.set_priority("c", 9, now=2)
+    snapshot = await storage.queue_snapshot()
+    assert [r.run_id for r in snapshot.queued] == ["c", "b", "d", "a"]
+    assert snapshot.queued[0].tags["fleetrun/priority"] == "9"
+    runs, _ = await storage.list_runs(RunFilter(tags=[("fleetrun/priority", "9")]), 10, None)
+    assert [r.run_id for r in runs] == ["c"]
 
 
 async def test_assign_gives_growing_leases_once(storage: Storage) -> None:
     aid = await agent_id(storage)
     await storage.create_run(new_run("r1"), now=1)
     await storage.create_run(new_run("r2"), now=1)
-    first = await storage.assign_run("r1", aid, now=2)
-    second = await storage.assign_run("r2", aid, now=2)
+    first = await assign(storage, "r1", aid, now=2)
+    second = await assign(storage, "r2", aid, now=2)
     assert first is not None and second is not None
     assert first.status == RunStatus.STARTING and first.agent_id == aid
     assert second.lease > first.lease  # type: ignore[operator]
-    assert await storage.assign_run("r1", aid, now=3) is None  # no longer QUEUED
+    assert await assign(storage, "r1", aid, now=3) is None  # no longer QUEUED
     assert [r.run_id for r in await storage.pending_launches(aid)] == ["r1", "r2"]
     assert {r.run_id for r in await storage.active_runs()} == {"r1", "r2"}
 
@@ -91,7 +103,7 @@ async def test_assign_gives_growing_leases_once(storage: Storage) -> None:
 async def test_append_records_in_order_once(storage: Storage) -> None:
     aid = await agent_id(storage)
     await storage.create_run(new_run("r1"), now=1)
-    run = await storage.assign_run("r1", aid, now=2)
+    run = await assign(storage, "r1", aid, now=2)
     lease = run.lease  # type: ignore[union-attr]
     log = RunRecord(seq=3, time=104.0, kind="log", type="stdout", step="a", message="out\n")
     batch = [event(1, "RUN_START"), event(2, "STEP_START", "a"), log]
@@ -107,7 +119,8 @@ async def test_append_records_in_order_once(storage: Storage) -> None:
     assert [e.seq for e in await storage.get_events("r1", 3, 100)] == [4, 5]
     final = await storage.get_run("r1")
     assert final is not None and final.status == RunStatus.SUCCESS
-    assert final.status_reason == "ok" and final.start_time == 101.0 and final.end_time == 104.0
+    assert final.status_reason == "ok" and final.start_time == 3 and final.end_time == 5
+    assert [e.time for e in await storage.get_events("r1", 2, 100)][:2] == [101.0, 102.0]
     chunks = await storage.get_logs("r1", "a", 0)
     assert [(c.stream, c.text) for c in chunks] == [("stdout", "out\n")]
     assert await storage.get_logs("r1", "other", 0) == []
@@ -116,7 +129,7 @@ async def test_append_records_in_order_once(storage: Storage) -> None:
 async def test_terminal_status_never_changes(storage: Storage) -> None:
     aid = await agent_id(storage)
     await storage.create_run(new_run("r1"), now=1)
-    lease = (await storage.assign_run("r1", aid, now=2)).lease  # type: ignore[union-attr]
+    lease = (await assign(storage, "r1", aid, now=2)).lease  # type: ignore[union-attr]
     await storage.append_records(
         "r1", lease, [event(1, "RUN_START"), event(2, "RUN_FAILURE")], now=3
     )
@@ -128,7 +141,7 @@ async def test_terminal_status_never_changes(storage: Storage) -> None:
 async def test_stale_lease_and_unknown_run_are_refused(storage: Storage) -> None:
     aid = await agent_id(storage)
     await storage.create_run(new_run("r1"), now=1)
-    lease = (await storage.assign_run("r1", aid, now=2)).lease  # type: ignore[union-attr]
+    lease = (await assign(storage, "r1", aid, now=2)).lease  # type: ignore[union-attr]
     with pytest.raises(StaleLease):
         await storage.append_records("r1", lease + 1, [event(1, "RUN_START")], now=3)
     with pytest.raises(UnknownRun):
@@ -161,3 +174,34 @@ async def test_schema_is_versioned_and_reopens(tmp_path: Path) -> None:
     await store.open()
     assert (await store.get_run("r1")) is not None
     await store.close()
+
+
+async def test_assign_queued_decides_on_one_snapshot(storage: Storage) -> None:
+    aid = await agent_id(storage)
+    await storage.create_run(new_run("r1"), now=1)
+    await storage.create_run(new_run("r2"), now=1)
+    seen = []
+
+    def decide(snapshot):  # type: ignore[no-untyped-def]
+        seen.append(([r.run_id for r in snapshot.queued], snapshot.hosted))
+        return [("r2", aid), ("missing", aid)]
+
+    assigned = await storage.assign_queued(2, decide)
+    assert [r.run_id for r in assigned] == ["r2"]
+    assert seen == [(["r1", "r2"], {aid: {"loc"}})]
+    snapshot = await storage.queue_snapshot()
+    assert [r.run_id for r in snapshot.active] == ["r2"]
+    assert [a.agent_id for a in snapshot.agents] == [aid]
+
+
+async def test_cancel_queued(storage: Storage) -> None:
+    aid = await agent_id(storage)
+    await storage.create_run(new_run("r1"), now=1)
+    await storage.create_run(new_run("r2"), now=1)
+    await assign(storage, "r2", aid, now=2)
+    canceled = await storage.cancel_queued("r1", "canceled by user", now=3)
+    assert canceled is not None and canceled.status == RunStatus.CANCELED
+    assert canceled.end_time == 3 and canceled.status_reason == "canceled by user"
+    started = await storage.cancel_queued("r2", "canceled by user", now=3)
+    assert started is not None and started.status == RunStatus.STARTING  # not queued: untouched
+    assert await storage.cancel_queued("nope", "x", now=3) is None
