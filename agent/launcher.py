@@ -110,6 +110,7 @@ class RunWorker:
         self.process: asyncio.subprocess.Process | None = None
         self.reported_result = False
         self.exit_code: int | None = None
+        self.received_time = time.time()
 
     def _record(self, record: RunRecord) -> None:
         if record.kind == "event" and record.type in TERMINAL_EVENTS:
@@ -135,6 +136,7 @@ class RunWorker:
             record = decode(body, RunRecord)
             if record.kind == "event" and record.type == "RUN_START":
                 self.state = "running"
+                record.data["launch_received_time"] = self.received_time
             self._record(record)
 
     async def _pump_output(self, stream: asyncio.StreamReader, name: str) -> None:
