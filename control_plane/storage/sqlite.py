@@ -536,12 +536,6 @@ class SqliteStorage:
             for s, t, ty, st, m, d in rows
         ]
 
-    async def last_event_seq(self, run_id: str) -> int:
-        rows = await self._r.execute_fetchall(
-            "SELECT last_event_seq FROM runs WHERE run_id = ?", (run_id,)
-        )
-        return int(rows[0][0]) if rows else 0
-
     async def get_logs(self, run_id: str, step: str | None, after: int) -> list[LogChunk]:
         sql = "SELECT id, step, stream, time, text FROM compute_logs WHERE run_id = ? AND id > ?"
         args: list[Any] = [run_id, after]
