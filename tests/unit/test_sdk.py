@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 import random
+import re
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from agent.sdk import (
     Backoff,
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
     DefinitionError,
     Definitions,
+    Failure,
     Jitter,
+    JobDefinition,
+    OpContext,
+    OpDefinition,
+    OpOutput,
     RetryPolicy,
+    RetryRequested,
     RunRequest,
+    ScheduleDefinition,
+    SensorDefinition,
     SkipReason,
     build_op_context,
     job,
@@ -20,6 +34,7 @@ from agent.sdk import (
     schedule,
     sensor,
 )
+from protocol.messages import JobInfo, OpInfo
 
 
 @op
@@ -42,84 +57,9 @@ def no_context():
     return 1
 
 
-def test_bare_and_called_decorators() -> None:
-    assert (extract.name, extract.takes_context, extract.input_names) == ("extract", True, [])
-    assert (double.name, double.tags, double.input_names) == ("double_it", {"kind": "cpu"},
-                                                              ["rows"])  # fmt: skip
-    assert add.input_names == ["a", "b"]
-    assert (no_context.takes_context, no_context.input_names) == (False, [])
-
-
-def test_chain_and_diamond_wiring() -> None:
-    @job(tags={"team": "x"}, executor={"name": "multiprocess", "max_concurrent": 2})
-    def diamond():
-        rows = extract()
-        add(double(rows), double(rows))
-
-    assert diamond.name == "diamond" and diamond.tags == {"team": "x"}
-    assert diamond.executor == {"name": "multiprocess", "max_concurrent": 2}
-    assert [(n.name, n.upstream) for n in diamond.nodes.values()] == [
-        ("extract", []),
-        ("double_it", ["extract"]),
-        ("double_it_2", ["extract"]),
-        ("add", ["double_it", "double_it_2"]),
-    ]
-    info = diamond.to_info()
-    assert info.executor == "multiprocess"
-    assert [(o.name, o.upstream, o.tags) for o in info.ops][1] == ("double_it", ["extract"],
-                                                                  {"kind": "cpu"})  # fmt: skip
-
-
-def test_same_upstream_twice_and_bare_job() -> None:
-    @job
-    def twice():
-        rows = extract()
-        add(rows, rows)
-
-    assert twice.nodes["add"].upstream == ["extract", "extract"]
-    assert twice.to_info().ops[1].upstream == ["extract"]
-    assert twice.executor == {"name": "in_process"}
-
-
-def test_op_retry_policy_wins_over_the_job_default() -> None:
-    default = RetryPolicy(max_retries=5, delay=1)
-
-    @job(op_retry_policy=default)
-    def policies():
-        double(extract())
-
-    assert policies.retry_policy_for("extract") is default
-    assert policies.retry_policy_for("double_it") == RetryPolicy(max_retries=2)
-
-
-def test_direct_invocation_outside_a_job() -> None:
-    assert double(build_op_context(), [1, 3]) == [2, 6]
-    assert no_context() == 1
-
-
-def _define(body) -> None:  # type: ignore[no-untyped-def]
-    job(name="j")(body)
-
-
-@pytest.mark.parametrize(
-    ("make", "message"),
-    [
-        (lambda: op(name="bad name")(lambda context: 1), "must match"),
-        (lambda: op(name="o")(lambda *args: 1), "plain positional"),
-        (lambda: op(name="o", tags={"a": 1})(lambda context: 1), "strings"),
-        (lambda: _define(lambda: add(extract())), "takes 2 inputs"),
-        (lambda: _define(lambda: double(5)), "argument 1 of op double_it"),
-        (lambda: _define(lambda: None), "calls no op"),
-        (lambda: _define(lambda: 1 / 0), "ZeroDivisionError"),
-        (lambda: job(name="j", executor=5)(lambda: extract()), "executor"),
-        (lambda: RetryPolicy(backoff=Backoff.LINEAR), "need a delay"),
-        (lambda: RetryPolicy(jitter=Jitter.FULL), "need a delay"),
-        (lambda: RetryPolicy(max_retries=-1), ">= 0"),
-    ],
-)
-def test_invalid_definitions(make, message: str) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(DefinitionError, match=message):
-        make()
+@op
+def pure(rows):
+    return len(rows)
 
 
 @job
@@ -127,44 +67,232 @@ def target():
     extract()
 
 
-@pytest.mark.parametrize(
-    "cron", ["60 * * * *", "*/0 * * * *", "0 0 1 13 *", "@reboot", "* * * * * *",
-             "0 0 31 2 *", "0 0 * * 8", "* * * *\n* * * * *"],
-)  # fmt: skip
-def test_bad_cron_is_a_definition_error(cron: str) -> None:
-    with pytest.raises(DefinitionError, match="cron"):
-        schedule(job=target, cron=cron, name="s")(lambda context: None)
+def _job(body: Callable[[], Any], **options: Any) -> JobDefinition:
+    return job(name="j", **options)(body)
 
 
-@pytest.mark.parametrize("tz", ["Mars/Olympus", "../../etc/passwd", "/etc/localtime", "UTC\x00"])
-def test_bad_timezone_is_a_definition_error(tz: str) -> None:
-    with pytest.raises(DefinitionError, match="timezone"):
-        schedule(job=target, cron="0 * * * *", timezone=tz, name="s")(lambda context: None)
+def _schedule(**options: Any) -> ScheduleDefinition:
+    options = {"job": target, "cron": "0 * * * *", "name": "s", **options}
+    return schedule(**options)(lambda context: None)
 
 
-def test_definitions_collects_and_checks_names() -> None:
-    @schedule(job=target, cron="*/5 * * * *", timezone="Europe/Berlin")
-    def every_five(context):
-        return RunRequest(tags={"source": "cron"})
+# --- decorators, names, tags -------------------------------------------------------------
 
-    @sensor(job=target, minimum_interval_seconds=10)
-    def files(context):
-        return SkipReason("nothing new")
 
-    defs = Definitions(schedules=[every_five], sensors=[files])
-    assert defs.get_job("target") is target  # added through the schedule
-    assert every_five.timezone == "Europe/Berlin" and files.minimum_interval_seconds == 10
-    with pytest.raises(KeyError, match="no job named"):
-        defs.get_job("nope")
-    with pytest.raises(DefinitionError, match="two jobs"):
-        Definitions(jobs=[target, target])
+def test_bare_and_called_decorators_produce_op_definitions() -> None:
+    assert all(isinstance(o, OpDefinition) for o in (extract, double, add, no_context))
+    assert (extract.name, extract.takes_context, extract.input_names) == ("extract", True, [])
+    assert (extract.tags, extract.retry_policy) == ({}, None)
+    assert (double.name, double.tags) == ("double_it", {"kind": "cpu"})
+    assert double.input_names == ["rows"]
+    assert double.retry_policy == RetryPolicy(max_retries=2)
+    assert (add.name, add.input_names) == ("add", ["a", "b"])
+    assert (no_context.takes_context, no_context.input_names) == (False, [])
+    assert (pure.takes_context, pure.input_names) == (False, ["rows"])
 
-    @job(name="target")
-    def impostor():
+
+def test_job_decorator_bare_and_called() -> None:
+    @job
+    def bare():
+        """Loads the things."""
         extract()
 
-    with pytest.raises(DefinitionError, match="different job"):
-        Definitions(jobs=[impostor], schedules=[every_five])
+    @job()
+    def empty_call():
+        extract()
+
+    @job(name="renamed", tags={"team": "data"}, executor="multiprocess")
+    def original():
+        extract()
+
+    assert isinstance(bare, JobDefinition)
+    assert (bare.name, bare.tags, bare.executor) == ("bare", {}, {"name": "in_process"})
+    assert (bare.description, empty_call.description) == ("Loads the things.", None)
+    assert empty_call.name == "empty_call" and empty_call.op_retry_policy is None
+    assert (original.name, original.tags) == ("renamed", {"team": "data"})
+    assert original.executor == {"name": "multiprocess"}
+
+
+def test_names_up_to_128_characters_are_accepted() -> None:
+    long_name = "a" * 128
+    assert op(name=long_name)(lambda context: 1).name == long_name
+    assert op(name="Mixed_Case_09")(lambda: 1).name == "Mixed_Case_09"
+
+
+# --- graph wiring ------------------------------------------------------------------------
+
+
+def test_chain_wiring_in_call_order() -> None:
+    @job
+    def chain():
+        add_one = op(name="total")(lambda context, rows: sum(rows))
+        add_one(double(extract()))
+
+    assert list(chain.nodes) == ["extract", "double_it", "total"]
+    assert [n.upstream for n in chain.nodes.values()] == [[], ["extract"], ["double_it"]]
+    assert chain.nodes["double_it"].op is double
+    assert chain.nodes["total"].name == "total"
+
+
+def test_diamond_fan_out_fan_in_and_aliasing() -> None:
+    @job(tags={"team": "x"}, executor={"name": "multiprocess", "max_concurrent": 2})
+    def diamond():
+        rows = extract()
+        add(double(rows), double(rows))
+
+    assert diamond.executor == {"name": "multiprocess", "max_concurrent": 2}
+    assert [(n.name, n.upstream) for n in diamond.nodes.values()] == [
+        ("extract", []),
+        ("double_it", ["extract"]),
+        ("double_it_2", ["extract"]),
+        ("add", ["double_it", "double_it_2"]),
+    ]
+    assert diamond.nodes["double_it_2"].op is double
+
+
+def test_op_taking_the_same_upstream_twice() -> None:
+    @job
+    def twice():
+        rows = extract()
+        add(rows, rows)
+
+    assert twice.nodes["add"].upstream == ["extract", "extract"]
+    assert twice.to_info().ops[1] == OpInfo(name="add", upstream=["extract"], tags={})
+
+
+def test_aliasing_counts_up_per_op() -> None:
+    @job
+    def thrice():
+        extract()
+        extract()
+        extract()
+
+    assert list(thrice.nodes) == ["extract", "extract_2", "extract_3"]
+    assert all(n.op is extract and n.upstream == [] for n in thrice.nodes.values())
+
+
+def test_aliasing_skips_names_taken_by_another_op() -> None:
+    clash = op(name="extract_2")(lambda context: 0)
+
+    @job
+    def clashing():
+        extract()
+        clash()
+        extract()
+        clash()
+
+    assert list(clashing.nodes) == ["extract", "extract_2", "extract_3", "extract_2_2"]
+    assert clashing.nodes["extract_2"].op is clash
+    assert clashing.nodes["extract_3"].op is extract
+
+
+def test_op_call_returns_a_handle_inside_a_job() -> None:
+    seen: list[Any] = []
+
+    @job
+    def handles():
+        seen.append(extract())
+        seen.append(double(seen[0]))
+
+    assert seen == [OpOutput("extract"), OpOutput("double_it")]
+
+
+def test_to_info() -> None:
+    @job(tags={"team": "data"}, executor={"name": "multiprocess", "max_concurrent": 4})
+    def info_job():
+        rows = extract()
+        add(double(rows), rows)
+
+    info = info_job.to_info()
+    assert info == JobInfo(
+        name="info_job",
+        ops=[
+            OpInfo(name="extract", upstream=[], tags={}),
+            OpInfo(name="double_it", upstream=["extract"], tags={"kind": "cpu"}),
+            OpInfo(name="add", upstream=["double_it", "extract"], tags={}),
+        ],
+        tags={"team": "data"},
+        executor="multiprocess",
+    )
+    info.tags["mutated"] = "yes"
+    info.ops[1].tags["mutated"] = "yes"
+    assert info_job.tags == {"team": "data"} and double.tags == {"kind": "cpu"}
+
+
+# --- direct invocation and context -------------------------------------------------------
+
+
+def test_direct_invocation_outside_a_job_calls_the_function() -> None:
+    assert extract(build_op_context()) == [1, 2]
+    assert double(build_op_context(), [1, 3]) == [2, 6]
+    assert add(None, 2, b=5) == 7
+    assert no_context() == 1
+    assert pure([1, 2, 3]) == 3
+
+
+def test_build_op_context_defaults_and_overrides() -> None:
+    context = build_op_context()
+    assert isinstance(context, OpContext)
+    assert (context.run_id, context.retry_number, context.tags, context.run_config) == (
+        "test-run",
+        0,
+        {},
+        {},
+    )
+    assert context.log is logging.getLogger("fleetrun.test")
+    custom = build_op_context(run_id="r1", run_config={"out": "x"}, retry_number=2, step="s")
+    assert (custom.run_id, custom.run_config, custom.retry_number, custom.step) == (
+        "r1",
+        {"out": "x"},
+        2,
+        "s",
+    )
+
+
+def test_op_context_exposes_its_constructor_arguments() -> None:
+    log = logging.getLogger("fleetrun.unit")
+    context = OpContext("r", "j", {"a": "b"}, {"k": 1}, "step_2", 3, log)
+    assert (context.run_id, context.job_name, context.tags, context.run_config) == (
+        "r",
+        "j",
+        {"a": "b"},
+        {"k": 1},
+    )
+    assert (context.step, context.retry_number, context.log) == ("step_2", 3, log)
+
+
+def test_user_raised_exceptions_keep_their_fields() -> None:
+    retry = RetryRequested(max_retries=3, seconds_to_wait=1.5)
+    assert (retry.max_retries, retry.seconds_to_wait) == (3, 1.5)
+    failure = Failure("disk full", metadata={"free": 0}, allow_retries=False)
+    assert (str(failure), failure.description, failure.metadata) == (
+        "disk full",
+        "disk full",
+        {"free": 0},
+    )
+    assert failure.allow_retries is False
+    assert Failure().metadata == {} and Failure().allow_retries is True
+
+
+# --- retry policies ----------------------------------------------------------------------
+
+
+def test_op_policy_wins_over_the_job_default() -> None:
+    default = RetryPolicy(max_retries=5, delay=1)
+
+    @job(op_retry_policy=default)
+    def policies():
+        double(extract())
+
+    @job
+    def no_policy():
+        extract()
+
+    assert policies.retry_policy_for("extract") is default
+    assert policies.retry_policy_for("double_it") is double.retry_policy
+    assert no_policy.retry_policy_for("extract") is None
+    with pytest.raises(KeyError, match="no step named 'nope'"):
+        policies.retry_policy_for("nope")
 
 
 @pytest.mark.parametrize(
@@ -174,16 +302,377 @@ def test_definitions_collects_and_checks_names() -> None:
         (RetryPolicy(delay=2), [2.0, 2.0, 2.0]),
         (RetryPolicy(delay=2, backoff=Backoff.LINEAR), [2.0, 4.0, 6.0]),
         (RetryPolicy(delay=1, backoff=Backoff.EXPONENTIAL), [1.0, 3.0, 7.0]),
+        (RetryPolicy(delay=0.5, backoff=Backoff.EXPONENTIAL), [0.5, 1.5, 3.5]),
     ],
 )
-def test_retry_delays(policy: RetryPolicy, delays: list[float]) -> None:
-    assert [policy.calculate_delay(n) for n in (1, 2, 3)] == delays
+def test_retry_delays_without_jitter(policy: RetryPolicy, delays: list[float]) -> None:
+    assert [policy.calculate_delay(n) for n in (1, 2, 3)] == pytest.approx(delays)
 
 
-def test_retry_jitter() -> None:
-    full = RetryPolicy(delay=1, backoff=Backoff.EXPONENTIAL, jitter=Jitter.FULL)
-    rng, expected = random.Random(7), random.Random(7)
-    assert full.calculate_delay(2, rng) == pytest.approx(expected.random() * 3.0)
-    plus_minus = RetryPolicy(delay=1, jitter=Jitter.PLUS_MINUS)
-    values = [plus_minus.calculate_delay(1, random.Random(seed)) for seed in range(50)]
-    assert all(0.0 <= v <= 2.0 for v in values) and len(set(values)) > 10
+@pytest.mark.parametrize(
+    ("backoff", "base"),
+    [(None, 2.0), (Backoff.LINEAR, 6.0), (Backoff.EXPONENTIAL, 14.0)],
+)
+def test_full_jitter_scales_the_base_delay(backoff: Backoff | None, base: float) -> None:
+    policy = RetryPolicy(delay=2, backoff=backoff, jitter=Jitter.FULL)
+    draw = random.Random(42).random()
+    assert policy.calculate_delay(3, random.Random(42)) == pytest.approx(draw * base)
+    assert 0.0 <= policy.calculate_delay(3, random.Random(7)) <= base
+
+
+@pytest.mark.parametrize(
+    ("backoff", "base"),
+    [(None, 2.0), (Backoff.LINEAR, 6.0), (Backoff.EXPONENTIAL, 14.0)],
+)
+def test_plus_minus_jitter_adds_up_to_one_delay(backoff: Backoff | None, base: float) -> None:
+    policy = RetryPolicy(delay=2, backoff=backoff, jitter=Jitter.PLUS_MINUS)
+    offset = random.Random(42).uniform(-2.0, 2.0)
+    assert policy.calculate_delay(3, random.Random(42)) == pytest.approx(base + offset)
+    values = [policy.calculate_delay(3, random.Random(seed)) for seed in range(100)]
+    assert all(base - 2.0 <= v <= base + 2.0 for v in values)
+    assert len(set(values)) > 50
+
+
+def test_plus_minus_jitter_never_goes_negative() -> None:
+    policy = RetryPolicy(delay=1, jitter=Jitter.PLUS_MINUS)
+    values = [policy.calculate_delay(1, random.Random(seed)) for seed in range(200)]
+    assert 0.0 <= min(values) < 1.0 < max(values) <= 2.0
+
+
+def test_calculate_delay_rejects_attempt_zero() -> None:
+    with pytest.raises(ValueError, match="starts at 1"):
+        RetryPolicy(delay=1).calculate_delay(0)
+
+
+# --- invalid definitions -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: op(name="bad name")(lambda context: 1), r"op name 'bad name' is invalid"),
+        (lambda: op(name="trailing\n")(lambda context: 1), "op name"),
+        (lambda: op(name="")(lambda context: 1), "op name '' is invalid"),
+        (lambda: op(name="a" * 129)(lambda context: 1), "at most 128"),
+        (lambda: op(lambda context: 1), r"op name '<lambda>' is invalid"),
+        (lambda: job(name="bad-job")(lambda: extract()), "job name 'bad-job'"),
+        (lambda: _schedule(name="bad.schedule"), "schedule name 'bad.schedule'"),
+        (
+            lambda: sensor(job=target, name="bad sensor")(lambda context: None),
+            "sensor name 'bad sensor'",
+        ),
+        (lambda: op(name="o")(lambda *args: 1), r"op o: parameter 'args'"),
+        (lambda: op(name="o")(lambda context, **kw: 1), r"op o: parameter 'kw'"),
+        (lambda: op(name="o")(lambda context, *, x: 1), r"op o: parameter 'x'"),
+        (lambda: op(name="o", tags={"a": 1})(lambda context: 1), "op o: tag keys and values"),
+        (lambda: op(name="o", tags={1: "a"})(lambda context: 1), "op o: tag keys and values"),
+        (lambda: op(name="o", tags=["a"])(lambda context: 1), "op o: tags must be a dict"),
+        (lambda: op(name="o", retry_policy=3)(lambda context: 1), "op o: retry_policy"),
+        (lambda: job(name="j", tags={"a": 2})(lambda: extract()), "job j: tag keys"),
+        (lambda: op("extract"), "must decorate a function"),
+    ],
+)
+def test_invalid_op_and_name_definitions(make: Callable[[], Any], message: str) -> None:
+    with pytest.raises(DefinitionError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (lambda: add(extract()), r"job j: op add takes 2 inputs \(a, b\), got 1"),
+        (lambda: double(extract(), extract()), r"op double_it takes 1 input \(rows\), got 2"),
+        (lambda: extract(extract()), r"op extract takes 0 inputs \(none\), got 1"),
+        (lambda: double(5), r"job j: op double_it: argument 1 must be the result of .* got int"),
+        (lambda: add(extract(), [1]), r"op add: argument 2 must be .* got list"),
+        (lambda: double(rows=extract()), "op double_it takes upstream outputs as positional"),
+        (lambda: double(OpOutput("extract")), "op double_it: argument 1 is the output of step"),
+        (lambda: None, "job j: the body calls no op"),
+        (lambda: 1 / 0, "job j: body raised ZeroDivisionError: division by zero"),
+    ],
+)
+def test_invalid_job_bodies(body: Callable[[], Any], message: str) -> None:
+    with pytest.raises(DefinitionError, match=message):
+        _job(body)
+
+
+def test_raising_body_keeps_the_original_exception_as_cause() -> None:
+    def body() -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(DefinitionError, match="body raised RuntimeError: boom") as info:
+        _job(body)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_handle_from_another_job_is_rejected() -> None:
+    leaked: list[OpOutput] = []
+    _job(lambda: leaked.append(extract()))
+    with pytest.raises(DefinitionError, match="step 'extract', which was not called"):
+        _job(lambda: double(leaked[0]))
+
+
+def test_job_body_with_parameters_is_rejected() -> None:
+    with pytest.raises(DefinitionError, match="job j: the body must take no arguments"):
+        _job(lambda rows: double(rows))
+
+
+def test_async_and_generator_functions_are_rejected() -> None:
+    async def coro(context):
+        return 1
+
+    def gen(context):
+        yield 1
+
+    with pytest.raises(DefinitionError, match="op coro: async"):
+        op(coro)
+    with pytest.raises(DefinitionError, match="op gen: generator"):
+        op(gen)
+
+
+def test_tracing_is_inactive_after_a_failed_job() -> None:
+    with pytest.raises(DefinitionError):
+        _job(lambda: 1 / 0)
+    assert double(build_op_context(), [2]) == [4]
+
+
+@pytest.mark.parametrize(
+    ("executor", "message"),
+    [
+        (5, "job j: executor must be a name or a dict"),
+        ({"max_concurrent": 4}, "executor must be a name or a dict with a string 'name'"),
+        ({"name": 3}, "with a string 'name'"),
+        ("", "executor name '' is invalid"),
+        ({"name": "multiprocess", "max_concurrent": 0}, "max_concurrent must be a positive"),
+        ({"name": "multiprocess", "max_concurrent": "4"}, "max_concurrent must be a positive"),
+    ],
+)
+def test_bad_executor(executor: Any, message: str) -> None:
+    with pytest.raises(DefinitionError, match=message):
+        _job(lambda: extract(), executor=executor)
+
+
+def test_executor_dict_is_copied() -> None:
+    config = {"name": "multiprocess", "max_concurrent": 4}
+    defined = _job(lambda: extract(), executor=config)
+    config["max_concurrent"] = 99
+    assert defined.executor == {"name": "multiprocess", "max_concurrent": 4}
+
+
+def test_bad_job_op_retry_policy() -> None:
+    with pytest.raises(DefinitionError, match="job j: op_retry_policy must be a RetryPolicy"):
+        _job(lambda: extract(), op_retry_policy={"max_retries": 2})
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: RetryPolicy(backoff=Backoff.LINEAR), "backoff and jitter need a delay"),
+        (lambda: RetryPolicy(jitter=Jitter.FULL), "backoff and jitter need a delay"),
+        (lambda: RetryPolicy(max_retries=-1), "max_retries must be >= 0"),
+        (lambda: RetryPolicy(max_retries=1.5), "max_retries must be an int"),
+        (lambda: RetryPolicy(max_retries=True), "max_retries must be an int"),
+        (lambda: RetryPolicy(delay=-0.1), "delay must be a finite number >= 0"),
+        (lambda: RetryPolicy(delay=float("nan")), "delay must be a finite number"),
+        (lambda: RetryPolicy(delay="1"), "delay must be a finite number"),
+        (lambda: RetryPolicy(delay=1, backoff="LINEAR"), "backoff must be a Backoff"),
+        (lambda: RetryPolicy(delay=1, jitter="FULL"), "jitter must be a Jitter"),
+    ],
+)
+def test_invalid_retry_policies(make: Callable[[], Any], message: str) -> None:
+    with pytest.raises(DefinitionError, match=message):
+        make()
+
+
+# --- schedules and sensors ---------------------------------------------------------------
+
+
+def test_schedule_definition_stores_its_settings() -> None:
+    @schedule(job=target, cron="*/5 * * * *", timezone="Europe/Berlin")
+    def every_five(context):
+        return RunRequest(tags={"source": "cron"})
+
+    assert isinstance(every_five, ScheduleDefinition)
+    assert (every_five.name, every_five.job, every_five.cron) == (
+        "every_five",
+        target,
+        "*/5 * * * *",
+    )
+    assert (every_five.timezone, every_five.tags, every_five.catchup) == ("Europe/Berlin", {}, 0)
+    assert every_five.default_status is DefaultScheduleStatus.STOPPED
+    assert every_five.fn(None) == RunRequest(tags={"source": "cron"})
+    custom = _schedule(
+        name="nightly",
+        cron="0 3 * * mon-fri",
+        default_status="RUNNING",
+        tags={"k": "v"},
+        catchup=2,
+    )
+    assert (custom.name, custom.timezone, custom.tags, custom.catchup) == (
+        "nightly",
+        "UTC",
+        {"k": "v"},
+        2,
+    )
+    assert custom.default_status is DefaultScheduleStatus.RUNNING
+
+
+@pytest.mark.parametrize(
+    "cron",
+    [
+        "60 * * * *",
+        "*/0 * * * *",
+        "0 0 1 13 *",
+        "0 0 31 2 *",
+        "0 0 * * 8",
+        "@reboot",
+        "@daily",
+        "* * * * * *",
+        "* * * *",
+        "* * * *\n* * * * *",
+        "",
+    ],
+)
+def test_bad_cron_is_a_definition_error_naming_schedule_and_cron(cron: str) -> None:
+    with pytest.raises(DefinitionError) as info:
+        _schedule(cron=cron)
+    assert str(info.value).startswith(f"schedule s: cron {cron!r}")
+
+
+@pytest.mark.parametrize("cron", ["0 0 29 2 *", "0 0 L * *", "0 9 * * 1-5", "0 0 * jan sun"])
+def test_unusual_but_valid_crons_are_accepted(cron: str) -> None:
+    assert _schedule(cron=cron).cron == cron
+
+
+@pytest.mark.parametrize(
+    "timezone",
+    [
+        "Mars/Olympus",
+        "../../etc/passwd",
+        "/etc/localtime",
+        "Europe/../UTC",
+        "UTC\x00",
+        "Europe",
+        "zone.tab",
+        "",
+        None,
+    ],
+)
+def test_bad_timezone_is_a_definition_error_naming_it(timezone: Any) -> None:
+    with pytest.raises(DefinitionError, match=re.escape(f"schedule s: timezone {timezone!r}")):
+        _schedule(timezone=timezone)
+
+
+@pytest.mark.parametrize("timezone", ["UTC", "America/Argentina/Buenos_Aires", "Etc/GMT+5"])
+def test_iana_timezones_are_accepted(timezone: str) -> None:
+    assert _schedule(timezone=timezone).timezone == timezone
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"job": extract}, "schedule s: job must be a @job"),
+        ({"cron": 5}, "cron 5 must be a string"),
+        ({"default_status": "PAUSED"}, "default_status must be RUNNING or STOPPED"),
+        ({"catchup": -1}, "catchup must be an int >= 0"),
+        ({"tags": {"k": 1}}, "schedule s: tag keys"),
+    ],
+)
+def test_invalid_schedules(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(DefinitionError, match=message):
+        _schedule(**options)
+
+
+def test_sensor_definition_stores_its_settings() -> None:
+    @sensor(job=target, minimum_interval_seconds=10, default_status=DefaultSensorStatus.RUNNING)
+    def files(context):
+        return SkipReason("nothing new")
+
+    assert isinstance(files, SensorDefinition)
+    assert (files.name, files.job, files.minimum_interval_seconds) == ("files", target, 10)
+    assert files.default_status is DefaultSensorStatus.RUNNING
+    assert files.fn(None) == SkipReason(skip_message="nothing new")
+    plain = sensor(job=target, name="plain")(lambda context: [RunRequest(run_key="k")])
+    assert plain.minimum_interval_seconds == 30
+    assert plain.default_status is DefaultSensorStatus.STOPPED
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"job": "target"}, "sensor x: job must be a @job"),
+        ({"minimum_interval_seconds": 0}, "sensor x: minimum_interval_seconds must be"),
+        ({"minimum_interval_seconds": -5}, "minimum_interval_seconds must be a number > 0"),
+        ({"default_status": "ON"}, "sensor x: default_status must be RUNNING or STOPPED"),
+    ],
+)
+def test_invalid_sensors(options: dict[str, Any], message: str) -> None:
+    options = {"job": target, "name": "x", **options}
+    with pytest.raises(DefinitionError, match=message):
+        sensor(**options)(lambda context: None)
+
+
+def test_run_request_and_skip_reason_defaults() -> None:
+    request = RunRequest()
+    assert (request.run_key, request.tags, request.run_config, request.job_name) == (
+        None,
+        {},
+        {},
+        None,
+    )
+    assert RunRequest().tags is not RunRequest().tags
+    assert SkipReason().skip_message == ""
+
+
+# --- Definitions -------------------------------------------------------------------------
+
+
+def test_definitions_collects_jobs_schedules_and_sensors() -> None:
+    @job
+    def other():
+        extract()
+
+    every_five = _schedule(name="every_five")
+    files = sensor(job=other, name="files")(lambda context: None)
+    defs = Definitions(schedules=[every_five], sensors=[files])
+    assert list(defs.jobs) == ["target", "other"]
+    assert defs.get_job("target") is target and defs.get_job("other") is other
+    assert defs.schedules == {"every_five": every_five}
+    assert defs.sensors == {"files": files}
+    explicit = Definitions(jobs=[target], schedules=[every_five])
+    assert explicit.jobs == {"target": target}
+    assert Definitions().jobs == {} and Definitions().schedules == {}
+
+
+def test_get_job_missing_is_a_clear_key_error() -> None:
+    with pytest.raises(KeyError, match=r"no job named 'nope' .*available: target"):
+        Definitions(jobs=[target]).get_job("nope")
+
+
+def test_definitions_rejects_duplicates_and_impostors() -> None:
+    @job(name="target")
+    def impostor():
+        extract()
+
+    first = _schedule(name="dup")
+    second = _schedule(name="dup", cron="5 * * * *")
+    watcher = sensor(job=target, name="watch")(lambda context: None)
+    with pytest.raises(DefinitionError, match="two jobs are named 'target'"):
+        Definitions(jobs=[target, target])
+    with pytest.raises(DefinitionError, match="two jobs are named 'target'"):
+        Definitions(jobs=[target, impostor])
+    with pytest.raises(DefinitionError, match="two schedules are named 'dup'"):
+        Definitions(schedules=[first, second])
+    with pytest.raises(DefinitionError, match="two sensors are named 'watch'"):
+        Definitions(sensors=[watcher, watcher])
+    with pytest.raises(DefinitionError, match="schedule dup targets a different job"):
+        Definitions(jobs=[impostor], schedules=[first])
+    with pytest.raises(DefinitionError, match="sensor watch targets a different job"):
+        Definitions(jobs=[impostor], sensors=[watcher])
+    clash = sensor(job=target, name="dup")(lambda context: None)
+    with pytest.raises(DefinitionError, match="sensor 'dup' has the same name as a schedule"):
+        Definitions(schedules=[first], sensors=[clash])
+    with pytest.raises(DefinitionError, match="in jobs is not a @job"):
+        Definitions(jobs=[extract])
+    with pytest.raises(DefinitionError, match="in schedules is not a @schedule"):
+        Definitions(schedules=[watcher])
