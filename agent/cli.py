@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         from agent.worker import main as worker_main
 
         return worker_main(argv[1:])
+    if argv[:1] == ["_forkserver"]:
+        from agent.forkserver import main as forkserver_main
+
+        return forkserver_main(argv[1:])
     parser = argparse.ArgumentParser(prog="fleetrun-agent", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the agent")

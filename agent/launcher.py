@@ -1,22 +1,27 @@
-"""Starting run workers: one subprocess per run, crash-isolated from the agent.
+"""Starting run workers: one process per run, crash-isolated from the agent.
 
-The worker gets its WorkerSpec on stdin and writes RunRecords to a dedicated pipe (its
-stdout/stderr stay free for user output, which becomes the run's worker log). If the
-worker exits without reporting a result, the launcher reports the crash.
+Run workers are forked by a fork server per worker executable (`agent.forkserver`), so a
+run skips interpreter start-up; code locations are described in a fresh subprocess.
+Either way the worker gets its message on stdin and writes RunRecords to a dedicated
+pipe (its stdout/stderr stay free for user output, which becomes the run's worker log).
+If the worker exits without reporting a result, the launcher reports the crash.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from agent.capture import StepOutputSplitter
 from agent.config import CodeLocationConfig
+from agent.forkserver import WORKER_FDS, ForkServer, ForkServerGone
 from protocol.codec import FRAME_HEADER_SIZE, ProtocolError, decode, frame, frame_length
 from protocol.messages import (
     CodeLocationInfo,
@@ -27,18 +32,28 @@ from protocol.messages import (
     WorkerSpec,
 )
 
+log = logging.getLogger("fleetrun.agent")
+
 RECORD_FD_ENV = "FLEETRUN_RECORD_FD"
 TERMINAL_EVENTS = frozenset({"RUN_SUCCESS", "RUN_FAILURE", "RUN_CANCELED"})
 DESCRIBE_TIMEOUT_SECONDS = 120.0
 
 
-def worker_command(executable: str, mode: str) -> list[str]:
-    """How to start a worker: the location's Python, the agent binary, or this Python."""
+def _python_command(executable: str, module: str, frozen_command: str) -> list[str]:
+    """The location's Python, the agent binary itself, or this Python."""
     if executable:
-        return [executable, "-m", "agent.worker", mode]
+        return [executable, "-m", module]
     if getattr(sys, "frozen", False):
-        return [sys.executable, "_worker", mode]
-    return [sys.executable, "-m", "agent.worker", mode]
+        return [sys.executable, frozen_command]
+    return [sys.executable, "-m", module]
+
+
+def worker_command(executable: str, mode: str) -> list[str]:
+    return [*_python_command(executable, "agent.worker", "_worker"), mode]
+
+
+def forkserver_command(executable: str) -> list[str]:
+    return _python_command(executable, "agent.forkserver", "_forkserver")
 
 
 def location_spec(loc: CodeLocationConfig) -> LocationSpec:
@@ -79,11 +94,7 @@ async def _spawn(
         raise
     finally:
         os.close(write_fd)
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=2**24)
-    await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
-    )
+    reader = await _pipe_reader(read_fd)
     assert proc.stdin is not None
     proc.stdin.write(frame(message))
     with contextlib.suppress(ConnectionError):
@@ -100,6 +111,113 @@ async def _read_frame(reader: asyncio.StreamReader) -> bytes | None:
     return await reader.readexactly(frame_length(header))
 
 
+async def _pipe_reader(fd: int) -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2**24)
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    return reader
+
+
+async def _write_and_close(fd: int, data: bytes) -> None:
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(fd, "wb", buffering=0))
+    transport.write(data)
+    transport.close()
+
+
+@dataclass
+class ForkedWorker:
+    """A run worker forked by a fork server: the agent's ends of its pipes."""
+
+    pid: int
+    server: ForkServer
+    records: asyncio.StreamReader
+    stdout: asyncio.StreamReader
+    stderr: asyncio.StreamReader
+    returncode: int | None = None
+    exited: bool = False
+
+    async def wait(self) -> int | None:
+        """The return code; None if the fork server died before it could tell."""
+        if not self.exited:
+            self.returncode = await self.server.wait(self.pid)
+            self.exited = True
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.exited:
+            return
+        for kill in (os.killpg, os.kill):
+            with contextlib.suppress(ProcessLookupError):
+                kill(self.pid, signal.SIGKILL)
+                return
+
+
+class Launcher:
+    """Starts run workers through one fork server per worker executable."""
+
+    def __init__(self, locations: list[CodeLocationConfig]) -> None:
+        self.locations = locations
+        self._servers: dict[str, ForkServer] = {}
+        self._starting = asyncio.Lock()
+
+    async def _server(self, executable: str) -> ForkServer:
+        async with self._starting:
+            server = self._servers.get(executable)
+            if server is None or not server.alive:
+                server = ForkServer(forkserver_command(executable))
+                await server.start()
+                self._servers[executable] = server
+            return server
+
+    async def warm_up(self) -> None:
+        """Start the fork servers now, so the first run does not wait for them."""
+        for executable in {loc.executable for loc in self.locations}:
+            try:
+                await self._server(executable)
+            except OSError as exc:
+                log.error("cannot start a fork server for %r: %s", executable or "python", exc)
+
+    async def start(self, loc: CodeLocationConfig, spec: WorkerSpec) -> ForkedWorker:
+        pipes = [os.pipe() for _ in range(WORKER_FDS)]
+        child_fds = [pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1]]
+        ours = [pipes[0][1], pipes[1][0], pipes[2][0], pipes[3][0]]
+        try:
+            for attempt in (1, 2):
+                server = await self._server(loc.executable)
+                try:
+                    pid = await server.spawn(
+                        ["run"], dict(os.environ), loc.working_directory, child_fds
+                    )
+                    break
+                except ForkServerGone:
+                    if attempt == 2:
+                        raise OSError("the fork server exited twice in a row") from None
+        except BaseException:
+            for fd in ours:
+                os.close(fd)
+            raise
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+        stdin, stdout, stderr, records = ours
+        await _write_and_close(stdin, frame(spec))
+        return ForkedWorker(
+            pid=pid,
+            server=server,
+            records=await _pipe_reader(records),
+            stdout=await _pipe_reader(stdout),
+            stderr=await _pipe_reader(stderr),
+        )
+
+    async def close(self) -> None:
+        for server in self._servers.values():
+            await server.close()
+        self._servers.clear()
+
+
 class RunWorker:
     """One launched run: its worker process, what it reported, and how it ended."""
 
@@ -107,7 +225,7 @@ class RunWorker:
         self.launch = launch
         self.on_record = on_record
         self.state = "starting"
-        self.process: asyncio.subprocess.Process | None = None
+        self.process: ForkedWorker | None = None
         self.reported_result = False
         self.exit_code: int | None = None
         self.received_time = time.time()
@@ -154,20 +272,18 @@ class RunWorker:
             if not chunk:
                 return
 
-    async def run(self, loc: CodeLocationConfig) -> None:
+    async def run(self, loc: CodeLocationConfig, launcher: Launcher) -> None:
         """Start the worker and follow it to its end; reports a crash as RUN_FAILURE."""
         spec = WorkerSpec(launch=self.launch, location=location_spec(loc))
         try:
-            self.process, reader = await _spawn(loc, "run", spec)
+            self.process = proc = await launcher.start(loc, spec)
         except OSError as exc:
             self.state = "exited"
             self.report("RUN_FAILURE", f"could not start the run worker: {exc}")
             return
-        proc = self.process
-        assert proc.stdout is not None and proc.stderr is not None
         try:
             await asyncio.gather(
-                self._pump_records(reader),
+                self._pump_records(proc.records),
                 self._pump_output(proc.stdout, "stdout"),
                 self._pump_output(proc.stderr, "stderr"),
             )
@@ -177,17 +293,20 @@ class RunWorker:
         self.exit_code = await proc.wait()
         self.state = "exited"
         if not self.reported_result:
+            how = (
+                "ended with an unknown exit status (its fork server exited)"
+                if self.exit_code is None
+                else _exit_description(self.exit_code)
+            )
             self.report(
                 "RUN_FAILURE",
-                f"run worker (pid {proc.pid}) {_exit_description(self.exit_code)} "
-                "without reporting a result",
+                f"run worker (pid {proc.pid}) {how} without reporting a result",
                 {"exit_code": self.exit_code},
             )
 
     def kill(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process is not None:
+            self.process.kill()
 
 
 async def describe_location(loc: CodeLocationConfig) -> CodeLocationInfo:

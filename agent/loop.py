@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from agent.client import ControlPlaneClient, ControlPlaneError, ControlPlaneUnreachable
 from agent.config import AgentConfig
-from agent.launcher import RunWorker, describe_location
+from agent.launcher import Launcher, RunWorker, describe_location
 from agent.outbox import AttemptRejected, RunOutbox
 from protocol import FLEETRUN_VERSION
 from protocol.messages import (
@@ -60,6 +60,7 @@ class Agent:
         self.heartbeat_interval = config.heartbeat_interval_seconds
         self.runs: dict[int, ActiveRun] = {}
         self.location_infos: list[CodeLocationInfo] = []
+        self.launcher = Launcher(config.code_locations)
 
     async def load_locations(self) -> list[CodeLocationInfo]:
         infos = await asyncio.gather(*(describe_location(loc) for loc in self.locations.values()))
@@ -107,13 +108,14 @@ class Agent:
         )
 
     async def run(self) -> None:
-        await self.load_locations()
-        await self.register()
+        await asyncio.gather(self.load_locations(), self.launcher.warm_up())
         try:
+            await self.register()
             await asyncio.gather(self._poll_forever(), self._heartbeat_forever())
         finally:
             for active in self.runs.values():
                 active.worker.kill()
+            await self.launcher.close()
 
     async def _poll_forever(self) -> None:
         delay = RETRY_MIN_SECONDS
@@ -182,7 +184,7 @@ class Agent:
                     f"agent {self.config.name} does not host code location {launch.location!r}",
                 )
             else:
-                run_task = asyncio.create_task(worker.run(loc))
+                run_task = asyncio.create_task(worker.run(loc, self.launcher))
                 done, _ = await asyncio.wait(
                     {run_task, delivery}, return_when=asyncio.FIRST_COMPLETED
                 )

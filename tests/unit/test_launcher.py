@@ -1,0 +1,130 @@
+"""Run workers forked by the fork server: real processes, no control plane."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from agent.config import CodeLocationConfig
+from agent.forkserver import ForkServer
+from agent.launcher import Launcher, RunWorker, forkserver_command
+from protocol.messages import LaunchRun, RunRecord
+from tests.conftest import FIXTURES
+
+LOCATION = CodeLocationConfig(
+    name="probe", python_file=str(FIXTURES / "worker_jobs.py"), working_directory=str(FIXTURES)
+)
+
+
+@pytest.fixture
+async def launcher():
+    launcher = Launcher([LOCATION])
+    await launcher.warm_up()
+    yield launcher
+    await launcher.close()
+
+
+async def run_job(
+    launcher: Launcher,
+    job: str,
+    lease: int = 1,
+    config: dict | None = None,
+    records: list[RunRecord] | None = None,
+) -> tuple[RunWorker, list[RunRecord]]:
+    records = [] if records is None else records
+    launch = LaunchRun(run_id=f"run-{lease}", job=job, location="probe", lease=lease,
+                       config=config or {})  # fmt: skip
+    worker = RunWorker(launch, records.append)
+    async with asyncio.timeout(60):
+        await worker.run(LOCATION, launcher)
+    return worker, records
+
+
+def terminal(records: list[RunRecord]) -> RunRecord:
+    (last,) = [r for r in records if r.type in ("RUN_SUCCESS", "RUN_FAILURE")]
+    return last
+
+
+class StartWatch(list):
+    """A record list that signals when the worker has reported RUN_START."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = asyncio.Event()
+
+    def append(self, record: RunRecord) -> None:
+        super().append(record)
+        if record.type == "RUN_START":
+            self.started.set()
+
+
+def server(launcher: Launcher) -> ForkServer:
+    return launcher._servers[""]
+
+
+async def test_each_run_gets_a_fresh_import_of_user_code(launcher: Launcher) -> None:
+    pids = set()
+    for lease in (1, 2, 3):
+        worker, records = await run_job(launcher, "module_state", lease)
+        assert terminal(records).type == "RUN_SUCCESS", [r.message for r in records]
+        assert worker.exit_code == 0
+        out = "".join(r.message for r in records if r.kind == "log" and r.type == "stdout")
+        pid, ppid, pgid = (int(x) for x in out.split()[1::2])
+        assert ppid == server(launcher).pid and pgid == pid  # own process group, for killpg
+        pids.add(pid)
+    assert len(pids) == 3
+
+
+async def test_exit_codes_and_signals_are_reported(launcher: Launcher) -> None:
+    worker, records = await run_job(launcher, "killed_by_signal")
+    assert worker.exit_code == -signal.SIGKILL
+    assert "was killed by signal SIGKILL without reporting a result" in terminal(records).message
+
+
+async def test_a_killed_fork_server_is_replaced_and_its_running_workers_finish(
+    launcher: Launcher, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    first = server(launcher)
+    seen = StartWatch()
+    running = asyncio.create_task(run_job(launcher, "gated", 1, {"path": str(gate)}, seen))
+    async with asyncio.timeout(30):
+        await seen.started.wait()
+    os.kill(first.pid, signal.SIGKILL)
+    gate.touch()
+    worker, records = await running
+    assert terminal(records).type == "RUN_SUCCESS"  # its result came through the record pipe
+    assert worker.exit_code is None  # nobody was left to reap it and tell us the code
+    again, records = await run_job(launcher, "module_state", 2)
+    assert terminal(records).type == "RUN_SUCCESS" and again.exit_code == 0
+    assert server(launcher) is not first and server(launcher).alive
+
+
+def test_fork_server_answers_bad_requests_and_keeps_serving() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    proc = subprocess.Popen(
+        [*forkserver_command(""), str(theirs.fileno())], pass_fds=(theirs.fileno(),)
+    )
+    theirs.close()
+    ours.settimeout(30)
+    try:
+        for data, fds in ((b"\xc1garbage", []), (msgpack.packb([1, 2]), []),
+                          (msgpack.packb({"argv": ["run"]}), [])):  # fmt: skip
+            socket.send_fds(ours, [data], fds)
+            reply = msgpack.unpackb(ours.recv(65536))
+            assert "error" in reply and proc.poll() is None
+        r, w = os.pipe()
+        socket.send_fds(ours, [msgpack.packb({"argv": ["describe"]})], [r, w])
+        os.close(r)
+        os.close(w)
+        assert "expected 4 fds, got 2" in msgpack.unpackb(ours.recv(65536))["error"]
+    finally:
+        ours.close()
+        assert proc.wait(30) == 0  # closing our end stops the server cleanly
