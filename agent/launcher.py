@@ -29,6 +29,7 @@ from protocol.messages import (
     LaunchRun,
     LocationSpec,
     RunRecord,
+    StopRun,
     WorkerSpec,
 )
 
@@ -146,12 +147,13 @@ class ForkedWorker:
             self.exited = True
         return self.returncode
 
-    def kill(self) -> None:
+    def signal(self, signum: int) -> None:
+        """Signal the worker's process group (its own children too), or just the worker."""
         if self.exited:
             return
-        for kill in (os.killpg, os.kill):
+        for send in (os.killpg, os.kill):
             with contextlib.suppress(ProcessLookupError):
-                kill(self.pid, signal.SIGKILL)
+                send(self.pid, signum)
                 return
 
 
@@ -229,6 +231,8 @@ class RunWorker:
         self.reported_result = False
         self.exit_code: int | None = None
         self.received_time = time.time()
+        self.stop_order: StopRun | None = None
+        self._kill_timer: asyncio.TimerHandle | None = None
 
     def _record(self, record: RunRecord) -> None:
         if record.kind == "event" and record.type in TERMINAL_EVENTS:
@@ -275,12 +279,22 @@ class RunWorker:
     async def run(self, loc: CodeLocationConfig, launcher: Launcher) -> None:
         """Start the worker and follow it to its end; reports a crash as RUN_FAILURE."""
         spec = WorkerSpec(launch=self.launch, location=location_spec(loc))
+        if self.stop_order is not None:
+            self.state = "exited"
+            self._report_stopped("before its worker started")
+            return
         try:
             self.process = proc = await launcher.start(loc, spec)
         except OSError as exc:
             self.state = "exited"
-            self.report("RUN_FAILURE", f"could not start the run worker: {exc}")
+            self.report(
+                "RUN_FAILURE",
+                f"could not start the run worker: {exc}",
+                {"failure_kind": "worker_crash"},
+            )
             return
+        if self.stop_order is not None:
+            self._terminate(self.stop_order.grace_seconds)
         try:
             await asyncio.gather(
                 self._pump_records(proc.records),
@@ -292,21 +306,47 @@ class RunWorker:
             self.report("RUN_FAILURE", f"run worker sent an invalid record: {exc}")
         self.exit_code = await proc.wait()
         self.state = "exited"
-        if not self.reported_result:
-            how = (
-                "ended with an unknown exit status (its fork server exited)"
-                if self.exit_code is None
-                else _exit_description(self.exit_code)
-            )
+        if self._kill_timer is not None:
+            self._kill_timer.cancel()
+        how = (
+            "ended with an unknown exit status (its fork server exited)"
+            if self.exit_code is None
+            else _exit_description(self.exit_code)
+        )
+        if self.stop_order is not None:
+            self._report_stopped(f"its worker (pid {proc.pid}) {how}")
+        elif not self.reported_result:
             self.report(
                 "RUN_FAILURE",
                 f"run worker (pid {proc.pid}) {how} without reporting a result",
-                {"exit_code": self.exit_code},
+                {"exit_code": self.exit_code, "failure_kind": "worker_crash"},
             )
+
+    def _report_stopped(self, how: str) -> None:
+        order = self.stop_order
+        assert order is not None
+        if order.cancel:
+            self.report("RUN_CANCELED", f"run canceled; {how}")
+        else:
+            self.report("RUN_FAILURE", f"run stopped ({order.reason}); {how}")
+
+    def stop(self, order: StopRun) -> None:
+        """Stop on the control plane's order: SIGTERM now, SIGKILL after the grace period."""
+        if self.stop_order is not None:
+            return
+        self.stop_order = order
+        if self.process is not None:
+            self._terminate(order.grace_seconds)
+
+    def _terminate(self, grace_seconds: float) -> None:
+        assert self.process is not None
+        self.process.signal(signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        self._kill_timer = loop.call_later(grace_seconds, self.kill)
 
     def kill(self) -> None:
         if self.process is not None:
-            self.process.kill()
+            self.process.signal(signal.SIGKILL)
 
 
 async def describe_location(loc: CodeLocationConfig) -> CodeLocationInfo:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from dataclasses import dataclass
 
 from agent.client import ControlPlaneClient, ControlPlaneError, ControlPlaneUnreachable
@@ -30,10 +31,12 @@ from protocol.messages import (
     Register,
     Registered,
     RunState,
+    StopRun,
 )
 
 log = logging.getLogger("fleetrun.agent")
 
+ON_LOST_CONTACT_TAG = "fleetrun/on_lost_contact"
 RETRY_MIN_SECONDS = 0.2
 RETRY_MAX_SECONDS = 5.0
 REQUEST_TIMEOUT_SECONDS = 30.0
@@ -59,6 +62,8 @@ class Agent:
         self.poll_timeout = 25.0
         self.heartbeat_interval = config.heartbeat_interval_seconds
         self.runs: dict[int, ActiveRun] = {}
+        self.heartbeat_timeout = 30.0
+        self.last_contact = time.monotonic()
         self.location_infos: list[CodeLocationInfo] = []
         self.launcher = Launcher(config.code_locations)
 
@@ -81,6 +86,7 @@ class Agent:
             queues=self.config.queues,
             max_concurrent_runs=self.config.max_concurrent_runs,
             code_locations=self.location_infos,
+            runs=self._run_states(),
         )
         delay = RETRY_MIN_SECONDS
         while True:
@@ -97,6 +103,8 @@ class Agent:
             delay = min(delay * 2, RETRY_MAX_SECONDS)
         self.agent_id = reply.agent_id
         self.poll_timeout = reply.poll_timeout_seconds
+        self.heartbeat_timeout = reply.heartbeat_timeout_seconds
+        self.last_contact = time.monotonic()
         self.heartbeat_interval = min(
             self.config.heartbeat_interval_seconds, reply.heartbeat_interval_seconds
         )
@@ -140,27 +148,55 @@ class Agent:
                 await self.register()
                 continue
             delay = RETRY_MIN_SECONDS
+            self.last_contact = time.monotonic()
             for launch in reply.launches:
                 if launch.lease not in self.runs:
                     self.start_run(launch)
+            for order in reply.stops:
+                active = self.runs.get(order.lease)
+                if active is not None:
+                    log.info("run %s: stopping its worker (%s)", order.run_id, order.reason)
+                    active.worker.stop(order)
+
+    def _run_states(self) -> list[RunState]:
+        return [
+            RunState(run_id=a.worker.launch.run_id, lease=lease, state=a.worker.state)
+            for lease, a in self.runs.items()
+        ]
 
     async def _heartbeat_forever(self) -> None:
         while True:
             assert self.agent_id is not None
-            states = [
-                RunState(run_id=a.worker.launch.run_id, lease=lease, state=a.worker.state)
-                for lease, a in self.runs.items()
-            ]
             try:
                 await self.client.call(
                     "heartbeat",
-                    Heartbeat(agent_id=self.agent_id, runs=states),
+                    Heartbeat(agent_id=self.agent_id, runs=self._run_states()),
                     HeartbeatReply,
-                    REQUEST_TIMEOUT_SECONDS,
+                    min(REQUEST_TIMEOUT_SECONDS, self.heartbeat_timeout / 3),
                 )
+                self.last_contact = time.monotonic()
             except (ControlPlaneUnreachable, ControlPlaneError) as exc:
                 log.warning("heartbeat failed: %s", exc)
+            self.stop_runs_out_of_contact()
             await asyncio.sleep(self.heartbeat_interval)
+
+    def stop_runs_out_of_contact(self) -> None:
+        """Runs tagged `fleetrun/on_lost_contact = stop` end before the server's verdict.
+
+        The control plane fails (and may retry) an agent's runs after a full heartbeat
+        timeout; stopping these at half of it means an old and a new attempt never run
+        at the same time.
+        """
+        silent = time.monotonic() - self.last_contact
+        if silent <= self.heartbeat_timeout / 2:
+            return
+        for lease, active in self.runs.items():
+            launch = active.worker.launch
+            if launch.tags.get(ON_LOST_CONTACT_TAG) == "stop" and active.worker.stop_order is None:
+                reason = f"no contact with the control plane for {silent:.0f} s"
+                log.warning("run %s: stopping its worker (%s)", launch.run_id, reason)
+                grace = self.heartbeat_timeout / 4
+                active.worker.stop(StopRun(launch.run_id, lease, False, reason, grace))
 
     async def _send(self, batch: EventBatch) -> EventAck:
         return await self.client.call("events", batch, EventAck, REQUEST_TIMEOUT_SECONDS)

@@ -216,6 +216,7 @@ class OpContext:
         step: str,
         retry_number: int,
         log: logging.Logger,
+        lease: int = 0,
     ) -> None:
         self.run_id = run_id
         self.job_name = job_name
@@ -224,6 +225,8 @@ class OpContext:
         self.step = step
         self.retry_number = retry_number
         self.log = log
+        # The attempt's lease: it only grows, so external sinks can refuse stale writers.
+        self.lease = lease
 
     def __repr__(self) -> str:
         return (
@@ -241,6 +244,7 @@ def build_op_context(
     step: str = "test_step",
     retry_number: int = 0,
     log: logging.Logger | None = None,
+    lease: int = 0,
 ) -> OpContext:
     """A context for calling an op directly in a unit test, without a run."""
     return OpContext(
@@ -251,6 +255,7 @@ def build_op_context(
         step=step,
         retry_number=retry_number,
         log=log if log is not None else logging.getLogger("fleetrun.test"),
+        lease=lease,
     )
 
 

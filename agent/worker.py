@@ -8,6 +8,7 @@ FLEETRUN_RECORD_FD. `... describe`: reads a DescribeLocation, replies a CodeLoca
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import traceback
@@ -25,6 +26,22 @@ def _read_frame(stream: BinaryIO) -> bytes:
         raise SystemExit("run worker: no spec on stdin")
     body = stream.read(frame_length(header))
     return body
+
+
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+class RunInterrupted(BaseException):
+    """The agent sent SIGTERM (cancel, max runtime, fenced attempt).
+
+    A BaseException, so user code's `except Exception` does not swallow it, while its
+    `finally` blocks and context managers still run as the stack unwinds.
+    """
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+    raise RunInterrupted()
 
 
 def _run(spec: WorkerSpec, fd: int) -> int:
@@ -53,6 +70,9 @@ def _run(spec: WorkerSpec, fd: int) -> int:
     )
     try:
         failed = executor(job, launch, sink)
+    except RunInterrupted:
+        print("run worker: interrupted by SIGTERM; stopping", file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT_CODE
     except Exception as exc:
         sink.event(
             "RUN_FAILURE",
@@ -89,7 +109,11 @@ def main(argv: list[str]) -> int:
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         os.environ["FLEETRUN_RUN_ID"] = message.launch.run_id
         os.environ["FLEETRUN_LEASE"] = str(message.launch.lease)
-        return _run(message, fd)
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return _run(message, fd)
+        except RunInterrupted:
+            return INTERRUPTED_EXIT_CODE
     print(f"run worker: mode {mode!r} does not take a {type(message).__name__}", file=sys.stderr)
     return 2
 

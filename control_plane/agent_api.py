@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from control_plane.statuses import TERMINAL_STATUSES
+from control_plane.statuses import TERMINAL_STATUSES, RunStatus
 from control_plane.storage import StaleLease, UnknownRun
 from protocol import FLEETRUN_VERSION
 from protocol.codec import ProtocolError, decode, encode
@@ -79,20 +79,23 @@ async def register(cp: ControlPlane, msg: Register) -> Registered:
         locations=msg.code_locations,
         now=cp.clock.time(),
     )
-    cp.coordinator.wake()
+    lost = await cp.storage.reconcile_agent(
+        agent.agent_id, [r.lease for r in msg.runs], cp.clock.time(), cp.resume_limit
+    )
+    cp.runs_changed(lost, agent.agent_id)
     return Registered(
         agent_id=agent.agent_id,
-        heartbeat_interval_seconds=cp.config.run_monitoring.agent_heartbeat_timeout_seconds / 6,
+        heartbeat_interval_seconds=cp.heartbeat_timeout / 6,
         poll_timeout_seconds=cp.config.server.poll_timeout_seconds,
+        heartbeat_timeout_seconds=cp.heartbeat_timeout,
     )
 
 
 async def poll(cp: ControlPlane, msg: Poll) -> PollReply:
     await _known_agent(cp, msg.agent_id)
-    launches = await cp.dispatcher.wait_for_launches(
+    return await cp.dispatcher.wait_for_commands(
         msg.agent_id, set(msg.held_leases), cp.config.server.poll_timeout_seconds
     )
-    return PollReply(launches=launches)
 
 
 async def heartbeat(cp: ControlPlane, msg: Heartbeat) -> HeartbeatReply:
@@ -113,15 +116,17 @@ async def events(cp: ControlPlane, msg: EventBatch) -> EventAck:
         raise AgentApiError(403, "not_your_run", f"run {msg.run_id} is not leased to this agent")
     try:
         result = await cp.storage.append_records(
-            msg.run_id, msg.lease, msg.records, cp.clock.time()
+            msg.run_id, msg.lease, msg.records, cp.clock.time(), cp.resume_limit
         )
     except StaleLease as exc:
         raise AgentApiError(409, "stale_lease", str(exc)) from None
     except UnknownRun:
         raise AgentApiError(404, "unknown_run", f"no run with id {msg.run_id!r}") from None
+    if result.status_changed and result.status in (*TERMINAL_STATUSES, RunStatus.QUEUED):
+        cp.runs_changed([], msg.agent_id)
+    elif result.status_changed:
+        cp.monitor.wake()  # a new deadline (max runtime) starts
     cp.run_events.notify(msg.run_id)
-    if result.status_changed and result.status in TERMINAL_STATUSES:
-        cp.coordinator.wake()
     return EventAck(acked_seq=result.acked_seq)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +13,8 @@ from aiohttp import web
 
 from control_plane.coordinator import agent_is_live
 from control_plane.errors import ApiError, read_json_object
+from control_plane.monitor import MAX_RUNTIME_TAG
+from control_plane.retries import MAX_RETRIES_TAG, RETRY_STRATEGIES, RETRY_STRATEGY_TAG
 from control_plane.statuses import ACTIVE_STATUSES, TERMINAL_STATUSES, RunStatus
 from control_plane.storage import NewRun, Run, RunFilter, iso
 from protocol.schema import SchemaError, from_plain
@@ -28,6 +32,7 @@ MAX_WAIT_SECONDS = 30.0
 PRIORITY_TAG = "fleetrun/priority"
 QUEUE_TAG = "fleetrun/queue"
 JOB_TAG = "fleetrun/job"
+ON_LOST_CONTACT_TAG = "fleetrun/on_lost_contact"
 
 
 @dataclass
@@ -78,14 +83,41 @@ def _check_tags(tags: dict[str, str]) -> None:
             raise ApiError(
                 422, "bad_tag", f"tag {key!r}: values must be at most {MAX_TAG_VALUE} characters"
             )
-    priority = tags.get(PRIORITY_TAG)
-    if priority is not None:
-        try:
-            int(priority)
-        except ValueError:
-            raise ApiError(
-                422, "bad_tag", f"tag {PRIORITY_TAG} must be an integer, got {priority!r}"
-            ) from None
+    for key, check in TAG_CHECKS.items():
+        value = tags.get(key)
+        if value is not None and (problem := check(value)) is not None:
+            raise ApiError(422, "bad_tag", f"tag {key} {problem}, got {value!r}")
+
+
+def _integer(value: str, minimum: int | None = None) -> str | None:
+    try:
+        number = int(value)
+    except ValueError:
+        return "must be an integer"
+    if minimum is not None and number < minimum:
+        return f"must be an integer >= {minimum}"
+    return None
+
+
+def _seconds(value: str) -> str | None:
+    try:
+        number = float(value)
+    except ValueError:
+        return "must be a number of seconds"
+    return None if math.isfinite(number) and number >= 0 else "must be a number of seconds >= 0"
+
+
+def _one_of(*choices: str) -> Callable[[str], str | None]:
+    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
+
+
+TAG_CHECKS: dict[str, Callable[[str], str | None]] = {
+    PRIORITY_TAG: _integer,
+    MAX_RETRIES_TAG: lambda value: _integer(value, 0),
+    RETRY_STRATEGY_TAG: _one_of(*RETRY_STRATEGIES),
+    MAX_RUNTIME_TAG: _seconds,
+    ON_LOST_CONTACT_TAG: _one_of("continue", "stop"),
+}
 
 
 async def _resolve_location(cp: ControlPlane, job: str, location: str | None) -> str:
@@ -313,19 +345,16 @@ async def set_priority(request: web.Request) -> web.Response:
 
 
 async def cancel_run(request: web.Request) -> web.Response:
+    """QUEUED: CANCELED at once. STARTING/STARTED: CANCELING; the agent stops the worker."""
     cp = _cp(request)
     run = await _get_run_or_404(cp, request)
-    updated = await cp.storage.cancel_queued(run.run_id, "canceled while queued", cp.clock.time())
-    current = updated or run
-    if current.status != RunStatus.CANCELED:
-        if current.status in TERMINAL_STATUSES:
-            raise ApiError(409, "already_finished", f"run already ended with {current.status}")
-        raise ApiError(
-            409, "not_cancelable",
-            f"run is {current.status}; this version cancels runs only while they are queued",
-        )  # fmt: skip
-    cp.run_events.notify(run.run_id)
-    return web.json_response({"run_id": run.run_id, "status": str(current.status)})
+    if run.status in TERMINAL_STATUSES:
+        raise ApiError(409, "already_finished", f"run already ended with {run.status}")
+    updated = await cp.storage.request_cancel(run.run_id, cp.clock.time()) or run
+    if updated.status in (RunStatus.SUCCESS, RunStatus.FAILURE):
+        raise ApiError(409, "already_finished", f"run already ended with {updated.status}")
+    cp.runs_changed([updated])
+    return web.json_response({"run_id": run.run_id, "status": str(updated.status)})
 
 
 async def get_queue(request: web.Request) -> web.Response:

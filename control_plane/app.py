@@ -15,8 +15,10 @@ from control_plane.config import ControlPlaneConfig
 from control_plane.coordinator import RunCoordinator
 from control_plane.dispatch import Dispatcher
 from control_plane.errors import json_errors
+from control_plane.monitor import RunMonitor
 from control_plane.notify import Notifier
-from control_plane.storage import Storage, open_storage
+from control_plane.retries import RunRetrier
+from control_plane.storage import Run, Storage, Verdict, open_storage
 
 log = logging.getLogger("fleetrun.control_plane")
 
@@ -30,20 +32,55 @@ class ControlPlane:
         self.config = config
         self.storage = storage
         self.clock = clock
-        self.heartbeat_timeout = config.run_monitoring.agent_heartbeat_timeout_seconds
-        self.dispatcher = Dispatcher(storage)
+        monitoring = config.run_monitoring
+        self.heartbeat_timeout = monitoring.agent_heartbeat_timeout_seconds
+        self.resume_limit = monitoring.max_resume_run_attempts
+        self.dispatcher = Dispatcher(storage, monitoring.terminate_grace_seconds, clock)
         self.coordinator = RunCoordinator(
             storage,
             config.run_coordinator,
             clock,
             self.heartbeat_timeout,
-            on_assigned=self.dispatcher.run_assigned,
+            on_assigned=self._assigned,
         )
+        self.monitor = RunMonitor(storage, monitoring, clock, self._verdicts_applied)
+        self.retrier = RunRetrier(storage, config.run_retries, clock, self._retry_queued)
         self.run_events = Notifier()
+
+    def _assigned(self, run: Run) -> None:
+        self.dispatcher.run_assigned(run)
+        self.monitor.wake()
+        self.run_events.notify(run.run_id)
+
+    def _retry_queued(self, run: Run) -> None:
+        self.coordinator.wake()
+        self.run_events.notify(run.run_id)
+
+    def _verdicts_applied(self, verdicts: list[Verdict], runs: list[Run]) -> None:
+        """After the monitor (or a reconciliation) ended or resumed runs."""
+        self.runs_changed(runs)
+        for verdict in verdicts:
+            self.dispatcher.wake_agent(verdict.offline_agent)
+
+    def runs_changed(self, runs: list[Run], agent_id: str | None = None) -> None:
+        """Wake whoever a status change concerns: queue, retries, watchers, the agent."""
+        for run in runs:
+            self.run_events.notify(run.run_id)
+            self.dispatcher.wake_agent(run.agent_id)
+        self.dispatcher.wake_agent(agent_id)
+        self.coordinator.wake()
+        self.retrier.wake()
+        self.monitor.wake()
 
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         await self.storage.open()
-        loops = [asyncio.create_task(self.coordinator.run_forever(), name="run-coordinator")]
+        self.monitor.boot_time = self.clock.time()
+        loops = [
+            asyncio.create_task(self.coordinator.run_forever(), name="run-coordinator"),
+            asyncio.create_task(self.retrier.run_forever(), name="run-retries"),
+        ]
+        if self.config.run_monitoring.enabled:
+            loops.append(asyncio.create_task(self.monitor.run_forever(), name="run-monitor"))
         self.coordinator.wake()
         try:
             yield

@@ -65,10 +65,11 @@ class RunMonitoringConfig:
     cancel_timeout_seconds: float = 180.0
     max_runtime_seconds: float = 0.0
     max_resume_run_attempts: int = 0
+    terminate_grace_seconds: float = 10.0
 
     def check(self) -> None:
         for name in ("agent_heartbeat_timeout_seconds", "start_timeout_seconds",
-                     "cancel_timeout_seconds"):  # fmt: skip
+                     "cancel_timeout_seconds", "terminate_grace_seconds"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise FieldError(name, "must be > 0")
         if self.max_runtime_seconds < 0:
@@ -82,10 +83,18 @@ class RunRetriesConfig:
     enabled: bool = True
     max_retries: int = 0
     retry_on_op_failure: bool = True
+    delay_seconds: float = 0.0
+    backoff: str = "none"
 
     def check(self) -> None:
         if self.max_retries < 0:
             raise FieldError("max_retries", "must be >= 0")
+        if self.delay_seconds < 0:
+            raise FieldError("delay_seconds", "must be >= 0")
+        if self.backoff not in ("none", "linear", "exponential"):
+            raise FieldError(
+                "backoff", f"must be 'none', 'linear' or 'exponential', not {self.backoff!r}"
+            )
 
 
 @dataclass

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from control_plane.clock import Clock
 from control_plane.config import RunCoordinatorConfig, TagConcurrencyLimit
-from control_plane.storage import Agent, NewRun, QueueSnapshot, Run, Storage
+from control_plane.storage import Agent, NewRun, QueueSnapshot, Run, Storage, iso
 
 log = logging.getLogger("fleetrun.coordinator")
 
@@ -62,6 +62,7 @@ class Decision:
 class DispatchPlan:
     decisions: list[Decision] = field(default_factory=list)
     limits: list[LimitUsage] = field(default_factory=list)
+    next_wake: float | None = None  # the earliest time a delayed run may start
 
     @property
     def assignments(self) -> list[tuple[Run, Agent]]:
@@ -96,6 +97,11 @@ def plan_dispatch(
     agents = [a for a in snapshot.agents if agent_is_live(a, now, heartbeat_timeout)]
 
     for run in snapshot.queued:
+        if run.not_before is not None and run.not_before > now:
+            reason = f"retry delay: starts after {iso(run.not_before)}"
+            plan.decisions.append(Decision(run, reason=reason))
+            plan.next_wake = min(plan.next_wake or run.not_before, run.not_before)
+            continue
         reason = _held_back(run, global_limit, active_ids, rules, holders)
         if reason is None:
             reason, agent = _pick_agent(run, agents, snapshot.hosted, used)
@@ -173,6 +179,7 @@ class RunCoordinator:
         self.heartbeat_timeout = heartbeat_timeout
         self.on_assigned = on_assigned
         self._wakeup = asyncio.Event()
+        self._next_wake: float | None = None
 
     async def submit(self, new_run: NewRun) -> Run:
         run = await self.storage.create_run(new_run, self.clock.time())
@@ -186,8 +193,11 @@ class RunCoordinator:
     async def run_forever(self, backstop_seconds: float = 5.0) -> None:
         """Dispatch whenever woken; the backstop covers changes no wake-up announced."""
         while True:
+            sleep = backstop_seconds
+            if self._next_wake is not None:
+                sleep = min(sleep, max(0.0, self._next_wake - self.clock.time()) + 0.01)
             try:
-                await asyncio.wait_for(self._wakeup.wait(), backstop_seconds)
+                await asyncio.wait_for(self._wakeup.wait(), sleep)
             except TimeoutError:
                 pass
             self._wakeup.clear()
@@ -198,10 +208,12 @@ class RunCoordinator:
 
     def _decide(self, snapshot: QueueSnapshot) -> list[tuple[str, str]]:
         plan = plan_dispatch(snapshot, self.config, self.clock.time(), self.heartbeat_timeout)
+        self._next_wake = plan.next_wake
         return [(run.run_id, agent.agent_id) for run, agent in plan.assignments]
 
     async def dispatch_once(self) -> list[Run]:
         """Assign as many queued runs as limits and free agent slots allow."""
+        self._next_wake = None
         assigned = await self.storage.assign_queued(self.clock.time(), self._decide)
         for run in assigned:
             self.on_assigned(run)

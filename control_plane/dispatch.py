@@ -2,14 +2,16 @@
 
 The storage is the source of truth (a run in STARTING with an agent and a lease is a
 launch owed to that agent), so a launch survives a lost poll response or a control-plane
-restart: it is offered on every poll until the agent reports it holds the lease.
+restart: it is offered on every poll until the agent reports it holds the lease. Stop
+orders work the same way: owed while the agent holds a lease that is canceled or stale.
 """
 
 from __future__ import annotations
 
+from control_plane.clock import Clock
 from control_plane.notify import Notifier
 from control_plane.storage import Run, Storage
-from protocol.messages import LaunchRun
+from protocol.messages import LaunchRun, PollReply, StopRun
 
 
 def launch_message(run: Run) -> LaunchRun:
@@ -25,21 +27,34 @@ def launch_message(run: Run) -> LaunchRun:
 
 
 class Dispatcher:
-    def __init__(self, storage: Storage) -> None:
+    """Answers agents' long-polls with the launches and stop orders owed to them."""
+
+    def __init__(self, storage: Storage, terminate_grace_seconds: float, clock: Clock) -> None:
         self.storage = storage
+        self.grace = terminate_grace_seconds
+        self.clock = clock
         self._agents = Notifier()
 
+    def wake_agent(self, agent_id: str | None) -> None:
+        """Something is owed to this agent (a launch, a stop): answer its poll now."""
+        if agent_id is not None:
+            self._agents.notify(agent_id)
+
     def run_assigned(self, run: Run) -> None:
-        if run.agent_id is not None:
-            self._agents.notify(run.agent_id)
+        self.wake_agent(run.agent_id)
 
-    async def wait_for_launches(
+    async def wait_for_commands(
         self, agent_id: str, held_leases: set[int], max_wait: float
-    ) -> list[LaunchRun]:
-        """Launches owed to the agent; waits up to `max_wait` s for one if there are none."""
+    ) -> PollReply:
+        """What the agent must do; waits up to `max_wait` s for something if nothing is."""
 
-        async def owed() -> list[LaunchRun]:
+        async def owed() -> PollReply | None:
             runs = await self.storage.pending_launches(agent_id)
-            return [launch_message(r) for r in runs if r.lease not in held_leases]
+            launches = [launch_message(r) for r in runs if r.lease not in held_leases]
+            orders = await self.storage.stop_orders(
+                agent_id, sorted(held_leases), self.clock.time()
+            )
+            stops = [StopRun(o.run_id, o.lease, o.cancel, o.reason, self.grace) for o in orders]
+            return PollReply(launches, stops) if launches or stops else None
 
-        return await self._agents.wait_for(agent_id, owed, max_wait) or []
+        return await self._agents.wait_for(agent_id, owed, max_wait) or PollReply()

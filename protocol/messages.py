@@ -46,6 +46,7 @@ class Register:
     queues: list[str]
     max_concurrent_runs: int
     code_locations: list[CodeLocationInfo] = field(default_factory=list)
+    runs: list[RunState] = field(default_factory=list)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Registered:
     agent_id: str
     heartbeat_interval_seconds: float
     poll_timeout_seconds: float
+    heartbeat_timeout_seconds: float = 30.0
 
 
 @dataclass
@@ -74,8 +76,24 @@ class LaunchRun:
 
 
 @dataclass
+class StopRun:
+    """Stop the worker of attempt `lease`: SIGTERM, then SIGKILL after `grace_seconds`.
+
+    `cancel`: the run was canceled (the agent reports RUN_CANCELED once it is stopped);
+    otherwise the attempt is no longer current and whatever it sends is refused.
+    """
+
+    run_id: str
+    lease: int
+    cancel: bool
+    reason: str
+    grace_seconds: float = 10.0
+
+
+@dataclass
 class PollReply:
     launches: list[LaunchRun] = field(default_factory=list)
+    stops: list[StopRun] = field(default_factory=list)
 
 
 @dataclass

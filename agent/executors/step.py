@@ -75,6 +75,7 @@ def run_step(
             step=node.name,
             retry_number=retry_number,
             log=logger,
+            lease=launch.lease,
         )
         args = ([context] if node.op.takes_context else []) + inputs
         started = time.monotonic()

@@ -50,6 +50,12 @@ class Run:
     end_time: float | None = None
     priority: int = 0
     queue: str = "default"
+    status_time: float | None = None
+    not_before: float | None = None
+    failure_kind: str | None = None
+    parent_run_id: str | None = None
+    root_run_id: str | None = None
+    resume_count: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,6 +70,11 @@ class Run:
             "create_time": iso(self.create_time),
             "start_time": iso(self.start_time),
             "end_time": iso(self.end_time),
+            "lease": self.lease,
+            "failure_kind": self.failure_kind,
+            "parent_run_id": self.parent_run_id,
+            "root_run_id": self.root_run_id,
+            "not_before": iso(self.not_before),
         }
 
 
@@ -76,6 +87,36 @@ class NewRun:
     config: dict[str, Any]
     priority: int = 0
     queue: str = "default"
+    not_before: float | None = None
+    parent_run_id: str | None = None
+    root_run_id: str | None = None
+
+
+@dataclass
+class Verdict:
+    """The control plane's decision to end (or resume) a run its worker cannot finish.
+
+    Applied only if the run is still in `status` under `lease`: a terminal status the
+    agent reported first wins.
+    """
+
+    run_id: str
+    lease: int | None
+    status: RunStatus
+    outcome: RunStatus  # FAILURE or CANCELED
+    kind: str
+    message: str
+    offline_agent: str | None = None
+
+
+@dataclass
+class StopOrder:
+    """Tells an agent to stop the worker of one attempt it holds."""
+
+    run_id: str
+    lease: int
+    cancel: bool
+    reason: str
 
 
 @dataclass
@@ -176,11 +217,29 @@ class Storage(Protocol):
         self, now: float, decide: Callable[[QueueSnapshot], list[tuple[str, str]]]
     ) -> list[Run]: ...
     async def set_priority(self, run_id: str, priority: int, now: float) -> Run | None: ...
-    async def cancel_queued(self, run_id: str, message: str, now: float) -> Run | None: ...
+    async def request_cancel(self, run_id: str, now: float) -> Run | None: ...
     async def pending_launches(self, agent_id: str) -> list[Run]: ...
+    async def stop_orders(
+        self, agent_id: str, held_leases: list[int], now: float
+    ) -> list[StopOrder]: ...
     async def append_records(
-        self, run_id: str, lease: int, records: list[RunRecord], now: float
+        self,
+        run_id: str,
+        lease: int,
+        records: list[RunRecord],
+        now: float,
+        resume_limit: int = 0,
     ) -> AppendResult: ...
+    async def apply_verdicts(
+        self, verdicts: list[Verdict], now: float, resume_limit: int
+    ) -> list[Run]: ...
+    async def reconcile_agent(
+        self, agent_id: str, held_leases: list[int], now: float, resume_limit: int
+    ) -> list[Run]: ...
+    async def pending_retries(self, limit: int) -> list[Run]: ...
+    async def settle_retry(
+        self, run_id: str, retry: NewRun | None, message: str, data: dict[str, Any], now: float
+    ) -> Run | None: ...
     async def get_events(self, run_id: str, after: int, limit: int) -> list[Event]: ...
     async def get_logs(self, run_id: str, step: str | None, after: int) -> list[LogChunk]: ...
 

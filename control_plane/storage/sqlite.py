@@ -20,8 +20,14 @@ import aiosqlite
 
 from control_plane.statuses import (
     ACTIVE_STATUSES,
+    AGENT_RESTARTED,
+    AGENT_STATUS_EVENTS,
     EVENT_STATUS,
+    FAILURE_KINDS,
+    OP_FAILURE,
+    RESUMABLE_KINDS,
     TERMINAL_STATUSES,
+    WORKER_CRASH,
     RunStatus,
     can_transition,
 )
@@ -36,7 +42,9 @@ from control_plane.storage import (
     Run,
     RunFilter,
     StaleLease,
+    StopOrder,
     UnknownRun,
+    Verdict,
 )
 from protocol.messages import CodeLocationInfo, RunRecord
 from protocol.schema import from_plain, to_plain
@@ -121,19 +129,34 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (agent_id, name)
     );
     """,
+    # version 2: run monitoring and retries
+    """
+    ALTER TABLE runs ADD COLUMN status_time REAL;
+    ALTER TABLE runs ADD COLUMN not_before REAL;
+    ALTER TABLE runs ADD COLUMN failure_kind TEXT;
+    ALTER TABLE runs ADD COLUMN retry_pending INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN parent_run_id TEXT;
+    ALTER TABLE runs ADD COLUMN root_run_id TEXT;
+    ALTER TABLE runs ADD COLUMN resume_count INTEGER NOT NULL DEFAULT 0;
+    UPDATE runs SET status_time = update_time;
+    CREATE UNIQUE INDEX runs_by_parent ON runs (parent_run_id);
+    CREATE INDEX runs_retry_pending ON runs (retry_pending, id);
+    """,
 ]
 
 DISPATCH_BATCH = 1000
 
 _RUN_COLUMNS = (
     "run_id, job, location, status, status_reason, tags, config, agent_id, lease, "
-    "create_time, start_time, end_time, priority, queue, id"
+    "create_time, start_time, end_time, priority, queue, status_time, not_before, "
+    "failure_kind, parent_run_id, root_run_id, resume_count, id"
 )
 
 
 def _run_from_row(row: Iterable[Any]) -> Run:
     (run_id, job, location, status, reason, tags, config, agent_id, lease, create, start, end,
-     priority, queue, _id) = row  # fmt: skip
+     priority, queue, status_time, not_before, failure_kind, parent, root, resumes,
+     _id) = row  # fmt: skip
     return Run(
         run_id=run_id,
         job=job,
@@ -149,6 +172,12 @@ def _run_from_row(row: Iterable[Any]) -> Run:
         end_time=end,
         priority=priority,
         queue=queue,
+        status_time=status_time,
+        not_before=not_before,
+        failure_kind=failure_kind,
+        parent_run_id=parent,
+        root_run_id=root,
+        resume_count=resumes,
     )
 
 
@@ -245,28 +274,38 @@ class SqliteStorage:
 
     async def create_run(self, run: NewRun, now: float) -> Run:
         async with self._write() as db:
-            await db.execute(
-                "INSERT INTO runs (run_id, job, location, status, tags, config, priority, queue,"
-                " create_time, update_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    run.run_id,
-                    run.job,
-                    run.location,
-                    RunStatus.NOT_STARTED,
-                    json.dumps(run.tags),
-                    json.dumps(run.config),
-                    run.priority,
-                    run.queue,
-                    now,
-                    now,
-                ),
-            )
-            await db.executemany(
-                "INSERT INTO run_tags (run_id, key, value) VALUES (?, ?, ?)",
-                [(run.run_id, k, v) for k, v in run.tags.items()],
-            )
-            await self._append_event(db, run.run_id, now, "RUN_ENQUEUED", "run queued")
-            return await self._get_run(db, run.run_id)  # type: ignore[return-value]
+            return await self._insert_run(db, run, now)
+
+    async def _insert_run(
+        self, db: aiosqlite.Connection, run: NewRun, now: float, message: str = "run queued"
+    ) -> Run:
+        await db.execute(
+            "INSERT INTO runs (run_id, job, location, status, tags, config, priority, queue,"
+            " create_time, update_time, status_time, not_before, parent_run_id, root_run_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                run.run_id,
+                run.job,
+                run.location,
+                RunStatus.NOT_STARTED,
+                json.dumps(run.tags),
+                json.dumps(run.config),
+                run.priority,
+                run.queue,
+                now,
+                now,
+                now,
+                run.not_before,
+                run.parent_run_id,
+                run.root_run_id,
+            ),
+        )
+        await db.executemany(
+            "INSERT INTO run_tags (run_id, key, value) VALUES (?, ?, ?)",
+            [(run.run_id, k, v) for k, v in run.tags.items()],
+        )
+        await self._append_event(db, run.run_id, now, "RUN_ENQUEUED", message)
+        return await self._get_run(db, run.run_id)  # type: ignore[return-value]
 
     async def _get_run(self, db: aiosqlite.Connection, run_id: str) -> Run | None:
         rows = await db.execute_fetchall(
@@ -406,13 +445,18 @@ class SqliteStorage:
             )
             return await self._get_run(db, run_id)
 
-    async def cancel_queued(self, run_id: str, message: str, now: float) -> Run | None:
-        """QUEUED -> CANCELED; other statuses are left as they are."""
+    async def request_cancel(self, run_id: str, now: float) -> Run | None:
+        """QUEUED -> CANCELED at once; STARTING/STARTED -> CANCELING (the agent stops it)."""
         async with self._write() as db:
             run = await self._get_run(db, run_id)
-            if run is None or run.status != RunStatus.QUEUED:
-                return run
-            await self._append_event(db, run_id, now, "RUN_CANCELED", message)
+            if run is None:
+                return None
+            if run.status in (RunStatus.QUEUED, RunStatus.NOT_STARTED):
+                await self._append_event(db, run_id, now, "RUN_CANCELED", "canceled while queued")
+            elif run.status in (RunStatus.STARTING, RunStatus.STARTED):
+                await self._append_event(
+                    db, run_id, now, "RUN_CANCELING", "cancel requested", attempt=run.lease
+                )
             return await self._get_run(db, run_id)
 
     async def pending_launches(self, agent_id: str) -> list[Run]:
@@ -421,6 +465,53 @@ class SqliteStorage:
             (agent_id, RunStatus.STARTING),
         )
         return [_run_from_row(r) for r in rows]
+
+    async def stop_orders(
+        self, agent_id: str, held_leases: list[int], now: float
+    ) -> list[StopOrder]:
+        """Workers the agent must stop: canceled runs, and attempts no longer current.
+
+        A CANCELING run whose launch the agent does not hold was never started there: it
+        becomes CANCELED here (and its lease is fenced) rather than waiting for a worker.
+        """
+        rows = await self._r.execute_fetchall(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE agent_id = ? AND status = ?",
+            (agent_id, RunStatus.CANCELING),
+        )
+        held = set(held_leases)
+        orders = [
+            StopOrder(run.run_id, run.lease, cancel=True, reason="run canceled")
+            for run in map(_run_from_row, rows)
+            if run.lease is not None and run.lease in held
+        ]
+        never_started = [
+            r for r in map(_run_from_row, rows) if r.lease is not None and r.lease not in held
+        ]
+        if never_started:
+            async with self._write() as db:
+                for run in never_started:
+                    current = await self._get_run(db, run.run_id)
+                    if current is None or current.status != RunStatus.CANCELING:
+                        continue
+                    if current.lease != run.lease:
+                        continue
+                    await self._append_event(
+                        db, run.run_id, now, "RUN_CANCELED", "canceled before its worker started"
+                    )
+                    await db.execute("UPDATE runs SET lease = NULL WHERE run_id = ?", (run.run_id,))
+        if held:
+            marks = ",".join("?" * len(held))
+            stale = await self._r.execute_fetchall(
+                "SELECT a.attempt_id, a.run_id, r.lease, r.status, r.status_reason"
+                " FROM run_attempts a JOIN runs r ON r.run_id = a.run_id"
+                f" WHERE a.attempt_id IN ({marks}) AND a.agent_id = ?",
+                (*held, agent_id),
+            )
+            for lease, run_id, current, status, reason in stale:
+                if current != lease:
+                    why = f"attempt {lease} is no longer current (run {status}: {reason})"
+                    orders.append(StopOrder(run_id, lease, cancel=False, reason=why))
+        return orders
 
     # --- events and compute logs ------------------------------------------------------
 
@@ -435,6 +526,7 @@ class SqliteStorage:
         step: str | None = None,
         attempt: int | None = None,
         event_time: float | None = None,
+        apply_status: bool = True,
     ) -> tuple[RunStatus, bool]:
         """Insert one event with the run's next seq and apply the status it implies.
 
@@ -462,68 +554,221 @@ class SqliteStorage:
             ),
         )
         current = RunStatus(status)
-        new = EVENT_STATUS.get(event_type)
+        new = EVENT_STATUS.get(event_type) if apply_status else None
         if new is None or not can_transition(current, new):
             return current, False
-        sets = ["status = ?", "status_reason = ?"]
-        args: list[Any] = [new, message]
+        kind = (data or {}).get("failure_kind")
+        await self._set_status(db, run_id, new, message, now, kind)
+        return new, True
+
+    async def _set_status(
+        self,
+        db: aiosqlite.Connection,
+        run_id: str,
+        new: RunStatus,
+        reason: str,
+        now: float,
+        failure_kind: str | None = None,
+    ) -> None:
+        sets = ["status = ?", "status_reason = ?", "status_time = ?"]
+        args: list[Any] = [new, reason, now]
         if new == RunStatus.STARTED:
             sets.append("start_time = ?")
             args.append(now)
         if new in TERMINAL_STATUSES:
             sets.append("end_time = ?")
             args.append(now)
+        if new == RunStatus.FAILURE:
+            sets += ["failure_kind = ?", "retry_pending = 1"]
+            args.append(failure_kind if failure_kind in FAILURE_KINDS else OP_FAILURE)
         await db.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id = ?", (*args, run_id))
-        return new, True
+
+    async def _fail(
+        self,
+        db: aiosqlite.Connection,
+        run: Run,
+        kind: str,
+        message: str,
+        now: float,
+        resume_limit: int,
+        data: dict[str, Any] | None = None,
+        event_time: float | None = None,
+    ) -> RunStatus:
+        """FAILURE, or - for a lost worker with resume attempts left - back to the queue.
+
+        A resumed run gets a new lease when it is dispatched again, so anything the lost
+        attempt still sends is refused.
+        """
+        data = {**(data or {}), "failure_kind": kind}
+        if (
+            kind in RESUMABLE_KINDS
+            and run.resume_count < resume_limit
+            and can_transition(run.status, RunStatus.QUEUED)
+        ):
+            attempt = run.resume_count + 2
+            await self._append_event(
+                db, run.run_id, now, "RUN_WORKER_RESTARTED",
+                f"{message}; restarting the run worker (attempt {attempt} of {resume_limit + 1})",
+                {**data, "attempt": attempt}, attempt=run.lease, event_time=event_time,
+            )  # fmt: skip
+            await self._set_status(db, run.run_id, RunStatus.QUEUED, message, now)
+            await db.execute(
+                "UPDATE runs SET agent_id = NULL, lease = NULL,"
+                " resume_count = resume_count + 1 WHERE run_id = ?",
+                (run.run_id,),
+            )
+            return RunStatus.QUEUED
+        status, _ = await self._append_event(
+            db, run.run_id, now, "RUN_FAILURE", message, data, attempt=run.lease,
+            event_time=event_time,
+        )  # fmt: skip
+        return status
 
     async def append_records(
-        self, run_id: str, lease: int, records: list[RunRecord], now: float
+        self,
+        run_id: str,
+        lease: int,
+        records: list[RunRecord],
+        now: float,
+        resume_limit: int = 0,
     ) -> AppendResult:
-        """Store an attempt's records in seq order, once each; refuse a stale lease."""
+        """Store an attempt's records in seq order, once each; refuse a stale lease.
+
+        Only run-status events an agent may report change the status; a worker crash the
+        agent reports may resume the run instead of failing it (`resume_limit`).
+        """
         async with self._write() as db:
-            rows = await db.execute_fetchall(
-                "SELECT r.lease, r.status, a.acked_seq FROM runs r"
-                " LEFT JOIN run_attempts a ON a.attempt_id = r.lease WHERE r.run_id = ?",
-                (run_id,),
-            )
-            if not rows:
+            run = await self._get_run(db, run_id)
+            if run is None:
                 raise UnknownRun(run_id)
-            current_lease, status, acked = rows[0]
-            if current_lease != lease:
-                raise StaleLease(
-                    f"lease {lease} of run {run_id} is stale (current: {current_lease})"
-                )
-            status = RunStatus(status)
+            if run.lease != lease:
+                raise StaleLease(f"lease {lease} of run {run_id} is stale (current: {run.lease})")
+            rows = await db.execute_fetchall(
+                "SELECT acked_seq FROM run_attempts WHERE attempt_id = ?", (lease,)
+            )
+            acked = rows[0][0]
+            status = run.status
             changed = False
             for record in sorted(records, key=lambda r: r.seq):
                 if record.seq <= acked:
                     continue
                 if record.seq != acked + 1:
                     break
+                acked = record.seq
                 if record.kind == "log":
                     await db.execute(
                         "INSERT INTO compute_logs (run_id, attempt, step, stream, time, text)"
                         " VALUES (?, ?, ?, ?, ?, ?)",
                         (run_id, lease, record.step, record.type, record.time, record.message),
                     )
-                else:
-                    status, did_change = await self._append_event(
-                        db,
-                        run_id,
-                        now,
-                        record.type,
-                        record.message,
-                        record.data,
-                        record.step,
-                        lease,
-                        event_time=record.time,
-                    )
-                    changed = changed or did_change
-                acked = record.seq
+                    continue
+                if record.type == "RUN_FAILURE" and status in (
+                    RunStatus.STARTING, RunStatus.STARTED,
+                ):  # fmt: skip
+                    kind = record.data.get("failure_kind")
+                    run.status = status
+                    status = await self._fail(
+                        db, run, kind if kind == WORKER_CRASH else OP_FAILURE, record.message,
+                        now, resume_limit, record.data, event_time=record.time,
+                    )  # fmt: skip
+                    changed = True
+                    if status == RunStatus.QUEUED:
+                        break  # this attempt is over; its lease is no longer current
+                    continue
+                applies = record.type in AGENT_STATUS_EVENTS and (
+                    record.type != "RUN_CANCELED" or status == RunStatus.CANCELING
+                )
+                status, did_change = await self._append_event(
+                    db, run_id, now, record.type, record.message, record.data, record.step,
+                    lease, event_time=record.time, apply_status=applies,
+                )  # fmt: skip
+                changed = changed or did_change
             await db.execute(
                 "UPDATE run_attempts SET acked_seq = ? WHERE attempt_id = ?", (acked, lease)
             )
             return AppendResult(acked_seq=acked, status=status, status_changed=changed)
+
+    async def apply_verdicts(
+        self, verdicts: list[Verdict], now: float, resume_limit: int
+    ) -> list[Run]:
+        """End (or resume) runs whose worker cannot finish them; fence their leases."""
+        changed = []
+        async with self._write() as db:
+            for verdict in verdicts:
+                run = await self._get_run(db, verdict.run_id)
+                if run is None or run.status != verdict.status or run.lease != verdict.lease:
+                    continue  # something else (e.g. the agent's own report) got there first
+                if verdict.offline_agent is not None:
+                    await db.execute(
+                        "UPDATE agents SET status = 'OFFLINE' WHERE agent_id = ?"
+                        " AND status = 'ONLINE'",
+                        (verdict.offline_agent,),
+                    )
+                if verdict.outcome == RunStatus.CANCELED:
+                    await self._append_event(db, run.run_id, now, "RUN_CANCELED", verdict.message,
+                                             {"warning": True}, attempt=run.lease)  # fmt: skip
+                else:
+                    await self._fail(db, run, verdict.kind, verdict.message, now, resume_limit)
+                await db.execute("UPDATE runs SET lease = NULL WHERE run_id = ?", (run.run_id,))
+                changed.append(await self._get_run(db, run.run_id))
+        return [r for r in changed if r is not None]
+
+    async def reconcile_agent(
+        self, agent_id: str, held_leases: list[int], now: float, resume_limit: int
+    ) -> list[Run]:
+        """After an agent (re)registers: its started runs that it no longer holds are lost.
+
+        STARTING runs are left alone: their launch is re-offered on the next poll.
+        """
+        rows = await self._r.execute_fetchall(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE agent_id = ? AND status IN (?, ?)",
+            (agent_id, RunStatus.STARTED, RunStatus.CANCELING),
+        )
+        held = set(held_leases)
+        verdicts = []
+        for run in map(_run_from_row, rows):
+            if run.lease in held:
+                continue
+            canceling = run.status == RunStatus.CANCELING
+            verdicts.append(
+                Verdict(
+                    run_id=run.run_id,
+                    lease=run.lease,
+                    status=run.status,
+                    outcome=RunStatus.CANCELED if canceling else RunStatus.FAILURE,
+                    kind=AGENT_RESTARTED,
+                    message="agent restarted and no longer holds this run's worker"
+                    + ("; canceled" if canceling else ""),
+                )
+            )
+        return await self.apply_verdicts(verdicts, now, resume_limit) if verdicts else []
+
+    async def pending_retries(self, limit: int) -> list[Run]:
+        rows = await self._r.execute_fetchall(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE retry_pending = 1 ORDER BY id LIMIT ?",
+            (limit,),
+        )
+        return [_run_from_row(r) for r in rows]
+
+    async def settle_retry(
+        self, run_id: str, retry: NewRun | None, message: str, data: dict[str, Any], now: float
+    ) -> Run | None:
+        """Record the retry decision for a failed run and queue its retry, exactly once."""
+        async with self._write() as db:
+            rows = await db.execute_fetchall(
+                "SELECT retry_pending FROM runs WHERE run_id = ?", (run_id,)
+            )
+            if not rows or not rows[0][0]:
+                return None
+            await db.execute("UPDATE runs SET retry_pending = 0 WHERE run_id = ?", (run_id,))
+            created = None
+            if retry is not None:
+                created = await self._insert_run(
+                    db, retry, now, f"run queued as a retry of run {run_id}"
+                )
+            if message:
+                await self._append_event(db, run_id, now, "RUN_RETRY", message, data)
+            return created
 
     async def get_events(self, run_id: str, after: int, limit: int) -> list[Event]:
         rows = await self._r.execute_fetchall(

@@ -192,10 +192,10 @@ def test_agent_at_capacity_and_cancel_of_a_queued_run(tmp_path: Path) -> None:
         result = subprocess.run([*FLEETRUN, "--url", cp.url, "runs", "cancel", waiting],
                                 capture_output=True, text=True, timeout=60)  # fmt: skip
         assert result.returncode == 0, result.stderr
-        # Then it ends CANCELED and never launches; canceling a started run is refused
+        # Then it ends CANCELED and never launches; canceling it again is refused
         assert status(cp, waiting) == "CANCELED"
-        code, body = http("POST", f"{cp.url}/api/v1/runs/{busy}/cancel", {})
-        assert (code, body["error"]["code"]) == (409, "not_cancelable")
+        code, body = http("POST", f"{cp.url}/api/v1/runs/{waiting}/cancel", {})
+        assert (code, body["error"]["code"]) == (409, "already_finished")
         gates.open("busy")
         assert cp.wait_run(busy)["status"] == "SUCCESS"
         types = [e["type"] for e in cp.events(waiting)]

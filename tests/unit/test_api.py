@@ -158,6 +158,17 @@ async def test_agent_protocol_errors_are_4xx(client: TestClient) -> None:
         ("POST", "/api/v1/runs", b'{"job": "etl", "location": "../../etc"}', 422, "bad_request"),
         ("POST", "/api/v1/runs", b'{"job": "etl", "tags": {"fleetrun/priority": "high"}}', 422,
          "bad_tag"),
+        ("POST", "/api/v1/runs", b'{"job": "etl", "tags": {"fleetrun/max_retries": "-1"}}', 422,
+         "bad_tag"),
+        ("POST", "/api/v1/runs", b'{"job": "etl", "tags": {"fleetrun/max_retries": "x"}}', 422,
+         "bad_tag"),
+        ("POST", "/api/v1/runs", b'{"job": "etl", "tags": {"fleetrun/retry_strategy": "ALL"}}',
+         422, "bad_tag"),
+        ("POST", "/api/v1/runs", b'{"job": "etl", "tags": {"fleetrun/max_runtime": "nan"}}', 422,
+         "bad_tag"),
+        ("POST", "/api/v1/runs", b'{"job": "etl", "tags": {"fleetrun/on_lost_contact": "x"}}',
+         422, "bad_tag"),
+        ("POST", "/api/v1/runs/does-not-exist/cancel", b"{}", 404, "unknown_run"),
         ("GET", "/api/v1/runs/does-not-exist", None, 404, "unknown_run"),
         ("GET", "/api/v1/runs/does-not-exist/events", None, 404, "unknown_run"),
         ("GET", "/api/v1/runs?status=DONE", None, 400, "bad_parameter"),
@@ -191,7 +202,8 @@ async def test_run_filters_and_cursor(client: TestClient) -> None:
     assert [r["run_id"] for r in tagged["runs"]] == [ids[2]]
     run = tagged["runs"][0]
     assert set(run) == {"run_id", "job", "location", "status", "status_reason", "tags", "config",
-                        "agent", "create_time", "start_time", "end_time"}  # fmt: skip
+                        "agent", "create_time", "start_time", "end_time", "lease", "failure_kind",
+                        "parent_run_id", "root_run_id", "not_before"}  # fmt: skip
     assert run["create_time"].endswith("Z") and run["start_time"] is None
 
 

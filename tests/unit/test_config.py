@@ -85,6 +85,10 @@ enabled = true
         ("[[run_coordinator.tag_concurrency_limits]]\nlimit = 1\n",
          "run_coordinator.tag_concurrency_limits[0].key", "missing"),
         ("[run_monitoring]\nenabled = 1\n", "run_monitoring.enabled", "expected a boolean"),
+        ("[run_monitoring]\nterminate_grace_seconds = 0\n",
+         "run_monitoring.terminate_grace_seconds", "> 0"),
+        ('[run_retries]\nbackoff = "fibonacci"\n', "run_retries.backoff", "exponential"),
+        ("[run_retries]\ndelay_seconds = -1\n", "run_retries.delay_seconds", ">= 0"),
         ('[storage]\nurl = "mysql://x"\n', "storage.url", "unsupported"),
     ],
 )  # fmt: skip

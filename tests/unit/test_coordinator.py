@@ -141,3 +141,12 @@ def test_agent_choice_spreads_load() -> None:
 def test_location_with_load_error_is_not_hosted() -> None:
     p = plan([run("q1")], hosted={"a1": set()})
     assert launched(p) == [] and "hosts location loc" in reasons(p)["q1"]
+
+
+def test_a_delayed_retry_waits_and_does_not_block_the_queue() -> None:
+    delayed = run("retry")
+    delayed.not_before = NOW + 30
+    p = plan([delayed, run("q1")])
+    assert launched(p) == ["q1"]
+    assert reasons(p)["retry"].startswith("retry delay: starts after ")
+    assert p.next_wake == NOW + 30

@@ -194,14 +194,151 @@ async def test_assign_queued_decides_on_one_snapshot(storage: Storage) -> None:
     assert [a.agent_id for a in snapshot.agents] == [aid]
 
 
-async def test_cancel_queued(storage: Storage) -> None:
+async def started(storage: Storage, run_id: str, aid: str, now: float = 2) -> int:
+    """Create, assign and start a run; returns its lease."""
+    await storage.create_run(new_run(run_id), now=1)
+    lease = (await assign(storage, run_id, aid, now=now)).lease  # type: ignore[union-attr]
+    await storage.append_records(run_id, lease, [event(1, "RUN_START")], now=now)
+    return lease
+
+
+async def test_cancel_queued_and_started_runs(storage: Storage) -> None:
     aid = await agent_id(storage)
-    await storage.create_run(new_run("r1"), now=1)
-    await storage.create_run(new_run("r2"), now=1)
-    await assign(storage, "r2", aid, now=2)
-    canceled = await storage.cancel_queued("r1", "canceled by user", now=3)
+    await storage.create_run(new_run("queued"), now=1)
+    canceled = await storage.request_cancel("queued", now=3)
     assert canceled is not None and canceled.status == RunStatus.CANCELED
-    assert canceled.end_time == 3 and canceled.status_reason == "canceled by user"
-    started = await storage.cancel_queued("r2", "canceled by user", now=3)
-    assert started is not None and started.status == RunStatus.STARTING  # not queued: untouched
-    assert await storage.cancel_queued("nope", "x", now=3) is None
+    assert canceled.end_time == 3 and canceled.status_reason == "canceled while queued"
+    lease = await started(storage, "running", aid)
+    await storage.create_run(new_run("launching"), now=1)
+    launching = (await assign(storage, "launching", aid, now=2)).lease  # type: ignore[union-attr]
+    for run_id in ("running", "launching"):
+        run = await storage.request_cancel(run_id, now=4)
+        assert run is not None and run.status == RunStatus.CANCELING
+    # The agent holds the started run's lease but never got the other launch:
+    orders = await storage.stop_orders(aid, [lease], now=5)
+    assert [(o.run_id, o.lease, o.cancel) for o in orders] == [("running", lease, True)]
+    never = await storage.get_run("launching")
+    assert never is not None and never.status == RunStatus.CANCELED and never.lease is None
+    assert never.status_reason == "canceled before its worker started"
+    assert launching not in [o.lease for o in await storage.stop_orders(aid, [lease], now=5)]
+    # The worker confirms; the run is CANCELED and no stop is owed any more.
+    await storage.append_records("running", lease, [event(2, "RUN_CANCELED")], now=6)
+    assert (await storage.get_run("running")).status == RunStatus.CANCELED  # type: ignore[union-attr]
+    assert await storage.stop_orders(aid, [lease], now=7) == []
+    assert await storage.request_cancel("nope", now=3) is None
+
+
+async def test_agents_cannot_set_the_control_planes_statuses(storage: Storage) -> None:
+    aid = await agent_id(storage)
+    lease = await started(storage, "r1", aid)
+    for seq, type_ in enumerate(["RUN_ENQUEUED", "RUN_CANCELING", "RUN_CANCELED"], start=2):
+        result = await storage.append_records("r1", lease, [event(seq, type_)], now=3)
+        assert result.status == RunStatus.STARTED and not result.status_changed
+
+
+async def test_verdict_fails_the_run_fences_its_lease_and_loses_to_an_earlier_report(
+    storage: Storage,
+) -> None:
+    from control_plane.storage import Verdict
+
+    aid = await agent_id(storage)
+    lost = await started(storage, "lost", aid)
+    done = await started(storage, "done", aid)
+    await storage.append_records("done", done, [event(2, "RUN_SUCCESS")], now=3)
+    verdicts = [
+        Verdict(
+            "lost", lost, RunStatus.STARTED, RunStatus.FAILURE, "agent_lost", "agent lost", aid
+        ),
+        Verdict(
+            "done", done, RunStatus.STARTED, RunStatus.FAILURE, "agent_lost", "agent lost", aid
+        ),
+    ]
+    changed = await storage.apply_verdicts(verdicts, now=40, resume_limit=0)
+    assert [(r.run_id, r.status, r.failure_kind) for r in changed] == [
+        ("lost", RunStatus.FAILURE, "agent_lost")]  # fmt: skip
+    assert changed[0].status_reason == "agent lost" and changed[0].end_time == 40
+    assert (await storage.get_run("done")).status == RunStatus.SUCCESS  # type: ignore[union-attr]
+    assert (await storage.get_agent(aid)).status == "OFFLINE"  # type: ignore[union-attr]
+    with pytest.raises(StaleLease):  # the lost attempt's late writes are refused
+        await storage.append_records("lost", lost, [event(2, "RUN_SUCCESS")], now=41)
+    orders = await storage.stop_orders(aid, [lost], now=42)
+    assert [(o.run_id, o.cancel) for o in orders] == [("lost", False)]
+    await storage.record_heartbeat(aid, now=43)
+    assert (await storage.get_agent(aid)).status == "ONLINE"  # type: ignore[union-attr]
+
+
+async def test_a_crashed_worker_resumes_the_run_until_attempts_run_out(storage: Storage) -> None:
+    aid = await agent_id(storage)
+    lease = await started(storage, "r1", aid)
+    crash = RunRecord(seq=2, time=103.0, kind="event", type="RUN_FAILURE", message="exit 9",
+                      data={"failure_kind": "worker_crash"})  # fmt: skip
+    result = await storage.append_records("r1", lease, [crash], now=3, resume_limit=1)
+    assert result.status == RunStatus.QUEUED
+    run = await storage.get_run("r1")
+    assert run is not None and (run.lease, run.agent_id, run.resume_count) == (None, None, 1)
+    restarted = [e for e in await storage.get_events("r1", 0, 100)
+                 if e.type == "RUN_WORKER_RESTARTED"]  # fmt: skip
+    assert restarted[0].data["attempt"] == 2 and "attempt 2 of 2" in restarted[0].message
+    second = (await assign(storage, "r1", aid, now=4)).lease  # type: ignore[union-attr]
+    assert second > lease
+    await storage.append_records("r1", second, [event(1, "RUN_START")], now=5)
+    result = await storage.append_records("r1", second, [crash], now=6, resume_limit=1)
+    run = await storage.get_run("r1")
+    assert run is not None and run.status == RunStatus.FAILURE
+    assert run.failure_kind == "worker_crash"
+
+
+async def test_reconcile_fails_started_runs_a_restarted_agent_no_longer_holds(
+    storage: Storage,
+) -> None:
+    aid = await agent_id(storage)
+    kept = await started(storage, "kept", aid)
+    await started(storage, "lost", aid)
+    await storage.create_run(new_run("launching"), now=1)
+    await assign(storage, "launching", aid, now=2)
+    changed = await storage.reconcile_agent(aid, [kept], now=9, resume_limit=0)
+    assert [(r.run_id, r.status, r.failure_kind) for r in changed] == [
+        ("lost", RunStatus.FAILURE, "agent_restarted")]  # fmt: skip
+    statuses = {r.run_id: r.status for r in await storage.active_runs()}
+    assert statuses == {"kept": RunStatus.STARTED, "launching": RunStatus.STARTING}
+
+
+async def test_a_failure_gets_exactly_one_retry_decision(storage: Storage) -> None:
+    aid = await agent_id(storage)
+    lease = await started(storage, "r1", aid)
+    await storage.append_records("r1", lease, [event(2, "RUN_FAILURE")], now=3)
+    (pending,) = await storage.pending_retries(10)
+    assert pending.run_id == "r1" and pending.failure_kind == "op_failure"
+    retry = NewRun(run_id="r1-retry", job="etl", location="loc", tags={}, config={},
+                   not_before=60.0, parent_run_id="r1", root_run_id="r1")  # fmt: skip
+    created = await storage.settle_retry("r1", retry, "retry 1 of 1", {"n": 1}, now=4)
+    assert created is not None and created.status == RunStatus.QUEUED
+    assert (created.parent_run_id, created.root_run_id, created.not_before) == ("r1", "r1", 60)
+    assert await storage.settle_retry("r1", retry, "again", {}, now=5) is None
+    assert await storage.pending_retries(10) == []
+    events = await storage.get_events("r1", 0, 100)
+    assert [(e.type, e.message) for e in events][-1] == ("RUN_RETRY", "retry 1 of 1")
+
+
+async def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    from control_plane.storage.sqlite import MIGRATIONS, SqliteStorage
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(MIGRATIONS[0])
+        db.execute("CREATE TABLE schema_version (version INTEGER)")
+        db.execute("INSERT INTO schema_version VALUES (1)")
+        db.execute(
+            "INSERT INTO runs (run_id, job, location, status, tags, config, create_time,"
+            " update_time) VALUES ('old', 'etl', 'loc', 'QUEUED', '{}', '{}', 1, 7)"
+        )
+    store = SqliteStorage(str(path))
+    await store.open()
+    try:
+        assert await store.schema_version() == len(MIGRATIONS)
+        run = await store.get_run("old")
+        assert run is not None and run.status_time == 7 and run.resume_count == 0
+    finally:
+        await store.close()

@@ -1,0 +1,144 @@
+"""Run monitoring: notice runs whose worker cannot finish them, and end them with a reason.
+
+Four deadlines per active run, as in Dagster's run monitoring (plus what it lacks):
+its agent's heartbeat (`agent lost`), STARTING too long (start timeout), CANCELING too
+long (cancel timeout), STARTED too long (max runtime). `find_verdicts` is a pure
+function of the runs, their agents and the time; `RunMonitor` sleeps until the earliest
+deadline (or until woken) rather than ticking, and storage applies each verdict only if
+the run is still where the monitor saw it, so an agent's own report wins a race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from control_plane.clock import Clock
+from control_plane.config import RunMonitoringConfig
+from control_plane.statuses import AGENT_LOST, MAX_RUNTIME, START_TIMEOUT, RunStatus
+from control_plane.storage import Agent, Run, Storage, Verdict, iso
+
+log = logging.getLogger("fleetrun.monitor")
+
+MAX_RUNTIME_TAG = "fleetrun/max_runtime"
+MAX_SLEEP_SECONDS = 5.0
+
+
+def max_runtime(run: Run, config: RunMonitoringConfig) -> float:
+    """Seconds a run may stay STARTED: its `fleetrun/max_runtime` tag, else the config."""
+    tag = run.tags.get(MAX_RUNTIME_TAG)
+    return float(tag) if tag is not None else config.max_runtime_seconds
+
+
+def _run_deadline(
+    run: Run, agent: Agent | None, config: RunMonitoringConfig, boot_time: float, now: float
+) -> tuple[float, Verdict] | None:
+    """The earliest deadline of one run and the verdict due when it passes."""
+
+    def verdict(outcome: RunStatus, kind: str, message: str, offline: str | None = None) -> Verdict:
+        return Verdict(run.run_id, run.lease, run.status, outcome, kind, message, offline)
+
+    candidates: list[tuple[float, Verdict]] = []
+    if agent is not None:
+        # After a control-plane restart every agent gets a full timeout from the restart.
+        seen = max(agent.last_heartbeat, boot_time)
+        silent = now - agent.last_heartbeat
+        canceling = run.status == RunStatus.CANCELING
+        message = (
+            f"agent lost: no heartbeat from agent {agent.name} for {silent:.0f} s"
+            f" (last seen {iso(agent.last_heartbeat)})"
+        )
+        outcome = RunStatus.CANCELED if canceling else RunStatus.FAILURE
+        lost = verdict(outcome, AGENT_LOST, message, agent.agent_id)
+        candidates.append((seen + config.agent_heartbeat_timeout_seconds, lost))
+    since = run.status_time or run.create_time
+    if run.status == RunStatus.STARTING:
+        limit = config.start_timeout_seconds
+        message = f"run did not start within {limit:g} s"
+        candidates.append((since + limit, verdict(RunStatus.FAILURE, START_TIMEOUT, message)))
+    elif run.status == RunStatus.CANCELING:
+        limit = config.cancel_timeout_seconds
+        message = f"canceled: the worker did not confirm within {limit:g} s"
+        candidates.append((since + limit, verdict(RunStatus.CANCELED, "cancel_timeout", message)))
+    elif run.status == RunStatus.STARTED and (limit := max_runtime(run, config)) > 0:
+        message = f"exceeded max runtime of {limit:g} s"
+        started = run.start_time or since
+        candidates.append((started + limit, verdict(RunStatus.FAILURE, MAX_RUNTIME, message)))
+    return min(candidates, key=lambda c: c[0]) if candidates else None
+
+
+def find_verdicts(
+    runs: list[Run],
+    agents: dict[str, Agent],
+    now: float,
+    config: RunMonitoringConfig,
+    boot_time: float,
+) -> tuple[list[Verdict], float | None]:
+    """Verdicts due now, and when the next one could fall due (None: no active run)."""
+    verdicts: list[Verdict] = []
+    next_deadline: float | None = None
+    for run in runs:
+        found = _run_deadline(run, agents.get(run.agent_id or ""), config, boot_time, now)
+        if found is None:
+            continue
+        deadline, verdict = found
+        if deadline <= now:
+            verdicts.append(verdict)
+        elif next_deadline is None or deadline < next_deadline:
+            next_deadline = deadline
+    return verdicts, next_deadline
+
+
+class RunMonitor:
+    def __init__(
+        self,
+        storage: Storage,
+        config: RunMonitoringConfig,
+        clock: Clock,
+        on_verdicts: Callable[[list[Verdict], list[Run]], None],
+    ) -> None:
+        self.storage = storage
+        self.config = config
+        self.clock = clock
+        self.on_verdicts = on_verdicts
+        self.boot_time = clock.time()
+        self._wakeup = asyncio.Event()
+
+    def wake(self) -> None:
+        """A run started, was canceled or changed agent: re-read the deadlines."""
+        self._wakeup.set()
+
+    async def check_once(self) -> float | None:
+        """Apply every verdict due now; returns the next deadline."""
+        runs = await self.storage.active_runs()
+        if not runs:
+            return None
+        agents = {a.agent_id: a for a in await self.storage.list_agents()}
+        now = self.clock.time()
+        verdicts, next_deadline = find_verdicts(runs, agents, now, self.config, self.boot_time)
+        if verdicts:
+            changed = await self.storage.apply_verdicts(
+                verdicts, now, self.config.max_resume_run_attempts
+            )
+            for run in changed:
+                log.warning("run %s: %s (%s)", run.run_id, run.status, run.status_reason)
+            if changed:
+                self.on_verdicts(verdicts, changed)
+        return next_deadline
+
+    async def run_forever(self) -> None:
+        while True:
+            self._wakeup.clear()
+            try:
+                next_deadline = await self.check_once()
+            except Exception:
+                log.exception("run monitoring pass failed; retrying")
+                next_deadline = None
+            sleep = MAX_SLEEP_SECONDS
+            if next_deadline is not None:
+                sleep = min(sleep, max(0.0, next_deadline - self.clock.time()) + 0.01)
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), sleep)
+            except TimeoutError:
+                pass

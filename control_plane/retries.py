@@ -1,0 +1,138 @@
+"""Run retries: a failed run gets a new run for the same job, config and tags.
+
+As in Dagster's run retries, plus a delay with backoff. The failure and the "retry
+pending" mark are written in one transaction; this loop then decides (`decide_retry`, a
+pure function) and `Storage.settle_retry` records the decision and queues the retry in
+another, guarded by the mark and a unique parent id: exactly one retry per failure, also
+across restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from control_plane.clock import Clock
+from control_plane.config import RunRetriesConfig
+from control_plane.statuses import OP_FAILURE
+from control_plane.storage import NewRun, Run, Storage
+
+log = logging.getLogger("fleetrun.retries")
+
+MAX_RETRIES_TAG = "fleetrun/max_retries"
+RETRY_STRATEGY_TAG = "fleetrun/retry_strategy"
+PARENT_TAG = "fleetrun/parent_run_id"
+ROOT_TAG = "fleetrun/root_run_id"
+RETRY_NUMBER_TAG = "fleetrun/retry_number"
+RETRY_STRATEGIES = ("FROM_FAILURE", "ALL_STEPS")
+BACKSTOP_SECONDS = 5.0
+
+
+@dataclass
+class RetryDecision:
+    retry: NewRun | None
+    message: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def retry_delay(config: RunRetriesConfig, retry_number: int) -> float:
+    """Seconds before retry `retry_number` (1 for the first) may start."""
+    if config.backoff == "linear":
+        return retry_number * config.delay_seconds
+    if config.backoff == "exponential":
+        return (2**retry_number - 1) * config.delay_seconds
+    return config.delay_seconds
+
+
+def decide_retry(run: Run, config: RunRetriesConfig, now: float, new_run_id: str) -> RetryDecision:
+    """Whether a failed run is retried, and the retry run if so."""
+    if not config.enabled:
+        return RetryDecision(None)
+    max_retries = int(run.tags.get(MAX_RETRIES_TAG, config.max_retries))
+    if max_retries <= 0:
+        return RetryDecision(None)
+    number = int(run.tags.get(RETRY_NUMBER_TAG, "0"))
+    data: dict[str, Any] = {"max_retries": max_retries, "failure_kind": run.failure_kind}
+    if run.failure_kind == OP_FAILURE and not config.retry_on_op_failure:
+        return RetryDecision(
+            None, "not retried: an op failed and retry_on_op_failure is false", data
+        )
+    if number >= max_retries:
+        return RetryDecision(None, f"not retried: all {max_retries} retries used", data)
+    next_number = number + 1
+    delay = retry_delay(config, next_number)
+    root = run.root_run_id or run.run_id
+    retry = NewRun(
+        run_id=new_run_id,
+        job=run.job,
+        location=run.location,
+        tags={
+            **run.tags,
+            PARENT_TAG: run.run_id,
+            ROOT_TAG: root,
+            RETRY_NUMBER_TAG: str(next_number),
+        },
+        config=run.config,
+        priority=run.priority,
+        queue=run.queue,
+        not_before=now + delay if delay > 0 else None,
+        parent_run_id=run.run_id,
+        root_run_id=root,
+    )
+    message = f"retry {next_number} of {max_retries} queued as run {new_run_id}"
+    if delay > 0:
+        message += f"; it starts after {delay:g} s"
+    return RetryDecision(
+        retry, message, {**data, "retry_run_id": new_run_id, "delay_seconds": delay}
+    )
+
+
+class RunRetrier:
+    def __init__(
+        self,
+        storage: Storage,
+        config: RunRetriesConfig,
+        clock: Clock,
+        on_retry: Callable[[Run], None],
+    ) -> None:
+        self.storage = storage
+        self.config = config
+        self.clock = clock
+        self.on_retry = on_retry
+        self._wakeup = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def settle_pending(self) -> list[Run]:
+        """Decide every failed run not yet decided; returns the retries queued."""
+        queued = []
+        while pending := await self.storage.pending_retries(100):
+            for run in pending:
+                now = self.clock.time()
+                decision = decide_retry(run, self.config, now, str(uuid.uuid4()))
+                created = await self.storage.settle_retry(
+                    run.run_id, decision.retry, decision.message, decision.data, now
+                )
+                if decision.message:
+                    log.info("run %s: %s", run.run_id, decision.message)
+                if created is not None:
+                    queued.append(created)
+                    self.on_retry(created)
+        return queued
+
+    async def run_forever(self) -> None:
+        while True:
+            self._wakeup.clear()
+            try:
+                await self.settle_pending()
+            except Exception:
+                log.exception("run retry pass failed; retrying")
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), BACKSTOP_SECONDS)
+            except TimeoutError:
+                pass

@@ -1,0 +1,125 @@
+"""Run-monitoring verdicts and retry decisions as pure functions of state and time."""
+
+from __future__ import annotations
+
+from control_plane.config import RunMonitoringConfig, RunRetriesConfig
+from control_plane.monitor import find_verdicts
+from control_plane.retries import decide_retry, retry_delay
+from control_plane.statuses import RunStatus
+from control_plane.storage import Agent, Run
+
+NOW = 10_000.0
+BOOT = 0.0
+
+
+def run(
+    run_id: str,
+    status: RunStatus,
+    since: float = NOW - 1,
+    started: float | None = None,
+    failure_kind: str | None = None,
+    **tags: str,
+) -> Run:
+    return Run(
+        run_id=run_id, job="etl", location="loc", status=status, tags=dict(tags), config={"x": 1},
+        create_time=0, agent_id="a1", lease=7, status_time=since,
+        start_time=started if started is not None else since, failure_kind=failure_kind,
+    )  # fmt: skip
+
+
+def agent(heartbeat: float, agent_id: str = "a1") -> Agent:
+    return Agent(
+        agent_id=agent_id, name=f"host-{agent_id}", hostname="h", status="ONLINE",
+        queues=["default"], max_concurrent_runs=4, version="0", last_heartbeat=heartbeat,
+        registered_time=0,
+    )  # fmt: skip
+
+
+def verdicts(runs: list[Run], heartbeat: float = NOW - 1, boot: float = BOOT, **config):  # type: ignore[no-untyped-def]
+    return find_verdicts(runs, {"a1": agent(heartbeat)}, NOW, RunMonitoringConfig(**config), boot)
+
+
+def test_silent_agent_fails_its_runs_naming_it() -> None:
+    found, _ = verdicts([run("r1", RunStatus.STARTED), run("r2", RunStatus.CANCELING)],
+                        heartbeat=NOW - 31)  # fmt: skip
+    assert [(v.run_id, v.outcome, v.kind, v.offline_agent) for v in found] == [
+        ("r1", RunStatus.FAILURE, "agent_lost", "a1"),
+        ("r2", RunStatus.CANCELED, "agent_lost", "a1"),
+    ]
+    assert found[0].message.startswith("agent lost: no heartbeat from agent host-a1 for 31 s")
+    assert found[0].lease == 7 and found[0].status == RunStatus.STARTED
+
+
+def test_a_control_plane_restart_restarts_the_clock() -> None:
+    found, next_deadline = verdicts([run("r1", RunStatus.STARTED)], heartbeat=NOW - 100,
+                                    boot=NOW - 10)  # fmt: skip
+    assert found == [] and next_deadline == NOW + 20
+
+
+def test_start_cancel_and_runtime_deadlines() -> None:
+    runs = [
+        run("starting", RunStatus.STARTING, since=NOW - 181),
+        run("canceling", RunStatus.CANCELING, since=NOW - 181),
+        run("long", RunStatus.STARTED, started=NOW - 61, **{"fleetrun/max_runtime": "60"}),
+        run("config_limit", RunStatus.STARTED, started=NOW - 11),
+        run("fine", RunStatus.STARTED, started=NOW - 5, **{"fleetrun/max_runtime": "60"}),
+    ]
+    found, next_deadline = verdicts(runs, max_runtime_seconds=10)
+    assert {v.run_id: (v.outcome, v.kind, v.message) for v in found} == {
+        "starting": (RunStatus.FAILURE, "start_timeout", "run did not start within 180 s"),
+        "canceling": (RunStatus.CANCELED, "cancel_timeout",
+                      "canceled: the worker did not confirm within 180 s"),
+        "long": (RunStatus.FAILURE, "max_runtime", "exceeded max runtime of 60 s"),
+        "config_limit": (RunStatus.FAILURE, "max_runtime", "exceeded max runtime of 10 s"),
+    }  # fmt: skip
+    assert next_deadline == NOW - 1 + 30  # the heartbeat deadline comes before "fine"'s 55 s
+
+
+def test_nothing_active_means_no_deadline() -> None:
+    assert verdicts([]) == ([], None)
+
+
+def failed(kind: str = "op_failure", **tags: str) -> Run:
+    return run("r1", RunStatus.FAILURE, failure_kind=kind, **tags)
+
+
+def test_retry_copies_the_run_and_links_the_chain() -> None:
+    decision = decide_retry(failed(team="a"), RunRetriesConfig(max_retries=2), NOW, "new")
+    retry = decision.retry
+    assert retry is not None and (retry.run_id, retry.job, retry.config) == ("new", "etl", {"x": 1})
+    assert retry.tags == {"team": "a", "fleetrun/parent_run_id": "r1",
+                          "fleetrun/root_run_id": "r1", "fleetrun/retry_number": "1"}  # fmt: skip
+    assert (retry.parent_run_id, retry.root_run_id, retry.not_before) == ("r1", "r1", None)
+    assert decision.message == "retry 1 of 2 queued as run new"
+
+
+def test_retry_limits_tags_and_kinds() -> None:
+    config = RunRetriesConfig(max_retries=1)
+    assert decide_retry(failed(), RunRetriesConfig(), NOW, "n").message == ""  # off by default
+    assert (
+        decide_retry(failed(), RunRetriesConfig(enabled=False, max_retries=3), NOW, "n").retry
+        is None
+    )
+    assert decide_retry(failed(**{"fleetrun/max_retries": "0"}), config, NOW, "n").retry is None
+    tagged = decide_retry(failed(**{"fleetrun/max_retries": "3"}), RunRetriesConfig(), NOW, "n")
+    assert tagged.retry is not None and "of 3" in tagged.message
+    used = decide_retry(failed(**{"fleetrun/retry_number": "1"}), config, NOW, "n")
+    assert (used.retry, used.message) == (None, "not retried: all 1 retries used")
+    no_ops = RunRetriesConfig(max_retries=1, retry_on_op_failure=False)
+    assert decide_retry(failed("op_failure"), no_ops, NOW, "n").retry is None
+    for kind in ("worker_crash", "agent_lost", "agent_restarted", "start_timeout"):
+        assert decide_retry(failed(kind), no_ops, NOW, "n").retry is not None
+
+
+def test_retry_delay_and_backoff() -> None:
+    def delays(backoff: str) -> list[float]:
+        config = RunRetriesConfig(delay_seconds=2, backoff=backoff)
+        return [retry_delay(config, n) for n in (1, 2, 3)]
+
+    assert delays("none") == [2, 2, 2]
+    assert delays("linear") == [2, 4, 6]
+    assert delays("exponential") == [2, 6, 14]
+    config = RunRetriesConfig(max_retries=1, delay_seconds=5)
+    decision = decide_retry(failed(), config, NOW, "n")
+    assert decision.retry is not None and decision.retry.not_before == NOW + 5
+    assert decision.message.endswith("it starts after 5 s")
