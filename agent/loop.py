@@ -132,7 +132,13 @@ class Agent:
             try:
                 reply = await self.client.call(
                     "poll",
-                    Poll(agent_id=self.agent_id, held_leases=list(self.runs)),
+                    Poll(
+                        agent_id=self.agent_id,
+                        held_leases=list(self.runs),
+                        stopping_leases=[
+                            lease for lease, a in self.runs.items() if a.worker.stop_order
+                        ],
+                    ),
                     PollReply,
                     self.poll_timeout + REQUEST_TIMEOUT_SECONDS,
                 )

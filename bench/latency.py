@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=100, help="idle runs")
     parser.add_argument("--burst", type=int, default=500, help="runs in the burst")
+    parser.add_argument("--trials", type=int, default=20, help="agent-death trials")
+    parser.add_argument("--simulated", type=int, default=500, help="simulated idle agents")
     args = parser.parse_args(argv)
     print(f"idle: one-op job, {args.runs} sequential runs, 1 agent (ms)")
     print(f"  {'measure':<28}{'p50':>8}{'p99':>8}{'max':>8}")
@@ -166,6 +168,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"burst: {args.burst} one-op runs at once, 2 agents x 8 slots")
     print(f"  throughput {rate:.1f} runs/s; time in queue p50 {statistics.median(ms):.0f} ms,"
           f" p99 {_pct(ms, 0.99):.0f} ms")  # fmt: skip
+    from bench.monitoring import TIMEOUT, agent_death
+
+    print(f"agent killed -> run FAILURE, heartbeat timeout {TIMEOUT:g} s, {args.trials} trials (s)")
+    print(f"  {'other agents':<28}{'p50':>8}{'p99':>8}{'max':>8}")
+    for simulated in (0, args.simulated):
+        lags = agent_death(args.trials, simulated)
+        label = f"{simulated} simulated idle"
+        print(f"  {label:<28}{statistics.median(lags):>8.2f}{_pct(lags, 0.99):>8.2f}"
+              f"{max(lags):>8.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -94,7 +94,10 @@ async def register(cp: ControlPlane, msg: Register) -> Registered:
 async def poll(cp: ControlPlane, msg: Poll) -> PollReply:
     await _known_agent(cp, msg.agent_id)
     return await cp.dispatcher.wait_for_commands(
-        msg.agent_id, set(msg.held_leases), cp.config.server.poll_timeout_seconds
+        msg.agent_id,
+        set(msg.held_leases),
+        set(msg.stopping_leases),
+        cp.config.server.poll_timeout_seconds,
     )
 
 

@@ -136,16 +136,35 @@ def cmd_runs_list(args: argparse.Namespace, client: ApiClient) -> int:
     return 0
 
 
+def _retry_chain(client: ApiClient, run: dict) -> list[dict]:
+    """The run's retry group in order: the root run, then retry 1, 2, ..."""
+    root_id = run["root_run_id"] or run["run_id"]
+    params = [("tag", f"fleetrun/root_run_id:{root_id}"), ("limit", "1000")]
+    retries = client.request("GET", "/runs", params=params)["runs"]
+    if not retries:
+        return []
+    root = run if root_id == run["run_id"] else client.request("GET", f"/runs/{root_id}")
+    retries.sort(key=lambda r: int(r["tags"].get("fleetrun/retry_number", "0")))
+    return [root, *retries]
+
+
 def cmd_runs_show(args: argparse.Namespace, client: ApiClient) -> int:
     run = client.request("GET", f"/runs/{args.run_id}")
     events = client.request("GET", f"/runs/{args.run_id}/events")["events"]
+    chain = _retry_chain(client, run)
     if args.json:
-        print(json.dumps({**run, "events": events}, indent=2))
+        print(json.dumps({**run, "events": events, "retry_chain": chain}, indent=2))
         return 0
-    for key in ("run_id", "job", "location", "status", "status_reason", "agent",
-                "create_time", "start_time", "end_time"):  # fmt: skip
+    for key in ("run_id", "job", "location", "status", "status_reason", "failure_kind",
+                "agent", "lease", "create_time", "start_time", "end_time"):  # fmt: skip
         print(f"{key + ':':<15}{run[key] if run[key] is not None else '-'}")
     print(f"{'tags:':<15}{', '.join(f'{k}={v}' for k, v in sorted(run['tags'].items()))}")
+    if chain:
+        print("retry chain:")
+        for number, member in enumerate(chain):
+            label = "original run" if number == 0 else f"retry {number}"
+            here = "  <- this run" if member["run_id"] == run["run_id"] else ""
+            print(f"  {label:<14}{member['run_id']}  {member['status']}{here}")
     print()
     rows = [[e["seq"], e["time"], e["type"], e["step"] or "", e["message"]] for e in events]
     print(_table(rows, ["SEQ", "TIME", "EVENT", "STEP", "MESSAGE"]))

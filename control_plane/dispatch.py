@@ -44,7 +44,7 @@ class Dispatcher:
         self.wake_agent(run.agent_id)
 
     async def wait_for_commands(
-        self, agent_id: str, held_leases: set[int], max_wait: float
+        self, agent_id: str, held_leases: set[int], stopping: set[int], max_wait: float
     ) -> PollReply:
         """What the agent must do; waits up to `max_wait` s for something if nothing is."""
 
@@ -54,7 +54,11 @@ class Dispatcher:
             orders = await self.storage.stop_orders(
                 agent_id, sorted(held_leases), self.clock.time()
             )
-            stops = [StopRun(o.run_id, o.lease, o.cancel, o.reason, self.grace) for o in orders]
+            stops = [
+                StopRun(o.run_id, o.lease, o.cancel, o.reason, self.grace)
+                for o in orders
+                if o.lease not in stopping
+            ]
             return PollReply(launches, stops) if launches or stops else None
 
         return await self._agents.wait_for(agent_id, owed, max_wait) or PollReply()

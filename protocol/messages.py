@@ -63,6 +63,7 @@ class Poll:
 
     agent_id: str
     held_leases: list[int] = field(default_factory=list)
+    stopping_leases: list[int] = field(default_factory=list)  # stop orders being carried out
 
 
 @dataclass

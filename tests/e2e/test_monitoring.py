@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 from tests.conftest import (
     FIXTURES,
+    FLEETRUN,
     ControlPlaneProc,
     Proc,
     http,
@@ -271,6 +273,16 @@ def test_op_failures_are_retried_exactly_max_retries_times(tmp_path: Path) -> No
         assert decision["message"] == "not retried: all 2 retries used"
         assert [r["parent_run_id"] for r in chain] == [root, chain[0]["run_id"]]
         assert len(retries_of(cp, root)) == 2
+        show = subprocess.run([*FLEETRUN, "--url", cp.url, "runs", "show", chain[0]["run_id"]],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert show.returncode == 0, show.stderr
+        lines = show.stdout[show.stdout.index("retry chain:") :].splitlines()[1:4]
+        assert [line.split() for line in lines] == [
+            ["original", "run", root, "FAILURE"],
+            ["retry", "1", chain[0]["run_id"], "FAILURE", "<-", "this", "run"],
+            ["retry", "2", last, "FAILURE"],
+        ]
+
     finally:
         agent.stop()
         cp.stop()

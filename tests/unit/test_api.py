@@ -110,6 +110,29 @@ async def test_launch_is_offered_until_the_agent_holds_it(client: TestClient) ->
     assert held.launches == []  # empty after the (short) poll timeout
 
 
+async def test_cancel_sends_one_stop_order_through_the_poll(client: TestClient) -> None:
+    agent_id = await register(client)
+    _, body = await submit(client, job="etl")
+    run_id = body["run_id"]
+    lease = (await agent_call(client, "poll", Poll(agent_id=agent_id), PollReply)).launches[0].lease
+    start = RunRecord(seq=1, time=1.0, kind="event", type="RUN_START")
+    batch = EventBatch(agent_id=agent_id, run_id=run_id, lease=lease, records=[start])
+    await agent_call(client, "events", batch, EventAck)
+    resp = await client.post(f"/api/v1/runs/{run_id}/cancel", json={})
+    assert (resp.status, (await resp.json())["status"]) == (200, "CANCELING")
+    reply = await agent_call(client, "poll", Poll(agent_id, [lease]), PollReply)
+    (stop,) = reply.stops
+    assert (stop.run_id, stop.lease, stop.cancel, stop.grace_seconds) == (run_id, lease, True, 10)
+    # While the agent carries it out, the order is not sent again (the poll just waits)
+    quiet = await agent_call(client, "poll", Poll(agent_id, [lease], [lease]), PollReply)
+    assert quiet.stops == [] and quiet.launches == []
+    done = RunRecord(seq=2, time=2.0, kind="event", type="RUN_CANCELED", message="stopped")
+    batch = EventBatch(agent_id=agent_id, run_id=run_id, lease=lease, records=[done])
+    await agent_call(client, "events", batch, EventAck)
+    run = await (await client.get(f"/api/v1/runs/{run_id}")).json()
+    assert run["status"] == "CANCELED"
+
+
 async def test_stale_lease_and_foreign_run_are_refused(client: TestClient) -> None:
     agent_id = await register(client)
     other = await register(client, "w2")
