@@ -105,11 +105,12 @@ async def _spawn(
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> bytes | None:
+    """The next frame; None at the end, also when a killed worker left half a frame."""
     try:
         header = await reader.readexactly(FRAME_HEADER_SIZE)
+        return await reader.readexactly(frame_length(header))
     except asyncio.IncompleteReadError:
         return None
-    return await reader.readexactly(frame_length(header))
 
 
 async def _pipe_reader(fd: int) -> asyncio.StreamReader:
@@ -146,6 +147,14 @@ class ForkedWorker:
             self.returncode = await self.server.wait(self.pid)
             self.exited = True
         return self.returncode
+
+    def kill_group(self) -> None:
+        """SIGKILL the worker's process group, even after the worker itself has exited.
+
+        Safe: Linux does not reuse a pid while a process group with that id exists.
+        """
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
 
     def signal(self, signum: int) -> None:
         """Signal the worker's process group (its own children too), or just the worker."""
@@ -308,6 +317,8 @@ class RunWorker:
         self.state = "exited"
         if self._kill_timer is not None:
             self._kill_timer.cancel()
+        if self.stop_order is not None:
+            proc.kill_group()  # what the worker started and SIGTERM did not end
         how = (
             "ended with an unknown exit status (its fork server exited)"
             if self.exit_code is None
@@ -328,7 +339,11 @@ class RunWorker:
         if order.cancel:
             self.report("RUN_CANCELED", f"run canceled; {how}")
         else:
-            self.report("RUN_FAILURE", f"run stopped ({order.reason}); {how}")
+            self.report(
+                "RUN_FAILURE",
+                f"run stopped ({order.reason}); {how}",
+                {"failure_kind": order.failure_kind} if order.failure_kind else {},
+            )
 
     def stop(self, order: StopRun) -> None:
         """Stop on the control plane's order: SIGTERM now, SIGKILL after the grace period."""

@@ -202,7 +202,8 @@ class Agent:
                 reason = f"no contact with the control plane for {silent:.0f} s"
                 log.warning("run %s: stopping its worker (%s)", launch.run_id, reason)
                 grace = self.heartbeat_timeout / 4
-                active.worker.stop(StopRun(launch.run_id, lease, False, reason, grace))
+                order = StopRun(launch.run_id, lease, False, reason, grace, "agent_lost")
+                active.worker.stop(order)
 
     async def _send(self, batch: EventBatch) -> EventAck:
         return await self.client.call("events", batch, EventAck, REQUEST_TIMEOUT_SECONDS)

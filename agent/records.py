@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from typing import Any
@@ -21,10 +22,16 @@ class RecordSink:
     def _write(self, record: RunRecord) -> None:
         data = frame(record)
         with self._lock:
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            # SIGTERM (a stop order) waits until the frame is whole: a half-written frame
+            # would corrupt the stream for the records written while the worker unwinds.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def event(
         self,

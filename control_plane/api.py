@@ -14,7 +14,14 @@ from aiohttp import web
 from control_plane.coordinator import agent_is_live
 from control_plane.errors import ApiError, read_json_object
 from control_plane.monitor import MAX_RUNTIME_TAG
-from control_plane.retries import MAX_RETRIES_TAG, RETRY_STRATEGIES, RETRY_STRATEGY_TAG
+from control_plane.retries import (
+    MAX_RETRIES_TAG,
+    PARENT_TAG,
+    RETRY_NUMBER_TAG,
+    RETRY_STRATEGIES,
+    RETRY_STRATEGY_TAG,
+    ROOT_TAG,
+)
 from control_plane.statuses import ACTIVE_STATUSES, TERMINAL_STATUSES, RunStatus
 from control_plane.storage import NewRun, Run, RunFilter, iso
 from protocol.schema import SchemaError, from_plain
@@ -33,6 +40,7 @@ PRIORITY_TAG = "fleetrun/priority"
 QUEUE_TAG = "fleetrun/queue"
 JOB_TAG = "fleetrun/job"
 ON_LOST_CONTACT_TAG = "fleetrun/on_lost_contact"
+RESERVED_TAGS = frozenset({PARENT_TAG, ROOT_TAG, RETRY_NUMBER_TAG})
 
 
 @dataclass
@@ -83,6 +91,8 @@ def _check_tags(tags: dict[str, str]) -> None:
             raise ApiError(
                 422, "bad_tag", f"tag {key!r}: values must be at most {MAX_TAG_VALUE} characters"
             )
+    for key in RESERVED_TAGS & tags.keys():
+        raise ApiError(422, "bad_tag", f"tag {key} is set by the control plane, not on submit")
     for key, check in TAG_CHECKS.items():
         value = tags.get(key)
         if value is not None and (problem := check(value)) is not None:

@@ -35,7 +35,9 @@ class ControlPlane:
         monitoring = config.run_monitoring
         self.heartbeat_timeout = monitoring.agent_heartbeat_timeout_seconds
         self.resume_limit = monitoring.max_resume_run_attempts
-        self.dispatcher = Dispatcher(storage, monitoring.terminate_grace_seconds, clock)
+        self.dispatcher = Dispatcher(
+            storage, monitoring.terminate_grace_seconds, clock, on_canceled=self.runs_changed
+        )
         self.coordinator = RunCoordinator(
             storage,
             config.run_coordinator,

@@ -8,6 +8,8 @@ orders work the same way: owed while the agent holds a lease that is canceled or
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from control_plane.clock import Clock
 from control_plane.notify import Notifier
 from control_plane.storage import Run, Storage
@@ -29,10 +31,17 @@ def launch_message(run: Run) -> LaunchRun:
 class Dispatcher:
     """Answers agents' long-polls with the launches and stop orders owed to them."""
 
-    def __init__(self, storage: Storage, terminate_grace_seconds: float, clock: Clock) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        terminate_grace_seconds: float,
+        clock: Clock,
+        on_canceled: Callable[[list[Run]], None],
+    ) -> None:
         self.storage = storage
         self.grace = terminate_grace_seconds
         self.clock = clock
+        self.on_canceled = on_canceled
         self._agents = Notifier()
 
     def wake_agent(self, agent_id: str | None) -> None:
@@ -51,9 +60,11 @@ class Dispatcher:
         async def owed() -> PollReply | None:
             runs = await self.storage.pending_launches(agent_id)
             launches = [launch_message(r) for r in runs if r.lease not in held_leases]
-            orders = await self.storage.stop_orders(
+            orders, canceled = await self.storage.stop_orders(
                 agent_id, sorted(held_leases), self.clock.time()
             )
+            if canceled:
+                self.on_canceled(canceled)
             stops = [
                 StopRun(o.run_id, o.lease, o.cancel, o.reason, self.grace)
                 for o in orders

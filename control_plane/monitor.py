@@ -28,7 +28,10 @@ MAX_SLEEP_SECONDS = 5.0
 def max_runtime(run: Run, config: RunMonitoringConfig) -> float:
     """Seconds a run may stay STARTED: its `fleetrun/max_runtime` tag, else the config."""
     tag = run.tags.get(MAX_RUNTIME_TAG)
-    return float(tag) if tag is not None else config.max_runtime_seconds
+    try:
+        return float(tag) if tag is not None else config.max_runtime_seconds
+    except ValueError:  # refused at submission; only a run stored before that could have it
+        return config.max_runtime_seconds
 
 
 def _run_deadline(

@@ -114,7 +114,10 @@ class RunRetrier:
         while pending := await self.storage.pending_retries(100):
             for run in pending:
                 now = self.clock.time()
-                decision = decide_retry(run, self.config, now, str(uuid.uuid4()))
+                try:
+                    decision = decide_retry(run, self.config, now, str(uuid.uuid4()))
+                except ValueError as exc:  # e.g. a tag stored before it was validated
+                    decision = RetryDecision(None, f"not retried: {exc}")
                 created = await self.storage.settle_retry(
                     run.run_id, decision.retry, decision.message, decision.data, now
                 )

@@ -89,6 +89,7 @@ class StopRun:
     cancel: bool
     reason: str
     grace_seconds: float = 10.0
+    failure_kind: str = ""  # reported with the run's FAILURE once the worker is stopped
 
 
 @dataclass

@@ -20,6 +20,7 @@ import aiosqlite
 
 from control_plane.statuses import (
     ACTIVE_STATUSES,
+    AGENT_LOST,
     AGENT_RESTARTED,
     AGENT_STATUS_EVENTS,
     EVENT_STATUS,
@@ -145,6 +146,7 @@ MIGRATIONS: list[str] = [
 ]
 
 DISPATCH_BATCH = 1000
+AGENT_FAILURE_KINDS = frozenset({WORKER_CRASH, AGENT_LOST})  # what an agent may report
 
 _RUN_COLUMNS = (
     "run_id, job, location, status, status_reason, tags, config, agent_id, lease, "
@@ -468,11 +470,12 @@ class SqliteStorage:
 
     async def stop_orders(
         self, agent_id: str, held_leases: list[int], now: float
-    ) -> list[StopOrder]:
+    ) -> tuple[list[StopOrder], list[Run]]:
         """Workers the agent must stop: canceled runs, and attempts no longer current.
 
         A CANCELING run whose launch the agent does not hold was never started there: it
-        becomes CANCELED here (and its lease is fenced) rather than waiting for a worker.
+        becomes CANCELED here (and its lease is fenced) rather than waiting for a worker;
+        those runs are returned second.
         """
         rows = await self._r.execute_fetchall(
             f"SELECT {_RUN_COLUMNS} FROM runs WHERE agent_id = ? AND status = ?",
@@ -487,6 +490,7 @@ class SqliteStorage:
         never_started = [
             r for r in map(_run_from_row, rows) if r.lease is not None and r.lease not in held
         ]
+        canceled: list[Run] = []
         if never_started:
             async with self._write() as db:
                 for run in never_started:
@@ -499,6 +503,7 @@ class SqliteStorage:
                         db, run.run_id, now, "RUN_CANCELED", "canceled before its worker started"
                     )
                     await db.execute("UPDATE runs SET lease = NULL WHERE run_id = ?", (run.run_id,))
+                    canceled.append(await self._get_run(db, run.run_id))  # type: ignore[arg-type]
         if held:
             marks = ",".join("?" * len(held))
             stale = await self._r.execute_fetchall(
@@ -511,7 +516,7 @@ class SqliteStorage:
                 if current != lease:
                     why = f"attempt {lease} is no longer current (run {status}: {reason})"
                     orders.append(StopOrder(run_id, lease, cancel=False, reason=why))
-        return orders
+        return orders, canceled
 
     # --- events and compute logs ------------------------------------------------------
 
@@ -558,7 +563,9 @@ class SqliteStorage:
         if new is None or not can_transition(current, new):
             return current, False
         kind = (data or {}).get("failure_kind")
-        await self._set_status(db, run_id, new, message, now, kind)
+        # A run that failed while being canceled is not retried: the user wanted it gone.
+        retry = current != RunStatus.CANCELING
+        await self._set_status(db, run_id, new, message, now, kind, retry)
         return new, True
 
     async def _set_status(
@@ -569,6 +576,7 @@ class SqliteStorage:
         reason: str,
         now: float,
         failure_kind: str | None = None,
+        retry: bool = True,
     ) -> None:
         sets = ["status = ?", "status_reason = ?", "status_time = ?"]
         args: list[Any] = [new, reason, now]
@@ -579,8 +587,8 @@ class SqliteStorage:
             sets.append("end_time = ?")
             args.append(now)
         if new == RunStatus.FAILURE:
-            sets += ["failure_kind = ?", "retry_pending = 1"]
-            args.append(failure_kind if failure_kind in FAILURE_KINDS else OP_FAILURE)
+            sets += ["failure_kind = ?", "retry_pending = ?"]
+            args += [failure_kind if failure_kind in FAILURE_KINDS else OP_FAILURE, int(retry)]
         await db.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id = ?", (*args, run_id))
 
     async def _fail(
@@ -666,10 +674,11 @@ class SqliteStorage:
                     RunStatus.STARTING, RunStatus.STARTED,
                 ):  # fmt: skip
                     kind = record.data.get("failure_kind")
+                    kind = kind if kind in AGENT_FAILURE_KINDS else OP_FAILURE
                     run.status = status
                     status = await self._fail(
-                        db, run, kind if kind == WORKER_CRASH else OP_FAILURE, record.message,
-                        now, resume_limit, record.data, event_time=record.time,
+                        db, run, kind, record.message, now, resume_limit, record.data,
+                        event_time=record.time,
                     )  # fmt: skip
                     changed = True
                     if status == RunStatus.QUEUED:
@@ -718,17 +727,20 @@ class SqliteStorage:
     ) -> list[Run]:
         """After an agent (re)registers: its started runs that it no longer holds are lost.
 
-        STARTING runs are left alone: their launch is re-offered on the next poll.
+        A STARTING run from which nothing was delivered yet was never started there: its
+        launch is simply offered again on the next poll.
         """
         rows = await self._r.execute_fetchall(
-            f"SELECT {_RUN_COLUMNS} FROM runs WHERE agent_id = ? AND status IN (?, ?)",
-            (agent_id, RunStatus.STARTED, RunStatus.CANCELING),
+            f"SELECT {_RUN_COLUMNS}, (SELECT acked_seq FROM run_attempts"
+            " WHERE attempt_id = runs.lease) FROM runs WHERE agent_id = ? AND status IN (?, ?, ?)",
+            (agent_id, RunStatus.STARTING, RunStatus.STARTED, RunStatus.CANCELING),
         )
         held = set(held_leases)
         verdicts = []
-        for run in map(_run_from_row, rows):
-            if run.lease in held:
-                continue
+        for *columns, acked in rows:
+            run = _run_from_row(columns)
+            if run.lease in held or (run.status == RunStatus.STARTING and not acked):
+                continue  # held, or a launch never started: it is simply offered again
             canceling = run.status == RunStatus.CANCELING
             verdicts.append(
                 Verdict(

@@ -192,6 +192,8 @@ async def test_agent_protocol_errors_are_4xx(client: TestClient) -> None:
         ("POST", "/api/v1/runs", b'{"job": "etl", "tags": {"fleetrun/on_lost_contact": "x"}}',
          422, "bad_tag"),
         ("POST", "/api/v1/runs/does-not-exist/cancel", b"{}", 404, "unknown_run"),
+        ("POST", "/api/v1/runs", b'{"job": "etl", "tags": {"fleetrun/retry_number": "1"}}',
+         422, "bad_tag"),
         ("GET", "/api/v1/runs/does-not-exist", None, 404, "unknown_run"),
         ("GET", "/api/v1/runs/does-not-exist/events", None, 404, "unknown_run"),
         ("GET", "/api/v1/runs?status=DONE", None, 400, "bad_parameter"),

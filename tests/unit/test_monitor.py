@@ -75,6 +75,12 @@ def test_start_cancel_and_runtime_deadlines() -> None:
     assert next_deadline == NOW - 1 + 30  # the heartbeat deadline comes before "fine"'s 55 s
 
 
+def test_bad_stored_tags_do_not_stop_the_loops() -> None:
+    odd = run("odd", RunStatus.STARTED, started=NOW - 11, **{"fleetrun/max_runtime": "x"})
+    found, _ = verdicts([odd], max_runtime_seconds=10)
+    assert [v.kind for v in found] == ["max_runtime"]  # falls back to the config value
+
+
 def test_nothing_active_means_no_deadline() -> None:
     assert verdicts([]) == ([], None)
 
@@ -123,3 +129,29 @@ def test_retry_delay_and_backoff() -> None:
     decision = decide_retry(failed(), config, NOW, "n")
     assert decision.retry is not None and decision.retry.not_before == NOW + 5
     assert decision.message.endswith("it starts after 5 s")
+
+
+async def test_the_retrier_settles_a_bad_run_and_goes_on(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from control_plane.clock import SystemClock
+    from control_plane.retries import RunRetrier
+    from control_plane.storage import NewRun, open_storage
+    from protocol.messages import CodeLocationInfo, RunRecord
+
+    storage = open_storage(f"sqlite:///{tmp_path}/r.db")
+    await storage.open()
+    try:
+        agent = await storage.register_agent("w", "h", "0", ["default"], 2,
+                                             [CodeLocationInfo(name="loc")], now=1)  # fmt: skip
+        for run_id, tags in (("bad", {"fleetrun/retry_number": "x"}), ("good", {})):
+            await storage.create_run(NewRun(run_id, "etl", "loc", tags, {}), now=1)
+            (run,) = await storage.assign_queued(2, lambda s, r=run_id: [(r, agent.agent_id)])
+            failure = RunRecord(seq=1, time=3, kind="event", type="RUN_FAILURE")
+            await storage.append_records(run_id, run.lease, [failure], now=3)  # type: ignore[arg-type]
+        retrier = RunRetrier(storage, RunRetriesConfig(max_retries=1), SystemClock(), print)
+        queued = await retrier.settle_pending()
+        assert [r.parent_run_id for r in queued] == ["good"]
+        assert await storage.pending_retries(10) == []
+        bad = [e for e in await storage.get_events("bad", 0, 100) if e.type == "RUN_RETRY"]
+        assert bad[0].message.startswith("not retried: invalid literal")
+    finally:
+        await storage.close()

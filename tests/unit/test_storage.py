@@ -215,16 +215,18 @@ async def test_cancel_queued_and_started_runs(storage: Storage) -> None:
         run = await storage.request_cancel(run_id, now=4)
         assert run is not None and run.status == RunStatus.CANCELING
     # The agent holds the started run's lease but never got the other launch:
-    orders = await storage.stop_orders(aid, [lease], now=5)
+    orders, canceled = await storage.stop_orders(aid, [lease], now=5)
     assert [(o.run_id, o.lease, o.cancel) for o in orders] == [("running", lease, True)]
+    assert [r.run_id for r in canceled] == ["launching"]
     never = await storage.get_run("launching")
     assert never is not None and never.status == RunStatus.CANCELED and never.lease is None
     assert never.status_reason == "canceled before its worker started"
-    assert launching not in [o.lease for o in await storage.stop_orders(aid, [lease], now=5)]
+    orders, canceled = await storage.stop_orders(aid, [lease], now=5)
+    assert launching not in [o.lease for o in orders] and canceled == []
     # The worker confirms; the run is CANCELED and no stop is owed any more.
     await storage.append_records("running", lease, [event(2, "RUN_CANCELED")], now=6)
     assert (await storage.get_run("running")).status == RunStatus.CANCELED  # type: ignore[union-attr]
-    assert await storage.stop_orders(aid, [lease], now=7) == []
+    assert await storage.stop_orders(aid, [lease], now=7) == ([], [])
     assert await storage.request_cancel("nope", now=3) is None
 
 
@@ -261,7 +263,7 @@ async def test_verdict_fails_the_run_fences_its_lease_and_loses_to_an_earlier_re
     assert (await storage.get_agent(aid)).status == "OFFLINE"  # type: ignore[union-attr]
     with pytest.raises(StaleLease):  # the lost attempt's late writes are refused
         await storage.append_records("lost", lost, [event(2, "RUN_SUCCESS")], now=41)
-    orders = await storage.stop_orders(aid, [lost], now=42)
+    orders, _ = await storage.stop_orders(aid, [lost], now=42)
     assert [(o.run_id, o.cancel) for o in orders] == [("lost", False)]
     await storage.record_heartbeat(aid, now=43)
     assert (await storage.get_agent(aid)).status == "ONLINE"  # type: ignore[union-attr]
@@ -342,3 +344,12 @@ async def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None
         assert run is not None and run.status_time == 7 and run.resume_count == 0
     finally:
         await store.close()
+
+
+async def test_a_run_failing_while_canceled_is_not_retried(storage: Storage) -> None:
+    aid = await agent_id(storage)
+    lease = await started(storage, "r1", aid)
+    await storage.request_cancel("r1", now=3)
+    await storage.append_records("r1", lease, [event(2, "RUN_FAILURE")], now=4)
+    assert (await storage.get_run("r1")).status == RunStatus.FAILURE  # type: ignore[union-attr]
+    assert await storage.pending_retries(10) == []
