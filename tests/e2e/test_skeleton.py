@@ -85,6 +85,7 @@ def test_context_config_tags_and_locations(control_plane: ControlPlaneProc, tmp_
             assert seen["run_config"] == {"out": str(out), "n": [1, 2]}
             assert (seen["step"], seen["retry_number"]) == ("record_context", 0)
             assert seen["lease_env"] and int(seen["lease_env"]) > 0
+            assert seen["lease"] == int(seen["lease_env"]) == run["lease"]
             assert seen["cwd"] == str(cwd)
         out = tmp_path / "fan_in.json"
         run_id = control_plane.submit("fan_in", location="by_file", config={"out": str(out)})
