@@ -41,14 +41,16 @@ class ControlPlaneClient:
         if self._session is not None:
             await self._session.close()
 
-    async def call(self, path: str, message: Any, reply_type: type[T], wait: float) -> T:
-        from protocol.codec import encode
-
+    async def _request(
+        self, method: str, path: str, data: bytes | None, wait: float, params: dict[str, str]
+    ) -> tuple[int, bytes]:
         assert self._session is not None, "use the client as an async context manager"
         try:
-            async with self._session.post(
+            async with self._session.request(
+                method,
                 f"{self.base_url}/agent/v1/{path}",
-                data=encode(message),
+                data=data,
+                params=params,
                 headers=self._headers,
                 timeout=aiohttp.ClientTimeout(total=wait),
             ) as resp:
@@ -64,6 +66,22 @@ class ControlPlaneClient:
             except ProtocolError:
                 err = ErrorReply(code="http_error", message=body[:200].decode(errors="replace"))
             raise ControlPlaneError(status, err.code, err.message)
+        return status, body
+
+    async def put_output(
+        self, agent_id: str, run_id: str, lease: int, step: str, data: bytes, wait: float
+    ) -> None:
+        """Store one step output (raw pickled bytes) in the control plane's output store."""
+        params = {"agent_id": agent_id, "lease": str(lease)}
+        await self._request("PUT", f"outputs/{run_id}/{step}", data, wait, params)
+
+    async def get_output(self, run_id: str, step: str, wait: float) -> bytes:
+        return (await self._request("GET", f"outputs/{run_id}/{step}", None, wait, {}))[1]
+
+    async def call(self, path: str, message: Any, reply_type: type[T], wait: float) -> T:
+        from protocol.codec import encode
+
+        status, body = await self._request("POST", path, encode(message), wait, {})
         try:
             return decode(body, reply_type)
         except ProtocolError as exc:

@@ -27,6 +27,23 @@ class CodeLocationConfig:
 
 
 @dataclass
+class OutputStoreConfig:
+    """Where step outputs are kept for re-execution (see agent/outputs.py)."""
+
+    kind: str = "control_plane"
+    path: str = ""
+    max_output_bytes: int = 16 * 1024 * 1024
+
+    def check(self) -> None:
+        if self.kind not in ("control_plane", "filesystem"):
+            raise FieldError("kind", f"must be 'control_plane' or 'filesystem', not {self.kind!r}")
+        if self.kind == "filesystem" and not self.path:
+            raise FieldError("path", "the filesystem output store needs a path")
+        if self.max_output_bytes < 1:
+            raise FieldError("max_output_bytes", "must be >= 1")
+
+
+@dataclass
 class AgentConfig:
     control_plane_url: str = "http://127.0.0.1:8470"
     name: str = ""
@@ -35,6 +52,7 @@ class AgentConfig:
     max_concurrent_runs: int = 4
     heartbeat_interval_seconds: float = 5.0
     code_locations: list[CodeLocationConfig] = field(default_factory=list)
+    output_store: OutputStoreConfig = field(default_factory=OutputStoreConfig)
 
     def check(self) -> None:
         if not self.control_plane_url.startswith(("http://", "https://")):
@@ -61,6 +79,8 @@ def load_agent_config(path: str) -> AgentConfig:
         loc.working_directory = os.path.normpath(os.path.join(base_dir, loc.working_directory))
         if loc.python_file is not None:
             loc.python_file = os.path.join(loc.working_directory, loc.python_file)
+    if config.output_store.path:
+        config.output_store.path = os.path.join(base_dir, config.output_store.path)
     if config.token_file:
         config.token_file = os.path.join(base_dir, config.token_file)
     return config

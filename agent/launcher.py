@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.capture import StepOutputSplitter
-from agent.config import CodeLocationConfig
+from agent.config import CodeLocationConfig, OutputStoreConfig
 from agent.forkserver import WORKER_FDS, ForkServer, ForkServerGone
 from protocol.codec import FRAME_HEADER_SIZE, ProtocolError, decode, frame, frame_length
 from protocol.messages import (
@@ -169,8 +169,11 @@ class ForkedWorker:
 class Launcher:
     """Starts run workers through one fork server per worker executable."""
 
-    def __init__(self, locations: list[CodeLocationConfig]) -> None:
+    def __init__(
+        self, locations: list[CodeLocationConfig], outputs: OutputStoreConfig | None = None
+    ) -> None:
         self.locations = locations
+        self.outputs = outputs or OutputStoreConfig()
         self._servers: dict[str, ForkServer] = {}
         self._starting = asyncio.Lock()
 
@@ -221,6 +224,17 @@ class Launcher:
             records=await _pipe_reader(records),
             stdout=await _pipe_reader(stdout),
             stderr=await _pipe_reader(stderr),
+        )
+
+    def spec(self, loc: CodeLocationConfig, launch: LaunchRun, scratch: str) -> WorkerSpec:
+        """What a run worker needs: its launch, its code location, its output store."""
+        filesystem = self.outputs.kind == "filesystem"
+        return WorkerSpec(
+            launch=launch,
+            location=location_spec(loc),
+            output_store=self.outputs.kind,
+            output_path=self.outputs.path if filesystem else scratch,
+            max_output_bytes=self.outputs.max_output_bytes,
         )
 
     async def close(self) -> None:
@@ -285,9 +299,9 @@ class RunWorker:
             if not chunk:
                 return
 
-    async def run(self, loc: CodeLocationConfig, launcher: Launcher) -> None:
+    async def run(self, loc: CodeLocationConfig, launcher: Launcher, scratch: str) -> None:
         """Start the worker and follow it to its end; reports a crash as RUN_FAILURE."""
-        spec = WorkerSpec(launch=self.launch, location=location_spec(loc))
+        spec = launcher.spec(loc, self.launch, scratch)
         if self.stop_order is not None:
             self.state = "exited"
             self._report_stopped("before its worker started")

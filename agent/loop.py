@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -30,6 +33,7 @@ from protocol.messages import (
     PollReply,
     Register,
     Registered,
+    RunRecord,
     RunState,
     StopRun,
 )
@@ -40,6 +44,46 @@ ON_LOST_CONTACT_TAG = "fleetrun/on_lost_contact"
 RETRY_MIN_SECONDS = 0.2
 RETRY_MAX_SECONDS = 5.0
 REQUEST_TIMEOUT_SECONDS = 30.0
+
+
+def _read_if_exists(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
+
+
+def _write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(data)
+
+
+class OutputUploader:
+    """Uploads step outputs to the control plane before the records that announce them."""
+
+    def __init__(
+        self, client: ControlPlaneClient, agent_id: str, launch: LaunchRun, scratch: str
+    ) -> None:
+        self.client = client
+        self.agent_id = agent_id
+        self.launch = launch
+        self.scratch = scratch
+        self.uploaded: set[str] = set()
+
+    async def upload(self, records: list[RunRecord]) -> None:
+        for record in records:
+            step = record.step
+            if record.type != "STEP_OUTPUT" or step is None or step in self.uploaded:
+                continue
+            path = os.path.join(self.scratch, "out", f"{step}.pickle")
+            data = await asyncio.to_thread(_read_if_exists, path)
+            if data is not None:
+                await self.client.put_output(self.agent_id, self.launch.run_id,
+                                             self.launch.lease, step, data,
+                                             REQUEST_TIMEOUT_SECONDS)  # fmt: skip
+            self.uploaded.add(step)
 
 
 class FatalAgentError(Exception):
@@ -65,7 +109,7 @@ class Agent:
         self.heartbeat_timeout = 30.0
         self.last_contact = time.monotonic()
         self.location_infos: list[CodeLocationInfo] = []
-        self.launcher = Launcher(config.code_locations)
+        self.launcher = Launcher(config.code_locations, config.output_store)
 
     async def load_locations(self) -> list[CodeLocationInfo]:
         infos = await asyncio.gather(*(describe_location(loc) for loc in self.locations.values()))
@@ -211,23 +255,45 @@ class Agent:
     def start_run(self, launch: LaunchRun) -> None:
         assert self.agent_id is not None
         log.info("launching run %s (job %s, lease %d)", launch.run_id, launch.job, launch.lease)
-        outbox = RunOutbox(self.agent_id, launch.run_id, launch.lease, self._send)
+        scratch = tempfile.mkdtemp(prefix=f"fleetrun-{launch.run_id[:8]}-{launch.lease}-")
+        uploader = None
+        if self.config.output_store.kind == "control_plane":
+            uploader = OutputUploader(self.client, self.agent_id, launch, scratch).upload
+        outbox = RunOutbox(self.agent_id, launch.run_id, launch.lease, self._send, uploader)
         worker = RunWorker(launch, outbox.add)
-        task = asyncio.create_task(self._supervise(worker, outbox), name=f"run-{launch.run_id}")
+        task = asyncio.create_task(
+            self._supervise(worker, outbox, scratch), name=f"run-{launch.run_id}"
+        )
         self.runs[launch.lease] = ActiveRun(worker=worker, outbox=outbox, task=task)
 
-    async def _supervise(self, worker: RunWorker, outbox: RunOutbox) -> None:
+    async def _download_reused(self, launch: LaunchRun, scratch: str) -> str | None:
+        """Fetch the outputs a re-execution reuses into the scratch folder; None if all came."""
+        if self.config.output_store.kind != "control_plane":
+            return None
+        for step, source in launch.reuse_outputs.items():
+            try:
+                data = await self.client.get_output(source, step, REQUEST_TIMEOUT_SECONDS)
+            except (ControlPlaneUnreachable, ControlPlaneError) as exc:
+                return f"could not fetch the output of step {step} from run {source}: {exc}"
+            path = os.path.join(scratch, "in", source, f"{step}.pickle")
+            await asyncio.to_thread(_write, path, data)
+        return None
+
+    async def _supervise(self, worker: RunWorker, outbox: RunOutbox, scratch: str) -> None:
         launch = worker.launch
         delivery = asyncio.create_task(outbox.deliver())
         try:
             loc = self.locations.get(launch.location)
+            problem = await self._download_reused(launch, scratch) if loc is not None else None
             if loc is None:
                 worker.report(
                     "RUN_FAILURE",
                     f"agent {self.config.name} does not host code location {launch.location!r}",
                 )
+            elif problem is not None:
+                worker.report("RUN_FAILURE", problem)
             else:
-                run_task = asyncio.create_task(worker.run(loc, self.launcher))
+                run_task = asyncio.create_task(worker.run(loc, self.launcher, scratch))
                 done, _ = await asyncio.wait(
                     {run_task, delivery}, return_when=asyncio.FIRST_COMPLETED
                 )
@@ -248,3 +314,4 @@ class Agent:
                 with contextlib.suppress(asyncio.CancelledError, AttemptRejected):
                     await delivery
             self.runs.pop(launch.lease, None)
+            shutil.rmtree(scratch, ignore_errors=True)

@@ -33,11 +33,13 @@ class RunOutbox:
         run_id: str,
         lease: int,
         send: Callable[[EventBatch], Awaitable[EventAck]],
+        before_send: Callable[[list[RunRecord]], Awaitable[None]] | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.run_id = run_id
         self.lease = lease
         self._send = send
+        self._before_send = before_send
         self._pending: list[RunRecord] = []
         self._next_seq = 1
         self._closed = False
@@ -71,6 +73,8 @@ class RunOutbox:
                 records=self._pending[:MAX_BATCH],
             )
             try:
+                if self._before_send is not None:
+                    await self._before_send(batch.records)
                 ack = await self._send(batch)
             except ControlPlaneUnreachable as exc:
                 log.warning("run %s: cannot send records (%s); retrying", self.run_id, exc)

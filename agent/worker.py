@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 import traceback
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from protocol.codec import FRAME_HEADER_SIZE, decode_any, frame, frame_length
 from protocol.messages import DescribeLocation, WorkerSpec
@@ -44,9 +44,27 @@ def _interrupt(signum: int, frame: object) -> None:
     raise RunInterrupted()
 
 
+def executor_options(job_default: dict[str, Any], override: object) -> dict[str, Any]:
+    """The job's executor, or the run config's `execution` (a name or {"name", ...})."""
+    if override is None:
+        return dict(job_default)
+    if isinstance(override, str):
+        return {"name": override}
+    if isinstance(override, dict) and isinstance(override.get("name"), str):
+        limit = override.get("max_concurrent")
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"run config execution.max_concurrent must be >= 1, got {limit!r}")
+        return dict(override)
+    raise ValueError(
+        "run config key 'execution' must be an executor name or a dict with a 'name', "
+        f"got {override!r}"
+    )
+
+
 def _run(spec: WorkerSpec, fd: int) -> int:
     from agent.code_location import LocationLoadError, load_definitions
-    from agent.executors import get_executor
+    from agent.executors import Execution, get_executor
+    from agent.outputs import FilesystemOutputStore, OutputStore, ScratchOutputStore
     from agent.records import RecordSink
 
     sink = RecordSink(fd)
@@ -54,7 +72,8 @@ def _run(spec: WorkerSpec, fd: int) -> int:
     try:
         defs = load_definitions(spec.location)
         job = defs.get_job(launch.job)
-        executor = get_executor(job.executor["name"])
+        options = executor_options(job.executor, launch.config.get("execution"))
+        executor = get_executor(options["name"])
     except (LocationLoadError, KeyError, ValueError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         sink.event(
@@ -66,10 +85,17 @@ def _run(spec: WorkerSpec, fd: int) -> int:
     sink.event(
         "RUN_START",
         f"run worker started (pid {os.getpid()} on {socket.gethostname()})",
-        data={"pid": os.getpid(), "executor": job.executor["name"]},
+        data={"pid": os.getpid(), "executor": options["name"]},
     )
+    store: OutputStore = (
+        FilesystemOutputStore(spec.output_path)
+        if spec.output_store == "filesystem"
+        else ScratchOutputStore(spec.output_path)
+    )
+    execution = Execution(job, launch, sink, options, store, spec.max_output_bytes,
+                          launch.reuse_outputs)  # fmt: skip
     try:
-        failed = executor(job, launch, sink)
+        failed = executor(execution)
     except RunInterrupted:
         print("run worker: interrupted by SIGTERM; stopping", file=sys.stderr, flush=True)
         return INTERRUPTED_EXIT_CODE

@@ -133,6 +133,48 @@ async def events(cp: ControlPlane, msg: EventBatch) -> EventAck:
     return EventAck(acked_seq=result.acked_seq)
 
 
+MAX_OUTPUT_BYTES = 64 * 1024 * 1024  # agents cap outputs lower (output_store.max_output_bytes)
+
+
+def _raw_error(status: int, code: str, message: str) -> web.Response:
+    return reply(ErrorReply(code=code, message=message), status)
+
+
+async def put_output(request: web.Request) -> web.Response:
+    """Store a step's output: raw pickled bytes, from the agent holding the run's lease."""
+    cp = _cp(request)
+    run_id, step = request.match_info["run_id"], request.match_info["step"]
+    try:
+        lease = int(request.query.get("lease", ""))
+    except ValueError:
+        return _raw_error(400, "bad_parameter", "lease must be an integer")
+    run = await cp.storage.get_run(run_id)
+    if run is None:
+        return _raw_error(404, "unknown_run", f"no run with id {run_id!r}")
+    if run.agent_id != request.query.get("agent_id"):
+        return _raw_error(403, "not_your_run", f"run {run_id} is not leased to this agent")
+    data = bytearray()
+    async for chunk in request.content.iter_chunked(1 << 20):
+        data += chunk
+        if len(data) > MAX_OUTPUT_BYTES:
+            return _raw_error(413, "output_too_large",
+                              f"outputs are limited to {MAX_OUTPUT_BYTES} bytes")  # fmt: skip
+    try:
+        await cp.storage.put_output(run_id, lease, step, bytes(data), cp.clock.time())
+    except StaleLease as exc:
+        return _raw_error(409, "stale_lease", str(exc))
+    return web.Response(status=200)
+
+
+async def get_output(request: web.Request) -> web.Response:
+    cp = _cp(request)
+    run_id, step = request.match_info["run_id"], request.match_info["step"]
+    data = await cp.storage.get_output(run_id, step)
+    if data is None:
+        return _raw_error(404, "unknown_output", f"run {run_id} stored no output for step {step}")
+    return web.Response(body=data, content_type="application/octet-stream")
+
+
 async def version(request: web.Request) -> web.Response:
     from protocol import PROTOCOL_VERSION
 
@@ -145,3 +187,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/agent/v1/heartbeat", handler(Heartbeat, heartbeat))
     app.router.add_post("/agent/v1/events", handler(EventBatch, events))
     app.router.add_get("/agent/v1/version", version)
+    app.router.add_put("/agent/v1/outputs/{run_id}/{step}", put_output)
+    app.router.add_get("/agent/v1/outputs/{run_id}/{step}", get_output)

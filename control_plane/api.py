@@ -40,7 +40,8 @@ PRIORITY_TAG = "fleetrun/priority"
 QUEUE_TAG = "fleetrun/queue"
 JOB_TAG = "fleetrun/job"
 ON_LOST_CONTACT_TAG = "fleetrun/on_lost_contact"
-RESERVED_TAGS = frozenset({PARENT_TAG, ROOT_TAG, RETRY_NUMBER_TAG})
+REEXECUTION_TAG = "fleetrun/reexecution_strategy"
+RESERVED_TAGS = frozenset({PARENT_TAG, ROOT_TAG, RETRY_NUMBER_TAG, REEXECUTION_TAG})
 
 
 @dataclass
@@ -227,9 +228,60 @@ async def _get_run_or_404(cp: ControlPlane, request: web.Request) -> Run:
 
 
 async def get_run(request: web.Request) -> web.Response:
+    """The run, with `chain`: its root and every retry and re-execution of it, oldest first."""
     cp = _cp(request)
     run = await _get_run_or_404(cp, request)
-    return web.json_response(run.to_json())
+    root_id = run.root_run_id or run.run_id
+    family, _ = await cp.storage.list_runs(RunFilter(tags=[(ROOT_TAG, root_id)]), 1000, None)
+    chain = []
+    if family:
+        root = run if root_id == run.run_id else await cp.storage.get_run(root_id)
+        members = ([root] if root is not None else []) + sorted(family, key=lambda r: r.create_time)
+        chain = [
+            {"run_id": r.run_id, "status": str(r.status), "parent_run_id": r.parent_run_id,
+             "kind": _lineage_kind(r)}
+            for r in members
+        ]  # fmt: skip
+    return web.json_response({**run.to_json(), "chain": chain})
+
+
+def _lineage_kind(run: Run) -> str:
+    if run.parent_run_id is None:
+        return "original"
+    return "retry" if RETRY_NUMBER_TAG in run.tags else "reexecution"
+
+
+@dataclass
+class ReexecuteRequest:
+    strategy: str = "FROM_FAILURE"
+
+
+async def reexecute_run(request: web.Request) -> web.Response:
+    """A new run of a FAILURE/CANCELED run's job; FROM_FAILURE reuses its finished steps."""
+    cp = _cp(request)
+    parent = await _get_run_or_404(cp, request)
+    try:
+        body = from_plain(ReexecuteRequest, await read_json_object(request))
+    except SchemaError as exc:
+        raise ApiError(422, "bad_request", str(exc)) from None
+    if body.strategy not in RETRY_STRATEGIES:
+        raise ApiError(422, "bad_request",
+                       f"strategy must be one of {', '.join(RETRY_STRATEGIES)}")  # fmt: skip
+    if parent.status not in (RunStatus.FAILURE, RunStatus.CANCELED):
+        message = f"run is {parent.status}; only FAILURE or CANCELED runs are re-executed"
+        raise ApiError(409, "not_reexecutable", message)
+    reuse = {} if body.strategy == "ALL_STEPS" else await cp.storage.reusable_outputs(parent)
+    root = parent.root_run_id or parent.run_id
+    tags = {k: v for k, v in parent.tags.items() if k != RETRY_NUMBER_TAG}
+    new_run = NewRun(
+        run_id=str(uuid.uuid4()), job=parent.job, location=parent.location,
+        tags={**tags, PARENT_TAG: parent.run_id, ROOT_TAG: root,
+              REEXECUTION_TAG: body.strategy},
+        config=parent.config, priority=parent.priority, queue=parent.queue,
+        parent_run_id=parent.run_id, root_run_id=root, reuse_outputs=reuse,
+    )  # fmt: skip
+    run = await cp.coordinator.submit(new_run)
+    return web.json_response({"run_id": run.run_id, "status": str(run.status)}, status=201)
 
 
 async def get_events(request: web.Request) -> web.Response:
@@ -409,6 +461,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/runs/{run_id}/logs", get_logs)
     app.router.add_post("/api/v1/runs/{run_id}/priority", set_priority)
     app.router.add_post("/api/v1/runs/{run_id}/cancel", cancel_run)
+    app.router.add_post("/api/v1/runs/{run_id}/reexecute", reexecute_run)
     app.router.add_get("/api/v1/queue", get_queue)
     app.router.add_get("/api/v1/agents", list_agents)
     app.router.add_get("/api/v1/jobs", list_jobs)

@@ -201,6 +201,12 @@ def cmd_runs_cancel(args: argparse.Namespace, client: ApiClient) -> int:
     return 0
 
 
+def cmd_runs_reexecute(args: argparse.Namespace, client: ApiClient) -> int:
+    data = client.request("POST", f"/runs/{args.run_id}/reexecute", {"strategy": args.strategy})
+    _emit(args, data, data["run_id"])
+    return 0
+
+
 def cmd_runs_priority(args: argparse.Namespace, client: ApiClient) -> int:
     run = client.request("POST", f"/runs/{args.run_id}/priority", {"priority": args.priority})
     _emit(args, run, f"{run['run_id']} priority {run['tags'].get('fleetrun/priority')}")
@@ -318,9 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--follow", action="store_true")
     logs.set_defaults(func=cmd_runs_logs)
 
-    cancel = runs.add_parser("cancel", help="cancel a queued run")
+    cancel = runs.add_parser("cancel", help="cancel a run (queued: at once; running: stops it)")
     cancel.add_argument("run_id")
     cancel.set_defaults(func=cmd_runs_cancel)
+    reexecute = runs.add_parser("reexecute", help="run a failed or canceled run's job again")
+    reexecute.add_argument("run_id")
+    reexecute.add_argument("--strategy", choices=["FROM_FAILURE", "ALL_STEPS"],
+                           default="FROM_FAILURE")  # fmt: skip
+    reexecute.set_defaults(func=cmd_runs_reexecute)
     priority = runs.add_parser("priority", help="change a queued run's priority")
     priority.add_argument("run_id")
     priority.add_argument("priority", type=int)

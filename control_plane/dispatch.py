@@ -25,6 +25,7 @@ def launch_message(run: Run) -> LaunchRun:
         lease=run.lease,
         tags=run.tags,
         config=run.config,
+        reuse_outputs=run.reuse_outputs,
     )
 
 

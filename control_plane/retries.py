@@ -3,8 +3,8 @@
 As in Dagster's run retries, plus a delay with backoff. The failure and the "retry
 pending" mark are written in one transaction; this loop then decides (`decide_retry`, a
 pure function) and `Storage.settle_retry` records the decision and queues the retry in
-another, guarded by the mark and a unique parent id: exactly one retry per failure, also
-across restarts.
+another, which checks and clears the mark: exactly one retry per failure, also across
+restarts.
 """
 
 from __future__ import annotations
@@ -118,6 +118,8 @@ class RunRetrier:
                     decision = decide_retry(run, self.config, now, str(uuid.uuid4()))
                 except ValueError as exc:  # e.g. a tag stored before it was validated
                     decision = RetryDecision(None, f"not retried: {exc}")
+                if decision.retry is not None and run.tags.get(RETRY_STRATEGY_TAG) != "ALL_STEPS":
+                    decision.retry.reuse_outputs = await self.storage.reusable_outputs(run)
                 created = await self.storage.settle_retry(
                     run.run_id, decision.retry, decision.message, decision.data, now
                 )

@@ -74,6 +74,8 @@ class LaunchRun:
     lease: int
     tags: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    # Steps not to run again, each with the run whose stored output to use instead.
+    reuse_outputs: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -170,6 +172,9 @@ class LocationSpec:
 class WorkerSpec:
     launch: LaunchRun
     location: LocationSpec
+    output_store: str = "control_plane"  # or "filesystem"
+    output_path: str = ""  # the attempt's scratch folder, or the filesystem store's root
+    max_output_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass

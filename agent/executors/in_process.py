@@ -4,34 +4,53 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.executors.step import run_step
-from agent.records import RecordSink
-from agent.sdk import JobDefinition
-from protocol.messages import LaunchRun
+from agent.capture import capture_step_output
+from agent.executors import Execution
+from agent.executors.step import Attempt, emit_failure, emit_success, error_data, run_step
 
 
-def execute_in_process(job: JobDefinition, launch: LaunchRun, sink: RecordSink) -> list[str]:
+def skip(execution: Execution, step: str, upstream: list[str]) -> None:
+    bad = list(dict.fromkeys(upstream))
+    execution.sink.event("STEP_SKIPPED", f"skipped step {step}: upstream {', '.join(bad)} did "
+                         "not succeed", step, {"upstream": bad})  # fmt: skip
+
+
+def store_output(execution: Execution, step: str, attempt: Attempt) -> Attempt:
+    """Persist a successful attempt's output; a failure to do so fails the step."""
+    try:
+        execution.save_output(step, execution.encode(step, attempt.value))
+    except Exception as exc:
+        failed = Attempt(False, error=error_data(exc))
+        emit_failure(execution.sink, step, failed, 0, None)
+        return failed
+    emit_success(execution.sink, step, attempt)
+    return attempt
+
+
+def execute_in_process(execution: Execution) -> list[str]:
     """Run every step; returns the names of the steps that failed.
 
     A step whose upstream failed (or was skipped) is skipped; independent steps still run.
+    Step output is attributed by in-band markers on the worker's own stdout/stderr.
     """
-    outputs: dict[str, Any] = {}
+    outputs: dict[str, Any] = execution.load_reused()
     failed: list[str] = []
     blocked: set[str] = set()
-    for name, node in job.nodes.items():
+    for name, node in execution.job.nodes.items():
+        if name in outputs:
+            continue
         bad = [u for u in node.upstream if u in blocked]
         if bad:
-            sink.event(
-                "STEP_SKIPPED",
-                f"skipped step {name}: upstream {', '.join(dict.fromkeys(bad))} did not succeed",
-                name,
-                {"upstream": list(dict.fromkeys(bad))},
-            )
+            skip(execution, name, bad)
             blocked.add(name)
             continue
-        result = run_step(node, [outputs[u] for u in node.upstream], job, launch, sink)
-        if result.ok:
-            outputs[name] = result.value
+        inputs = [outputs[u] for u in node.upstream]
+        attempt = run_step(node, inputs, execution.job, execution.launch, execution.sink,
+                           capture_step_output)  # fmt: skip
+        if attempt.ok:
+            attempt = store_output(execution, name, attempt)
+        if attempt.ok:
+            outputs[name] = attempt.value
         else:
             failed.append(name)
             blocked.add(name)

@@ -56,6 +56,7 @@ class Run:
     parent_run_id: str | None = None
     root_run_id: str | None = None
     resume_count: int = 0
+    reuse_outputs: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -75,6 +76,7 @@ class Run:
             "parent_run_id": self.parent_run_id,
             "root_run_id": self.root_run_id,
             "not_before": iso(self.not_before),
+            "reuse_outputs": self.reuse_outputs,
         }
 
 
@@ -90,6 +92,7 @@ class NewRun:
     not_before: float | None = None
     parent_run_id: str | None = None
     root_run_id: str | None = None
+    reuse_outputs: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -237,6 +240,11 @@ class Storage(Protocol):
         self, agent_id: str, held_leases: list[int], now: float, resume_limit: int
     ) -> list[Run]: ...
     async def pending_retries(self, limit: int) -> list[Run]: ...
+    async def reusable_outputs(self, run: Run) -> dict[str, str]: ...
+    async def put_output(
+        self, run_id: str, lease: int, step: str, data: bytes, now: float
+    ) -> None: ...
+    async def get_output(self, run_id: str, step: str) -> bytes | None: ...
     async def settle_retry(
         self, run_id: str, retry: NewRun | None, message: str, data: dict[str, Any], now: float
     ) -> Run | None: ...

@@ -143,6 +143,23 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX runs_by_parent ON runs (parent_run_id);
     CREATE INDEX runs_retry_pending ON runs (retry_pending, id);
     """,
+    # version 3: the output store, and which outputs a re-execution reuses; a run may have
+    # several re-executions, so a parent is no longer unique (a retry stays exactly-once
+    # through the retry_pending mark, checked and cleared in the retry's transaction)
+    """
+    DROP INDEX runs_by_parent;
+    CREATE INDEX runs_by_parent ON runs (parent_run_id);
+    ALTER TABLE runs ADD COLUMN reuse_outputs TEXT NOT NULL DEFAULT '{}';
+    CREATE TABLE step_outputs (
+        run_id TEXT NOT NULL,
+        step TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        create_time REAL NOT NULL,
+        PRIMARY KEY (run_id, step)
+    );
+    """,
 ]
 
 DISPATCH_BATCH = 1000
@@ -151,13 +168,13 @@ AGENT_FAILURE_KINDS = frozenset({WORKER_CRASH, AGENT_LOST})  # what an agent may
 _RUN_COLUMNS = (
     "run_id, job, location, status, status_reason, tags, config, agent_id, lease, "
     "create_time, start_time, end_time, priority, queue, status_time, not_before, "
-    "failure_kind, parent_run_id, root_run_id, resume_count, id"
+    "failure_kind, parent_run_id, root_run_id, resume_count, reuse_outputs, id"
 )
 
 
 def _run_from_row(row: Iterable[Any]) -> Run:
     (run_id, job, location, status, reason, tags, config, agent_id, lease, create, start, end,
-     priority, queue, status_time, not_before, failure_kind, parent, root, resumes,
+     priority, queue, status_time, not_before, failure_kind, parent, root, resumes, reuse,
      _id) = row  # fmt: skip
     return Run(
         run_id=run_id,
@@ -180,6 +197,7 @@ def _run_from_row(row: Iterable[Any]) -> Run:
         parent_run_id=parent,
         root_run_id=root,
         resume_count=resumes,
+        reuse_outputs=json.loads(reuse),
     )
 
 
@@ -283,8 +301,8 @@ class SqliteStorage:
     ) -> Run:
         await db.execute(
             "INSERT INTO runs (run_id, job, location, status, tags, config, priority, queue,"
-            " create_time, update_time, status_time, not_before, parent_run_id, root_run_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " create_time, update_time, status_time, not_before, parent_run_id, root_run_id,"
+            " reuse_outputs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run.run_id,
                 run.job,
@@ -300,6 +318,7 @@ class SqliteStorage:
                 run.not_before,
                 run.parent_run_id,
                 run.root_run_id,
+                json.dumps(run.reuse_outputs),
             ),
         )
         await db.executemany(
@@ -620,10 +639,11 @@ class SqliteStorage:
                 {**data, "attempt": attempt}, attempt=run.lease, event_time=event_time,
             )  # fmt: skip
             await self._set_status(db, run.run_id, RunStatus.QUEUED, message, now)
+            reuse = await self._reusable(db, run)  # the new worker skips finished steps
             await db.execute(
-                "UPDATE runs SET agent_id = NULL, lease = NULL,"
+                "UPDATE runs SET agent_id = NULL, lease = NULL, reuse_outputs = ?,"
                 " resume_count = resume_count + 1 WHERE run_id = ?",
-                (run.run_id,),
+                (json.dumps(reuse), run.run_id),
             )
             return RunStatus.QUEUED
         status, _ = await self._append_event(
@@ -754,6 +774,38 @@ class SqliteStorage:
                 )
             )
         return await self.apply_verdicts(verdicts, now, resume_limit) if verdicts else []
+
+    async def _reusable(self, db: aiosqlite.Connection, run: Run) -> dict[str, str]:
+        rows = await db.execute_fetchall(
+            "SELECT DISTINCT step FROM events WHERE run_id = ? AND type = 'STEP_SUCCESS'",
+            (run.run_id,),
+        )
+        return {**run.reuse_outputs, **{step: run.run_id for (step,) in rows}}
+
+    async def reusable_outputs(self, run: Run) -> dict[str, str]:
+        """Each step whose output `run` has (made or reused), with the run that stored it."""
+        return await self._reusable(self._r, run)
+
+    async def put_output(self, run_id: str, lease: int, step: str, data: bytes, now: float) -> None:
+        async with self._write() as db:
+            run = await self._get_run(db, run_id)
+            if run is None:
+                raise UnknownRun(run_id)
+            if run.lease != lease:
+                raise StaleLease(f"lease {lease} of run {run_id} is stale (current: {run.lease})")
+            await db.execute(
+                "INSERT INTO step_outputs (run_id, step, attempt, size, data, create_time)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, step) DO UPDATE SET"
+                " attempt = excluded.attempt, size = excluded.size, data = excluded.data,"
+                " create_time = excluded.create_time",
+                (run_id, step, lease, len(data), data, now),
+            )
+
+    async def get_output(self, run_id: str, step: str) -> bytes | None:
+        rows = await self._r.execute_fetchall(
+            "SELECT data FROM step_outputs WHERE run_id = ? AND step = ?", (run_id, step)
+        )
+        return bytes(rows[0][0]) if rows else None
 
     async def pending_retries(self, limit: int) -> list[Run]:
         rows = await self._r.execute_fetchall(

@@ -12,6 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import (
     FIXTURES,
     FLEETRUN,
@@ -210,12 +212,16 @@ def test_restarted_agent_reports_its_lost_runs_at_once(tmp_path: Path) -> None:
         cp.stop()
 
 
-def test_cancel_a_started_run_stops_it_before_its_side_effect(tmp_path: Path) -> None:
+@pytest.mark.parametrize("executor", ["in_process", "multiprocess"])
+def test_cancel_a_started_run_stops_it_before_its_side_effect(
+    tmp_path: Path, executor: str
+) -> None:
     cp = start_control_plane(tmp_path, monitoring(30))
     agent = start_agent(cp, tmp_path, "a1", JOBS)
     try:
-        # Given a run sleeping before a side effect
-        run_id = cp.submit("slow_side_effect", config={"dir": str(tmp_path), "seconds": 30})
+        # Given a run sleeping before a side effect (its op also started a process)
+        config = {"dir": str(tmp_path), "seconds": 30, "execution": executor}
+        run_id = cp.submit("slow_side_effect", config=config)
         wait_status(cp, run_id, "STARTED")
         wait_for(lambda: (tmp_path / "pid").exists() and (tmp_path / "pid").read_text(),
                  what="the worker")  # fmt: skip

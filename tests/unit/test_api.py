@@ -228,7 +228,7 @@ async def test_run_filters_and_cursor(client: TestClient) -> None:
     run = tagged["runs"][0]
     assert set(run) == {"run_id", "job", "location", "status", "status_reason", "tags", "config",
                         "agent", "create_time", "start_time", "end_time", "lease", "failure_kind",
-                        "parent_run_id", "root_run_id", "not_before"}  # fmt: skip
+                        "parent_run_id", "root_run_id", "not_before", "reuse_outputs"}  # fmt: skip
     assert run["create_time"].endswith("Z") and run["start_time"] is None
 
 

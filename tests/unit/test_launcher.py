@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 import msgpack
@@ -43,7 +44,7 @@ async def run_job(
                        config=config or {})  # fmt: skip
     worker = RunWorker(launch, records.append)
     async with asyncio.timeout(60):
-        await worker.run(LOCATION, launcher)
+        await worker.run(LOCATION, launcher, tempfile.mkdtemp(prefix="fleetrun-test-"))
     return worker, records
 
 

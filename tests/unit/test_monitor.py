@@ -142,14 +142,18 @@ async def test_the_retrier_settles_a_bad_run_and_goes_on(tmp_path) -> None:  # t
     try:
         agent = await storage.register_agent("w", "h", "0", ["default"], 2,
                                              [CodeLocationInfo(name="loc")], now=1)  # fmt: skip
-        for run_id, tags in (("bad", {"fleetrun/retry_number": "x"}), ("good", {})):
+        runs = (("bad", {"fleetrun/retry_number": "x"}), ("good", {}),
+                ("all", {"fleetrun/retry_strategy": "ALL_STEPS"}))  # fmt: skip
+        for run_id, tags in runs:
             await storage.create_run(NewRun(run_id, "etl", "loc", tags, {}), now=1)
             (run,) = await storage.assign_queued(2, lambda s, r=run_id: [(r, agent.agent_id)])
-            failure = RunRecord(seq=1, time=3, kind="event", type="RUN_FAILURE")
-            await storage.append_records(run_id, run.lease, [failure], now=3)  # type: ignore[arg-type]
+            records = [RunRecord(seq=1, time=3, kind="event", type="STEP_SUCCESS", step="a"),
+                       RunRecord(seq=2, time=3, kind="event", type="RUN_FAILURE")]  # fmt: skip
+            await storage.append_records(run_id, run.lease, records, now=3)  # type: ignore[arg-type]
         retrier = RunRetrier(storage, RunRetriesConfig(max_retries=1), SystemClock(), print)
         queued = await retrier.settle_pending()
-        assert [r.parent_run_id for r in queued] == ["good"]
+        assert [r.parent_run_id for r in queued] == ["good", "all"]
+        assert [r.reuse_outputs for r in queued] == [{"a": "good"}, {}]  # FROM_FAILURE default
         assert await storage.pending_retries(10) == []
         bad = [e for e in await storage.get_events("bad", 0, 100) if e.type == "RUN_RETRY"]
         assert bad[0].message.startswith("not retried: invalid literal")

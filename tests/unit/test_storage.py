@@ -272,18 +272,21 @@ async def test_verdict_fails_the_run_fences_its_lease_and_loses_to_an_earlier_re
 async def test_a_crashed_worker_resumes_the_run_until_attempts_run_out(storage: Storage) -> None:
     aid = await agent_id(storage)
     lease = await started(storage, "r1", aid)
-    crash = RunRecord(seq=2, time=103.0, kind="event", type="RUN_FAILURE", message="exit 9",
+    done = event(2, "STEP_SUCCESS", "extract")
+    crash = RunRecord(seq=3, time=103.0, kind="event", type="RUN_FAILURE", message="exit 9",
                       data={"failure_kind": "worker_crash"})  # fmt: skip
-    result = await storage.append_records("r1", lease, [crash], now=3, resume_limit=1)
+    result = await storage.append_records("r1", lease, [done, crash], now=3, resume_limit=1)
     assert result.status == RunStatus.QUEUED
     run = await storage.get_run("r1")
     assert run is not None and (run.lease, run.agent_id, run.resume_count) == (None, None, 1)
+    assert run.reuse_outputs == {"extract": "r1"}  # the new worker skips finished steps
     restarted = [e for e in await storage.get_events("r1", 0, 100)
                  if e.type == "RUN_WORKER_RESTARTED"]  # fmt: skip
     assert restarted[0].data["attempt"] == 2 and "attempt 2 of 2" in restarted[0].message
     second = (await assign(storage, "r1", aid, now=4)).lease  # type: ignore[union-attr]
     assert second > lease
     await storage.append_records("r1", second, [event(1, "RUN_START")], now=5)
+    crash.seq = 2
     result = await storage.append_records("r1", second, [crash], now=6, resume_limit=1)
     run = await storage.get_run("r1")
     assert run is not None and run.status == RunStatus.FAILURE
