@@ -21,6 +21,7 @@ from agent.client import ControlPlaneClient, ControlPlaneError, ControlPlaneUnre
 from agent.config import AgentConfig
 from agent.launcher import Launcher, RunWorker, describe_location
 from agent.outbox import AttemptRejected, RunOutbox
+from agent.outputs import INLINE_KEY, INLINE_OUTPUT_BYTES
 from protocol import FLEETRUN_VERSION
 from protocol.messages import (
     CodeLocationInfo,
@@ -61,7 +62,7 @@ def _write(path: str, data: bytes) -> None:
 
 
 class OutputUploader:
-    """Uploads step outputs to the control plane before the records that announce them."""
+    """Sends step outputs to the control plane with, or before, the records announcing them."""
 
     def __init__(
         self, client: ControlPlaneClient, agent_id: str, launch: LaunchRun, scratch: str
@@ -79,7 +80,9 @@ class OutputUploader:
                 continue
             path = os.path.join(self.scratch, "out", f"{step}.pickle")
             data = await asyncio.to_thread(_read_if_exists, path)
-            if data is not None:
+            if data is not None and len(data) <= INLINE_OUTPUT_BYTES:
+                record.data[INLINE_KEY] = data  # stored with the event, one transaction
+            elif data is not None:
                 await self.client.put_output(self.agent_id, self.launch.run_id,
                                              self.launch.lease, step, data,
                                              REQUEST_TIMEOUT_SECONDS)  # fmt: skip

@@ -18,8 +18,25 @@ from protocol.messages import EventAck, EventBatch, RunRecord
 log = logging.getLogger("fleetrun.agent.outbox")
 
 MAX_BATCH = 500
+MAX_BATCH_BYTES = 4 * 1024 * 1024  # well under the control plane's 8 MiB body limit
 RETRY_MIN_SECONDS = 0.2
 RETRY_MAX_SECONDS = 5.0
+
+
+def _size(record: RunRecord) -> int:
+    """Roughly the encoded size of a record (its text and any bytes it carries)."""
+    extra = sum(len(v) for v in record.data.values() if isinstance(v, bytes | str))
+    return 64 + len(record.message) + extra
+
+
+def _up_to_size(records: list[RunRecord], limit: int) -> list[RunRecord]:
+    """The longest prefix under `limit` bytes (at least one record)."""
+    total = 0
+    for i, record in enumerate(records):
+        total += _size(record)
+        if total > limit and i > 0:
+            return records[:i]
+    return records
 
 
 class AttemptRejected(Exception):
@@ -66,15 +83,16 @@ class RunOutbox:
                 await self._wake.wait()
                 self._wake.clear()
                 continue
-            batch = EventBatch(
-                agent_id=self.agent_id,
-                run_id=self.run_id,
-                lease=self.lease,
-                records=self._pending[:MAX_BATCH],
-            )
+            records = self._pending[:MAX_BATCH]
             try:
                 if self._before_send is not None:
-                    await self._before_send(batch.records)
+                    await self._before_send(records)
+                batch = EventBatch(
+                    agent_id=self.agent_id,
+                    run_id=self.run_id,
+                    lease=self.lease,
+                    records=_up_to_size(records, MAX_BATCH_BYTES),
+                )
                 ack = await self._send(batch)
             except ControlPlaneUnreachable as exc:
                 log.warning("run %s: cannot send records (%s); retrying", self.run_id, exc)

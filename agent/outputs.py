@@ -4,9 +4,11 @@ A re-execution (or a resumed run) loads the outputs of the steps it does not run
 from the store instead of computing them. Two stores:
 
 - `control_plane` (default): the run worker writes each output to the attempt's scratch
-  folder and the agent uploads it to the control plane's storage before the step's
-  events are delivered, so a re-execution can run on any agent. For a reused output the
-  agent downloads it into the scratch folder before the worker starts.
+  folder and the agent sends it to the control plane's storage before or with the
+  step's STEP_OUTPUT event (small outputs ride inside that event's batch and are stored
+  in its transaction; larger ones are uploaded first), so a re-execution can run on any
+  agent. For a reused output the agent downloads it into the scratch folder before the
+  worker starts.
 - `filesystem`: outputs live under a path every agent can read (a shared volume).
 
 Outputs are pickled; one over `max_output_bytes` fails its step with a message saying so.
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+INLINE_OUTPUT_BYTES = 256 * 1024  # up to this size an output travels inside its event
+INLINE_KEY = "output_bytes"
 
 
 class OutputTooLarge(Exception):
@@ -33,13 +37,14 @@ class OutputStore(Protocol):
     def get(self, run_id: str, step: str) -> bytes: ...
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def _write_atomically(path: Path, data: bytes, durable: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(temp, "wb") as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(temp, path)
 
 
@@ -70,7 +75,8 @@ class ScratchOutputStore(FilesystemOutputStore):
         return self.root / "in" / run_id / f"{step}.pickle"
 
     def put(self, run_id: str, step: str, data: bytes) -> None:
-        _write_atomically(self.root / "out" / f"{step}.pickle", data)
+        # No fsync: this copy is transient; the control plane's commit makes it durable.
+        _write_atomically(self.root / "out" / f"{step}.pickle", data, durable=False)
 
 
 def encode_output(step: str, value: Any, max_bytes: int) -> bytes:

@@ -15,4 +15,21 @@ def sleepy():
     sleep_a_minute()
 
 
-defs = Definitions(jobs=[sleepy])
+@op
+def add_one(context, value):
+    return value + 1
+
+
+@op
+def zero(context):
+    return 0
+
+
+@job
+def chain_100():
+    value = zero()
+    for _ in range(99):
+        value = add_one(value)
+
+
+defs = Definitions(jobs=[sleepy, chain_100])

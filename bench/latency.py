@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
         label = f"{simulated} simulated idle"
         print(f"  {label:<28}{statistics.median(lags):>8.2f}{_pct(lags, 0.99):>8.2f}"
               f"{max(lags):>8.2f}")  # fmt: skip
+    from bench.executors import report
+
+    report()
 
 
 if __name__ == "__main__":

@@ -310,12 +310,18 @@ async def get_logs(request: web.Request) -> web.Response:
     after = _int_param(request, "after", 0, 0, 2**62)
     wait = _wait_param(request)
 
-    async def fetch() -> list:
-        return await cp.storage.get_logs(run.run_id, step, after)
+    async def fetch() -> tuple[list] | None:
+        """New chunks, or none once the run has ended (so a follower can stop); else None."""
+        chunks = await cp.storage.get_logs(run.run_id, step, after)
+        if chunks:
+            return (chunks,)
+        current = await cp.storage.get_run(run.run_id)
+        return ([],) if current is None or current.status in TERMINAL_STATUSES else None
 
-    chunks = await fetch()
-    if not chunks and wait > 0:
-        chunks = await cp.run_events.wait_for(run.run_id, fetch, wait) or []
+    found = await fetch()
+    if found is None and wait > 0:
+        found = await cp.run_events.wait_for(run.run_id, fetch, wait)
+    chunks = found[0] if found else []
     return web.json_response({"logs": [c.to_json() for c in chunks]})
 
 

@@ -163,6 +163,16 @@ MIGRATIONS: list[str] = [
 ]
 
 DISPATCH_BATCH = 1000
+INLINE_OUTPUT_KEY = "output_bytes"  # a STEP_OUTPUT's data may carry the output itself
+
+
+def _not_json(value: object) -> str:
+    """Event data is JSON; anything else an agent sends is kept as a short placeholder."""
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    return f"<{type(value).__name__}>"
+
+
 AGENT_FAILURE_KINDS = frozenset({WORKER_CRASH, AGENT_LOST})  # what an agent may report
 
 _RUN_COLUMNS = (
@@ -573,7 +583,7 @@ class SqliteStorage:
                 event_type,
                 step,
                 message,
-                json.dumps(data or {}),
+                json.dumps(data or {}, default=_not_json),
                 attempt,
             ),
         )
@@ -704,6 +714,9 @@ class SqliteStorage:
                     if status == RunStatus.QUEUED:
                         break  # this attempt is over; its lease is no longer current
                     continue
+                inline = record.data.pop(INLINE_OUTPUT_KEY, None)
+                if isinstance(inline, bytes) and record.step is not None:
+                    await self._put_output(db, run_id, lease, record.step, inline, now)
                 applies = record.type in AGENT_STATUS_EVENTS and (
                     record.type != "RUN_CANCELED" or status == RunStatus.CANCELING
                 )
@@ -793,13 +806,18 @@ class SqliteStorage:
                 raise UnknownRun(run_id)
             if run.lease != lease:
                 raise StaleLease(f"lease {lease} of run {run_id} is stale (current: {run.lease})")
-            await db.execute(
-                "INSERT INTO step_outputs (run_id, step, attempt, size, data, create_time)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, step) DO UPDATE SET"
-                " attempt = excluded.attempt, size = excluded.size, data = excluded.data,"
-                " create_time = excluded.create_time",
-                (run_id, step, lease, len(data), data, now),
-            )
+            await self._put_output(db, run_id, lease, step, data, now)
+
+    async def _put_output(
+        self, db: aiosqlite.Connection, run_id: str, lease: int, step: str, data: bytes, now: float
+    ) -> None:
+        await db.execute(
+            "INSERT INTO step_outputs (run_id, step, attempt, size, data, create_time)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, step) DO UPDATE SET"
+            " attempt = excluded.attempt, size = excluded.size, data = excluded.data,"
+            " create_time = excluded.create_time",
+            (run_id, step, lease, len(data), data, now),
+        )
 
     async def get_output(self, run_id: str, step: str) -> bytes | None:
         rows = await self._r.execute_fetchall(

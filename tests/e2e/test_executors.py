@@ -131,3 +131,20 @@ def test_filesystem_output_store_and_the_output_cap(tmp_path: Path) -> None:
     finally:
         agent.stop()
         cp.stop()
+
+
+def test_a_large_output_is_uploaded_and_downloaded_for_reuse(tmp_path: Path) -> None:
+    cp = start_control_plane(tmp_path)
+    agent = start_agent(cp, tmp_path, "a1", JOBS)
+    try:
+        parent = cp.submit("medium_pipeline", config={"dir": str(tmp_path)})
+        assert cp.wait_run(parent)["status"] == "FAILURE"
+        (tmp_path / "fixed").touch()
+        code, body = http("POST", f"{cp.url}/api/v1/runs/{parent}/reexecute", {})
+        assert code == 201 and cp.wait_run(body["run_id"])["status"] == "SUCCESS"
+        assert by_type(cp, body["run_id"], "STEP_REUSED") == ["medium"]
+        assert (tmp_path / "count-medium").read_text() == "x"
+        assert (tmp_path / "measured").read_text() == "300000"
+    finally:
+        agent.stop()
+        cp.stop()

@@ -23,8 +23,8 @@ from protocol.messages import LaunchRun, RunRecord
 from tests.conftest import FIXTURES
 
 
-def _definitions() -> Definitions:
-    spec = importlib.util.spec_from_file_location("executor_jobs", FIXTURES / "executor_jobs.py")
+def _definitions(name: str = "executor_jobs") -> Definitions:
+    spec = importlib.util.spec_from_file_location(name, FIXTURES / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -45,8 +45,9 @@ def read_records(path: Path) -> list[RunRecord]:
 
 def execute(tmp_path: Path, job_name: str, executor: str | None = None, *,
             max_output_bytes: int = 1 << 24, reuse: dict[str, str] | None = None,
-            run_id: str = "run-1") -> tuple[list[str], list[RunRecord]]:  # fmt: skip
-    job: JobDefinition = DEFS.get_job(job_name)
+            run_id: str = "run-1", defs: Definitions = DEFS,
+            ) -> tuple[list[str], list[RunRecord]]:  # fmt: skip
+    job: JobDefinition = defs.get_job(job_name)
     options = dict(job.executor) if executor is None else {"name": executor}
     log = tmp_path / f"{run_id}.records"
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
@@ -166,3 +167,12 @@ def test_reused_outputs_are_loaded_not_recomputed(tmp_path: Path, executor: str)
 def test_unknown_executor_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown executor 'nope'"):
         get_executor("nope")
+
+
+def test_the_documented_custom_executor_runs(tmp_path: Path) -> None:
+    defs = _definitions("custom_executor_jobs")  # importing it registers "audited"
+    failed, records = execute(tmp_path, "audited_job", defs=defs)
+    assert failed == []
+    assert [r.message for r in events(records, "LOG")] == ["audit: starting one",
+                                                          "audit: starting two"]  # fmt: skip
+    assert pickle.loads(FilesystemOutputStore(str(tmp_path / "store")).get("run-1", "two")) == 2

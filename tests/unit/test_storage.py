@@ -356,3 +356,23 @@ async def test_a_run_failing_while_canceled_is_not_retried(storage: Storage) -> 
     await storage.append_records("r1", lease, [event(2, "RUN_FAILURE")], now=4)
     assert (await storage.get_run("r1")).status == RunStatus.FAILURE  # type: ignore[union-attr]
     assert await storage.pending_retries(10) == []
+
+
+async def test_outputs_are_stored_inline_or_uploaded_under_the_current_lease(
+    storage: Storage,
+) -> None:
+    aid = await agent_id(storage)
+    lease = await started(storage, "r1", aid)
+    data = {"type": "int", "output_bytes": b"\x80pickled", "odd": b"x"}
+    output = RunRecord(seq=2, time=1.0, kind="event", type="STEP_OUTPUT", step="a", data=data)
+    await storage.append_records("r1", lease, [output], now=3)
+    assert await storage.get_output("r1", "a") == b"\x80pickled"
+    (stored,) = [e for e in await storage.get_events("r1", 0, 100) if e.type == "STEP_OUTPUT"]
+    assert stored.data == {"type": "int", "odd": "<1 bytes>"}  # bytes never reach the JSON
+    await storage.put_output("r1", lease, "b", b"big", now=4)
+    assert await storage.get_output("r1", "b") == b"big"
+    assert await storage.get_output("r1", "missing") is None
+    with pytest.raises(StaleLease):
+        await storage.put_output("r1", lease + 1, "b", b"late", now=5)
+    with pytest.raises(UnknownRun):
+        await storage.put_output("nope", lease, "b", b"x", now=5)

@@ -1,0 +1,51 @@
+"""Per-step overhead of the executors: a 100-op chain (each op adds one to its input).
+
+Submitted through a real control plane and agent; the figure is (end_time - start_time)
+of the run / 100, both stamped by the control plane as RUN_START and RUN_SUCCESS arrive,
+so it includes events, output pickling and storage, and delivery, not only the call.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+from bench.latency import FLEETRUN, _get, _post, _ts, _wait, fleet
+from bench.monitoring import JOBS
+
+STEPS = 100
+
+
+def per_step_ms(executor: str, runs: int) -> list[float]:
+    results = []
+    with fleet("", agents=0, slots=1) as url:
+        folder = Path(tempfile.mkdtemp(prefix="fleetrun-bench-exec-"))
+        config = folder / "agent.toml"
+        config.write_text(f'control_plane_url = "{url}"\nname = "exec"\n[[code_locations]]\n'
+                          f'name = "bench"\npython_file = "{JOBS}"\n')  # fmt: skip
+        agent = subprocess.Popen([*FLEETRUN, "agent", "--config", str(config)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            _wait(lambda: any(a["code_locations"] for a in _get(f"{url}/api/v1/agents")["agents"]),
+                  60, "the agent")  # fmt: skip
+            for _ in range(runs):
+                body = {"job": "chain_100", "config": {"execution": executor}}
+                run_id = _post(f"{url}/api/v1/runs", body)["run_id"]
+                run = _wait(lambda rid=run_id: (r := _get(f"{url}/api/v1/runs/{rid}"))["end_time"]
+                            and r, 300, "the chain")  # fmt: skip
+                assert run["status"] == "SUCCESS", run
+                results.append((_ts(run["end_time"]) - _ts(run["start_time"])) * 1000 / STEPS)
+        finally:
+            agent.terminate()
+            agent.wait(20)
+    return results
+
+
+def report(runs: int = 5) -> None:
+    print(f"executors: {STEPS}-op chain, ms per step over {runs} runs")
+    print(f"  {'executor':<28}{'p50':>8}{'max':>8}")
+    for executor in ("in_process", "multiprocess"):
+        ms = per_step_ms(executor, runs)
+        print(f"  {executor:<28}{statistics.median(ms):>8.2f}{max(ms):>8.2f}")
