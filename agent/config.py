@@ -53,8 +53,13 @@ class AgentConfig:
     heartbeat_interval_seconds: float = 5.0
     code_locations: list[CodeLocationConfig] = field(default_factory=list)
     output_store: OutputStoreConfig = field(default_factory=OutputStoreConfig)
+    run_launcher: str = "forkserver"  # or "subprocess": a fresh interpreter per run
 
     def check(self) -> None:
+        if self.run_launcher not in ("forkserver", "subprocess"):
+            raise FieldError(
+                "run_launcher", f"must be 'forkserver' or 'subprocess', not {self.run_launcher!r}"
+            )
         if not self.control_plane_url.startswith(("http://", "https://")):
             raise FieldError("control_plane_url", "must start with http:// or https://")
         if self.max_concurrent_runs < 1:

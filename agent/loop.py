@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from agent.client import ControlPlaneClient, ControlPlaneError, ControlPlaneUnreachable
 from agent.config import AgentConfig
-from agent.launcher import Launcher, RunWorker, describe_location
+from agent.launcher import RunWorker, describe_location, make_launcher
 from agent.outbox import AttemptRejected, RunOutbox
 from agent.outputs import INLINE_KEY, INLINE_OUTPUT_BYTES
 from protocol import FLEETRUN_VERSION
@@ -112,7 +112,9 @@ class Agent:
         self.heartbeat_timeout = 30.0
         self.last_contact = time.monotonic()
         self.location_infos: list[CodeLocationInfo] = []
-        self.launcher = Launcher(config.code_locations, config.output_store)
+        self.launcher = make_launcher(
+            config.run_launcher, config.code_locations, config.output_store
+        )
 
     async def load_locations(self) -> list[CodeLocationInfo]:
         infos = await asyncio.gather(*(describe_location(loc) for loc in self.locations.values()))

@@ -1,4 +1,5 @@
-"""The in-process executor: steps one after another in the run worker, in graph order."""
+"""The in-process executor: steps one after another in the run worker (by priority tag,
+then graph order)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,26 @@ from typing import Any
 from agent.capture import capture_step_output
 from agent.executors import Execution
 from agent.executors.step import Attempt, emit_failure, emit_success, error_data, run_step
+
+PRIORITY_TAG = "fleetrun/priority"
+
+
+def step_priority(execution: Execution, step: str) -> int:
+    """The op's `fleetrun/priority` tag (higher runs first among ready steps); 0 if unset."""
+    try:
+        return int(execution.job.nodes[step].op.tags.get(PRIORITY_TAG, "0"))
+    except ValueError:
+        return 0
+
+
+def next_ready(
+    execution: Execution, pending: list[str], done: dict[str, Any], blocked: set[str]
+) -> str:
+    """The pending step to run (or skip) next: the highest priority whose upstream is
+    settled, ties in graph order. The graph is acyclic, so one always exists."""
+    nodes = execution.job.nodes
+    ready = [n for n in pending if all(u in done or u in blocked for u in nodes[n].upstream)]
+    return max(ready, key=lambda n: step_priority(execution, n), default=pending[0])
 
 
 def skip(execution: Execution, step: str, upstream: list[str]) -> None:
@@ -36,9 +57,11 @@ def execute_in_process(execution: Execution) -> list[str]:
     outputs: dict[str, Any] = execution.load_reused()
     failed: list[str] = []
     blocked: set[str] = set()
-    for name, node in execution.job.nodes.items():
-        if name in outputs:
-            continue
+    pending = [name for name in execution.job.nodes if name not in outputs]
+    while pending:
+        name = next_ready(execution, pending, outputs, blocked)
+        pending.remove(name)
+        node = execution.job.nodes[name]
         bad = [u for u in node.upstream if u in blocked]
         if bad:
             skip(execution, name, bad)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.executors import Execution
-from agent.executors.in_process import skip
+from agent.executors.in_process import skip, step_priority
 from agent.executors.step import (
     Attempt,
     attempt_step,
@@ -37,7 +37,6 @@ from agent.executors.step import (
 )
 from agent.sdk import Node
 
-PRIORITY_TAG = "fleetrun/priority"
 _LENGTH = struct.Struct(">I")
 
 
@@ -130,10 +129,7 @@ class _Scheduler:
         self.queued: set[str] = set()
 
     def priority(self, name: str) -> int:
-        try:
-            return -int(self.job.nodes[name].op.tags.get(PRIORITY_TAG, "0"))
-        except ValueError:
-            return 0
+        return -step_priority(self.execution, name)  # heapq pops the smallest first
 
     def enqueue_ready_steps(self) -> None:
         for name, node in self.job.nodes.items():

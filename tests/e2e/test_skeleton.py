@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import (
     FIXTURES,
     FLEETRUN,
@@ -95,11 +97,13 @@ def test_context_config_tags_and_locations(control_plane: ControlPlaneProc, tmp_
         proc.stop()
 
 
+@pytest.mark.parametrize("launcher", ["forkserver", "subprocess"])
 def test_worker_crash_fails_the_run_not_the_agent(
-    control_plane: ControlPlaneProc, tmp_path: Path
+    control_plane: ControlPlaneProc, tmp_path: Path, launcher: str
 ) -> None:
     proc = start_agent(control_plane, tmp_path, "crash-agent",
-                       {"ctx": FIXTURES / "context_jobs.py"})  # fmt: skip
+                       {"ctx": FIXTURES / "context_jobs.py"},
+                       f'run_launcher = "{launcher}"')  # fmt: skip
     try:
         run_id = control_plane.submit("crashing")
         run = control_plane.wait_run(run_id)

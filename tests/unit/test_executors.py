@@ -145,8 +145,9 @@ def test_an_output_over_the_cap_fails_its_step(tmp_path: Path, executor: str) ->
     assert "over the output store's limit of 1000 bytes" in message
 
 
-def test_ready_steps_start_by_priority_tag(tmp_path: Path) -> None:
-    failed, _ = execute(tmp_path, "prioritized")
+@pytest.mark.parametrize("executor", [None, "in_process"])
+def test_ready_steps_start_by_priority_tag(tmp_path: Path, executor: str | None) -> None:
+    failed, _ = execute(tmp_path, "prioritized", executor)
     assert failed == [] and (tmp_path / "order").read_text().split() == ["high", "low", "plain"]
 
 

@@ -15,7 +15,13 @@ import pytest
 
 from agent.config import CodeLocationConfig
 from agent.forkserver import ForkServer
-from agent.launcher import Launcher, RunWorker, forkserver_command
+from agent.launcher import (
+    ForkServerLauncher,
+    RunLauncher,
+    RunWorker,
+    SubprocessLauncher,
+    forkserver_command,
+)
 from protocol.messages import LaunchRun, RunRecord
 from tests.conftest import FIXTURES
 
@@ -26,14 +32,14 @@ LOCATION = CodeLocationConfig(
 
 @pytest.fixture
 async def launcher():
-    launcher = Launcher([LOCATION])
+    launcher = ForkServerLauncher([LOCATION])
     await launcher.warm_up()
     yield launcher
     await launcher.close()
 
 
 async def run_job(
-    launcher: Launcher,
+    launcher: RunLauncher,
     job: str,
     lease: int = 1,
     config: dict | None = None,
@@ -66,11 +72,11 @@ class StartWatch(list):
             self.started.set()
 
 
-def server(launcher: Launcher) -> ForkServer:
+def server(launcher: ForkServerLauncher) -> ForkServer:
     return launcher._servers[""]
 
 
-async def test_each_run_gets_a_fresh_import_of_user_code(launcher: Launcher) -> None:
+async def test_each_run_gets_a_fresh_import_of_user_code(launcher: ForkServerLauncher) -> None:
     pids = set()
     for lease in (1, 2, 3):
         worker, records = await run_job(launcher, "module_state", lease)
@@ -83,14 +89,14 @@ async def test_each_run_gets_a_fresh_import_of_user_code(launcher: Launcher) -> 
     assert len(pids) == 3
 
 
-async def test_exit_codes_and_signals_are_reported(launcher: Launcher) -> None:
+async def test_exit_codes_and_signals_are_reported(launcher: ForkServerLauncher) -> None:
     worker, records = await run_job(launcher, "killed_by_signal")
     assert worker.exit_code == -signal.SIGKILL
     assert "was killed by signal SIGKILL without reporting a result" in terminal(records).message
 
 
 async def test_a_killed_fork_server_is_replaced_and_its_running_workers_finish(
-    launcher: Launcher, tmp_path: Path
+    launcher: ForkServerLauncher, tmp_path: Path
 ) -> None:
     gate = tmp_path / "gate"
     first = server(launcher)
@@ -129,3 +135,19 @@ def test_fork_server_answers_bad_requests_and_keeps_serving() -> None:
     finally:
         ours.close()
         assert proc.wait(30) == 0  # closing our end stops the server cleanly
+
+
+async def test_the_subprocess_launcher_runs_a_fresh_interpreter_per_run() -> None:
+    launcher = SubprocessLauncher([LOCATION])
+    await launcher.warm_up()
+    try:
+        worker, records = await run_job(launcher, "module_state")
+        assert terminal(records).type == "RUN_SUCCESS" and worker.exit_code == 0
+        out = "".join(r.message for r in records if r.kind == "log" and r.type == "stdout")
+        pid, ppid, pgid = (int(x) for x in out.split()[1::2])
+        assert ppid == os.getpid() and pgid == pid  # our child, in its own process group
+        worker, records = await run_job(launcher, "killed_by_signal", 2)
+        assert worker.exit_code == -signal.SIGKILL
+        assert "killed by signal SIGKILL" in terminal(records).message
+    finally:
+        await launcher.close()
