@@ -26,6 +26,9 @@ class CodeLocationConfig:
             raise FieldError("python_file", "give exactly one of python_file or module")
 
 
+MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+
+
 @dataclass
 class OutputStoreConfig:
     """Where step outputs are kept for re-execution (see agent/outputs.py)."""
@@ -39,8 +42,11 @@ class OutputStoreConfig:
             raise FieldError("kind", f"must be 'control_plane' or 'filesystem', not {self.kind!r}")
         if self.kind == "filesystem" and not self.path:
             raise FieldError("path", "the filesystem output store needs a path")
-        if self.max_output_bytes < 1:
-            raise FieldError("max_output_bytes", "must be >= 1")
+        if not 1 <= self.max_output_bytes <= MAX_OUTPUT_BYTES:
+            raise FieldError(
+                "max_output_bytes",
+                f"must be between 1 and {MAX_OUTPUT_BYTES} (what the control plane accepts)",
+            )
 
 
 @dataclass

@@ -39,6 +39,7 @@ log = logging.getLogger("fleetrun.agent")
 RECORD_FD_ENV = "FLEETRUN_RECORD_FD"
 TERMINAL_EVENTS = frozenset({"RUN_SUCCESS", "RUN_FAILURE", "RUN_CANCELED"})
 DESCRIBE_TIMEOUT_SECONDS = 120.0
+OUTPUT_GRACE_SECONDS = 2.0  # reading a worker's output after it exits, at most
 
 
 def _python_command(executable: str, module: str, frozen_command: str) -> list[str]:
@@ -336,6 +337,7 @@ class RunWorker:
         self.received_time = time.time()
         self.stop_order: StopRun | None = None
         self._kill_timer: asyncio.TimerHandle | None = None
+        self._held_result: RunRecord | None = None
 
     def _record(self, record: RunRecord) -> None:
         if record.kind == "event" and record.type in TERMINAL_EVENTS:
@@ -362,6 +364,11 @@ class RunWorker:
             if record.kind == "event" and record.type == "RUN_START":
                 self.state = "running"
                 record.data["launch_received_time"] = self.received_time
+            if record.kind == "event" and record.type in TERMINAL_EVENTS:
+                # Held until stdout/stderr are drained too, so that a run that ended has
+                # all its compute log stored (a log follower stops at the run's end).
+                self._held_result = self._held_result or record
+                continue
             self._record(record)
 
     async def _pump_output(self, stream: asyncio.StreamReader, name: str) -> None:
@@ -398,16 +405,34 @@ class RunWorker:
             return
         if self.stop_order is not None:
             self._terminate(self.stop_order.grace_seconds)
+        pumps = asyncio.gather(
+            self._pump_records(proc.records),
+            self._pump_output(proc.stdout, "stdout"),
+            self._pump_output(proc.stderr, "stderr"),
+        )
+        exited = asyncio.create_task(proc.wait())
+        done, _ = await asyncio.wait({pumps, exited}, return_when=asyncio.FIRST_COMPLETED)
+        cut = False
+        if pumps not in done and exited.result() is not None:
+            # The worker is gone; a process it started may still hold its stdout.
+            await asyncio.wait({pumps}, timeout=OUTPUT_GRACE_SECONDS)
+            if not pumps.done():
+                cut = True
+                pumps.cancel()
+                await asyncio.wait({pumps})
+                with contextlib.suppress(BaseException):  # done: retrieve, do not re-raise
+                    pumps.result()
+                log.warning("run %s: a process the run started still holds its output;"
+                            " stopped reading it", self.launch.run_id)  # fmt: skip
         try:
-            await asyncio.gather(
-                self._pump_records(proc.records),
-                self._pump_output(proc.stdout, "stdout"),
-                self._pump_output(proc.stderr, "stderr"),
-            )
+            if not cut:
+                await pumps  # also when the exit status is unknown: the pipes tell the end
         except ProtocolError as exc:
             self.kill()
             self.report("RUN_FAILURE", f"run worker sent an invalid record: {exc}")
-        self.exit_code = await proc.wait()
+        if self._held_result is not None:
+            self._record(self._held_result)
+        self.exit_code = await exited
         self.state = "exited"
         if self._kill_timer is not None:
             self._kill_timer.cancel()

@@ -278,7 +278,11 @@ class Agent:
         for step, source in launch.reuse_outputs.items():
             try:
                 data = await self.client.get_output(source, step, REQUEST_TIMEOUT_SECONDS)
-            except (ControlPlaneUnreachable, ControlPlaneError) as exc:
+            except ControlPlaneError as exc:
+                if exc.status == 404:
+                    continue  # the worker fails the run only if a step needs it
+                return f"could not fetch the output of step {step} from run {source}: {exc}"
+            except ControlPlaneUnreachable as exc:
                 return f"could not fetch the output of step {step} from run {source}: {exc}"
             path = os.path.join(scratch, "in", source, f"{step}.pickle")
             await asyncio.to_thread(_write, path, data)

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from agent.client import ControlPlaneError, ControlPlaneUnreachable
+from protocol.codec import encode
 from protocol.messages import EventAck, EventBatch, RunRecord
 
 log = logging.getLogger("fleetrun.agent.outbox")
@@ -24,9 +25,8 @@ RETRY_MAX_SECONDS = 5.0
 
 
 def _size(record: RunRecord) -> int:
-    """Roughly the encoded size of a record (its text and any bytes it carries)."""
-    extra = sum(len(v) for v in record.data.values() if isinstance(v, bytes | str))
-    return 64 + len(record.message) + extra
+    """An upper bound of a record's encoded size (msgpack strings are UTF-8)."""
+    return len(encode(record)) + 16
 
 
 def _up_to_size(records: list[RunRecord], limit: int) -> list[RunRecord]:

@@ -16,7 +16,7 @@ class RecordSink:
     """Writes RunRecords to the agent; seq is left 0, the agent numbers records."""
 
     def __init__(self, fd: int) -> None:
-        self._fd = fd
+        self.fd = fd
         self._lock = threading.Lock()
 
     def _write(self, record: RunRecord) -> None:
@@ -28,7 +28,7 @@ class RecordSink:
             try:
                 view = memoryview(data)
                 while view:
-                    written = os.write(self._fd, view)
+                    written = os.write(self.fd, view)
                     view = view[written:]
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -163,6 +163,8 @@ async def put_output(request: web.Request) -> web.Response:
         await cp.storage.put_output(run_id, lease, step, bytes(data), cp.clock.time())
     except StaleLease as exc:
         return _raw_error(409, "stale_lease", str(exc))
+    except UnknownRun:
+        return _raw_error(404, "unknown_run", f"no run with id {run_id!r}")
     return web.Response(status=200)
 
 

@@ -31,12 +31,15 @@ class Execution:
     reuse: dict[str, str] = field(default_factory=dict)  # step -> run whose output to reuse
 
     def load_reused(self) -> dict[str, Any]:
-        """Outputs of the steps this run does not run again, from the runs that made them."""
+        """The steps this run does not run again, each with its output from the run that
+        made it. Only outputs a step that will run takes as input are loaded (the others
+        map to None), so an output that no longer unpickles only matters if it is used."""
+        nodes = self.job.nodes
+        reused = {step: source for step, source in self.reuse.items() if step in nodes}
+        needed = {u for name, node in nodes.items() if name not in reused for u in node.upstream}
         values = {}
-        for step, source in self.reuse.items():
-            if step not in self.job.nodes:
-                continue
-            values[step] = pickle.loads(self.store.get(source, step))
+        for step, source in reused.items():
+            values[step] = pickle.loads(self.store.get(source, step)) if step in needed else None
             self.sink.event("STEP_REUSED", f"reused the output of step {step} from run {source}",
                             step, {"source_run_id": source})  # fmt: skip
         return values

@@ -59,7 +59,7 @@ class _PipeSink:
 
 def _child(node: Node, inputs: list[Any], execution: Execution, retry_number: int,
            fds: tuple[int, int, int]) -> None:  # fmt: skip
-    """In the forked child: run one attempt, send its outcome, exit."""
+    """In the forked child: run one attempt, send its outcome, exit (never returns)."""
     code = 0
     try:
         out, err, result = fds
@@ -67,36 +67,47 @@ def _child(node: Node, inputs: list[Any], execution: Execution, retry_number: in
         os.dup2(err, 2)
         sink = _PipeSink(result)
         attempt = attempt_step(node, inputs, execution.launch, sink, retry_number)
+        payload = b""
         if attempt.ok:
             try:
                 payload = execution.encode(node.name, attempt.value)
             except Exception as exc:
                 attempt = Attempt(False, error=error_data(exc))
-            else:
-                attempt.value = None
-                sink.send(("done", attempt, payload))
-        if not attempt.ok:
-            sink.send(("done", attempt, b""))
-    except BaseException:
+        attempt.value = None  # it travels pickled in `payload`
+        sink.send(("done", attempt, payload))
+    except BaseException:  # RunInterrupted (SIGTERM), or the result pipe is gone
         code = 128 + signal.SIGTERM
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
-            except Exception:
+            except BaseException:
                 pass
         os._exit(code)
 
 
+def _died(pid: int, code: int) -> Attempt:
+    if code < 0:
+        try:
+            how = f"was killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"was killed by signal {-code}"
+    else:
+        how = f"exited with code {code}"
+    message = f"step process (pid {pid}) {how} before finishing the step"
+    return Attempt(False, error={"error_type": "StepProcessDied", "message": message,
+                                 "traceback": "", "exit_code": code})  # fmt: skip
+
+
 @dataclass
 class _Running:
+    """One step attempt in a child process, and the fds the parent watches for it."""
+
     node: Node
     retry_number: int
     pid: int
-    open_fds: set[int]
+    fds: dict[int, str]  # fd -> "stdout" | "stderr" | "result" | "exit" (a pidfd)
     decoders: dict[int, Any]  # incremental UTF-8 decoders of stdout and stderr
-    streams: dict[int, str]
-    result_fd: int
     buffer: bytes = b""
     outcome: tuple[Attempt, bytes] | None = None
 
@@ -147,71 +158,97 @@ class _Scheduler:
     def start(self, name: str, retry_number: int) -> None:
         node = self.job.nodes[name]
         emit_start(self.sink, name, retry_number)
-        pipes = [os.pipe() for _ in range(3)]
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        pid = os.fork()
-        if pid == 0:
-            self.selector.close()
-            for fd in self.by_fd:
-                os.close(fd)
-            for read_end, _ in pipes:
-                os.close(read_end)
-            inputs = [self.outputs[u] for u in node.upstream]
-            _child(
-                node, inputs, self.execution, retry_number, (pipes[0][1], pipes[1][1], pipes[2][1])
-            )
-        for _, write_end in pipes:
-            os.close(write_end)
-        reads = [r for r, _ in pipes]
+        try:
+            pid, reads = self._fork(node, retry_number)
+        except OSError as exc:  # out of processes or fds: a failed attempt, maybe retried
+            self.settle(name, retry_number, Attempt(False, error=error_data(exc)))
+            return
         decoder = codecs.getincrementaldecoder("utf-8")
-        running = _Running(
-            node, retry_number, pid, set(reads),
-            decoders={fd: decoder(errors="replace") for fd in reads[:2]},
-            streams={reads[0]: "stdout", reads[1]: "stderr"}, result_fd=reads[2],
-        )  # fmt: skip
+        fds = {reads[0]: "stdout", reads[1]: "stderr", reads[2]: "result"}
+        running = _Running(node, retry_number, pid, fds,
+                           {fd: decoder(errors="replace") for fd in reads[:2]})  # fmt: skip
+        if hasattr(os, "pidfd_open"):
+            fds[os.pidfd_open(pid)] = "exit"  # readable once the child has exited
         self.running[pid] = running
-        for fd in reads:
+        for fd in fds:
             self.by_fd[fd] = running
             self.selector.register(fd, selectors.EVENT_READ)
 
+    def _fork(self, node: Node, retry_number: int) -> tuple[int, list[int]]:
+        pipes: list[tuple[int, int]] = []
+        try:
+            pipes = [os.pipe() for _ in range(3)]
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            # SIGTERM waits until each side is in code that handles it (the child must
+            # never unwind into the scheduler).
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        self.selector.close()
+                        for fd in [*self.by_fd, *(r for r, _ in pipes), self.sink.fd]:
+                            os.close(fd)
+                        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                        inputs = [self.outputs[u] for u in node.upstream]
+                        writes = (pipes[0][1], pipes[1][1], pipes[2][1])
+                        _child(node, inputs, self.execution, retry_number, writes)
+                    finally:
+                        os._exit(128 + signal.SIGTERM)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        except OSError:
+            for read_end, write_end in pipes:
+                os.close(read_end)
+                os.close(write_end)
+            raise
+        for _, write_end in pipes:
+            os.close(write_end)
+        return pid, [r for r, _ in pipes]
+
     def read(self, fd: int) -> None:
         running = self.by_fd[fd]
+        kind = running.fds[fd]
+        if kind == "exit":
+            self.finish(running)
+            return
         chunk = os.read(fd, 65536)
-        if fd in running.streams:
-            text = running.decoders[fd].decode(chunk, final=not chunk)
-            if text:
-                self.sink.log(running.streams[fd], text, running.node.name)
-        else:
-            running.buffer += chunk
-            self.parse_results(running)
+        self.consume(running, fd, chunk)
         if not chunk:
             self.close(running, fd)
-            if fd == running.result_fd:
-                self.drain_output(running)
-                self.finish(running)
+            if kind == "result" and "exit" not in running.fds.values():
+                self.finish(running)  # no pidfd on this system: the result pipe's end
+
+    def consume(self, running: _Running, fd: int, chunk: bytes) -> None:
+        if running.fds[fd] == "result":
+            running.buffer += chunk
+            self.parse_results(running)
+            return
+        text = running.decoders[fd].decode(chunk, final=not chunk)
+        if text:
+            self.sink.log(running.fds[fd], text, running.node.name)
 
     def close(self, running: _Running, fd: int) -> None:
         self.selector.unregister(fd)
         os.close(fd)
         del self.by_fd[fd]
-        running.open_fds.discard(fd)
+        del running.fds[fd]
 
-    def drain_output(self, running: _Running) -> None:
-        """The attempt is over: take what its stdout/stderr hold, without waiting for EOF
-        (a process the op left running may keep them open)."""
-        for fd in list(running.open_fds):
-            os.set_blocking(fd, False)
-            while True:
-                try:
-                    chunk = os.read(fd, 65536)
-                except BlockingIOError:
-                    chunk = b""
-                text = running.decoders[fd].decode(chunk, final=not chunk)
-                if text:
-                    self.sink.log(running.streams[fd], text, running.node.name)
-                if not chunk:
-                    break
+    def drain(self, running: _Running) -> None:
+        """The child has exited: take what its pipes still hold, without waiting for EOF (a
+        process the op left running may keep them open), and close them."""
+        for fd, kind in list(running.fds.items()):
+            if kind != "exit":
+                os.set_blocking(fd, False)
+                while True:
+                    try:
+                        chunk = os.read(fd, 65536)
+                    except BlockingIOError:
+                        chunk = b""
+                    self.consume(running, fd, chunk)
+                    if not chunk:
+                        break
             self.close(running, fd)
 
     def parse_results(self, running: _Running) -> None:
@@ -229,39 +266,39 @@ class _Scheduler:
                 running.outcome = (message[1], message[2])
 
     def finish(self, running: _Running) -> None:
-        """The result pipe closed: reap the child and act on how the attempt ended."""
+        """The child exited: reap it and act on how the attempt ended."""
+        self.drain(running)
         _, status = os.waitpid(running.pid, 0)
         del self.running[running.pid]
-        code = os.waitstatus_to_exitcode(status)
         name = running.node.name
         if running.outcome is None:
-            how = (f"was killed by signal {signal.Signals(-code).name}" if code < 0
-                   else f"exited with code {code}")  # fmt: skip
-            attempt = Attempt(False, error={
-                "error_type": "StepProcessDied",
-                "message": f"step process (pid {running.pid}) {how} before finishing the step",
-                "traceback": "", "exit_code": code})  # fmt: skip
-            payload = b""
+            attempt = _died(running.pid, os.waitstatus_to_exitcode(status))
         else:
             attempt, payload = running.outcome
         if attempt.ok:
             try:
+                value = pickle.loads(payload)
                 self.execution.save_output(name, payload)
             except Exception as exc:
                 attempt = Attempt(False, error=error_data(exc))
             else:
-                self.outputs[name] = pickle.loads(payload)
+                self.outputs[name] = value
                 self.done.add(name)
+                attempt.value = value
                 emit_success(self.sink, name, attempt)
                 return
-        wait = retry_wait(self.job.retry_policy_for(name), attempt, running.retry_number)
-        emit_failure(self.sink, name, attempt, running.retry_number, wait)
+        self.settle(name, running.retry_number, attempt)
+
+    def settle(self, name: str, retry_number: int, attempt: Attempt) -> None:
+        """A failed attempt: retry after the policy's wait, or fail the step for good."""
+        wait = retry_wait(self.job.retry_policy_for(name), attempt, retry_number)
+        emit_failure(self.sink, name, attempt, retry_number, wait)
         if wait is None:
             self.failed.append(name)
             self.blocked.add(name)
             return
         due = time.monotonic() + wait
-        heapq.heappush(self.delayed, (due, self.order[name], name, running.retry_number + 1))
+        heapq.heappush(self.delayed, (due, self.order[name], name, retry_number + 1))
 
     def run(self) -> list[str]:
         try:
@@ -283,7 +320,20 @@ class _Scheduler:
                     if key.fd in self.by_fd:
                         self.read(key.fd)
         finally:
-            self.selector.close()
+            self.stop_children()
+
+    def stop_children(self) -> None:
+        """Leaving early (interrupted, or a bug): no step process may outlive the run."""
+        for running in list(self.running.values()):
+            try:
+                os.kill(running.pid, signal.SIGKILL)
+                os.waitpid(running.pid, 0)
+            except (ChildProcessError, ProcessLookupError):
+                pass
+            for fd in list(running.fds):
+                self.close(running, fd)
+        self.running.clear()
+        self.selector.close()
 
 
 def execute_multiprocess(execution: Execution) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -146,5 +148,25 @@ def test_a_large_output_is_uploaded_and_downloaded_for_reuse(tmp_path: Path) -> 
         assert (tmp_path / "count-medium").read_text() == "x"
         assert (tmp_path / "measured").read_text() == "300000"
     finally:
+        agent.stop()
+        cp.stop()
+
+
+def test_a_process_left_running_by_an_op_does_not_hold_the_run_or_its_slot(
+    tmp_path: Path,
+) -> None:
+    cp = start_control_plane(tmp_path)
+    agent = start_agent(cp, tmp_path, "a1", JOBS, "max_concurrent_runs = 1")
+    daemon = 0
+    try:
+        first = cp.submit("daemon_job", config={"dir": str(tmp_path)})
+        assert cp.wait_run(first)["status"] == "SUCCESS"
+        daemon = int((tmp_path / "daemon-pid").read_text())
+        assert "started a daemon" in step_logs(cp, first, "leaves_a_daemon")
+        second = cp.submit("pipeline", config={"dir": str(tmp_path)})  # needs the one slot
+        assert cp.wait_run(second)["status"] == "FAILURE"  # it ran (and failed at `flaky`)
+    finally:
+        if daemon:
+            os.kill(daemon, signal.SIGKILL)
         agent.stop()
         cp.stop()

@@ -83,6 +83,7 @@ def test_independent_steps_run_in_parallel(tmp_path: Path) -> None:
                                                      "sleep_3", "gather"}  # fmt: skip
     stored = FilesystemOutputStore(str(tmp_path / "store")).get("run-1", "gather")
     assert pickle.loads(stored) == ["sleep_0", "sleep_1", "sleep_2", "sleep_3"]
+    assert by_step(records, "STEP_OUTPUT")["gather"].message == "output of type list"
 
 
 @pytest.mark.parametrize("executor", EXECUTORS)
@@ -163,6 +164,11 @@ def test_reused_outputs_are_loaded_not_recomputed(tmp_path: Path, executor: str)
     assert set(by_step(records, "STEP_SUCCESS")) == {"flaky", "consume"}
     assert (tmp_path / "count-produce").read_text() == "x"  # ran once, in the parent
     assert (tmp_path / "consumed").read_text() == "6"
+    # An output no step that runs needs is not even loaded (here: it no longer unpickles)
+    FilesystemOutputStore(str(tmp_path / "store")).put("parent", "independent", b"garbage")
+    failed, _ = execute(tmp_path, "pipeline", executor, run_id="again",
+                        reuse={"produce": "parent", "independent": "parent"})  # fmt: skip
+    assert failed == []
 
 
 def test_unknown_executor_is_named(tmp_path: Path) -> None:
