@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
-from protocol import FLEETRUN_VERSION, PROTOCOL_VERSION
+from protocol import FLEETRUN_VERSION, PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS
 from protocol.schema import ConfigError
 
 
@@ -30,8 +31,16 @@ async def _run_agent(config_path: str) -> int:
         agent = Agent(config, client)
         task = asyncio.create_task(agent.run())
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            """First SIGTERM/SIGINT: drain and exit 0. A second one: stop at once."""
+            if agent.shutting_down.is_set():
+                task.cancel()
+            else:
+                agent.shutting_down.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, on_signal)
         try:
             await task
         except asyncio.CancelledError:
@@ -55,7 +64,10 @@ def run_agent(config_path: str) -> int:
         return 2
 
 
-def check_config(config_path: str) -> int:
+def check_config(config_path: str, connect: bool = False) -> int:
+    """Validate everything the agent would use; with `connect`, reach the control plane.
+
+    Exit 0 when all is well, 2 otherwise, each problem named with its file and key."""
     from agent.config import load_agent_config
     from agent.launcher import describe_location
 
@@ -64,15 +76,59 @@ def check_config(config_path: str) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    problems = 0
+    problems = []
     for loc in config.code_locations:
+        if not os.path.isdir(loc.working_directory):
+            problems.append(f"code_locations {loc.name}: working_directory "
+                            f"{loc.working_directory} does not exist")  # fmt: skip
+            continue
+        if loc.executable and not os.access(loc.executable, os.X_OK):
+            problems.append(f"code_locations {loc.name}: executable {loc.executable} "
+                            "is not an executable file")  # fmt: skip
+            continue
         info = asyncio.run(describe_location(loc))
         if info.error:
-            problems += 1
-            print(f"code_locations {loc.name}: {info.error}", file=sys.stderr)
+            problems.append(f"code_locations {loc.name}: {info.error}")
         else:
             print(f"code location {loc.name}: jobs {', '.join(j.name for j in info.jobs)}")
+    token = None
+    if config.token_file:
+        try:
+            token = _read_token(config.token_file)
+        except OSError as exc:
+            problems.append(f"token_file: cannot read {config.token_file}: {exc.strerror}")
+    if connect:
+        problem = asyncio.run(_check_connection(config.control_plane_url, token))
+        if problem:
+            problems.append(f"control_plane_url: {problem}")
+        else:
+            print(f"control plane {config.control_plane_url}: reachable, protocol compatible")
+    for problem in problems:
+        print(f"{config_path}: {problem}", file=sys.stderr)
     return 2 if problems else 0
+
+
+async def _check_connection(url: str, token: str | None) -> str | None:
+    """None if the control plane answers and speaks our protocol; else what is wrong."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        async with aiohttp.ClientSession(headers=headers) as session:
+            async with session.get(f"{url.rstrip('/')}/agent/v1/version",
+                                   timeout=aiohttp.ClientTimeout(total=10)) as resp:  # fmt: skip
+                if resp.status in (401, 403):
+                    return f"the control plane refused the token (HTTP {resp.status})"
+                if resp.status != 200:
+                    return f"{url} answered HTTP {resp.status}"
+                body = await resp.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return f"cannot reach {url}: {type(exc).__name__}: {exc}"
+    theirs = body.get("protocol_version")
+    if theirs not in SUPPORTED_PROTOCOL_VERSIONS:
+        return (f"the control plane speaks protocol {theirs}; this agent speaks "
+                f"{PROTOCOL_VERSION}")  # fmt: skip
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,12 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", required=True)
     check = sub.add_parser("check-config", help="validate agent.toml and its code locations")
     check.add_argument("--config", required=True)
+    check.add_argument(
+        "--connect", action="store_true", help="also check that the control plane answers"
+    )
     sub.add_parser("version", help="print the fleetrun and protocol versions")
     args = parser.parse_args(argv)
     if args.command == "run":
         return run_agent(args.config)
     if args.command == "check-config":
-        return check_config(args.config)
+        return check_config(args.config, args.connect)
     print(f"fleetrun-agent {FLEETRUN_VERSION} (protocol {PROTOCOL_VERSION})")
     return 0
 

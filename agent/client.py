@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import random
+import time
 from typing import Any, TypeVar
 
 import aiohttp
@@ -86,3 +89,43 @@ class ControlPlaneClient:
             return decode(body, reply_type)
         except ProtocolError as exc:
             raise ControlPlaneError(status, exc.code, f"bad reply to {path}: {exc}") from None
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter (a uniform draw below the cap), so a
+    fleet of agents that lost the control plane together comes back spread out."""
+
+    def __init__(self, base: float = 0.2, cap: float = 10.0, rng: random.Random | None = None):
+        self.base = base
+        self.cap = cap
+        self.rng = rng or random.Random()
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        delay = self.rng.uniform(0, min(self.cap, self.base * 2**self.attempt))
+        self.attempt = min(self.attempt + 1, 32)
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class ContactLog:
+    """One log line when contact with the control plane is lost, one when it is back,
+    however many attempts fail in between."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.log = logger
+        self.lost_since: float | None = None
+
+    def failed(self, what: str, exc: Exception) -> None:
+        if self.lost_since is None:
+            self.lost_since = time.monotonic()
+            self.log.warning("lost contact with the control plane (%s: %s); retrying with "
+                             "backoff", what, exc)  # fmt: skip
+
+    def succeeded(self) -> None:
+        if self.lost_since is not None:
+            seconds = time.monotonic() - self.lost_since
+            self.lost_since = None
+            self.log.info("contact with the control plane restored after %.1f s", seconds)

@@ -60,6 +60,7 @@ class AgentConfig:
     code_locations: list[CodeLocationConfig] = field(default_factory=list)
     output_store: OutputStoreConfig = field(default_factory=OutputStoreConfig)
     run_launcher: str = "forkserver"  # or "subprocess": a fresh interpreter per run
+    drain_timeout_seconds: float = 60.0  # on SIGTERM: how long running runs may finish
 
     def check(self) -> None:
         if self.run_launcher not in ("forkserver", "subprocess"):
@@ -68,6 +69,8 @@ class AgentConfig:
             )
         if not self.control_plane_url.startswith(("http://", "https://")):
             raise FieldError("control_plane_url", "must start with http:// or https://")
+        if self.drain_timeout_seconds < 0:
+            raise FieldError("drain_timeout_seconds", "must be >= 0")
         if self.max_concurrent_runs < 1:
             raise FieldError("max_concurrent_runs", "must be >= 1")
         if not 0 < self.heartbeat_interval_seconds <= 300:

@@ -17,7 +17,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from agent.client import ControlPlaneClient, ControlPlaneError, ControlPlaneUnreachable
+from agent.client import (
+    Backoff,
+    ContactLog,
+    ControlPlaneClient,
+    ControlPlaneError,
+    ControlPlaneUnreachable,
+)
 from agent.config import AgentConfig
 from agent.launcher import RunWorker, describe_location, make_launcher
 from agent.outbox import AttemptRejected, RunOutbox
@@ -25,6 +31,8 @@ from agent.outputs import INLINE_KEY, INLINE_OUTPUT_BYTES
 from protocol import FLEETRUN_VERSION
 from protocol.messages import (
     CodeLocationInfo,
+    Drain,
+    Drained,
     EventAck,
     EventBatch,
     Heartbeat,
@@ -42,8 +50,7 @@ from protocol.messages import (
 log = logging.getLogger("fleetrun.agent")
 
 ON_LOST_CONTACT_TAG = "fleetrun/on_lost_contact"
-RETRY_MIN_SECONDS = 0.2
-RETRY_MAX_SECONDS = 5.0
+CAPABILITIES = ["reuse_outputs", "stop_orders", "drain"]
 REQUEST_TIMEOUT_SECONDS = 30.0
 
 
@@ -111,6 +118,8 @@ class Agent:
         self.runs: dict[int, ActiveRun] = {}
         self.heartbeat_timeout = 30.0
         self.last_contact = time.monotonic()
+        self.shutting_down = asyncio.Event()
+        self.contact = ContactLog(log)
         self.location_infos: list[CodeLocationInfo] = []
         self.launcher = make_launcher(
             config.run_launcher, config.code_locations, config.output_store
@@ -136,8 +145,9 @@ class Agent:
             max_concurrent_runs=self.config.max_concurrent_runs,
             code_locations=self.location_infos,
             runs=self._run_states(),
+            capabilities=CAPABILITIES,
         )
-        delay = RETRY_MIN_SECONDS
+        backoff = Backoff()
         while True:
             try:
                 reply = await self.client.call(
@@ -145,11 +155,11 @@ class Agent:
                 )
                 break
             except ControlPlaneUnreachable as exc:
-                log.warning("cannot reach the control plane (%s); retrying", exc)
+                self.contact.failed("register", exc)
             except ControlPlaneError as exc:
                 raise FatalAgentError(f"the control plane refused registration: {exc}") from None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_SECONDS)
+            await asyncio.sleep(backoff.next_delay())
+        self.contact.succeeded()
         self.agent_id = reply.agent_id
         self.poll_timeout = reply.poll_timeout_seconds
         self.heartbeat_timeout = reply.heartbeat_timeout_seconds
@@ -165,17 +175,52 @@ class Agent:
         )
 
     async def run(self) -> None:
+        """Serve until `shutting_down` is set, then drain: see `drain`."""
         await asyncio.gather(self.load_locations(), self.launcher.warm_up())
+        tasks: list[asyncio.Task[None]] = []
         try:
             await self.register()
-            await asyncio.gather(self._poll_forever(), self._heartbeat_forever())
+            tasks = [asyncio.create_task(self._poll_forever()),
+                     asyncio.create_task(self._heartbeat_forever())]  # fmt: skip
+            stop = asyncio.create_task(self.shutting_down.wait())
+            done, _ = await asyncio.wait({*tasks, stop}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {stop}:
+                task.result()  # a fatal error in the poll or heartbeat loop
+            tasks[0].cancel()  # no new launches from here on
+            await self.drain()
         finally:
+            for task in tasks:
+                task.cancel()
             for active in self.runs.values():
                 active.worker.kill()
             await self.launcher.close()
 
+    async def drain(self) -> None:
+        """Tell the control plane first (no launch can race us), let runs finish up to
+        `drain_timeout_seconds`, stop the rest and report them, deliver every record."""
+        assert self.agent_id is not None
+        try:
+            await self.client.call("drain", Drain(agent_id=self.agent_id), Drained, 5)
+        except (ControlPlaneUnreachable, ControlPlaneError) as exc:
+            log.warning("could not tell the control plane this agent is draining: %s", exc)
+        timeout = self.config.drain_timeout_seconds
+        log.info("draining: %d run(s) may finish within %g s", len(self.runs), timeout)
+        running = [active.task for active in self.runs.values()]
+        if running:
+            await asyncio.wait(running, timeout=timeout)
+        grace = 5.0
+        for lease, active in list(self.runs.items()):
+            launch = active.worker.launch
+            reason = f"agent {self.config.name} shut down (drain timeout of {timeout:g} s)"
+            log.warning("run %s: stopping its worker (%s)", launch.run_id, reason)
+            active.worker.stop(StopRun(launch.run_id, lease, False, reason, grace, "agent_lost"))
+        remaining = [active.task for active in self.runs.values()]
+        if remaining:
+            await asyncio.wait(remaining, timeout=grace + REQUEST_TIMEOUT_SECONDS)
+        log.info("drained")
+
     async def _poll_forever(self) -> None:
-        delay = RETRY_MIN_SECONDS
+        backoff = Backoff()
         while True:
             assert self.agent_id is not None
             try:
@@ -192,9 +237,8 @@ class Agent:
                     self.poll_timeout + REQUEST_TIMEOUT_SECONDS,
                 )
             except ControlPlaneUnreachable as exc:
-                log.warning("poll failed (%s); retrying", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_SECONDS)
+                self.contact.failed("poll", exc)
+                await asyncio.sleep(backoff.next_delay())
                 continue
             except ControlPlaneError as exc:
                 if exc.code != "unknown_agent":
@@ -202,7 +246,8 @@ class Agent:
                 log.warning("the control plane does not know this agent; registering again")
                 await self.register()
                 continue
-            delay = RETRY_MIN_SECONDS
+            backoff.reset()
+            self.contact.succeeded()
             self.last_contact = time.monotonic()
             for launch in reply.launches:
                 if launch.lease not in self.runs:
@@ -230,8 +275,11 @@ class Agent:
                     min(REQUEST_TIMEOUT_SECONDS, self.heartbeat_timeout / 3),
                 )
                 self.last_contact = time.monotonic()
-            except (ControlPlaneUnreachable, ControlPlaneError) as exc:
-                log.warning("heartbeat failed: %s", exc)
+                self.contact.succeeded()
+            except ControlPlaneUnreachable as exc:
+                self.contact.failed("heartbeat", exc)
+            except ControlPlaneError as exc:
+                log.warning("heartbeat refused: %s", exc)
             self.stop_runs_out_of_contact()
             await asyncio.sleep(self.heartbeat_interval)
 
@@ -264,7 +312,8 @@ class Agent:
         uploader = None
         if self.config.output_store.kind == "control_plane":
             uploader = OutputUploader(self.client, self.agent_id, launch, scratch).upload
-        outbox = RunOutbox(self.agent_id, launch.run_id, launch.lease, self._send, uploader)
+        outbox = RunOutbox(self.agent_id, launch.run_id, launch.lease, self._send, uploader,
+                           self.contact)  # fmt: skip
         worker = RunWorker(launch, outbox.add)
         task = asyncio.create_task(
             self._supervise(worker, outbox, scratch), name=f"run-{launch.run_id}"

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from agent.client import ControlPlaneError, ControlPlaneUnreachable
+from agent.client import Backoff, ContactLog, ControlPlaneError, ControlPlaneUnreachable
 from protocol.codec import encode
 from protocol.messages import EventAck, EventBatch, RunRecord
 
@@ -20,8 +20,6 @@ log = logging.getLogger("fleetrun.agent.outbox")
 
 MAX_BATCH = 500
 MAX_BATCH_BYTES = 4 * 1024 * 1024  # well under the control plane's 8 MiB body limit
-RETRY_MIN_SECONDS = 0.2
-RETRY_MAX_SECONDS = 5.0
 
 
 def _size(record: RunRecord) -> int:
@@ -51,12 +49,14 @@ class RunOutbox:
         lease: int,
         send: Callable[[EventBatch], Awaitable[EventAck]],
         before_send: Callable[[list[RunRecord]], Awaitable[None]] | None = None,
+        contact: ContactLog | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.run_id = run_id
         self.lease = lease
         self._send = send
         self._before_send = before_send
+        self._contact = contact or ContactLog(log)
         self._pending: list[RunRecord] = []
         self._next_seq = 1
         self._closed = False
@@ -75,7 +75,7 @@ class RunOutbox:
 
     async def deliver(self) -> None:
         """Send until closed and fully acknowledged; raises AttemptRejected on refusal."""
-        delay = RETRY_MIN_SECONDS
+        backoff = Backoff()
         while True:
             if not self._pending:
                 if self._closed:
@@ -95,11 +95,11 @@ class RunOutbox:
                 )
                 ack = await self._send(batch)
             except ControlPlaneUnreachable as exc:
-                log.warning("run %s: cannot send records (%s); retrying", self.run_id, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_SECONDS)
+                self._contact.failed(f"records of run {self.run_id}", exc)
+                await asyncio.sleep(backoff.next_delay())
                 continue
             except ControlPlaneError as exc:
                 raise AttemptRejected(str(exc)) from None
-            delay = RETRY_MIN_SECONDS
+            backoff.reset()
+            self._contact.succeeded()
             self._pending = [r for r in self._pending if r.seq > ack.acked_seq]

@@ -12,9 +12,11 @@ from aiohttp import web
 
 from control_plane.statuses import TERMINAL_STATUSES, RunStatus
 from control_plane.storage import StaleLease, UnknownRun
-from protocol import FLEETRUN_VERSION
-from protocol.codec import ProtocolError, decode, encode
+from protocol import FLEETRUN_VERSION, PROTOCOL_VERSION
+from protocol.codec import ProtocolError, decode_versioned, encode
 from protocol.messages import (
+    Drain,
+    Drained,
     ErrorReply,
     EventAck,
     EventBatch,
@@ -39,8 +41,9 @@ class AgentApiError(Exception):
         self.code = code
 
 
-def reply(message: Any, status: int = 200) -> web.Response:
-    return web.Response(body=encode(message), status=status, content_type=MSGPACK)
+def reply(message: Any, status: int = 200, version: int = PROTOCOL_VERSION) -> web.Response:
+    """Encoded for the peer's protocol version (fields it does not know are left out)."""
+    return web.Response(body=encode(message, version), status=status, content_type=MSGPACK)
 
 
 def _cp(request: web.Request) -> ControlPlane:
@@ -54,8 +57,11 @@ def handler(expected: type, fn: Any) -> Any:
 
     async def handle(request: web.Request) -> web.Response:
         try:
-            message = decode(await request.read(), expected)
-            return reply(await fn(_cp(request), message))
+            message, version = decode_versioned(await request.read())
+            if not isinstance(message, expected):
+                raise ProtocolError("unexpected_message", f"expected a {expected.__name__} "
+                                    f"message, got {type(message).__name__}")  # fmt: skip
+            return reply(await fn(_cp(request), message), version=version)
         except ProtocolError as exc:
             return reply(ErrorReply(code=exc.code, message=str(exc)), 400)
         except AgentApiError as exc:
@@ -78,6 +84,7 @@ async def register(cp: ControlPlane, msg: Register) -> Registered:
         max_concurrent_runs=msg.max_concurrent_runs,
         locations=msg.code_locations,
         now=cp.clock.time(),
+        capabilities=msg.capabilities,
     )
     lost = await cp.storage.reconcile_agent(
         agent.agent_id, [r.lease for r in msg.runs], cp.clock.time(), cp.resume_limit
@@ -109,6 +116,13 @@ async def heartbeat(cp: ControlPlane, msg: Heartbeat) -> HeartbeatReply:
     if now - previous > cp.heartbeat_timeout:
         cp.coordinator.wake()
     return HeartbeatReply(ok=True)
+
+
+async def drain(cp: ControlPlane, msg: Drain) -> Drained:
+    agent = await cp.storage.set_agent_status(msg.agent_id, "DRAINING")
+    if agent is None:
+        raise AgentApiError(404, "unknown_agent", f"agent {msg.agent_id!r} is not registered")
+    return Drained(status=agent.status)
 
 
 async def events(cp: ControlPlane, msg: EventBatch) -> EventAck:
@@ -178,8 +192,6 @@ async def get_output(request: web.Request) -> web.Response:
 
 
 async def version(request: web.Request) -> web.Response:
-    from protocol import PROTOCOL_VERSION
-
     return web.json_response({"version": FLEETRUN_VERSION, "protocol_version": PROTOCOL_VERSION})
 
 
@@ -188,6 +200,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/agent/v1/poll", handler(Poll, poll))
     app.router.add_post("/agent/v1/heartbeat", handler(Heartbeat, heartbeat))
     app.router.add_post("/agent/v1/events", handler(EventBatch, events))
+    app.router.add_post("/agent/v1/drain", handler(Drain, drain))
     app.router.add_get("/agent/v1/version", version)
     app.router.add_put("/agent/v1/outputs/{run_id}/{step}", put_output)
     app.router.add_get("/agent/v1/outputs/{run_id}/{step}", get_output)

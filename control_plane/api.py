@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from control_plane.coordinator import agent_is_live
 from control_plane.errors import ApiError, read_json_object
 from control_plane.monitor import MAX_RUNTIME_TAG
 from control_plane.retries import (
@@ -344,7 +343,7 @@ async def list_agents(request: web.Request) -> web.Response:
     agents = []
     for a in await cp.storage.list_agents():
         status = a.status
-        if status == "ONLINE" and not agent_is_live(a, now, cp.heartbeat_timeout):
+        if now - a.last_heartbeat > cp.heartbeat_timeout:
             status = "OFFLINE"
         agents.append(
             {
@@ -425,6 +424,30 @@ async def cancel_run(request: web.Request) -> web.Response:
     return web.json_response({"run_id": run.run_id, "status": str(updated.status)})
 
 
+async def _set_agent_status(request: web.Request, status: str) -> web.Response:
+    """By agent id or name. DRAINING: no new launches (running runs go on); ONLINE: back."""
+    cp = _cp(request)
+    key = request.match_info["agent"]
+    agents = await cp.storage.list_agents()
+    match = next((a for a in agents if key in (a.agent_id, a.name)), None)
+    if match is None:
+        raise ApiError(404, "unknown_agent", f"no agent with id or name {key!r}")
+    agent = await cp.storage.set_agent_status(match.agent_id, status)
+    assert agent is not None
+    if status == "ONLINE":
+        cp.coordinator.wake()
+    return web.json_response({"agent_id": agent.agent_id, "name": agent.name,
+                              "status": agent.status})  # fmt: skip
+
+
+async def drain_agent(request: web.Request) -> web.Response:
+    return await _set_agent_status(request, "DRAINING")
+
+
+async def undrain_agent(request: web.Request) -> web.Response:
+    return await _set_agent_status(request, "ONLINE")
+
+
 async def get_queue(request: web.Request) -> web.Response:
     """The queued runs in the order they would leave, each with why it waits."""
     cp = _cp(request)
@@ -470,6 +493,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/v1/runs/{run_id}/reexecute", reexecute_run)
     app.router.add_get("/api/v1/queue", get_queue)
     app.router.add_get("/api/v1/agents", list_agents)
+    app.router.add_post("/api/v1/agents/{agent}/drain", drain_agent)
+    app.router.add_post("/api/v1/agents/{agent}/undrain", undrain_agent)
     app.router.add_get("/api/v1/jobs", list_jobs)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

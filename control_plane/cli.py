@@ -229,6 +229,12 @@ def cmd_queue(args: argparse.Namespace, client: ApiClient) -> int:
     return 0
 
 
+def cmd_agents_drain(args: argparse.Namespace, client: ApiClient) -> int:
+    data = client.request("POST", f"/agents/{args.agent}/{args.action_path}", {})
+    _emit(args, data, f"{data['name']} {data['status']}")
+    return 0
+
+
 def cmd_agents_list(args: argparse.Namespace, client: ApiClient) -> int:
     data = client.request("GET", "/agents")
     rows = [
@@ -342,6 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     agents = sub.add_parser("agents", help="agents").add_subparsers(dest="action", required=True)
     agents.add_parser("list").set_defaults(func=cmd_agents_list)
+    for action, help_text in (("drain", "stop sending an agent new runs (its runs go on)"),
+                              ("undrain", "send an agent new runs again")):  # fmt: skip
+        cmd = agents.add_parser(action, help=help_text)
+        cmd.add_argument("agent", help="agent name or id")
+        cmd.set_defaults(func=cmd_agents_drain, action_path=action)
     jobs = sub.add_parser("jobs", help="jobs").add_subparsers(dest="action", required=True)
     jobs.add_parser("list").set_defaults(func=cmd_jobs_list)
     return parser

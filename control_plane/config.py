@@ -66,10 +66,12 @@ class RunMonitoringConfig:
     max_runtime_seconds: float = 0.0
     max_resume_run_attempts: int = 0
     terminate_grace_seconds: float = 10.0
+    launch_ack_timeout_seconds: float = 5.0
 
     def check(self) -> None:
         for name in ("agent_heartbeat_timeout_seconds", "start_timeout_seconds",
-                     "cancel_timeout_seconds", "terminate_grace_seconds"):  # fmt: skip
+                     "cancel_timeout_seconds", "terminate_grace_seconds",
+                     "launch_ack_timeout_seconds"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise FieldError(name, "must be > 0")
         if self.max_runtime_seconds < 0:

@@ -27,6 +27,11 @@ def agent_is_live(agent: Agent, now: float, heartbeat_timeout: float) -> bool:
     return agent.status == "ONLINE" and now - agent.last_heartbeat <= heartbeat_timeout
 
 
+def required_capabilities(run: Run) -> set[str]:
+    """What an agent must support to take this run (older agents lack newer features)."""
+    return {"reuse_outputs"} if run.reuse_outputs else set()
+
+
 def limit_bucket(rule: TagConcurrencyLimit, tags: dict[str, str]) -> str | None:
     """The slot pool of `rule` that a run with `tags` draws from, or None if none."""
     if rule.key not in tags:
@@ -156,6 +161,11 @@ def _pick_agent(
     hosting = [a for a in serving if run.location in hosted.get(a.agent_id, ())]
     if not hosting:
         return f"no online agent on queue {run.queue} hosts location {run.location}", None
+    needs = required_capabilities(run)
+    hosting = [a for a in hosting if needs <= set(a.capabilities)]
+    if not hosting:
+        wanted = ", ".join(sorted(needs))
+        return f"no online agent hosting location {run.location} can do {wanted} (upgrade it)", None
     free = [a for a in hosting if used[a.agent_id] < a.max_concurrent_runs]
     if not free:
         slots = ", ".join(f"{a.name} {used[a.agent_id]}/{a.max_concurrent_runs}" for a in hosting)

@@ -61,6 +61,8 @@ class Dispatcher:
         async def owed() -> PollReply | None:
             runs = await self.storage.pending_launches(agent_id)
             launches = [launch_message(r) for r in runs if r.lease not in held_leases]
+            acks = [r.lease for r in runs if r.lease in held_leases and not r.launch_acked]
+            await self.storage.ack_launches(agent_id, [lease for lease in acks if lease])
             orders, canceled = await self.storage.stop_orders(
                 agent_id, sorted(held_leases), self.clock.time()
             )

@@ -1,7 +1,8 @@
 """Run monitoring: notice runs whose worker cannot finish them, and end them with a reason.
 
-Four deadlines per active run, as in Dagster's run monitoring (plus what it lacks):
-its agent's heartbeat (`agent lost`), STARTING too long (start timeout), CANCELING too
+Five deadlines per active run, as in Dagster's run monitoring (plus what it lacks):
+its agent's heartbeat (`agent lost`), a launch the agent did not acknowledge within a few
+seconds (back to the queue), STARTING too long (start timeout), CANCELING too
 long (cancel timeout), STARTED too long (max runtime). `find_verdicts` is a pure
 function of the runs, their agents and the time; `RunMonitor` sleeps until the earliest
 deadline (or until woken) rather than ticking, and storage applies each verdict only if
@@ -56,6 +57,10 @@ def _run_deadline(
         lost = verdict(outcome, AGENT_LOST, message, agent.agent_id)
         candidates.append((seen + config.agent_heartbeat_timeout_seconds, lost))
     since = run.status_time or run.create_time
+    if run.status == RunStatus.STARTING and not run.launch_acked:
+        limit = config.launch_ack_timeout_seconds
+        message = f"launch not acknowledged by the agent within {limit:g} s; back to the queue"
+        candidates.append((since + limit, verdict(RunStatus.QUEUED, "launch_not_acked", message)))
     if run.status == RunStatus.STARTING:
         limit = config.start_timeout_seconds
         message = f"run did not start within {limit:g} s"

@@ -7,14 +7,15 @@ schema. Every problem raises `ProtocolError`, which servers turn into a 4xx.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgpack
 
-from protocol import PROTOCOL_VERSION
-from protocol.messages import MESSAGE_TYPES
+from protocol import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS
+from protocol.messages import FIELDS_SINCE, MESSAGE_TYPES
 from protocol.schema import SchemaError, from_plain, to_plain
 
 T = TypeVar("T")
@@ -57,18 +58,38 @@ def _check_depth(value: Any, max_depth: int) -> None:
             stack.extend((v, depth + 1) for v in item)
 
 
-def encode(message: Any) -> bytes:
-    """Encode a message dataclass in the versioned envelope."""
+def _plain_for(obj: Any, version: int) -> Any:
+    """`to_plain`, leaving out the fields a peer speaking `version` does not know."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        since = FIELDS_SINCE.get(type(obj).__name__, {})
+        return {
+            f.name: _plain_for(getattr(obj, f.name), version)
+            for f in dataclasses.fields(obj)
+            if since.get(f.name, 1) <= version
+        }
+    if isinstance(obj, list | tuple):
+        return [_plain_for(v, version) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _plain_for(v, version) for k, v in obj.items()}
+    return to_plain(obj)
+
+
+def encode(message: Any, version: int = PROTOCOL_VERSION) -> bytes:
+    """Encode a message dataclass in the versioned envelope (for a peer of `version`)."""
     name = type(message).__name__
     if MESSAGE_TYPES.get(name) is not type(message):
         raise TypeError(f"{name} is not a protocol message")
-    return msgpack.packb(
-        {"v": PROTOCOL_VERSION, "type": name, "body": to_plain(message)}, use_bin_type=True
-    )
+    body = to_plain(message) if version == PROTOCOL_VERSION else _plain_for(message, version)
+    return msgpack.packb({"v": version, "type": name, "body": body}, use_bin_type=True)
 
 
 def decode_any(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Any:
     """Decode an envelope into whichever message type it names."""
+    return decode_versioned(data, limits)[0]
+
+
+def decode_versioned(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[Any, int]:
+    """The message and the protocol version its sender speaks."""
     if len(data) > limits.max_body_bytes:
         raise ProtocolError(
             "too_large", f"message of {len(data)} bytes exceeds {limits.max_body_bytes} bytes"
@@ -93,18 +114,18 @@ def decode_any(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Any:
     if not isinstance(raw, dict) or not {"v", "type", "body"} <= raw.keys():
         raise ProtocolError("bad_envelope", "message must be a map with keys v, type and body")
     version = raw["v"]
-    if version != PROTOCOL_VERSION:
+    if version not in SUPPORTED_PROTOCOL_VERSIONS or isinstance(version, bool):
         raise ProtocolError(
             "unsupported_version",
             f"protocol version {version!r} is not supported; this side speaks version "
-            f"{PROTOCOL_VERSION}",
+            f"{PROTOCOL_VERSION} (and {SUPPORTED_PROTOCOL_VERSIONS[0]})",
         )
     cls = MESSAGE_TYPES.get(raw["type"]) if isinstance(raw["type"], str) else None
     if cls is None:
         raise ProtocolError("unknown_message", f"unknown message type {raw['type']!r}")
     _check_depth(raw["body"], limits.max_depth)
     try:
-        return from_plain(cls, raw["body"])
+        return from_plain(cls, raw["body"]), version
     except SchemaError as exc:
         raise ProtocolError("bad_message", f"{cls.__name__}.{exc}") from None
 

@@ -47,6 +47,9 @@ class Register:
     max_concurrent_runs: int
     code_locations: list[CodeLocationInfo] = field(default_factory=list)
     runs: list[RunState] = field(default_factory=list)
+    # What this agent can do beyond protocol 1; the control plane only assigns a run to
+    # an agent with every capability the run needs ("reuse_outputs": re-executions).
+    capabilities: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -118,6 +121,18 @@ class Heartbeat:
 @dataclass
 class HeartbeatReply:
     ok: bool = True
+
+
+@dataclass
+class Drain:
+    """The agent is shutting down: no new launches for it; its runs may finish."""
+
+    agent_id: str
+
+
+@dataclass
+class Drained:
+    status: str
 
 
 @dataclass
@@ -193,6 +208,8 @@ MESSAGE_TYPES: dict[str, type] = {
         PollReply,
         Heartbeat,
         HeartbeatReply,
+        Drain,
+        Drained,
         EventBatch,
         EventAck,
         ErrorReply,
@@ -201,4 +218,15 @@ MESSAGE_TYPES: dict[str, type] = {
         DescribeLocation,
         CodeLocationInfo,
     )
+}
+
+
+# Fields added after protocol version 1, by message: left out when talking to a peer of an
+# older version (which would refuse unknown keys). A version-1 agent sends none of them.
+FIELDS_SINCE: dict[str, dict[str, int]] = {
+    "Register": {"runs": 2, "capabilities": 2},
+    "Registered": {"heartbeat_timeout_seconds": 2},
+    "Poll": {"stopping_leases": 2},
+    "PollReply": {"stops": 2},
+    "LaunchRun": {"reuse_outputs": 2},
 }

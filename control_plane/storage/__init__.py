@@ -57,6 +57,7 @@ class Run:
     root_run_id: str | None = None
     resume_count: int = 0
     reuse_outputs: dict[str, str] = field(default_factory=dict)
+    launch_acked: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,7 +107,7 @@ class Verdict:
     run_id: str
     lease: int | None
     status: RunStatus
-    outcome: RunStatus  # FAILURE or CANCELED
+    outcome: RunStatus  # FAILURE or CANCELED; QUEUED for a launch no agent acknowledged
     kind: str
     message: str
     offline_agent: str | None = None
@@ -171,6 +172,7 @@ class Agent:
     version: str
     last_heartbeat: float
     registered_time: float
+    capabilities: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -222,6 +224,7 @@ class Storage(Protocol):
     async def set_priority(self, run_id: str, priority: int, now: float) -> Run | None: ...
     async def request_cancel(self, run_id: str, now: float) -> Run | None: ...
     async def pending_launches(self, agent_id: str) -> list[Run]: ...
+    async def ack_launches(self, agent_id: str, leases: list[int]) -> None: ...
     async def stop_orders(
         self, agent_id: str, held_leases: list[int], now: float
     ) -> tuple[list[StopOrder], list[Run]]: ...
@@ -260,8 +263,10 @@ class Storage(Protocol):
         max_concurrent_runs: int,
         locations: list[CodeLocationInfo],
         now: float,
+        capabilities: list[str] | None = None,
     ) -> Agent: ...
     async def record_heartbeat(self, agent_id: str, now: float) -> float | None: ...
+    async def set_agent_status(self, agent_id: str, status: str) -> Agent | None: ...
     async def get_agent(self, agent_id: str) -> Agent | None: ...
     async def list_agents(self) -> list[Agent]: ...
     async def list_code_locations(self) -> list[CodeLocation]: ...

@@ -160,6 +160,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (run_id, step)
     );
     """,
+    # version 4: what each agent can do (protocol version skew)
+    """
+    ALTER TABLE agents ADD COLUMN capabilities TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE runs ADD COLUMN launch_acked INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 DISPATCH_BATCH = 1000
@@ -178,14 +183,14 @@ AGENT_FAILURE_KINDS = frozenset({WORKER_CRASH, AGENT_LOST})  # what an agent may
 _RUN_COLUMNS = (
     "run_id, job, location, status, status_reason, tags, config, agent_id, lease, "
     "create_time, start_time, end_time, priority, queue, status_time, not_before, "
-    "failure_kind, parent_run_id, root_run_id, resume_count, reuse_outputs, id"
+    "failure_kind, parent_run_id, root_run_id, resume_count, reuse_outputs, launch_acked, id"
 )
 
 
 def _run_from_row(row: Iterable[Any]) -> Run:
     (run_id, job, location, status, reason, tags, config, agent_id, lease, create, start, end,
      priority, queue, status_time, not_before, failure_kind, parent, root, resumes, reuse,
-     _id) = row  # fmt: skip
+     acked, _id) = row  # fmt: skip
     return Run(
         run_id=run_id,
         job=job,
@@ -208,11 +213,12 @@ def _run_from_row(row: Iterable[Any]) -> Run:
         root_run_id=root,
         resume_count=resumes,
         reuse_outputs=json.loads(reuse),
+        launch_acked=bool(acked),
     )
 
 
 def _agent_from_row(row: Iterable[Any]) -> Agent:
-    agent_id, name, hostname, status, queues, cap, version, hb, registered = row
+    agent_id, name, hostname, status, queues, cap, version, hb, registered, capabilities = row
     return Agent(
         agent_id=agent_id,
         name=name,
@@ -223,12 +229,13 @@ def _agent_from_row(row: Iterable[Any]) -> Agent:
         version=version,
         last_heartbeat=hb,
         registered_time=registered,
+        capabilities=json.loads(capabilities),
     )
 
 
 _AGENT_COLUMNS = (
     "agent_id, name, hostname, status, queues, max_concurrent_runs, version, "
-    "last_heartbeat, registered_time"
+    "last_heartbeat, registered_time, capabilities"
 )
 
 
@@ -444,7 +451,8 @@ class SqliteStorage:
         )
         lease = cur.lastrowid
         await db.execute(
-            "UPDATE runs SET agent_id = ?, lease = ? WHERE run_id = ?", (agent_id, lease, run_id)
+            "UPDATE runs SET agent_id = ?, lease = ?, launch_acked = 0 WHERE run_id = ?",
+            (agent_id, lease, run_id),
         )
         names = await db.execute_fetchall("SELECT name FROM agents WHERE agent_id = ?", (agent_id,))
         await self._append_event(
@@ -496,6 +504,18 @@ class SqliteStorage:
             (agent_id, RunStatus.STARTING),
         )
         return [_run_from_row(r) for r in rows]
+
+    async def ack_launches(self, agent_id: str, leases: list[int]) -> None:
+        """The agent holds these launches (it said so in a poll)."""
+        if not leases:
+            return
+        marks = ",".join("?" * len(leases))
+        async with self._write() as db:
+            await db.execute(
+                f"UPDATE runs SET launch_acked = 1 WHERE agent_id = ? AND lease IN ({marks})"
+                " AND launch_acked = 0",
+                (agent_id, *leases),
+            )
 
     async def stop_orders(
         self, agent_id: str, held_leases: list[int], now: float
@@ -746,7 +766,13 @@ class SqliteStorage:
                         " AND status = 'ONLINE'",
                         (verdict.offline_agent,),
                     )
-                if verdict.outcome == RunStatus.CANCELED:
+                if verdict.outcome == RunStatus.QUEUED:  # never started: back to the queue
+                    await self._append_event(db, run.run_id, now, "RUN_ENQUEUED",
+                                             verdict.message, attempt=run.lease)  # fmt: skip
+                    await db.execute(
+                        "UPDATE runs SET agent_id = NULL WHERE run_id = ?", (run.run_id,)
+                    )
+                elif verdict.outcome == RunStatus.CANCELED:
                     await self._append_event(db, run.run_id, now, "RUN_CANCELED", verdict.message,
                                              {"warning": True}, attempt=run.lease)  # fmt: skip
                 else:
@@ -883,6 +909,7 @@ class SqliteStorage:
         max_concurrent_runs: int,
         locations: list[CodeLocationInfo],
         now: float,
+        capabilities: list[str] | None = None,
     ) -> Agent:
         """Create or refresh the agent called `name`; it keeps its id across restarts."""
         async with self._write() as db:
@@ -890,13 +917,14 @@ class SqliteStorage:
             agent_id = rows[0][0] if rows else uuid.uuid4().hex
             await db.execute(
                 "INSERT INTO agents (agent_id, name, hostname, status, queues,"
-                " max_concurrent_runs, version, last_heartbeat, registered_time)"
-                " VALUES (?, ?, ?, 'ONLINE', ?, ?, ?, ?, ?)"
+                " max_concurrent_runs, version, last_heartbeat, registered_time, capabilities)"
+                " VALUES (?, ?, ?, 'ONLINE', ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (agent_id) DO UPDATE SET hostname = excluded.hostname,"
                 " status = 'ONLINE', queues = excluded.queues,"
                 " max_concurrent_runs = excluded.max_concurrent_runs,"
                 " version = excluded.version, last_heartbeat = excluded.last_heartbeat,"
-                " registered_time = excluded.registered_time",
+                " registered_time = excluded.registered_time,"
+                " capabilities = excluded.capabilities",
                 (
                     agent_id,
                     name,
@@ -906,6 +934,7 @@ class SqliteStorage:
                     version,
                     now,
                     now,
+                    json.dumps(capabilities or []),
                 ),
             )
             await db.execute("DELETE FROM code_locations WHERE agent_id = ?", (agent_id,))
@@ -932,6 +961,15 @@ class SqliteStorage:
                 (now, agent_id),
             )
             return float(rows[0][0])
+
+    async def set_agent_status(self, agent_id: str, status: str) -> Agent | None:
+        """DRAINING (no new launches; its runs go on) or back to ONLINE."""
+        async with self._write() as db:
+            await db.execute("UPDATE agents SET status = ? WHERE agent_id = ?", (status, agent_id))
+            rows = await db.execute_fetchall(
+                f"SELECT {_AGENT_COLUMNS} FROM agents WHERE agent_id = ?", (agent_id,)
+            )
+            return _agent_from_row(rows[0]) if rows else None
 
     async def get_agent(self, agent_id: str) -> Agent | None:
         rows = await self._r.execute_fetchall(

@@ -6,6 +6,7 @@ server's answers to every message, valid or not, can be checked exactly.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,34 @@ async def test_cancel_sends_one_stop_order_through_the_poll(client: TestClient) 
     await agent_call(client, "events", batch, EventAck)
     run = await (await client.get(f"/api/v1/runs/{run_id}")).json()
     assert run["status"] == "CANCELED"
+
+
+async def test_a_launch_nobody_acknowledges_goes_back_to_the_queue(
+    aiohttp_client: Callable[..., Awaitable[TestClient]], tmp_path: Path
+) -> None:
+    config = ControlPlaneConfig()
+    config.storage.url = f"sqlite:///{tmp_path}/fleetrun.db"
+    config.server.poll_timeout_seconds = 0.5
+    config.run_monitoring.launch_ack_timeout_seconds = 0.3
+    client = await aiohttp_client(create_app(config))
+    agent_id = await register(client)
+    _, body = await submit(client, job="etl")
+    first = (await agent_call(client, "poll", Poll(agent_id=agent_id), PollReply)).launches[0]
+    # The agent never polls again with that lease held (it crashed, or the reply was lost)
+    deadline = asyncio.get_running_loop().time() + 30
+    while asyncio.get_running_loop().time() < deadline:
+        again = await agent_call(client, "poll", Poll(agent_id=agent_id), PollReply)
+        if again.launches and again.launches[0].lease != first.lease:
+            break
+        await asyncio.sleep(0.05)  # a bounded wait for the monitor's verdict
+    assert again.launches[0].run_id == body["run_id"] and again.launches[0].lease > first.lease
+    events = (await (await client.get(f"/api/v1/runs/{body['run_id']}/events")).json())["events"]
+    assert "launch not acknowledged by the agent within 0.3 s" in [
+        e["message"] for e in events if e["type"] == "RUN_ENQUEUED"][-1]  # fmt: skip
+    # Once acknowledged (held in a poll) it stays put
+    await agent_call(client, "poll", Poll(agent_id, [again.launches[0].lease]), PollReply)
+    run = await (await client.get(f"/api/v1/runs/{body['run_id']}")).json()
+    assert run["status"] == "STARTING" and run["lease"] == again.launches[0].lease
 
 
 async def test_stale_lease_and_foreign_run_are_refused(client: TestClient) -> None:

@@ -8,11 +8,21 @@ import msgpack
 import pytest
 
 from protocol import PROTOCOL_VERSION
-from protocol.codec import DecodeLimits, ProtocolError, decode, decode_any, encode, frame
+from protocol.codec import (
+    DecodeLimits,
+    ProtocolError,
+    decode,
+    decode_any,
+    decode_versioned,
+    encode,
+    frame,
+)
 from protocol.messages import (
     MESSAGE_TYPES,
     CodeLocationInfo,
     DescribeLocation,
+    Drain,
+    Drained,
     ErrorReply,
     EventAck,
     EventBatch,
@@ -28,6 +38,7 @@ from protocol.messages import (
     Registered,
     RunRecord,
     RunState,
+    StopRun,
     WorkerSpec,
 )
 
@@ -47,8 +58,10 @@ SAMPLES = [
         code_locations=[LOCATION, CodeLocationInfo(name="bad", error="ImportError: x")],
     ),
     Registered(agent_id="a1", heartbeat_interval_seconds=5.0, poll_timeout_seconds=25.0),
-    Poll(agent_id="a1", held_leases=[1, 2]),
-    PollReply(launches=[LAUNCH]),
+    Poll(agent_id="a1", held_leases=[1, 2], stopping_leases=[2]),
+    PollReply(launches=[LAUNCH], stops=[StopRun("r2", 2, True, "run canceled", 10.0)]),
+    Drain(agent_id="a1"),
+    Drained(status="DRAINING"),
     Heartbeat(agent_id="a1", runs=[RunState(run_id="r1", lease=7, state="running")]),
     HeartbeatReply(ok=True),
     EventBatch(agent_id="a1", run_id="r1", lease=7, records=[RECORD]),
@@ -81,11 +94,26 @@ def _envelope(body: object, type_: str = "EventAck", v: object = PROTOCOL_VERSIO
     return msgpack.packb({"v": v, "type": type_, "body": body})
 
 
-def test_version_mismatch_names_both_versions() -> None:
+@pytest.mark.parametrize("version", [0, 99, PROTOCOL_VERSION - 2, "2", True])
+def test_version_mismatch_names_both_versions(version: object) -> None:
     with pytest.raises(ProtocolError) as info:
-        decode(_envelope({"acked_seq": 1}, v=99), EventAck)
+        decode(_envelope({"acked_seq": 1}, v=version), EventAck)
     assert info.value.code == "unsupported_version"
-    assert "99" in str(info.value) and str(PROTOCOL_VERSION) in str(info.value)
+    assert repr(version) in str(info.value) and str(PROTOCOL_VERSION) in str(info.value)
+
+
+def test_the_previous_version_is_spoken_both_ways() -> None:
+    """A version-1 agent's Register decodes; replies to it leave out newer fields."""
+    old_register = {"name": "w", "hostname": "h", "version": "0.0.9", "queues": ["default"],
+                    "max_concurrent_runs": 1}  # fmt: skip
+    message, version = decode_versioned(_envelope(old_register, "Register", PROTOCOL_VERSION - 1))
+    assert version == PROTOCOL_VERSION - 1 and message.capabilities == [] and message.runs == []
+    reply = PollReply(launches=[LAUNCH], stops=[StopRun("r", 1, True, "x")])
+    raw = msgpack.unpackb(encode(reply, PROTOCOL_VERSION - 1))
+    assert raw["v"] == PROTOCOL_VERSION - 1 and set(raw["body"]) == {"launches"}
+    assert "reuse_outputs" not in raw["body"]["launches"][0]
+    current = msgpack.unpackb(encode(reply))["body"]
+    assert set(current) == {"launches", "stops"} and "reuse_outputs" in current["launches"][0]
 
 
 @pytest.mark.parametrize(

@@ -150,3 +150,16 @@ def test_a_delayed_retry_waits_and_does_not_block_the_queue() -> None:
     assert launched(p) == ["q1"]
     assert reasons(p)["retry"].startswith("retry delay: starts after ")
     assert p.next_wake == NOW + 30
+
+
+def test_a_run_needing_a_capability_waits_for_an_agent_that_has_it() -> None:
+    rerun = run("rerun")
+    rerun.reuse_outputs = {"extract": "parent"}
+    old, new = agent("old"), agent("new")
+    new.capabilities = ["reuse_outputs"]
+    p = plan([rerun, run("plain")], agents=[old], hosted={"old": {"loc"}})
+    assert launched(p) == ["plain"]
+    assert reasons(p)["rerun"] == (
+        "no online agent hosting location loc can do reuse_outputs (upgrade it)")  # fmt: skip
+    p = plan([rerun], agents=[old, new], hosted={"old": {"loc"}, "new": {"loc"}})
+    assert [(r.run_id, a.agent_id) for r, a in p.assignments] == [("rerun", "new")]

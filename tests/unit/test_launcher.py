@@ -151,3 +151,17 @@ async def test_the_subprocess_launcher_runs_a_fresh_interpreter_per_run() -> Non
         assert "killed by signal SIGKILL" in terminal(records).message
     finally:
         await launcher.close()
+
+
+def test_backoff_is_capped_exponential_with_full_jitter() -> None:
+    import random
+
+    from agent.client import Backoff
+
+    backoff = Backoff(base=0.2, cap=10.0, rng=random.Random(1))
+    delays = [backoff.next_delay() for _ in range(12)]
+    bounds = [min(10.0, 0.2 * 2**n) for n in range(12)]
+    assert all(0 <= d <= b for d, b in zip(delays, bounds, strict=True))
+    assert max(delays[8:]) <= 10.0 and len(set(delays)) == 12  # spread, never in lockstep
+    backoff.reset()
+    assert backoff.next_delay() <= 0.2

@@ -57,8 +57,11 @@ def test_a_control_plane_restart_restarts_the_clock() -> None:
 
 
 def test_start_cancel_and_runtime_deadlines() -> None:
+    starting = run("starting", RunStatus.STARTING, since=NOW - 181)
+    starting.launch_acked = True
     runs = [
-        run("starting", RunStatus.STARTING, since=NOW - 181),
+        starting,
+        run("unacknowledged", RunStatus.STARTING, since=NOW - 6),
         run("canceling", RunStatus.CANCELING, since=NOW - 181),
         run("long", RunStatus.STARTED, started=NOW - 61, **{"fleetrun/max_runtime": "60"}),
         run("config_limit", RunStatus.STARTED, started=NOW - 11),
@@ -67,6 +70,8 @@ def test_start_cancel_and_runtime_deadlines() -> None:
     found, next_deadline = verdicts(runs, max_runtime_seconds=10)
     assert {v.run_id: (v.outcome, v.kind, v.message) for v in found} == {
         "starting": (RunStatus.FAILURE, "start_timeout", "run did not start within 180 s"),
+        "unacknowledged": (RunStatus.QUEUED, "launch_not_acked", "launch not acknowledged by "
+                           "the agent within 5 s; back to the queue"),
         "canceling": (RunStatus.CANCELED, "cancel_timeout",
                       "canceled: the worker did not confirm within 180 s"),
         "long": (RunStatus.FAILURE, "max_runtime", "exceeded max runtime of 60 s"),

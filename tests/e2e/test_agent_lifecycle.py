@@ -1,0 +1,152 @@
+"""The agent's life: drain on SIGTERM, remote drain/undrain, the one-file binary."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from protocol import PROTOCOL_VERSION
+from tests.conftest import (
+    FIXTURES,
+    FLEETRUN,
+    REPO,
+    ControlPlaneProc,
+    start_agent,
+    start_control_plane,
+    start_process,
+    wait_for,
+    write_agent_config,
+)
+
+JOBS = {"monitor": FIXTURES / "monitor_jobs.py"}
+FLEETRUN_AGENT = [sys.executable, "-m", "agent.cli"]
+
+
+def agent_status(cp: ControlPlaneProc, name: str) -> str:
+    return next(a["status"] for a in cp.get("/api/v1/agents")["agents"] if a["name"] == name)
+
+
+def hold(cp: ControlPlaneProc, folder: Path) -> tuple[str, int]:
+    run_id = cp.submit("hold", config={"dir": str(folder)})
+    wait_for(lambda: cp.get(f"/api/v1/runs/{run_id}")["status"] == "STARTED", what="start")
+    lease = cp.get(f"/api/v1/runs/{run_id}")["lease"]
+    wait_for(lambda: (folder / f"pid-{lease}").exists(), what="the worker")
+    return run_id, lease
+
+
+def test_sigterm_drains_first_then_lets_the_run_finish(tmp_path: Path) -> None:
+    cp = start_control_plane(tmp_path)
+    agent = start_agent(cp, tmp_path, "a1", JOBS, "drain_timeout_seconds = 60")
+    try:
+        # Given a run in progress
+        run_id, lease = hold(cp, tmp_path)
+        # When the agent gets SIGTERM
+        agent.popen.send_signal(signal.SIGTERM)
+        # Then it is DRAINING at once, takes no new run, and lets the running one finish
+        wait_for(lambda: agent_status(cp, "a1") == "DRAINING", what="DRAINING")
+        waiting = cp.submit("hold", config={"dir": str(tmp_path)})
+        wait_for(lambda: "no online agent" in str(cp.get("/api/v1/queue")), what="queue reason")
+        (tmp_path / f"open-{lease}").touch()
+        assert cp.wait_run(run_id)["status"] == "SUCCESS"
+        assert agent.popen.wait(60) == 0
+        assert cp.get(f"/api/v1/runs/{waiting}")["status"] == "QUEUED"
+    finally:
+        agent.stop()
+        cp.stop()
+
+
+def test_drain_timeout_stops_and_reports_the_rest(tmp_path: Path) -> None:
+    cp = start_control_plane(tmp_path)
+    agent = start_agent(cp, tmp_path, "a1", JOBS, "drain_timeout_seconds = 0.5")
+    try:
+        run_id, lease = hold(cp, tmp_path)
+        agent.popen.send_signal(signal.SIGTERM)
+        run = cp.wait_run(run_id)
+        assert run["status"] == "FAILURE" and run["failure_kind"] == "agent_lost"
+        assert "agent a1 shut down (drain timeout of 0.5 s)" in run["status_reason"]
+        assert agent.popen.wait(60) == 0
+        assert not (tmp_path / f"done-{lease}").exists()
+    finally:
+        agent.stop()
+        cp.stop()
+
+
+def test_remote_drain_and_undrain(tmp_path: Path) -> None:
+    cp = start_control_plane(tmp_path)
+    agent = start_agent(cp, tmp_path, "a1", JOBS)
+    try:
+
+        def cli(*args: str) -> str:
+            result = subprocess.run([*FLEETRUN, "--url", cp.url, "agents", *args],
+                                    capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            return result.stdout
+
+        assert cli("drain", "a1").strip() == "a1 DRAINING"
+        run_id = cp.submit("hold", config={"dir": str(tmp_path)})
+        wait_for(lambda: "no online agent" in str(cp.get("/api/v1/queue")), what="queue reason")
+        assert agent_status(cp, "a1") == "DRAINING"  # heartbeats do not undrain it
+        assert cli("undrain", "a1").strip() == "a1 ONLINE"
+        wait_for(lambda: cp.get(f"/api/v1/runs/{run_id}")["status"] == "STARTED", what="start")
+        lease = cp.get(f"/api/v1/runs/{run_id}")["lease"]
+        (tmp_path / f"open-{lease}").touch()
+        assert cp.wait_run(run_id)["status"] == "SUCCESS"
+        code = subprocess.run([*FLEETRUN, "--url", cp.url, "agents", "drain", "nobody"],
+                              capture_output=True, text=True, timeout=60).returncode  # fmt: skip
+        assert code == 1
+    finally:
+        agent.stop()
+        cp.stop()
+
+
+BINARY = REPO / "dist" / "fleetrun-agent"
+
+
+def test_the_one_file_binary_runs_a_job(tmp_path: Path) -> None:
+    """`make test` builds dist/fleetrun-agent first (`make binary`)."""
+    assert BINARY.exists(), "build the agent binary first: make binary"
+    version = subprocess.run([str(BINARY), "version"], capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+    assert version.returncode == 0 and f"(protocol {PROTOCOL_VERSION})" in version.stdout
+    cp = start_control_plane(tmp_path)
+    config = write_agent_config(tmp_path, cp.url, "bin", {"examples": REPO / "examples" /
+                                                          "demo_jobs.py"})  # fmt: skip
+    check = subprocess.run([str(BINARY), "check-config", "--config", str(config), "--connect"],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    assert "jobs hello, etl, chatty, broken" in check.stdout
+    agent = start_process([str(BINARY), "run", "--config", str(config)], tmp_path / "bin.log")
+    try:
+        wait_for(lambda: any(a["name"] == "bin" and a["code_locations"]
+                             for a in cp.get("/api/v1/agents")["agents"]),
+                 what="the binary agent to register")  # fmt: skip
+        for job in ("etl", "chatty"):
+            run_id = cp.submit(job, config={"execution": "multiprocess"})
+            assert cp.wait_run(run_id)["status"] == "SUCCESS", cp.events(run_id)
+        agent.popen.send_signal(signal.SIGTERM)
+        assert agent.popen.wait(60) == 0
+    finally:
+        agent.stop()
+        cp.stop()
+
+
+def test_check_config_names_every_problem_and_exits_2(tmp_path: Path) -> None:
+    port_nobody_listens_on = 9  # discard: nothing answers on loopback
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'control_plane_url = "http://127.0.0.1:{port_nobody_listens_on}"\n'
+        'token_file = "missing.token"\n'
+        '[[code_locations]]\nname = "gone"\npython_file = "x.py"\nworking_directory = "nope"\n'
+        f'[[code_locations]]\nname = "broken"\npython_file = "{FIXTURES / "broken_location.py"}"\n'
+        '[[code_locations]]\nname = "badexe"\npython_file = "x.py"\nexecutable = "/no/python"\n'
+    )
+    result = subprocess.run([*FLEETRUN_AGENT, "check-config", "--config", str(config),
+                             "--connect"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    for expected in ("code_locations gone: working_directory", "code_locations broken:",
+                     "module_that_does_not_exist", "code_locations badexe: executable /no/python",
+                     "token_file: cannot read", "control_plane_url: cannot reach"):  # fmt: skip
+        assert expected in result.stderr, result.stderr
+    assert str(config) in result.stderr
