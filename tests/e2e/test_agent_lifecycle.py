@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from protocol import PROTOCOL_VERSION
@@ -102,6 +105,23 @@ def test_remote_drain_and_undrain(tmp_path: Path) -> None:
 
 
 BINARY = REPO / "dist" / "fleetrun-agent"
+PYTHON_PLACES = [Path(sys.base_prefix), *Path("/usr/lib").glob("python3*"),
+                 *Path("/usr/local/lib").glob("python3*")]  # fmt: skip
+
+
+def without_python(command: list[str]) -> list[str]:
+    """Run `command` where no Python installation is visible (a private mount namespace
+    with empty folders over them), when this machine allows it (root and unshare)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return command
+    empty = Path(tempfile.mkdtemp(prefix="fleetrun-no-python-"))
+    mounts = "; ".join(f"mount --bind {empty} {place}" for place in PYTHON_PLACES
+                       if place.is_dir())  # fmt: skip
+    hide_bins = "; ".join(
+        f"mount --bind /dev/null {exe}" for exe in Path("/usr/bin").glob("python3*")
+    )
+    script = f"{mounts}; {hide_bins}; exec {' '.join(command)}"
+    return ["unshare", "-m", "sh", "-c", script]
 
 
 def test_the_one_file_binary_runs_a_job(tmp_path: Path) -> None:
@@ -117,7 +137,11 @@ def test_the_one_file_binary_runs_a_job(tmp_path: Path) -> None:
                            capture_output=True, text=True, timeout=120)  # fmt: skip
     assert check.returncode == 0, check.stderr
     assert "jobs hello, etl, chatty, broken" in check.stdout
-    agent = start_process([str(BINARY), "run", "--config", str(config)], tmp_path / "bin.log")
+    hidden = without_python([sys.executable, "-c", "pass"])
+    if hidden[0] == "unshare":  # then prove Python really is out of sight there
+        assert subprocess.run(hidden, capture_output=True, timeout=60).returncode != 0
+    agent = start_process(without_python([str(BINARY), "run", "--config", str(config)]),
+                          tmp_path / "bin.log")  # fmt: skip
     try:
         wait_for(lambda: any(a["name"] == "bin" and a["code_locations"]
                              for a in cp.get("/api/v1/agents")["agents"]),
