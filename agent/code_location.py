@@ -10,7 +10,7 @@ import traceback
 from types import ModuleType
 
 from agent.sdk import Definitions
-from protocol.messages import CodeLocationInfo, LocationSpec
+from protocol.messages import CodeLocationInfo, LocationSpec, ScheduleInfo, SensorInfo
 
 
 class LocationLoadError(Exception):
@@ -61,4 +61,28 @@ def describe(spec: LocationSpec) -> CodeLocationInfo:
         defs = load_definitions(spec)
     except LocationLoadError as exc:
         return CodeLocationInfo(name=spec.name, error=str(exc))
-    return CodeLocationInfo(name=spec.name, jobs=[j.to_info() for j in defs.jobs.values()])
+    return CodeLocationInfo(
+        name=spec.name,
+        jobs=[j.to_info() for j in defs.jobs.values()],
+        schedules=[
+            ScheduleInfo(
+                name=s.name,
+                job=s.job.name,
+                cron=s.cron,
+                timezone=s.timezone,
+                default_status=str(s.default_status),
+                catchup=s.catchup,
+                tags=dict(s.tags),
+            )
+            for s in defs.schedules.values()
+        ],
+        sensors=[
+            SensorInfo(
+                name=s.name,
+                job=s.job.name,
+                minimum_interval_seconds=float(s.minimum_interval_seconds),
+                default_status=str(s.default_status),
+            )
+            for s in defs.sensors.values()
+        ],
+    )

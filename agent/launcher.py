@@ -27,6 +27,8 @@ from protocol.codec import FRAME_HEADER_SIZE, ProtocolError, decode, frame, fram
 from protocol.messages import (
     CodeLocationInfo,
     DescribeLocation,
+    EvaluateSpec,
+    EvaluationResult,
     LaunchRun,
     LocationSpec,
     RunRecord,
@@ -209,7 +211,9 @@ class RunLauncher(Protocol):
     """How the agent starts a run worker (selected by `run_launcher` in agent.toml)."""
 
     async def warm_up(self) -> None: ...
-    async def start(self, loc: CodeLocationConfig, spec: WorkerSpec) -> WorkerProcess: ...
+    async def start(
+        self, loc: CodeLocationConfig, spec: WorkerSpec | EvaluateSpec, mode: str = "run"
+    ) -> WorkerProcess: ...
     def spec(self, loc: CodeLocationConfig, launch: LaunchRun, scratch: str) -> WorkerSpec: ...
     async def close(self) -> None: ...
 
@@ -239,8 +243,10 @@ class SubprocessLauncher(_LauncherBase):
     async def warm_up(self) -> None:
         return None
 
-    async def start(self, loc: CodeLocationConfig, spec: WorkerSpec) -> SpawnedWorker:
-        process, records = await _spawn(loc, "run", spec)
+    async def start(
+        self, loc: CodeLocationConfig, spec: WorkerSpec | EvaluateSpec, mode: str = "run"
+    ) -> SpawnedWorker:
+        process, records = await _spawn(loc, mode, spec)
         return SpawnedWorker(process, records)
 
     async def close(self) -> None:
@@ -274,7 +280,9 @@ class ForkServerLauncher(_LauncherBase):
             except OSError as exc:
                 log.error("cannot start a fork server for %r: %s", executable or "python", exc)
 
-    async def start(self, loc: CodeLocationConfig, spec: WorkerSpec) -> ForkedWorker:
+    async def start(
+        self, loc: CodeLocationConfig, spec: WorkerSpec | EvaluateSpec, mode: str = "run"
+    ) -> ForkedWorker:
         pipes = [os.pipe() for _ in range(WORKER_FDS)]
         child_fds = [pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1]]
         ours = [pipes[0][1], pipes[1][0], pipes[2][0], pipes[3][0]]
@@ -283,7 +291,7 @@ class ForkServerLauncher(_LauncherBase):
                 server = await self._server(loc.executable)
                 try:
                     pid = await server.spawn(
-                        ["run"], dict(os.environ), loc.working_directory, child_fds
+                        [mode], dict(os.environ), loc.working_directory, child_fds
                     )
                     break
                 except ForkServerGone:
@@ -481,6 +489,38 @@ class RunWorker:
     def kill(self) -> None:
         if self.process is not None:
             self.process.signal(signal.SIGKILL)
+
+
+async def evaluate_in_worker(
+    launcher: RunLauncher, loc: CodeLocationConfig, spec: EvaluateSpec
+) -> EvaluationResult:
+    """Run a schedule or sensor function in a worker process, bounded by its timeout."""
+    request = spec.evaluate
+    try:
+        proc = await launcher.start(loc, spec, mode="evaluate")
+    except OSError as exc:
+        return EvaluationResult(eval_id=request.eval_id, error=f"cannot start a worker: {exc}")
+    drains = [asyncio.create_task(stream.read()) for stream in (proc.stdout, proc.stderr)]
+    try:
+        async with asyncio.timeout(request.timeout_seconds):
+            body = await _read_frame(proc.records)
+            await proc.wait()
+    except TimeoutError:
+        proc.signal(signal.SIGKILL)
+        await proc.wait()
+        return EvaluationResult(eval_id=request.eval_id, cursor=request.cursor, error=(
+            f"evaluation timed out after {request.timeout_seconds:g} s"))  # fmt: skip
+    finally:
+        for task in drains:
+            task.cancel()
+    if body is None:
+        how = _exit_description(await proc.wait() or 0)
+        message = f"the evaluation worker {how} without a result"
+        return EvaluationResult(eval_id=request.eval_id, cursor=request.cursor, error=message)
+    try:
+        return decode(body, EvaluationResult)
+    except ProtocolError as exc:
+        return EvaluationResult(eval_id=request.eval_id, error=f"bad evaluation reply: {exc}")
 
 
 async def describe_location(loc: CodeLocationConfig) -> CodeLocationInfo:

@@ -25,7 +25,13 @@ from agent.client import (
     ControlPlaneUnreachable,
 )
 from agent.config import AgentConfig
-from agent.launcher import RunWorker, describe_location, make_launcher
+from agent.launcher import (
+    RunWorker,
+    describe_location,
+    evaluate_in_worker,
+    location_spec,
+    make_launcher,
+)
 from agent.outbox import AttemptRejected, RunOutbox
 from agent.outputs import INLINE_KEY, INLINE_OUTPUT_BYTES
 from protocol import FLEETRUN_VERSION
@@ -33,6 +39,10 @@ from protocol.messages import (
     CodeLocationInfo,
     Drain,
     Drained,
+    Evaluate,
+    EvaluateSpec,
+    EvaluationAck,
+    EvaluationResult,
     EventAck,
     EventBatch,
     Heartbeat,
@@ -120,6 +130,7 @@ class Agent:
         self.last_contact = time.monotonic()
         self.shutting_down = asyncio.Event()
         self.contact = ContactLog(log)
+        self.evaluations: dict[str, asyncio.Task[None]] = {}
         self.location_infos: list[CodeLocationInfo] = []
         self.launcher = make_launcher(
             config.run_launcher, config.code_locations, config.output_store
@@ -215,6 +226,7 @@ class Agent:
             log.warning("run %s: stopping its worker (%s)", launch.run_id, reason)
             active.worker.stop(StopRun(launch.run_id, lease, False, reason, grace, "agent_lost"))
         remaining = [active.task for active in self.runs.values()]
+        remaining += list(self.evaluations.values())  # schedule/sensor results still owed
         if remaining:
             await asyncio.wait(remaining, timeout=grace + REQUEST_TIMEOUT_SECONDS)
         log.info("drained")
@@ -252,11 +264,42 @@ class Agent:
             for launch in reply.launches:
                 if launch.lease not in self.runs:
                     self.start_run(launch)
+            for request in reply.evaluations:
+                if request.eval_id not in self.evaluations:
+                    task = asyncio.create_task(self._evaluate(request))
+                    self.evaluations[request.eval_id] = task
+                    task.add_done_callback(lambda _, e=request.eval_id: self.evaluations.pop(e))
             for order in reply.stops:
                 active = self.runs.get(order.lease)
                 if active is not None:
                     log.info("run %s: stopping its worker (%s)", order.run_id, order.reason)
                     active.worker.stop(order)
+
+    async def _evaluate(self, request: Evaluate) -> None:
+        """Evaluate a schedule tick or sensor in a worker; send the result back."""
+        loc = self.locations.get(request.location)
+        if loc is None:
+            error = f"agent {self.config.name} does not host location {request.location!r}"
+            result = EvaluationResult(eval_id=request.eval_id, error=error)
+        else:
+            spec = EvaluateSpec(evaluate=request, location=location_spec(loc))
+            result = await evaluate_in_worker(self.launcher, loc, spec)
+        assert self.agent_id is not None
+        result.agent_id = self.agent_id
+        backoff = Backoff()
+        deadline = time.monotonic() + request.timeout_seconds
+        while True:
+            try:
+                await self.client.call("evaluation", result, EvaluationAck, REQUEST_TIMEOUT_SECONDS)
+                return
+            except ControlPlaneUnreachable as exc:
+                self.contact.failed("evaluation", exc)
+            except ControlPlaneError as exc:
+                log.warning("%s %s: result refused: %s", request.kind, request.name, exc)
+                return
+            if time.monotonic() > deadline:
+                return  # the control plane times the tick out and tries again
+            await asyncio.sleep(backoff.next_delay())
 
     def _run_states(self) -> list[RunState]:
         return [

@@ -42,7 +42,9 @@ __all__ = [
     "RetryRequested",
     "RunRequest",
     "ScheduleDefinition",
+    "ScheduleEvaluationContext",
     "SensorDefinition",
+    "SensorEvaluationContext",
     "SkipReason",
     "build_op_context",
     "job",
@@ -553,6 +555,27 @@ class SkipReason:
     """Returned by a schedule or sensor to record why it launched nothing this tick."""
 
     skip_message: str = ""
+
+
+@dataclass
+class ScheduleEvaluationContext:
+    """What a schedule function receives: the tick's time, aware, in the schedule's zone."""
+
+    scheduled_time: datetime
+
+
+class SensorEvaluationContext:
+    """What a sensor function receives; `update_cursor` keeps state for the next tick
+    (kept only if this tick succeeds or skips)."""
+
+    def __init__(self, cursor: str | None = None, last_run_key: str | None = None) -> None:
+        self.cursor = cursor
+        self.last_run_key = last_run_key
+
+    def update_cursor(self, cursor: str | None) -> None:
+        if cursor is not None and not isinstance(cursor, str):
+            raise TypeError(f"a sensor cursor is a string, got {type(cursor).__name__}")
+        self.cursor = cursor
 
 
 class DefaultScheduleStatus(StrEnum):

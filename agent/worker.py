@@ -15,7 +15,7 @@ import traceback
 from typing import Any, BinaryIO
 
 from protocol.codec import FRAME_HEADER_SIZE, decode_any, frame, frame_length
-from protocol.messages import DescribeLocation, WorkerSpec
+from protocol.messages import DescribeLocation, EvaluateSpec, WorkerSpec
 
 RECORD_FD_ENV = "FLEETRUN_RECORD_FD"
 
@@ -130,6 +130,11 @@ def main(argv: list[str]) -> int:
 
         info = describe(message.location)
         os.write(fd, frame(info))
+        return 0
+    if mode == "evaluate" and isinstance(message, EvaluateSpec):
+        from agent.evaluation import evaluate
+
+        os.write(fd, frame(evaluate(message)))
         return 0
     if mode == "run" and isinstance(message, WorkerSpec):
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]

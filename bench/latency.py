@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     from bench.executors import report
 
     report()
+    from bench.daemon import report as daemon_report
+
+    daemon_report()
 
 
 if __name__ == "__main__":

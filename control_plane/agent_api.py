@@ -18,6 +18,8 @@ from protocol.messages import (
     Drain,
     Drained,
     ErrorReply,
+    EvaluationAck,
+    EvaluationResult,
     EventAck,
     EventBatch,
     Heartbeat,
@@ -90,6 +92,7 @@ async def register(cp: ControlPlane, msg: Register) -> Registered:
         agent.agent_id, [r.lease for r in msg.runs], cp.clock.time(), cp.resume_limit
     )
     cp.runs_changed(lost, agent.agent_id)
+    cp.instigators_changed()
     return Registered(
         agent_id=agent.agent_id,
         heartbeat_interval_seconds=cp.heartbeat_timeout / 6,
@@ -123,6 +126,14 @@ async def drain(cp: ControlPlane, msg: Drain) -> Drained:
     if agent is None:
         raise AgentApiError(404, "unknown_agent", f"agent {msg.agent_id!r} is not registered")
     return Drained(status=agent.status)
+
+
+async def evaluation(cp: ControlPlane, msg: EvaluationResult) -> EvaluationAck:
+    """A schedule tick's or sensor's result from the agent that evaluated it."""
+    if not cp.broker.complete(msg):
+        message = f"evaluation {msg.eval_id} is not waiting for this agent's result"
+        raise AgentApiError(409, "unknown_evaluation", message)
+    return EvaluationAck(ok=True)
 
 
 async def events(cp: ControlPlane, msg: EventBatch) -> EventAck:
@@ -201,6 +212,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/agent/v1/heartbeat", handler(Heartbeat, heartbeat))
     app.router.add_post("/agent/v1/events", handler(EventBatch, events))
     app.router.add_post("/agent/v1/drain", handler(Drain, drain))
+    app.router.add_post("/agent/v1/evaluation", handler(EvaluationResult, evaluation))
     app.router.add_get("/agent/v1/version", version)
     app.router.add_put("/agent/v1/outputs/{run_id}/{step}", put_output)
     app.router.add_get("/agent/v1/outputs/{run_id}/{step}", get_output)

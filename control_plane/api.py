@@ -2,45 +2,36 @@
 
 from __future__ import annotations
 
-import math
 import re
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from control_plane.errors import ApiError, read_json_object
-from control_plane.monitor import MAX_RUNTIME_TAG
-from control_plane.retries import (
-    MAX_RETRIES_TAG,
-    PARENT_TAG,
-    RETRY_NUMBER_TAG,
-    RETRY_STRATEGIES,
-    RETRY_STRATEGY_TAG,
-    ROOT_TAG,
-)
+from control_plane.retries import PARENT_TAG, RETRY_NUMBER_TAG, RETRY_STRATEGIES, ROOT_TAG
+from control_plane.scheduler import Instigator, load_instigators
 from control_plane.statuses import ACTIVE_STATUSES, TERMINAL_STATUSES, RunStatus
 from control_plane.storage import NewRun, Run, RunFilter, iso
+from control_plane.tags import (
+    JOB_TAG,
+    PRIORITY_TAG,
+    QUEUE_TAG,
+    REEXECUTION_TAG,
+    tag_problem,
+)
+from control_plane.ticks import ticks_after
+from protocol.messages import ScheduleInfo, SensorInfo
 from protocol.schema import SchemaError, from_plain
 
 if TYPE_CHECKING:
     from control_plane.app import ControlPlane
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,128}$")
-MAX_TAGS = 64
-MAX_TAG_KEY = 128
-MAX_TAG_VALUE = 4096
 MAX_LIST_LIMIT = 1000
 MAX_WAIT_SECONDS = 30.0
-
-PRIORITY_TAG = "fleetrun/priority"
-QUEUE_TAG = "fleetrun/queue"
-JOB_TAG = "fleetrun/job"
-ON_LOST_CONTACT_TAG = "fleetrun/on_lost_contact"
-REEXECUTION_TAG = "fleetrun/reexecution_strategy"
-RESERVED_TAGS = frozenset({PARENT_TAG, ROOT_TAG, RETRY_NUMBER_TAG, REEXECUTION_TAG})
 
 
 @dataclass
@@ -82,52 +73,10 @@ def _wait_param(request: web.Request) -> float:
 
 
 def _check_tags(tags: dict[str, str]) -> None:
-    if len(tags) > MAX_TAGS:
-        raise ApiError(422, "too_many_tags", f"a run may have at most {MAX_TAGS} tags")
-    for key, value in tags.items():
-        if not key or len(key) > MAX_TAG_KEY:
-            raise ApiError(422, "bad_tag", f"tag keys must be 1 to {MAX_TAG_KEY} characters")
-        if len(value) > MAX_TAG_VALUE:
-            raise ApiError(
-                422, "bad_tag", f"tag {key!r}: values must be at most {MAX_TAG_VALUE} characters"
-            )
-    for key in RESERVED_TAGS & tags.keys():
-        raise ApiError(422, "bad_tag", f"tag {key} is set by the control plane, not on submit")
-    for key, check in TAG_CHECKS.items():
-        value = tags.get(key)
-        if value is not None and (problem := check(value)) is not None:
-            raise ApiError(422, "bad_tag", f"tag {key} {problem}, got {value!r}")
-
-
-def _integer(value: str, minimum: int | None = None) -> str | None:
-    try:
-        number = int(value)
-    except ValueError:
-        return "must be an integer"
-    if minimum is not None and number < minimum:
-        return f"must be an integer >= {minimum}"
-    return None
-
-
-def _seconds(value: str) -> str | None:
-    try:
-        number = float(value)
-    except ValueError:
-        return "must be a number of seconds"
-    return None if math.isfinite(number) and number >= 0 else "must be a number of seconds >= 0"
-
-
-def _one_of(*choices: str) -> Callable[[str], str | None]:
-    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
-
-
-TAG_CHECKS: dict[str, Callable[[str], str | None]] = {
-    PRIORITY_TAG: _integer,
-    MAX_RETRIES_TAG: lambda value: _integer(value, 0),
-    RETRY_STRATEGY_TAG: _one_of(*RETRY_STRATEGIES),
-    MAX_RUNTIME_TAG: _seconds,
-    ON_LOST_CONTACT_TAG: _one_of("continue", "stop"),
-}
+    problem = tag_problem(tags)
+    if problem is not None:
+        raise ApiError(422, "too_many_tags" if problem.startswith("a run may") else "bad_tag",
+                       problem)  # fmt: skip
 
 
 async def _resolve_location(cp: ControlPlane, job: str, location: str | None) -> str:
@@ -479,10 +428,110 @@ async def readyz(request: web.Request) -> web.Response:
         await cp.storage.list_agents()
     except Exception as exc:
         raise ApiError(503, "storage_unavailable", f"storage is not reachable: {exc}") from None
-    return web.json_response({"status": "ready"})
+    stale = cp.health.stale()
+    if stale:
+        raise ApiError(503, "daemon_stale", f"daemon loops not running: {', '.join(stale)}")
+    return web.json_response({"status": "ready", "loops": cp.health.to_json()})
+
+
+# --- schedules and sensors -----------------------------------------------------------
+
+
+async def _instigators(cp: ControlPlane, kind: str) -> list[Instigator]:
+    now = cp.clock.time()
+    found = await load_instigators(cp.storage, now, cp.heartbeat_timeout)
+    return [i for i in found if i.kind == kind]
+
+
+def _instigator_json(inst: Instigator, now: float) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": inst.name, "location": inst.location, "status": inst.status,
+                           "job": inst.definition.job if inst.definition else None}  # fmt: skip
+    if isinstance(inst.definition, ScheduleInfo):
+        after = max(now, inst.state.last_tick_time or now)
+        upcoming = list(islice(ticks_after(inst.definition.cron, inst.definition.timezone,
+                                           after), 3))  # fmt: skip
+        out |= {"cron": inst.definition.cron, "timezone": inst.definition.timezone,
+                "catchup": inst.definition.catchup,
+                "next_ticks": [iso(t) for t in upcoming] if inst.running else []}  # fmt: skip
+    elif isinstance(inst.definition, SensorInfo):
+        out |= {"minimum_interval_seconds": inst.definition.minimum_interval_seconds,
+                "cursor": inst.state.cursor, "last_run_key": inst.state.last_run_key}  # fmt: skip
+    out["last_tick_time"] = iso(inst.state.last_tick_time)
+    return out
+
+
+async def _find_instigator(request: web.Request, kind: str) -> Instigator:
+    cp = _cp(request)
+    name = request.match_info["name"]
+    location = request.query.get("location")
+    matches = [i for i in await _instigators(cp, kind) if i.name == name
+               and (location is None or i.location == location)]  # fmt: skip
+    if not matches:
+        raise ApiError(404, f"unknown_{kind}", f"no {kind} named {name!r}"
+                       + (f" in location {location!r}" if location else ""))  # fmt: skip
+    if len(matches) > 1:
+        places = ", ".join(sorted(i.location for i in matches))
+        raise ApiError(409, "ambiguous_name",
+                       f"{kind} {name!r} is defined in several locations ({places}); "
+                       "add ?location=")  # fmt: skip
+    return matches[0]
+
+
+def instigator_routes(kind: str) -> list[tuple[str, str, Any]]:
+    """GET list, GET one, GET its ticks, POST start/stop; for schedules or sensors."""
+
+    async def list_all(request: web.Request) -> web.Response:
+        cp = _cp(request)
+        now = cp.clock.time()
+        items = [_instigator_json(i, now) for i in await _instigators(cp, kind)]
+        return web.json_response({f"{kind}s": items})
+
+    async def show(request: web.Request) -> web.Response:
+        cp = _cp(request)
+        inst = await _find_instigator(request, kind)
+        ticks = await cp.storage.list_ticks(inst.location, inst.name, kind, 5)
+        body = _instigator_json(inst, cp.clock.time())
+        return web.json_response({**body, "recent_ticks": [t.to_json() for t in ticks]})
+
+    async def ticks(request: web.Request) -> web.Response:
+        cp = _cp(request)
+        inst = await _find_instigator(request, kind)
+        limit = _int_param(request, "limit", 50, 1, 1000)
+        found = await cp.storage.list_ticks(inst.location, inst.name, kind, limit)
+        return web.json_response({"ticks": [t.to_json() for t in found]})
+
+    def set_status(status: str) -> Any:
+        async def handle(request: web.Request) -> web.Response:
+            cp = _cp(request)
+            inst = await _find_instigator(request, kind)
+            if inst.definition is None:
+                raise ApiError(409, "orphaned", f"{kind} {inst.name} is no longer defined "
+                               f"by location {inst.location}")  # fmt: skip
+            now = cp.clock.time()
+            # Turned on: it ticks from now (no backfill of the time it was off).
+            last = now if status == "RUNNING" and kind == "schedule" else None
+            await cp.storage.set_instigator(inst.location, inst.name, kind, status=status,
+                                            last_tick_time=last)  # fmt: skip
+            cp.instigators_changed()
+            return web.json_response({"name": inst.name, "location": inst.location,
+                                      "status": status})  # fmt: skip
+
+        return handle
+
+    base = f"/api/v1/{kind}s"
+    return [
+        ("GET", base, list_all),
+        ("GET", base + "/{name}", show),
+        ("GET", base + "/{name}/ticks", ticks),
+        ("POST", base + "/{name}/start", set_status("RUNNING")),
+        ("POST", base + "/{name}/stop", set_status("STOPPED")),
+    ]
 
 
 def add_routes(app: web.Application) -> None:
+    for kind in ("schedule", "sensor"):
+        for method, path, handler in instigator_routes(kind):
+            app.router.add_route(method, path, handler)
     app.router.add_post("/api/v1/runs", submit_run)
     app.router.add_get("/api/v1/runs", list_runs)
     app.router.add_get("/api/v1/runs/{run_id}", get_run)

@@ -229,6 +229,37 @@ def cmd_queue(args: argparse.Namespace, client: ApiClient) -> int:
     return 0
 
 
+def cmd_instigators_list(args: argparse.Namespace, client: ApiClient) -> int:
+    kind = args.kind
+    data = client.request("GET", f"/{kind}s")
+    items = data[f"{kind}s"]
+    if kind == "schedule":
+        rows = [[s["name"], s["location"], s["status"], s.get("cron") or "",
+                 s.get("timezone") or "", ", ".join(s.get("next_ticks") or [])[:60]]
+                for s in items]  # fmt: skip
+        headers = ["NAME", "LOCATION", "STATUS", "CRON", "TIMEZONE", "NEXT TICKS"]
+    else:
+        rows = []
+        for s in items:
+            params = [("limit", "1"), ("location", s["location"])]
+            last = client.request("GET", f"/sensors/{s['name']}/ticks", params=params)["ticks"]
+            tick = f"{last[0]['status']} {last[0]['start_time']}" if last else ""
+            interval = s.get("minimum_interval_seconds") or ""
+            rows.append([s["name"], s["location"], s["status"], interval, tick,
+                         s.get("cursor") or ""])  # fmt: skip
+        headers = ["NAME", "LOCATION", "STATUS", "INTERVAL", "LAST TICK", "CURSOR"]
+    _emit(args, data, _table(rows, headers))
+    return 0
+
+
+def cmd_instigators_set(args: argparse.Namespace, client: ApiClient) -> int:
+    path = f"/{args.kind}s/{args.name}/{args.action_path}"
+    params = [("location", args.location)] if args.location else None
+    data = client.request("POST", path, {}, params=params)
+    _emit(args, data, f"{data['name']} {data['status']}")
+    return 0
+
+
 def cmd_agents_drain(args: argparse.Namespace, client: ApiClient) -> int:
     data = client.request("POST", f"/agents/{args.agent}/{args.action_path}", {})
     _emit(args, data, f"{data['name']} {data['status']}")
@@ -346,6 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_queue
     )
 
+    for kind in ("schedule", "sensor"):
+        parser_for_kind = sub.add_parser(f"{kind}s", help=f"{kind}s")
+        group = parser_for_kind.add_subparsers(dest="action", required=True)
+        group.add_parser("list").set_defaults(func=cmd_instigators_list, kind=kind)
+        for action in ("start", "stop"):
+            cmd = group.add_parser(action, help=f"{action} a {kind}")
+            cmd.add_argument("name")
+            cmd.add_argument("--location", help="the code location, if the name is ambiguous")
+            cmd.set_defaults(func=cmd_instigators_set, kind=kind, action_path=action)
     agents = sub.add_parser("agents", help="agents").add_subparsers(dest="action", required=True)
     agents.add_parser("list").set_defaults(func=cmd_agents_list)
     for action, help_text in (("drain", "stop sending an agent new runs (its runs go on)"),

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from control_plane.clock import Clock
 from control_plane.config import RunCoordinatorConfig, TagConcurrencyLimit
+from control_plane.health import DaemonHealth
 from control_plane.storage import Agent, NewRun, QueueSnapshot, Run, Storage, iso
 
 log = logging.getLogger("fleetrun.coordinator")
@@ -186,6 +187,7 @@ class RunCoordinator:
         self.storage = storage
         self.config = config
         self.clock = clock
+        self.health = DaemonHealth(clock)  # replaced by the control plane's shared one
         self.heartbeat_timeout = heartbeat_timeout
         self.on_assigned = on_assigned
         self._wakeup = asyncio.Event()
@@ -203,6 +205,7 @@ class RunCoordinator:
     async def run_forever(self, backstop_seconds: float = 5.0) -> None:
         """Dispatch whenever woken; the backstop covers changes no wake-up announced."""
         while True:
+            self.health.beat("run-queue")
             sleep = backstop_seconds
             if self._next_wake is not None:
                 sleep = min(sleep, max(0.0, self._next_wake - self.clock.time()) + 0.01)
@@ -213,8 +216,8 @@ class RunCoordinator:
             self._wakeup.clear()
             try:
                 await self.dispatch_once()
-            except Exception:
-                log.exception("dispatch pass failed; retrying on the next wake-up")
+            except Exception as exc:
+                self.health.failed("run-queue", exc)
 
     def _decide(self, snapshot: QueueSnapshot) -> list[tuple[str, str]]:
         plan = plan_dispatch(snapshot, self.config, self.clock.time(), self.heartbeat_timeout)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from control_plane.clock import Clock
+from control_plane.evaluations import EvaluationBroker
 from control_plane.notify import Notifier
 from control_plane.storage import Run, Storage
 from protocol.messages import LaunchRun, PollReply, StopRun
@@ -38,8 +39,10 @@ class Dispatcher:
         terminate_grace_seconds: float,
         clock: Clock,
         on_canceled: Callable[[list[Run]], None],
+        broker: EvaluationBroker | None = None,
     ) -> None:
         self.storage = storage
+        self.broker = broker
         self.grace = terminate_grace_seconds
         self.clock = clock
         self.on_canceled = on_canceled
@@ -73,6 +76,15 @@ class Dispatcher:
                 for o in orders
                 if o.lease not in stopping
             ]
-            return PollReply(launches, stops) if launches or stops else None
+            evaluations = []
+            if self.broker is not None and self.broker.waiting():
+                hosted = {
+                    loc.info.name for loc in await self.storage.list_code_locations()
+                    if loc.agent_id == agent_id and loc.info.error is None
+                }  # fmt: skip
+                evaluations = self.broker.take_for(agent_id, hosted)
+            if launches or stops or evaluations:
+                return PollReply(launches, stops, evaluations)
+            return None
 
         return await self._agents.wait_for(agent_id, owed, max_wait) or PollReply()

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from control_plane.clock import Clock
 from control_plane.config import RunMonitoringConfig
+from control_plane.health import DaemonHealth
 from control_plane.statuses import AGENT_LOST, MAX_RUNTIME, START_TIMEOUT, RunStatus
 from control_plane.storage import Agent, Run, Storage, Verdict, iso
 
@@ -109,6 +110,7 @@ class RunMonitor:
         self.storage = storage
         self.config = config
         self.clock = clock
+        self.health = DaemonHealth(clock)  # replaced by the control plane's shared one
         self.on_verdicts = on_verdicts
         self.boot_time = clock.time()
         self._wakeup = asyncio.Event()
@@ -137,11 +139,12 @@ class RunMonitor:
 
     async def run_forever(self) -> None:
         while True:
+            self.health.beat("monitor")
             self._wakeup.clear()
             try:
                 next_deadline = await self.check_once()
-            except Exception:
-                log.exception("run monitoring pass failed; retrying")
+            except Exception as exc:
+                self.health.failed("monitor", exc)
                 next_deadline = None
             sleep = MAX_SLEEP_SECONDS
             if next_deadline is not None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from control_plane.clock import Clock
 from control_plane.config import RunRetriesConfig
+from control_plane.health import DaemonHealth
 from control_plane.statuses import OP_FAILURE
 from control_plane.storage import NewRun, Run, Storage
 
@@ -102,6 +103,7 @@ class RunRetrier:
         self.storage = storage
         self.config = config
         self.clock = clock
+        self.health = DaemonHealth(clock)  # replaced by the control plane's shared one
         self.on_retry = on_retry
         self._wakeup = asyncio.Event()
 
@@ -132,11 +134,12 @@ class RunRetrier:
 
     async def run_forever(self) -> None:
         while True:
+            self.health.beat("retries")
             self._wakeup.clear()
             try:
                 await self.settle_pending()
-            except Exception:
-                log.exception("run retry pass failed; retrying")
+            except Exception as exc:
+                self.health.failed("retries", exc)
             try:
                 await asyncio.wait_for(self._wakeup.wait(), BACKSTOP_SECONDS)
             except TimeoutError:

@@ -30,12 +30,73 @@ class JobInfo:
 
 
 @dataclass
+class ScheduleInfo:
+    name: str
+    job: str
+    cron: str
+    timezone: str = "UTC"
+    default_status: str = "STOPPED"
+    catchup: int = 0
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SensorInfo:
+    name: str
+    job: str
+    minimum_interval_seconds: float = 30.0
+    default_status: str = "STOPPED"
+
+
+@dataclass
 class CodeLocationInfo:
     """What an agent found when it loaded one code location: its jobs, or the load error."""
 
     name: str
     jobs: list[JobInfo] = field(default_factory=list)
     error: str | None = None
+    schedules: list[ScheduleInfo] = field(default_factory=list)
+    sensors: list[SensorInfo] = field(default_factory=list)
+
+
+@dataclass
+class Evaluate:
+    """Evaluate a schedule tick or a sensor in the agent (user code never runs in the
+    control plane). `scheduled_time`: the tick's instant (schedules)."""
+
+    eval_id: str
+    location: str
+    kind: str  # "schedule" | "sensor"
+    name: str
+    scheduled_time: float | None = None
+    cursor: str | None = None
+    last_run_key: str | None = None
+    timeout_seconds: float = 60.0
+
+
+@dataclass
+class RequestedRun:
+    job: str
+    run_key: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationResult:
+    """What a schedule or sensor function returned (or the error it raised)."""
+
+    eval_id: str
+    agent_id: str = ""
+    runs: list[RequestedRun] = field(default_factory=list)
+    skip_reason: str | None = None
+    error: str | None = None
+    cursor: str | None = None
+
+
+@dataclass
+class EvaluationAck:
+    ok: bool = True
 
 
 @dataclass
@@ -101,6 +162,7 @@ class StopRun:
 class PollReply:
     launches: list[LaunchRun] = field(default_factory=list)
     stops: list[StopRun] = field(default_factory=list)
+    evaluations: list[Evaluate] = field(default_factory=list)
 
 
 @dataclass
@@ -193,6 +255,14 @@ class WorkerSpec:
 
 
 @dataclass
+class EvaluateSpec:
+    """Asks a short-lived worker to evaluate a schedule tick or a sensor."""
+
+    evaluate: Evaluate
+    location: LocationSpec
+
+
+@dataclass
 class DescribeLocation:
     """Asks a short-lived worker to load a location and reply with its CodeLocationInfo."""
 
@@ -217,6 +287,10 @@ MESSAGE_TYPES: dict[str, type] = {
         WorkerSpec,
         DescribeLocation,
         CodeLocationInfo,
+        Evaluate,
+        EvaluateSpec,
+        EvaluationResult,
+        EvaluationAck,
     )
 }
 
@@ -227,6 +301,7 @@ FIELDS_SINCE: dict[str, dict[str, int]] = {
     "Register": {"runs": 2, "capabilities": 2},
     "Registered": {"heartbeat_timeout_seconds": 2},
     "Poll": {"stopping_leases": 2},
-    "PollReply": {"stops": 2},
+    "PollReply": {"stops": 2, "evaluations": 2},
+    "CodeLocationInfo": {"schedules": 2, "sensors": 2},
     "LaunchRun": {"reuse_outputs": 2},
 }

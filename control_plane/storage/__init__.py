@@ -94,6 +94,43 @@ class NewRun:
     parent_run_id: str | None = None
     root_run_id: str | None = None
     reuse_outputs: dict[str, str] = field(default_factory=dict)
+    idempotency_key: str | None = None  # a second run with the same key is not created
+    run_key: str | None = None  # a sensor's run key (part of its idempotency key)
+
+
+@dataclass
+class InstigatorState:
+    """What the control plane remembers of a schedule or sensor (status None: default)."""
+
+    location: str
+    name: str
+    kind: str
+    status: str | None = None
+    cursor: str | None = None
+    last_run_key: str | None = None
+    last_tick_time: float | None = None
+
+
+@dataclass
+class Tick:
+    id: int
+    location: str
+    name: str
+    kind: str
+    scheduled_time: float | None
+    status: str  # STARTED | SUCCESS | SKIPPED | FAILURE
+    skip_reason: str | None
+    error: str | None
+    run_ids: list[str]
+    cursor: str | None
+    start_time: float
+    end_time: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tick_id": self.id, "scheduled_time": iso(self.scheduled_time),
+                "status": self.status, "skip_reason": self.skip_reason, "error": self.error,
+                "run_ids": self.run_ids, "cursor": self.cursor,
+                "start_time": iso(self.start_time), "end_time": iso(self.end_time)}  # fmt: skip
 
 
 @dataclass
@@ -270,6 +307,32 @@ class Storage(Protocol):
     async def get_agent(self, agent_id: str) -> Agent | None: ...
     async def list_agents(self) -> list[Agent]: ...
     async def list_code_locations(self) -> list[CodeLocation]: ...
+
+    async def instigator_states(self) -> dict[tuple[str, str, str], InstigatorState]: ...
+    async def set_instigator(
+        self,
+        location: str,
+        name: str,
+        kind: str,
+        *,
+        status: str | None = None,
+        last_tick_time: float | None = None,
+    ) -> None: ...
+    async def start_tick(
+        self, location: str, name: str, kind: str, scheduled_time: float | None, now: float
+    ) -> Tick | None: ...
+    async def finish_tick(
+        self,
+        tick_id: int,
+        status: str,
+        runs: list[NewRun],
+        now: float,
+        skip_reason: str | None = None,
+        error: str | None = None,
+        cursor: str | None = None,
+    ) -> tuple[Tick, list[Run]]: ...
+    async def list_ticks(self, location: str, name: str, kind: str, limit: int) -> list[Tick]: ...
+    async def unfinished_ticks(self) -> list[Tick]: ...
 
 
 def open_storage(url: str) -> Storage:

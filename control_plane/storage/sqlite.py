@@ -37,6 +37,7 @@ from control_plane.storage import (
     AppendResult,
     CodeLocation,
     Event,
+    InstigatorState,
     LogChunk,
     NewRun,
     QueueSnapshot,
@@ -44,6 +45,7 @@ from control_plane.storage import (
     RunFilter,
     StaleLease,
     StopOrder,
+    Tick,
     UnknownRun,
     Verdict,
 )
@@ -165,6 +167,38 @@ MIGRATIONS: list[str] = [
     ALTER TABLE agents ADD COLUMN capabilities TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE runs ADD COLUMN launch_acked INTEGER NOT NULL DEFAULT 0;
     """,
+    # version 5: schedules and sensors (the daemon), and idempotent run creation
+    """
+    ALTER TABLE runs ADD COLUMN idempotency_key TEXT;
+    CREATE UNIQUE INDEX runs_by_idempotency_key ON runs (idempotency_key);
+    CREATE TABLE instigators (
+        location TEXT NOT NULL,
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        status TEXT,
+        cursor TEXT,
+        last_run_key TEXT,
+        last_tick_time REAL,
+        PRIMARY KEY (location, name, kind)
+    );
+    CREATE TABLE ticks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        location TEXT NOT NULL,
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        scheduled_time REAL,
+        status TEXT NOT NULL,
+        skip_reason TEXT,
+        error TEXT,
+        run_ids TEXT NOT NULL DEFAULT '[]',
+        cursor TEXT,
+        start_time REAL NOT NULL,
+        end_time REAL
+    );
+    CREATE UNIQUE INDEX ticks_by_scheduled_time ON ticks (location, name, kind, scheduled_time);
+    CREATE INDEX ticks_by_instigator ON ticks (location, name, kind, id);
+    CREATE INDEX ticks_by_status ON ticks (status);
+    """,
 ]
 
 DISPATCH_BATCH = 1000
@@ -215,6 +249,19 @@ def _run_from_row(row: Iterable[Any]) -> Run:
         reuse_outputs=json.loads(reuse),
         launch_acked=bool(acked),
     )
+
+
+_TICK_COLUMNS = (
+    "id, location, name, kind, scheduled_time, status, skip_reason, error, run_ids, cursor,"
+    " start_time, end_time"
+)
+
+
+def _tick_from_row(row: Iterable[Any]) -> Tick:
+    (tick_id, location, name, kind, scheduled, status, skip, error, run_ids, cursor, start,
+     end) = row  # fmt: skip
+    return Tick(tick_id, location, name, kind, scheduled, status, skip, error,
+                json.loads(run_ids), cursor, start, end)  # fmt: skip
 
 
 def _agent_from_row(row: Iterable[Any]) -> Agent:
@@ -316,10 +363,18 @@ class SqliteStorage:
     async def _insert_run(
         self, db: aiosqlite.Connection, run: NewRun, now: float, message: str = "run queued"
     ) -> Run:
+        if run.idempotency_key is not None:
+            rows = await db.execute_fetchall(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE idempotency_key = ?",
+                (run.idempotency_key,),
+            )
+            if rows:
+                return _run_from_row(rows[0])  # made before (a retried tick): not again
         await db.execute(
             "INSERT INTO runs (run_id, job, location, status, tags, config, priority, queue,"
             " create_time, update_time, status_time, not_before, parent_run_id, root_run_id,"
-            " reuse_outputs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " reuse_outputs, idempotency_key)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run.run_id,
                 run.job,
@@ -336,6 +391,7 @@ class SqliteStorage:
                 run.parent_run_id,
                 run.root_run_id,
                 json.dumps(run.reuse_outputs),
+                run.idempotency_key,
             ),
         )
         await db.executemany(
@@ -980,6 +1036,138 @@ class SqliteStorage:
     async def list_agents(self) -> list[Agent]:
         rows = await self._r.execute_fetchall(f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY name")
         return [_agent_from_row(r) for r in rows]
+
+    # --- schedules and sensors -------------------------------------------------------
+
+    async def instigator_states(self) -> dict[tuple[str, str, str], InstigatorState]:
+        rows = await self._r.execute_fetchall(
+            "SELECT location, name, kind, status, cursor, last_run_key, last_tick_time"
+            " FROM instigators"
+        )
+        return {
+            (loc, name, kind): InstigatorState(loc, name, kind, status, cursor, key, last)
+            for loc, name, kind, status, cursor, key, last in rows
+        }
+
+    async def set_instigator(
+        self,
+        location: str,
+        name: str,
+        kind: str,
+        *,
+        status: str | None = None,
+        last_tick_time: float | None = None,
+    ) -> None:
+        """Record a start/stop (status) or where ticking resumes from (last_tick_time)."""
+        async with self._write() as db:
+            await db.execute(
+                "INSERT INTO instigators (location, name, kind, status, last_tick_time)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (location, name, kind) DO UPDATE SET"
+                " status = COALESCE(excluded.status, status),"
+                " last_tick_time = COALESCE(excluded.last_tick_time, last_tick_time)",
+                (location, name, kind, status, last_tick_time),
+            )
+
+    async def start_tick(
+        self, location: str, name: str, kind: str, scheduled_time: float | None, now: float
+    ) -> Tick | None:
+        """A STARTED tick; for a schedule, the existing one for that time if it has not
+        finished (a retry after a crash), or None if it has."""
+        async with self._write() as db:
+            if scheduled_time is not None:
+                rows = await db.execute_fetchall(
+                    f"SELECT {_TICK_COLUMNS} FROM ticks WHERE location = ? AND name = ?"
+                    " AND kind = ? AND scheduled_time = ?",
+                    (location, name, kind, scheduled_time),
+                )
+                if rows:
+                    tick = _tick_from_row(rows[0])
+                    return tick if tick.status == "STARTED" else None
+            cur = await db.execute(
+                "INSERT INTO ticks (location, name, kind, scheduled_time, status, start_time)"
+                " VALUES (?, ?, ?, ?, 'STARTED', ?)",
+                (location, name, kind, scheduled_time, now),
+            )
+            if kind == "sensor":  # sensors tick start-to-start
+                await db.execute(
+                    "INSERT INTO instigators (location, name, kind, last_tick_time)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (location, name, kind) DO UPDATE SET"
+                    " last_tick_time = excluded.last_tick_time",
+                    (location, name, kind, now),
+                )
+            rows = await db.execute_fetchall(
+                f"SELECT {_TICK_COLUMNS} FROM ticks WHERE id = ?", (cur.lastrowid,)
+            )
+            return _tick_from_row(rows[0])
+
+    async def finish_tick(
+        self,
+        tick_id: int,
+        status: str,
+        runs: list[NewRun],
+        now: float,
+        skip_reason: str | None = None,
+        error: str | None = None,
+        cursor: str | None = None,
+    ) -> tuple[Tick, list[Run]]:
+        """End a tick: create its runs (each once, by idempotency key), record the outcome
+        and move the schedule's position or the sensor's cursor, in one transaction."""
+        async with self._write() as db:
+            rows = await db.execute_fetchall(
+                f"SELECT {_TICK_COLUMNS} FROM ticks WHERE id = ?", (tick_id,)
+            )
+            tick = _tick_from_row(rows[0])
+            created, repeated = [], []
+            for run in runs:
+                if run.idempotency_key is not None and await db.execute_fetchall(
+                    "SELECT 1 FROM runs WHERE idempotency_key = ?", (run.idempotency_key,)
+                ):
+                    repeated.append(run.run_key or run.idempotency_key)
+                    continue
+                created.append(await self._insert_run(db, run, now))
+            if status == "SUCCESS" and not created:
+                status = "SKIPPED"
+                skip_reason = f"runs already requested: {', '.join(repeated)}"
+            run_ids = [r.run_id for r in created]
+            await db.execute(
+                "UPDATE ticks SET status = ?, skip_reason = ?, error = ?, run_ids = ?,"
+                " cursor = ?, end_time = ? WHERE id = ?",
+                (status, skip_reason, error, json.dumps(run_ids), cursor, now, tick_id),
+            )
+            key = (tick.location, tick.name, tick.kind)
+            if tick.kind == "schedule" and tick.scheduled_time is not None:
+                await db.execute(
+                    "INSERT INTO instigators (location, name, kind, last_tick_time)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (location, name, kind) DO UPDATE SET"
+                    " last_tick_time = MAX(COALESCE(last_tick_time, 0), excluded.last_tick_time)",
+                    (*key, tick.scheduled_time),
+                )
+            if tick.kind == "sensor" and status in ("SUCCESS", "SKIPPED"):
+                last_key = next((r.run_key for r in reversed(runs) if r.run_key), None)
+                await db.execute(
+                    "UPDATE instigators SET cursor = ?,"
+                    " last_run_key = COALESCE(?, last_run_key)"
+                    " WHERE location = ? AND name = ? AND kind = ?",
+                    (cursor, last_key, *key),
+                )
+            rows = await db.execute_fetchall(
+                f"SELECT {_TICK_COLUMNS} FROM ticks WHERE id = ?", (tick_id,)
+            )
+            return _tick_from_row(rows[0]), created
+
+    async def list_ticks(self, location: str, name: str, kind: str, limit: int) -> list[Tick]:
+        rows = await self._r.execute_fetchall(
+            f"SELECT {_TICK_COLUMNS} FROM ticks WHERE location = ? AND name = ? AND kind = ?"
+            " ORDER BY id DESC LIMIT ?",
+            (location, name, kind, limit),
+        )
+        return [_tick_from_row(r) for r in rows]
+
+    async def unfinished_ticks(self) -> list[Tick]:
+        rows = await self._r.execute_fetchall(
+            f"SELECT {_TICK_COLUMNS} FROM ticks WHERE status = 'STARTED' ORDER BY id"
+        )
+        return [_tick_from_row(r) for r in rows]
 
     async def list_code_locations(self) -> list[CodeLocation]:
         rows = await self._r.execute_fetchall(

@@ -24,6 +24,10 @@ from protocol.messages import (
     Drain,
     Drained,
     ErrorReply,
+    Evaluate,
+    EvaluateSpec,
+    EvaluationAck,
+    EvaluationResult,
     EventAck,
     EventBatch,
     Heartbeat,
@@ -36,8 +40,11 @@ from protocol.messages import (
     PollReply,
     Register,
     Registered,
+    RequestedRun,
     RunRecord,
     RunState,
+    ScheduleInfo,
+    SensorInfo,
     StopRun,
     WorkerSpec,
 )
@@ -51,6 +58,8 @@ RECORD = RunRecord(
 LOCATION = CodeLocationInfo(
     name="loc",
     jobs=[JobInfo(name="etl", ops=[OpInfo(name="a", upstream=["b"], tags={"t": "v"})])],
+    schedules=[ScheduleInfo(name="daily", job="etl", cron="0 6 * * *", timezone="Europe/Berlin")],
+    sensors=[SensorInfo(name="files", job="etl", minimum_interval_seconds=5.0)],
 )
 SAMPLES = [
     Register(
@@ -62,6 +71,12 @@ SAMPLES = [
     PollReply(launches=[LAUNCH], stops=[StopRun("r2", 2, True, "run canceled", 10.0)]),
     Drain(agent_id="a1"),
     Drained(status="DRAINING"),
+    Evaluate(eval_id="e1", location="loc", kind="schedule", name="daily", scheduled_time=1.5),
+    EvaluateSpec(evaluate=Evaluate(eval_id="e2", location="loc", kind="sensor", name="s",
+                                   cursor="c"), location=LocationSpec(name="loc", module="m")),
+    EvaluationResult(eval_id="e1", agent_id="a1", runs=[RequestedRun(job="etl", run_key="k",
+                     tags={"a": "b"}, config={"n": 1})], cursor="c2"),
+    EvaluationAck(ok=True),
     Heartbeat(agent_id="a1", runs=[RunState(run_id="r1", lease=7, state="running")]),
     HeartbeatReply(ok=True),
     EventBatch(agent_id="a1", run_id="r1", lease=7, records=[RECORD]),
@@ -113,7 +128,8 @@ def test_the_previous_version_is_spoken_both_ways() -> None:
     assert raw["v"] == PROTOCOL_VERSION - 1 and set(raw["body"]) == {"launches"}
     assert "reuse_outputs" not in raw["body"]["launches"][0]
     current = msgpack.unpackb(encode(reply))["body"]
-    assert set(current) == {"launches", "stops"} and "reuse_outputs" in current["launches"][0]
+    assert set(current) == {"launches", "stops", "evaluations"}
+    assert "reuse_outputs" in current["launches"][0]
 
 
 @pytest.mark.parametrize(

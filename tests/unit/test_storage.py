@@ -376,3 +376,57 @@ async def test_outputs_are_stored_inline_or_uploaded_under_the_current_lease(
         await storage.put_output("r1", lease + 1, "b", b"late", now=5)
     with pytest.raises(UnknownRun):
         await storage.put_output("nope", lease, "b", b"x", now=5)
+
+
+async def test_a_tick_retried_after_a_crash_creates_its_runs_once(storage: Storage) -> None:
+    tick = await storage.start_tick("loc", "daily", "schedule", 1000.0, now=1001)
+    assert tick is not None and tick.status == "STARTED"
+    # The control plane crashes here; after the restart the same tick is evaluated again
+    again = await storage.start_tick("loc", "daily", "schedule", 1000.0, now=1005)
+    assert again is not None and again.id == tick.id
+
+    def request() -> NewRun:
+        run = new_run(f"r-{id(object())}")
+        run.idempotency_key = "schedule/loc/daily/1000.0/0"
+        return run
+
+    done, created = await storage.finish_tick(tick.id, "SUCCESS", [request()], now=1006)
+    assert done.status == "SUCCESS" and len(created) == 1 and done.run_ids == [created[0].run_id]
+    assert await storage.start_tick("loc", "daily", "schedule", 1000.0, now=1007) is None
+    other = await storage.start_tick("loc", "daily", "schedule", 2000.0, now=2001)
+    assert other is not None
+    repeat, none = await storage.finish_tick(other.id, "SUCCESS", [request()], now=2002)
+    assert none == [] and repeat.status == "SKIPPED"  # that key already made its run
+    runs, _ = await storage.list_runs(RunFilter(), 10, None)
+    assert len(runs) == 1
+    states = await storage.instigator_states()
+    assert states[("loc", "daily", "schedule")].last_tick_time == 2000.0
+
+
+async def test_a_sensor_cursor_moves_only_with_good_ticks(storage: Storage) -> None:
+    first = await storage.start_tick("loc", "inbox", "sensor", None, now=10)
+    assert first is not None
+    await storage.finish_tick(first.id, "SKIPPED", [], now=11, skip_reason="none", cursor="a")
+    bad = await storage.start_tick("loc", "inbox", "sensor", None, now=20)
+    assert bad is not None
+    await storage.finish_tick(bad.id, "FAILURE", [], now=21, error="boom", cursor="z")
+    state = (await storage.instigator_states())[("loc", "inbox", "sensor")]
+    assert (state.cursor, state.last_tick_time) == ("a", 20)  # start-to-start interval
+    ticks = await storage.list_ticks("loc", "inbox", "sensor", 10)
+    assert [(t.status, t.error) for t in ticks] == [("FAILURE", "boom"), ("SKIPPED", None)]
+
+
+async def test_stopped_and_orphaned_instigators(storage: Storage) -> None:
+    from control_plane.scheduler import load_instigators
+    from protocol.messages import ScheduleInfo
+
+    loc = CodeLocationInfo(name="loc", schedules=[ScheduleInfo(name="daily", job="etl",
+                                                               cron="0 6 * * *")])  # fmt: skip
+    await storage.register_agent("w1", "h", "0", ["default"], 1, [loc], now=10.0)
+    await storage.set_instigator("loc", "gone", "schedule", status="RUNNING")
+    found = {i.name: i for i in await load_instigators(storage, now=11.0, heartbeat_timeout=30)}
+    assert found["daily"].status == "STOPPED" and found["daily"].hosts
+    assert found["gone"].status == "ORPHANED" and found["gone"].definition is None
+    await storage.set_instigator("loc", "daily", "schedule", status="RUNNING")
+    found = {i.name: i for i in await load_instigators(storage, now=100.0, heartbeat_timeout=30)}
+    assert found["daily"].running and not found["daily"].hosts  # its agent went quiet

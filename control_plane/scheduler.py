@@ -1,0 +1,231 @@
+"""The scheduler daemon: cron schedules turned into runs, on time, exactly once per tick.
+
+It sleeps until the next due tick (not a fixed minute loop). A due tick is recorded
+(STARTED) before it is evaluated on an agent (`EvaluationBroker`); its runs are created
+with an idempotency key (schedule, tick time, request) in the transaction that finishes
+the tick, so a tick retried after a crash never makes a second run. Tick times come from
+`control_plane/ticks.py` (croniter, IANA zones, Dagster's DST rules).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from control_plane.clock import Clock
+from control_plane.evaluations import EvaluationBroker
+from control_plane.health import DaemonHealth
+from control_plane.storage import InstigatorState, NewRun, Run, Storage, Tick
+from control_plane.tags import JOB_TAG, PRIORITY_TAG, QUEUE_TAG, tag_problem
+from control_plane.ticks import due_ticks, next_tick
+from protocol.messages import EvaluationResult, ScheduleInfo, SensorInfo
+
+log = logging.getLogger("fleetrun.scheduler")
+
+MAX_SLEEP_SECONDS = 10.0
+WAIT_FOR_AGENT_SECONDS = 30.0
+EVALUATION_TIMEOUT_SECONDS = 60.0
+
+
+@dataclass
+class Instigator:
+    """A schedule or sensor as the control plane sees it: definition, state, hosts."""
+
+    location: str
+    name: str
+    kind: str  # "schedule" | "sensor"
+    definition: ScheduleInfo | SensorInfo | None  # None: its location no longer defines it
+    state: InstigatorState
+    hosts: set[str] = field(default_factory=set)  # live agents hosting the location
+    hosting: set[str] = field(default_factory=set)  # every agent hosting it (woken to evaluate)
+
+    @property
+    def status(self) -> str:
+        if self.definition is None:
+            return "ORPHANED"
+        return self.state.status or self.definition.default_status
+
+    @property
+    def running(self) -> bool:
+        return self.status == "RUNNING"
+
+
+async def load_instigators(
+    storage: Storage, now: float, heartbeat_timeout: float
+) -> list[Instigator]:
+    """Every schedule and sensor the fleet's code locations define, plus orphans."""
+    live = {
+        a.agent_id for a in await storage.list_agents()
+        if a.status == "ONLINE" and now - a.last_heartbeat <= heartbeat_timeout
+    }  # fmt: skip
+    states = await storage.instigator_states()
+    found: dict[tuple[str, str, str], Instigator] = {}
+    for loc in await storage.list_code_locations():
+        info = loc.info
+        if info.error is not None:
+            continue
+        definitions: list[tuple[str, ScheduleInfo | SensorInfo]] = [
+            *(("schedule", s) for s in info.schedules),
+            *(("sensor", s) for s in info.sensors),
+        ]
+        for kind, definition in definitions:
+            key = (info.name, definition.name, kind)
+            state = states.get(key) or InstigatorState(*key)
+            inst = found.setdefault(key, Instigator(*key, definition, state))
+            if loc.agent_id in live:
+                inst.hosts.add(loc.agent_id)
+            inst.hosting.add(loc.agent_id)
+    for key, state in states.items():
+        found.setdefault(key, Instigator(*key, None, state))
+    return sorted(found.values(), key=lambda i: (i.kind, i.name, i.location))
+
+
+def runs_for(
+    inst: Instigator, tick: Tick, result: EvaluationResult, key_prefix: str
+) -> tuple[list[NewRun], str | None]:
+    """The runs a tick's result asks for, or the problem that fails the tick."""
+    runs = []
+    for index, request in enumerate(result.runs):
+        kind_tags = {f"fleetrun/{inst.kind}": inst.name, "fleetrun/tick": str(tick.id)}
+        if inst.kind == "sensor" and request.run_key is not None:
+            kind_tags["fleetrun/run_key"] = request.run_key
+        tags = {**request.tags, **kind_tags, JOB_TAG: request.job}
+        problem = tag_problem({k: v for k, v in request.tags.items()})
+        if problem is not None:
+            return [], f"run request {index + 1}: {problem}"
+        key_part = request.run_key if inst.kind == "sensor" else f"{tick.scheduled_time}/{index}"
+        runs.append(NewRun(
+            run_id=str(uuid.uuid4()), job=request.job, location=inst.location, tags=tags,
+            config=request.config, priority=int(tags.get(PRIORITY_TAG, "0")),
+            queue=tags.get(QUEUE_TAG, "default"), run_key=request.run_key,
+            idempotency_key=None if key_part is None else f"{key_prefix}/{key_part}",
+        ))  # fmt: skip
+    return runs, None
+
+
+async def run_tick(
+    storage: Storage,
+    broker: EvaluationBroker,
+    clock: Clock,
+    inst: Instigator,
+    tick: Tick,
+    **request_fields: object,
+) -> tuple[Tick, list[Run]]:
+    """Evaluate one tick on an agent and record its outcome (and its runs)."""
+    request = broker.new_request(inst.location, inst.kind, inst.name,
+                                 timeout_seconds=EVALUATION_TIMEOUT_SECONDS,
+                                 **request_fields)  # fmt: skip
+    result = await broker.evaluate(request, inst.hosting, WAIT_FOR_AGENT_SECONDS)
+    now = clock.time()
+    if result.error is not None:
+        return await storage.finish_tick(tick.id, "FAILURE", [], now, error=result.error,
+                                         cursor=inst.state.cursor)  # fmt: skip
+    prefix = f"{inst.kind}/{inst.location}/{inst.name}"
+    runs, problem = runs_for(inst, tick, result, prefix)
+    if problem is not None:
+        return await storage.finish_tick(tick.id, "FAILURE", [], now, error=problem,
+                                         cursor=inst.state.cursor)  # fmt: skip
+    status = "SUCCESS" if runs else "SKIPPED"
+    return await storage.finish_tick(tick.id, status, runs, now, skip_reason=result.skip_reason,
+                                     cursor=result.cursor)  # fmt: skip
+
+
+class ScheduleDaemon:
+    def __init__(
+        self,
+        storage: Storage,
+        broker: EvaluationBroker,
+        clock: Clock,
+        health: DaemonHealth,
+        heartbeat_timeout: float,
+        on_runs: Callable[[list[Run]], None],
+    ) -> None:
+        self.storage = storage
+        self.broker = broker
+        self.clock = clock
+        self.health = health
+        self.heartbeat_timeout = heartbeat_timeout
+        self.on_runs = on_runs
+        self._wakeup = asyncio.Event()
+        self._in_flight: dict[tuple[str, str, float], asyncio.Task[None]] = {}
+
+    def wake(self) -> None:
+        """A schedule was started or stopped, or a location changed."""
+        self._wakeup.set()
+
+    async def _tick(self, inst: Instigator, scheduled_time: float) -> None:
+        try:
+            tick = await self.storage.start_tick(inst.location, inst.name, "schedule",
+                                                 scheduled_time, self.clock.time())  # fmt: skip
+            if tick is None:
+                return  # already done (before a restart)
+            tick, runs = await run_tick(self.storage, self.broker, self.clock, inst, tick,
+                                        scheduled_time=scheduled_time)  # fmt: skip
+            log.info("schedule %s tick %s: %s", inst.name, tick.id, tick.status)
+            if runs:
+                self.on_runs(runs)
+        except Exception as exc:
+            self.health.failed("scheduler", exc)
+        finally:
+            self._in_flight.pop((inst.location, inst.name, scheduled_time), None)
+
+    def _start(self, inst: Instigator, scheduled_time: float) -> None:
+        key = (inst.location, inst.name, scheduled_time)
+        if key not in self._in_flight:
+            self._in_flight[key] = asyncio.create_task(self._tick(inst, scheduled_time))
+
+    async def pass_once(self) -> float:
+        """Start every due tick; returns when the next one is due."""
+        now = self.clock.time()
+        wake_at = now + MAX_SLEEP_SECONDS
+        for inst in await load_instigators(self.storage, now, self.heartbeat_timeout):
+            if inst.kind != "schedule" or not inst.running:
+                continue
+            assert isinstance(inst.definition, ScheduleInfo)
+            cron, tz = inst.definition.cron, inst.definition.timezone
+            last = inst.state.last_tick_time
+            if last is None:  # just turned on: from now, no backfill
+                await self.storage.set_instigator(inst.location, inst.name, "schedule",
+                                                  last_tick_time=now)  # fmt: skip
+                last = now
+            for ts in due_ticks(cron, tz, last, now, inst.definition.catchup):
+                self._start(inst, ts)
+            wake_at = min(wake_at, next_tick(cron, tz, max(last, now)))
+        return wake_at
+
+    async def resume_unfinished(self) -> None:
+        """Ticks a crash left STARTED are evaluated again (their runs are not duplicated)."""
+        now = self.clock.time()
+        instigators = await load_instigators(self.storage, now, self.heartbeat_timeout)
+        by_key = {(i.location, i.name, i.kind): i for i in instigators}
+        for tick in await self.storage.unfinished_ticks():
+            inst = by_key.get((tick.location, tick.name, tick.kind))
+            if tick.kind == "schedule" and inst is not None and tick.scheduled_time is not None:
+                self._start(inst, tick.scheduled_time)
+            elif inst is not None:
+                error = "the control plane restarted during this tick"
+                await self.storage.finish_tick(
+                    tick.id, "FAILURE", [], now, error=error, cursor=inst.state.cursor
+                )
+
+    async def run_forever(self) -> None:
+        try:
+            await self.resume_unfinished()
+        except Exception as exc:
+            self.health.failed("scheduler", exc)
+        while True:
+            self._wakeup.clear()
+            self.health.beat("scheduler")
+            try:
+                wake_at = await self.pass_once()
+            except Exception as exc:
+                self.health.failed("scheduler", exc)
+                wake_at = self.clock.time() + MAX_SLEEP_SECONDS
+            sleep = min(MAX_SLEEP_SECONDS, max(0.0, wake_at - self.clock.time()))
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), sleep)
+            except TimeoutError:
+                pass

@@ -1,0 +1,207 @@
+"""Schedules and sensors end to end: a real control plane (in a thread of this process, so
+its clock can be shifted) and a real agent process evaluating the user code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+import control_plane.scheduler
+from control_plane.app import serve
+from control_plane.clock import OffsetClock
+from control_plane.config import load_control_plane_config
+from tests.conftest import (
+    FIXTURES,
+    FLEETRUN,
+    ControlPlaneProc,
+    http,
+    start_agent,
+    wait_for,
+    write_control_plane_config,
+)
+
+JOBS = {"daemon": FIXTURES / "daemon_jobs.py"}
+
+
+@dataclass
+class ThreadedControlPlane(ControlPlaneProc):
+    """`fleetrun serve` in a thread, with an `OffsetClock` the test can move."""
+
+    clock: OffsetClock | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    task: asyncio.Task | None = None
+    thread: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, folder: Path, clock: OffsetClock, extra: str = "") -> ThreadedControlPlane:
+        config = load_control_plane_config(str(write_control_plane_config(folder, extra)))
+        cp = cls(popen=None, log_path=folder / "none.log", clock=clock)  # type: ignore[arg-type]
+        ready = threading.Event()
+
+        def on_ready(url: str) -> None:
+            cp.url = url
+            ready.set()
+
+        def run() -> None:
+            cp.loop = asyncio.new_event_loop()
+            cp.task = cp.loop.create_task(serve(config, on_ready, clock))
+            try:
+                cp.loop.run_until_complete(cp.task)
+            except asyncio.CancelledError:
+                pass
+            finally:
+                cp.loop.close()
+
+        cp.thread = threading.Thread(target=run, daemon=True)
+        cp.thread.start()
+        assert ready.wait(30), "the control plane did not start"
+        return cp
+
+    def stop(self) -> int:
+        if self.loop is not None and self.task is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.task.cancel)
+        if self.thread is not None:
+            self.thread.join(30)
+        return 0
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple]:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    monkeypatch.setenv("FLEETRUN_TEST_INBOX", str(inbox))
+    clock = OffsetClock()
+    cp = ThreadedControlPlane.start(tmp_path, clock)
+    agent = start_agent(cp, tmp_path, "a1", JOBS)
+    yield cp, agent, clock, inbox
+    agent.stop()
+    cp.stop()
+
+
+def ticks(cp: ControlPlaneProc, kind: str, name: str) -> list[dict]:
+    return cp.get(f"/api/v1/{kind}s/{name}/ticks")["ticks"]
+
+
+def failed_tick(cp: ControlPlaneProc) -> dict | None:
+    return next((t for t in ticks(cp, "sensor", "inbox") if t["status"] == "FAILURE"), None)
+
+
+def cli(cp: ControlPlaneProc, *args: str) -> str:
+    result = subprocess.run([*FLEETRUN, "--url", cp.url, *args], capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_a_schedule_ticks_on_time_once_and_stops(fleet: tuple) -> None:
+    cp, _agent, clock, _ = fleet
+    # Given the control plane's clock 1.5 s before a minute boundary, the schedule (re)started
+    clock.offset += (60 - clock.time() % 60) - 1.5
+    boundary = (clock.time() // 60 + 1) * 60
+    assert cli(cp, "schedules", "start", "every_minute").strip() == "every_minute RUNNING"
+    # Then the every-minute schedule (RUNNING by default) ticks at the boundary
+    tick = wait_for(lambda: next((t for t in ticks(cp, "schedule", "every_minute")
+                                  if t["status"] != "STARTED"), None),
+                    timeout=60, what="the tick")  # fmt: skip
+    assert tick["status"] == "SUCCESS" and len(tick["run_ids"]) == 1, tick["error"]
+    scheduled = datetime.fromisoformat(tick["scheduled_time"].replace("Z", "+00:00"))
+    assert scheduled.timestamp() == boundary
+    run = cp.wait_run(tick["run_ids"][0])
+    assert run["status"] == "SUCCESS"
+    assert run["tags"]["fleetrun/schedule"] == "every_minute"
+    assert run["tags"]["fleetrun/tick"] == str(tick["tick_id"])
+    assert run["tags"]["source"] == "cron" and run["tags"]["fleetrun/job"] == "noted"
+    assert run["config"]["scheduled"].endswith("+01:00")  # aware, in Europe/Berlin
+    # The list shows status and next ticks; stopping it stops the ticks
+    listed = {s["name"]: s for s in cp.get("/api/v1/schedules")["schedules"]}
+    assert listed["every_minute"]["status"] == "RUNNING"
+    assert len(listed["every_minute"]["next_ticks"]) == 3
+    assert listed["nightly"]["status"] == "STOPPED" and listed["nightly"]["next_ticks"] == []
+    assert "every_minute" in cli(cp, "schedules", "list")
+    assert cli(cp, "schedules", "stop", "every_minute").strip() == "every_minute STOPPED"
+    clock.offset += 120  # two more minutes pass; wait for a scheduler pass after that
+    wait_for(lambda: (r := http("GET", f"{cp.url}/readyz"))[0] == 200
+             and r[1]["loops"]["scheduler"]["seconds_since_beat"] < 5,
+             what="a scheduler pass")  # fmt: skip
+    assert len(ticks(cp, "schedule", "every_minute")) == 1
+    code, body = http("POST", f"{cp.url}/api/v1/schedules/nope/start", {})
+    assert (code, body["error"]["code"]) == (404, "unknown_schedule")
+
+
+def test_a_sensor_requests_each_run_key_once_and_survives_its_own_failure(fleet: tuple) -> None:
+    cp, _agent, _clock, inbox = fleet
+    # Given a sensor that sees files in its inbox (evaluated every 0.3 s)
+    wait_for(lambda: any(t["status"] == "SKIPPED" for t in ticks(cp, "sensor", "inbox")),
+             what="a tick with no files")  # fmt: skip
+    (inbox / "file-a").touch()
+    (inbox / "file-b").touch()
+
+    def runs_by_key() -> dict[str, list[str]]:
+        runs = cp.get("/api/v1/runs?tag=fleetrun/sensor:inbox&limit=100")["runs"]
+        found: dict[str, list[str]] = {}
+        for run in runs:
+            found.setdefault(run["tags"]["fleetrun/run_key"], []).append(run["run_id"])
+        return found
+
+    wait_for(lambda: set(runs_by_key()) == {"file-a", "file-b"}, what="a run per file")
+    # When more ticks see the same files, and then the sensor raises
+    count = len(ticks(cp, "sensor", "inbox"))
+    wait_for(lambda: len(ticks(cp, "sensor", "inbox")) >= count + 3, what="more ticks")
+    (inbox / "boom").touch()
+    failure = wait_for(lambda: failed_tick(cp), what="a failed tick")
+    assert "the inbox sensor blew up" in failure["error"]
+    (inbox / "boom").unlink()
+    (inbox / "file-c").touch()
+    # Then each file ran exactly once, the cursor moved only with good ticks
+    wait_for(lambda: "file-c" in runs_by_key(), what="the run for file-c")
+    assert {key: len(ids) for key, ids in runs_by_key().items()} == {
+        "file-a": 1, "file-b": 1, "file-c": 1}  # fmt: skip
+    sensor = cp.get("/api/v1/sensors/inbox")
+    assert sensor["cursor"] == "file-a,file-b,file-c" and sensor["status"] == "RUNNING"
+    skipped = [t for t in ticks(cp, "sensor", "inbox") if t["status"] == "SKIPPED"]
+    assert any("runs already requested" in (t["skip_reason"] or "") for t in skipped)
+    assert "inbox" in cli(cp, "sensors", "list")
+
+
+def test_no_agent_hosting_the_location_fails_the_tick_with_a_reason(
+    fleet: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cp, agent, _clock, _ = fleet
+    monkeypatch.setattr(control_plane.scheduler, "WAIT_FOR_AGENT_SECONDS", 1.0)
+    monkeypatch.setattr(control_plane.scheduler, "EVALUATION_TIMEOUT_SECONDS", 2.0)
+    wait_for(lambda: ticks(cp, "sensor", "inbox"), what="a first sensor tick")
+    agent.stop()  # it drains first: the location has no live host
+    reason = "no online agent hosting location daemon took the evaluation within 1 s"
+    wait_for(lambda: any(t["error"] == reason for t in ticks(cp, "sensor", "inbox")),
+             timeout=60, what="a tick that found no agent")  # fmt: skip
+
+
+def test_readiness_names_a_stuck_daemon_loop(fleet: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    cp, _agent, clock, _ = fleet
+    status, body = http("GET", f"{cp.url}/readyz")
+    assert status == 200 and {"scheduler", "sensors", "run-queue", "monitor",
+                               "retries"} <= set(body["loops"])  # fmt: skip
+    entered = threading.Event()
+
+    async def hang(self: object) -> float:
+        entered.set()
+        await asyncio.Event().wait()  # a pass that never returns
+        return 0.0
+
+    monkeypatch.setattr(control_plane.scheduler.ScheduleDaemon, "pass_once", hang)
+    assert cli(cp, "schedules", "start", "nightly")  # wakes the scheduler into `hang`
+    assert entered.wait(30)
+    clock.offset += 120  # two minutes later the scheduler still has not come back
+    # Then, once the other loops have beaten again, readiness names only the stuck one
+    expected = (503, {"error": {"code": "daemon_stale",
+                                "message": "daemon loops not running: scheduler"}})  # fmt: skip
+    wait_for(lambda: http("GET", f"{cp.url}/readyz") == expected, timeout=60,
+             what="readyz to name the stuck scheduler")  # fmt: skip
