@@ -293,3 +293,23 @@ async def test_events_long_poll_returns_when_an_event_arrives(client: TestClient
     await agent_call(client, "events", batch, EventAck)
     resp = await asyncio.wait_for(waiter, 10)
     assert [e["type"] for e in (await resp.json())["events"]] == ["RUN_START"]
+
+
+async def test_schedule_names_are_per_location(client: TestClient) -> None:
+    from protocol.messages import ScheduleInfo
+
+    for agent, location in (("w1", "a"), ("w2", "b")):
+        daily = ScheduleInfo(name="daily", job="etl", cron="0 6 * * *", timezone="UTC")
+        await register(client, agent, [CodeLocationInfo(name=location, jobs=[JobInfo(
+            name="etl")], schedules=[daily])])  # fmt: skip
+    resp = await client.get("/api/v1/schedules/daily")
+    error = (await resp.json())["error"]
+    assert resp.status == 409 and error["code"] == "ambiguous_name" and "(a, b)" in error["message"]
+    resp = await client.post("/api/v1/schedules/daily/start?location=a")
+    assert resp.status == 200 and (await resp.json())["status"] == "RUNNING"
+    listed = (await (await client.get("/api/v1/schedules")).json())["schedules"]
+    assert {(s["location"], s["status"]) for s in listed} == {("a", "RUNNING"), ("b", "STOPPED")}
+    running = next(s for s in listed if s["location"] == "a")
+    assert len(running["next_ticks"]) == 3 and running["next_ticks"][0].endswith("06:00:00Z")
+    resp = await client.get("/api/v1/sensors/nope")
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "unknown_sensor"
