@@ -14,6 +14,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from control_plane.clock import Clock
 from control_plane.evaluations import EvaluationBroker
@@ -133,7 +134,13 @@ async def run_tick(
                                      cursor=result.cursor)  # fmt: skip
 
 
-class ScheduleDaemon:
+class DaemonLoop:
+    """What the scheduler and sensor daemons share: their inputs, and a loop that runs a
+    pass, beats its health, and sleeps until the pass's next due time or a wake-up."""
+
+    name = "daemon"
+    max_sleep = MAX_SLEEP_SECONDS
+
     def __init__(
         self,
         storage: Storage,
@@ -150,11 +157,37 @@ class ScheduleDaemon:
         self.heartbeat_timeout = heartbeat_timeout
         self.on_runs = on_runs
         self._wakeup = asyncio.Event()
-        self._in_flight: dict[tuple[str, str, float], asyncio.Task[None]] = {}
 
     def wake(self) -> None:
-        """A schedule was started or stopped, or a location changed."""
+        """Started or stopped, or a location changed: look again now."""
         self._wakeup.set()
+
+    async def pass_once(self) -> float:
+        """Start what is due; return when the next thing is due."""
+        raise NotImplementedError
+
+    async def loop_forever(self) -> None:
+        while True:
+            self._wakeup.clear()
+            self.health.beat(self.name)
+            try:
+                wake_at = await self.pass_once()
+            except Exception as exc:
+                self.health.failed(self.name, exc)
+                wake_at = self.clock.time() + self.max_sleep
+            sleep = min(self.max_sleep, max(0.0, wake_at - self.clock.time()))
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), sleep)
+            except TimeoutError:
+                pass
+
+
+class ScheduleDaemon(DaemonLoop):
+    name = "scheduler"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_flight: dict[tuple[str, str, float], asyncio.Task[None]] = {}
 
     async def _tick(self, inst: Instigator, scheduled_time: float) -> None:
         try:
@@ -168,7 +201,7 @@ class ScheduleDaemon:
             if runs:
                 self.on_runs(runs)
         except Exception as exc:
-            self.health.failed("scheduler", exc)
+            self.health.failed(self.name, exc)
         finally:
             self._in_flight.pop((inst.location, inst.name, scheduled_time), None)
 
@@ -215,17 +248,5 @@ class ScheduleDaemon:
         try:
             await self.resume_unfinished()
         except Exception as exc:
-            self.health.failed("scheduler", exc)
-        while True:
-            self._wakeup.clear()
-            self.health.beat("scheduler")
-            try:
-                wake_at = await self.pass_once()
-            except Exception as exc:
-                self.health.failed("scheduler", exc)
-                wake_at = self.clock.time() + MAX_SLEEP_SECONDS
-            sleep = min(MAX_SLEEP_SECONDS, max(0.0, wake_at - self.clock.time()))
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), sleep)
-            except TimeoutError:
-                pass
+            self.health.failed(self.name, exc)
+        await self.loop_forever()

@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from typing import Any
 
-from control_plane.clock import Clock
-from control_plane.evaluations import EvaluationBroker
-from control_plane.health import DaemonHealth
-from control_plane.scheduler import Instigator, load_instigators, run_tick
-from control_plane.storage import Run, Storage
+from control_plane.scheduler import DaemonLoop, Instigator, load_instigators, run_tick
 from protocol.messages import SensorInfo
 
 log = logging.getLogger("fleetrun.sensors")
@@ -24,27 +20,13 @@ log = logging.getLogger("fleetrun.sensors")
 MAX_SLEEP_SECONDS = 5.0
 
 
-class SensorDaemon:
-    def __init__(
-        self,
-        storage: Storage,
-        broker: EvaluationBroker,
-        clock: Clock,
-        health: DaemonHealth,
-        heartbeat_timeout: float,
-        on_runs: Callable[[list[Run]], None],
-    ) -> None:
-        self.storage = storage
-        self.broker = broker
-        self.clock = clock
-        self.health = health
-        self.heartbeat_timeout = heartbeat_timeout
-        self.on_runs = on_runs
-        self._wakeup = asyncio.Event()
-        self._in_flight: dict[tuple[str, str], asyncio.Task[None]] = {}
+class SensorDaemon(DaemonLoop):
+    name = "sensors"
+    max_sleep = MAX_SLEEP_SECONDS
 
-    def wake(self) -> None:
-        self._wakeup.set()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_flight: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     async def _tick(self, inst: Instigator) -> None:
         try:
@@ -58,7 +40,7 @@ class SensorDaemon:
             if runs:
                 self.on_runs(runs)
         except Exception as exc:
-            self.health.failed("sensors", exc)
+            self.health.failed(self.name, exc)
         finally:
             self._in_flight.pop((inst.location, inst.name), None)
             self._wakeup.set()  # its next evaluation time is known now
@@ -82,16 +64,4 @@ class SensorDaemon:
         return wake_at
 
     async def run_forever(self) -> None:
-        while True:
-            self._wakeup.clear()
-            self.health.beat("sensors")
-            try:
-                wake_at = await self.pass_once()
-            except Exception as exc:
-                self.health.failed("sensors", exc)
-                wake_at = self.clock.time() + MAX_SLEEP_SECONDS
-            sleep = min(MAX_SLEEP_SECONDS, max(0.0, wake_at - self.clock.time()))
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), sleep)
-            except TimeoutError:
-                pass
+        await self.loop_forever()
