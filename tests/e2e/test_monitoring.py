@@ -58,7 +58,7 @@ def pid_alive(pid: int) -> bool:
     try:  # a zombie (not yet reaped by its parent) counts as gone
         with open(f"/proc/{pid}/stat") as fh:
             return fh.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # it vanished while we looked
         return False
 
 
