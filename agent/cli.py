@@ -13,22 +13,23 @@ from protocol import FLEETRUN_VERSION, PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERS
 from protocol.schema import ConfigError
 
 
-def _read_token(path: str) -> str | None:
-    if not path:
-        return None
-    with open(path) as fh:
-        return fh.read().strip()
-
-
 async def _run_agent(config_path: str) -> int:
-    from agent.client import ControlPlaneClient
+    from agent.client import ControlPlaneClient, read_token
     from agent.config import load_agent_config
     from agent.loop import Agent, FatalAgentError
 
     config = load_agent_config(config_path)
-    token = _read_token(config.token_file)
-    async with ControlPlaneClient(config.control_plane_url, token) as client:
+    try:
+        token = read_token(config.token_file)
+    except OSError as exc:
+        print(f"fleetrun-agent: cannot read token_file {config.token_file}: {exc.strerror}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    client = ControlPlaneClient(config.control_plane_url, token, token_file=config.token_file,
+                                ca_file=config.ca_file)  # fmt: skip
+    async with client:
         agent = Agent(config, client)
+        client.on_token_rotated = agent.register_with_new_token
         task = asyncio.create_task(agent.run())
         loop = asyncio.get_running_loop()
 
@@ -68,6 +69,7 @@ def check_config(config_path: str, connect: bool = False) -> int:
     """Validate everything the agent would use; with `connect`, reach the control plane.
 
     Exit 0 when all is well, 2 otherwise, each problem named with its file and key."""
+    from agent.client import read_token
     from agent.config import load_agent_config
     from agent.launcher import describe_location
 
@@ -94,11 +96,11 @@ def check_config(config_path: str, connect: bool = False) -> int:
     token = None
     if config.token_file:
         try:
-            token = _read_token(config.token_file)
+            token = read_token(config.token_file)
         except OSError as exc:
             problems.append(f"token_file: cannot read {config.token_file}: {exc.strerror}")
     if connect:
-        problem = asyncio.run(_check_connection(config.control_plane_url, token))
+        problem = asyncio.run(_check_connection(config.control_plane_url, token, config.ca_file))
         if problem:
             problems.append(f"control_plane_url: {problem}")
         else:
@@ -108,13 +110,17 @@ def check_config(config_path: str, connect: bool = False) -> int:
     return 2 if problems else 0
 
 
-async def _check_connection(url: str, token: str | None) -> str | None:
+async def _check_connection(url: str, token: str | None, ca_file: str) -> str | None:
     """None if the control plane answers and speaks our protocol; else what is wrong."""
     import aiohttp
 
+    from agent.client import tls_context
+
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    context = tls_context(url, ca_file)
+    connector = aiohttp.TCPConnector(ssl=context if context is not None else True)
     try:
-        async with aiohttp.ClientSession(headers=headers) as session:
+        async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
             async with session.get(f"{url.rstrip('/')}/agent/v1/version",
                                    timeout=aiohttp.ClientTimeout(total=10)) as resp:  # fmt: skip
                 if resp.status in (401, 403):

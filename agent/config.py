@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from protocol.schema import ConfigError, FieldError, load_toml
+from protocol.validation import agent_name_problem
 
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 
@@ -54,6 +58,9 @@ class AgentConfig:
     control_plane_url: str = "http://127.0.0.1:8470"
     name: str = ""
     token_file: str = ""
+    ca_file: str = ""  # PEM CA bundle for an https control plane (default: the system's)
+    allow_insecure_http: bool = False  # send the token over http to a non-loopback host
+    code_root: str = ""  # if set, every code location must lie inside this folder
     queues: list[str] = field(default_factory=lambda: ["default"])
     max_concurrent_runs: int = 4
     heartbeat_interval_seconds: float = 5.0
@@ -69,18 +76,53 @@ class AgentConfig:
             )
         if not self.control_plane_url.startswith(("http://", "https://")):
             raise FieldError("control_plane_url", "must start with http:// or https://")
+        if self.ca_file and not self.control_plane_url.startswith("https://"):
+            raise FieldError("ca_file", "is only used with an https:// control_plane_url")
+        if self.token_file and not self.allow_insecure_http and _insecure(self.control_plane_url):
+            raise FieldError(
+                "control_plane_url",
+                "would send the agent token in clear text to a host that is not loopback: "
+                "use https://, or set allow_insecure_http = true",
+            )
         if self.drain_timeout_seconds < 0:
             raise FieldError("drain_timeout_seconds", "must be >= 0")
         if self.max_concurrent_runs < 1:
             raise FieldError("max_concurrent_runs", "must be >= 1")
         if not 0 < self.heartbeat_interval_seconds <= 300:
             raise FieldError("heartbeat_interval_seconds", "must be in (0, 300]")
+        if agent_name_problem(self.name) and self.name:
+            raise FieldError("name", agent_name_problem(self.name) or "")
         if not self.queues:
             raise FieldError("queues", "must name at least one queue")
         names = [loc.name for loc in self.code_locations]
         for name in names:
             if names.count(name) > 1:
                 raise FieldError("code_locations", f"location name {name!r} is used twice")
+
+
+def _insecure(url: str) -> bool:
+    """Plain http to anything but this machine."""
+    if not url.startswith("http://"):
+        return False
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
+def _confine(config: AgentConfig, config_path: str) -> None:
+    """With `code_root`, a location's folder and file must resolve (symlinks followed)
+    inside it, so a config cannot point workers at code elsewhere on the host."""
+    root = Path(config.code_root).resolve()
+    for loc in config.code_locations:
+        for key in ("working_directory", "python_file"):
+            value = getattr(loc, key)
+            if value is not None and not Path(value).resolve().is_relative_to(root):
+                raise ConfigError(f"{config_path}: code_locations.{loc.name}.{key}: {value} "
+                                  f"is outside code_root {root}")  # fmt: skip
 
 
 def load_agent_config(path: str) -> AgentConfig:
@@ -95,8 +137,11 @@ def load_agent_config(path: str) -> AgentConfig:
             loc.python_file = os.path.join(loc.working_directory, loc.python_file)
     if config.output_store.path:
         config.output_store.path = os.path.join(base_dir, config.output_store.path)
-    if config.token_file:
-        config.token_file = os.path.join(base_dir, config.token_file)
+    for key in ("token_file", "ca_file", "code_root"):
+        if getattr(config, key):
+            setattr(config, key, os.path.join(base_dir, getattr(config, key)))
+    if config.code_root:
+        _confine(config, path)
     return config
 
 

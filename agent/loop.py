@@ -23,6 +23,7 @@ from agent.client import (
     ControlPlaneClient,
     ControlPlaneError,
     ControlPlaneUnreachable,
+    TokenRefused,
 )
 from agent.config import AgentConfig
 from agent.launcher import (
@@ -146,9 +147,8 @@ class Agent:
         self.location_infos = list(infos)
         return self.location_infos
 
-    async def register(self) -> None:
-        """Register, retrying while the control plane is unreachable."""
-        message = Register(
+    def _register_message(self) -> Register:
+        return Register(
             name=self.config.name,
             hostname=socket.gethostname(),
             version=FLEETRUN_VERSION,
@@ -158,18 +158,36 @@ class Agent:
             runs=self._run_states(),
             capabilities=CAPABILITIES,
         )
+
+    async def register(self) -> None:
+        """Register, retrying while the control plane is unreachable. A refused token is
+        fatal at start-up (a wrong token_file), retried later (it may be rotated)."""
         backoff = Backoff()
         while True:
             try:
                 reply = await self.client.call(
-                    "register", message, Registered, REQUEST_TIMEOUT_SECONDS
+                    "register", self._register_message(), Registered, REQUEST_TIMEOUT_SECONDS
                 )
                 break
+            except TokenRefused as exc:
+                if self.agent_id is None:
+                    raise FatalAgentError(f"the control plane refused the token: {exc}") from None
+                self.contact.failed("register", exc)
             except ControlPlaneUnreachable as exc:
                 self.contact.failed("register", exc)
             except ControlPlaneError as exc:
                 raise FatalAgentError(f"the control plane refused registration: {exc}") from None
             await asyncio.sleep(backoff.next_delay())
+        self._registered(reply)
+
+    async def register_with_new_token(self) -> None:
+        """The client found a new token in token_file: register under it, with the runs
+        held (so they go on), before the call that hit the 401 is retried."""
+        reply = await self.client.call("register", self._register_message(), Registered,
+                                       REQUEST_TIMEOUT_SECONDS, rotate=False)  # fmt: skip
+        self._registered(reply)
+
+    def _registered(self, reply: Registered) -> None:
         self.contact.succeeded()
         self.agent_id = reply.agent_id
         self.poll_timeout = reply.poll_timeout_seconds
@@ -367,9 +385,11 @@ class Agent:
         """Fetch the outputs a re-execution reuses into the scratch folder; None if all came."""
         if self.config.output_store.kind != "control_plane":
             return None
+        assert self.agent_id is not None
+        ours = (self.agent_id, launch.run_id, launch.lease)
         for step, source in launch.reuse_outputs.items():
             try:
-                data = await self.client.get_output(source, step, REQUEST_TIMEOUT_SECONDS)
+                data = await self.client.get_output(*ours, source, step, REQUEST_TIMEOUT_SECONDS)
             except ControlPlaneError as exc:
                 if exc.status == 404:
                     continue  # the worker fails the run only if a step needs it

@@ -13,17 +13,19 @@ import inspect
 import logging
 import math
 import random
-import re
-import zoneinfo
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import Enum, StrEnum
 from typing import Any, overload
 
-from croniter import croniter
-
 from protocol.messages import JobInfo, OpInfo
+from protocol.validation import (
+    MAX_NAME_LENGTH,
+    NAME_RE,
+    cron_problem,
+    timezone_problem,
+)
 
 __all__ = [
     "Backoff",
@@ -53,13 +55,7 @@ __all__ = [
     "sensor",
 ]
 
-MAX_NAME_LENGTH = 128
-_NAME_RE = re.compile(r"[A-Za-z0-9_]+")
-# IANA keys only: letters, digits, `_+-`, joined by single slashes. Rejects anything
-# path-like ("..", leading "/", backslashes, NUL) before zoneinfo touches the filesystem.
-_TZ_KEY_RE = re.compile(r"[A-Za-z0-9_+\-]+(?:/[A-Za-z0-9_+\-]+)*")
-# A fixed start keeps cron validation deterministic (same verdict whenever it runs).
-_CRON_PROBE_START = datetime(2024, 1, 1, tzinfo=UTC)
+_NAME_RE = NAME_RE
 
 
 class DefinitionError(Exception):
@@ -593,31 +589,18 @@ class DefaultSensorStatus(StrEnum):
 
 
 def _check_cron(schedule_name: str, cron: object) -> str:
-    """Parse and compute one tick, since croniter accepts never-firing expressions."""
-    where = f"schedule {schedule_name}: cron {cron!r}"
-    if not isinstance(cron, str):
-        raise DefinitionError(f"{where} must be a string")
-    if len(cron.split()) != 5 or any(c.isspace() and c not in " \t" for c in cron):
-        raise DefinitionError(
-            f"{where} must have exactly 5 fields (minute hour day month weekday) on one line"
-        )
-    try:
-        croniter(cron, _CRON_PROBE_START).get_next(datetime)
-    except Exception as exc:
-        raise DefinitionError(f"{where} is invalid: {type(exc).__name__}: {exc}") from None
-    return cron
+    problem = cron_problem(cron)
+    if problem is not None:
+        raise DefinitionError(f"schedule {schedule_name}: cron {cron!r} {problem}")
+    return cron  # type: ignore[return-value]
 
 
 def _check_timezone(schedule_name: str, timezone: object) -> str:
     """Only IANA keys: a path-like key would make zoneinfo read arbitrary files."""
-    where = f"schedule {schedule_name}: timezone {timezone!r}"
-    if not isinstance(timezone, str) or not _TZ_KEY_RE.fullmatch(timezone):
-        raise DefinitionError(f"{where} is not an IANA time zone name")
-    try:
-        zoneinfo.ZoneInfo(timezone)
-    except (ValueError, OSError, zoneinfo.ZoneInfoNotFoundError):
-        raise DefinitionError(f"{where} is not a known time zone") from None
-    return timezone
+    problem = timezone_problem(timezone)
+    if problem is not None:
+        raise DefinitionError(f"schedule {schedule_name}: timezone {timezone!r} {problem}")
+    return timezone  # type: ignore[return-value]
 
 
 def _check_job_target(kind: str, name: str, target: object) -> JobDefinition:

@@ -6,12 +6,14 @@ ErrorReply naming the problem), calls storage/coordinator/dispatcher, and replie
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from control_plane.auth import PRINCIPAL, Principal
 from control_plane.statuses import TERMINAL_STATUSES, RunStatus
-from control_plane.storage import StaleLease, UnknownRun
+from control_plane.storage import NameTaken, Run, StaleLease, UnknownRun
 from protocol import FLEETRUN_VERSION, PROTOCOL_VERSION
 from protocol.codec import ProtocolError, decode_versioned, encode
 from protocol.messages import (
@@ -29,11 +31,14 @@ from protocol.messages import (
     Register,
     Registered,
 )
+from protocol.validation import agent_name_problem, location_problem
 
 if TYPE_CHECKING:
     from control_plane.app import ControlPlane
 
 MSGPACK = "application/msgpack"
+MAX_AGENT_SLOTS = 100_000
+MAX_TIMESTAMP = 253402300799.0  # 9999-12-31T23:59:59Z: what ISO-8601 output can show
 
 
 class AgentApiError(Exception):
@@ -48,26 +53,50 @@ def reply(message: Any, status: int = 200, version: int = PROTOCOL_VERSION) -> w
     return web.Response(body=encode(message, version), status=status, content_type=MSGPACK)
 
 
+def error_reply(status: int, code: str, message: str) -> web.Response:
+    return reply(ErrorReply(code=code, message=message), status)
+
+
 def _cp(request: web.Request) -> ControlPlane:
     from control_plane.app import CONTROL_PLANE
 
     return request.app[CONTROL_PLANE]
 
 
+async def check_identity(cp: ControlPlane, principal: Principal | None, agent_id: str) -> None:
+    """With auth on, an agent token may act only for the agent it registered: whatever
+    agent id a message names, it must be bound to the caller's token (403 otherwise)."""
+    if principal is None:
+        return
+    if agent_id not in cp.agent_tokens:
+        agent = await cp.storage.get_agent(agent_id)
+        if agent is None:
+            return  # the handler answers 404 unknown_agent, and the agent registers
+        cp.agent_tokens[agent_id] = agent.token_name
+    if cp.agent_tokens[agent_id] != principal.name:
+        raise AgentApiError(403, "not_this_agent", "this token does not belong to that agent")
+
+
 def handler(expected: type, fn: Any) -> Any:
-    """Wrap `fn(cp, message)` with decoding of `expected` and msgpack error replies."""
+    """Wrap `fn(cp, message, principal)` with bounded decoding of `expected`, the identity
+    check, and msgpack error replies."""
 
     async def handle(request: web.Request) -> web.Response:
+        cp = _cp(request)
+        principal: Principal | None = request.get(PRINCIPAL)
         try:
-            message, version = decode_versioned(await request.read())
+            message, version = decode_versioned(await request.read(), cp.decode_limits)
             if not isinstance(message, expected):
                 raise ProtocolError("unexpected_message", f"expected a {expected.__name__} "
                                     f"message, got {type(message).__name__}")  # fmt: skip
-            return reply(await fn(_cp(request), message), version=version)
+            agent_id = getattr(message, "agent_id", None)
+            if agent_id is not None:
+                await check_identity(cp, principal, agent_id)
+            return reply(await fn(cp, message, principal), version=version)
         except ProtocolError as exc:
-            return reply(ErrorReply(code=exc.code, message=str(exc)), 400)
+            return error_reply(400, exc.code, str(exc))
         except AgentApiError as exc:
-            return reply(ErrorReply(code=exc.code, message=str(exc)), exc.status)
+            return error_reply(exc.status, exc.code, str(exc))
 
     return handle
 
@@ -77,17 +106,32 @@ async def _known_agent(cp: ControlPlane, agent_id: str) -> None:
         raise AgentApiError(404, "unknown_agent", f"agent {agent_id!r} is not registered")
 
 
-async def register(cp: ControlPlane, msg: Register) -> Registered:
-    agent = await cp.storage.register_agent(
-        name=msg.name,
-        hostname=msg.hostname,
-        version=msg.version,
-        queues=msg.queues,
-        max_concurrent_runs=msg.max_concurrent_runs,
-        locations=msg.code_locations,
-        now=cp.clock.time(),
-        capabilities=msg.capabilities,
-    )
+async def register(cp: ControlPlane, msg: Register, principal: Principal | None) -> Registered:
+    token_name = principal.name if principal is not None else None
+    for info in msg.code_locations:
+        problem = location_problem(info)
+        if problem is not None:
+            raise AgentApiError(422, "bad_definition", problem)
+    if agent_name_problem(msg.name):
+        raise AgentApiError(422, "bad_message", f"agent name {agent_name_problem(msg.name)}")
+    if not 1 <= msg.max_concurrent_runs <= MAX_AGENT_SLOTS:
+        message = f"max_concurrent_runs must be between 1 and {MAX_AGENT_SLOTS}"
+        raise AgentApiError(422, "bad_message", message)
+    try:
+        agent = await cp.storage.register_agent(
+            name=msg.name,
+            hostname=msg.hostname,
+            version=msg.version,
+            queues=msg.queues,
+            max_concurrent_runs=msg.max_concurrent_runs,
+            locations=msg.code_locations,
+            now=cp.clock.time(),
+            capabilities=msg.capabilities,
+            token_name=token_name,
+        )
+    except NameTaken as exc:
+        raise AgentApiError(409, "agent_name_taken", str(exc)) from None
+    cp.agent_tokens[agent.agent_id] = token_name
     lost = await cp.storage.reconcile_agent(
         agent.agent_id, [r.lease for r in msg.runs], cp.clock.time(), cp.resume_limit
     )
@@ -101,7 +145,7 @@ async def register(cp: ControlPlane, msg: Register) -> Registered:
     )
 
 
-async def poll(cp: ControlPlane, msg: Poll) -> PollReply:
+async def poll(cp: ControlPlane, msg: Poll, _: Principal | None) -> PollReply:
     await _known_agent(cp, msg.agent_id)
     return await cp.dispatcher.wait_for_commands(
         msg.agent_id,
@@ -111,7 +155,7 @@ async def poll(cp: ControlPlane, msg: Poll) -> PollReply:
     )
 
 
-async def heartbeat(cp: ControlPlane, msg: Heartbeat) -> HeartbeatReply:
+async def heartbeat(cp: ControlPlane, msg: Heartbeat, _: Principal | None) -> HeartbeatReply:
     now = cp.clock.time()
     previous = await cp.storage.record_heartbeat(msg.agent_id, now)
     if previous is None:
@@ -121,14 +165,14 @@ async def heartbeat(cp: ControlPlane, msg: Heartbeat) -> HeartbeatReply:
     return HeartbeatReply(ok=True)
 
 
-async def drain(cp: ControlPlane, msg: Drain) -> Drained:
+async def drain(cp: ControlPlane, msg: Drain, _: Principal | None) -> Drained:
     agent = await cp.storage.set_agent_status(msg.agent_id, "DRAINING")
     if agent is None:
         raise AgentApiError(404, "unknown_agent", f"agent {msg.agent_id!r} is not registered")
     return Drained(status=agent.status)
 
 
-async def evaluation(cp: ControlPlane, msg: EvaluationResult) -> EvaluationAck:
+async def evaluation(cp: ControlPlane, msg: EvaluationResult, _: Principal | None) -> EvaluationAck:
     """A schedule tick's or sensor's result from the agent that evaluated it."""
     if not cp.broker.complete(msg):
         message = f"evaluation {msg.eval_id} is not waiting for this agent's result"
@@ -136,7 +180,15 @@ async def evaluation(cp: ControlPlane, msg: EvaluationResult) -> EvaluationAck:
     return EvaluationAck(ok=True)
 
 
-async def events(cp: ControlPlane, msg: EventBatch) -> EventAck:
+async def events(cp: ControlPlane, msg: EventBatch, _: Principal | None) -> EventAck:
+    limit = cp.config.limits.max_events_per_batch
+    if len(msg.records) > limit:
+        raise AgentApiError(413, "too_many_events", f"a batch of {len(msg.records)} records "
+                            f"exceeds max_events_per_batch ({limit})")  # fmt: skip
+    for index, record in enumerate(msg.records):
+        if not 0 <= record.time <= MAX_TIMESTAMP:
+            raise AgentApiError(422, "bad_message", f"records[{index}].time is not a plausible "
+                                "Unix time")  # fmt: skip
     run = await cp.storage.get_run(msg.run_id)
     if run is None:
         raise AgentApiError(404, "unknown_run", f"no run with id {msg.run_id!r}")
@@ -161,44 +213,72 @@ async def events(cp: ControlPlane, msg: EventBatch) -> EventAck:
 MAX_OUTPUT_BYTES = 64 * 1024 * 1024  # agents cap outputs lower (output_store.max_output_bytes)
 
 
-def _raw_error(status: int, code: str, message: str) -> web.Response:
-    return reply(ErrorReply(code=code, message=message), status)
-
-
-async def put_output(request: web.Request) -> web.Response:
-    """Store a step's output: raw pickled bytes, from the agent holding the run's lease."""
+async def _leased_run(request: web.Request, run_id: str) -> tuple[ControlPlane, Run, int]:
+    """The run named by an outputs request, held by the calling agent under `lease`."""
     cp = _cp(request)
-    run_id, step = request.match_info["run_id"], request.match_info["step"]
     try:
         lease = int(request.query.get("lease", ""))
     except ValueError:
-        return _raw_error(400, "bad_parameter", "lease must be an integer")
+        raise AgentApiError(400, "bad_parameter", "lease must be an integer") from None
+    agent_id = request.query.get("agent_id", "")
+    await check_identity(cp, request.get(PRINCIPAL), agent_id)
     run = await cp.storage.get_run(run_id)
     if run is None:
-        return _raw_error(404, "unknown_run", f"no run with id {run_id!r}")
-    if run.agent_id != request.query.get("agent_id"):
-        return _raw_error(403, "not_your_run", f"run {run_id} is not leased to this agent")
+        raise AgentApiError(404, "unknown_run", "no run with that id")
+    if run.agent_id != agent_id:
+        raise AgentApiError(403, "not_your_run", f"run {run_id} is not leased to this agent")
+    if run.lease != lease:
+        raise AgentApiError(409, "stale_lease", f"lease {lease} is not run {run_id}'s lease")
+    return cp, run, lease
+
+
+def _outputs_errors(fn: Any) -> Any:
+    async def handle(request: web.Request) -> web.Response:
+        try:
+            return await fn(request)
+        except AgentApiError as exc:
+            return error_reply(exc.status, exc.code, str(exc))
+
+    return handle
+
+
+@_outputs_errors
+async def put_output(request: web.Request) -> web.Response:
+    """Store a step's output: raw pickled bytes, from the agent holding the run's lease."""
+    run_id, step = request.match_info["run_id"], request.match_info["step"]
+    cp, _, lease = await _leased_run(request, run_id)
     data = bytearray()
-    async for chunk in request.content.iter_chunked(1 << 20):
-        data += chunk
-        if len(data) > MAX_OUTPUT_BYTES:
-            return _raw_error(413, "output_too_large",
-                              f"outputs are limited to {MAX_OUTPUT_BYTES} bytes")  # fmt: skip
+    try:
+        async with asyncio.timeout(max(cp.config.limits.body_timeout_seconds, 60.0)):
+            async for chunk in request.content.iter_chunked(1 << 20):
+                data += chunk
+                if len(data) > MAX_OUTPUT_BYTES:
+                    message = f"outputs are limited to {MAX_OUTPUT_BYTES} bytes"
+                    return error_reply(413, "output_too_large", message)
+    except TimeoutError:
+        return error_reply(408, "body_timeout", "the output did not arrive in time")
     try:
         await cp.storage.put_output(run_id, lease, step, bytes(data), cp.clock.time())
     except StaleLease as exc:
-        return _raw_error(409, "stale_lease", str(exc))
+        return error_reply(409, "stale_lease", str(exc))
     except UnknownRun:
-        return _raw_error(404, "unknown_run", f"no run with id {run_id!r}")
+        return error_reply(404, "unknown_run", f"no run with id {run_id!r}")
     return web.Response(status=200)
 
 
+@_outputs_errors
 async def get_output(request: web.Request) -> web.Response:
+    """A stored output, for the agent running a re-execution that reuses it: `run_id`
+    and `lease` in the query name that run, whose reuse_outputs must point here."""
+    source, step = request.match_info["run_id"], request.match_info["step"]
+    _, run, _ = await _leased_run(request, request.query.get("run_id", ""))
+    if run.reuse_outputs.get(step) != source:
+        raise AgentApiError(403, "not_reused", f"run {run.run_id} does not reuse step {step} "
+                            f"of run {source}")  # fmt: skip
     cp = _cp(request)
-    run_id, step = request.match_info["run_id"], request.match_info["step"]
-    data = await cp.storage.get_output(run_id, step)
+    data = await cp.storage.get_output(source, step)
     if data is None:
-        return _raw_error(404, "unknown_output", f"run {run_id} stored no output for step {step}")
+        return error_reply(404, "unknown_output", f"run {source} stored no output for step {step}")
     return web.Response(body=data, content_type="application/octet-stream")
 
 

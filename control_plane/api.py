@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -72,11 +73,19 @@ def _wait_param(request: web.Request) -> float:
     return value
 
 
-def _check_tags(tags: dict[str, str]) -> None:
-    problem = tag_problem(tags)
+def _check_tags(cp: ControlPlane, tags: dict[str, str]) -> None:
+    problem = tag_problem(tags, cp.tag_limits)
     if problem is not None:
         raise ApiError(422, "too_many_tags" if problem.startswith("a run may") else "bad_tag",
                        problem)  # fmt: skip
+
+
+def _check_run_config(cp: ControlPlane, config: dict[str, Any]) -> None:
+    limit = cp.config.limits.max_run_config_bytes
+    size = len(json.dumps(config, separators=(",", ":")))
+    if size > limit:
+        message = f"run config is {size} bytes of JSON; max_run_config_bytes is {limit}"
+        raise ApiError(413, "run_config_too_large", message)
 
 
 async def _resolve_location(cp: ControlPlane, job: str, location: str | None) -> str:
@@ -115,7 +124,8 @@ async def submit_run(request: web.Request) -> web.Response:
         raise ApiError(422, "bad_request", "job must match ^[A-Za-z0-9_]{1,128}$")
     if body.location is not None and not NAME_RE.match(body.location):
         raise ApiError(422, "bad_request", "location must match ^[A-Za-z0-9_]{1,128}$")
-    _check_tags(body.tags)
+    _check_tags(cp, body.tags)
+    _check_run_config(cp, body.config)
     location = await _resolve_location(cp, body.job, body.location)
     tags = {**body.tags, JOB_TAG: body.job}
     new_run = NewRun(

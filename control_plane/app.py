@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
-from collections.abc import AsyncIterator, Callable
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from control_plane import agent_api, api
+from control_plane import agent_api, api, token_api
+from control_plane.auth import TokenVerifier, auth_middleware
 from control_plane.clock import Clock, SystemClock
-from control_plane.config import ControlPlaneConfig
+from control_plane.config import ControlPlaneConfig, LimitsConfig, ServerConfig
 from control_plane.coordinator import RunCoordinator
 from control_plane.dispatch import Dispatcher
-from control_plane.errors import json_errors
+from control_plane.errors import error_response, json_errors
 from control_plane.evaluations import EvaluationBroker
 from control_plane.health import DaemonHealth
 from control_plane.monitor import RunMonitor
@@ -23,10 +26,10 @@ from control_plane.retries import RunRetrier
 from control_plane.scheduler import ScheduleDaemon
 from control_plane.sensors import SensorDaemon
 from control_plane.storage import Run, Storage, Verdict, open_storage
+from control_plane.tags import TagLimits
+from protocol.codec import DecodeLimits
 
 log = logging.getLogger("fleetrun.control_plane")
-
-MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 class ControlPlane:
@@ -37,6 +40,19 @@ class ControlPlane:
         self.storage = storage
         self.clock = clock
         monitoring = config.run_monitoring
+        limits = config.limits
+        self.tag_limits = TagLimits(limits.max_tags_per_run, limits.max_tag_key_length,
+                                    limits.max_tag_value_length)  # fmt: skip
+        self.decode_limits = DecodeLimits(
+            max_body_bytes=limits.max_body_bytes,
+            max_str_len=limits.max_msgpack_str_bytes,
+            max_bin_len=limits.max_msgpack_bin_bytes,
+            max_array_len=limits.max_msgpack_array_length,
+            max_map_len=limits.max_msgpack_map_length,
+            max_depth=limits.max_msgpack_depth,
+        )
+        self.verifier = TokenVerifier(storage, clock.time)
+        self.agent_tokens: dict[str, str | None] = {}  # agent id -> token it registered with
         self.heartbeat_timeout = monitoring.agent_heartbeat_timeout_seconds
         self.resume_limit = monitoring.max_resume_run_attempts
         self.health = DaemonHealth(clock)
@@ -49,6 +65,7 @@ class ControlPlane:
             clock,
             on_canceled=self.runs_changed,
             broker=self.broker,
+            max_polls_per_agent=limits.max_polls_per_agent,
         )
         self.coordinator = RunCoordinator(
             storage,
@@ -66,6 +83,7 @@ class ControlPlane:
                                         self.heartbeat_timeout, self._runs_requested)  # fmt: skip
         self.sensors = SensorDaemon(storage, self.broker, clock, self.health,
                                     self.heartbeat_timeout, self._runs_requested)  # fmt: skip
+        self.scheduler.tag_limits = self.sensors.tag_limits = self.tag_limits
 
     def _assigned(self, run: Run) -> None:
         self.dispatcher.run_assigned(run)
@@ -129,14 +147,82 @@ class ControlPlane:
 CONTROL_PLANE = web.AppKey("control_plane", ControlPlane)
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def body_deadline(limits: LimitsConfig) -> object:
+    """Read a request's whole body within `body_timeout_seconds` (408 otherwise), so a
+    client trickling its body cannot hold a handler; output uploads time themselves."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.can_read_body and not request.path.startswith("/agent/v1/outputs/"):
+            try:
+                async with asyncio.timeout(limits.body_timeout_seconds):
+                    await request.read()
+            except TimeoutError:
+                seconds = limits.body_timeout_seconds
+                return error_response(408, "body_timeout", f"the request body did not arrive "
+                                      f"within {seconds:g} s (body_timeout_seconds)")  # fmt: skip
+        return await handler(request)
+
+    return middleware
+
+
 def create_app(config: ControlPlaneConfig, clock: Clock | None = None) -> web.Application:
     cp = ControlPlane(config, open_storage(config.storage.url), clock or SystemClock())
-    app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
+    middlewares: list[object] = [json_errors]
+    if config.auth.enabled:
+        middlewares.append(auth_middleware(cp.verifier, error_response, agent_api.error_reply))
+    middlewares.append(body_deadline(config.limits))
+    app = web.Application(
+        middlewares=middlewares,  # type: ignore[arg-type]
+        client_max_size=config.limits.max_body_bytes,
+    )
     app[CONTROL_PLANE] = cp
     app.cleanup_ctx.append(cp.lifespan)
     api.add_routes(app)
+    token_api.add_routes(app)
     agent_api.add_routes(app)
     return app
+
+
+def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
+    """TLS 1.2 or newer with the configured certificate; None when TLS is off."""
+    if not server.tls:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(server.tls_cert, server.tls_key)
+    return context
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_about_insecure_setup(config: ControlPlaneConfig) -> None:
+    """Loud lines for setups that expose the fleet: anyone reaching the port may launch."""
+    from aiohttp import http_parser
+
+    if http_parser.HttpRequestParser.__module__ != "aiohttp._http_parser":
+        log.warning("aiohttp's C HTTP parser is not in use; the pure-Python one is slower "
+                    "and had request-smuggling bugs")  # fmt: skip
+    if _is_loopback(config.server.host):
+        return
+    if not config.auth.enabled:
+        log.warning("SECURITY: listening on %s with [auth] enabled = false: anyone who can "
+                    "reach this port can submit runs and register agents",
+                    config.server.host)  # fmt: skip
+    if not config.server.tls:
+        log.warning("SECURITY: listening on %s without TLS: tokens and run data cross the "
+                    "network in clear text; set [server] tls_cert and tls_key",
+                    config.server.host)  # fmt: skip
 
 
 async def serve(
@@ -145,14 +231,22 @@ async def serve(
     clock: Clock | None = None,
 ) -> None:
     """Serve until cancelled; `on_ready` gets the base URL once the port is bound."""
+    warn_about_insecure_setup(config)
     app = create_app(config, clock)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=1.0,
+        keepalive_timeout=config.limits.keepalive_timeout_seconds,
+    )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.server.host, config.server.port)
+        site = web.TCPSite(runner, config.server.host, config.server.port,
+                           ssl_context=tls_context(config.server), backlog=4096)  # fmt: skip
         await site.start()
         host, port = runner.addresses[0][:2]
-        url = f"http://{host}:{port}"
+        scheme = "https" if config.server.tls else "http"
+        url = f"{scheme}://{host}:{port}"
         log.info("control plane listening on %s (storage %s)", url, config.storage.url)
         if on_ready is not None:
             on_ready(url)

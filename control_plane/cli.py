@@ -24,9 +24,14 @@ class CliError(Exception):
 class ApiClient:
     """A small synchronous client of the JSON API, for the CLI."""
 
-    def __init__(self, url: str, token: str | None) -> None:
+    def __init__(self, url: str, token: str | None, ca_file: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.token = token
+        self.context = None
+        if self.url.startswith("https://"):
+            import ssl
+
+            self.context = ssl.create_default_context(cafile=ca_file or None)
 
     def request(
         self,
@@ -43,7 +48,7 @@ class ApiClient:
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(req, timeout=wait + 30) as resp:
+            with urllib.request.urlopen(req, timeout=wait + 30, context=self.context) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             try:
@@ -320,10 +325,96 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_storage(config_path: str) -> Any:
+    from control_plane.config import load_control_plane_config
+    from control_plane.storage import open_storage
+
+    try:
+        return open_storage(load_control_plane_config(config_path).storage.url)
+    except ConfigError as exc:
+        raise CliError(f"config error: {exc}") from None
+
+
+def _with_storage(config_path: str, action: Any) -> Any:
+    """Run `action(storage)` against the instance's database (no control plane needed)."""
+    import asyncio
+
+    async def run() -> Any:
+        storage = _token_storage(config_path)
+        await storage.open()
+        try:
+            return await action(storage)
+        finally:
+            await storage.close()
+
+    return asyncio.run(run())
+
+
+def _print_tokens(args: argparse.Namespace, tokens: list[dict[str, Any]]) -> int:
+    rows = [[t["name"], t["kind"], t["role"] or "", "revoked" if t["revoked"] else "active",
+             t["create_time"], t["last_used"] or "never"] for t in tokens]  # fmt: skip
+    _emit(args, {"tokens": tokens},
+          _table(rows, ["NAME", "KIND", "ROLE", "STATE", "CREATED", "LAST USED"]))  # fmt: skip
+    return 0
+
+
+def cmd_tokens_create(args: argparse.Namespace, client: ApiClient) -> int:
+    """Prints the token once; only its salted hash is stored."""
+    import time
+
+    from control_plane.storage import NameTaken
+    from control_plane.token_api import TokenRequestError, create_token
+
+    role = args.role if args.kind == "user" else None
+    if args.kind == "user" and role is None:
+        raise CliError("a user token needs --role viewer|operator|admin")
+    if args.config:
+        try:
+            token, record = _with_storage(args.config, lambda storage: create_token(
+                storage, args.name, args.kind, role, time.time()))  # fmt: skip
+        except (TokenRequestError, NameTaken) as exc:
+            raise CliError(str(exc)) from None
+        data = {**record.to_json(), "token": token}
+    else:
+        data = client.request("POST", "/tokens", {"name": args.name, "kind": args.kind,
+                                                  "role": role})  # fmt: skip
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(data["token"])
+        print(f"(token {data['name']}, {data['kind']}{', ' + role if role else ''}: shown "
+              "once; store it now)", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def cmd_tokens_list(args: argparse.Namespace, client: ApiClient) -> int:
+    if args.config:
+        records = _with_storage(args.config, lambda storage: storage.list_tokens())
+        return _print_tokens(args, [r.to_json() for r in records])
+    return _print_tokens(args, client.request("GET", "/tokens")["tokens"])
+
+
+def cmd_tokens_revoke(args: argparse.Namespace, client: ApiClient) -> int:
+    """A running control plane refuses the token within a second."""
+    import time
+
+    if args.config:
+        record = _with_storage(args.config, lambda s: s.revoke_token(args.name, time.time()))
+        if record is None:
+            raise CliError(f"no live token named {args.name!r}")
+        data = record.to_json()
+    else:
+        data = client.request("POST", f"/tokens/{urllib.parse.quote(args.name, safe='')}/revoke")
+    _emit(args, data, f"revoked token {data['name']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleetrun", description=__doc__)
     parser.add_argument("--url", default=os.environ.get("FLEETRUN_URL", DEFAULT_URL))
     parser.add_argument("--token", default=os.environ.get("FLEETRUN_TOKEN"))
+    parser.add_argument("--ca-file", default=os.environ.get("FLEETRUN_CA_FILE"),
+                        help="CA bundle to verify an https control plane")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -395,6 +486,23 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.set_defaults(func=cmd_agents_drain, action_path=action)
     jobs = sub.add_parser("jobs", help="jobs").add_subparsers(dest="action", required=True)
     jobs.add_parser("list").set_defaults(func=cmd_jobs_list)
+
+    tokens = sub.add_parser(
+        "tokens", help="API and agent tokens: with --config straight in the database, "
+        "else through the API with an admin token",
+    ).add_subparsers(dest="action", required=True)  # fmt: skip
+    create = tokens.add_parser("create", help="create a token and print it once")
+    create.add_argument("--kind", choices=["agent", "user"], required=True)
+    create.add_argument("--name", required=True)
+    create.add_argument("--role", choices=["viewer", "operator", "admin"])
+    create.set_defaults(func=cmd_tokens_create)
+    listing = tokens.add_parser("list", help="names, kinds, roles, last use (never secrets)")
+    listing.set_defaults(func=cmd_tokens_list)
+    revoke = tokens.add_parser("revoke", help="revoke a token by name")
+    revoke.add_argument("name")
+    revoke.set_defaults(func=cmd_tokens_revoke)
+    for cmd in (create, listing, revoke):
+        cmd.add_argument("--config", help="control-plane.toml: act on its database directly")
     return parser
 
 
@@ -411,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(args.port, args.exit_when_done)
     try:
-        return args.func(args, ApiClient(args.url, args.token))
+        return args.func(args, ApiClient(args.url, args.token, args.ca_file))
     except CliError as exc:
         print(f"fleetrun: {exc}", file=sys.stderr)
         return 1

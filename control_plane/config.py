@@ -13,12 +13,49 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8470
     poll_timeout_seconds: float = 25.0
+    tls_cert: str = ""  # PEM certificate chain; with tls_key, the server speaks only HTTPS
+    tls_key: str = ""
 
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
             raise FieldError("port", "must be between 0 and 65535 (0: any free port)")
         if not 0 < self.poll_timeout_seconds <= 300:
             raise FieldError("poll_timeout_seconds", "must be in (0, 300]")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise FieldError("tls_cert", "give both tls_cert and tls_key, or neither")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+
+@dataclass
+class LimitsConfig:
+    """Bounds on everything a client sends; each refusal names the limit it hit."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_msgpack_str_bytes: int = 1024 * 1024
+    max_msgpack_bin_bytes: int = 1024 * 1024
+    max_msgpack_array_length: int = 100_000
+    max_msgpack_map_length: int = 10_000
+    max_msgpack_depth: int = 32
+    max_events_per_batch: int = 5_000
+    max_tags_per_run: int = 64
+    max_tag_key_length: int = 128
+    max_tag_value_length: int = 4096
+    max_run_config_bytes: int = 1024 * 1024
+    max_polls_per_agent: int = 2
+    keepalive_timeout_seconds: float = 15.0
+    body_timeout_seconds: float = 60.0
+
+    def check(self) -> None:
+        for name, value in vars(self).items():
+            if value <= 0:
+                raise FieldError(name, "must be > 0")
+        if self.max_events_per_batch < 500:
+            raise FieldError("max_events_per_batch", "must be >= 500 (an agent's batch size)")
+        if self.max_msgpack_depth < 8:
+            raise FieldError("max_msgpack_depth", "must be >= 8 (the protocol's own nesting)")
 
 
 @dataclass
@@ -112,6 +149,7 @@ class ControlPlaneConfig:
     run_monitoring: RunMonitoringConfig = field(default_factory=RunMonitoringConfig)
     run_retries: RunRetriesConfig = field(default_factory=RunRetriesConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 def resolve_storage_url(url: str, base_dir: str) -> str:
@@ -133,6 +171,10 @@ def load_control_plane_config(path: str | None) -> ControlPlaneConfig:
         config = load_toml(path, ControlPlaneConfig)
         base_dir = os.path.dirname(os.path.abspath(path))
     config.storage.url = resolve_storage_url(config.storage.url, base_dir)
+    for key in ("tls_cert", "tls_key"):
+        value = getattr(config.server, key)
+        if value:
+            setattr(config.server, key, os.path.join(base_dir, value))
     return config
 
 

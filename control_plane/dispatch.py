@@ -9,6 +9,7 @@ orders work the same way: owed while the agent holds a lease that is canceled or
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from control_plane.clock import Clock
 from control_plane.evaluations import EvaluationBroker
@@ -30,8 +31,18 @@ def launch_message(run: Run) -> LaunchRun:
     )
 
 
+@dataclass(eq=False)
+class _ParkedPoll:
+    evicted: bool = False
+
+
 class Dispatcher:
-    """Answers agents' long-polls with the launches and stop orders owed to them."""
+    """Answers agents' long-polls with the launches and stop orders owed to them.
+
+    At most `max_polls_per_agent` polls of one agent are parked at a time: a newer poll
+    ends the oldest one with an empty reply (its client has most likely gone, e.g. after
+    a half-open connection), so an agent can never tie up more than that many.
+    """
 
     def __init__(
         self,
@@ -40,8 +51,11 @@ class Dispatcher:
         clock: Clock,
         on_canceled: Callable[[list[Run]], None],
         broker: EvaluationBroker | None = None,
+        max_polls_per_agent: int = 2,
     ) -> None:
         self.storage = storage
+        self.max_polls_per_agent = max_polls_per_agent
+        self._parked: dict[str, list[_ParkedPoll]] = {}
         self.broker = broker
         self.grace = terminate_grace_seconds
         self.clock = clock
@@ -60,8 +74,34 @@ class Dispatcher:
         self, agent_id: str, held_leases: set[int], stopping: set[int], max_wait: float
     ) -> PollReply:
         """What the agent must do; waits up to `max_wait` s for something if nothing is."""
+        parked = self._parked.setdefault(agent_id, [])
+        mine = _ParkedPoll()
+        parked.append(mine)
+        if len(parked) > self.max_polls_per_agent:
+            parked.pop(0).evicted = True
+            self.wake_agent(agent_id)
+        try:
+            return await self._wait(agent_id, held_leases, stopping, max_wait, mine)
+        finally:
+            if mine in parked:
+                parked.remove(mine)
+            if not parked and self._parked.get(agent_id) is parked:
+                del self._parked[agent_id]
 
+    def parked_polls(self, agent_id: str) -> int:
+        return len(self._parked.get(agent_id, ()))
+
+    async def _wait(
+        self,
+        agent_id: str,
+        held_leases: set[int],
+        stopping: set[int],
+        max_wait: float,
+        mine: _ParkedPoll,
+    ) -> PollReply:
         async def owed() -> PollReply | None:
+            if mine.evicted:
+                return PollReply()
             runs = await self.storage.pending_launches(agent_id)
             launches = [launch_message(r) for r in runs if r.lease not in held_leases]
             acks = [r.lease for r in runs if r.lease in held_leases and not r.launch_acked]

@@ -20,7 +20,14 @@ from control_plane.clock import Clock
 from control_plane.evaluations import EvaluationBroker
 from control_plane.health import DaemonHealth
 from control_plane.storage import InstigatorState, NewRun, Run, Storage, Tick
-from control_plane.tags import JOB_TAG, PRIORITY_TAG, QUEUE_TAG, tag_problem
+from control_plane.tags import (
+    DEFAULT_TAG_LIMITS,
+    JOB_TAG,
+    PRIORITY_TAG,
+    QUEUE_TAG,
+    TagLimits,
+    tag_problem,
+)
 from control_plane.ticks import due_ticks, next_tick
 from protocol.messages import EvaluationResult, ScheduleInfo, SensorInfo
 
@@ -85,7 +92,11 @@ async def load_instigators(
 
 
 def runs_for(
-    inst: Instigator, tick: Tick, result: EvaluationResult, key_prefix: str
+    inst: Instigator,
+    tick: Tick,
+    result: EvaluationResult,
+    key_prefix: str,
+    tag_limits: TagLimits = DEFAULT_TAG_LIMITS,
 ) -> tuple[list[NewRun], str | None]:
     """The runs a tick's result asks for, or the problem that fails the tick."""
     runs = []
@@ -94,7 +105,7 @@ def runs_for(
         if inst.kind == "sensor" and request.run_key is not None:
             kind_tags["fleetrun/run_key"] = request.run_key
         tags = {**request.tags, **kind_tags, JOB_TAG: request.job}
-        problem = tag_problem({k: v for k, v in request.tags.items()})
+        problem = tag_problem(dict(request.tags), tag_limits)
         if problem is not None:
             return [], f"run request {index + 1}: {problem}"
         key_part = request.run_key if inst.kind == "sensor" else f"{tick.scheduled_time}/{index}"
@@ -113,6 +124,7 @@ async def run_tick(
     clock: Clock,
     inst: Instigator,
     tick: Tick,
+    tag_limits: TagLimits = DEFAULT_TAG_LIMITS,
     **request_fields: object,
 ) -> tuple[Tick, list[Run]]:
     """Evaluate one tick on an agent and record its outcome (and its runs)."""
@@ -125,7 +137,7 @@ async def run_tick(
         return await storage.finish_tick(tick.id, "FAILURE", [], now, error=result.error,
                                          cursor=inst.state.cursor)  # fmt: skip
     prefix = f"{inst.kind}/{inst.location}/{inst.name}"
-    runs, problem = runs_for(inst, tick, result, prefix)
+    runs, problem = runs_for(inst, tick, result, prefix, tag_limits)
     if problem is not None:
         return await storage.finish_tick(tick.id, "FAILURE", [], now, error=problem,
                                          cursor=inst.state.cursor)  # fmt: skip
@@ -140,6 +152,7 @@ class DaemonLoop:
 
     name = "daemon"
     max_sleep = MAX_SLEEP_SECONDS
+    tag_limits = DEFAULT_TAG_LIMITS
 
     def __init__(
         self,
@@ -196,7 +209,7 @@ class ScheduleDaemon(DaemonLoop):
             if tick is None:
                 return  # already done (before a restart)
             tick, runs = await run_tick(self.storage, self.broker, self.clock, inst, tick,
-                                        scheduled_time=scheduled_time)  # fmt: skip
+                                        self.tag_limits, scheduled_time=scheduled_time)  # fmt: skip
             log.info("schedule %s tick %s: %s", inst.name, tick.id, tick.status)
             if runs:
                 self.on_runs(runs)

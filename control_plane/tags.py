@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from control_plane.monitor import MAX_RUNTIME_TAG
 from control_plane.retries import (
@@ -19,9 +20,17 @@ from control_plane.retries import (
     ROOT_TAG,
 )
 
-MAX_TAGS = 64
-MAX_TAG_KEY = 128
-MAX_TAG_VALUE = 4096
+
+@dataclass(frozen=True)
+class TagLimits:
+    """`[limits]` max_tags_per_run, max_tag_key_length, max_tag_value_length."""
+
+    max_tags: int = 64
+    max_key: int = 128
+    max_value: int = 4096
+
+
+DEFAULT_TAG_LIMITS = TagLimits()
 PRIORITY_TAG = "fleetrun/priority"
 QUEUE_TAG = "fleetrun/queue"
 JOB_TAG = "fleetrun/job"
@@ -65,15 +74,16 @@ TAG_CHECKS: dict[str, Callable[[str], str | None]] = {
 }
 
 
-def tag_problem(tags: dict[str, str]) -> str | None:
-    """What is wrong with a run's tags, naming the tag; None if nothing."""
-    if len(tags) > MAX_TAGS:
-        return f"a run may have at most {MAX_TAGS} tags"
+def tag_problem(tags: dict[str, str], limits: TagLimits = DEFAULT_TAG_LIMITS) -> str | None:
+    """What is wrong with a run's tags, naming the tag or the limit; None if nothing."""
+    if len(tags) > limits.max_tags:
+        return f"a run may have at most {limits.max_tags} tags (max_tags_per_run)"
     for key, value in tags.items():
-        if not isinstance(key, str) or not key or len(key) > MAX_TAG_KEY:
-            return f"tag keys must be 1 to {MAX_TAG_KEY} characters"
-        if not isinstance(value, str) or len(value) > MAX_TAG_VALUE:
-            return f"tag {key!r}: values must be strings of at most {MAX_TAG_VALUE} characters"
+        if not isinstance(key, str) or not key or len(key) > limits.max_key:
+            return f"tag keys must be 1 to {limits.max_key} characters (max_tag_key_length)"
+        if not isinstance(value, str) or len(value) > limits.max_value:
+            return (f"tag {key[:64]!r}: values must be strings of at most {limits.max_value} "
+                    "characters (max_tag_value_length)")  # fmt: skip
     for key in sorted(RESERVED_TAGS & tags.keys()):
         return f"tag {key} is set by the control plane, not on submit"
     for key, check in TAG_CHECKS.items():

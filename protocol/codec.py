@@ -46,12 +46,16 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise ProtocolError("bad_msgpack", f"msgpack ext type {code} is not allowed")
 
 
-def _check_depth(value: Any, max_depth: int) -> None:
+def _check_shape(value: Any, max_depth: int) -> None:
+    """Nesting within `max_depth`, and no timestamps: msgpack decodes ext type -1 itself,
+    without calling `ext_hook`, so it is refused here like every other ext type."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if depth > max_depth:
             raise ProtocolError("too_deep", f"message nesting exceeds the limit of {max_depth}")
+        if isinstance(item, msgpack.Timestamp):
+            raise ProtocolError("bad_msgpack", "msgpack ext type -1 (timestamp) is not allowed")
         if isinstance(item, dict):
             stack.extend((v, depth + 1) for v in item.values())
         elif isinstance(item, list):
@@ -114,7 +118,7 @@ def decode_versioned(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> tupl
     if not isinstance(raw, dict) or not {"v", "type", "body"} <= raw.keys():
         raise ProtocolError("bad_envelope", "message must be a map with keys v, type and body")
     version = raw["v"]
-    if version not in SUPPORTED_PROTOCOL_VERSIONS or isinstance(version, bool):
+    if type(version) is not int or version not in SUPPORTED_PROTOCOL_VERSIONS:
         raise ProtocolError(
             "unsupported_version",
             f"protocol version {version!r} is not supported; this side speaks version "
@@ -123,7 +127,7 @@ def decode_versioned(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> tupl
     cls = MESSAGE_TYPES.get(raw["type"]) if isinstance(raw["type"], str) else None
     if cls is None:
         raise ProtocolError("unknown_message", f"unknown message type {raw['type']!r}")
-    _check_depth(raw["body"], limits.max_depth)
+    _check_shape(raw["body"], limits.max_depth)
     try:
         return from_plain(cls, raw["body"]), version
     except SchemaError as exc:

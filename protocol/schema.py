@@ -8,12 +8,14 @@ offending key instead of surfacing later as an AttributeError deep inside a hand
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from functools import cache
 from typing import Any, TypeVar, Union
 
 T = TypeVar("T")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what every integer field must fit (databases)
 
 
 class SchemaError(ValueError):
@@ -98,10 +100,14 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise SchemaError(path, f"expected an integer, got {_type_name(value)}")
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise SchemaError(path, "integer out of the signed 64-bit range")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SchemaError(path, f"expected a number, got {_type_name(value)}")
+        if not math.isfinite(value):
+            raise SchemaError(path, "expected a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

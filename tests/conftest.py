@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -41,12 +42,21 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout} s waiting for {what or check}: {last!r}")
 
 
-def http(method: str, url: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+def http(
+    method: str,
+    url: str,
+    body: Any = None,
+    raw: bytes | None = None,
+    token: str | None = None,
+    context: ssl.SSLContext | None = None,
+) -> tuple[int, Any]:
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
+        with urllib.request.urlopen(req, timeout=60, context=context) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
@@ -82,14 +92,19 @@ def start_process(args: list[str], log_path: Path, cwd: Path | None = None) -> P
 @dataclass
 class ControlPlaneProc(Proc):
     url: str = ""
+    token: str | None = None  # a user token, when auth is on
+    context: ssl.SSLContext | None = None  # trusts the test CA, when TLS is on
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        return http(method, self.url + path, body, token=self.token, context=self.context)
 
     def get(self, path: str) -> Any:
-        status, body = http("GET", self.url + path)
+        status, body = self.call("GET", path)
         assert status == 200, (status, body)
         return body
 
     def submit(self, job: str, **fields: Any) -> str:
-        status, body = http("POST", self.url + "/api/v1/runs", {"job": job, **fields})
+        status, body = self.call("POST", "/api/v1/runs", {"job": job, **fields})
         assert status == 201, (status, body)
         return body["run_id"]
 
@@ -104,10 +119,13 @@ class ControlPlaneProc(Proc):
         return self.get(f"/api/v1/runs/{run_id}/events")["events"]
 
 
-def write_control_plane_config(folder: Path, extra: str = "", port: int = 0) -> Path:
+def write_control_plane_config(
+    folder: Path, extra: str = "", port: int = 0, server_extra: str = ""
+) -> Path:
     path = folder / "control-plane.toml"
     path.write_text(
-        f'[server]\nport = {port}\n\n[storage]\nurl = "sqlite:///fleetrun.db"\n' + extra
+        f"[server]\nport = {port}\n{server_extra}\n\n"
+        '[storage]\nurl = "sqlite:///fleetrun.db"\n' + extra
     )
     return path
 
@@ -118,18 +136,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_control_plane(folder: Path, extra_config: str = "", port: int = 0) -> ControlPlaneProc:
-    config = write_control_plane_config(folder, extra_config, port)
+def start_control_plane(
+    folder: Path,
+    extra_config: str = "",
+    port: int = 0,
+    server_extra: str = "",
+    token: str | None = None,
+    context: ssl.SSLContext | None = None,
+) -> ControlPlaneProc:
+    config = write_control_plane_config(folder, extra_config, port, server_extra)
     proc = start_process(
         [*FLEETRUN, "serve", "--config", str(config)], folder / "control-plane.log"
     )
 
     def listening() -> re.Match[str] | None:
         assert proc.popen.poll() is None, f"control plane exited early:\n{proc.log()}"
-        return re.search(r"listening on (http://\S+)", proc.log())
+        return re.search(r"listening on (https?://\S+)", proc.log())
 
     match = wait_for(listening, what="control plane to listen")
-    return ControlPlaneProc(proc.popen, proc.log_path, url=match.group(1))
+    return ControlPlaneProc(proc.popen, proc.log_path, match.group(1), token, context)
 
 
 def write_agent_config(

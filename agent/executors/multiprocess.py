@@ -38,6 +38,7 @@ from agent.executors.step import (
 from agent.sdk import Node
 
 _LENGTH = struct.Struct(">I")
+CHILD_STOP_GRACE_SECONDS = 5.0  # below the agent's terminate grace (10 s by default)
 
 
 class _PipeSink:
@@ -323,11 +324,26 @@ class _Scheduler:
             self.stop_children()
 
     def stop_children(self) -> None:
-        """Leaving early (interrupted, or a bug): no step process may outlive the run."""
+        """Leaving early (interrupted, or a bug): no step process may outlive the run.
+
+        A stop signals the whole process group, so the children got the SIGTERM too and
+        are running their ops' `finally` blocks: they get up to CHILD_STOP_GRACE_SECONDS
+        to exit, then SIGKILL. (No second SIGTERM: that one would end them at once.)"""
+        pending = {running.pid for running in self.running.values()}
+        deadline = time.monotonic() + CHILD_STOP_GRACE_SECONDS
+        while pending and time.monotonic() < deadline:
+            for pid in list(pending):
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        pending.discard(pid)
+                except ChildProcessError:
+                    pending.discard(pid)
+            time.sleep(0.01)
         for running in list(self.running.values()):
             try:
-                os.kill(running.pid, signal.SIGKILL)
-                os.waitpid(running.pid, 0)
+                if running.pid in pending:
+                    os.kill(running.pid, signal.SIGKILL)
+                    os.waitpid(running.pid, 0)
             except (ChildProcessError, ProcessLookupError):
                 pass
             for fd in list(running.fds):

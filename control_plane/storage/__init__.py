@@ -28,6 +28,10 @@ class StaleLease(StorageError):
     """A write came with a lease that is no longer the run's current one."""
 
 
+class NameTaken(StorageError):
+    """A token name, or an agent name held by another live agent token, is in use."""
+
+
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
@@ -210,6 +214,34 @@ class Agent:
     last_heartbeat: float
     registered_time: float
     capabilities: list[str] = field(default_factory=list)
+    token_name: str | None = None  # the agent token it registered with (auth on)
+
+
+@dataclass
+class TokenRecord:
+    """An API or agent token as stored: its secret only as a salted hash."""
+
+    token_id: str
+    name: str
+    kind: str  # "agent" | "user"
+    role: str | None  # viewer | operator | admin, for user tokens
+    salt: bytes
+    hash: bytes
+    create_time: float
+    last_used: float | None = None
+    revoked_time: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """What `tokens list` shows: never the hash or salt."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "role": self.role,
+            "create_time": iso(self.create_time),
+            "last_used": iso(self.last_used),
+            "revoked": self.revoked_time is not None,
+            "revoked_time": iso(self.revoked_time),
+        }
 
 
 @dataclass
@@ -301,12 +333,19 @@ class Storage(Protocol):
         locations: list[CodeLocationInfo],
         now: float,
         capabilities: list[str] | None = None,
+        token_name: str | None = None,
     ) -> Agent: ...
     async def record_heartbeat(self, agent_id: str, now: float) -> float | None: ...
     async def set_agent_status(self, agent_id: str, status: str) -> Agent | None: ...
     async def get_agent(self, agent_id: str) -> Agent | None: ...
     async def list_agents(self) -> list[Agent]: ...
     async def list_code_locations(self) -> list[CodeLocation]: ...
+
+    async def create_token(self, token: TokenRecord) -> None: ...
+    async def get_token(self, token_id: str) -> TokenRecord | None: ...
+    async def list_tokens(self) -> list[TokenRecord]: ...
+    async def revoke_token(self, name: str, now: float) -> TokenRecord | None: ...
+    async def touch_token(self, token_id: str, now: float) -> None: ...
 
     async def instigator_states(self) -> dict[tuple[str, str, str], InstigatorState]: ...
     async def set_instigator(

@@ -9,6 +9,7 @@ acknowledged commit survive a power loss, not only a process crash.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -39,6 +40,7 @@ from control_plane.storage import (
     Event,
     InstigatorState,
     LogChunk,
+    NameTaken,
     NewRun,
     QueueSnapshot,
     Run,
@@ -46,6 +48,7 @@ from control_plane.storage import (
     StaleLease,
     StopOrder,
     Tick,
+    TokenRecord,
     UnknownRun,
     Verdict,
 )
@@ -199,6 +202,21 @@ MIGRATIONS: list[str] = [
     CREATE INDEX ticks_by_instigator ON ticks (location, name, kind, id);
     CREATE INDEX ticks_by_status ON ticks (status);
     """,
+    # version 6: tokens (auth), and the agent token each agent registered with
+    """
+    CREATE TABLE tokens (
+        token_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        role TEXT,
+        salt BLOB NOT NULL,
+        hash BLOB NOT NULL,
+        create_time REAL NOT NULL,
+        last_used REAL,
+        revoked_time REAL
+    );
+    ALTER TABLE agents ADD COLUMN token_name TEXT;
+    """,
 ]
 
 DISPATCH_BATCH = 1000
@@ -213,6 +231,12 @@ def _not_json(value: object) -> str:
 
 
 AGENT_FAILURE_KINDS = frozenset({WORKER_CRASH, AGENT_LOST})  # what an agent may report
+
+
+def _known_kind(claimed: object, allowed: frozenset[str]) -> str:
+    """A failure kind from event data (an agent's: any msgpack value), or op_failure."""
+    return claimed if isinstance(claimed, str) and claimed in allowed else OP_FAILURE
+
 
 _RUN_COLUMNS = (
     "run_id, job, location, status, status_reason, tags, config, agent_id, lease, "
@@ -265,7 +289,8 @@ def _tick_from_row(row: Iterable[Any]) -> Tick:
 
 
 def _agent_from_row(row: Iterable[Any]) -> Agent:
-    agent_id, name, hostname, status, queues, cap, version, hb, registered, capabilities = row
+    (agent_id, name, hostname, status, queues, cap, version, hb, registered, capabilities,
+     token_name) = row  # fmt: skip
     return Agent(
         agent_id=agent_id,
         name=name,
@@ -277,13 +302,16 @@ def _agent_from_row(row: Iterable[Any]) -> Agent:
         last_heartbeat=hb,
         registered_time=registered,
         capabilities=json.loads(capabilities),
+        token_name=token_name,
     )
 
 
 _AGENT_COLUMNS = (
     "agent_id, name, hostname, status, queues, max_concurrent_runs, version, "
-    "last_heartbeat, registered_time, capabilities"
+    "last_heartbeat, registered_time, capabilities, token_name"
 )
+
+_TOKEN_COLUMNS = "token_id, name, kind, role, salt, hash, create_time, last_used, revoked_time"
 
 
 class SqliteStorage:
@@ -693,7 +721,7 @@ class SqliteStorage:
             args.append(now)
         if new == RunStatus.FAILURE:
             sets += ["failure_kind = ?", "retry_pending = ?"]
-            args += [failure_kind if failure_kind in FAILURE_KINDS else OP_FAILURE, int(retry)]
+            args += [_known_kind(failure_kind, FAILURE_KINDS), int(retry)]
         await db.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id = ?", (*args, run_id))
 
     async def _fail(
@@ -779,8 +807,7 @@ class SqliteStorage:
                 if record.type == "RUN_FAILURE" and status in (
                     RunStatus.STARTING, RunStatus.STARTED,
                 ):  # fmt: skip
-                    kind = record.data.get("failure_kind")
-                    kind = kind if kind in AGENT_FAILURE_KINDS else OP_FAILURE
+                    kind = _known_kind(record.data.get("failure_kind"), AGENT_FAILURE_KINDS)
                     run.status = status
                     status = await self._fail(
                         db, run, kind, record.message, now, resume_limit, record.data,
@@ -966,21 +993,40 @@ class SqliteStorage:
         locations: list[CodeLocationInfo],
         now: float,
         capabilities: list[str] | None = None,
+        token_name: str | None = None,
     ) -> Agent:
-        """Create or refresh the agent called `name`; it keeps its id across restarts."""
+        """Create or refresh the agent called `name`; it keeps its id across restarts.
+
+        With auth on, `token_name` is the agent token registering. An agent bound to
+        another token can be taken over only when that token is revoked or the agent is
+        OFFLINE; otherwise NameTaken (one agent token cannot pose as another's agent).
+        """
         async with self._write() as db:
-            rows = await db.execute_fetchall("SELECT agent_id FROM agents WHERE name = ?", (name,))
+            rows = await db.execute_fetchall(
+                "SELECT a.agent_id, a.token_name, a.status, t.revoked_time IS NULL"
+                " AND t.token_id IS NOT NULL FROM agents a"
+                " LEFT JOIN tokens t ON t.name = a.token_name WHERE a.name = ?",
+                (name,),
+            )
             agent_id = rows[0][0] if rows else uuid.uuid4().hex
+            if rows and token_name is not None:
+                _, bound, status, bound_valid = rows[0]
+                if bound not in (None, token_name) and status != "OFFLINE" and bound_valid:
+                    raise NameTaken(
+                        f"agent {name!r} is online under another agent token; stop it, "
+                        "or revoke that token, before registering this name with a new one"
+                    )
             await db.execute(
                 "INSERT INTO agents (agent_id, name, hostname, status, queues,"
-                " max_concurrent_runs, version, last_heartbeat, registered_time, capabilities)"
-                " VALUES (?, ?, ?, 'ONLINE', ?, ?, ?, ?, ?, ?)"
+                " max_concurrent_runs, version, last_heartbeat, registered_time, capabilities,"
+                " token_name)"
+                " VALUES (?, ?, ?, 'ONLINE', ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (agent_id) DO UPDATE SET hostname = excluded.hostname,"
                 " status = 'ONLINE', queues = excluded.queues,"
                 " max_concurrent_runs = excluded.max_concurrent_runs,"
                 " version = excluded.version, last_heartbeat = excluded.last_heartbeat,"
                 " registered_time = excluded.registered_time,"
-                " capabilities = excluded.capabilities",
+                " capabilities = excluded.capabilities, token_name = excluded.token_name",
                 (
                     agent_id,
                     name,
@@ -991,6 +1037,7 @@ class SqliteStorage:
                     now,
                     now,
                     json.dumps(capabilities or []),
+                    token_name,
                 ),
             )
             await db.execute("DELETE FROM code_locations WHERE agent_id = ?", (agent_id,))
@@ -1036,6 +1083,46 @@ class SqliteStorage:
     async def list_agents(self) -> list[Agent]:
         rows = await self._r.execute_fetchall(f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY name")
         return [_agent_from_row(r) for r in rows]
+
+    # --- tokens --------------------------------------------------------------------------
+
+    async def create_token(self, token: TokenRecord) -> None:
+        async with self._write() as db:
+            rows = await db.execute_fetchall("SELECT 1 FROM tokens WHERE name = ?", (token.name,))
+            if rows:
+                raise NameTaken(f"a token named {token.name!r} exists (names are never reused)")
+            await db.execute(
+                f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                dataclasses.astuple(token),
+            )
+
+    async def get_token(self, token_id: str) -> TokenRecord | None:
+        rows = await self._r.execute_fetchall(
+            f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_id = ?", (token_id,)
+        )
+        return TokenRecord(*rows[0]) if rows else None
+
+    async def list_tokens(self) -> list[TokenRecord]:
+        rows = await self._r.execute_fetchall(f"SELECT {_TOKEN_COLUMNS} FROM tokens ORDER BY name")
+        return [TokenRecord(*row) for row in rows]
+
+    async def revoke_token(self, name: str, now: float) -> TokenRecord | None:
+        """Revoke the live token called `name`; None if there is none."""
+        async with self._write() as db:
+            cursor = await db.execute(
+                "UPDATE tokens SET revoked_time = ? WHERE name = ? AND revoked_time IS NULL",
+                (now, name),
+            )
+            if cursor.rowcount == 0:
+                return None
+            rows = await db.execute_fetchall(
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE name = ?", (name,)
+            )
+            return TokenRecord(*rows[0])
+
+    async def touch_token(self, token_id: str, now: float) -> None:
+        async with self._write() as db:
+            await db.execute("UPDATE tokens SET last_used = ? WHERE token_id = ?", (now, token_id))
 
     # --- schedules and sensors -------------------------------------------------------
 

@@ -90,6 +90,11 @@ enabled = true
         ('[run_retries]\nbackoff = "fibonacci"\n', "run_retries.backoff", "exponential"),
         ("[run_retries]\ndelay_seconds = -1\n", "run_retries.delay_seconds", ">= 0"),
         ('[storage]\nurl = "mysql://x"\n', "storage.url", "unsupported"),
+        ("[limits]\nmax_events_per_batch = 10\n", "limits.max_events_per_batch", ">= 500"),
+        ("[limits]\nmax_body_bytes = 0\n", "limits.max_body_bytes", "> 0"),
+        ("[limits]\nmax_msgpack_depth = 2\n", "limits.max_msgpack_depth", ">= 8"),
+        ("[limits]\nmax_polls = 2\n", "limits.max_polls", "unknown key"),
+        ('[server]\ntls_cert = "c.pem"\n', "server.tls_cert", "tls_key"),
     ],
 )  # fmt: skip
 def test_control_plane_errors_name_file_and_key(
@@ -155,6 +160,11 @@ def test_agent_name_defaults_to_host_name(tmp_path: Path) -> None:
         ("[output_store]\nkind = \"s3\"\n", "output_store.kind"),
         ("[output_store]\nkind = \"filesystem\"\n", "output_store.path"),
         ("[output_store]\nmax_output_bytes = 0\n", "output_store.max_output_bytes"),
+        ("name = \"a b\"\n", "name"),
+        ("ca_file = \"ca.pem\"\n", "ca_file"),
+        # a token must not cross a network in clear text unless explicitly allowed
+        ("token_file = \"t\"\ncontrol_plane_url = \"http://10.0.0.5:8470\"\n",
+         "control_plane_url"),
     ],
 )  # fmt: skip
 def test_agent_errors_name_file_and_key(tmp_path: Path, text: str, key: str) -> None:
@@ -162,3 +172,35 @@ def test_agent_errors_name_file_and_key(tmp_path: Path, text: str, key: str) -> 
     with pytest.raises(ConfigError) as info:
         load_agent_config(path)
     assert path in str(info.value) and repr(key) in str(info.value)
+
+
+def test_a_token_over_http_is_allowed_to_loopback_or_when_asked(tmp_path: Path) -> None:
+    for text in ('token_file = "t"\ncontrol_plane_url = "http://127.0.0.1:8470"\n',
+                 'token_file = "t"\ncontrol_plane_url = "http://localhost:8470"\n',
+                 'token_file = "t"\ncontrol_plane_url = "https://cp.example.com"\n',
+                 'token_file = "t"\ncontrol_plane_url = "http://10.0.0.5:8470"\n'
+                 "allow_insecure_http = true\n"):  # fmt: skip
+        load_agent_config(write(tmp_path, "agent.toml", text))
+
+
+def test_code_root_confines_code_locations(tmp_path: Path) -> None:
+    root = tmp_path / "code"
+    (root / "etl").mkdir(parents=True)
+    (root / "etl" / "defs.py").write_text("")
+    (tmp_path / "elsewhere.py").write_text("")
+    (root / "etl" / "link.py").symlink_to(tmp_path / "elsewhere.py")
+    base = 'code_root = "code"\n[[code_locations]]\nname = "etl"\n'
+    ok = base + 'working_directory = "code/etl"\npython_file = "defs.py"\n'
+    config = load_agent_config(write(tmp_path, "agent.toml", ok))
+    assert config.code_root == str(root)
+    for text, key in (
+        (base + 'working_directory = "."\npython_file = "code/etl/defs.py"\n',
+         "working_directory"),
+        (base + 'working_directory = "code/etl"\npython_file = "../../elsewhere.py"\n',
+         "python_file"),
+        (base + 'working_directory = "code/etl"\npython_file = "link.py"\n', "python_file"),
+    ):  # fmt: skip
+        path = write(tmp_path, "agent.toml", text)
+        with pytest.raises(ConfigError) as info:
+            load_agent_config(path)
+        assert f"code_locations.etl.{key}" in str(info.value) and "code_root" in str(info.value)
