@@ -123,6 +123,10 @@ class ControlPlane:
 
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         await self.storage.open()
+        if self.config.auth.enabled and not await self.storage.list_tokens():
+            log.warning("[auth] is enabled but no token exists yet: create one with "
+                        "`fleetrun tokens create --config FILE --kind user --name NAME "
+                        "--role admin`")  # fmt: skip
         self.monitor.boot_time = self.clock.time()
         loops = [
             asyncio.create_task(self.coordinator.run_forever(), name="run-coordinator"),
