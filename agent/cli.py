@@ -10,6 +10,7 @@ import signal
 import sys
 
 from protocol import FLEETRUN_VERSION, PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS
+from protocol.logs import FORMATS, configure_logging, set_agent_name
 from protocol.schema import ConfigError
 
 
@@ -19,6 +20,7 @@ async def _run_agent(config_path: str) -> int:
     from agent.loop import Agent, FatalAgentError
 
     config = load_agent_config(config_path)
+    set_agent_name(config.name)
     try:
         token = read_token(config.token_file)
     except OSError as exc:
@@ -53,11 +55,9 @@ async def _run_agent(config_path: str) -> int:
     return 0
 
 
-def run_agent(config_path: str) -> int:
+def run_agent(config_path: str, log_format: str | None = None) -> int:
     """Run an agent until SIGTERM/SIGINT; exit code 2 on a bad config file."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(log_format)
     try:
         return asyncio.run(_run_agent(config_path))
     except ConfigError as exc:
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the agent")
     run.add_argument("--config", required=True)
+    run.add_argument("--log-format", choices=FORMATS, help="text (default) or json lines")
     check = sub.add_parser("check-config", help="validate agent.toml and its code locations")
     check.add_argument("--config", required=True)
     check.add_argument(
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("version", help="print the fleetrun and protocol versions")
     args = parser.parse_args(argv)
     if args.command == "run":
-        return run_agent(args.config)
+        return run_agent(args.config, args.log_format)
     if args.command == "check-config":
         return check_config(args.config, args.connect)
     print(f"fleetrun-agent {FLEETRUN_VERSION} (protocol {PROTOCOL_VERSION})")

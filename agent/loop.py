@@ -36,6 +36,7 @@ from agent.launcher import (
 from agent.outbox import AttemptRejected, RunOutbox
 from agent.outputs import INLINE_KEY, INLINE_OUTPUT_BYTES
 from protocol import FLEETRUN_VERSION
+from protocol.logs import CURRENT_RUN
 from protocol.messages import (
     CodeLocationInfo,
     Drain,
@@ -241,7 +242,8 @@ class Agent:
         for lease, active in list(self.runs.items()):
             launch = active.worker.launch
             reason = f"agent {self.config.name} shut down (drain timeout of {timeout:g} s)"
-            log.warning("run %s: stopping its worker (%s)", launch.run_id, reason)
+            log.warning("run %s: stopping its worker (%s)", launch.run_id, reason,
+                        extra={"run_id": launch.run_id})  # fmt: skip
             active.worker.stop(StopRun(launch.run_id, lease, False, reason, grace, "agent_lost"))
         remaining = [active.task for active in self.runs.values()]
         remaining += list(self.evaluations.values())  # schedule/sensor results still owed
@@ -290,7 +292,8 @@ class Agent:
             for order in reply.stops:
                 active = self.runs.get(order.lease)
                 if active is not None:
-                    log.info("run %s: stopping its worker (%s)", order.run_id, order.reason)
+                    log.info("run %s: stopping its worker (%s)", order.run_id, order.reason,
+                             extra={"run_id": order.run_id})  # fmt: skip
                     active.worker.stop(order)
 
     async def _evaluate(self, request: Evaluate) -> None:
@@ -358,7 +361,8 @@ class Agent:
             launch = active.worker.launch
             if launch.tags.get(ON_LOST_CONTACT_TAG) == "stop" and active.worker.stop_order is None:
                 reason = f"no contact with the control plane for {silent:.0f} s"
-                log.warning("run %s: stopping its worker (%s)", launch.run_id, reason)
+                log.warning("run %s: stopping its worker (%s)", launch.run_id, reason,
+                            extra={"run_id": launch.run_id})  # fmt: skip
                 grace = self.heartbeat_timeout / 4
                 order = StopRun(launch.run_id, lease, False, reason, grace, "agent_lost")
                 active.worker.stop(order)
@@ -368,7 +372,8 @@ class Agent:
 
     def start_run(self, launch: LaunchRun) -> None:
         assert self.agent_id is not None
-        log.info("launching run %s (job %s, lease %d)", launch.run_id, launch.job, launch.lease)
+        log.info("launching run %s (job %s, lease %d)", launch.run_id, launch.job, launch.lease,
+                 extra={"run_id": launch.run_id})  # fmt: skip
         scratch = tempfile.mkdtemp(prefix=f"fleetrun-{launch.run_id[:8]}-{launch.lease}-")
         uploader = None
         if self.config.output_store.kind == "control_plane":
@@ -402,6 +407,7 @@ class Agent:
 
     async def _supervise(self, worker: RunWorker, outbox: RunOutbox, scratch: str) -> None:
         launch = worker.launch
+        CURRENT_RUN.set(launch.run_id)  # this task's log lines (and its children's) name it
         delivery = asyncio.create_task(outbox.deliver())
         try:
             loc = self.locations.get(launch.location)

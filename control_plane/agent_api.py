@@ -63,6 +63,12 @@ def _cp(request: web.Request) -> ControlPlane:
     return request.app[CONTROL_PLANE]
 
 
+def _refused(request: web.Request, status: int, code: str, message: str) -> web.Response:
+    """An error reply, counted in the metrics (a write with a stale lease as fenced)."""
+    _cp(request).metrics.agent_api_error(code, write=request.method in ("POST", "PUT"))
+    return error_reply(status, code, message)
+
+
 async def check_identity(cp: ControlPlane, principal: Principal | None, agent_id: str) -> None:
     """With auth on, an agent token may act only for the agent it registered: whatever
     agent id a message names, it must be bound to the caller's token (403 otherwise)."""
@@ -94,9 +100,9 @@ def handler(expected: type, fn: Any) -> Any:
                 await check_identity(cp, principal, agent_id)
             return reply(await fn(cp, message, principal), version=version)
         except ProtocolError as exc:
-            return error_reply(400, exc.code, str(exc))
+            return _refused(request, 400, exc.code, str(exc))
         except AgentApiError as exc:
-            return error_reply(exc.status, exc.code, str(exc))
+            return _refused(request, exc.status, exc.code, str(exc))
 
     return handle
 
@@ -160,6 +166,7 @@ async def heartbeat(cp: ControlPlane, msg: Heartbeat, _: Principal | None) -> He
     previous = await cp.storage.record_heartbeat(msg.agent_id, now)
     if previous is None:
         raise AgentApiError(404, "unknown_agent", f"agent {msg.agent_id!r} is not registered")
+    cp.metrics.heartbeats.inc()
     if now - previous > cp.heartbeat_timeout:
         cp.coordinator.wake()
     return HeartbeatReply(ok=True)
@@ -202,6 +209,9 @@ async def events(cp: ControlPlane, msg: EventBatch, _: Principal | None) -> Even
         raise AgentApiError(409, "stale_lease", str(exc)) from None
     except UnknownRun:
         raise AgentApiError(404, "unknown_run", f"no run with id {msg.run_id!r}") from None
+    cp.metrics.records_stored(result.stored)
+    if not run.launch_acked and run.lease == msg.lease:  # records came before a poll said so
+        await cp.dispatcher.launches_held(msg.agent_id, [run])
     if result.status_changed and result.status in (*TERMINAL_STATUSES, RunStatus.QUEUED):
         cp.runs_changed([], msg.agent_id)
     elif result.status_changed:
@@ -237,7 +247,7 @@ def _outputs_errors(fn: Any) -> Any:
         try:
             return await fn(request)
         except AgentApiError as exc:
-            return error_reply(exc.status, exc.code, str(exc))
+            return _refused(request, exc.status, exc.code, str(exc))
 
     return handle
 
@@ -254,15 +264,15 @@ async def put_output(request: web.Request) -> web.Response:
                 data += chunk
                 if len(data) > MAX_OUTPUT_BYTES:
                     message = f"outputs are limited to {MAX_OUTPUT_BYTES} bytes"
-                    return error_reply(413, "output_too_large", message)
+                    raise AgentApiError(413, "output_too_large", message)
     except TimeoutError:
-        return error_reply(408, "body_timeout", "the output did not arrive in time")
+        raise AgentApiError(408, "body_timeout", "the output did not arrive in time") from None
     try:
         await cp.storage.put_output(run_id, lease, step, bytes(data), cp.clock.time())
     except StaleLease as exc:
-        return error_reply(409, "stale_lease", str(exc))
+        raise AgentApiError(409, "stale_lease", str(exc)) from None
     except UnknownRun:
-        return error_reply(404, "unknown_run", f"no run with id {run_id!r}")
+        raise AgentApiError(404, "unknown_run", f"no run with id {run_id!r}") from None
     return web.Response(status=200)
 
 
@@ -278,7 +288,7 @@ async def get_output(request: web.Request) -> web.Response:
     cp = _cp(request)
     data = await cp.storage.get_output(source, step)
     if data is None:
-        return error_reply(404, "unknown_output", f"run {source} stored no output for step {step}")
+        raise AgentApiError(404, "unknown_output", f"run {source} stored no output for step {step}")
     return web.Response(body=data, content_type="application/octet-stream")
 
 

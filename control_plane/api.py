@@ -141,7 +141,8 @@ async def submit_run(request: web.Request) -> web.Response:
     return web.json_response({"run_id": run.run_id, "status": str(run.status)}, status=201)
 
 
-def _parse_filter(request: web.Request) -> RunFilter:
+async def parse_filter(cp: ControlPlane, request: web.Request) -> RunFilter:
+    """?status=A,B&job=&tag=k:v (repeatable)&agent=NAME-or-ID."""
     filt = RunFilter()
     for raw in request.query.getall("status", []):
         for name in raw.split(","):
@@ -155,17 +156,22 @@ def _parse_filter(request: web.Request) -> RunFilter:
         if not sep or not key:
             raise ApiError(400, "bad_parameter", f"tag filter must be key:value, got {raw!r}")
         filt.tags.append((key, value))
+    agent = request.query.get("agent")
+    if agent:
+        match = next((a for a in await cp.storage.list_agents() if agent in (a.agent_id, a.name)),
+                     None)  # fmt: skip
+        filt.agent_id = match.agent_id if match is not None else "-"  # unknown: no runs
     return filt
 
 
 async def list_runs(request: web.Request) -> web.Response:
     cp = _cp(request)
-    filt = _parse_filter(request)
+    filt = await parse_filter(cp, request)
     limit = _int_param(request, "limit", 100, 1, MAX_LIST_LIMIT)
     raw_cursor = request.query.get("cursor")
     cursor = None
     if raw_cursor:
-        if not raw_cursor.isdigit():
+        if not re.fullmatch(r"[0-9]{1,18}", raw_cursor):
             raise ApiError(400, "bad_parameter", f"cursor {raw_cursor!r} is not valid")
         cursor = int(raw_cursor)
     runs, next_cursor = await cp.storage.list_runs(filt, limit, cursor)
@@ -186,9 +192,12 @@ async def _get_run_or_404(cp: ControlPlane, request: web.Request) -> Run:
 
 
 async def get_run(request: web.Request) -> web.Response:
-    """The run, with `chain`: its root and every retry and re-execution of it, oldest first."""
     cp = _cp(request)
-    run = await _get_run_or_404(cp, request)
+    return web.json_response(await run_json(cp, await _get_run_or_404(cp, request)))
+
+
+async def run_json(cp: ControlPlane, run: Run) -> dict[str, Any]:
+    """The run, with `chain`: its root and every retry and re-execution of it, oldest first."""
     root_id = run.root_run_id or run.run_id
     family, _ = await cp.storage.list_runs(RunFilter(tags=[(ROOT_TAG, root_id)]), 1000, None)
     chain = []
@@ -200,7 +209,7 @@ async def get_run(request: web.Request) -> web.Response:
              "kind": _lineage_kind(r)}
             for r in members
         ]  # fmt: skip
-    return web.json_response({**run.to_json(), "chain": chain})
+    return {**run.to_json(), "chain": chain}
 
 
 def _lineage_kind(run: Run) -> str:
@@ -284,7 +293,11 @@ async def get_logs(request: web.Request) -> web.Response:
 
 
 async def list_agents(request: web.Request) -> web.Response:
-    cp = _cp(request)
+    return web.json_response({"agents": await agents_json(_cp(request))})
+
+
+async def agents_json(cp: ControlPlane) -> list[dict[str, Any]]:
+    """Every agent with its liveness as the monitor sees it, slots in use and locations."""
     now = cp.clock.time()
     running: dict[str, int] = {}
     for run in await cp.storage.active_runs():
@@ -318,7 +331,7 @@ async def list_agents(request: web.Request) -> web.Response:
                 "code_locations": locations.get(a.agent_id, []),
             }
         )
-    return web.json_response({"agents": agents})
+    return agents
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -408,8 +421,11 @@ async def undrain_agent(request: web.Request) -> web.Response:
 
 
 async def get_queue(request: web.Request) -> web.Response:
+    return web.json_response(await queue_json(_cp(request)))
+
+
+async def queue_json(cp: ControlPlane) -> dict[str, Any]:
     """The queued runs in the order they would leave, each with why it waits."""
-    cp = _cp(request)
     plan = await cp.coordinator.explain()
     runs = [
         {
@@ -425,7 +441,7 @@ async def get_queue(request: web.Request) -> web.Response:
         }
         for i, d in enumerate(plan.decisions)
     ]
-    return web.json_response({"runs": runs, "limits": [u.to_json() for u in plan.limits]})
+    return {"runs": runs, "limits": [u.to_json() for u in plan.limits]}
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -447,13 +463,13 @@ async def readyz(request: web.Request) -> web.Response:
 # --- schedules and sensors -----------------------------------------------------------
 
 
-async def _instigators(cp: ControlPlane, kind: str) -> list[Instigator]:
+async def instigators_of(cp: ControlPlane, kind: str) -> list[Instigator]:
     now = cp.clock.time()
     found = await load_instigators(cp.storage, now, cp.heartbeat_timeout)
     return [i for i in found if i.kind == kind]
 
 
-def _instigator_json(inst: Instigator, now: float) -> dict[str, Any]:
+def instigator_json(inst: Instigator, now: float) -> dict[str, Any]:
     out: dict[str, Any] = {"name": inst.name, "location": inst.location, "status": inst.status,
                            "job": inst.definition.job if inst.definition else None}  # fmt: skip
     if isinstance(inst.definition, ScheduleInfo):
@@ -474,7 +490,7 @@ async def _find_instigator(request: web.Request, kind: str) -> Instigator:
     cp = _cp(request)
     name = request.match_info["name"]
     location = request.query.get("location")
-    matches = [i for i in await _instigators(cp, kind) if i.name == name
+    matches = [i for i in await instigators_of(cp, kind) if i.name == name
                and (location is None or i.location == location)]  # fmt: skip
     if not matches:
         raise ApiError(404, f"unknown_{kind}", f"no {kind} named {name!r}"
@@ -493,14 +509,14 @@ def instigator_routes(kind: str) -> list[tuple[str, str, Any]]:
     async def list_all(request: web.Request) -> web.Response:
         cp = _cp(request)
         now = cp.clock.time()
-        items = [_instigator_json(i, now) for i in await _instigators(cp, kind)]
+        items = [instigator_json(i, now) for i in await instigators_of(cp, kind)]
         return web.json_response({f"{kind}s": items})
 
     async def show(request: web.Request) -> web.Response:
         cp = _cp(request)
         inst = await _find_instigator(request, kind)
         ticks = await cp.storage.list_ticks(inst.location, inst.name, kind, 5)
-        body = _instigator_json(inst, cp.clock.time())
+        body = instigator_json(inst, cp.clock.time())
         return web.json_response({**body, "recent_ticks": [t.to_json() for t in ticks]})
 
     async def ticks(request: web.Request) -> web.Response:

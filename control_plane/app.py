@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from control_plane import agent_api, api, token_api
+from control_plane import agent_api, api, openapi, token_api, ui
 from control_plane.auth import TokenVerifier, auth_middleware
 from control_plane.clock import Clock, SystemClock
 from control_plane.config import ControlPlaneConfig, LimitsConfig, ServerConfig
@@ -20,6 +20,7 @@ from control_plane.dispatch import Dispatcher
 from control_plane.errors import error_response, json_errors
 from control_plane.evaluations import EvaluationBroker
 from control_plane.health import DaemonHealth
+from control_plane.metrics import Metrics, add_metrics_routes, http_metrics
 from control_plane.monitor import RunMonitor
 from control_plane.notify import Notifier
 from control_plane.retries import RunRetrier
@@ -55,7 +56,8 @@ class ControlPlane:
         self.agent_tokens: dict[str, str | None] = {}  # agent id -> token it registered with
         self.heartbeat_timeout = monitoring.agent_heartbeat_timeout_seconds
         self.resume_limit = monitoring.max_resume_run_attempts
-        self.health = DaemonHealth(clock)
+        self.metrics = Metrics()  # its own registry: never the process-wide default one
+        self.health = DaemonHealth(clock, self.metrics)
         self.broker = EvaluationBroker(
             wake_agent=lambda agent_id: self.dispatcher.wake_agent(agent_id)
         )
@@ -79,6 +81,7 @@ class ControlPlane:
         self.run_events = Notifier()
         for loop in (self.coordinator, self.monitor, self.retrier):
             loop.health = self.health
+        self.coordinator.metrics = self.dispatcher.metrics = self.metrics
         self.scheduler = ScheduleDaemon(storage, self.broker, clock, self.health,
                                         self.heartbeat_timeout, self._runs_requested)  # fmt: skip
         self.sensors = SensorDaemon(storage, self.broker, clock, self.health,
@@ -175,7 +178,7 @@ def body_deadline(limits: LimitsConfig) -> object:
 
 def create_app(config: ControlPlaneConfig, clock: Clock | None = None) -> web.Application:
     cp = ControlPlane(config, open_storage(config.storage.url), clock or SystemClock())
-    middlewares: list[object] = [json_errors]
+    middlewares: list[object] = [http_metrics(cp.metrics), json_errors]
     if config.auth.enabled:
         middlewares.append(auth_middleware(cp.verifier, error_response, agent_api.error_reply))
     middlewares.append(body_deadline(config.limits))
@@ -188,6 +191,9 @@ def create_app(config: ControlPlaneConfig, clock: Clock | None = None) -> web.Ap
     api.add_routes(app)
     token_api.add_routes(app)
     agent_api.add_routes(app)
+    add_metrics_routes(app)
+    ui.add_routes(app)
+    openapi.add_routes(app)
     return app
 
 

@@ -28,6 +28,8 @@ log = logging.getLogger("fleetrun.auth")
 KINDS = ("agent", "user")
 ROLES = ("viewer", "operator", "admin")
 PREFIXES = {"agent": "fra", "user": "fru"}
+SESSION_COOKIE = "fleetrun_session"  # the web UI's sign-in: a user token, HttpOnly
+UI_HEADER = "X-Fleetrun-UI"  # the UI's API calls; the cookie counts only with it (CSRF)
 CACHE_SECONDS = 1.0
 TOUCH_SECONDS = 60.0  # how often `last_used` is written for a busy token
 MAX_TOKEN_CHARS = 256
@@ -49,6 +51,18 @@ def _instigator_routes(kind: str) -> dict[tuple[str, str], str]:
 ROUTE_ACCESS: dict[tuple[str, str], str] = {
     ("GET", "/healthz"): PUBLIC,
     ("GET", "/readyz"): PUBLIC,
+    ("GET", "/metrics"): PUBLIC,  # Prometheus scrapes without a token (no run data in it)
+    ("GET", "/"): PUBLIC,  # a redirect to /ui/runs
+    ("GET", "/ui/runs"): VIEWER,
+    ("GET", "/ui/runs/{run_id}"): VIEWER,
+    ("GET", "/ui/agents"): VIEWER,
+    ("GET", "/ui/queue"): VIEWER,
+    ("GET", "/ui/schedules"): VIEWER,
+    ("GET", "/ui/sensors"): VIEWER,
+    ("GET", "/ui/login"): PUBLIC,
+    ("POST", "/ui/login"): PUBLIC,
+    ("POST", "/ui/logout"): PUBLIC,
+    ("GET", "/ui/static/{name}"): PUBLIC,
     ("POST", "/api/v1/runs"): OPERATOR,
     ("GET", "/api/v1/runs"): VIEWER,
     ("GET", "/api/v1/runs/{run_id}"): VIEWER,
@@ -62,6 +76,7 @@ ROUTE_ACCESS: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/agents/{agent}/drain"): OPERATOR,
     ("POST", "/api/v1/agents/{agent}/undrain"): OPERATOR,
     ("GET", "/api/v1/jobs"): VIEWER,
+    ("GET", "/api/v1/openapi.json"): PUBLIC,
     ("GET", "/api/v1/tokens"): ADMIN,
     ("POST", "/api/v1/tokens"): ADMIN,
     ("POST", "/api/v1/tokens/{name}/revoke"): ADMIN,
@@ -214,10 +229,12 @@ def auth_middleware(verifier: TokenVerifier, json_reply: Reply, agent_reply: Rep
         try:
             if access == "unlisted":
                 raise AuthError(403, "forbidden", "this route is not open to any token")
-            principal = await verifier.verify(request.headers.get("Authorization"))
+            principal = await verifier.verify(_credentials(request))
             if not principal.may(access):
                 raise AuthError(403, "forbidden", _refusal(principal, access))
         except AuthError as exc:
+            if request.path.startswith("/ui/"):
+                raise web.HTTPSeeOther(_login_url(request)) from None
             response = reply(exc.status, exc.code, str(exc))
             if exc.status == 401:
                 response.headers["WWW-Authenticate"] = 'Bearer realm="fleetrun"'
@@ -226,6 +243,23 @@ def auth_middleware(verifier: TokenVerifier, json_reply: Reply, agent_reply: Rep
         return await handler(request)
 
     return middleware
+
+
+def _credentials(request: web.Request) -> str | None:
+    """The Authorization header; for the UI's pages, and for the API calls its script
+    makes (marked with UI_HEADER), the signed-in user's cookie instead."""
+    header = request.headers.get("Authorization")
+    if header:
+        return header
+    ui_call = request.path.startswith("/ui/") or UI_HEADER in request.headers
+    token = request.cookies.get(SESSION_COOKIE)
+    return f"Bearer {token}" if ui_call and token else None
+
+
+def _login_url(request: web.Request) -> str:
+    from urllib.parse import quote
+
+    return f"/ui/login?next={quote(request.path_qs, safe='')}"
 
 
 def _refusal(principal: Principal, access: str) -> str:

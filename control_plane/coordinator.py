@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from control_plane.clock import Clock
 from control_plane.config import RunCoordinatorConfig, TagConcurrencyLimit
 from control_plane.health import DaemonHealth
+from control_plane.metrics import Metrics
 from control_plane.storage import Agent, NewRun, QueueSnapshot, Run, Storage, iso
 
 log = logging.getLogger("fleetrun.coordinator")
@@ -188,6 +189,7 @@ class RunCoordinator:
         self.config = config
         self.clock = clock
         self.health = DaemonHealth(clock)  # replaced by the control plane's shared one
+        self.metrics = Metrics()  # likewise
         self.heartbeat_timeout = heartbeat_timeout
         self.on_assigned = on_assigned
         self._wakeup = asyncio.Event()
@@ -215,7 +217,8 @@ class RunCoordinator:
                 pass
             self._wakeup.clear()
             try:
-                await self.dispatch_once()
+                with self.health.timed("run-queue"):
+                    await self.dispatch_once()
             except Exception as exc:
                 self.health.failed("run-queue", exc)
 
@@ -227,8 +230,17 @@ class RunCoordinator:
     async def dispatch_once(self) -> list[Run]:
         """Assign as many queued runs as limits and free agent slots allow."""
         self._next_wake = None
-        assigned = await self.storage.assign_queued(self.clock.time(), self._decide)
+        now = self.clock.time()
+        queued: dict[str, Run] = {}
+
+        def decide(snapshot: QueueSnapshot) -> list[tuple[str, str]]:
+            queued.update((run.run_id, run) for run in snapshot.queued)
+            return self._decide(snapshot)
+
+        assigned = await self.storage.assign_queued(now, decide)
         for run in assigned:
+            # How long it waited is on the run as queued (assigned, its status_time is now).
+            self.metrics.run_assigned(queued.get(run.run_id, run), now)
             self.on_assigned(run)
         return assigned
 

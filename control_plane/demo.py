@@ -120,7 +120,9 @@ async def _demo(port: int, exit_when_done: bool) -> int:
         print("finished:", ", ".join(f"{j}={s}" for j, s in zip(DEMO_JOBS, results, strict=True)))
         print(f"""
 Where to look:
-  API            {url}/api/v1/runs   (also /agents, /jobs, /healthz)
+  web UI         {url}/
+  API            {url}/api/v1/runs   (also /agents, /jobs, /healthz; {url}/api/v1/openapi.json)
+  metrics        {url}/metrics
   CLI            export FLEETRUN_URL={url}
                  .venv/bin/fleetrun runs list
                  .venv/bin/fleetrun runs show RUN_ID

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from control_plane.clock import Clock
 from control_plane.evaluations import EvaluationBroker
+from control_plane.metrics import Metrics
 from control_plane.notify import Notifier
 from control_plane.storage import Run, Storage
 from protocol.messages import LaunchRun, PollReply, StopRun
@@ -60,6 +61,7 @@ class Dispatcher:
         self.grace = terminate_grace_seconds
         self.clock = clock
         self.on_canceled = on_canceled
+        self.metrics = Metrics()  # replaced by the control plane's
         self._agents = Notifier()
 
     def wake_agent(self, agent_id: str | None) -> None:
@@ -88,6 +90,15 @@ class Dispatcher:
             if not parked and self._parked.get(agent_id) is parked:
                 del self._parked[agent_id]
 
+    async def launches_held(self, agent_id: str, runs: list[Run]) -> None:
+        """The agent holds these runs' launches (a poll listed the lease, or records came
+        under it): mark them, and time the dispatch of each once, when first marked."""
+        received = await self.storage.ack_launches(agent_id, [r.lease for r in runs if r.lease])
+        now = self.clock.time()
+        for run in runs:
+            if run.lease in received:
+                self.metrics.launch_received(run, now)
+
     def parked_polls(self, agent_id: str) -> int:
         return len(self._parked.get(agent_id, ()))
 
@@ -104,8 +115,8 @@ class Dispatcher:
                 return PollReply()
             runs = await self.storage.pending_launches(agent_id)
             launches = [launch_message(r) for r in runs if r.lease not in held_leases]
-            acks = [r.lease for r in runs if r.lease in held_leases and not r.launch_acked]
-            await self.storage.ack_launches(agent_id, [lease for lease in acks if lease])
+            held = [r for r in runs if r.lease in held_leases and not r.launch_acked]
+            await self.launches_held(agent_id, held)
             orders, canceled = await self.storage.stop_orders(
                 agent_id, sorted(held_leases), self.clock.time()
             )

@@ -54,10 +54,14 @@ async def json_errors(
         return error_response(500, "internal_error", "internal error; see the server log")
 
 
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 async def read_json_object(request: web.Request) -> dict:
     try:
         body = await request.read()
-        data = json.loads(body) if body else None
+        data = json.loads(body, parse_constant=_refuse_constant) if body else None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "bad_json", f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):

@@ -1,12 +1,20 @@
 """Daemon health: every control-plane loop beats on each pass and records its last error;
-`/readyz` turns 503, naming the loop, when one has not beaten for too long."""
+`/readyz` turns 503, naming the loop, when one has not beaten for too long. Since every
+loop reports here, this is also where pass durations and errors reach the metrics."""
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from control_plane.clock import Clock
+
+if TYPE_CHECKING:
+    from control_plane.metrics import Metrics
 
 log = logging.getLogger("fleetrun.health")
 
@@ -22,8 +30,9 @@ class LoopHealth:
 
 
 class DaemonHealth:
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, metrics: Metrics | None = None) -> None:
         self.clock = clock
+        self.metrics = metrics  # None: a loop's private health (tests), nothing exported
         self.loops: dict[str, LoopHealth] = {}
 
     def beat(self, name: str) -> None:
@@ -33,9 +42,22 @@ class DaemonHealth:
         else:
             loop.last_beat = self.clock.time()
 
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Wrap one pass: its duration goes to the metrics, whether it succeeds or raises
+        (monotonic time, not the clock, which tests may freeze)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.metrics is not None:
+                self.metrics.loop_pass(name, time.perf_counter() - start)
+
     def failed(self, name: str, exc: BaseException) -> None:
         """A pass raised: log it with context; the loop carries on."""
         log.exception("%s loop: a pass failed; carrying on", name, exc_info=exc)
+        if self.metrics is not None:
+            self.metrics.loop_failed(name)
         self.beat(name)
         loop = self.loops[name]
         loop.last_error = f"{type(exc).__name__}: {exc}"

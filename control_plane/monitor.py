@@ -132,7 +132,8 @@ class RunMonitor:
                 verdicts, now, self.config.max_resume_run_attempts
             )
             for run in changed:
-                log.warning("run %s: %s (%s)", run.run_id, run.status, run.status_reason)
+                log.warning("run %s: %s (%s)", run.run_id, run.status, run.status_reason,
+                            extra={"run_id": run.run_id, "agent": run.agent_id})  # fmt: skip
             if changed:
                 self.on_verdicts(verdicts, changed)
         return next_deadline
@@ -142,7 +143,8 @@ class RunMonitor:
             self.health.beat("monitor")
             self._wakeup.clear()
             try:
-                next_deadline = await self.check_once()
+                with self.health.timed("monitor"):
+                    next_deadline = await self.check_once()
             except Exception as exc:
                 self.health.failed("monitor", exc)
                 next_deadline = None

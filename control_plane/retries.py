@@ -126,7 +126,8 @@ class RunRetrier:
                     run.run_id, decision.retry, decision.message, decision.data, now
                 )
                 if decision.message:
-                    log.info("run %s: %s", run.run_id, decision.message)
+                    log.info("run %s: %s", run.run_id, decision.message,
+                             extra={"run_id": run.run_id, "agent": run.agent_id})  # fmt: skip
                 if created is not None:
                     queued.append(created)
                     self.on_retry(created)
@@ -137,7 +138,8 @@ class RunRetrier:
             self.health.beat("retries")
             self._wakeup.clear()
             try:
-                await self.settle_pending()
+                with self.health.timed("retries"):
+                    await self.settle_pending()
             except Exception as exc:
                 self.health.failed("retries", exc)
             try:

@@ -184,7 +184,8 @@ class DaemonLoop:
             self._wakeup.clear()
             self.health.beat(self.name)
             try:
-                wake_at = await self.pass_once()
+                with self.health.timed(self.name):
+                    wake_at = await self.pass_once()
             except Exception as exc:
                 self.health.failed(self.name, exc)
                 wake_at = self.clock.time() + self.max_sleep

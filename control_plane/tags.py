@@ -43,13 +43,13 @@ RUN_KEY_TAG = "fleetrun/run_key"
 RESERVED_TAGS = frozenset({PARENT_TAG, ROOT_TAG, RETRY_NUMBER_TAG, REEXECUTION_TAG})
 
 
-def _integer(value: str, minimum: int | None = None) -> str | None:
+def _integer(value: str, minimum: int, maximum: int) -> str | None:
     try:
         number = int(value)
     except ValueError:
         return "must be an integer"
-    if minimum is not None and number < minimum:
-        return f"must be an integer >= {minimum}"
+    if not minimum <= number <= maximum:
+        return f"must be an integer from {minimum} to {maximum}"
     return None
 
 
@@ -66,8 +66,8 @@ def _one_of(*choices: str) -> Callable[[str], str | None]:
 
 
 TAG_CHECKS: dict[str, Callable[[str], str | None]] = {
-    PRIORITY_TAG: _integer,
-    MAX_RETRIES_TAG: lambda value: _integer(value, 0),
+    PRIORITY_TAG: lambda value: _integer(value, -(2**31), 2**31 - 1),
+    MAX_RETRIES_TAG: lambda value: _integer(value, 0, 1000),
     RETRY_STRATEGY_TAG: _one_of(*RETRY_STRATEGIES),
     MAX_RUNTIME_TAG: _seconds,
     ON_LOST_CONTACT_TAG: _one_of("continue", "stop"),

@@ -143,10 +143,11 @@ def start_control_plane(
     server_extra: str = "",
     token: str | None = None,
     context: ssl.SSLContext | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> ControlPlaneProc:
     config = write_control_plane_config(folder, extra_config, port, server_extra)
     proc = start_process(
-        [*FLEETRUN, "serve", "--config", str(config)], folder / "control-plane.log"
+        [*FLEETRUN, "serve", "--config", str(config), *extra_args], folder / "control-plane.log"
     )
 
     def listening() -> re.Match[str] | None:
@@ -174,10 +175,13 @@ def start_agent(
     name: str = "agent-1",
     locations: dict[str, Path] | None = None,
     extra: str = "",
+    extra_args: tuple[str, ...] = (),
 ) -> Proc:
     locations = {"examples": EXAMPLES} if locations is None else locations
     config = write_agent_config(folder, cp.url, name, locations, extra)
-    proc = start_process([*FLEETRUN, "agent", "--config", str(config)], folder / f"{name}.log")
+    proc = start_process(
+        [*FLEETRUN, "agent", "--config", str(config), *extra_args], folder / f"{name}.log"
+    )
 
     def registered() -> bool:
         assert proc.popen.poll() is None, f"agent exited early:\n{proc.log()}"

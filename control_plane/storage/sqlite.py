@@ -448,6 +448,9 @@ class SqliteStorage:
         if filt.job:
             where.append("job = ?")
             args.append(filt.job)
+        if filt.agent_id:
+            where.append("agent_id = ?")
+            args.append(filt.agent_id)
         for key, value in filt.tags:
             where.append(
                 "EXISTS (SELECT 1 FROM run_tags t WHERE t.run_id = runs.run_id"
@@ -479,6 +482,11 @@ class SqliteStorage:
             tuple(ACTIVE_STATUSES),
         )
         return [_run_from_row(r) for r in rows]
+
+    async def count_runs_by_status(self) -> dict[RunStatus, int]:
+        """For the metrics gauges: one scan of the status index."""
+        rows = await self._r.execute_fetchall("SELECT status, COUNT(*) FROM runs GROUP BY status")
+        return {RunStatus(status): count for status, count in rows}
 
     async def _snapshot(self, db: aiosqlite.Connection) -> QueueSnapshot:
         queued = await db.execute_fetchall(
@@ -589,17 +597,19 @@ class SqliteStorage:
         )
         return [_run_from_row(r) for r in rows]
 
-    async def ack_launches(self, agent_id: str, leases: list[int]) -> None:
-        """The agent holds these launches (it said so in a poll)."""
+    async def ack_launches(self, agent_id: str, leases: list[int]) -> list[int]:
+        """The agent holds these launches (a poll or a record batch said so); returns the
+        leases not acknowledged before, so that each launch is counted received once."""
         if not leases:
-            return
+            return []
         marks = ",".join("?" * len(leases))
         async with self._write() as db:
-            await db.execute(
+            rows = await db.execute_fetchall(
                 f"UPDATE runs SET launch_acked = 1 WHERE agent_id = ? AND lease IN ({marks})"
-                " AND launch_acked = 0",
+                " AND launch_acked = 0 RETURNING lease",
                 (agent_id, *leases),
             )
+            return [lease for (lease,) in rows]
 
     async def stop_orders(
         self, agent_id: str, held_leases: list[int], now: float
@@ -791,12 +801,15 @@ class SqliteStorage:
             acked = rows[0][0]
             status = run.status
             changed = False
+            stored: dict[str, int] = {}
             for record in sorted(records, key=lambda r: r.seq):
                 if record.seq <= acked:
                     continue
                 if record.seq != acked + 1:
                     break
                 acked = record.seq
+                stored_as = "log" if record.kind == "log" else "event"
+                stored[stored_as] = stored.get(stored_as, 0) + 1
                 if record.kind == "log":
                     await db.execute(
                         "INSERT INTO compute_logs (run_id, attempt, step, stream, time, text)"
@@ -831,7 +844,8 @@ class SqliteStorage:
             await db.execute(
                 "UPDATE run_attempts SET acked_seq = ? WHERE attempt_id = ?", (acked, lease)
             )
-            return AppendResult(acked_seq=acked, status=status, status_changed=changed)
+            return AppendResult(acked_seq=acked, status=status, status_changed=changed,
+                                stored=stored)  # fmt: skip
 
     async def apply_verdicts(
         self, verdicts: list[Verdict], now: float, resume_limit: int

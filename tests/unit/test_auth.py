@@ -50,6 +50,18 @@ from protocol.messages import (
 EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/healthz"): "public",
     ("GET", "/readyz"): "public",
+    ("GET", "/"): "public",
+    ("GET", "/ui/runs"): "viewer",
+    ("GET", "/ui/runs/{run_id}"): "viewer",
+    ("GET", "/ui/agents"): "viewer",
+    ("GET", "/ui/queue"): "viewer",
+    ("GET", "/ui/schedules"): "viewer",
+    ("GET", "/ui/sensors"): "viewer",
+    ("GET", "/ui/login"): "public",
+    ("POST", "/ui/login"): "public",
+    ("POST", "/ui/logout"): "public",
+    ("GET", "/ui/static/{name}"): "public",
+    ("GET", "/metrics"): "public",
     ("POST", "/api/v1/runs"): "operator",
     ("GET", "/api/v1/runs"): "viewer",
     ("GET", "/api/v1/runs/{run_id}"): "viewer",
@@ -63,6 +75,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/agents/{agent}/drain"): "operator",
     ("POST", "/api/v1/agents/{agent}/undrain"): "operator",
     ("GET", "/api/v1/jobs"): "viewer",
+    ("GET", "/api/v1/openapi.json"): "public",
     ("GET", "/api/v1/tokens"): "admin",
     ("POST", "/api/v1/tokens"): "admin",
     ("POST", "/api/v1/tokens/{name}/revoke"): "admin",
@@ -184,10 +197,18 @@ async def test_every_route_against_every_kind_of_token(instance: Instance) -> No
     for (method, path), required in sorted(EXPECTED.items()):
         for caller in CALLERS:
             resp = await instance.client.request(
-                method, _concrete(path), data=b"{}", headers=_headers(instance, caller)
+                method,
+                _concrete(path),
+                data=b"{}",
+                headers=_headers(instance, caller),
+                allow_redirects=False,
             )
             got = str(resp.status) if resp.status in (401, 403) else "ok"
             want = _expected(required, caller)
+            if path.startswith("/ui/") and want != "ok":
+                # a page answers a refusal with the sign-in form instead
+                to_login = resp.headers.get("Location", "").startswith("/ui/login")
+                got, want = ("refused" if resp.status == 303 and to_login else got), "refused"
             if got != want:
                 failures.append(f"{method} {path} as {caller}: {resp.status}, expected {want}")
             if resp.status == 401:

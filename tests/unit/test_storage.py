@@ -430,3 +430,20 @@ async def test_stopped_and_orphaned_instigators(storage: Storage) -> None:
     await storage.set_instigator("loc", "daily", "schedule", status="RUNNING")
     found = {i.name: i for i in await load_instigators(storage, now=100.0, heartbeat_timeout=30)}
     assert found["daily"].running and not found["daily"].hosts  # its agent went quiet
+
+
+async def test_what_the_metrics_read(storage: Storage) -> None:
+    aid = await agent_id(storage)
+    for run_id in ("r1", "r2", "r3"):
+        await storage.create_run(new_run(run_id), now=1)
+    lease = (await assign(storage, "r1", aid, now=2)).lease  # type: ignore[union-attr]
+    assert await storage.count_runs_by_status() == {RunStatus.QUEUED: 2, RunStatus.STARTING: 1}
+    # A launch is acknowledged once: a second poll (or record batch) saying so is no news.
+    assert await storage.ack_launches(aid, [lease, lease + 100]) == [lease]
+    assert await storage.ack_launches(aid, [lease]) == []
+    assert await storage.ack_launches(aid, []) == []
+    log = RunRecord(seq=2, time=3.0, kind="log", type="stdout", message="hi\n")
+    batch = [event(1, "RUN_START"), log, event(3, "RUN_SUCCESS")]
+    first = await storage.append_records("r1", lease, batch, now=3)
+    assert first.stored == {"event": 2, "log": 1}
+    assert (await storage.append_records("r1", lease, batch, now=4)).stored == {}  # resent

@@ -1,0 +1,266 @@
+"""Prometheus metrics for the control plane, served at `GET /metrics`.
+
+Each `ControlPlane` owns one `Metrics` with its own `CollectorRegistry` (never the
+process-wide default one): tests build many apps in one process, and two registries
+never clash. Counters and histograms are updated where things happen (the coordinator
+assigns a run, the dispatcher sees a launch acknowledged, the agent API stores records,
+a daemon loop ends a pass). Gauges that describe stored state (runs by status, queue
+depth, agents by status) are read from storage by the async handler just before the
+text is generated, because prometheus collectors are synchronous.
+
+`GET /metrics` is PUBLIC (Prometheus scrapes without a token): no label value comes
+from user input (routes are labelled by their template, methods outside a fixed set
+become "other"), so nothing in it names a run, job, tag or agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from control_plane.statuses import RunStatus
+from control_plane.storage import Run
+
+if TYPE_CHECKING:
+    from control_plane.app import ControlPlane
+
+AGENT_STATUSES = ("ONLINE", "DRAINING", "OFFLINE")
+DAEMON_LOOPS = ("run-queue", "monitor", "retries", "scheduler", "sensors")  # as in /readyz
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED = "unmatched"
+CLIENT_CLOSED = 499  # nginx's code for a request cancelled before it was answered
+
+# Agent long-polls are held up to poll_timeout_seconds (25 s): the top buckets see them.
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# A run can wait for a free slot from milliseconds to hours.
+WAIT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                300.0, 900.0, 3600.0, 4 * 3600.0)  # fmt: skip
+LOOP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def queued_since(run: Run) -> float:
+    """When a queued run started waiting for a slot: when it (last) entered the queue,
+    or, for a delayed retry, when its delay ended. The delay is policy, not waiting."""
+    return max(run.status_time or run.create_time, run.not_before or 0.0)
+
+
+def submitted_at(run: Run) -> float:
+    """The start of a run's dispatch latency: its submission, or for a delayed retry the
+    end of its delay (the retry could not have been launched before)."""
+    return max(run.create_time, run.not_before or 0.0)
+
+
+@dataclass
+class StoredState:
+    """What the gauges show, read from storage at scrape time."""
+
+    runs_by_status: dict[str, int] = field(default_factory=dict)
+    agents_by_status: dict[str, int] = field(default_factory=dict)
+
+
+class _StoredStateCollector(Collector):
+    """Yields the gauges from the last `StoredState` the handler read (sync, no I/O)."""
+
+    def __init__(self) -> None:
+        self.state = StoredState()
+
+    def collect(self) -> Iterable[Metric]:
+        runs = GaugeMetricFamily("fleetrun_runs", "Runs in storage by status.", labels=["status"])
+        for status in RunStatus:
+            runs.add_metric([status.value], self.state.runs_by_status.get(status.value, 0))
+        yield runs
+        yield GaugeMetricFamily(
+            "fleetrun_queue_depth",
+            "Runs waiting in the queue (QUEUED, delayed retries included).",
+            value=self.state.runs_by_status.get(RunStatus.QUEUED.value, 0),
+        )
+        agents = GaugeMetricFamily(
+            "fleetrun_agents",
+            "Agents by status as the API shows it (ONLINE with a stale heartbeat: OFFLINE).",
+            labels=["status"],
+        )
+        for status in sorted({*AGENT_STATUSES, *self.state.agents_by_status}):
+            agents.add_metric([status], self.state.agents_by_status.get(status, 0))
+        yield agents
+
+
+class Metrics:
+    """One control plane's metric objects and the registry they are exported from."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.time_in_queue = Histogram(
+            "fleetrun_run_queue_wait_seconds",
+            "Time a run waited in the queue before it was assigned to an agent.",
+            buckets=WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.dispatch_latency = Histogram(
+            "fleetrun_run_dispatch_latency_seconds",
+            "Time from a run's submission until its agent reported holding the launch.",
+            buckets=WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.heartbeats = Counter(
+            "fleetrun_agent_heartbeats_received_total",
+            "Heartbeats received from registered agents.",
+            registry=registry,
+        )
+        self.records_ingested = Counter(
+            "fleetrun_records_ingested_total",
+            "Run records stored from agents (resent duplicates are not counted), by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.fenced_writes = Counter(
+            "fleetrun_fenced_writes_total",
+            "Agent writes (record batches, output uploads) refused with 409 stale_lease.",
+            registry=registry,
+        )
+        self.agent_api_errors = Counter(
+            "fleetrun_agent_api_errors_total",
+            "Error replies of the agent API, by error code.",
+            ["code"],
+            registry=registry,
+        )
+        self.loop_duration = Histogram(
+            "fleetrun_daemon_loop_duration_seconds",
+            "Duration of one pass of a daemon loop (failed passes included).",
+            ["loop"],
+            buckets=LOOP_BUCKETS,
+            registry=registry,
+        )
+        self.loop_errors = Counter(
+            "fleetrun_daemon_loop_errors_total",
+            "Daemon loop passes (and schedule/sensor ticks) that raised.",
+            ["loop"],
+            registry=registry,
+        )
+        self.http_duration = Histogram(
+            "fleetrun_http_request_duration_seconds",
+            "HTTP request durations by method, route template and status class.",
+            ["method", "route", "status"],
+            buckets=HTTP_BUCKETS,
+            registry=registry,
+        )
+        # Known label sets start at 0, so that increase() sees the first error too.
+        for loop in DAEMON_LOOPS:
+            self.loop_errors.labels(loop)
+        for kind in ("event", "log"):
+            self.records_ingested.labels(kind)
+        self._stored = _StoredStateCollector()
+        registry.register(self._stored)
+
+    # --- hooks, called where things happen ----------------------------------------------
+
+    def run_assigned(self, queued: Run, now: float) -> None:
+        """`queued` is the run as the dispatch pass saw it, still QUEUED."""
+        self.time_in_queue.observe(max(0.0, now - queued_since(queued)))
+
+    def launch_received(self, run: Run, now: float) -> None:
+        """The agent holds the launch. A resumed run's relaunch is not a new submission."""
+        if run.resume_count == 0:
+            self.dispatch_latency.observe(max(0.0, now - submitted_at(run)))
+
+    def records_stored(self, by_kind: dict[str, int]) -> None:
+        for kind, count in by_kind.items():
+            self.records_ingested.labels("log" if kind == "log" else "event").inc(count)
+
+    def agent_api_error(self, code: str, write: bool) -> None:
+        """An error reply; `write`: the request was a write (a fenced one if stale)."""
+        self.agent_api_errors.labels(code).inc()
+        if write and code == "stale_lease":
+            self.fenced_writes.inc()
+
+    def loop_pass(self, loop: str, seconds: float) -> None:
+        self.loop_duration.labels(loop).observe(seconds)
+
+    def loop_failed(self, loop: str) -> None:
+        self.loop_errors.labels(loop).inc()
+
+    # --- exposition ---------------------------------------------------------------------
+
+    async def refresh(self, cp: ControlPlane) -> None:
+        """Read the stored-state gauges (one query each) for the next exposition."""
+        counts = await cp.storage.count_runs_by_status()
+        now = cp.clock.time()
+        agents: dict[str, int] = {}
+        for agent in await cp.storage.list_agents():
+            status = agent.status
+            if now - agent.last_heartbeat > cp.heartbeat_timeout:
+                status = "OFFLINE"
+            agents[status] = agents.get(status, 0) + 1
+        self._stored.state = StoredState({str(s): n for s, n in counts.items()}, agents)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def route_label(request: web.Request) -> str:
+    """The matched route's template (`/api/v1/runs/{run_id}`), never the concrete path."""
+    info = request.match_info
+    if info.http_exception is not None or info.route.resource is None:
+        return UNMATCHED
+    return info.route.resource.canonical
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def http_metrics(metrics: Metrics) -> object:
+    """Middleware timing every request; put it first so that it sees the final status
+    (auth refusals and errors included)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED
+            raise
+        finally:
+            method = request.method if request.method in HTTP_METHODS else "other"
+            metrics.http_duration.labels(
+                method, route_label(request), f"{status // 100}xx"
+            ).observe(time.perf_counter() - start)
+
+    return middleware
+
+
+def _cp(request: web.Request) -> ControlPlane:
+    from control_plane.app import CONTROL_PLANE
+
+    return request.app[CONTROL_PLANE]
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """Prometheus text format; no token needed (see ROUTE_ACCESS)."""
+    cp = _cp(request)
+    await cp.metrics.refresh(cp)
+    return web.Response(body=cp.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def add_metrics_routes(app: web.Application) -> None:
+    app.router.add_get("/metrics", metrics_endpoint)
