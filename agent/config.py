@@ -68,6 +68,8 @@ class AgentConfig:
     output_store: OutputStoreConfig = field(default_factory=OutputStoreConfig)
     run_launcher: str = "forkserver"  # or "subprocess": a fresh interpreter per run
     drain_timeout_seconds: float = 60.0  # on SIGTERM: how long running runs may finish
+    state_dir: str = ""  # the spool's folder; default: fleetrun-state/NAME beside this file
+    spool_max_bytes: int = 256 * 1024 * 1024  # past it, compute-log text is dropped first
 
     def check(self) -> None:
         if self.run_launcher not in ("forkserver", "subprocess"):
@@ -86,6 +88,8 @@ class AgentConfig:
             )
         if self.drain_timeout_seconds < 0:
             raise FieldError("drain_timeout_seconds", "must be >= 0")
+        if self.spool_max_bytes < 1024 * 1024:
+            raise FieldError("spool_max_bytes", "must be at least 1 MiB")
         if self.max_concurrent_runs < 1:
             raise FieldError("max_concurrent_runs", "must be >= 1")
         if not 0 < self.heartbeat_interval_seconds <= 300:
@@ -137,7 +141,9 @@ def load_agent_config(path: str) -> AgentConfig:
             loc.python_file = os.path.join(loc.working_directory, loc.python_file)
     if config.output_store.path:
         config.output_store.path = os.path.join(base_dir, config.output_store.path)
-    for key in ("token_file", "ca_file", "code_root"):
+    if not config.state_dir:
+        config.state_dir = os.path.join("fleetrun-state", config.name)
+    for key in ("token_file", "ca_file", "code_root", "state_dir"):
         if getattr(config, key):
             setattr(config, key, os.path.join(base_dir, getattr(config, key)))
     if config.code_root:

@@ -35,6 +35,7 @@ from agent.launcher import (
 )
 from agent.outbox import AttemptRejected, RunOutbox
 from agent.outputs import INLINE_KEY, INLINE_OUTPUT_BYTES
+from agent.spool import Attempt, Spool
 from protocol import FLEETRUN_VERSION
 from protocol.logs import CURRENT_RUN
 from protocol.messages import (
@@ -91,15 +92,21 @@ class OutputUploader:
         self.launch = launch
         self.scratch = scratch
         self.uploaded: set[str] = set()
+        self.inline: dict[str, bytes] = {}  # a batch read again from the spool needs them
 
     async def upload(self, records: list[RunRecord]) -> None:
         for record in records:
             step = record.step
-            if record.type != "STEP_OUTPUT" or step is None or step in self.uploaded:
+            if record.type != "STEP_OUTPUT" or step is None:
+                continue
+            if step in self.inline:
+                record.data[INLINE_KEY] = self.inline[step]
+            if step in self.uploaded:
                 continue
             path = os.path.join(self.scratch, "out", f"{step}.pickle")
             data = await asyncio.to_thread(_read_if_exists, path)
             if data is not None and len(data) <= INLINE_OUTPUT_BYTES:
+                self.inline[step] = data
                 record.data[INLINE_KEY] = data  # stored with the event, one transaction
             elif data is not None:
                 await self.client.put_output(self.agent_id, self.launch.run_id,
@@ -137,6 +144,7 @@ class Agent:
         self.launcher = make_launcher(
             config.run_launcher, config.code_locations, config.output_store
         )
+        self.spool = Spool(os.path.join(config.state_dir, "spool.db"), config.spool_max_bytes)
 
     async def load_locations(self) -> list[CodeLocationInfo]:
         infos = await asyncio.gather(*(describe_location(loc) for loc in self.locations.values()))
@@ -206,9 +214,10 @@ class Agent:
 
     async def run(self) -> None:
         """Serve until `shutting_down` is set, then drain: see `drain`."""
-        await asyncio.gather(self.load_locations(), self.launcher.warm_up())
+        await asyncio.gather(self.load_locations(), self.launcher.warm_up(), self.spool.open())
         tasks: list[asyncio.Task[None]] = []
         try:
+            await self.replay_spool()
             await self.register()
             tasks = [asyncio.create_task(self._poll_forever()),
                      asyncio.create_task(self._heartbeat_forever())]  # fmt: skip
@@ -224,6 +233,28 @@ class Agent:
             for active in self.runs.values():
                 active.worker.kill()
             await self.launcher.close()
+            await self.spool.close()
+
+    async def replay_spool(self) -> None:
+        """Deliver what a previous life of this agent spooled but never got acknowledged,
+        before registering: a run that finished while the control plane (or this agent)
+        was down then ends as it did, instead of as lost when we register holding nothing."""
+        attempts = await self.spool.attempts()
+        if not attempts:
+            return
+        log.info("re-sending the records of %d run attempt(s) from the spool", len(attempts))
+
+        async def replay(attempt: Attempt) -> None:
+            outbox = RunOutbox(attempt.agent_id, attempt.run_id, attempt.lease, self._send,
+                               contact=self.contact, spool=self.spool)  # fmt: skip
+            outbox.close()
+            try:
+                await outbox.deliver()
+            except AttemptRejected as exc:
+                log.warning("run %s: spooled records refused (%s); dropped", attempt.run_id,
+                            exc, extra={"run_id": attempt.run_id})  # fmt: skip
+
+        await asyncio.gather(*(replay(attempt) for attempt in attempts))
 
     async def drain(self) -> None:
         """Tell the control plane first (no launch can race us), let runs finish up to
@@ -379,7 +410,7 @@ class Agent:
         if self.config.output_store.kind == "control_plane":
             uploader = OutputUploader(self.client, self.agent_id, launch, scratch).upload
         outbox = RunOutbox(self.agent_id, launch.run_id, launch.lease, self._send, uploader,
-                           self.contact)  # fmt: skip
+                           self.contact, self.spool)  # fmt: skip
         worker = RunWorker(launch, outbox.add)
         task = asyncio.create_task(
             self._supervise(worker, outbox, scratch), name=f"run-{launch.run_id}"

@@ -4,6 +4,9 @@ Records are numbered 1, 2, 3… as they arrive and sent in order, in batches of 
 accumulated while the previous send was in flight. The control plane acknowledges the
 highest seq it stored; only acknowledged records are dropped, so a failed or repeated send
 loses and duplicates nothing (the control plane stores each seq once).
+
+With a spool (the agent always has one), records go to disk first and batches are read
+back from it, so what was not acknowledged survives the agent (agent/spool.py).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from agent.client import Backoff, ContactLog, ControlPlaneError, ControlPlaneUnreachable
+from agent.spool import Attempt, Spool
 from protocol.codec import encode
 from protocol.messages import EventAck, EventBatch, RunRecord
 
@@ -50,15 +54,19 @@ class RunOutbox:
         send: Callable[[EventBatch], Awaitable[EventAck]],
         before_send: Callable[[list[RunRecord]], Awaitable[None]] | None = None,
         contact: ContactLog | None = None,
+        spool: Spool | None = None,
+        next_seq: int = 1,
     ) -> None:
         self.agent_id = agent_id
         self.run_id = run_id
         self.lease = lease
+        self._spool = spool
+        self._attempt = Attempt(agent_id, run_id, lease)
         self._send = send
         self._before_send = before_send
         self._contact = contact or ContactLog(log)
         self._pending: list[RunRecord] = []
-        self._next_seq = 1
+        self._next_seq = next_seq
         self._closed = False
         self._wake = asyncio.Event()
 
@@ -73,17 +81,37 @@ class RunOutbox:
         self._closed = True
         self._wake.set()
 
+    async def _next_batch(self) -> list[RunRecord]:
+        """Up to MAX_BATCH records to send next: from memory, or spooled first and read
+        back from the spool."""
+        if self._spool is None:
+            return self._pending[:MAX_BATCH]
+        if self._pending:
+            spooling, self._pending = self._pending, []
+            try:
+                await self._spool.append(self._attempt, spooling)
+            except BaseException:
+                self._pending = spooling + self._pending
+                raise
+        return await self._spool.pending(self.lease, MAX_BATCH)
+
+    async def _acknowledged(self, acked_seq: int) -> None:
+        if self._spool is not None:
+            await self._spool.acknowledged(self.lease, acked_seq)
+        self._pending = [r for r in self._pending if r.seq > acked_seq]
+
     async def deliver(self) -> None:
         """Send until closed and fully acknowledged; raises AttemptRejected on refusal."""
         backoff = Backoff()
         while True:
-            if not self._pending:
-                if self._closed:
+            records = await self._next_batch()
+            if not records:
+                if self._closed and not self._pending:
                     return
-                await self._wake.wait()
                 self._wake.clear()
+                if not self._pending:
+                    await self._wake.wait()
                 continue
-            records = self._pending[:MAX_BATCH]
             try:
                 if self._before_send is not None:
                     await self._before_send(records)
@@ -99,7 +127,9 @@ class RunOutbox:
                 await asyncio.sleep(backoff.next_delay())
                 continue
             except ControlPlaneError as exc:
+                if self._spool is not None:
+                    await self._spool.forget(self.lease)
                 raise AttemptRejected(str(exc)) from None
             backoff.reset()
             self._contact.succeeded()
-            self._pending = [r for r in self._pending if r.seq > ack.acked_seq]
+            await self._acknowledged(ack.acked_seq)
