@@ -50,7 +50,7 @@ async def test_past_its_bound_it_drops_log_text_first_and_keeps_every_event(
     for seq in range(1, 41):
         records.append(event(seq, "STEP_START") if seq % 4 == 0 else log_chunk(seq, "x" * 1000))
     for start in range(0, 40, 5):
-        await spool.append(ATTEMPT, records[start:start + 5])
+        await spool.append(ATTEMPT, records[start : start + 5])
     kept = await spool.pending(ATTEMPT.lease, 1000)
     assert [r.seq for r in kept] == list(range(1, 41))  # still contiguous: delivery goes on
     assert [r.type for r in kept if r.kind == "event"] == ["STEP_START"] * 10
