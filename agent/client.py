@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -200,6 +201,14 @@ class ContactLog:
     def __init__(self, logger: logging.Logger) -> None:
         self.log = logger
         self.lost_since: float | None = None
+        self._restored = asyncio.Event()
+
+    async def wait(self, seconds: float) -> None:
+        """Sleep `seconds`, or less if contact comes back meanwhile (a heartbeat got
+        through): whatever backed off then retries at once instead of at its cap."""
+        restored = self._restored
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(restored.wait(), seconds)
 
     def failed(self, what: str, exc: Exception) -> None:
         if self.lost_since is None:
@@ -212,3 +221,5 @@ class ContactLog:
             seconds = time.monotonic() - self.lost_since
             self.lost_since = None
             self.log.info("contact with the control plane restored after %.1f s", seconds)
+            self._restored.set()
+            self._restored = asyncio.Event()

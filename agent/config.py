@@ -70,6 +70,7 @@ class AgentConfig:
     drain_timeout_seconds: float = 60.0  # on SIGTERM: how long running runs may finish
     state_dir: str = ""  # the spool's folder; default: fleetrun-state/NAME beside this file
     spool_max_bytes: int = 256 * 1024 * 1024  # past it, compute-log text is dropped first
+    spool_max_age_seconds: float = 7 * 86400  # older compute-log text is dropped too
 
     def check(self) -> None:
         if self.run_launcher not in ("forkserver", "subprocess"):
@@ -90,6 +91,8 @@ class AgentConfig:
             raise FieldError("drain_timeout_seconds", "must be >= 0")
         if self.spool_max_bytes < 1024 * 1024:
             raise FieldError("spool_max_bytes", "must be at least 1 MiB")
+        if self.spool_max_age_seconds < 60:
+            raise FieldError("spool_max_age_seconds", "must be at least 60")
         if self.max_concurrent_runs < 1:
             raise FieldError("max_concurrent_runs", "must be >= 1")
         if not 0 < self.heartbeat_interval_seconds <= 300:

@@ -144,7 +144,8 @@ class Agent:
         self.launcher = make_launcher(
             config.run_launcher, config.code_locations, config.output_store
         )
-        self.spool = Spool(os.path.join(config.state_dir, "spool.db"), config.spool_max_bytes)
+        self.spool = Spool(os.path.join(config.state_dir, "spool.db"), config.spool_max_bytes,
+                           config.spool_max_age_seconds)  # fmt: skip
 
     async def load_locations(self) -> list[CodeLocationInfo]:
         infos = await asyncio.gather(*(describe_location(loc) for loc in self.locations.values()))

@@ -69,11 +69,28 @@ class RunOutbox:
         self._next_seq = next_seq
         self._closed = False
         self._wake = asyncio.Event()
+        self._flushing: asyncio.Task[None] | None = None
 
     def add(self, record: RunRecord) -> None:
         record.seq = self._next_seq
         self._next_seq += 1
         self._pending.append(record)
+        if self._spool is not None and (self._flushing is None or self._flushing.done()):
+            self._flushing = asyncio.create_task(self._flush())
+        self._wake.set()
+
+    async def _flush(self) -> None:
+        """Spool records as they come, whatever the send loop is doing (a send can hang
+        for its whole timeout in a partition: records must not wait in memory)."""
+        assert self._spool is not None
+        while self._pending:
+            spooling, self._pending = self._pending, []
+            try:
+                await self._spool.append(self._attempt, spooling)
+            except Exception as exc:  # e.g. the agent's disk is full: keep them in memory
+                self._pending = spooling + self._pending
+                log.warning("run %s: cannot spool records: %s", self.run_id, exc)
+                return
         self._wake.set()
 
     def close(self) -> None:
@@ -86,14 +103,12 @@ class RunOutbox:
         back from the spool."""
         if self._spool is None:
             return self._pending[:MAX_BATCH]
-        if self._pending:
-            spooling, self._pending = self._pending, []
-            try:
-                await self._spool.append(self._attempt, spooling)
-            except BaseException:
-                self._pending = spooling + self._pending
-                raise
-        return await self._spool.pending(self.lease, MAX_BATCH)
+        if self._flushing is not None and not self._flushing.done():
+            await asyncio.shield(self._flushing)
+        records = await self._spool.pending(self.lease, MAX_BATCH)
+        if not records and self._pending:  # spooling failed: send from memory meanwhile
+            return self._pending[:MAX_BATCH]
+        return records
 
     async def _acknowledged(self, acked_seq: int) -> None:
         if self._spool is not None:
@@ -124,7 +139,7 @@ class RunOutbox:
                 ack = await self._send(batch)
             except ControlPlaneUnreachable as exc:
                 self._contact.failed(f"records of run {self.run_id}", exc)
-                await asyncio.sleep(backoff.next_delay())
+                await self._contact.wait(backoff.next_delay())
                 continue
             except ControlPlaneError as exc:
                 if self._spool is not None:

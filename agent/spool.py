@@ -6,16 +6,19 @@ survive a control plane that is down, frozen or partitioned away, and an agent t
 killed: on start the agent re-sends what its spool holds, in order, before it
 registers, and the control plane stores each (run, lease, seq) once.
 
-Bound: `max_bytes` of record bodies. Past it, the oldest compute-log text is replaced
-by a short marker (its sequence number stays, so delivery stays in order); events —
-run and step lifecycle — are never dropped. A warning is logged when the spool passes
-80 % of the bound.
+Bounds: `max_bytes` of record bodies, and `max_age_seconds`. Past the size bound the
+oldest compute-log text, and past the age bound any older log text, is replaced by a
+short marker (its sequence number stays, so delivery stays in order); events — run and
+step lifecycle — are never dropped. A warning is logged when the spool passes 80 % of
+the size bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +38,13 @@ CREATE TABLE IF NOT EXISTS records (
     kind TEXT NOT NULL,
     size INTEGER NOT NULL,
     body BLOB NOT NULL,
+    stored_time REAL NOT NULL,
     PRIMARY KEY (lease, seq)
 );
 CREATE INDEX IF NOT EXISTS records_by_kind ON records (kind, lease, seq);
 """
 WARN_FRACTION = 0.8
+AGE_CHECK_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -52,9 +57,18 @@ class Attempt:
 
 
 class Spool:
-    def __init__(self, path: str | Path, max_bytes: int = 256 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        max_bytes: int = 256 * 1024 * 1024,
+        max_age_seconds: float = 7 * 86400,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
+        self.max_age_seconds = max_age_seconds
+        self.clock = clock
+        self._age_checked = 0.0
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._bytes = 0
@@ -91,16 +105,17 @@ class Spool:
         if not records:
             return
         rows = []
+        now = self.clock()
         for record in records:
             body = encode(record)
             rows.append((attempt.lease, record.seq, attempt.agent_id, attempt.run_id,
-                         record.kind, len(body), body))  # fmt: skip
+                         record.kind, len(body), body, now))  # fmt: skip
         async with self._lock:
             await self.db.execute("BEGIN IMMEDIATE")
             try:
                 cursor = await self.db.executemany(
                     "INSERT OR IGNORE INTO records (lease, seq, agent_id, run_id, kind, size,"
-                    " body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    " body, stored_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
                 added = sum(r[5] for r in rows) if cursor.rowcount == len(rows) else None
@@ -115,7 +130,22 @@ class Spool:
                 self._bytes += added
             if self._bytes > self.max_bytes:
                 await self._shed_logs()
+            await self._shed_old_logs(now)
         self._warn_if_near_full()
+
+    async def _shed_old_logs(self, now: float) -> None:
+        """Log text older than `max_age_seconds` goes, however much room is left (looked
+        for at most once a minute)."""
+        if now - self._age_checked < AGE_CHECK_SECONDS:
+            return
+        self._age_checked = now
+        rows = await self.db.execute_fetchall(
+            "SELECT lease, seq, size, body FROM records WHERE kind = 'log' AND size > 200"
+            " AND stored_time < ? ORDER BY lease, seq",
+            (now - self.max_age_seconds,),
+        )
+        if rows:
+            await self._shed(rows, "older than the spool's max age", all_rows=True)
 
     async def _shed_logs(self) -> None:
         """Replace the oldest compute-log text by a marker until under the bound."""
@@ -123,14 +153,17 @@ class Spool:
             "SELECT lease, seq, size, body FROM records WHERE kind = 'log' AND size > 200"
             " ORDER BY lease, seq"
         )
+        await self._shed(rows, "agent spool full", all_rows=False)
+
+    async def _shed(self, rows: list, why: str, all_rows: bool) -> None:
         freed = 0
         updates = []
         for lease, seq, size, body in rows:
-            if self._bytes - freed <= self.max_bytes:
+            if not all_rows and self._bytes - freed <= self.max_bytes:
                 break
             record = decode(body, RunRecord)
             dropped = len(record.message.encode())
-            record.message = f"[{dropped} bytes of log dropped: agent spool full]\n"
+            record.message = f"[{dropped} bytes of log dropped: {why}]\n"
             new_body = encode(record)
             updates.append((len(new_body), new_body, lease, seq))
             freed += size - len(new_body)
@@ -139,8 +172,7 @@ class Spool:
                 "UPDATE records SET size = ?, body = ? WHERE lease = ? AND seq = ?", updates
             )
             self._bytes -= freed
-            log.warning("agent spool over its bound (%d bytes): dropped the text of %d "
-                        "compute-log chunks", self.max_bytes, len(updates))  # fmt: skip
+            log.warning("dropped the text of %d compute-log chunks (%s)", len(updates), why)
 
     def _warn_if_near_full(self) -> None:
         near = self._bytes > WARN_FRACTION * self.max_bytes

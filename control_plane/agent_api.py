@@ -13,7 +13,7 @@ from aiohttp import web
 
 from control_plane.auth import PRINCIPAL, Principal
 from control_plane.statuses import TERMINAL_STATUSES, RunStatus
-from control_plane.storage import NameTaken, Run, StaleLease, UnknownRun
+from control_plane.storage import NameTaken, Run, StaleLease, StorageFull, UnknownRun
 from protocol import FLEETRUN_VERSION, PROTOCOL_VERSION
 from protocol.codec import ProtocolError, decode_versioned, encode
 from protocol.messages import (
@@ -103,6 +103,8 @@ def handler(expected: type, fn: Any) -> Any:
             return _refused(request, 400, exc.code, str(exc))
         except AgentApiError as exc:
             return _refused(request, exc.status, exc.code, str(exc))
+        except StorageFull as exc:  # 5xx: the agent keeps its records and retries
+            return _refused(request, 503, "storage_full", f"storage is full: {exc}")
 
     return handle
 
@@ -248,6 +250,8 @@ def _outputs_errors(fn: Any) -> Any:
             return await fn(request)
         except AgentApiError as exc:
             return _refused(request, exc.status, exc.code, str(exc))
+        except StorageFull as exc:
+            return _refused(request, 503, "storage_full", f"storage is full: {exc}")
 
     return handle
 

@@ -454,6 +454,9 @@ async def readyz(request: web.Request) -> web.Response:
         await cp.storage.list_agents()
     except Exception as exc:
         raise ApiError(503, "storage_unavailable", f"storage is not reachable: {exc}") from None
+    full = cp.storage.full_reason()
+    if full is not None:
+        raise ApiError(503, "storage_full", f"storage cannot write: {full}")
     stale = cp.health.stale()
     if stale:
         raise ApiError(503, "daemon_stale", f"daemon loops not running: {', '.join(stale)}")

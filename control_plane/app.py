@@ -130,7 +130,8 @@ class ControlPlane:
             log.warning("[auth] is enabled but no token exists yet: create one with "
                         "`fleetrun tokens create --config FILE --kind user --name NAME "
                         "--role admin`")  # fmt: skip
-        self.monitor.boot_time = self.clock.time()
+        self.monitor.rebase()
+        self.monitor.watch.reset()
         loops = [
             asyncio.create_task(self.coordinator.run_forever(), name="run-coordinator"),
             asyncio.create_task(self.retrier.run_forever(), name="run-retries"),
@@ -139,6 +140,7 @@ class ControlPlane:
         ]
         if self.config.run_monitoring.enabled:
             loops.append(asyncio.create_task(self.monitor.run_forever(), name="run-monitor"))
+            loops.append(asyncio.create_task(self.monitor.watch.run_forever(), name="stallwatch"))
         self.coordinator.wake()
         try:
             yield

@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from control_plane.storage import StorageFull
+
 log = logging.getLogger("fleetrun.api")
 
 
@@ -49,6 +51,8 @@ async def json_errors(
         code = _HTTP_CODES.get(exc.status, "http_error")
         message = exc.reason if exc.status != 413 else exc.text or exc.reason
         return error_response(exc.status, code, str(message))
+    except StorageFull as exc:  # retryable: nothing was written
+        return error_response(503, "storage_full", f"storage is full, retry later: {exc}")
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal error; see the server log")

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from control_plane.clock import Clock
 from control_plane.config import RunMonitoringConfig
 from control_plane.health import DaemonHealth
+from control_plane.stallwatch import StallWatch
 from control_plane.statuses import AGENT_LOST, MAX_RUNTIME, START_TIMEOUT, RunStatus
-from control_plane.storage import Agent, Run, Storage, Verdict, iso
+from control_plane.storage import Agent, Run, Storage, StorageFull, Verdict, iso
 
 log = logging.getLogger("fleetrun.monitor")
 
@@ -46,9 +47,12 @@ def _run_deadline(
 
     candidates: list[tuple[float, Verdict]] = []
     if agent is not None:
-        # After a control-plane restart every agent gets a full timeout from the restart.
-        seen = max(agent.last_heartbeat, boot_time)
-        silent = now - agent.last_heartbeat
+        # After a control-plane restart, stall or clock jump (`boot_time`: the last
+        # rebase) every agent gets a full timeout from then; a heartbeat stamped in the
+        # future (the clock stepped back) counts as now.
+        last = min(agent.last_heartbeat, now)
+        seen = max(last, boot_time)
+        silent = now - last
         canceling = run.status == RunStatus.CANCELING
         message = (
             f"agent lost: no heartbeat from agent {agent.name} for {silent:.0f} s"
@@ -57,7 +61,7 @@ def _run_deadline(
         outcome = RunStatus.CANCELED if canceling else RunStatus.FAILURE
         lost = verdict(outcome, AGENT_LOST, message, agent.agent_id)
         candidates.append((seen + config.agent_heartbeat_timeout_seconds, lost))
-    since = run.status_time or run.create_time
+    since = max(run.status_time or run.create_time, boot_time)  # never early: see above
     if run.status == RunStatus.STARTING and not run.launch_acked:
         limit = config.launch_ack_timeout_seconds
         message = f"launch not acknowledged by the agent within {limit:g} s; back to the queue"
@@ -72,7 +76,7 @@ def _run_deadline(
         candidates.append((since + limit, verdict(RunStatus.CANCELED, "cancel_timeout", message)))
     elif run.status == RunStatus.STARTED and (limit := max_runtime(run, config)) > 0:
         message = f"exceeded max runtime of {limit:g} s"
-        started = run.start_time or since
+        started = max(run.start_time or since, boot_time)
         candidates.append((started + limit, verdict(RunStatus.FAILURE, MAX_RUNTIME, message)))
     return min(candidates, key=lambda c: c[0]) if candidates else None
 
@@ -114,17 +118,37 @@ class RunMonitor:
         self.on_verdicts = on_verdicts
         self.boot_time = clock.time()
         self._wakeup = asyncio.Event()
+        self.watch = StallWatch(clock, self.rebase)
+        self._storage_was_full = False
 
     def wake(self) -> None:
         """A run started, was canceled or changed agent: re-read the deadlines."""
         self._wakeup.set()
 
+    def rebase(self, reason: str = "control plane started") -> None:
+        """Start every deadline again from now (a restart, a stall, a clock jump)."""
+        self.boot_time = self.clock.time()
+        self.wake()
+
     async def check_once(self) -> float | None:
-        """Apply every verdict due now; returns the next deadline."""
+        """Apply every verdict due now; returns the next deadline.
+
+        While storage cannot write (disk full), no heartbeat can be recorded either, so
+        nobody is judged; once it can, every deadline restarts, as after a restart."""
+        if self.storage.full_reason() is not None:
+            self._storage_was_full = True
+            try:
+                await self.storage.probe_write()
+            except StorageFull:
+                return self.clock.time() + 1.0
+        if self._storage_was_full:
+            self._storage_was_full = False
+            self.rebase("storage can write again")
         runs = await self.storage.active_runs()
         if not runs:
             return None
         agents = {a.agent_id: a for a in await self.storage.list_agents()}
+        self.watch.observe()  # a freeze that just ended must not count against agents
         now = self.clock.time()
         verdicts, next_deadline = find_verdicts(runs, agents, now, self.config, self.boot_time)
         if verdicts:

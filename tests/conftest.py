@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +21,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+
+from control_plane.app import serve
+from control_plane.clock import OffsetClock
+from control_plane.config import load_control_plane_config
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -119,13 +125,58 @@ class ControlPlaneProc(Proc):
         return self.get(f"/api/v1/runs/{run_id}/events")["events"]
 
 
+@dataclass
+class ThreadedControlPlane(ControlPlaneProc):
+    """`fleetrun serve` in a thread, with an `OffsetClock` the test can move."""
+
+    clock: OffsetClock | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    task: asyncio.Task | None = None
+    thread: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, folder: Path, clock: OffsetClock, extra: str = "") -> ThreadedControlPlane:
+        config = load_control_plane_config(str(write_control_plane_config(folder, extra)))
+        cp = cls(popen=None, log_path=folder / "none.log", clock=clock)  # type: ignore[arg-type]
+        ready = threading.Event()
+
+        def on_ready(url: str) -> None:
+            cp.url = url
+            ready.set()
+
+        def run() -> None:
+            cp.loop = asyncio.new_event_loop()
+            cp.task = cp.loop.create_task(serve(config, on_ready, clock))
+            try:
+                cp.loop.run_until_complete(cp.task)
+            except asyncio.CancelledError:
+                pass
+            finally:
+                cp.loop.close()
+
+        cp.thread = threading.Thread(target=run, daemon=True)
+        cp.thread.start()
+        assert ready.wait(30), "the control plane did not start"
+        return cp
+
+    def stop(self) -> int:
+        if self.loop is not None and self.task is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.task.cancel)
+        if self.thread is not None:
+            self.thread.join(30)
+        return 0
+
+
 def write_control_plane_config(
-    folder: Path, extra: str = "", port: int = 0, server_extra: str = ""
+    folder: Path,
+    extra: str = "",
+    port: int = 0,
+    server_extra: str = "",
+    storage_url: str = "sqlite:///fleetrun.db",
 ) -> Path:
     path = folder / "control-plane.toml"
     path.write_text(
-        f"[server]\nport = {port}\n{server_extra}\n\n"
-        '[storage]\nurl = "sqlite:///fleetrun.db"\n' + extra
+        f'[server]\nport = {port}\n{server_extra}\n\n[storage]\nurl = "{storage_url}"\n' + extra
     )
     return path
 
@@ -144,8 +195,9 @@ def start_control_plane(
     token: str | None = None,
     context: ssl.SSLContext | None = None,
     extra_args: tuple[str, ...] = (),
+    storage_url: str = "sqlite:///fleetrun.db",
 ) -> ControlPlaneProc:
-    config = write_control_plane_config(folder, extra_config, port, server_extra)
+    config = write_control_plane_config(folder, extra_config, port, server_extra, storage_url)
     proc = start_process(
         [*FLEETRUN, "serve", "--config", str(config), *extra_args], folder / "control-plane.log"
     )
@@ -176,9 +228,10 @@ def start_agent(
     locations: dict[str, Path] | None = None,
     extra: str = "",
     extra_args: tuple[str, ...] = (),
+    url: str | None = None,  # e.g. a fault proxy's, in front of `cp`
 ) -> Proc:
     locations = {"examples": EXAMPLES} if locations is None else locations
-    config = write_agent_config(folder, cp.url, name, locations, extra)
+    config = write_agent_config(folder, url or cp.url, name, locations, extra)
     proc = start_process(
         [*FLEETRUN, "agent", "--config", str(config), *extra_args], folder / f"{name}.log"
     )

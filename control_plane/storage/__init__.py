@@ -32,6 +32,11 @@ class NameTaken(StorageError):
     """A token name, or an agent name held by another live agent token, is in use."""
 
 
+class StorageFull(StorageError):
+    """The database's disk is full: the write was rolled back, nothing changed. Callers
+    answer 503 (retryable) and carry on; writes work again once space is freed."""
+
+
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
@@ -281,6 +286,13 @@ class Storage(Protocol):
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
+    def full_reason(self) -> str | None:
+        """Why the last write failed for lack of space (None once a write succeeds)."""
+        ...
+
+    async def probe_write(self) -> None:
+        """A tiny write: StorageFull while the disk is still full, else clears it."""
+        ...
 
     async def create_run(self, run: NewRun, now: float) -> Run: ...
     async def get_run(self, run_id: str) -> Run | None: ...

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -47,6 +49,7 @@ from control_plane.storage import (
     RunFilter,
     StaleLease,
     StopOrder,
+    StorageFull,
     Tick,
     TokenRecord,
     UnknownRun,
@@ -54,6 +57,8 @@ from control_plane.storage import (
 )
 from protocol.messages import CodeLocationInfo, RunRecord
 from protocol.schema import from_plain, to_plain
+
+log = logging.getLogger("fleetrun.storage")
 
 MIGRATIONS: list[str] = [
     # version 1: runs, leases, event log, compute logs, agents, code locations
@@ -320,6 +325,14 @@ class SqliteStorage:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self._full: str | None = None  # why the last write failed for lack of space
+
+    def full_reason(self) -> str | None:
+        return self._full
+
+    async def probe_write(self) -> None:
+        async with self._write() as db:
+            await db.execute("UPDATE schema_version SET version = version")
 
     async def open(self) -> None:
         if self.path != ":memory:":
@@ -374,13 +387,32 @@ class SqliteStorage:
         assert self._writer is not None, "storage is not open"
         async with self._lock:
             db = self._writer
-            await db.execute("BEGIN IMMEDIATE")
             try:
-                yield db
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-            await db.execute("COMMIT")
+                await db.execute("BEGIN IMMEDIATE")
+                changes = db.total_changes
+                try:
+                    yield db
+                except BaseException:
+                    if db.in_transaction:  # on SQLITE_FULL SQLite may have rolled back
+                        await db.execute("ROLLBACK")
+                    raise
+                try:
+                    await db.execute("COMMIT")
+                except sqlite3.OperationalError:
+                    if db.in_transaction:  # never leave the writer inside a transaction
+                        await db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+                    raise
+                if self._full is None:
+                    log.error("storage is full: writes fail until space is freed (%s: %s)",
+                              self.path, exc)  # fmt: skip
+                self._full = f"{exc} ({self.path})"
+                raise StorageFull(self._full) from exc
+            if self._full is not None and db.total_changes != changes:  # it wrote pages
+                log.warning("storage is writable again (%s)", self.path)
+                self._full = None
 
     # --- runs -------------------------------------------------------------------------
 
@@ -883,20 +915,27 @@ class SqliteStorage:
     ) -> list[Run]:
         """After an agent (re)registers: its started runs that it no longer holds are lost.
 
-        A STARTING run from which nothing was delivered yet was never started there: its
-        launch is simply offered again on the next poll.
+        A STARTING run it does not hold goes back to the queue under a new lease: the
+        previous agent process may have forked its worker just before it died (the
+        launch is not acknowledged until the next poll), and offering the same lease
+        again would let two workers run one attempt unfenced.
         """
         rows = await self._r.execute_fetchall(
-            f"SELECT {_RUN_COLUMNS}, (SELECT acked_seq FROM run_attempts"
-            " WHERE attempt_id = runs.lease) FROM runs WHERE agent_id = ? AND status IN (?, ?, ?)",
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE agent_id = ? AND status IN (?, ?, ?)",
             (agent_id, RunStatus.STARTING, RunStatus.STARTED, RunStatus.CANCELING),
         )
         held = set(held_leases)
         verdicts = []
-        for *columns, acked in rows:
+        for columns in rows:
             run = _run_from_row(columns)
-            if run.lease in held or (run.status == RunStatus.STARTING and not acked):
-                continue  # held, or a launch never started: it is simply offered again
+            if run.lease in held:
+                continue
+            if run.status == RunStatus.STARTING:
+                message = ("agent restarted before it reported this launch; launched again "
+                           "under a new lease")  # fmt: skip
+                verdicts.append(Verdict(run.run_id, run.lease, run.status, RunStatus.QUEUED,
+                                        AGENT_RESTARTED, message))  # fmt: skip
+                continue
             canceling = run.status == RunStatus.CANCELING
             verdicts.append(
                 Verdict(

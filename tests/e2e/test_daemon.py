@@ -8,69 +8,24 @@ import asyncio
 import subprocess
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 import control_plane.scheduler
-from control_plane.app import serve
 from control_plane.clock import OffsetClock
-from control_plane.config import load_control_plane_config
 from tests.conftest import (
     FIXTURES,
     FLEETRUN,
     ControlPlaneProc,
+    ThreadedControlPlane,
     http,
     start_agent,
     wait_for,
-    write_control_plane_config,
 )
 
 JOBS = {"daemon": FIXTURES / "daemon_jobs.py"}
-
-
-@dataclass
-class ThreadedControlPlane(ControlPlaneProc):
-    """`fleetrun serve` in a thread, with an `OffsetClock` the test can move."""
-
-    clock: OffsetClock | None = None
-    loop: asyncio.AbstractEventLoop | None = None
-    task: asyncio.Task | None = None
-    thread: threading.Thread | None = None
-
-    @classmethod
-    def start(cls, folder: Path, clock: OffsetClock, extra: str = "") -> ThreadedControlPlane:
-        config = load_control_plane_config(str(write_control_plane_config(folder, extra)))
-        cp = cls(popen=None, log_path=folder / "none.log", clock=clock)  # type: ignore[arg-type]
-        ready = threading.Event()
-
-        def on_ready(url: str) -> None:
-            cp.url = url
-            ready.set()
-
-        def run() -> None:
-            cp.loop = asyncio.new_event_loop()
-            cp.task = cp.loop.create_task(serve(config, on_ready, clock))
-            try:
-                cp.loop.run_until_complete(cp.task)
-            except asyncio.CancelledError:
-                pass
-            finally:
-                cp.loop.close()
-
-        cp.thread = threading.Thread(target=run, daemon=True)
-        cp.thread.start()
-        assert ready.wait(30), "the control plane did not start"
-        return cp
-
-    def stop(self) -> int:
-        if self.loop is not None and self.task is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.task.cancel)
-        if self.thread is not None:
-            self.thread.join(30)
-        return 0
 
 
 @pytest.fixture

@@ -56,6 +56,22 @@ def test_a_control_plane_restart_restarts_the_clock() -> None:
     assert found == [] and next_deadline == NOW + 20
 
 
+def test_after_a_rebase_no_deadline_falls_early() -> None:
+    """A restart, a stall or a clock jump (boot) restarts every timer from then."""
+    limit = {"fleetrun/max_runtime": "60"}
+    runs = [run("starting", RunStatus.STARTING, since=NOW - 500),
+            run("long", RunStatus.STARTED, started=NOW - 500, **limit)]  # fmt: skip
+    runs[0].launch_acked = True
+    found, next_deadline = verdicts(runs, heartbeat=NOW - 500, boot=NOW - 5)
+    assert found == [] and next_deadline == NOW - 5 + 30  # the heartbeat, then 60, then 180
+
+
+def test_a_heartbeat_stamped_in_the_future_counts_as_now() -> None:
+    """The wall clock stepped back an hour: the agent is judged from now, not from then."""
+    found, next_deadline = verdicts([run("r1", RunStatus.STARTED)], heartbeat=NOW + 3600)
+    assert found == [] and next_deadline == NOW + 30
+
+
 def test_start_cancel_and_runtime_deadlines() -> None:
     starting = run("starting", RunStatus.STARTING, since=NOW - 181)
     starting.launch_acked = True

@@ -62,6 +62,19 @@ async def test_past_its_bound_it_drops_log_text_first_and_keeps_every_event(
     await spool.close()
 
 
+async def test_log_text_older_than_the_age_bound_goes_and_events_stay(tmp_path: Path) -> None:
+    now = [1000.0]
+    spool = Spool(tmp_path / "spool.db", max_age_seconds=3600, clock=lambda: now[0])
+    await spool.open()
+    await spool.append(ATTEMPT, [event(1), log_chunk(2, "old " * 100)])
+    now[0] += 3601
+    await spool.append(ATTEMPT, [log_chunk(3, "new " * 100), event(4, "RUN_SUCCESS")])
+    kept = {r.seq: r for r in await spool.pending(ATTEMPT.lease)}
+    assert kept[2].message == "[400 bytes of log dropped: older than the spool's max age]\n"
+    assert kept[3].message == "new " * 100 and kept[4].type == "RUN_SUCCESS"
+    await spool.close()
+
+
 async def test_the_outbox_delivers_through_the_spool_across_an_outage(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool.db")
     await spool.open()

@@ -301,11 +301,19 @@ async def test_reconcile_fails_started_runs_a_restarted_agent_no_longer_holds(
     await started(storage, "lost", aid)
     await storage.create_run(new_run("launching"), now=1)
     await assign(storage, "launching", aid, now=2)
+    launching = await storage.get_run("launching")
+    assert launching is not None
     changed = await storage.reconcile_agent(aid, [kept], now=9, resume_limit=0)
-    assert [(r.run_id, r.status, r.failure_kind) for r in changed] == [
-        ("lost", RunStatus.FAILURE, "agent_restarted")]  # fmt: skip
+    assert sorted((r.run_id, r.status, r.failure_kind, r.lease) for r in changed) == [
+        ("launching", RunStatus.QUEUED, None, None),  # relaunched later under a new lease,
+        ("lost", RunStatus.FAILURE, "agent_restarted", None),  # so the old one is fenced
+    ]
     statuses = {r.run_id: r.status for r in await storage.active_runs()}
-    assert statuses == {"kept": RunStatus.STARTED, "launching": RunStatus.STARTING}
+    assert statuses == {"kept": RunStatus.STARTED}
+    old_lease = launching.lease
+    assert old_lease is not None
+    with pytest.raises(StaleLease):  # a worker the dead agent had forked writes nothing
+        await storage.append_records("launching", old_lease, [event(1, "RUN_START")], now=10)
 
 
 async def test_a_failure_gets_exactly_one_retry_decision(storage: Storage) -> None:
