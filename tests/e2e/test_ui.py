@@ -29,7 +29,7 @@ from tests.conftest import (
 pytestmark = pytest.mark.e2e
 CHROMIUM = os.environ.get("FLEETRUN_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts" / "ui"
-UI_JOBS = {"ui": FIXTURES / "ui_jobs.py"}
+UI_JOBS = {"ui": FIXTURES / "ui_jobs.py", "gates": FIXTURES / "gate_jobs.py"}
 TIMEOUT_MS = 30_000
 
 
