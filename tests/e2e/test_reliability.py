@@ -194,3 +194,45 @@ def test_kill_9_of_the_control_plane_mid_burst_loses_and_doubles_nothing(tmp_pat
         stop.set()
         agent.stop()
         cp.stop()
+
+
+def test_a_frozen_worker_is_not_a_lost_agent(tmp_path: Path) -> None:
+    """SIGSTOP of a run worker past the heartbeat timeout: its agent is alive, so no
+    verdict; thawed, the run finishes (only max runtime bounds a stuck worker)."""
+    cp = start_control_plane(tmp_path, TIMEOUT)
+    agent = start_agent(cp, tmp_path, "agent-1", GATES)
+    try:
+        run_id = start_gated_run(cp, tmp_path / "gate")
+        started = next(e for e in cp.events(run_id) if e["type"] == "RUN_START")
+        worker = int(started["message"].split("pid ")[1].split()[0])
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            time.sleep(6.0)  # the fault itself: 2 x the 3 s timeout
+            assert cp.get(f"/api/v1/runs/{run_id}")["status"] == "STARTED"
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        (tmp_path / "gate").write_text("open")
+        assert_finished_cleanly(cp, run_id)
+    finally:
+        agent.stop()
+        cp.stop()
+
+
+@pytest.mark.parametrize("frozen", ["control-plane", "agent"])
+def test_a_freeze_shorter_than_the_timeout_changes_nothing(tmp_path: Path, frozen: str) -> None:
+    cp = start_control_plane(tmp_path, TIMEOUT)
+    agent = start_agent(cp, tmp_path, "agent-1", GATES)
+    try:
+        run_id = start_gated_run(cp, tmp_path / "gate")
+        pid = (cp if frozen == "control-plane" else agent).popen.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(1.5)  # the fault itself: half the 3 s timeout
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        (tmp_path / "gate").write_text("open")
+        assert_finished_cleanly(cp, run_id)
+        assert "agent lost" not in cp.log()
+    finally:
+        agent.stop()
+        cp.stop()
