@@ -12,8 +12,16 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from control_plane.auth import PRINCIPAL, Principal
+from control_plane.bus import MONITOR, QUEUE, RUN
 from control_plane.statuses import TERMINAL_STATUSES, RunStatus
-from control_plane.storage import NameTaken, Run, StaleLease, StorageFull, UnknownRun
+from control_plane.storage import (
+    NameTaken,
+    Run,
+    StaleLease,
+    StorageFull,
+    StorageUnavailable,
+    UnknownRun,
+)
 from protocol import FLEETRUN_VERSION, PROTOCOL_VERSION
 from protocol.codec import ProtocolError, decode_versioned, encode
 from protocol.messages import (
@@ -74,8 +82,8 @@ async def check_identity(cp: ControlPlane, principal: Principal | None, agent_id
     agent id a message names, it must be bound to the caller's token (403 otherwise)."""
     if principal is None:
         return
-    if agent_id not in cp.agent_tokens:
-        agent = await cp.storage.get_agent(agent_id)
+    if cp.agent_tokens.get(agent_id, "") != principal.name:  # unknown here, or stale:
+        agent = await cp.storage.get_agent(agent_id)  # it may have registered elsewhere
         if agent is None:
             return  # the handler answers 404 unknown_agent, and the agent registers
         cp.agent_tokens[agent_id] = agent.token_name
@@ -105,6 +113,8 @@ def handler(expected: type, fn: Any) -> Any:
             return _refused(request, exc.status, exc.code, str(exc))
         except StorageFull as exc:  # 5xx: the agent keeps its records and retries
             return _refused(request, 503, "storage_full", f"storage is full: {exc}")
+        except StorageUnavailable as exc:
+            return _refused(request, 503, "storage_unavailable", str(exc))
 
     return handle
 
@@ -170,7 +180,7 @@ async def heartbeat(cp: ControlPlane, msg: Heartbeat, _: Principal | None) -> He
         raise AgentApiError(404, "unknown_agent", f"agent {msg.agent_id!r} is not registered")
     cp.metrics.heartbeats.inc()
     if now - previous > cp.heartbeat_timeout:
-        cp.coordinator.wake()
+        cp.wake(QUEUE)
     return HeartbeatReply(ok=True)
 
 
@@ -183,7 +193,7 @@ async def drain(cp: ControlPlane, msg: Drain, _: Principal | None) -> Drained:
 
 async def evaluation(cp: ControlPlane, msg: EvaluationResult, _: Principal | None) -> EvaluationAck:
     """A schedule tick's or sensor's result from the agent that evaluated it."""
-    if not cp.broker.complete(msg):
+    if not await cp.broker.complete(msg):
         message = f"evaluation {msg.eval_id} is not waiting for this agent's result"
         raise AgentApiError(409, "unknown_evaluation", message)
     return EvaluationAck(ok=True)
@@ -217,8 +227,8 @@ async def events(cp: ControlPlane, msg: EventBatch, _: Principal | None) -> Even
     if result.status_changed and result.status in (*TERMINAL_STATUSES, RunStatus.QUEUED):
         cp.runs_changed([], msg.agent_id)
     elif result.status_changed:
-        cp.monitor.wake()  # a new deadline (max runtime) starts
-    cp.run_events.notify(msg.run_id)
+        cp.wake(MONITOR)  # a new deadline (max runtime) starts
+    cp.wake(RUN, msg.run_id)
     return EventAck(acked_seq=result.acked_seq)
 
 
@@ -252,6 +262,8 @@ def _outputs_errors(fn: Any) -> Any:
             return _refused(request, exc.status, exc.code, str(exc))
         except StorageFull as exc:
             return _refused(request, 503, "storage_full", f"storage is full: {exc}")
+        except StorageUnavailable as exc:
+            return _refused(request, 503, "storage_unavailable", str(exc))
 
     return handle
 

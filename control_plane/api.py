@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from control_plane.bus import QUEUE
 from control_plane.errors import ApiError, read_json_object
 from control_plane.retries import PARENT_TAG, RETRY_NUMBER_TAG, RETRY_STRATEGIES, ROOT_TAG
 from control_plane.scheduler import Instigator, load_instigators
@@ -379,7 +380,7 @@ async def set_priority(request: web.Request) -> web.Response:
     if updated is None or updated.status != RunStatus.QUEUED:
         status = updated.status if updated else run.status
         raise ApiError(409, "not_queued", f"run is {status}; only a queued run's priority changes")
-    cp.coordinator.wake()
+    cp.wake(QUEUE)
     return web.json_response(updated.to_json())
 
 
@@ -407,7 +408,7 @@ async def _set_agent_status(request: web.Request, status: str) -> web.Response:
     agent = await cp.storage.set_agent_status(match.agent_id, status)
     assert agent is not None
     if status == "ONLINE":
-        cp.coordinator.wake()
+        cp.wake(QUEUE)
     return web.json_response({"agent_id": agent.agent_id, "name": agent.name,
                               "status": agent.status})  # fmt: skip
 
@@ -460,7 +461,9 @@ async def readyz(request: web.Request) -> web.Response:
     stale = cp.health.stale()
     if stale:
         raise ApiError(503, "daemon_stale", f"daemon loops not running: {', '.join(stale)}")
-    return web.json_response({"status": "ready", "loops": cp.health.to_json()})
+    return web.json_response({"status": "ready", "replica": cp.replica_id,
+                              "leading": cp.elector.leading(),
+                              "loops": cp.health.to_json()})  # fmt: skip
 
 
 # --- schedules and sensors -----------------------------------------------------------

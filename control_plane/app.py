@@ -13,6 +13,7 @@ from aiohttp import web
 
 from control_plane import agent_api, api, openapi, token_api, ui
 from control_plane.auth import TokenVerifier, auth_middleware
+from control_plane.bus import AGENT, EVALUATION, INSTIGATORS, MONITOR, QUEUE, RETRIES, RUN, WakeBus
 from control_plane.clock import Clock, SystemClock
 from control_plane.config import ControlPlaneConfig, LimitsConfig, ServerConfig
 from control_plane.coordinator import RunCoordinator
@@ -20,6 +21,7 @@ from control_plane.dispatch import Dispatcher
 from control_plane.errors import error_response, json_errors
 from control_plane.evaluations import EvaluationBroker
 from control_plane.health import DaemonHealth
+from control_plane.leadership import LeaderElector, replica_id
 from control_plane.metrics import Metrics, add_metrics_routes, http_metrics
 from control_plane.monitor import RunMonitor
 from control_plane.notify import Notifier
@@ -34,7 +36,12 @@ log = logging.getLogger("fleetrun.control_plane")
 
 
 class ControlPlane:
-    """Everything one control-plane process holds, passed explicitly to handlers."""
+    """Everything one control-plane process holds, passed explicitly to handlers.
+
+    Several such processes (replicas) may share one PostgreSQL database: each serves the
+    APIs, the daemon loops run wherever leader election puts them, and every wake-up goes
+    through the bus so that it reaches the replica that waits for it.
+    """
 
     def __init__(self, config: ControlPlaneConfig, storage: Storage, clock: Clock) -> None:
         self.config = config
@@ -52,15 +59,15 @@ class ControlPlane:
             max_map_len=limits.max_msgpack_map_length,
             max_depth=limits.max_msgpack_depth,
         )
+        self.replica_id = replica_id()
+        self.bus = WakeBus(storage, self.replica_id)
         self.verifier = TokenVerifier(storage, clock.time)
         self.agent_tokens: dict[str, str | None] = {}  # agent id -> token it registered with
         self.heartbeat_timeout = monitoring.agent_heartbeat_timeout_seconds
         self.resume_limit = monitoring.max_resume_run_attempts
         self.metrics = Metrics()  # its own registry: never the process-wide default one
         self.health = DaemonHealth(clock, self.metrics)
-        self.broker = EvaluationBroker(
-            wake_agent=lambda agent_id: self.dispatcher.wake_agent(agent_id)
-        )
+        self.broker = EvaluationBroker(storage, clock, self.wake)
         self.dispatcher = Dispatcher(
             storage,
             monitoring.terminate_grace_seconds,
@@ -87,42 +94,85 @@ class ControlPlane:
         self.sensors = SensorDaemon(storage, self.broker, clock, self.health,
                                     self.heartbeat_timeout, self._runs_requested)  # fmt: skip
         self.scheduler.tag_limits = self.sensors.tag_limits = self.tag_limits
+        self.elector = LeaderElector(storage, clock, self.health, self.replica_id,
+                                     config.daemon.leader_lease_seconds)  # fmt: skip
+        self._subscribe()
+
+    def _subscribe(self) -> None:
+        """What each wake-up, from this replica or another, does here."""
+        bus = self.bus
+
+        def every(notifier: Notifier, key: str | None) -> None:
+            notifier.notify(key) if key is not None else notifier.notify_all()
+
+        bus.subscribe(QUEUE, lambda _: self.coordinator.wake())
+        bus.subscribe(MONITOR, lambda _: self.monitor.wake())
+        bus.subscribe(RETRIES, lambda _: self.retrier.wake())
+        bus.subscribe(INSTIGATORS, lambda _: (self.scheduler.wake(), self.sensors.wake()))
+        bus.subscribe(AGENT, lambda key: every(self.dispatcher.agents, key))
+        bus.subscribe(RUN, lambda key: every(self.run_events, key))
+        bus.subscribe(EVALUATION, self.broker.on_wake)
+
+    def wake(self, topic: str, key: str | None = "") -> None:
+        """Wake whoever waits on `topic` (`key`: an agent or run id), on every replica."""
+        self.bus.publish(topic, key)
 
     def _assigned(self, run: Run) -> None:
-        self.dispatcher.run_assigned(run)
-        self.monitor.wake()
-        self.run_events.notify(run.run_id)
+        self.wake(AGENT, run.agent_id)
+        self.wake(MONITOR)
+        self.wake(RUN, run.run_id)
 
     def _runs_requested(self, runs: list[Run]) -> None:
         """A schedule or sensor created runs."""
-        self.coordinator.wake()
+        self.wake(QUEUE)
         for run in runs:
-            self.run_events.notify(run.run_id)
+            self.wake(RUN, run.run_id)
 
     def instigators_changed(self) -> None:
         """Started/stopped, or an agent (re)registered with its locations' definitions."""
-        self.scheduler.wake()
-        self.sensors.wake()
+        self.wake(INSTIGATORS)
 
     def _retry_queued(self, run: Run) -> None:
-        self.coordinator.wake()
-        self.run_events.notify(run.run_id)
+        self.wake(QUEUE)
+        self.wake(RUN, run.run_id)
 
     def _verdicts_applied(self, verdicts: list[Verdict], runs: list[Run]) -> None:
         """After the monitor (or a reconciliation) ended or resumed runs."""
         self.runs_changed(runs)
         for verdict in verdicts:
-            self.dispatcher.wake_agent(verdict.offline_agent)
+            self.wake(AGENT, verdict.offline_agent)
 
     def runs_changed(self, runs: list[Run], agent_id: str | None = None) -> None:
         """Wake whoever a status change concerns: queue, retries, watchers, the agent."""
         for run in runs:
-            self.run_events.notify(run.run_id)
-            self.dispatcher.wake_agent(run.agent_id)
-        self.dispatcher.wake_agent(agent_id)
-        self.coordinator.wake()
-        self.retrier.wake()
-        self.monitor.wake()
+            self.wake(RUN, run.run_id)
+            self.wake(AGENT, run.agent_id)
+        self.wake(AGENT, agent_id)
+        self.wake(QUEUE)
+        self.wake(RETRIES)
+        self.wake(MONITOR)
+
+    def _monitor_gained(self) -> None:
+        """This replica starts judging agents: each gets a full timeout from now, as after
+        a restart (the previous judge may have died while they were reconnecting)."""
+        self.monitor.rebase("this replica took over run monitoring")
+        self.monitor.watch.reset()
+
+    async def _monitor_loops(self) -> None:
+        await asyncio.gather(self.monitor.run_forever(), self.monitor.watch.run_forever())
+
+    def _add_leader_loops(self) -> None:
+        elector = self.elector
+        elector.add("run-queue", self.coordinator.run_forever, self.coordinator.wake)
+        elector.add("retries", self.retrier.run_forever)
+        elector.add("scheduler", self.scheduler.run_forever)
+        elector.add("sensors", self.sensors.run_forever)
+        if self.config.run_monitoring.enabled:
+            elector.add("monitor", self._monitor_loops, self._monitor_gained)
+        for name, loop in (("run-queue", self.coordinator), ("retries", self.retrier),
+                           ("scheduler", self.scheduler), ("sensors", self.sensors),
+                           ("monitor", self.monitor)):  # fmt: skip
+            loop.may_act = lambda name=name: elector.holds(name)  # type: ignore[misc]
 
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         await self.storage.open()
@@ -130,24 +180,18 @@ class ControlPlane:
             log.warning("[auth] is enabled but no token exists yet: create one with "
                         "`fleetrun tokens create --config FILE --kind user --name NAME "
                         "--role admin`")  # fmt: skip
-        self.monitor.rebase()
-        self.monitor.watch.reset()
-        loops = [
-            asyncio.create_task(self.coordinator.run_forever(), name="run-coordinator"),
-            asyncio.create_task(self.retrier.run_forever(), name="run-retries"),
-            asyncio.create_task(self.scheduler.run_forever(), name="scheduler"),
-            asyncio.create_task(self.sensors.run_forever(), name="sensors"),
+        self._add_leader_loops()
+        await self.elector.elect_once()  # on a lone replica, the loops start right away
+        tasks = [
+            asyncio.create_task(self.bus.run_forever(), name="wake-bus"),
+            asyncio.create_task(self.elector.run_forever(), name="leader-election"),
         ]
-        if self.config.run_monitoring.enabled:
-            loops.append(asyncio.create_task(self.monitor.run_forever(), name="run-monitor"))
-            loops.append(asyncio.create_task(self.monitor.watch.run_forever(), name="stallwatch"))
-        self.coordinator.wake()
         try:
             yield
         finally:
-            for task in loops:
+            for task in tasks:
                 task.cancel()
-            for task in loops:
+            for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await self.storage.close()
@@ -179,7 +223,8 @@ def body_deadline(limits: LimitsConfig) -> object:
 
 
 def create_app(config: ControlPlaneConfig, clock: Clock | None = None) -> web.Application:
-    cp = ControlPlane(config, open_storage(config.storage.url), clock or SystemClock())
+    storage = open_storage(config.storage.url, config.storage.pool_size)
+    cp = ControlPlane(config, storage, clock or SystemClock())
     middlewares: list[object] = [http_metrics(cp.metrics), json_errors]
     if config.auth.enabled:
         middlewares.append(auth_middleware(cp.verifier, error_response, agent_api.error_reply))

@@ -19,6 +19,7 @@ from typing import Any, TextIO
 import shtab
 
 from control_plane.statuses import EVENT_STATUS, TERMINAL_STATUSES
+from control_plane.storage import StorageError
 from protocol.logs import FORMATS
 from protocol.schema import ConfigError
 
@@ -757,10 +758,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(serve(config))
     except KeyboardInterrupt:
         pass
-    except OSError as exc:
+    except (OSError, StorageError) as exc:
         print(f"fleetrun: cannot serve: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Apply schema migrations, or (--from) copy a whole instance into a new database."""
+    import asyncio
+
+    from control_plane.config import load_control_plane_config
+    from control_plane.storage.postgres import redact
+    from control_plane.transfer import TransferError, copy_instance, migrate_schema
+
+    try:
+        dest = args.to or load_control_plane_config(args.config).storage.url
+    except ConfigError as exc:
+        print(f"fleetrun: config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.source is None:
+            before, after = asyncio.run(migrate_schema(dest))
+            change = f"{before} -> {after}" if before != after else f"{after} (up to date)"
+            _emit(args, {"storage": redact(dest), "from_version": before, "to_version": after},
+                  f"{redact(dest)}: schema version {change}")  # fmt: skip
+            return 0
+        copied = asyncio.run(
+            copy_instance(
+                args.source,
+                dest,
+                None
+                if args.json
+                else lambda table, n: print(f"{table}: {n} rows", file=sys.stderr),
+            )
+        )
+        _emit(args, {"from": redact(args.source), "to": redact(dest), "rows": copied},
+              f"copied {sum(copied.values())} rows from {redact(args.source)} to "
+              f"{redact(dest)}")  # fmt: skip
+        return 0
+    except (TransferError, StorageError, ValueError, OSError) as exc:
+        print(f"fleetrun: migrate: {exc}", file=sys.stderr)
+        return 1
 
 
 def _token_storage(config_path: str) -> Any:
@@ -1018,6 +1057,17 @@ def build_parser() -> argparse.ArgumentParser:
     _files(agent.add_argument("--config", required=True, help="agent.toml"))
     for cmd in (serve, agent):
         cmd.add_argument("--log-format", choices=FORMATS, help="text (default) or JSON lines")
+    migrate = sub.add_parser(
+        "migrate", help="apply schema migrations; with --from, copy an instance into a new database"
+    )
+    _files(migrate.add_argument("--config", help="control-plane.toml: its [storage] url"))
+    migrate.add_argument(
+        "--from",
+        dest="source",
+        metavar="URL",
+        help="copy everything from this storage URL (e.g. sqlite:///old.db)",
+    )
+    migrate.add_argument("--to", metavar="URL", help="the destination (default: --config's)")
     demo = sub.add_parser("demo", help="control plane + local agent + example jobs")
     demo.add_argument("--port", type=int, default=8470, help="0: any free port")
     demo.add_argument("--exit-when-done", action="store_true", help=argparse.SUPPRESS)
@@ -1058,6 +1108,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return cmd_serve(args)
+    if args.command == "migrate":
+        return cmd_migrate(args)
     if args.command == "agent":
         from agent.cli import run_agent
 

@@ -61,10 +61,25 @@ class LimitsConfig:
 @dataclass
 class StorageConfig:
     url: str = "sqlite:///fleetrun.db"
+    pool_size: int = 10  # PostgreSQL: connections per replica
 
     def check(self) -> None:
-        if not self.url.startswith("sqlite:///"):
-            raise FieldError("url", f"unsupported storage url {self.url!r}: use sqlite:///PATH")
+        if not self.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise FieldError("url", f"unsupported storage url {self.url!r}: use sqlite:///PATH "
+                             "or postgresql://USER@HOST:PORT/DB")  # fmt: skip
+        if not 1 <= self.pool_size <= 1000:
+            raise FieldError("pool_size", "must be between 1 and 1000")
+
+
+@dataclass
+class DaemonConfig:
+    """The daemon loops; with several replicas, each loop runs on one at a time."""
+
+    leader_lease_seconds: float = 6.0  # a dead leader's loops move within this long
+
+    def check(self) -> None:
+        if not 1.0 <= self.leader_lease_seconds <= 300:
+            raise FieldError("leader_lease_seconds", "must be between 1 and 300")
 
 
 @dataclass
@@ -149,6 +164,7 @@ class ControlPlaneConfig:
     run_monitoring: RunMonitoringConfig = field(default_factory=RunMonitoringConfig)
     run_retries: RunRetriesConfig = field(default_factory=RunRetriesConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 

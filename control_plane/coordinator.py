@@ -192,6 +192,7 @@ class RunCoordinator:
         self.metrics = Metrics()  # likewise
         self.heartbeat_timeout = heartbeat_timeout
         self.on_assigned = on_assigned
+        self.may_act: Callable[[], bool] = lambda: True  # leader election's say
         self._wakeup = asyncio.Event()
         self._next_wake: float | None = None
 
@@ -216,6 +217,8 @@ class RunCoordinator:
             except TimeoutError:
                 pass
             self._wakeup.clear()
+            if not self.may_act():
+                continue
             try:
                 with self.health.timed("run-queue"):
                     await self.dispatch_once()

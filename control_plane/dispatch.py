@@ -62,12 +62,12 @@ class Dispatcher:
         self.clock = clock
         self.on_canceled = on_canceled
         self.metrics = Metrics()  # replaced by the control plane's
-        self._agents = Notifier()
+        self.agents = Notifier()  # parked polls, keyed by agent id
 
     def wake_agent(self, agent_id: str | None) -> None:
         """Something is owed to this agent (a launch, a stop): answer its poll now."""
         if agent_id is not None:
-            self._agents.notify(agent_id)
+            self.agents.notify(agent_id)
 
     def run_assigned(self, run: Run) -> None:
         self.wake_agent(run.agent_id)
@@ -128,14 +128,14 @@ class Dispatcher:
                 if o.lease not in stopping
             ]
             evaluations = []
-            if self.broker is not None and self.broker.waiting():
+            if self.broker is not None and await self.broker.waiting():
                 hosted = {
                     loc.info.name for loc in await self.storage.list_code_locations()
                     if loc.agent_id == agent_id and loc.info.error is None
                 }  # fmt: skip
-                evaluations = self.broker.take_for(agent_id, hosted)
+                evaluations = await self.broker.take_for(agent_id, hosted)
             if launches or stops or evaluations:
                 return PollReply(launches, stops, evaluations)
             return None
 
-        return await self._agents.wait_for(agent_id, owed, max_wait) or PollReply()
+        return await self.agents.wait_for(agent_id, owed, max_wait) or PollReply()

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from control_plane.storage import StorageFull
+from control_plane.storage import StorageFull, StorageUnavailable
 
 log = logging.getLogger("fleetrun.api")
 
@@ -53,6 +53,8 @@ async def json_errors(
         return error_response(exc.status, code, str(message))
     except StorageFull as exc:  # retryable: nothing was written
         return error_response(503, "storage_full", f"storage is full, retry later: {exc}")
+    except StorageUnavailable as exc:  # retryable too: the database is down or restarting
+        return error_response(503, "storage_unavailable", f"{exc}; retry later")
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal error; see the server log")

@@ -2,37 +2,52 @@
 
 The control plane never imports user code: a tick becomes an `Evaluate` request that an
 agent hosting the location picks up on its next poll (woken at once), runs in a worker
-process and answers with an `EvaluationResult`. This broker keeps the requests in
-flight and matches the answers; a request no agent takes, or one whose agent does not
-answer in time, ends with an error saying which.
+process and answers with an `EvaluationResult`. Requests live in storage, so the
+replica that an agent polls can hand it a request that a daemon loop on another replica
+made, and take its answer; wake-ups (bus.py) tell the waiting side to look again. A
+request no agent takes, or one whose agent does not answer in time, ends with an error
+saying which.
 """
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
+from control_plane.bus import AGENT, EVALUATION
+from control_plane.clock import Clock
+from control_plane.notify import Notifier
+from control_plane.storage import Storage
 from protocol.messages import Evaluate, EvaluationResult
 
 
-@dataclass
-class _Pending:
-    request: Evaluate
-    result: asyncio.Future[EvaluationResult]
-    agent: str | None = None
-    taken: asyncio.Event = field(default_factory=asyncio.Event)
-
-
 class EvaluationBroker:
-    def __init__(self, wake_agent: Callable[[str], None]) -> None:
-        self.wake_agent = wake_agent
-        self._pending: dict[str, _Pending] = {}
+    def __init__(
+        self, storage: Storage, clock: Clock, publish: Callable[[str, str | None], None]
+    ) -> None:
+        self.storage = storage
+        self.clock = clock
+        self.publish = publish
+        self._changed = Notifier()  # keyed by eval id
+        self._open: set[str] = set()  # requests announced and not yet closed, any replica
+        self._unsure = False  # wake-ups may have been missed: ask storage
 
     def new_request(self, location: str, kind: str, name: str, **fields: object) -> Evaluate:
         return Evaluate(eval_id=uuid.uuid4().hex, location=location, kind=kind, name=name,
                         **fields)  # type: ignore[arg-type]  # fmt: skip
+
+    def on_wake(self, key: str | None) -> None:
+        """An EVALUATION wake-up, from this replica or another."""
+        if key is None:
+            self._unsure = True
+            self._changed.notify_all()
+            return
+        change, eval_id = key[:1], key[1:]
+        if change == "+":
+            self._open.add(eval_id)
+        elif change == "-":
+            self._open.discard(eval_id)
+        self._changed.notify(eval_id)
 
     async def evaluate(
         self, request: Evaluate, hosts: set[str], wait_for_agent: float
@@ -44,43 +59,51 @@ class EvaluationBroker:
         def failed(error: str) -> EvaluationResult:
             return EvaluationResult(eval_id=request.eval_id, error=error, cursor=request.cursor)
 
-        pending = _Pending(request, asyncio.get_running_loop().create_future())
-        self._pending[request.eval_id] = pending
+        eval_id = request.eval_id
+
+        async def taken() -> str | None:
+            state = await self.storage.evaluation_state(eval_id)
+            return state[0] if state is not None else None
+
+        async def answered() -> EvaluationResult | None:
+            state = await self.storage.evaluation_state(eval_id)
+            return state[1] if state is not None else None
+
+        await self.storage.create_evaluation(request, self.clock.time())
+        self.publish(EVALUATION, f"+{eval_id}")
         try:
             for agent_id in hosts:
-                self.wake_agent(agent_id)
-            try:
-                async with asyncio.timeout(wait_for_agent):
-                    await pending.taken.wait()
-            except TimeoutError:
+                self.publish(AGENT, agent_id)
+            agent = await self._changed.wait_for(eval_id, taken, wait_for_agent)
+            if agent is None:
                 return failed(f"no online agent hosting location {request.location} took the "
                               f"evaluation within {wait_for_agent:g} s")  # fmt: skip
-            try:
-                async with asyncio.timeout(request.timeout_seconds + 10):
-                    return await pending.result
-            except TimeoutError:
-                return failed(f"agent {pending.agent} gave no result within "
+            result = await self._changed.wait_for(eval_id, answered, request.timeout_seconds + 10)
+            if result is None:
+                return failed(f"agent {agent} gave no result within "
                               f"{request.timeout_seconds:g} s")  # fmt: skip
+            return result
         finally:
-            self._pending.pop(request.eval_id, None)
+            await self.storage.drop_evaluation(eval_id)
+            self.publish(EVALUATION, f"-{eval_id}")
 
-    def waiting(self) -> bool:
-        return any(p.agent is None for p in self._pending.values())
+    async def waiting(self) -> bool:
+        """Might a request be waiting for an agent? (cheap: no query unless unsure)"""
+        if self._unsure:
+            self._unsure = await self.storage.untaken_evaluations() > 0
+            return self._unsure
+        return bool(self._open)
 
-    def take_for(self, agent_id: str, locations: set[str]) -> list[Evaluate]:
+    async def take_for(self, agent_id: str, locations: set[str]) -> list[Evaluate]:
         """Requests for locations this agent hosts that nobody has taken yet (called from
         its poll: an agent that polls is alive)."""
-        taken = []
-        for pending in self._pending.values():
-            if pending.agent is None and pending.request.location in locations:
-                pending.agent = agent_id
-                pending.taken.set()
-                taken.append(pending.request)
+        taken = await self.storage.take_evaluations(agent_id, locations, self.clock.time())
+        for request in taken:
+            self.publish(EVALUATION, f"~{request.eval_id}")
         return taken
 
-    def complete(self, result: EvaluationResult) -> bool:
-        pending = self._pending.get(result.eval_id)
-        if pending is None or pending.agent != result.agent_id or pending.result.done():
+    async def complete(self, result: EvaluationResult) -> bool:
+        if not await self.storage.finish_evaluation(result):
             return False
-        pending.result.set_result(result)
+        self.publish(EVALUATION, f"~{result.eval_id}")
         return True

@@ -34,8 +34,15 @@ class DaemonHealth:
         self.clock = clock
         self.metrics = metrics  # None: a loop's private health (tests), nothing exported
         self.loops: dict[str, LoopHealth] = {}
+        self.standby_loops: set[str] = set()  # run by another replica (leader election)
+
+    def standby(self, name: str) -> None:
+        """Another replica runs this loop now: it is not ours to be stale."""
+        self.loops.pop(name, None)
+        self.standby_loops.add(name)
 
     def beat(self, name: str) -> None:
+        self.standby_loops.discard(name)
         loop = self.loops.get(name)
         if loop is None:
             self.loops[name] = LoopHealth(name, self.clock.time())
@@ -69,5 +76,10 @@ class DaemonHealth:
 
     def to_json(self) -> dict[str, dict[str, object]]:
         now = self.clock.time()
-        return {n: {"seconds_since_beat": round(now - h.last_beat, 3), "last_error": h.last_error}
-                for n, h in sorted(self.loops.items())}  # fmt: skip
+        loops: dict[str, dict[str, object]] = {
+            n: {"seconds_since_beat": round(now - h.last_beat, 3), "last_error": h.last_error}
+            for n, h in sorted(self.loops.items())
+        }
+        for name in sorted(self.standby_loops):
+            loops[name] = {"standby": True}
+        return loops

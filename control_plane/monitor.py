@@ -116,6 +116,7 @@ class RunMonitor:
         self.clock = clock
         self.health = DaemonHealth(clock)  # replaced by the control plane's shared one
         self.on_verdicts = on_verdicts
+        self.may_act: Callable[[], bool] = lambda: True  # leader election's say
         self.boot_time = clock.time()
         self._wakeup = asyncio.Event()
         self.watch = StallWatch(clock, self.rebase)
@@ -168,7 +169,7 @@ class RunMonitor:
             self._wakeup.clear()
             try:
                 with self.health.timed("monitor"):
-                    next_deadline = await self.check_once()
+                    next_deadline = await self.check_once() if self.may_act() else None
             except Exception as exc:
                 self.health.failed("monitor", exc)
                 next_deadline = None

@@ -20,6 +20,10 @@ class Notifier:
             if not fut.done():
                 fut.set_result(None)
 
+    def notify_all(self) -> None:
+        for key in list(self._waiters):
+            self.notify(key)
+
     async def wait_for(
         self, key: str, check: Callable[[], Awaitable[T | None]], max_wait: float
     ) -> T | None:

@@ -383,7 +383,12 @@ def instigator_schemas() -> dict[str, Schema]:
 
 
 def misc_schemas() -> dict[str, Schema]:
-    loop = obj({"seconds_since_beat": {"type": "number"}, "last_error": nullable(string())})
+    loop = obj(
+        {"seconds_since_beat": {"type": "number"}, "last_error": nullable(string()),
+         "standby": {"type": "boolean"}},
+        optional=("seconds_since_beat", "last_error", "standby"),
+        description="a loop this replica runs, or (standby) one another replica runs",
+    )  # fmt: skip
     return {
         "Error": obj(
             {"error": obj({"code": string(), "message": string()})},
@@ -393,6 +398,12 @@ def misc_schemas() -> dict[str, Schema]:
         "Ready": obj(
             {
                 "status": string(const="ready"),
+                "replica": string(description="this process, as leader election names it"),
+                "leading": {
+                    "type": "array",
+                    "items": string(),
+                    "description": "the daemon loops this replica runs",
+                },
                 "loops": {"type": "object", "additionalProperties": loop},
             }
         ),

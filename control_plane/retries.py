@@ -105,6 +105,7 @@ class RunRetrier:
         self.clock = clock
         self.health = DaemonHealth(clock)  # replaced by the control plane's shared one
         self.on_retry = on_retry
+        self.may_act: Callable[[], bool] = lambda: True  # leader election's say
         self._wakeup = asyncio.Event()
 
     def wake(self) -> None:
@@ -137,11 +138,12 @@ class RunRetrier:
         while True:
             self.health.beat("retries")
             self._wakeup.clear()
-            try:
-                with self.health.timed("retries"):
-                    await self.settle_pending()
-            except Exception as exc:
-                self.health.failed("retries", exc)
+            if self.may_act():
+                try:
+                    with self.health.timed("retries"):
+                        await self.settle_pending()
+                except Exception as exc:
+                    self.health.failed("retries", exc)
             try:
                 await asyncio.wait_for(self._wakeup.wait(), BACKSTOP_SECONDS)
             except TimeoutError:

@@ -169,6 +169,7 @@ class DaemonLoop:
         self.health = health
         self.heartbeat_timeout = heartbeat_timeout
         self.on_runs = on_runs
+        self.may_act: Callable[[], bool] = lambda: True  # leader election's say
         self._wakeup = asyncio.Event()
 
     def wake(self) -> None:
@@ -185,7 +186,11 @@ class DaemonLoop:
             self.health.beat(self.name)
             try:
                 with self.health.timed(self.name):
-                    wake_at = await self.pass_once()
+                    wake_at = (
+                        await self.pass_once()
+                        if self.may_act()
+                        else self.clock.time() + self.max_sleep
+                    )
             except Exception as exc:
                 self.health.failed(self.name, exc)
                 wake_at = self.clock.time() + self.max_sleep

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import re
@@ -262,3 +263,41 @@ def agent(control_plane: ControlPlaneProc, tmp_path: Path) -> Iterator[Proc]:
     proc = start_agent(control_plane, tmp_path)
     yield proc
     proc.stop()
+
+
+POSTGRES_URL = os.environ.get(
+    "FLEETRUN_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+POSTGRES_HELP = (
+    "the PostgreSQL tests need a server at {url} (set FLEETRUN_TEST_POSTGRES_URL for "
+    "another): start one with `pg_ctlcluster --skip-systemctl-redirect $(ls "
+    "/etc/postgresql) main start` (.ci/run does), or `apt-get install postgresql`"
+)
+
+
+def _psql(sql: str) -> None:
+    """Run one statement on the test server."""
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(POSTGRES_URL, timeout=10)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    try:  # a thread of its own: the caller may be inside an event loop
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, run()).result()
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.fail(f"{POSTGRES_HELP.format(url=POSTGRES_URL)} ({exc})", pytrace=False)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A storage URL on the test server with a schema of its own, dropped afterwards."""
+    schema = f"fleetrun_test_{os.getpid()}_{time.monotonic_ns()}"
+    _psql(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in POSTGRES_URL else "?"
+    yield f"{POSTGRES_URL}{sep}search_path={schema}"
+    _psql(f"DROP SCHEMA {schema} CASCADE")

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from control_plane.statuses import RunStatus
-from protocol.messages import CodeLocationInfo, RunRecord
+from protocol.messages import CodeLocationInfo, Evaluate, EvaluationResult, RunRecord
 
 
 class StorageError(Exception):
@@ -30,6 +30,11 @@ class StaleLease(StorageError):
 
 class NameTaken(StorageError):
     """A token name, or an agent name held by another live agent token, is in use."""
+
+
+class StorageUnavailable(StorageError):
+    """The database cannot be reached (a PostgreSQL server down or restarting). Callers
+    answer 503 (retryable), as for a full disk."""
 
 
 class StorageFull(StorageError):
@@ -284,8 +289,15 @@ class AppendResult:
 class Storage(Protocol):
     """The narrow interface every storage backend implements."""
 
+    shared: bool  # True: several control-plane replicas may use it at once
+
     async def open(self) -> None: ...
     async def close(self) -> None: ...
+    async def schema_version(self) -> int: ...
+    async def migrate(self) -> tuple[int, int]:
+        """Apply pending schema migrations (open does too); the versions before and after."""
+        ...
+
     def full_reason(self) -> str | None:
         """Why the last write failed for lack of space (None once a write succeeds)."""
         ...
@@ -388,11 +400,38 @@ class Storage(Protocol):
     async def list_ticks(self, location: str, name: str, kind: str, limit: int) -> list[Tick]: ...
     async def unfinished_ticks(self) -> list[Tick]: ...
 
+    async def try_lead(self, name: str, holder: str, ttl: float, now: float) -> bool: ...
+    async def release_lead(self, name: str, holder: str) -> None: ...
+    async def leaders(self) -> dict[str, tuple[str, float]]: ...
 
-def open_storage(url: str) -> Storage:
+    async def create_evaluation(self, request: Evaluate, now: float) -> None: ...
+    async def take_evaluations(
+        self, agent_id: str, locations: set[str], now: float
+    ) -> list[Evaluate]: ...
+    async def finish_evaluation(self, result: EvaluationResult) -> bool: ...
+    async def evaluation_state(
+        self, eval_id: str
+    ) -> tuple[str | None, EvaluationResult | None] | None: ...
+    async def untaken_evaluations(self) -> int: ...
+    async def drop_evaluation(self, eval_id: str) -> None: ...
+
+    async def notify(self, payloads: list[str]) -> None:
+        """Send wake-ups to the other processes sharing the database."""
+        ...
+
+    async def listen(
+        self, on_message: Callable[[str], None], on_reconnect: Callable[[], None]
+    ) -> None: ...
+
+
+def open_storage(url: str, pool_size: int = 10) -> Storage:
     """Create the storage backend a `[storage] url` names (not yet opened)."""
     if url.startswith("sqlite:///"):
         from control_plane.storage.sqlite import SqliteStorage
 
         return SqliteStorage(url.removeprefix("sqlite:///"))
-    raise ValueError(f"unsupported storage url {url!r}: expected sqlite:///PATH")
+    if url.startswith(("postgresql://", "postgres://")):
+        from control_plane.storage.postgres import PostgresStorage
+
+        return PostgresStorage(url, pool_size)
+    raise ValueError(f"unsupported storage url {url!r}: expected sqlite:///PATH or postgresql://…")

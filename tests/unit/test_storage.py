@@ -12,9 +12,13 @@ from control_plane.storage import NewRun, RunFilter, StaleLease, Storage, Unknow
 from protocol.messages import CodeLocationInfo, JobInfo, RunRecord
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
-    store = open_storage(f"sqlite:///{tmp_path}/fleetrun.db")
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/fleetrun.db"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    store = open_storage(url)
     await store.open()
     yield store
     await store.close()
