@@ -4,14 +4,12 @@ storage shared by two electors, as two replicas would share PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from control_plane.health import DaemonHealth
 from control_plane.leadership import LeaderElector
-from control_plane.storage import Storage, open_storage
+from control_plane.storage import Storage
 
 
 class ManualClock:
@@ -23,18 +21,6 @@ class ManualClock:
 
     def monotonic(self) -> float:
         return self.now
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/fleetrun.db"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    store = open_storage(url)
-    await store.open()
-    yield store
-    await store.close()
 
 
 def elector(storage: Storage, clock: ManualClock, name: str, runs: list[str]) -> LeaderElector:

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from control_plane.statuses import RunStatus
-from control_plane.storage import NewRun, RunFilter, StaleLease, Storage, UnknownRun, open_storage
+from control_plane.storage import NewRun, RunFilter, StaleLease, Storage, UnknownRun
 from protocol.messages import CodeLocationInfo, JobInfo, RunRecord
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/fleetrun.db"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    store = open_storage(url)
-    await store.open()
-    yield store
-    await store.close()
 
 
 def new_run(run_id: str, job: str = "etl", tags: dict | None = None, priority: int = 0) -> NewRun:
