@@ -1,8 +1,186 @@
-"""`python -m bench [--runs N] [--burst M]`: run the benchmarks and print their figures."""
+"""`make bench` (`python -m bench`): every benchmark, one table, each figure against its goal.
 
+The workloads (each module's docstring says exactly what it measures):
+  1-2  bench/latency.py   submit -> running on an idle system; a burst through 4 x 8 slots
+  3    bench/scale.py     one control plane under 1,000 and 5,000 simulated agents
+  4    bench/ingest.py    event ingestion from 50 concurrent runs
+  5    bench/footprint.py the agent's own RSS and CPU, idle and per run
+  6    bench/dagster.py   workloads 1 and 2 on Dagster OSS, installed into .bench/
+plus two figures of earlier issues: executor overhead per step, agent death -> FAILURE.
+The table is Markdown, so that docs/performance.md can hold it as printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
 import sys
+import time
+from dataclasses import dataclass
 
-from bench import latency
+from bench.harness import pct
+
+
+@dataclass
+class Row:
+    workload: str
+    measure: str
+    p50: str = ""
+    p99: str = ""
+    value: str = ""
+    goal: str = ""
+    met: bool | None = None
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def _dist(workload: str, measure: str, seconds: list[float], goal: str = "",
+          p50_goal: float | None = None, p99_goal: float | None = None) -> Row:  # fmt: skip
+    p50, p99 = statistics.median(seconds), pct(seconds, 0.99)
+    met = None
+    if p50_goal is not None:
+        met = p50 <= p50_goal
+    if p99_goal is not None:
+        met = p99 <= p99_goal
+    return Row(workload, measure, _ms(p50), _ms(p99), goal=goal, met=met)
+
+
+def _machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def print_table(rows: list[Row], title: str) -> None:
+    print(f"\n{title}\n")
+    head = ["workload", "measure", "p50", "p99", "value", "goal", "met"]
+    cells = [[r.workload, r.measure, r.p50, r.p99, r.value, r.goal,
+              "" if r.met is None else ("yes" if r.met else "**no**")] for r in rows]  # fmt: skip
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for c in cells:
+        print("| " + " | ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)) + " |")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=100, help="idle runs (workload 1)")
+    parser.add_argument("--burst", type=int, default=1000, help="runs in the burst (2)")
+    parser.add_argument("--agents", default="1000,5000", help="simulated agents (3)")
+    parser.add_argument(
+        "--storage",
+        default="sqlite:///b.db",
+        help="storage URL for workloads 1, 2 and 4 (e.g. a PostgreSQL one)",
+    )
+    parser.add_argument("--dagster-runs", type=int, default=20, help="Dagster idle runs (6)")
+    parser.add_argument(
+        "--dagster-burst",
+        type=int,
+        default=100,
+        help="Dagster burst runs (6); it launches about one run per 3-6 s",
+    )
+    parser.add_argument("--skip-dagster", action="store_true")
+    parser.add_argument(
+        "--skip-extra", action="store_true", help="skip the executor and agent-death figures"
+    )
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    rows: list[Row] = []
+
+    def progress(what: str) -> None:
+        print(f"[{time.monotonic() - started:6.0f} s] {what}", file=sys.stderr, flush=True)
+
+    from bench import footprint, ingest, latency, scale
+
+    progress(f"1: {args.runs} idle runs")
+    idle = latency.idle(args.runs, args.storage)
+    rows.append(_dist("1 idle", f"submit -> launch received ({args.runs} runs)",
+                      idle["submit -> launch received"]))  # fmt: skip
+    rows.append(_dist("1 idle", "submit -> STARTED", idle["submit -> STARTED"],
+                      "p50 <= 50 ms", p50_goal=0.050))  # fmt: skip
+    progress(f"2: a burst of {args.burst} runs")
+    rate, queued = latency.burst(args.burst, storage_url=args.storage)
+    rows.append(Row("2 burst", f"{args.burst} one-op runs, 4 agents x 8 slots",
+                    value=f"{rate:.1f} runs/s", goal=">= 50 runs/s", met=rate >= 50))  # fmt: skip
+    rows.append(_dist("2 burst", "time in queue", queued))
+    for count in [int(n) for n in args.agents.split(",") if n]:
+        progress(f"3: {count} simulated agents")
+        s = scale.measure(count)
+        big = count >= 5000
+        rows.append(Row("3 scale", f"{count:,} agents: control-plane RSS, CPU",
+                        value=f"{s.rss_bytes / 2**20:.0f} MiB, {s.cpu_percent:.0f} %",
+                        goal="RSS <= 1 GiB" if big else "",
+                        met=s.rss_bytes <= 2**30 if big else None))  # fmt: skip
+        rows.append(_dist("3 scale", f"{count:,} agents: dispatch latency", s.dispatch,
+                          "p99 <= 100 ms" if big else "",
+                          p99_goal=0.100 if big else None))  # fmt: skip
+        rows.append(Row("3 scale", f"{count:,} agents: heartbeats handled",
+                        value=f"{s.heartbeats_per_s:,.0f}/s paced; "
+                              f"{s.flood_heartbeats_per_s:,.0f}/s flooded "
+                              f"({s.flood_cpu_percent:.0f} % CPU)"))  # fmt: skip
+    progress("4: ingestion")
+    ing = ingest.measure(storage_url=args.storage)
+    rows.append(Row("4 ingest", f"{ing.runs} runs logging in batches of 500",
+                    value=f"{ing.per_second:,.0f} events/s ({ing.cpu_percent:.0f} % CPU)",
+                    goal=">= 50,000 events/s", met=ing.per_second >= 50_000))  # fmt: skip
+    progress("5: agent footprint")
+    fp = footprint.measure()
+    idle_value = f"{fp.idle_rss_bytes / 2**20:.0f} MiB, {fp.idle_cpu_percent:.2f} %"
+    rows.append(Row("5 agent", f"idle RSS, CPU ({fp.agent}, with its fork server)",
+                    value=idle_value))  # fmt: skip
+    per_run = f"{fp.cpu_ms_per_run:.1f} ms; {fp.rss_after_runs_bytes / 2**20:.0f} MiB"
+    rows.append(Row("5 agent", "agent CPU per run; RSS after 100 runs", value=per_run))
+    if not args.skip_extra:
+        progress("extra: executors, agent death")
+        from bench.executors import per_step_ms
+        from bench.monitoring import TIMEOUT, agent_death
+
+        for executor in ("in_process", "multiprocess"):
+            ms = per_step_ms(executor, 3)
+            rows.append(Row("extra", f"{executor} executor, per step of a 100-op chain",
+                            value=f"{statistics.median(ms):.2f} ms"))  # fmt: skip
+        lags = agent_death(10, 0)
+        rows.append(_dist("extra", f"agent killed -> FAILURE (timeout {TIMEOUT:g} s)", lags))
+    if not args.skip_dagster:
+        from bench import dagster
+
+        progress(f"6: Dagster, {args.dagster_runs} idle runs and a {args.dagster_burst}-run "
+                 "burst (minutes: it starts a process per run)")  # fmt: skip
+        dg = dagster.measure(args.dagster_runs, args.dagster_burst, 32)
+        d_idle = dg["idle"]
+        rows.append(_dist("6 dagster", f"submit -> launch received ({args.dagster_runs} runs)",
+                          d_idle["submit -> launch received"]))  # fmt: skip
+        rows.append(_dist("6 dagster", "submit -> STARTED", d_idle["submit -> STARTED"]))
+        d_rate = dg["burst"]["runs_per_s"]
+        rows.append(Row("6 dagster", f"burst of {args.dagster_burst} runs, 32 concurrent",
+                        value=f"{d_rate:.2f} runs/s"))  # fmt: skip
+        rows.append(_dist("6 dagster", "time in queue", dg["burst"]["queue_s"]))
+        ratio1 = statistics.median(d_idle["submit -> STARTED"]) / statistics.median(
+            idle["submit -> STARTED"]
+        )
+        rows.append(Row("6 ratio", "Dagster / fleetrun, submit -> STARTED p50",
+                        value=f"{ratio1:,.0f}x", goal=">= 20x", met=ratio1 >= 20))  # fmt: skip
+        ratio2 = rate / d_rate
+        rows.append(Row("6 ratio", "fleetrun / Dagster, burst runs/s",
+                        value=f"{ratio2:,.0f}x", goal=">= 20x", met=ratio2 >= 20))  # fmt: skip
+    storage = args.storage.split(":", 1)[0]
+    print_table(rows, f"fleetrun bench, {time.strftime('%Y-%m-%d')}: {_machine()}; storage "
+                      f"{storage}; took {time.monotonic() - started:.0f} s")  # fmt: skip
+
 
 if __name__ == "__main__":
-    latency.main(sys.argv[1:])
+    main()

@@ -19,7 +19,12 @@ import threading
 import time
 from pathlib import Path
 
-from bench.latency import FLEETRUN, _get, _pct, _post, _ts, _wait
+from bench.harness import FLEETRUN
+from bench.harness import get as _get
+from bench.harness import pct as _pct
+from bench.harness import post as _post
+from bench.harness import ts as _ts
+from bench.harness import wait as _wait
 from control_plane.app import serve
 from control_plane.clock import OffsetClock
 from control_plane.config import load_control_plane_config

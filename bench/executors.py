@@ -12,7 +12,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from bench.latency import FLEETRUN, _get, _post, _ts, _wait, fleet
+from bench.harness import FLEETRUN, fleet
+from bench.harness import get as _get
+from bench.harness import post as _post
+from bench.harness import ts as _ts
+from bench.harness import wait as _wait
 from bench.monitoring import JOBS
 
 STEPS = 100

@@ -17,7 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.latency import FLEETRUN, _get, _post, _ts, _wait, fleet
+from bench.harness import FLEETRUN, fleet
+from bench.harness import get as _get
+from bench.harness import post as _post
+from bench.harness import ts as _ts
+from bench.harness import wait as _wait
 
 JOBS = Path(__file__).resolve().parent / "jobs.py"
 TIMEOUT = 3.0

@@ -3,12 +3,15 @@
 Each registers (serving a queue no run uses, so it is idle), then heartbeats at the
 interval the control plane asks for and keeps a long-poll open, like a real agent. Runs
 in its own process so its CPU is not the control plane's. Prints "ready" once all have
-registered; runs until killed.
+registered; runs until killed. SIGUSR1 toggles flood mode: every agent heartbeats back
+to back, to find how many heartbeats per second the control plane can take.
 """
 
 from __future__ import annotations
 
 import asyncio
+import resource
+import signal
 import sys
 
 from agent.client import ControlPlaneClient
@@ -22,45 +25,69 @@ from protocol.messages import (
     Registered,
 )
 
+REGISTERING_AT_ONCE = 50  # like a fleet coming up, not 5,000 registrations in one instant
 
-async def one_agent(url: str, index: int, registered: asyncio.Queue) -> None:
+
+async def one_agent(
+    url: str, index: int, registered: asyncio.Queue, gate: asyncio.Semaphore, flood: asyncio.Event
+) -> None:
     async with ControlPlaneClient(url) as client:  # its own connections, as a real agent's
-        await serve(client, index, registered)
+        await serve(client, index, registered, gate, flood)
 
 
-async def serve(client: ControlPlaneClient, index: int, registered: asyncio.Queue) -> None:
-    reply = await client.call(
-        "register",
-        Register(
-            name=f"sim-{index}",
-            hostname="sim",
-            version="sim",
-            queues=["sim-idle"],
-            max_concurrent_runs=1,
-            code_locations=[CodeLocationInfo(name="sim")],
-        ),
-        Registered,
-        60,
-    )
+async def serve(
+    client: ControlPlaneClient,
+    index: int,
+    registered: asyncio.Queue,
+    gate: asyncio.Semaphore,
+    flood: asyncio.Event,
+) -> None:
+    async with gate:
+        reply = await client.call(
+            "register",
+            Register(
+                name=f"sim-{index}",
+                hostname="sim",
+                version="sim",
+                queues=["sim-idle"],
+                max_concurrent_runs=1,
+                code_locations=[CodeLocationInfo(name="sim")],
+            ),
+            Registered,
+            120,
+        )
     await registered.put(index)
 
     async def heartbeat() -> None:
         while True:
-            await client.call("heartbeat", Heartbeat(agent_id=reply.agent_id), HeartbeatReply, 60)
-            await asyncio.sleep(reply.heartbeat_interval_seconds)
+            await client.call("heartbeat", Heartbeat(agent_id=reply.agent_id), HeartbeatReply, 120)
+            if not flood.is_set():
+                await asyncio.sleep(reply.heartbeat_interval_seconds)
 
     async def poll() -> None:
         while True:
             await client.call(
-                "poll", Poll(agent_id=reply.agent_id), PollReply, reply.poll_timeout_seconds + 30
+                "poll", Poll(agent_id=reply.agent_id), PollReply, reply.poll_timeout_seconds + 60
             )
 
     await asyncio.gather(heartbeat(), poll())
 
 
 async def main(url: str, count: int) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # two connections per agent
     registered: asyncio.Queue[int] = asyncio.Queue()
-    tasks = [asyncio.create_task(one_agent(url, i, registered)) for i in range(count)]
+    gate = asyncio.Semaphore(REGISTERING_AT_ONCE)
+    flood = asyncio.Event()
+
+    def toggle() -> None:
+        if flood.is_set():
+            flood.clear()
+        else:
+            flood.set()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, toggle)
+    tasks = [asyncio.create_task(one_agent(url, i, registered, gate, flood)) for i in range(count)]
     for _ in range(count):
         await registered.get()
     print("ready", flush=True)

@@ -154,7 +154,8 @@ async def register(cp: ControlPlane, msg: Register, principal: Principal | None)
         agent.agent_id, [r.lease for r in msg.runs], cp.clock.time(), cp.resume_limit
     )
     cp.runs_changed(lost, agent.agent_id)
-    cp.instigators_changed()
+    defines = any(info.schedules or info.sensors for info in msg.code_locations)
+    cp.instigators_changed("" if defines else agent.agent_id)
     return Registered(
         agent_id=agent.agent_id,
         heartbeat_interval_seconds=cp.heartbeat_timeout / 6,
@@ -174,8 +175,7 @@ async def poll(cp: ControlPlane, msg: Poll, _: Principal | None) -> PollReply:
 
 
 async def heartbeat(cp: ControlPlane, msg: Heartbeat, _: Principal | None) -> HeartbeatReply:
-    now = cp.clock.time()
-    previous = await cp.storage.record_heartbeat(msg.agent_id, now)
+    previous, now = await cp.heartbeats.record(msg.agent_id)
     if previous is None:
         raise AgentApiError(404, "unknown_agent", f"agent {msg.agent_id!r} is not registered")
     cp.metrics.heartbeats.inc()

@@ -91,12 +91,9 @@ def _check_run_config(cp: ControlPlane, config: dict[str, Any]) -> None:
 
 async def _resolve_location(cp: ControlPlane, job: str, location: str | None) -> str:
     """The location hosting `job`: the one given, or the only one that defines it."""
-    hosting: set[str] = set()
-    known: set[str] = set()
-    for loc in await cp.storage.list_code_locations():
-        known.add(loc.info.name)
-        if any(j.name == job for j in loc.info.jobs):
-            hosting.add(loc.info.name)
+    catalog = await cp.storage.code_catalog()
+    known = set(catalog.jobs)
+    hosting = {name for name, jobs in catalog.jobs.items() if job in jobs}
     if location is not None:
         if location not in known:
             raise ApiError(404, "unknown_location", f"no agent hosts code location {location!r}")

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from control_plane import agent_api, api, openapi, token_api, ui
+from control_plane import agent_api, api, collector, openapi, token_api, ui
 from control_plane.auth import TokenVerifier, auth_middleware
 from control_plane.bus import AGENT, EVALUATION, INSTIGATORS, MONITOR, QUEUE, RETRIES, RUN, WakeBus
 from control_plane.clock import Clock, SystemClock
@@ -21,6 +21,7 @@ from control_plane.dispatch import Dispatcher
 from control_plane.errors import error_response, json_errors
 from control_plane.evaluations import EvaluationBroker
 from control_plane.health import DaemonHealth
+from control_plane.heartbeats import HeartbeatRecorder
 from control_plane.leadership import LeaderElector, replica_id
 from control_plane.metrics import Metrics, add_metrics_routes, http_metrics
 from control_plane.monitor import RunMonitor
@@ -68,6 +69,7 @@ class ControlPlane:
         self.metrics = Metrics()  # its own registry: never the process-wide default one
         self.health = DaemonHealth(clock, self.metrics)
         self.broker = EvaluationBroker(storage, clock, self.wake)
+        self.heartbeats = HeartbeatRecorder(storage, clock)
         self.dispatcher = Dispatcher(
             storage,
             monitoring.terminate_grace_seconds,
@@ -108,7 +110,7 @@ class ControlPlane:
         bus.subscribe(QUEUE, lambda _: self.coordinator.wake())
         bus.subscribe(MONITOR, lambda _: self.monitor.wake())
         bus.subscribe(RETRIES, lambda _: self.retrier.wake())
-        bus.subscribe(INSTIGATORS, lambda _: (self.scheduler.wake(), self.sensors.wake()))
+        bus.subscribe(INSTIGATORS, self._instigators_woken)
         bus.subscribe(AGENT, lambda key: every(self.dispatcher.agents, key))
         bus.subscribe(RUN, lambda key: every(self.run_events, key))
         bus.subscribe(EVALUATION, self.broker.on_wake)
@@ -128,9 +130,17 @@ class ControlPlane:
         for run in runs:
             self.wake(RUN, run.run_id)
 
-    def instigators_changed(self) -> None:
-        """Started/stopped, or an agent (re)registered with its locations' definitions."""
-        self.wake(INSTIGATORS)
+    def instigators_changed(self, registered_agent: str = "") -> None:
+        """Started/stopped, or an agent (re)registered with its locations' definitions;
+        `registered_agent`: one whose locations define no schedule or sensor."""
+        self.wake(INSTIGATORS, registered_agent)
+
+    def _instigators_woken(self, registered_agent: str | None) -> None:
+        for loop in (self.scheduler, self.sensors):
+            if registered_agent:
+                loop.agent_registered(registered_agent)
+            else:
+                loop.wake()
 
     def _retry_queued(self, run: Run) -> None:
         self.wake(QUEUE)
@@ -286,8 +296,11 @@ async def serve(
     config: ControlPlaneConfig,
     on_ready: Callable[[str], None] | None = None,
     clock: Clock | None = None,
+    own_process: bool = False,
 ) -> None:
-    """Serve until cancelled; `on_ready` gets the base URL once the port is bound."""
+    """Serve until cancelled; `on_ready` gets the base URL once the port is bound.
+    `own_process`: the process is the control plane's alone (`fleetrun serve`), so it
+    may set how garbage is collected (control_plane/collector.py)."""
     warn_about_insecure_setup(config)
     app = create_app(config, clock)
     runner = web.AppRunner(
@@ -307,6 +320,9 @@ async def serve(
         log.info("control plane listening on %s (storage %s)", url, config.storage.url)
         if on_ready is not None:
             on_ready(url)
-        await asyncio.Event().wait()
+        if not own_process:
+            await asyncio.Event().wait()
+        collector.tune()
+        await collector.collect_forever()
     finally:
         await runner.cleanup()

@@ -755,7 +755,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(args.log_format)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, own_process=True))
     except KeyboardInterrupt:
         pass
     except (OSError, StorageError) as exc:

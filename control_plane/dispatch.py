@@ -129,10 +129,7 @@ class Dispatcher:
             ]
             evaluations = []
             if self.broker is not None and await self.broker.waiting():
-                hosted = {
-                    loc.info.name for loc in await self.storage.list_code_locations()
-                    if loc.agent_id == agent_id and loc.info.error is None
-                }  # fmt: skip
+                hosted = (await self.storage.code_catalog()).hosted.get(agent_id, set())
                 evaluations = await self.broker.take_for(agent_id, hosted)
             if launches or stops or evaluations:
                 return PollReply(launches, stops, evaluations)

@@ -148,7 +148,7 @@ class RunMonitor:
         runs = await self.storage.active_runs()
         if not runs:
             return None
-        agents = {a.agent_id: a for a in await self.storage.list_agents()}
+        agents = await self.storage.get_agents({r.agent_id for r in runs if r.agent_id})
         self.watch.observe()  # a freeze that just ended must not count against agents
         now = self.clock.time()
         verdicts, next_deadline = find_verdicts(runs, agents, now, self.config, self.boot_time)

@@ -65,16 +65,18 @@ async def load_instigators(
     storage: Storage, now: float, heartbeat_timeout: float
 ) -> list[Instigator]:
     """Every schedule and sensor the fleet's code locations define, plus orphans."""
+    defining = [
+        loc for loc in (await storage.code_catalog()).locations
+        if loc.info.error is None and (loc.info.schedules or loc.info.sensors)
+    ]  # fmt: skip
     live = {
-        a.agent_id for a in await storage.list_agents()
+        a.agent_id for a in (await storage.get_agents({loc.agent_id for loc in defining})).values()
         if a.status == "ONLINE" and now - a.last_heartbeat <= heartbeat_timeout
     }  # fmt: skip
     states = await storage.instigator_states()
     found: dict[tuple[str, str, str], Instigator] = {}
-    for loc in await storage.list_code_locations():
+    for loc in defining:
         info = loc.info
-        if info.error is not None:
-            continue
         definitions: list[tuple[str, ScheduleInfo | SensorInfo]] = [
             *(("schedule", s) for s in info.schedules),
             *(("sensor", s) for s in info.sensors),
@@ -171,10 +173,22 @@ class DaemonLoop:
         self.on_runs = on_runs
         self.may_act: Callable[[], bool] = lambda: True  # leader election's say
         self._wakeup = asyncio.Event()
+        self._hosting: set[str] = set()  # agents hosting a schedule or sensor, last pass
 
     def wake(self) -> None:
         """Started or stopped, or a location changed: look again now."""
         self._wakeup.set()
+
+    def agent_registered(self, agent_id: str) -> None:
+        """An agent whose locations define no schedule or sensor registered: it matters
+        only if it hosted one before (a fleet of thousands registering costs no pass)."""
+        if agent_id in self._hosting:
+            self.wake()
+
+    async def instigators(self, now: float) -> list[Instigator]:
+        found = await load_instigators(self.storage, now, self.heartbeat_timeout)
+        self._hosting = {agent_id for inst in found for agent_id in inst.hosting}
+        return found
 
     async def pass_once(self) -> float:
         """Start what is due; return when the next thing is due."""
@@ -233,7 +247,7 @@ class ScheduleDaemon(DaemonLoop):
         """Start every due tick; returns when the next one is due."""
         now = self.clock.time()
         wake_at = now + MAX_SLEEP_SECONDS
-        for inst in await load_instigators(self.storage, now, self.heartbeat_timeout):
+        for inst in await self.instigators(now):
             if inst.kind != "schedule" or not inst.running:
                 continue
             assert isinstance(inst.definition, ScheduleInfo)
@@ -251,7 +265,7 @@ class ScheduleDaemon(DaemonLoop):
     async def resume_unfinished(self) -> None:
         """Ticks a crash left STARTED are evaluated again (their runs are not duplicated)."""
         now = self.clock.time()
-        instigators = await load_instigators(self.storage, now, self.heartbeat_timeout)
+        instigators = await self.instigators(now)
         by_key = {(i.location, i.name, i.kind): i for i in instigators}
         for tick in await self.storage.unfinished_ticks():
             inst = by_key.get((tick.location, tick.name, tick.kind))

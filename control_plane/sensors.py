@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import Any
 
-from control_plane.scheduler import DaemonLoop, Instigator, load_instigators, run_tick
+from control_plane.scheduler import DaemonLoop, Instigator, run_tick
 from protocol.messages import SensorInfo
 
 log = logging.getLogger("fleetrun.sensors")
@@ -49,7 +49,7 @@ class SensorDaemon(DaemonLoop):
         """Start every sensor whose interval has passed; returns when the next one is due."""
         now = self.clock.time()
         wake_at = now + MAX_SLEEP_SECONDS
-        for inst in await load_instigators(self.storage, now, self.heartbeat_timeout):
+        for inst in await self.instigators(now):
             if inst.kind != "sensor" or not inst.running:
                 continue
             assert isinstance(inst.definition, SensorInfo)

@@ -48,18 +48,24 @@ def _refuse_ext(code: int, data: bytes) -> Any:
 
 def _check_shape(value: Any, max_depth: int) -> None:
     """Nesting within `max_depth`, and no timestamps: msgpack decodes ext type -1 itself,
-    without calling `ext_hook`, so it is refused here like every other ext type."""
+    without calling `ext_hook`, so it is refused here like every other ext type. Only
+    containers are visited: a batch of records is mostly scalars."""
+    if type(value) is msgpack.Timestamp:
+        raise ProtocolError("bad_msgpack", "msgpack ext type -1 (timestamp) is not allowed")
+    if type(value) not in (dict, list):
+        return
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if depth > max_depth:
+        children = item.values() if type(item) is dict else item
+        if depth + 1 > max_depth and children:
             raise ProtocolError("too_deep", f"message nesting exceeds the limit of {max_depth}")
-        if isinstance(item, msgpack.Timestamp):
-            raise ProtocolError("bad_msgpack", "msgpack ext type -1 (timestamp) is not allowed")
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
+        for child in children:
+            kind = type(child)
+            if kind is dict or kind is list:
+                stack.append((child, depth + 1))
+            elif kind is msgpack.Timestamp:
+                raise ProtocolError("bad_msgpack", "msgpack ext type -1 (timestamp) is not allowed")
 
 
 def _plain_for(obj: Any, version: int) -> Any:

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from functools import cache
 from typing import Any, TypeVar, Union
 
@@ -59,101 +60,222 @@ def _type_name(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _convert(tp: Any, value: Any, path: str) -> Any:
+Converter = Callable[[Any], Any]  # plain value -> typed value, or SchemaError
+
+
+def _under(key: str | int, exc: SchemaError) -> SchemaError:
+    """The same error, one level up: its path gets `key` in front. Paths are only
+    built when something is wrong, so a valid message costs no string work."""
+    head = f"[{key}]" if isinstance(key, int) else key
+    if not exc.path:
+        path = head
+    elif exc.path.startswith("["):
+        path = head + exc.path
+    else:
+        path = f"{head}.{exc.path}"
+    return SchemaError(path, exc.reason)
+
+
+def _scalar(tp: type) -> Converter:
+    """A converter for str/bytes/bool: exactly that type (bool is not an int here)."""
+    name = _type_name(tp())
+
+    def convert(value: Any) -> Any:
+        if type(value) is tp or (isinstance(value, tp) and not isinstance(value, bool)):
+            return value
+        raise SchemaError("", f"expected {name}, got {_type_name(value)}")
+
+    return convert
+
+
+def _int(value: Any) -> int:
+    if type(value) is not int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise SchemaError("", f"expected an integer, got {_type_name(value)}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise SchemaError("", "integer out of the signed 64-bit range")
+    return value
+
+
+def _float(value: Any) -> float:
+    if type(value) is not float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SchemaError("", f"expected a number, got {_type_name(value)}")
+        value = float(value)
+    if not math.isfinite(value):
+        raise SchemaError("", "expected a finite number")
+    return value
+
+
+def _any(value: Any) -> Any:
+    return value
+
+
+@cache
+def _converter(tp: Any) -> Converter:
+    """The converter for type hint `tp`, built once per type: decoding a message then
+    costs a few calls per value, not a walk through `typing` for each one."""
     if tp is Any:
-        return value
+        return _any
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(arg, value, path)
-            except SchemaError as exc:
-                errors.append(exc.reason)
-        raise SchemaError(path, " or ".join(errors))
+        optional = type(None) in args
+        choices = [_converter(arg) for arg in args if arg is not type(None)]
+
+        def union(value: Any) -> Any:
+            if value is None and optional:
+                return None
+            errors = []
+            for choice in choices:
+                try:
+                    return choice(value)
+                except SchemaError as exc:
+                    errors.append(exc.reason)
+            raise SchemaError("", " or ".join(errors))
+
+        return union
     if origin is list:
-        if not isinstance(value, list | tuple):
-            raise SchemaError(path, f"expected a list, got {_type_name(value)}")
-        (item,) = typing.get_args(tp)
-        return [_convert(item, v, _join(path, i)) for i, v in enumerate(value)]
+        item = _converter(typing.get_args(tp)[0])
+
+        def list_of(value: Any) -> list:
+            if not isinstance(value, list | tuple):
+                raise SchemaError("", f"expected a list, got {_type_name(value)}")
+            if item is _any:
+                return list(value)
+            try:
+                return [item(v) for v in value]
+            except SchemaError:
+                for i, v in enumerate(value):
+                    try:
+                        item(v)
+                    except SchemaError as exc:
+                        raise _under(i, exc) from None
+                raise
+
+        return list_of
     if origin is dict:
-        if not isinstance(value, dict):
-            raise SchemaError(path, f"expected a table, got {_type_name(value)}")
-        _key_tp, val_tp = typing.get_args(tp)
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise SchemaError(path, f"keys must be strings, got {_type_name(k)}")
-            out[k] = _convert(val_tp, v, _join(path, k))
-        return out
+        val = _converter(typing.get_args(tp)[1])
+
+        def dict_of(value: Any) -> dict:
+            if not isinstance(value, dict):
+                raise SchemaError("", f"expected a table, got {_type_name(value)}")
+            for k in value:
+                if not isinstance(k, str):
+                    raise SchemaError("", f"keys must be strings, got {_type_name(k)}")
+            if val is _any:
+                return dict(value)
+            out = {}
+            for k, v in value.items():
+                try:
+                    out[k] = val(v)
+                except SchemaError as exc:
+                    raise _under(k, exc) from None
+            return out
+
+        return dict_of
     if dataclasses.is_dataclass(tp):
-        return from_plain(tp, value, path)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise SchemaError(path, f"expected a boolean, got {_type_name(value)}")
-        return value
+        return _dataclass_converter(tp)  # type: ignore[arg-type]
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SchemaError(path, f"expected an integer, got {_type_name(value)}")
-        if not INT64_MIN <= value <= INT64_MAX:
-            raise SchemaError(path, "integer out of the signed 64-bit range")
-        return value
+        return _int
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise SchemaError(path, f"expected a number, got {_type_name(value)}")
-        if not math.isfinite(value):
-            raise SchemaError(path, "expected a finite number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise SchemaError(path, f"expected a string, got {_type_name(value)}")
-        return value
-    if tp is bytes:
-        if not isinstance(value, bytes):
-            raise SchemaError(path, f"expected bytes, got {_type_name(value)}")
-        return value
+        return _float
+    if tp in (bool, str, bytes):
+        return _scalar(tp)
     raise TypeError(f"unsupported type in schema: {tp!r}")
 
 
-def from_plain(cls: type[T], data: Any, path: str = "") -> T:
-    """Build dataclass `cls` from a plain mapping, validating types; unknown keys are errors."""
-    if not isinstance(data, dict):
-        raise SchemaError(path, f"expected a table, got {_type_name(data)}")
+def _dataclass_converter(cls: type) -> Converter:
     hints = _hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    for key in data:
-        if key not in fields:
-            raise SchemaError(_join(path, str(key)), "unknown key")
-    kwargs = {}
-    for name, field in fields.items():
-        if name in data:
-            kwargs[name] = _convert(hints[name], data[name], _join(path, name))
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise SchemaError(_join(path, name), "required key is missing")
-    obj = cls(**kwargs)
-    check = getattr(obj, "check", None)
-    if check is not None:
-        try:
-            check()
-        except FieldError as exc:
-            raise SchemaError(_join(path, exc.field), str(exc)) from None
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    specs = [
+        (f.name, _converter(hints[f.name]),
+         f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        for f in fields
+    ]  # fmt: skip
+    has_check = hasattr(cls, "check")
+
+    def convert(data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise SchemaError("", f"expected a table, got {_type_name(data)}")
+        for key in data:
+            if key not in names:
+                raise SchemaError(str(key), "unknown key")
+        kwargs = {}
+        for name, field_converter, required in specs:
+            if name in data:
+                try:
+                    kwargs[name] = field_converter(data[name])
+                except SchemaError as exc:
+                    raise _under(name, exc) from None
+            elif required:
+                raise SchemaError(name, "required key is missing")
+        obj = cls(**kwargs)
+        if has_check:
+            try:
+                obj.check()
+            except FieldError as exc:
+                raise SchemaError(exc.field, str(exc)) from None
+        return obj
+
+    return convert
+
+
+def from_plain(cls: type[T], data: Any, path: str = "") -> T:
+    """Build dataclass `cls` from a plain mapping, validating types; unknown keys are errors.
+    `path`: where `data` sits in a larger document, for the error message."""
+    try:
+        return _converter(cls)(data)
+    except SchemaError as exc:
+        if not path:
+            raise
+        raise SchemaError(_join(path, exc.path) if exc.path else path, exc.reason) from None
+
+
+Plainer = Callable[[Any], Any]
+
+
+def _to_plain_any(obj: Any) -> Any:
+    """For values typed `Any` (or a union): whatever they hold, recursively."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _plainer(type(obj))(obj)
+    if isinstance(obj, list | tuple):
+        return [_to_plain_any(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _to_plain_any(v) for k, v in obj.items()}
     return obj
+
+
+@cache
+def _plainer(tp: Any) -> Plainer:
+    """The inverse of `_converter`, also built once per type."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        item = _plainer(typing.get_args(tp)[0])
+        if item is _same:
+            return list
+        return lambda value: [item(v) for v in value]
+    if origin is dict:
+        val = _plainer(typing.get_args(tp)[1])
+        if val is _same:
+            return dict
+        return lambda value: {k: val(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        hints = _hints(tp)  # type: ignore[arg-type]
+        specs = [(f.name, _plainer(hints[f.name])) for f in dataclasses.fields(tp)]  # type: ignore[arg-type]
+        return lambda obj: {name: plain(getattr(obj, name)) for name, plain in specs}
+    if tp in (int, float, str, bytes, bool):
+        return _same
+    return _to_plain_any
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def to_plain(obj: Any) -> Any:
     """The inverse of `from_plain`: dataclasses become dicts, recursively."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, list | tuple):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_plain(v) for k, v in obj.items()}
-    return obj
+    return _to_plain_any(obj)
 
 
 class ConfigError(ValueError):

@@ -7,7 +7,7 @@ event logs, compute logs, agents and the code locations they host. Implementatio
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -260,6 +260,36 @@ class CodeLocation:
     info: CodeLocationInfo
 
 
+@dataclass(frozen=True)
+class CodeCatalog:
+    """Every agent's code locations as of one catalog version (it moves with each
+    registration), so they are parsed once per change, not on every submit and poll."""
+
+    version: int
+    by_agent: dict[str, list[CodeLocation]]
+    locations: list[CodeLocation]  # by name, then agent id
+    hosted: dict[str, set[str]]  # agent id -> the names of its locations that loaded
+    by_name: dict[str, list[CodeLocation]]
+    jobs: dict[str, set[str]]  # location name -> the jobs any agent's copy defines
+
+    @classmethod
+    def of(cls, version: int, by_agent: dict[str, list[CodeLocation]]) -> CodeCatalog:
+        locations = sorted((loc for locs in by_agent.values() for loc in locs),
+                           key=lambda loc: (loc.info.name, loc.agent_id))  # fmt: skip
+        hosted: dict[str, set[str]] = {}
+        by_name: dict[str, list[CodeLocation]] = {}
+        jobs: dict[str, set[str]] = {}
+        seen: set[int] = set()  # agents share parsed infos: look at each one once
+        for loc in locations:
+            by_name.setdefault(loc.info.name, []).append(loc)
+            if loc.info.error is None:
+                hosted.setdefault(loc.agent_id, set()).add(loc.info.name)
+            if id(loc.info) not in seen:
+                seen.add(id(loc.info))
+                jobs.setdefault(loc.info.name, set()).update(j.name for j in loc.info.jobs)
+        return cls(version, by_agent, locations, hosted, by_name, jobs)
+
+
 @dataclass
 class RunFilter:
     statuses: list[RunStatus] = field(default_factory=list)
@@ -362,11 +392,13 @@ class Storage(Protocol):
         capabilities: list[str] | None = None,
         token_name: str | None = None,
     ) -> Agent: ...
-    async def record_heartbeat(self, agent_id: str, now: float) -> float | None: ...
+    async def record_heartbeats(self, agent_ids: Iterable[str], now: float) -> dict[str, float]: ...
     async def set_agent_status(self, agent_id: str, status: str) -> Agent | None: ...
     async def get_agent(self, agent_id: str) -> Agent | None: ...
     async def list_agents(self) -> list[Agent]: ...
     async def list_code_locations(self) -> list[CodeLocation]: ...
+    async def code_catalog(self) -> CodeCatalog: ...
+    async def get_agents(self, agent_ids: Iterable[str]) -> dict[str, Agent]: ...
 
     async def create_token(self, token: TokenRecord) -> None: ...
     async def get_token(self, token_id: str) -> TokenRecord | None: ...

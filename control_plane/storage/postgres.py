@@ -191,6 +191,12 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX evaluations_untaken ON evaluations (agent_id, location);
     """,
+    # version 2 (SQLite's 8): the code locations' version number
+    """
+    CREATE TABLE catalog (id INTEGER PRIMARY KEY CHECK (id = 1), version BIGINT NOT NULL);
+    INSERT INTO catalog (id, version) VALUES (1, 0);
+    ALTER TABLE agents ADD COLUMN catalog_version BIGINT NOT NULL DEFAULT 0;
+    """,
 ]
 
 _CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,

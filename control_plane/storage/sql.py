@@ -40,6 +40,7 @@ from control_plane.statuses import (
 from control_plane.storage import (
     Agent,
     AppendResult,
+    CodeCatalog,
     CodeLocation,
     Event,
     InstigatorState,
@@ -82,6 +83,24 @@ def _not_json(value: object) -> str:
     if isinstance(value, bytes):
         return f"<{len(value)} bytes>"
     return f"<{type(value).__name__}>"
+
+
+_EVENT_JSON = json.JSONEncoder(default=_not_json)  # built once: json.dumps(default=) is not
+_RECENT_JSON: dict[tuple, str] = {}  # most events' data repeats (a LOG's {"level": "INFO"})
+
+
+def _event_json(data: dict[str, Any] | None) -> str:
+    if not data:
+        return "{}"
+    if not all(type(v) is str for v in data.values()):  # (True and 1 would share a key)
+        return _EVENT_JSON.encode(data)
+    key = tuple(data.items())
+    text = _RECENT_JSON.get(key)
+    if text is None:
+        if len(_RECENT_JSON) >= 1024:
+            _RECENT_JSON.clear()
+        text = _RECENT_JSON[key] = _EVENT_JSON.encode(data)
+    return text
 
 
 AGENT_FAILURE_KINDS = frozenset({WORKER_CRASH, AGENT_LOST})  # what an agent may report
@@ -302,30 +321,38 @@ class SqlStorage:
         rows = await self._reader.fetch("SELECT status, COUNT(*) FROM runs GROUP BY status")
         return {RunStatus(status): count for status, count in rows}
 
-    async def _snapshot(self, db: Tx) -> QueueSnapshot:
-        queued = await db.fetch(
+    async def _snapshot(self, db: Tx, every_agent: bool = False) -> QueueSnapshot:
+        """The queue, the active runs, and the agents that host a queued run's location
+        (`every_agent`: all of them, so that a reason can say which queue nobody serves):
+        a fleet of thousands of agents serving other locations costs a dispatch nothing."""
+        queued = [_run_from_row(r) for r in await db.fetch(
             f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = ? ORDER BY priority DESC, id LIMIT ?",
             (RunStatus.QUEUED, DISPATCH_BATCH),
-        )
+        )]  # fmt: skip
         active = await db.fetch(
             f"SELECT {_RUN_COLUMNS} FROM runs WHERE status IN (?, ?, ?)",
             tuple(ACTIVE_STATUSES),
         )
-        agents = await db.fetch(f"SELECT {_AGENT_COLUMNS} FROM agents")
-        hosted: dict[str, set[str]] = {}
-        for agent_id, info in await db.fetch("SELECT agent_id, info FROM code_locations"):
-            loc = json.loads(info)
-            if loc.get("error") is None:
-                hosted.setdefault(agent_id, set()).add(loc["name"])
+        if not queued and not every_agent:  # nothing to decide (an agent registered, say)
+            return QueueSnapshot(queued=[], active=[], agents=[], hosted={})
+        catalog = await self._code_catalog(db)
+        if every_agent:
+            agents = [_agent_from_row(r) for r in await db.fetch(
+                f"SELECT {_AGENT_COLUMNS} FROM agents"
+            )]  # fmt: skip
+        else:
+            wanted = {run.location for run in queued}
+            hosting = {loc.agent_id for name in wanted for loc in catalog.by_name.get(name, ())}
+            agents = list((await self._agents_by_id(db, hosting)).values())
         return QueueSnapshot(
-            queued=[_run_from_row(r) for r in queued],
+            queued=queued,
             active=[_run_from_row(r) for r in active],
-            agents=[_agent_from_row(r) for r in agents],
-            hosted=hosted,
+            agents=agents,
+            hosted=catalog.hosted,
         )
 
     async def queue_snapshot(self) -> QueueSnapshot:
-        return await self._snapshot(self._reader)
+        return await self._snapshot(self._reader, every_agent=True)
 
     async def assign_queued(
         self, now: float, decide: Callable[[QueueSnapshot], list[tuple[str, str]]]
@@ -507,7 +534,7 @@ class SqlStorage:
                 event_type,
                 step,
                 message,
-                json.dumps(data or {}, default=_not_json),
+                _event_json(data),
                 attempt,
             ),
         )
@@ -612,6 +639,7 @@ class SqlStorage:
             status = run.status
             changed = False
             stored: dict[str, int] = {}
+            plain: list[RunRecord] = []  # stored together, in as few statements as can be
             for record in sorted(records, key=lambda r: r.seq):
                 if record.seq <= acked:
                     continue
@@ -620,13 +648,13 @@ class SqlStorage:
                 acked = record.seq
                 stored_as = "log" if record.kind == "log" else "event"
                 stored[stored_as] = stored.get(stored_as, 0) + 1
-                if record.kind == "log":
-                    await db.execute(
-                        "INSERT INTO compute_logs (run_id, attempt, step, stream, time, text)"
-                        " VALUES (?, ?, ?, ?, ?, ?)",
-                        (run_id, lease, record.step, record.type, record.time, record.message),
-                    )
+                if record.kind == "log" or (
+                    record.type not in EVENT_STATUS and INLINE_OUTPUT_KEY not in record.data
+                ):
+                    plain.append(record)
                     continue
+                await self._append_plain(db, run_id, lease, now, plain)
+                plain = []
                 if record.type == "RUN_FAILURE" and status in (
                     RunStatus.STARTING, RunStatus.STARTED,
                 ):  # fmt: skip
@@ -651,11 +679,41 @@ class SqlStorage:
                     lease, event_time=record.time, apply_status=applies,
                 )  # fmt: skip
                 changed = changed or did_change
+            await self._append_plain(db, run_id, lease, now, plain)
             await db.execute(
                 "UPDATE run_attempts SET acked_seq = ? WHERE attempt_id = ?", (acked, lease)
             )
             return AppendResult(acked_seq=acked, status=status, status_changed=changed,
                                 stored=stored)  # fmt: skip
+
+    async def _append_plain(
+        self, db: Tx, run_id: str, lease: int, now: float, records: list[RunRecord]
+    ) -> None:
+        """Store records that change no status (logs, step events) in one statement per
+        table: a batch of 500 costs three statements, not a thousand."""
+        logs = [(run_id, lease, r.step, r.type, r.time, r.message)
+                for r in records if r.kind == "log"]  # fmt: skip
+        events = [r for r in records if r.kind != "log"]
+        if logs:
+            await db.executemany(
+                "INSERT INTO compute_logs (run_id, attempt, step, stream, time, text)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                logs,
+            )
+        if not events:
+            return
+        ((last,),) = await db.fetch(
+            "UPDATE runs SET last_event_seq = last_event_seq + ?, update_time = ?"
+            " WHERE run_id = ? RETURNING last_event_seq",
+            (len(events), now, run_id),
+        )
+        first = last - len(events) + 1
+        await db.executemany(
+            "INSERT INTO events (run_id, seq, time, type, step, message, data, attempt)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(run_id, first + i, r.time or now, r.type, r.step, r.message,
+              _event_json(r.data), lease) for i, r in enumerate(events)],
+        )  # fmt: skip
 
     async def apply_verdicts(
         self, verdicts: list[Verdict], now: float, resume_limit: int
@@ -874,25 +932,37 @@ class SqlStorage:
                 "INSERT INTO code_locations (agent_id, name, info) VALUES (?, ?, ?)",
                 [(agent_id, loc.name, json.dumps(to_plain(loc))) for loc in locations],
             )
+            ((version,),) = await db.fetch(
+                "UPDATE catalog SET version = version + 1 RETURNING version"
+            )
+            await db.execute(
+                "UPDATE agents SET catalog_version = ? WHERE agent_id = ?", (version, agent_id)
+            )
             rows = await db.fetch(
                 f"SELECT {_AGENT_COLUMNS} FROM agents WHERE agent_id = ?", (agent_id,)
             )
             return _agent_from_row(rows[0])
 
-    async def record_heartbeat(self, agent_id: str, now: float) -> float | None:
-        """Store a heartbeat; returns the previous one's time, or None for an unknown agent."""
+    async def record_heartbeats(self, agent_ids: Iterable[str], now: float) -> dict[str, float]:
+        """Store a heartbeat from each agent, in one transaction; returns each known
+        agent's previous heartbeat time (an unknown agent is left out)."""
+        ids = sorted(set(agent_ids))
+        previous: dict[str, float] = {}
         async with self._write_row() as db:
-            rows = await db.fetch(
-                "SELECT last_heartbeat FROM agents WHERE agent_id = ?", (agent_id,)
-            )
-            if not rows:
-                return None
-            await db.execute(
-                "UPDATE agents SET last_heartbeat = ?, status = CASE status"
-                " WHEN 'OFFLINE' THEN 'ONLINE' ELSE status END WHERE agent_id = ?",
-                (now, agent_id),
-            )
-            return float(rows[0][0])
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = await db.fetch(
+                    f"SELECT agent_id, last_heartbeat FROM agents WHERE agent_id IN ({marks})",
+                    tuple(chunk),
+                )
+                previous.update((agent_id, float(hb)) for agent_id, hb in rows)
+                await db.execute(
+                    "UPDATE agents SET last_heartbeat = ?, status = CASE status"
+                    f" WHEN 'OFFLINE' THEN 'ONLINE' ELSE status END WHERE agent_id IN ({marks})",
+                    (now, *chunk),
+                )
+        return previous
 
     async def set_agent_status(self, agent_id: str, status: str) -> Agent | None:
         """DRAINING (no new launches; its runs go on) or back to ONLINE."""
@@ -1080,13 +1150,66 @@ class SqlStorage:
         return [_tick_from_row(r) for r in rows]
 
     async def list_code_locations(self) -> list[CodeLocation]:
-        rows = await self._reader.fetch(
-            "SELECT agent_id, info FROM code_locations ORDER BY name, agent_id"
-        )
-        return [
-            CodeLocation(agent_id=a, info=from_plain(CodeLocationInfo, json.loads(i)))
-            for a, i in rows
-        ]
+        return (await self.code_catalog()).locations
+
+    async def code_catalog(self) -> CodeCatalog:
+        return await self._code_catalog(self._reader)
+
+    async def _code_catalog(self, db: Tx) -> CodeCatalog:
+        """The catalog, brought up to date with the registrations made since it was read
+        (on any replica): only the agents that registered since are read again.
+
+        The version is read first: registrations commit in version order (each holds the
+        catalog row until it commits), so every one up to it is visible, and one that
+        lands in between is merely read again next time. Agents of a fleet mostly share
+        their locations' text, so each distinct text is parsed once."""
+        ((version,),) = await db.fetch("SELECT version FROM catalog")
+        cached: CodeCatalog | None = getattr(self, "_catalog", None)
+        if cached is not None and cached.version == version:
+            return cached
+        by_agent = dict(cached.by_agent) if cached is not None else {}
+        if cached is None:
+            rows = await db.fetch("SELECT agent_id, info FROM code_locations")
+        else:
+            changed = [a for (a,) in await db.fetch(
+                "SELECT agent_id FROM agents WHERE catalog_version > ?", (cached.version,)
+            )]  # fmt: skip
+            rows = []
+            for start in range(0, len(changed), 500):
+                chunk = changed[start : start + 500]
+                by_agent.update((agent_id, []) for agent_id in chunk)
+                rows += await db.fetch(
+                    "SELECT agent_id, info FROM code_locations WHERE agent_id IN"
+                    f" ({','.join('?' * len(chunk))})",
+                    tuple(chunk),
+                )
+        parsed: dict[str, CodeLocationInfo] = getattr(self, "_parsed_infos", {})
+        for agent_id, text in rows:
+            info = parsed.get(text)
+            if info is None:
+                info = parsed[text] = from_plain(CodeLocationInfo, json.loads(text))
+            by_agent.setdefault(agent_id, []).append(CodeLocation(agent_id=agent_id, info=info))
+        if len(parsed) > 4 * len(by_agent) + 100:  # texts no agent has any more
+            parsed = {}
+        self._parsed_infos = parsed
+        self._catalog = CodeCatalog.of(version, by_agent)
+        return self._catalog
+
+    async def get_agents(self, agent_ids: Iterable[str]) -> dict[str, Agent]:
+        return await self._agents_by_id(self._reader, set(agent_ids))
+
+    async def _agents_by_id(self, db: Tx, agent_ids: set[str]) -> dict[str, Agent]:
+        found: dict[str, Agent] = {}
+        ids = sorted(agent_ids)
+        for start in range(0, len(ids), 500):  # well under both databases' parameter limits
+            chunk = ids[start : start + 500]
+            rows = await db.fetch(
+                f"SELECT {_AGENT_COLUMNS} FROM agents WHERE agent_id IN"
+                f" ({','.join('?' * len(chunk))})",
+                tuple(chunk),
+            )
+            found.update((agent.agent_id, agent) for agent in map(_agent_from_row, rows))
+        return found
 
     # --- leadership of the daemon loops ----------------------------------------------
 

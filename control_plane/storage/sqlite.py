@@ -207,6 +207,13 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX evaluations_untaken ON evaluations (agent_id, location);
     """,
+    # version 8: a version number for the code locations, moved by each registration and
+    # kept on the agent it registered, so a process re-reads only what changed
+    """
+    CREATE TABLE catalog (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
+    INSERT INTO catalog (id, version) VALUES (1, 0);
+    ALTER TABLE agents ADD COLUMN catalog_version INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 

@@ -11,13 +11,16 @@ from control_plane.storage import Storage, open_storage
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
-    """Every test that takes it runs on an SQLite file and on a PostgreSQL schema."""
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/fleetrun.db"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    store = open_storage(url)
+        return f"sqlite:///{tmp_path}/fleetrun.db"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+async def storage(storage_url: str) -> AsyncIterator[Storage]:
+    """Every test that takes it runs on an SQLite file and on a PostgreSQL schema."""
+    store = open_storage(storage_url)
     await store.open()
     yield store
     await store.close()

@@ -145,12 +145,54 @@ async def test_agents_keep_their_id_by_name(storage: Storage) -> None:
     other = await agent_id(storage, "w2")
     assert other != first
     assert [a.name for a in await storage.list_agents()] == ["w1", "w2"]
-    assert await storage.record_heartbeat(first, now=50.0) == 10.0
+    assert await storage.record_heartbeats([first, "nobody"], now=50.0) == {first: 10.0}
     assert (await storage.get_agent(first)).last_heartbeat == 50.0  # type: ignore[union-attr]
-    assert await storage.record_heartbeat("nobody", now=50.0) is None
+    assert (await storage.get_agent(other)).last_heartbeat == 10.0  # type: ignore[union-attr]
     locations = await storage.list_code_locations()
     assert {(loc.agent_id, loc.info.name) for loc in locations} == {(first, "loc"), (other, "loc")}
     assert locations[0].info.jobs[0].name == "etl"
+
+
+async def test_the_code_catalog_follows_registrations_made_by_another_process(
+    storage: Storage, storage_url: str
+) -> None:
+    from control_plane.storage import open_storage
+
+    first = await agent_id(storage)
+    catalog = await storage.code_catalog()
+    assert catalog.hosted == {first: {"loc"}} and catalog.jobs == {"loc": {"etl"}}
+    assert await storage.code_catalog() is catalog  # unchanged: not parsed again
+    other = open_storage(storage_url)  # another replica (or process) on the same database
+    await other.open()
+    try:
+        await other.register_agent(
+            "w1", "host", "0.1", ["default"], 4,
+            [CodeLocationInfo(name="loc", jobs=[JobInfo(name="etl"), JobInfo(name="new")]),
+             CodeLocationInfo(name="broken", error="ImportError")], now=11.0,
+        )  # fmt: skip
+    finally:
+        await other.close()
+    catalog = await storage.code_catalog()
+    assert catalog.jobs == {"loc": {"etl", "new"}, "broken": set()}
+    assert catalog.hosted == {first: {"loc"}}  # a location that failed to load hosts nothing
+    assert [loc.info.name for loc in catalog.by_name["broken"]] == ["broken"]
+
+
+async def test_dispatch_reads_only_the_agents_that_host_a_queued_location(
+    storage: Storage,
+) -> None:
+    hosting = await agent_id(storage)
+    for i in range(3):  # a fleet serving something else
+        await storage.register_agent(f"other{i}", "h", "0.1", ["default"], 1,
+                                     [CodeLocationInfo(name="elsewhere")], now=10.0)  # fmt: skip
+    await storage.create_run(new_run("r1"), now=11)
+    seen = []
+    assigned = await storage.assign_queued(
+        12, lambda snapshot: seen.append([a.agent_id for a in snapshot.agents]) or [("r1", hosting)]
+    )
+    assert seen == [[hosting]] and [r.run_id for r in assigned] == ["r1"]
+    explained = await storage.queue_snapshot()  # explaining a wait looks at every agent
+    assert len(explained.agents) == 4
 
 
 async def test_schema_is_versioned_and_reopens(tmp_path: Path) -> None:
@@ -256,7 +298,7 @@ async def test_verdict_fails_the_run_fences_its_lease_and_loses_to_an_earlier_re
         await storage.append_records("lost", lost, [event(2, "RUN_SUCCESS")], now=41)
     orders, _ = await storage.stop_orders(aid, [lost], now=42)
     assert [(o.run_id, o.cancel) for o in orders] == [("lost", False)]
-    await storage.record_heartbeat(aid, now=43)
+    await storage.record_heartbeats([aid], now=43)
     assert (await storage.get_agent(aid)).status == "ONLINE"  # type: ignore[union-attr]
 
 
@@ -429,6 +471,27 @@ async def test_stopped_and_orphaned_instigators(storage: Storage) -> None:
     await storage.set_instigator("loc", "daily", "schedule", status="RUNNING")
     found = {i.name: i for i in await load_instigators(storage, now=100.0, heartbeat_timeout=30)}
     assert found["daily"].running and not found["daily"].hosts  # its agent went quiet
+
+
+async def test_only_registrations_that_touch_a_schedule_wake_the_daemon(storage: Storage) -> None:
+    from control_plane.clock import SystemClock
+    from control_plane.evaluations import EvaluationBroker
+    from control_plane.health import DaemonHealth
+    from control_plane.scheduler import ScheduleDaemon
+    from protocol.messages import ScheduleInfo
+
+    clock = SystemClock()
+    loc = CodeLocationInfo(name="loc", schedules=[ScheduleInfo(name="daily", job="etl",
+                                                               cron="0 6 * * *")])  # fmt: skip
+    host = await storage.register_agent("w1", "h", "0", ["default"], 1, [loc], now=clock.time())
+    idle = await agent_id(storage, "idle")
+    daemon = ScheduleDaemon(storage, EvaluationBroker(storage, clock, lambda *a: None), clock,
+                            DaemonHealth(clock), 30.0, lambda runs: None)  # fmt: skip
+    await daemon.instigators(clock.time())
+    daemon.agent_registered(idle)  # hosts no schedule, never did: no pass
+    assert not daemon._wakeup.is_set()
+    daemon.agent_registered(host.agent_id)  # it may have dropped its schedule
+    assert daemon._wakeup.is_set()
 
 
 async def test_what_the_metrics_read(storage: Storage) -> None:

@@ -1,0 +1,167 @@
+"""What every benchmark needs: a real fleet on loopback, HTTP helpers, process readings.
+
+A `Fleet` is a `fleetrun serve` subprocess on an embedded SQLite file (or a PostgreSQL
+URL) in a temporary folder plus `fleetrun agent` subprocesses, so figures include the
+real HTTP, msgpack and storage paths. Process readings come from /proc (Linux), the
+same numbers `ps` shows, so the bench needs nothing installed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+FLEETRUN = [sys.executable, "-m", "control_plane.cli"]
+EXAMPLES = REPO / "examples" / "demo_jobs.py"
+JOBS = Path(__file__).resolve().parent / "jobs.py"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: the kernel kills it when the bench dies, however it dies
+    (an interrupted bench must not leave load behind to skew the next one)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen:
+    """A bench subprocess, tied to this process's life."""
+    return subprocess.Popen(argv, preexec_fn=_die_with_parent, **kwargs)
+
+
+def get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def post(url: str, body: dict) -> Any:
+    req = urllib.request.Request(url, json.dumps(body).encode(), method="POST")
+    req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def wait(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.005) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(interval)
+    raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def ts(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of a process (its fork server, say)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found.extend(int(c) for c in text)
+    return found
+
+
+@contextmanager
+def fleet(control_plane_toml: str, agents: int, slots: int) -> Iterator[str]:
+    """A fleet as a context manager that yields only its URL."""
+    with Fleet(control_plane_toml) as running:
+        if agents:
+            running.add_agents(agents, slots)
+        yield running.url
+
+
+class Fleet:
+    """A control plane and its agents as subprocesses; `stop()` ends them all."""
+
+    def __init__(self, control_plane_toml: str = "", storage_url: str = "sqlite:///b.db") -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="fleetrun-bench-"))
+        (self.folder / "cp.toml").write_text(
+            f'[server]\nport = 0\n[storage]\nurl = "{storage_url}"\n{control_plane_toml}'
+        )
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.agents: list[subprocess.Popen[bytes]] = []
+        log = self.folder / "cp.log"
+        with open(log, "wb") as out:
+            self.control_plane = spawn(
+                [*FLEETRUN, "serve", "--config", str(self.folder / "cp.toml")],
+                stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self.procs.append(self.control_plane)
+        try:
+            match = wait(lambda: re.search(r"listening on (http://\S+)", log.read_text()),
+                         60, "the control plane", 0.02)  # fmt: skip
+        except BaseException:
+            self.stop()
+            raise
+        self.url: str = match.group(1)
+
+    def add_agents(self, count: int, slots: int, location: Path = EXAMPLES,
+                   extra_toml: str = "", command: list[str] | None = None) -> None:  # fmt: skip
+        """Start `count` agents serving `location` and wait until all have described it."""
+        first = len(self.agents)
+        for i in range(first, first + count):
+            path = self.folder / f"agent{i}.toml"
+            path.write_text(
+                f'control_plane_url = "{self.url}"\nname = "bench{i}"\n'
+                f'max_concurrent_runs = {slots}\nstate_dir = "{self.folder}/state{i}"\n'
+                f'{extra_toml}[[code_locations]]\nname = "bench"\npython_file = "{location}"\n'
+            )
+            argv = [*(command or [*FLEETRUN, "agent"]), "--config", str(path)]
+            agent = spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.agents.append(agent)
+            self.procs.append(agent)
+        want = len(self.agents)
+        wait(lambda: len([a for a in get(f"{self.url}/api/v1/agents")["agents"]
+                          if a["code_locations"] and a["status"] == "ONLINE"]) >= want,
+             60, f"{want} agents", 0.02)  # fmt: skip
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.terminate()
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(20)
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,51 @@
+"""Agents' heartbeats, committed in groups.
+
+Thousands of agents each heartbeating every few seconds would be thousands of write
+transactions a second, one at a time. Instead, heartbeats that arrive while a commit is
+in flight wait for the next one, which records all of them in one transaction: at low
+load every heartbeat is committed at once, alone; at high load a commit carries many.
+Each caller still gets its answer only after its heartbeat is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from control_plane.clock import Clock
+from control_plane.storage import Storage
+
+
+class HeartbeatRecorder:
+    def __init__(self, storage: Storage, clock: Clock) -> None:
+        self.storage = storage
+        self.clock = clock
+        self._pending: dict[str, list[asyncio.Future[tuple[float | None, float]]]] = {}
+        self._committing: asyncio.Task[None] | None = None
+
+    async def record(self, agent_id: str) -> tuple[float | None, float]:
+        """Store a heartbeat: (the agent's previous heartbeat time or None if the agent
+        is unknown, the time recorded now)."""
+        future: asyncio.Future[tuple[float | None, float]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pending.setdefault(agent_id, []).append(future)
+        if self._committing is None or self._committing.done():
+            self._committing = asyncio.create_task(self._commit_all())
+        return await future
+
+    async def _commit_all(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, {}
+            now = self.clock.time()
+            try:
+                previous = await self.storage.record_heartbeats(batch, now)
+            except Exception as exc:  # e.g. storage full: every caller answers 503
+                for futures in batch.values():
+                    for future in futures:
+                        if not future.done():
+                            future.set_exception(exc)
+                continue
+            for agent_id, futures in batch.items():
+                for future in futures:
+                    if not future.done():  # its request may have gone meanwhile
+                        future.set_result((previous.get(agent_id), now))
