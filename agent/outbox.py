@@ -103,9 +103,16 @@ class RunOutbox:
         back from the spool."""
         if self._spool is None:
             return self._pending[:MAX_BATCH]
-        if self._flushing is not None and not self._flushing.done():
-            await asyncio.shield(self._flushing)
-        records = await self._spool.pending(self.lease, MAX_BATCH)
+        while True:
+            flushing = self._flushing
+            if flushing is not None and not flushing.done():
+                await asyncio.shield(flushing)
+            records = await self._spool.pending(self.lease, MAX_BATCH)
+            if self._flushing is flushing:
+                break
+            # A record came while the spool was read, and its flush began: it is in
+            # neither `records` nor `_pending` yet. Read again once it is spooled, or
+            # a last record (a RUN_SUCCESS) could be left behind when the run closes.
         if not records and self._pending:  # spooling failed: send from memory meanwhile
             return self._pending[:MAX_BATCH]
         return records

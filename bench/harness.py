@@ -69,6 +69,17 @@ def ts(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
+def metric(url: str, series: str) -> float:
+    """One series' value on the control plane's /metrics (`series` as printed there,
+    labels included); 0 when it has not been counted yet."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=60) as resp:
+        for line in resp.read().decode().splitlines():
+            name, _, value = line.rpartition(" ")
+            if name == series:
+                return float(value)
+    return 0.0
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]

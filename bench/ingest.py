@@ -11,21 +11,15 @@ batch. events/s = records the control plane counted as stored
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
-import urllib.request
 from dataclasses import dataclass
 
-from bench.harness import Fleet, cpu_seconds, get, post, spawn, wait
-
-STORED = re.compile(r'^fleetrun_records_ingested_total\{kind="event"\} (\S+)$', re.M)
+from bench.harness import Fleet, cpu_seconds, get, metric, post, spawn, wait
 
 
 def stored_events(url: str) -> float:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=60) as resp:
-        match = STORED.search(resp.read().decode())
-    return float(match.group(1)) if match else 0.0
+    return metric(url, 'fleetrun_records_ingested_total{kind="event"}')
 
 
 @dataclass

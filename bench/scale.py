@@ -12,23 +12,17 @@ every simulated agent heartbeating back to back (flood), which is its capacity.
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 
-from bench.harness import Fleet, cpu_seconds, get, post, rss_bytes, spawn, wait
-
-HEARTBEATS = re.compile(r"^fleetrun_agent_heartbeats_received_total (\S+)$", re.M)
+from bench.harness import Fleet, cpu_seconds, get, metric, post, rss_bytes, spawn, wait
 
 
 def heartbeats_counted(url: str) -> float:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=60) as resp:
-        match = HEARTBEATS.search(resp.read().decode())
-    return float(match.group(1)) if match else 0.0
+    return metric(url, "fleetrun_agent_heartbeats_received_total")
 
 
 @dataclass

@@ -14,6 +14,8 @@ import asyncio
 from control_plane.clock import Clock
 from control_plane.storage import Storage
 
+MAX_PER_COMMIT = 100  # so that answering one commit's callers is a short burst of work
+
 
 class HeartbeatRecorder:
     def __init__(self, storage: Storage, clock: Clock) -> None:
@@ -35,7 +37,8 @@ class HeartbeatRecorder:
 
     async def _commit_all(self) -> None:
         while self._pending:
-            batch, self._pending = self._pending, {}
+            ids = list(self._pending)[:MAX_PER_COMMIT]
+            batch = {agent_id: self._pending.pop(agent_id) for agent_id in ids}
             now = self.clock.time()
             try:
                 previous = await self.storage.record_heartbeats(batch, now)

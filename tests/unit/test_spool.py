@@ -3,6 +3,7 @@ bound that sheds compute-log text first; and the outbox delivering through it.""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,42 @@ async def test_the_outbox_delivers_through_the_spool_across_an_outage(tmp_path: 
     outbox.close()
     await outbox.deliver()
     assert [r.seq for b in sent for r in b.records] == [1, 2, 3]
+    assert await spool.attempts() == []
+    await spool.close()
+
+
+async def test_a_last_record_added_while_the_spool_is_read_is_still_delivered(
+    tmp_path: Path,
+) -> None:
+    """The race `make bench` found: the run's last record arrives while the outbox reads
+    the spool, its flush starts, and the run closes before the read returns."""
+    outbox: RunOutbox
+
+    class RacingSpool(Spool):
+        race = True
+
+        async def pending(self, lease: int, limit: int = 500) -> list[RunRecord]:
+            found = await super().pending(lease, limit)
+            if self.race and not found:
+                self.race = False
+                outbox.add(event(2, "RUN_SUCCESS"))
+                for _ in range(3):  # the flush task takes the record and starts writing
+                    await asyncio.sleep(0)
+                outbox.close()
+            return found
+
+    spool = RacingSpool(tmp_path / "spool.db")
+    await spool.open()
+    sent: list[int] = []
+
+    async def send(batch: EventBatch) -> EventAck:
+        sent.extend(r.seq for r in batch.records)
+        return EventAck(acked_seq=batch.records[-1].seq)
+
+    outbox = RunOutbox("agent-1", "run-1", 7, send, spool=spool)
+    outbox.add(event(1))
+    await asyncio.wait_for(outbox.deliver(), 10)
+    assert sent == [1, 2]
     assert await spool.attempts() == []
     await spool.close()
 
