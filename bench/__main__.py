@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--storage",
         default="sqlite:///b.db",
-        help="storage URL for workloads 1, 2 and 4 (e.g. a PostgreSQL one)",
+        help="storage URL for workloads 1, 2 and 4 (PostgreSQL: a fresh schema each)",
     )
     parser.add_argument("--dagster-runs", type=int, default=20, help="Dagster idle runs (6)")
     parser.add_argument(

@@ -121,6 +121,9 @@ class Fleet:
 
     def __init__(self, control_plane_toml: str = "", storage_url: str = "sqlite:///b.db") -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="fleetrun-bench-"))
+        self._schema: tuple[str, str] | None = None
+        if storage_url.startswith(("postgresql:", "postgres:")):
+            storage_url = self._fresh_schema(storage_url)
         (self.folder / "cp.toml").write_text(
             f'[server]\nport = 0\n[storage]\nurl = "{storage_url}"\n{control_plane_toml}'
         )
@@ -161,7 +164,26 @@ class Fleet:
                           if a["code_locations"] and a["status"] == "ONLINE"]) >= want,
              60, f"{want} agents", 0.02)  # fmt: skip
 
+    def _fresh_schema(self, url: str) -> str:
+        """Every workload starts from an empty instance: a schema of its own on the
+        server (psql, the server's own client), dropped by `stop()`."""
+        schema = f"fleetrun_bench_{os.getpid()}_{time.monotonic_ns()}"
+        server = url.split("?", 1)[0]
+        subprocess.run(["psql", "-q", server, "-c", f"CREATE SCHEMA {schema}"], check=True)
+        self._schema = (server, schema)
+        return f"{url}{'&' if '?' in url else '?'}search_path={schema}"
+
     def stop(self) -> None:
+        try:
+            self._stop_processes()
+        finally:
+            if self._schema is not None:
+                server, schema = self._schema
+                drop = f"SET client_min_messages = warning; DROP SCHEMA {schema} CASCADE"
+                subprocess.run(["psql", "-q", server, "-c", drop], check=False)
+                self._schema = None
+
+    def _stop_processes(self) -> None:
         for proc in reversed(self.procs):
             proc.terminate()
         for proc in reversed(self.procs):
