@@ -260,6 +260,7 @@ class PostgresStorage(SqlStorage):
     shared = True
 
     def __init__(self, url: str, pool_size: int = 10) -> None:
+        super().__init__()
         self.url = url
         self.pool_size = pool_size
         self._pool: asyncpg.Pool | None = None

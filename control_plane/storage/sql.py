@@ -17,7 +17,7 @@ import dataclasses
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
@@ -104,6 +104,14 @@ def _event_json(data: dict[str, Any] | None) -> str:
 
 
 AGENT_FAILURE_KINDS = frozenset({WORKER_CRASH, AGENT_LOST})  # what an agent may report
+IN_CHUNK = 500  # ids per `IN (...)` list: well under both databases' parameter limits
+
+
+def _in_chunks(ids: Sequence[str]) -> Iterator[tuple[tuple[str, ...], str]]:
+    """`ids` in slices for `IN (...)`, each with its placeholders."""
+    for start in range(0, len(ids), IN_CHUNK):
+        chunk = tuple(ids[start : start + IN_CHUNK])
+        yield chunk, ",".join("?" * len(chunk))
 
 
 def _known_kind(claimed: object, allowed: frozenset[str]) -> str:
@@ -192,6 +200,11 @@ class SqlStorage:
 
     shared = False  # several control-plane processes may use this database at once
     auto_migrate = True  # open() applies pending migrations (`fleetrun migrate` does not)
+    _catalog: CodeCatalog | None = None  # the code locations as last read (_code_catalog)
+    _parsed_infos: dict[str, CodeLocationInfo]  # location text -> parsed, shared by agents
+
+    def __init__(self) -> None:
+        self._parsed_infos = {}
 
     async def continue_ids(self, columns: dict[str, str]) -> None:
         """After rows were copied in with their ids: new ones continue after them."""
@@ -949,12 +962,10 @@ class SqlStorage:
         ids = sorted(set(agent_ids))
         previous: dict[str, float] = {}
         async with self._write_row() as db:
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                marks = ",".join("?" * len(chunk))
+            for chunk, marks in _in_chunks(ids):
                 rows = await db.fetch(
                     f"SELECT agent_id, last_heartbeat FROM agents WHERE agent_id IN ({marks})",
-                    tuple(chunk),
+                    chunk,
                 )
                 previous.update((agent_id, float(hb)) for agent_id, hb in rows)
                 await db.execute(
@@ -1164,34 +1175,26 @@ class SqlStorage:
         lands in between is merely read again next time. Agents of a fleet mostly share
         their locations' text, so each distinct text is parsed once."""
         ((version,),) = await db.fetch("SELECT version FROM catalog")
-        cached: CodeCatalog | None = getattr(self, "_catalog", None)
+        cached = self._catalog
         if cached is not None and cached.version == version:
             return cached
+        since = cached.version if cached is not None else -1  # -1: every agent
         by_agent = dict(cached.by_agent) if cached is not None else {}
-        if cached is None:
-            rows = await db.fetch("SELECT agent_id, info FROM code_locations")
-        else:
-            changed = [a for (a,) in await db.fetch(
-                "SELECT agent_id FROM agents WHERE catalog_version > ?", (cached.version,)
-            )]  # fmt: skip
-            rows = []
-            for start in range(0, len(changed), 500):
-                chunk = changed[start : start + 500]
-                by_agent.update((agent_id, []) for agent_id in chunk)
-                rows += await db.fetch(
-                    "SELECT agent_id, info FROM code_locations WHERE agent_id IN"
-                    f" ({','.join('?' * len(chunk))})",
-                    tuple(chunk),
-                )
-        parsed: dict[str, CodeLocationInfo] = getattr(self, "_parsed_infos", {})
-        for agent_id, text in rows:
-            info = parsed.get(text)
-            if info is None:
-                info = parsed[text] = from_plain(CodeLocationInfo, json.loads(text))
-            by_agent.setdefault(agent_id, []).append(CodeLocation(agent_id=agent_id, info=info))
-        if len(parsed) > 4 * len(by_agent) + 100:  # texts no agent has any more
-            parsed = {}
-        self._parsed_infos = parsed
+        changed = [a for (a,) in await db.fetch(
+            "SELECT agent_id FROM agents WHERE catalog_version > ?", (since,)
+        )]  # fmt: skip
+        parsed = self._parsed_infos
+        for chunk, marks in _in_chunks(changed):
+            by_agent.update((agent_id, []) for agent_id in chunk)
+            for agent_id, text in await db.fetch(
+                f"SELECT agent_id, info FROM code_locations WHERE agent_id IN ({marks})", chunk
+            ):
+                info = parsed.get(text)
+                if info is None:
+                    info = parsed[text] = from_plain(CodeLocationInfo, json.loads(text))
+                by_agent[agent_id].append(CodeLocation(agent_id=agent_id, info=info))
+        if len(parsed) > 4 * len(by_agent) + 100:  # mostly texts no agent has any more
+            parsed.clear()
         self._catalog = CodeCatalog.of(version, by_agent)
         return self._catalog
 
@@ -1200,13 +1203,9 @@ class SqlStorage:
 
     async def _agents_by_id(self, db: Tx, agent_ids: set[str]) -> dict[str, Agent]:
         found: dict[str, Agent] = {}
-        ids = sorted(agent_ids)
-        for start in range(0, len(ids), 500):  # well under both databases' parameter limits
-            chunk = ids[start : start + 500]
+        for chunk, marks in _in_chunks(sorted(agent_ids)):
             rows = await db.fetch(
-                f"SELECT {_AGENT_COLUMNS} FROM agents WHERE agent_id IN"
-                f" ({','.join('?' * len(chunk))})",
-                tuple(chunk),
+                f"SELECT {_AGENT_COLUMNS} FROM agents WHERE agent_id IN ({marks})", chunk
             )
             found.update((agent.agent_id, agent) for agent in map(_agent_from_row, rows))
         return found

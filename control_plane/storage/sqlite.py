@@ -236,6 +236,7 @@ class SqliteTx:
 
 class SqliteStorage(SqlStorage):
     def __init__(self, path: str) -> None:
+        super().__init__()
         self.path = path
         self._writer: aiosqlite.Connection | None = None
         self._read_db: aiosqlite.Connection | None = None
