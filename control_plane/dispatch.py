@@ -8,6 +8,7 @@ orders work the same way: owed while the agent holds a lease that is canceled or
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,7 +44,15 @@ class Dispatcher:
     At most `max_polls_per_agent` polls of one agent are parked at a time: a newer poll
     ends the oldest one with an empty reply (its client has most likely gone, e.g. after
     a half-open connection), so an agent can never tie up more than that many.
+
+    An idle poll is held for the poll timeout less a random part of up to `HOLD_SPREAD`
+    of it. With a fixed hold, polls that arrived together (a fleet starting, every agent
+    reconnecting after a restart, all those answered after one pause) would expire
+    together, every time, and come back as one burst; the spread dissolves such bursts
+    within a few rounds, as Consul's jittered blocking queries do.
     """
+
+    HOLD_SPREAD = 0.2
 
     def __init__(
         self,
@@ -53,8 +62,10 @@ class Dispatcher:
         on_canceled: Callable[[list[Run]], None],
         broker: EvaluationBroker | None = None,
         max_polls_per_agent: int = 2,
+        spread: Callable[[], float] = random.random,
     ) -> None:
         self.storage = storage
+        self.spread = spread  # in [0, 1): which part of HOLD_SPREAD this poll gives up
         self.max_polls_per_agent = max_polls_per_agent
         self._parked: dict[str, list[_ParkedPoll]] = {}
         self.broker = broker
@@ -82,8 +93,9 @@ class Dispatcher:
         if len(parked) > self.max_polls_per_agent:
             parked.pop(0).evicted = True
             self.wake_agent(agent_id)
+        hold = max_wait * (1 - self.HOLD_SPREAD * self.spread())
         try:
-            return await self._wait(agent_id, held_leases, stopping, max_wait, mine)
+            return await self._wait(agent_id, held_leases, stopping, hold, mine)
         finally:
             if mine in parked:
                 parked.remove(mine)

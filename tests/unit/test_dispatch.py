@@ -1,0 +1,44 @@
+"""The dispatcher's long-poll holds (control_plane/dispatch.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from control_plane.clock import SystemClock
+from control_plane.dispatch import Dispatcher
+from control_plane.notify import Notifier
+from control_plane.storage import Storage
+from protocol.messages import CodeLocationInfo, PollReply
+
+T = TypeVar("T")
+
+
+class RecordingNotifier(Notifier):
+    """The real notifier, noting how long each poll was allowed to wait."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holds: list[float] = []
+
+    async def wait_for(
+        self, key: str, check: Callable[[], Awaitable[T | None]], max_wait: float
+    ) -> T | None:
+        self.holds.append(max_wait)
+        return await super().wait_for(key, check, max_wait)
+
+
+async def test_idle_polls_are_held_for_the_timeout_less_a_random_part_of_a_fifth(
+    storage: Storage,
+) -> None:
+    agent = await storage.register_agent("a", "h", "0", ["default"], 1,
+                                         [CodeLocationInfo(name="loc")], now=1.0)  # fmt: skip
+    draws = iter([0.0, 0.5, 0.999])
+    dispatcher = Dispatcher(storage, 5.0, SystemClock(), on_canceled=lambda runs: None,
+                            spread=lambda: next(draws))  # fmt: skip
+    dispatcher.agents = notifier = RecordingNotifier()
+    for _ in range(3):
+        reply = await dispatcher.wait_for_commands(agent.agent_id, set(), set(), 0.05)
+        assert reply == PollReply()  # nothing owed: an empty answer once the hold ends
+    assert notifier.holds == [0.05, 0.05 * 0.9, 0.05 * (1 - 0.2 * 0.999)]
+    assert all(0.05 * 0.8 <= hold <= 0.05 for hold in notifier.holds)
