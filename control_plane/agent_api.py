@@ -16,6 +16,7 @@ from control_plane.bus import MONITOR, QUEUE, RUN
 from control_plane.statuses import TERMINAL_STATUSES, RunStatus
 from control_plane.storage import (
     NameTaken,
+    NotYourRun,
     Run,
     StaleLease,
     StorageFull,
@@ -208,22 +209,22 @@ async def events(cp: ControlPlane, msg: EventBatch, _: Principal | None) -> Even
         if not 0 <= record.time <= MAX_TIMESTAMP:
             raise AgentApiError(422, "bad_message", f"records[{index}].time is not a plausible "
                                 "Unix time")  # fmt: skip
-    run = await cp.storage.get_run(msg.run_id)
-    if run is None:
-        raise AgentApiError(404, "unknown_run", f"no run with id {msg.run_id!r}")
-    if run.agent_id != msg.agent_id:
-        raise AgentApiError(403, "not_your_run", f"run {msg.run_id} is not leased to this agent")
     try:
         result = await cp.storage.append_records(
-            msg.run_id, msg.lease, msg.records, cp.clock.time(), cp.resume_limit
-        )
-    except StaleLease as exc:
-        raise AgentApiError(409, "stale_lease", str(exc)) from None
+            msg.run_id, msg.lease, msg.records, cp.clock.time(), cp.resume_limit,
+            agent_id=msg.agent_id,
+        )  # fmt: skip
     except UnknownRun:
         raise AgentApiError(404, "unknown_run", f"no run with id {msg.run_id!r}") from None
+    except NotYourRun as exc:
+        raise AgentApiError(403, "not_your_run", str(exc)) from None
+    except StaleLease as exc:
+        raise AgentApiError(409, "stale_lease", str(exc)) from None
     cp.metrics.records_stored(result.stored)
-    if not run.launch_acked and run.lease == msg.lease:  # records came before a poll said so
-        await cp.dispatcher.launches_held(msg.agent_id, [run])
+    if not result.launch_acked:  # records came before a poll said the agent holds it
+        run = await cp.storage.get_run(msg.run_id)
+        if run is not None and run.lease == msg.lease:
+            await cp.dispatcher.launches_held(msg.agent_id, [run])
     if result.status_changed and result.status in (*TERMINAL_STATUSES, RunStatus.QUEUED):
         cp.runs_changed([], msg.agent_id)
     elif result.status_changed:

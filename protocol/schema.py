@@ -121,6 +121,13 @@ def _converter(tp: Any) -> Converter:
         args = typing.get_args(tp)
         optional = type(None) in args
         choices = [_converter(arg) for arg in args if arg is not type(None)]
+        if optional and len(choices) == 1:  # `X | None`, the common case: no loop
+            (only,) = choices
+
+            def optional_of(value: Any) -> Any:
+                return None if value is None else only(value)
+
+            return optional_of
 
         def union(value: Any) -> Any:
             if value is None and optional:
@@ -198,9 +205,9 @@ def _dataclass_converter(cls: type) -> Converter:
     def convert(data: Any) -> Any:
         if not isinstance(data, dict):
             raise SchemaError("", f"expected a table, got {_type_name(data)}")
-        for key in data:
-            if key not in names:
-                raise SchemaError(str(key), "unknown key")
+        if not names.issuperset(data):
+            unknown = next(key for key in data if key not in names)
+            raise SchemaError(str(unknown), "unknown key")
         kwargs = {}
         for name, field_converter, required in specs:
             if name in data:

@@ -28,6 +28,10 @@ class StaleLease(StorageError):
     """A write came with a lease that is no longer the run's current one."""
 
 
+class NotYourRun(StorageError):
+    """A write came from an agent the run is not leased to."""
+
+
 class NameTaken(StorageError):
     """A token name, or an agent name held by another live agent token, is in use."""
 
@@ -314,6 +318,7 @@ class AppendResult:
     status: RunStatus
     status_changed: bool
     stored: dict[str, int] = field(default_factory=dict)  # records stored now, by kind
+    launch_acked: bool = True  # whether the agent's hold of the launch was known before
 
 
 class Storage(Protocol):
@@ -361,6 +366,7 @@ class Storage(Protocol):
         records: list[RunRecord],
         now: float,
         resume_limit: int = 0,
+        agent_id: str | None = None,
     ) -> AppendResult: ...
     async def apply_verdicts(
         self, verdicts: list[Verdict], now: float, resume_limit: int

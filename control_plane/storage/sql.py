@@ -47,6 +47,7 @@ from control_plane.storage import (
     LogChunk,
     NameTaken,
     NewRun,
+    NotYourRun,
     QueueSnapshot,
     Run,
     RunFilter,
@@ -633,8 +634,10 @@ class SqlStorage:
         records: list[RunRecord],
         now: float,
         resume_limit: int = 0,
+        agent_id: str | None = None,
     ) -> AppendResult:
-        """Store an attempt's records in seq order, once each; refuse a stale lease.
+        """Store an attempt's records in seq order, once each; refuse a stale lease, and
+        with `agent_id`, an agent the run is not leased to.
 
         Only run-status events an agent may report change the status; a worker crash the
         agent reports may resume the run instead of failing it (`resume_limit`).
@@ -643,6 +646,9 @@ class SqlStorage:
             run = await self._get_run(db, run_id)
             if run is None:
                 raise UnknownRun(run_id)
+            if agent_id is not None and run.agent_id != agent_id:
+                raise NotYourRun(f"run {run_id} is not leased to this agent")
+            launch_acked = run.launch_acked
             if run.lease != lease:
                 raise StaleLease(f"lease {lease} of run {run_id} is stale (current: {run.lease})")
             rows = await db.fetch(
@@ -697,7 +703,7 @@ class SqlStorage:
                 "UPDATE run_attempts SET acked_seq = ? WHERE attempt_id = ?", (acked, lease)
             )
             return AppendResult(acked_seq=acked, status=status, status_changed=changed,
-                                stored=stored)  # fmt: skip
+                                stored=stored, launch_acked=launch_acked)  # fmt: skip
 
     async def _append_plain(
         self, db: Tx, run_id: str, lease: int, now: float, records: list[RunRecord]

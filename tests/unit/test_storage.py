@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from control_plane.statuses import RunStatus
-from control_plane.storage import NewRun, RunFilter, StaleLease, Storage, UnknownRun
+from control_plane.storage import (
+    NewRun,
+    NotYourRun,
+    RunFilter,
+    StaleLease,
+    Storage,
+    UnknownRun,
+)
 from protocol.messages import CodeLocationInfo, JobInfo, RunRecord
 
 
@@ -137,6 +144,25 @@ async def test_stale_lease_and_unknown_run_are_refused(storage: Storage) -> None
         await storage.append_records("r1", lease + 1, [event(1, "RUN_START")], now=3)
     with pytest.raises(UnknownRun):
         await storage.append_records("nope", lease, [event(1, "RUN_START")], now=3)
+
+
+async def test_records_from_an_agent_the_run_is_not_leased_to_are_refused(
+    storage: Storage,
+) -> None:
+    aid, other = await agent_id(storage), await agent_id(storage, "w2")
+    await storage.create_run(new_run("r1"), now=1)
+    lease = (await assign(storage, "r1", aid, now=2)).lease  # type: ignore[union-attr]
+    with pytest.raises(NotYourRun):
+        await storage.append_records("r1", lease, [event(1, "RUN_START")], now=3,
+                                     agent_id=other)  # fmt: skip
+    events = await storage.get_events("r1", 0, 100)
+    assert [e.type for e in events] == ["RUN_ENQUEUED", "RUN_STARTING"]  # nothing stored
+    first = await storage.append_records("r1", lease, [event(1, "RUN_START")], now=3,
+                                         agent_id=aid)  # fmt: skip
+    assert first.acked_seq == 1 and not first.launch_acked  # no poll has said it holds it
+    await storage.ack_launches(aid, [lease])
+    later = await storage.append_records("r1", lease, [event(2, "LOG")], now=4, agent_id=aid)
+    assert later.launch_acked
 
 
 async def test_agents_keep_their_id_by_name(storage: Storage) -> None:
