@@ -23,12 +23,18 @@ class CountingStorage:
         return await self.storage.record_heartbeats(agent_ids, now)
 
 
-async def test_heartbeats_arriving_together_share_one_commit(storage: Storage) -> None:
+async def registered(storage: Storage, count: int) -> list[str]:
+    """`count` agents, each last heard from at time 1.0."""
     ids = []
-    for i in range(20):
+    for i in range(count):
         agent = await storage.register_agent(f"a{i}", "h", "0", ["default"], 1,
                                              [CodeLocationInfo(name="loc")], now=1.0)  # fmt: skip
         ids.append(agent.agent_id)
+    return ids
+
+
+async def test_heartbeats_arriving_together_share_one_commit(storage: Storage) -> None:
+    ids = await registered(storage, 20)
     counting = CountingStorage(storage)
     recorder = HeartbeatRecorder(counting, SystemClock())  # type: ignore[arg-type]
     answers = await asyncio.gather(*(recorder.record(a) for a in [*ids, "unknown"]))
@@ -73,11 +79,7 @@ class SteppedClock(SystemClock):
 async def test_commits_are_at_least_the_gap_apart_so_spread_heartbeats_share_them(
     storage: Storage,
 ) -> None:
-    ids = []
-    for i in range(3):
-        agent = await storage.register_agent(f"a{i}", "h", "0", ["default"], 1,
-                                             [CodeLocationInfo(name="loc")], now=1.0)  # fmt: skip
-        ids.append(agent.agent_id)
+    ids = await registered(storage, 3)
     counting = CountingStorage(storage)
     clock = SteppedClock()
     recorder = HeartbeatRecorder(counting, clock, min_gap=0.1, sleep=clock.sleep)  # type: ignore[arg-type]
