@@ -323,6 +323,9 @@ async def serve(
         if not own_process:
             await asyncio.Event().wait()
         collector.tune()
-        await collector.collect_forever()
+        metrics = app[CONTROL_PLANE].metrics
+        collector.observe_pauses(metrics.gc_paused)
+        lag = collector.measure_lag_forever(metrics.event_loop_lag.observe)
+        await asyncio.gather(collector.collect_forever(), lag)
     finally:
         await runner.cleanup()

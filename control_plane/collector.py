@@ -14,6 +14,10 @@ gives about 12 and 25); and full collections happen on a schedule, every
 `FULL_EVERY_SECONDS`, instead of whenever the 25 % growth rule fires. Cyclic garbage
 waits at most that long; the pause, when it comes, is the one a full collection always
 costs.
+
+Two signals show whether that holds in production, as metrics: every collection's pause
+(`observe_pauses`), and how late the event loop runs a timer (`measure_lag_forever`).
+They are what found the 5,000-agent bursts of docs/performance.md.
 """
 
 from __future__ import annotations
@@ -51,3 +55,35 @@ async def collect_forever(
         took = time.perf_counter() - started
         if took > 0.1:
             log.info("full garbage collection: %.0f ms, %d objects freed", took * 1000, found)
+
+
+def observe_pauses(observe: Callable[[int, float], None]) -> Callable[[], None]:
+    """Call `observe(generation, seconds)` after each collection; returns the undo."""
+    started = 0.0
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        nonlocal started
+        if phase == "start":
+            started = time.perf_counter()
+        else:
+            observe(info["generation"], time.perf_counter() - started)
+
+    gc.callbacks.append(callback)
+    return lambda: gc.callbacks.remove(callback)
+
+
+LAG_EVERY_SECONDS = 0.5
+
+
+async def measure_lag_forever(
+    observe: Callable[[float], None],
+    every: float = LAG_EVERY_SECONDS,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> None:
+    """Sleep `every` seconds, again and again, and `observe` how much longer it took: the
+    time the loop was busy elsewhere (or the process stopped) when the timer was due."""
+    while True:
+        started = monotonic()
+        await sleep(every)
+        observe(max(0.0, monotonic() - started - every))

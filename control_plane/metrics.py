@@ -50,6 +50,7 @@ HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 WAIT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                 300.0, 900.0, 3600.0, 4 * 3600.0)  # fmt: skip
 LOOP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+PAUSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 def queued_since(run: Run) -> float:
@@ -158,11 +159,28 @@ class Metrics:
             buckets=HTTP_BUCKETS,
             registry=registry,
         )
+        self.event_loop_lag = Histogram(
+            "fleetrun_event_loop_lag_seconds",
+            "How late the event loop of `fleetrun serve` woke a timer, sampled twice a "
+            "second: what any request may wait before it is even read.",
+            buckets=PAUSE_BUCKETS,
+            registry=registry,
+        )
+        self.gc_pause = Histogram(
+            "fleetrun_gc_pause_seconds",
+            "Cyclic garbage collections in the process of `fleetrun serve`, by generation "
+            "(0-1 young, 2 full); each one stops the event loop.",
+            ["generation"],
+            buckets=PAUSE_BUCKETS,
+            registry=registry,
+        )
         # Known label sets start at 0, so that increase() sees the first error too.
         for loop in DAEMON_LOOPS:
             self.loop_errors.labels(loop)
         for kind in ("event", "log"):
             self.records_ingested.labels(kind)
+        # Resolved now: a gc callback must take no lock that the code it interrupted holds.
+        self._gc_pauses = [self.gc_pause.labels(str(generation)) for generation in range(3)]
         self._stored = _StoredStateCollector()
         registry.register(self._stored)
 
@@ -176,6 +194,9 @@ class Metrics:
         """The agent holds the launch. A resumed run's relaunch is not a new submission."""
         if run.resume_count == 0:
             self.dispatch_latency.observe(max(0.0, now - submitted_at(run)))
+
+    def gc_paused(self, generation: int, seconds: float) -> None:
+        self._gc_pauses[generation].observe(seconds)
 
     def records_stored(self, by_kind: dict[str, int]) -> None:
         for kind, count in by_kind.items():

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -352,3 +354,19 @@ def test_completion_scripts_know_every_command() -> None:
     for shell in ("zsh", "tcsh"):
         assert "watch" in ok(fleetrun("http://127.0.0.1:9", "completion", shell))
     assert fleetrun("http://127.0.0.1:9", "completion", "fish").returncode == 2
+
+
+def test_serve_exports_its_event_loop_lag_and_gc_pauses(fleet: Fleet) -> None:
+    """The two signals of control_plane/collector.py, from a real `fleetrun serve`."""
+
+    def counts() -> tuple[float, float] | None:
+        with urllib.request.urlopen(f"{fleet.cp.url}/metrics", timeout=30) as resp:
+            text = resp.read().decode()
+        lag = re.search(r"^fleetrun_event_loop_lag_seconds_count (\S+)$", text, re.M)
+        young = re.search(r'^fleetrun_gc_pause_seconds_count\{generation="0"\} (\S+)$', text,
+                          re.M)  # fmt: skip
+        assert lag is not None and young is not None, "both series are exported"
+        found = float(lag.group(1)), float(young.group(1))
+        return found if found[0] >= 2 and found[1] >= 1 else None  # sampled, and collected
+
+    wait_for(counts, 60, what="lag samples and a young collection")
