@@ -56,6 +56,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench.harness import descendants, process_table
+
 REPO = Path(__file__).resolve().parent.parent
 SIDE = Path(__file__).resolve().parent / "dagster_side"
 VERSION = "1.13.28"
@@ -147,25 +149,6 @@ def _proc_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-def _descendants(root: int) -> list[int]:
-    """All live descendants of `root`: run workers and step processes are children of children."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 class _Process:
     """A Dagster service started in its own session, with its output in a log file."""
 
@@ -187,7 +170,7 @@ def _stop(procs: list[_Process]) -> None:
     """SIGTERM each service's session and its descendants, SIGKILL whatever outlives the grace."""
     victims: dict[int, str | None] = {}
     for proc in reversed(procs):  # the daemon first, so it launches nothing more
-        pids = [proc.popen.pid, *_descendants(proc.popen.pid)]
+        pids = [proc.popen.pid, *descendants(proc.popen.pid, process_table())]
         victims.update({pid: _proc_start(pid) for pid in pids})
         for pid in pids:
             try:

@@ -18,8 +18,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -104,6 +106,41 @@ def children(pid: int) -> list[int]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         text = (task / "children").read_text().split()
         found.extend(int(c) for c in text)
+    return found
+
+
+@dataclass
+class ProcInfo:
+    ppid: int
+    sid: int
+    state: str
+
+
+def process_table() -> dict[int, ProcInfo]:
+    """Every process's parent, session and state from /proc (processes may vanish mid-read)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            data = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = data[data.rindex(")") + 2 :].split()
+        table[int(entry)] = ProcInfo(int(fields[1]), int(fields[3]), fields[0])
+    return table
+
+
+def descendants(root: int, table: dict[int, ProcInfo]) -> list[int]:
+    """Every process below `root` in `table`: children, their children, and so on."""
+    by_parent: dict[int, list[int]] = defaultdict(list)
+    for pid, info in table.items():
+        by_parent[info.ppid].append(pid)
+    found, todo = [], [root]
+    while todo:
+        for child in by_parent.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
     return found
 
 

@@ -66,6 +66,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench.harness import descendants, process_table
+
 REPO = Path(__file__).resolve().parent.parent
 JOBS = Path(__file__).resolve().parent / "soak_jobs.py"
 FLEETRUN = [sys.executable, "-m", "control_plane.cli"]
@@ -215,40 +217,6 @@ class Api:
 
 
 # --- processes ----------------------------------------------------------------------------
-
-
-@dataclass
-class ProcInfo:
-    ppid: int
-    sid: int
-    state: str
-
-
-def process_table() -> dict[int, ProcInfo]:
-    """Every process's parent, session and state from /proc (processes may vanish mid-read)."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            data = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = data[data.rindex(")") + 2 :].split()
-        table[int(entry)] = ProcInfo(int(fields[1]), int(fields[3]), fields[0])
-    return table
-
-
-def descendants(root: int, table: dict[int, ProcInfo]) -> list[int]:
-    children: dict[int, list[int]] = defaultdict(list)
-    for pid, info in table.items():
-        children[info.ppid].append(pid)
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def rss_kib(pid: int) -> int | None:

@@ -320,12 +320,13 @@ async def serve(
         log.info("control plane listening on %s (storage %s)", url, config.storage.url)
         if on_ready is not None:
             on_ready(url)
-        if not own_process:
+        if own_process:
+            collector.tune()
+            metrics = app[CONTROL_PLANE].metrics
+            collector.observe_pauses(metrics.gc_paused)
+            lag = collector.measure_lag_forever(metrics.event_loop_lag.observe)
+            await asyncio.gather(collector.collect_forever(), lag)
+        else:
             await asyncio.Event().wait()
-        collector.tune()
-        metrics = app[CONTROL_PLANE].metrics
-        collector.observe_pauses(metrics.gc_paused)
-        lag = collector.measure_lag_forever(metrics.event_loop_lag.observe)
-        await asyncio.gather(collector.collect_forever(), lag)
     finally:
         await runner.cleanup()
