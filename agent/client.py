@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from protocol.codec import ProtocolError, decode
+from protocol.codec import ProtocolError, decode, encode
 from protocol.messages import ErrorReply
 
 T = TypeVar("T")
@@ -36,6 +36,19 @@ class ControlPlaneError(Exception):
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
+
+
+class BadReply(ControlPlaneUnreachable):
+    """A 200 whose body this agent cannot read (a control plane of another version, a
+    proxy in between): retried like an outage, never a reason to exit."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# Refusals that no retry can cure: the agent exits and says why (systemd restarts it).
+FATAL_CODES = frozenset({"unsupported_version", "not_this_agent", "forbidden"})
 
 
 def read_token(path: str) -> str | None:
@@ -163,16 +176,18 @@ class ControlPlaneClient:
         params = {"agent_id": agent_id, "run_id": run_id, "lease": str(lease)}
         return (await self._request("GET", f"outputs/{source}/{step}", None, wait, params))[1]
 
+    async def call_raw(self, path: str, message: Any, wait: float, rotate: bool = True) -> bytes:
+        """POST one message; the reply's bytes, for a caller that decodes them itself."""
+        return (await self._request("POST", path, encode(message), wait, {}, rotate))[1]
+
     async def call(
         self, path: str, message: Any, reply_type: type[T], wait: float, rotate: bool = True
     ) -> T:
-        from protocol.codec import encode
-
-        status, body = await self._request("POST", path, encode(message), wait, {}, rotate)
+        body = await self.call_raw(path, message, wait, rotate)
         try:
             return decode(body, reply_type)
         except ProtocolError as exc:
-            raise ControlPlaneError(status, exc.code, f"bad reply to {path}: {exc}") from None
+            raise BadReply(exc.code, f"bad reply to {path}: {exc}") from None
 
 
 class Backoff:

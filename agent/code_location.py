@@ -11,6 +11,7 @@ from types import ModuleType
 
 from agent.sdk import Definitions
 from protocol.messages import CodeLocationInfo, LocationSpec, ScheduleInfo, SensorInfo
+from protocol.validation import location_problem
 
 
 class LocationLoadError(Exception):
@@ -61,7 +62,7 @@ def describe(spec: LocationSpec) -> CodeLocationInfo:
         defs = load_definitions(spec)
     except LocationLoadError as exc:
         return CodeLocationInfo(name=spec.name, error=str(exc))
-    return CodeLocationInfo(
+    info = CodeLocationInfo(
         name=spec.name,
         jobs=[j.to_info() for j in defs.jobs.values()],
         schedules=[
@@ -86,3 +87,7 @@ def describe(spec: LocationSpec) -> CodeLocationInfo:
             for s in defs.sensors.values()
         ],
     )
+    # What the control plane would refuse is this location's load error, so the
+    # agent's other locations still register and serve.
+    problem = location_problem(info)
+    return info if problem is None else CodeLocationInfo(name=spec.name, error=problem)

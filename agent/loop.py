@@ -12,14 +12,17 @@ import contextlib
 import logging
 import os
 import random
+import re
 import shutil
 import socket
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from agent.client import (
+    FATAL_CODES,
     Backoff,
     ContactLog,
     ControlPlaneClient,
@@ -39,6 +42,8 @@ from agent.outbox import AttemptRejected, RunOutbox
 from agent.outputs import INLINE_KEY, INLINE_OUTPUT_BYTES
 from agent.spool import Attempt, Spool
 from protocol import FLEETRUN_VERSION
+from protocol.codec import ProtocolError, UnreadableLaunch, decode_poll_reply
+from protocol.events import UNDELIVERABLE
 from protocol.logs import CURRENT_RUN
 from protocol.messages import (
     CodeLocationInfo,
@@ -54,19 +59,24 @@ from protocol.messages import (
     HeartbeatReply,
     LaunchRun,
     Poll,
-    PollReply,
     Register,
     Registered,
     RunRecord,
     RunState,
     StopRun,
 )
+from protocol.tags import ON_LOST_CONTACT_TAG
+from protocol.validation import name_problem
+from protocol.wire import delivery_problem
 
 log = logging.getLogger("fleetrun.agent")
 
-ON_LOST_CONTACT_TAG = "fleetrun/on_lost_contact"
 CAPABILITIES = ["reuse_outputs", "stop_orders", "drain"]
 REQUEST_TIMEOUT_SECONDS = 30.0
+STOP_GRACE_SECONDS = 5.0  # a drain's SIGTERM to SIGKILL of what did not finish in time
+DELIVERY_GRACE_SECONDS = 5.0  # then records get this long to reach the control plane
+CONTACT_RECHECK_SECONDS = 0.5
+RUN_ID_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 
 def _read_if_exists(path: str) -> bytes | None:
@@ -136,7 +146,15 @@ class FatalAgentError(Exception):
 class ActiveRun:
     worker: RunWorker
     outbox: RunOutbox
-    task: asyncio.Task[None]
+    task: asyncio.Task[None]  # supervises the attempt until its records are delivered
+    worker_exited: asyncio.Future[None]
+
+
+async def _wait_until(waitables: list[Any], deadline: float) -> None:
+    """Wait for all of `waitables` to be done, or until `deadline` (monotonic)."""
+    pending = [w for w in waitables if not w.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
 
 
 class Agent:
@@ -154,6 +172,7 @@ class Agent:
         self.contact = ContactLog(log)
         self.evaluations: dict[str, asyncio.Task[None]] = {}
         self.location_infos: list[CodeLocationInfo] = []
+        self._side_tasks: list[asyncio.Task[None]] = []
         self.launcher = make_launcher(
             config.run_launcher, config.code_locations, config.output_store
         )
@@ -227,27 +246,46 @@ class Agent:
         )
 
     async def run(self) -> None:
-        """Serve until `shutting_down` is set, then drain: see `drain`."""
+        """Serve until `shutting_down` is set, then drain (see `drain`). Every phase -
+        re-sending the spool, registering, polling - gives way to the shutdown, so that
+        SIGTERM is obeyed whether or not the control plane answers."""
         await asyncio.gather(self.load_locations(), self.launcher.warm_up(), self.spool.open())
-        tasks: list[asyncio.Task[None]] = []
+        serving = asyncio.create_task(self._serve(), name="serve")
+        stop = asyncio.create_task(self.shutting_down.wait(), name="shutdown")
         try:
-            await self.replay_spool()
-            await self.register()
-            tasks = [asyncio.create_task(self._poll_forever()),
-                     asyncio.create_task(self._heartbeat_forever())]  # fmt: skip
-            stop = asyncio.create_task(self.shutting_down.wait())
-            done, _ = await asyncio.wait({*tasks, stop}, return_when=asyncio.FIRST_COMPLETED)
-            for task in done - {stop}:
-                task.result()  # a fatal error in the poll or heartbeat loop
-            tasks[0].cancel()  # no new launches from here on
+            await asyncio.wait({serving, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if serving.done():
+                serving.result()  # a fatal refusal from the control plane
+            serving.cancel()  # no new launches from here on
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving
             await self.drain()
         finally:
-            for task in tasks:
+            for task in (serving, stop, *self._side_tasks):
                 task.cancel()
             for active in self.runs.values():
                 active.worker.kill()
             await self.launcher.close()
             await self.spool.close()
+
+    async def _serve(self) -> None:
+        """Re-send what the spool holds, register, then poll; the heartbeat and the
+        contact watch start with the registration and go on through a drain."""
+        await self.replay_spool()
+        await self.register()
+        self._side_tasks = [
+            asyncio.create_task(self._heartbeat_forever(), name="heartbeat"),
+            asyncio.create_task(self._watch_contact(), name="contact-watch"),
+        ]
+        poll = asyncio.create_task(self._poll_forever(), name="poll")
+        try:
+            done, _ = await asyncio.wait(
+                {poll, *self._side_tasks}, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            poll.cancel()
+        for task in done:
+            task.result()  # a loop ends only by raising
 
     async def replay_spool(self) -> None:
         """Deliver what a previous life of this agent spooled but never got acknowledged,
@@ -271,57 +309,68 @@ class Agent:
         await asyncio.gather(*(replay(attempt) for attempt in attempts))
 
     async def drain(self) -> None:
-        """Tell the control plane first (no launch can race us), let runs finish up to
-        `drain_timeout_seconds`, stop the rest and report them, deliver every record."""
-        assert self.agent_id is not None
-        try:
-            await self.client.call("drain", Drain(agent_id=self.agent_id), Drained, 5)
-        except (ControlPlaneUnreachable, ControlPlaneError) as exc:
-            log.warning("could not tell the control plane this agent is draining: %s", exc)
+        """Tell the control plane first (no launch can race us), let runs finish for up
+        to `drain_timeout_seconds`, stop the rest (SIGTERM, `STOP_GRACE_SECONDS`,
+        SIGKILL) and report them, then deliver records for at most
+        `DELIVERY_GRACE_SECONDS`: what is not delivered by then stays in the spool and
+        is sent by the next start. Bounded whether or not the control plane answers."""
         timeout = self.config.drain_timeout_seconds
+        deadline = time.monotonic() + timeout
+        if self.agent_id is not None:
+            try:
+                await self.client.call("drain", Drain(agent_id=self.agent_id), Drained,
+                                       min(5.0, max(timeout, 0.1)))  # fmt: skip
+            except (ControlPlaneUnreachable, ControlPlaneError) as exc:
+                log.warning("could not tell the control plane this agent is draining: %s", exc)
         log.info("draining: %d run(s) may finish within %g s", len(self.runs), timeout)
-        running = [active.task for active in self.runs.values()]
-        if running:
-            await asyncio.wait(running, timeout=timeout)
-        grace = 5.0
+        await _wait_until([a.worker_exited for a in self.runs.values()], deadline)
         for lease, active in list(self.runs.items()):
+            if active.worker_exited.done():
+                continue
             launch = active.worker.launch
             reason = f"agent {self.config.name} shut down (drain timeout of {timeout:g} s)"
             log.warning("run %s: stopping its worker (%s)", launch.run_id, reason,
                         extra={"run_id": launch.run_id})  # fmt: skip
-            active.worker.stop(StopRun(launch.run_id, lease, False, reason, grace, "agent_lost"))
-        remaining = [active.task for active in self.runs.values()]
-        remaining += list(self.evaluations.values())  # schedule/sensor results still owed
-        if remaining:
-            await asyncio.wait(remaining, timeout=grace + REQUEST_TIMEOUT_SECONDS)
+            active.worker.stop(
+                StopRun(launch.run_id, lease, False, reason, STOP_GRACE_SECONDS, "agent_lost")
+            )
+        stop_deadline = time.monotonic() + STOP_GRACE_SECONDS + 1.0
+        await _wait_until([a.worker_exited for a in self.runs.values()], stop_deadline)
+        handing_over = [a.task for a in self.runs.values()] + list(self.evaluations.values())
+        await _wait_until(handing_over, time.monotonic() + DELIVERY_GRACE_SECONDS)
+        left = sum(not task.done() for task in handing_over)
+        if left:
+            log.warning("%d run(s) still have records to deliver; they stay in the spool "
+                        "and are sent when this agent starts again", left)  # fmt: skip
         log.info("drained")
 
     async def _poll_forever(self) -> None:
         backoff = Backoff()
         while True:
             assert self.agent_id is not None
+            poll = Poll(
+                agent_id=self.agent_id,
+                held_leases=list(self.runs),
+                stopping_leases=[lease for lease, a in self.runs.items() if a.worker.stop_order],
+            )
             try:
-                reply = await self.client.call(
-                    "poll",
-                    Poll(
-                        agent_id=self.agent_id,
-                        held_leases=list(self.runs),
-                        stopping_leases=[
-                            lease for lease, a in self.runs.items() if a.worker.stop_order
-                        ],
-                    ),
-                    PollReply,
-                    self.poll_timeout + REQUEST_TIMEOUT_SECONDS,
+                body = await self.client.call_raw(
+                    "poll", poll, self.poll_timeout + REQUEST_TIMEOUT_SECONDS
                 )
-            except ControlPlaneUnreachable as exc:
+                reply, unreadable = decode_poll_reply(body)
+            except (ControlPlaneUnreachable, ProtocolError) as exc:
                 self.contact.failed("poll", exc)
                 await asyncio.sleep(backoff.next_delay())
                 continue
             except ControlPlaneError as exc:
-                if exc.code != "unknown_agent":
+                if exc.code in FATAL_CODES:
                     raise FatalAgentError(f"the control plane refused a poll: {exc}") from None
-                log.warning("the control plane does not know this agent; registering again")
-                await self.register()
+                if exc.code == "unknown_agent":
+                    log.warning("the control plane does not know this agent; registering again")
+                    await self.register()
+                    continue
+                log.warning("the control plane refused a poll (%s); retrying", exc)
+                await asyncio.sleep(backoff.next_delay())
                 continue
             backoff.reset()
             self.contact.succeeded()
@@ -329,6 +378,8 @@ class Agent:
             for launch in reply.launches:
                 if launch.lease not in self.runs:
                     self.start_run(launch)
+            for bad in unreadable:
+                self.refuse_launch(bad)
             for request in reply.evaluations:
                 if request.eval_id not in self.evaluations:
                     task = asyncio.create_task(self._evaluate(request))
@@ -341,6 +392,21 @@ class Agent:
                              extra={"run_id": order.run_id})  # fmt: skip
                     active.worker.stop(order)
 
+    def refuse_launch(self, bad: UnreadableLaunch) -> None:
+        """A launch this agent could not read fails its own run, with the reason; the
+        agent and its other runs go on."""
+        if bad.run_id is None or bad.lease is None:
+            log.error("a launch in the last poll reply could not be read, nor its run "
+                      "named: %s", bad.problem)  # fmt: skip
+            return
+        if bad.lease in self.runs:
+            return
+        log.error("run %s: its launch message could not be read: %s", bad.run_id, bad.problem,
+                  extra={"run_id": bad.run_id})  # fmt: skip
+        launch = LaunchRun(run_id=bad.run_id, job="", location="", lease=bad.lease)
+        self.start_run(launch, refusal=f"agent {self.config.name} could not read this run's "
+                       f"launch message: {bad.problem}")  # fmt: skip
+
     async def _evaluate(self, request: Evaluate) -> None:
         """Evaluate a schedule tick or sensor in a worker; send the result back."""
         loc = self.locations.get(request.location)
@@ -352,6 +418,11 @@ class Agent:
             result = await evaluate_in_worker(self.launcher, loc, spec)
         assert self.agent_id is not None
         result.agent_id = self.agent_id
+        if (problem := delivery_problem(result)) is not None:
+            result = EvaluationResult(
+                eval_id=request.eval_id, agent_id=self.agent_id, cursor=request.cursor,
+                error=f"the {request.kind}'s result cannot be sent: {problem}",
+            )  # fmt: skip
         backoff = Backoff()
         deadline = time.monotonic() + request.timeout_seconds
         while True:
@@ -389,23 +460,31 @@ class Agent:
                 self.contact.failed("heartbeat", exc)
             except ControlPlaneError as exc:
                 log.warning("heartbeat refused: %s", exc)
-            self.stop_runs_out_of_contact()
             await asyncio.sleep(heartbeat_pause(self.heartbeat_interval))
 
-    def stop_runs_out_of_contact(self) -> None:
+    async def _watch_contact(self) -> None:
         """Runs tagged `fleetrun/on_lost_contact = stop` end before the server's verdict.
 
         The control plane fails (and may retry) an agent's runs after a full heartbeat
-        timeout; stopping these at half of it means an old and a new attempt never run
-        at the same time.
+        timeout; these are stopped at half of it, on this task's own timer, so that no
+        request in flight (a heartbeat may wait a third of the timeout for its answer)
+        delays the stop. Their workers get a quarter of the timeout to clean up, so an
+        old attempt is gone before a new one can start, unless this agent is frozen.
         """
-        silent = time.monotonic() - self.last_contact
-        if silent <= self.heartbeat_timeout / 2:
-            return
+        while True:
+            limit = self.heartbeat_timeout / 2
+            silent = time.monotonic() - self.last_contact
+            if silent > limit:
+                self.stop_runs_out_of_contact(silent)
+                await asyncio.sleep(CONTACT_RECHECK_SECONDS)
+            else:
+                await asyncio.sleep(limit - silent + 0.01)
+
+    def stop_runs_out_of_contact(self, silent: float) -> None:
         for lease, active in self.runs.items():
             launch = active.worker.launch
             if launch.tags.get(ON_LOST_CONTACT_TAG) == "stop" and active.worker.stop_order is None:
-                reason = f"no contact with the control plane for {silent:.0f} s"
+                reason = f"no contact with the control plane for {silent:.1f} s"
                 log.warning("run %s: stopping its worker (%s)", launch.run_id, reason,
                             extra={"run_id": launch.run_id})  # fmt: skip
                 grace = self.heartbeat_timeout / 4
@@ -415,7 +494,9 @@ class Agent:
     async def _send(self, batch: EventBatch) -> EventAck:
         return await self.client.call("events", batch, EventAck, REQUEST_TIMEOUT_SECONDS)
 
-    def start_run(self, launch: LaunchRun) -> None:
+    def start_run(self, launch: LaunchRun, refusal: str | None = None) -> None:
+        """Supervise a new run attempt; with `refusal`, the attempt only reports that
+        it failed, and why."""
         assert self.agent_id is not None
         log.info("launching run %s (job %s, lease %d)", launch.run_id, launch.job, launch.lease,
                  extra={"run_id": launch.run_id})  # fmt: skip
@@ -426,10 +507,11 @@ class Agent:
         outbox = RunOutbox(self.agent_id, launch.run_id, launch.lease, self._send, uploader,
                            self.contact, self.spool)  # fmt: skip
         worker = RunWorker(launch, outbox.add)
+        exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(
-            self._supervise(worker, outbox, scratch), name=f"run-{launch.run_id}"
+            self._supervise(worker, outbox, scratch, exited, refusal), name=f"run-{launch.run_id}"
         )
-        self.runs[launch.lease] = ActiveRun(worker=worker, outbox=outbox, task=task)
+        self.runs[launch.lease] = ActiveRun(worker, outbox, task, exited)
 
     async def _download_reused(self, launch: LaunchRun, scratch: str) -> str | None:
         """Fetch the outputs a re-execution reuses into the scratch folder; None if all came."""
@@ -438,6 +520,8 @@ class Agent:
         assert self.agent_id is not None
         ours = (self.agent_id, launch.run_id, launch.lease)
         for step, source in launch.reuse_outputs.items():
+            if name_problem(step) or not RUN_ID_RE.fullmatch(source):
+                return f"the launch names a reused output that is not a step's: {step[:64]!r}"
             try:
                 data = await self.client.get_output(*ours, source, step, REQUEST_TIMEOUT_SECONDS)
             except ControlPlaneError as exc:
@@ -450,21 +534,29 @@ class Agent:
             await asyncio.to_thread(_write, path, data)
         return None
 
-    async def _supervise(self, worker: RunWorker, outbox: RunOutbox, scratch: str) -> None:
+    async def _supervise(
+        self,
+        worker: RunWorker,
+        outbox: RunOutbox,
+        scratch: str,
+        exited: asyncio.Future[None],
+        refusal: str | None = None,
+    ) -> None:
         launch = worker.launch
         CURRENT_RUN.set(launch.run_id)  # this task's log lines (and its children's) name it
         delivery = asyncio.create_task(outbox.deliver())
         try:
             loc = self.locations.get(launch.location)
-            problem = await self._download_reused(launch, scratch) if loc is not None else None
-            if loc is None:
-                worker.report(
-                    "RUN_FAILURE",
-                    f"agent {self.config.name} does not host code location {launch.location!r}",
+            if refusal is None and loc is None:
+                refusal = (
+                    f"agent {self.config.name} does not host code location {launch.location!r}"
                 )
-            elif problem is not None:
-                worker.report("RUN_FAILURE", problem)
+            if refusal is None:
+                refusal = await self._download_reused(launch, scratch)
+            if refusal is not None:
+                worker.report("RUN_FAILURE", refusal, {"failure_kind": UNDELIVERABLE})
             else:
+                assert loc is not None
                 run_task = asyncio.create_task(worker.run(loc, self.launcher, scratch))
                 done, _ = await asyncio.wait(
                     {run_task, delivery}, return_when=asyncio.FIRST_COMPLETED
@@ -472,6 +564,7 @@ class Agent:
                 if delivery in done and not run_task.done():
                     worker.kill()
                 await run_task
+            exited.set_result(None)
             outbox.close()
             await delivery
             log.info("run %s finished (worker %s)", launch.run_id, worker.state)
@@ -481,6 +574,8 @@ class Agent:
                 "run %s: control plane refused this attempt (%s); stopped", launch.run_id, exc
             )
         finally:
+            if not exited.done():
+                exited.set_result(None)
             if not delivery.done():
                 delivery.cancel()
                 with contextlib.suppress(asyncio.CancelledError, AttemptRejected):

@@ -20,6 +20,7 @@ from enum import Enum, StrEnum
 from typing import Any, overload
 
 from protocol.messages import JobInfo, OpInfo
+from protocol.tags import tag_problem
 from protocol.validation import (
     MAX_NAME_LENGTH,
     NAME_RE,
@@ -78,7 +79,8 @@ def _default_name(kind: str, name: str | None, fn: Callable[..., Any]) -> str:
 
 
 def _check_tags(kind: str, name: str, tags: object) -> dict[str, str]:
-    """Tags travel to the control plane as string pairs; catch other types up front."""
+    """Tags travel to the control plane as string pairs; a job's and a schedule's become
+    its runs' tags, so they meet the rules of run tags here, where the author sees it."""
     if tags is None:
         return {}
     if not isinstance(tags, dict):
@@ -88,6 +90,8 @@ def _check_tags(kind: str, name: str, tags: object) -> dict[str, str]:
             raise DefinitionError(
                 f"{kind} {name}: tag keys and values must be strings, got {key!r}: {value!r}"
             )
+    if kind != "op" and (problem := tag_problem(tags)) is not None:  # they become run tags
+        raise DefinitionError(f"{kind} {name}: {problem}")
     return dict(tags)
 
 

@@ -10,6 +10,8 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from control_plane.auth import PRINCIPAL, Principal
 from control_plane.bus import MONITOR, QUEUE, RUN
@@ -17,6 +19,7 @@ from control_plane.statuses import TERMINAL_STATUSES, RunStatus
 from control_plane.storage import (
     NameTaken,
     NotYourRun,
+    RecordRefused,
     Run,
     StaleLease,
     StorageFull,
@@ -40,7 +43,7 @@ from protocol.messages import (
     Register,
     Registered,
 )
-from protocol.validation import agent_name_problem, location_problem
+from protocol.validation import agent_name_problem, location_problem, name_problem
 
 if TYPE_CHECKING:
     from control_plane.app import ControlPlane
@@ -107,7 +110,7 @@ def handler(expected: type, fn: Any) -> Any:
             agent_id = getattr(message, "agent_id", None)
             if agent_id is not None:
                 await check_identity(cp, principal, agent_id)
-            return reply(await fn(cp, message, principal), version=version)
+            answer = await fn(cp, message, principal)
         except ProtocolError as exc:
             return _refused(request, 400, exc.code, str(exc))
         except AgentApiError as exc:
@@ -116,6 +119,7 @@ def handler(expected: type, fn: Any) -> Any:
             return _refused(request, 503, "storage_full", f"storage is full: {exc}")
         except StorageUnavailable as exc:
             return _refused(request, 503, "storage_unavailable", str(exc))
+        return reply(answer, version=version)  # our own message: a failure here is a bug
 
     return handle
 
@@ -221,6 +225,10 @@ async def events(cp: ControlPlane, msg: EventBatch, _: Principal | None) -> Even
     except StaleLease as exc:
         raise AgentApiError(409, "stale_lease", str(exc)) from None
     cp.metrics.records_stored(result.stored)
+    if result.refused is not None:
+        cp.runs_changed([], msg.agent_id)
+        cp.wake(RUN, msg.run_id)
+        raise AgentApiError(409, "record_refused", result.refused)
     if not result.launch_acked:  # records came before a poll said the agent holds it
         run = await cp.storage.get_run(msg.run_id)
         if run is not None and run.lease == msg.lease:
@@ -273,7 +281,9 @@ def _outputs_errors(fn: Any) -> Any:
 async def put_output(request: web.Request) -> web.Response:
     """Store a step's output: raw pickled bytes, from the agent holding the run's lease."""
     run_id, step = request.match_info["run_id"], request.match_info["step"]
-    cp, _, lease = await _leased_run(request, run_id)
+    if name_problem(step):
+        raise AgentApiError(400, "bad_parameter", f"step name {name_problem(step)}")
+    cp, run, lease = await _leased_run(request, run_id)
     data = bytearray()
     try:
         async with asyncio.timeout(max(cp.config.limits.body_timeout_seconds, 60.0)):
@@ -284,10 +294,16 @@ async def put_output(request: web.Request) -> web.Response:
                     raise AgentApiError(413, "output_too_large", message)
     except TimeoutError:
         raise AgentApiError(408, "body_timeout", "the output did not arrive in time") from None
+    except (RequestPayloadError, HttpProcessingError) as exc:
+        raise AgentApiError(400, "bad_body", f"the output cannot be read: {exc}") from None
     try:
         await cp.storage.put_output(run_id, lease, step, bytes(data), cp.clock.time())
     except StaleLease as exc:
         raise AgentApiError(409, "stale_lease", str(exc)) from None
+    except RecordRefused as exc:
+        cp.runs_changed([], run.agent_id)
+        cp.wake(RUN, run_id)
+        raise AgentApiError(409, "record_refused", str(exc)) from None
     except UnknownRun:
         raise AgentApiError(404, "unknown_run", f"no run with id {run_id!r}") from None
     return web.Response(status=200)

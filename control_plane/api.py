@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -13,25 +12,27 @@ from aiohttp import web
 
 from control_plane.bus import QUEUE
 from control_plane.errors import ApiError, read_json_object
-from control_plane.retries import PARENT_TAG, RETRY_NUMBER_TAG, RETRY_STRATEGIES, ROOT_TAG
 from control_plane.scheduler import Instigator, load_instigators
 from control_plane.statuses import ACTIVE_STATUSES, TERMINAL_STATUSES, RunStatus
 from control_plane.storage import NewRun, Run, RunFilter, iso
-from control_plane.tags import (
-    JOB_TAG,
-    PRIORITY_TAG,
-    QUEUE_TAG,
-    REEXECUTION_TAG,
-    tag_problem,
-)
+from control_plane.submission import RunRefused, check_config, check_new_run, job_tags, new_run
 from control_plane.ticks import ticks_after
 from protocol.messages import ScheduleInfo, SensorInfo
 from protocol.schema import SchemaError, from_plain
+from protocol.tags import (
+    PARENT_TAG,
+    REEXECUTION_TAG,
+    RETRY_NUMBER_TAG,
+    RETRY_STRATEGIES,
+    ROOT_TAG,
+    tag_problem,
+)
+from protocol.validation import name_problem
 
 if TYPE_CHECKING:
     from control_plane.app import ControlPlane
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,128}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,128}$")  # the form of job, location and step names
 MAX_LIST_LIMIT = 1000
 MAX_WAIT_SECONDS = 30.0
 
@@ -74,21 +75,6 @@ def _wait_param(request: web.Request) -> float:
     return value
 
 
-def _check_tags(cp: ControlPlane, tags: dict[str, str]) -> None:
-    problem = tag_problem(tags, cp.tag_limits)
-    if problem is not None:
-        raise ApiError(422, "too_many_tags" if problem.startswith("a run may") else "bad_tag",
-                       problem)  # fmt: skip
-
-
-def _check_run_config(cp: ControlPlane, config: dict[str, Any]) -> None:
-    limit = cp.config.limits.max_run_config_bytes
-    size = len(json.dumps(config, separators=(",", ":")))
-    if size > limit:
-        message = f"run config is {size} bytes of JSON; max_run_config_bytes is {limit}"
-        raise ApiError(413, "run_config_too_large", message)
-
-
 async def _resolve_location(cp: ControlPlane, job: str, location: str | None) -> str:
     """The location hosting `job`: the one given, or the only one that defines it."""
     catalog = await cp.storage.code_catalog()
@@ -113,29 +99,38 @@ async def _resolve_location(cp: ControlPlane, job: str, location: str | None) ->
 
 
 async def submit_run(request: web.Request) -> web.Response:
+    """A new run of a job, with the job's own tags under the request's."""
     cp = _cp(request)
     try:
         body = from_plain(SubmitRunRequest, await read_json_object(request))
     except SchemaError as exc:
         raise ApiError(422, "bad_request", str(exc)) from None
-    if not NAME_RE.match(body.job):
-        raise ApiError(422, "bad_request", "job must match ^[A-Za-z0-9_]{1,128}$")
-    if body.location is not None and not NAME_RE.match(body.location):
-        raise ApiError(422, "bad_request", "location must match ^[A-Za-z0-9_]{1,128}$")
-    _check_tags(cp, body.tags)
-    _check_run_config(cp, body.config)
+    if name_problem(body.job):
+        raise ApiError(422, "bad_request", f"job {name_problem(body.job)}")
+    if body.location is not None and name_problem(body.location):
+        raise ApiError(422, "bad_request", f"location {name_problem(body.location)}")
+    if (problem := tag_problem(body.tags, cp.run_rules.tags)) is not None:
+        code = "too_many_tags" if problem.startswith("a run may") else "bad_tag"
+        raise ApiError(422, code, problem)
+    try:
+        check_config(body.config, cp.run_rules)  # before anything is looked up
+    except RunRefused as exc:
+        raise ApiError(exc.status, exc.code, exc.message) from None
     location = await _resolve_location(cp, body.job, body.location)
-    tags = {**body.tags, JOB_TAG: body.job}
-    new_run = NewRun(
-        run_id=str(uuid.uuid4()),
-        job=body.job,
-        location=location,
-        tags=tags,
-        config=body.config,
-        priority=int(tags.get(PRIORITY_TAG, "0")),
-        queue=tags.get(QUEUE_TAG, "default"),
-    )
-    run = await cp.coordinator.submit(new_run)
+    catalog = await cp.storage.code_catalog()
+    new = new_run(str(uuid.uuid4()), body.job, location, body.tags, body.config,
+                  job_own_tags=job_tags(catalog, location, body.job))  # fmt: skip
+    return await _create(cp, new, config_checked=True)
+
+
+async def _create(cp: ControlPlane, new: NewRun, **checked: bool) -> web.Response:
+    """Check `new` as every new run is checked (`checked`: what is known to pass), then
+    queue it."""
+    try:
+        check_new_run(new, cp.run_rules, **checked)
+    except RunRefused as exc:
+        raise ApiError(exc.status, exc.code, exc.message) from None
+    run = await cp.coordinator.submit(new)
     return web.json_response({"run_id": run.run_id, "status": str(run.status)}, status=201)
 
 
@@ -238,15 +233,12 @@ async def reexecute_run(request: web.Request) -> web.Response:
     reuse = {} if body.strategy == "ALL_STEPS" else await cp.storage.reusable_outputs(parent)
     root = parent.root_run_id or parent.run_id
     tags = {k: v for k, v in parent.tags.items() if k != RETRY_NUMBER_TAG}
-    new_run = NewRun(
-        run_id=str(uuid.uuid4()), job=parent.job, location=parent.location,
-        tags={**tags, PARENT_TAG: parent.run_id, ROOT_TAG: root,
-              REEXECUTION_TAG: body.strategy},
-        config=parent.config, priority=parent.priority, queue=parent.queue,
+    lineage = {PARENT_TAG: parent.run_id, ROOT_TAG: root, REEXECUTION_TAG: body.strategy}
+    new = new_run(
+        str(uuid.uuid4()), parent.job, parent.location, tags, parent.config, own_tags=lineage,
         parent_run_id=parent.run_id, root_run_id=root, reuse_outputs=reuse,
     )  # fmt: skip
-    run = await cp.coordinator.submit(new_run)
-    return web.json_response({"run_id": run.run_id, "status": str(run.status)}, status=201)
+    return await _create(cp, new, reserved_ok=True)
 
 
 async def get_events(request: web.Request) -> web.Response:

@@ -10,6 +10,8 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from control_plane import agent_api, api, collector, openapi, token_api, ui
 from control_plane.auth import TokenVerifier, auth_middleware
@@ -30,8 +32,9 @@ from control_plane.retries import RunRetrier
 from control_plane.scheduler import ScheduleDaemon
 from control_plane.sensors import SensorDaemon
 from control_plane.storage import Run, Storage, Verdict, open_storage
-from control_plane.tags import TagLimits
+from control_plane.submission import RunRules
 from protocol.codec import DecodeLimits
+from protocol.tags import TagLimits
 
 log = logging.getLogger("fleetrun.control_plane")
 
@@ -50,8 +53,12 @@ class ControlPlane:
         self.clock = clock
         monitoring = config.run_monitoring
         limits = config.limits
-        self.tag_limits = TagLimits(limits.max_tags_per_run, limits.max_tag_key_length,
-                                    limits.max_tag_value_length)  # fmt: skip
+        self.run_rules = RunRules(
+            TagLimits(
+                limits.max_tags_per_run, limits.max_tag_key_length, limits.max_tag_value_length
+            ),
+            limits.max_run_config_bytes,
+        )
         self.decode_limits = DecodeLimits(
             max_body_bytes=limits.max_body_bytes,
             max_str_len=limits.max_msgpack_str_bytes,
@@ -86,7 +93,9 @@ class ControlPlane:
             on_assigned=self._assigned,
         )
         self.monitor = RunMonitor(storage, monitoring, clock, self._verdicts_applied)
-        self.retrier = RunRetrier(storage, config.run_retries, clock, self._retry_queued)
+        self.retrier = RunRetrier(
+            storage, config.run_retries, clock, self._retry_queued, self.run_rules
+        )
         self.run_events = Notifier()
         for loop in (self.coordinator, self.monitor, self.retrier):
             loop.health = self.health
@@ -95,7 +104,7 @@ class ControlPlane:
                                         self.heartbeat_timeout, self._runs_requested)  # fmt: skip
         self.sensors = SensorDaemon(storage, self.broker, clock, self.health,
                                     self.heartbeat_timeout, self._runs_requested)  # fmt: skip
-        self.scheduler.tag_limits = self.sensors.tag_limits = self.tag_limits
+        self.scheduler.run_rules = self.sensors.run_rules = self.run_rules
         self.elector = LeaderElector(storage, clock, self.health, self.replica_id,
                                      config.daemon.leader_lease_seconds)  # fmt: skip
         self._subscribe()
@@ -215,7 +224,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def body_deadline(limits: LimitsConfig) -> object:
     """Read a request's whole body within `body_timeout_seconds` (408 otherwise), so a
-    client trickling its body cannot hold a handler; output uploads time themselves."""
+    client trickling its body cannot hold a handler; output uploads time themselves. A
+    body that cannot be read (a Content-Encoding it does not have) is a 400 here, on
+    every route, before any handler sees it."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -227,9 +238,24 @@ def body_deadline(limits: LimitsConfig) -> object:
                 seconds = limits.body_timeout_seconds
                 return error_response(408, "body_timeout", f"the request body did not arrive "
                                       f"within {seconds:g} s (body_timeout_seconds)")  # fmt: skip
+            except RequestPayloadError as exc:
+                refusal = error_response(
+                    400, "bad_body", f"the request body cannot be read: {_payload_error(exc)}"
+                )
+                refusal.force_close()  # the rest of the stream is unreadable too
+                return refusal
         return await handler(request)
 
     return middleware
+
+
+def _payload_error(exc: RequestPayloadError) -> str:
+    """What aiohttp says of a body it could not read (e.g. "Can not decode content-
+    encoding: gzip"), without its traceback."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, HttpProcessingError) and cause.message:
+        return str(cause.message)
+    return str(exc) or type(exc).__name__
 
 
 def create_app(config: ControlPlaneConfig, clock: Clock | None = None) -> web.Application:

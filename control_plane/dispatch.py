@@ -16,8 +16,10 @@ from control_plane.clock import Clock
 from control_plane.evaluations import EvaluationBroker
 from control_plane.metrics import Metrics
 from control_plane.notify import Notifier
-from control_plane.storage import Run, Storage
+from control_plane.statuses import UNDELIVERABLE, RunStatus
+from control_plane.storage import Run, Storage, Verdict
 from protocol.messages import LaunchRun, PollReply, StopRun
+from protocol.wire import delivery_problem
 
 
 def launch_message(run: Run) -> LaunchRun:
@@ -59,7 +61,7 @@ class Dispatcher:
         storage: Storage,
         terminate_grace_seconds: float,
         clock: Clock,
-        on_canceled: Callable[[list[Run]], None],
+        on_canceled: Callable[[list[Run]], None],  # runs it ended: canceled, undeliverable
         broker: EvaluationBroker | None = None,
         max_polls_per_agent: int = 2,
         spread: Callable[[], float] = random.random,
@@ -111,6 +113,23 @@ class Dispatcher:
             if run.lease in received:
                 self.metrics.launch_received(run, now)
 
+    async def _deliverable(self, launches: list[LaunchRun]) -> list[LaunchRun]:
+        """The launches an agent can receive; a run whose launch it could not (stored
+        before the rules of control_plane/submission.py, say) fails with the reason, so
+        that one run can never spoil the poll replies of the agent it was given to."""
+        bad = {}
+        for launch in launches:
+            if (problem := delivery_problem(PollReply(launches=[launch]))) is not None:
+                bad[launch.run_id] = Verdict(
+                    launch.run_id, launch.lease, RunStatus.STARTING, RunStatus.FAILURE,
+                    UNDELIVERABLE, f"the launch message cannot be delivered: {problem}",
+                )  # fmt: skip
+        if not bad:
+            return launches
+        changed = await self.storage.apply_verdicts(list(bad.values()), self.clock.time(), 0)
+        self.on_canceled(changed)
+        return [launch for launch in launches if launch.run_id not in bad]
+
     def parked_polls(self, agent_id: str) -> int:
         return len(self._parked.get(agent_id, ()))
 
@@ -126,7 +145,9 @@ class Dispatcher:
             if mine.evicted:
                 return PollReply()
             runs = await self.storage.pending_launches(agent_id)
-            launches = [launch_message(r) for r in runs if r.lease not in held_leases]
+            launches = await self._deliverable(
+                [launch_message(r) for r in runs if r.lease not in held_leases]
+            )
             held = [r for r in runs if r.lease in held_leases and not r.launch_acked]
             await self.launches_held(agent_id, held)
             orders, canceled = await self.storage.stop_orders(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -64,12 +65,39 @@ def _refuse_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def read_json_object(request: web.Request) -> dict:
+MAX_JSON_DEPTH = 64  # far above any request's own shape; run config has its own limit
+
+
+def _deeper_than(data: Any, limit: int) -> bool:
+    stack = [(data, 1)]
+    while stack:
+        item, level = stack.pop()
+        if level > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((child, level + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, level + 1) for child in item)
+    return False
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request's body as a JSON object: 400 naming the problem if it is not one, or
+    is nested deeper than MAX_JSON_DEPTH. (Each field's own check, with a 422, refuses
+    values that are not what it takes, text that is not Unicode included.)"""
+    body = await request.read()
     try:
-        body = await request.read()
         data = json.loads(body, parse_constant=_refuse_constant) if body else None
+    except RecursionError:
+        data = None
+        too_deep = True
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "bad_json", f"request body is not valid JSON: {exc}") from None
+    else:
+        too_deep = _deeper_than(data, MAX_JSON_DEPTH)
+    if too_deep:
+        message = f"request body is nested deeper than {MAX_JSON_DEPTH} levels"
+        raise ApiError(400, "bad_json", message)
     if not isinstance(data, dict):
         raise ApiError(400, "bad_json", "request body must be a JSON object")
     return data

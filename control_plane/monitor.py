@@ -21,10 +21,10 @@ from control_plane.health import DaemonHealth
 from control_plane.stallwatch import StallWatch
 from control_plane.statuses import AGENT_LOST, MAX_RUNTIME, START_TIMEOUT, RunStatus
 from control_plane.storage import Agent, Run, Storage, StorageFull, Verdict, iso
+from protocol.tags import MAX_RUNTIME_TAG
 
 log = logging.getLogger("fleetrun.monitor")
 
-MAX_RUNTIME_TAG = "fleetrun/max_runtime"
 MAX_SLEEP_SECONDS = 5.0
 
 

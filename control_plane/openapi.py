@@ -15,11 +15,19 @@ from aiohttp import web
 from control_plane.api import MAX_LIST_LIMIT, MAX_WAIT_SECONDS, NAME_RE
 from control_plane.auth import KINDS, PUBLIC, ROLES, ROUTE_ACCESS
 from control_plane.config import ControlPlaneConfig, LimitsConfig
-from control_plane.monitor import MAX_RUNTIME_TAG
-from control_plane.retries import MAX_RETRIES_TAG, RETRY_STRATEGIES, RETRY_STRATEGY_TAG
 from control_plane.statuses import RunStatus
-from control_plane.tags import ON_LOST_CONTACT_TAG, PRIORITY_TAG, QUEUE_TAG, RESERVED_TAGS
 from control_plane.token_api import TOKEN_NAME_RE
+from protocol.tags import (
+    MAX_RETRIES_TAG,
+    MAX_RUNTIME_TAG,
+    ON_LOST_CONTACT_CHOICES,
+    ON_LOST_CONTACT_TAG,
+    PRIORITY_TAG,
+    QUEUE_TAG,
+    RESERVED_TAGS,
+    RETRY_STRATEGIES,
+    RETRY_STRATEGY_TAG,
+)
 
 OPENAPI_PATH = "/api/v1/openapi.json"
 Schema = dict[str, Any]
@@ -189,7 +197,7 @@ def tags_schema(limits: LimitsConfig) -> Schema:
             MAX_RETRIES_TAG: string(pattern=_NON_NEGATIVE_INT_TEXT),
             RETRY_STRATEGY_TAG: string(enum=list(RETRY_STRATEGIES)),
             MAX_RUNTIME_TAG: string(pattern=_SECONDS_TEXT, description="finite seconds >= 0"),
-            ON_LOST_CONTACT_TAG: string(enum=["continue", "stop"]),
+            ON_LOST_CONTACT_TAG: string(enum=list(ON_LOST_CONTACT_CHOICES)),
         },
         description=f"At most {limits.max_tags_per_run} tags (max_tags_per_run); tags the "
         "control plane reads are refused with 422 bad_tag when their value is wrong, and "

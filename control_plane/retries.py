@@ -21,15 +21,23 @@ from control_plane.config import RunRetriesConfig
 from control_plane.health import DaemonHealth
 from control_plane.statuses import OP_FAILURE
 from control_plane.storage import NewRun, Run, Storage
+from control_plane.submission import (
+    DEFAULT_RUN_RULES,
+    RunRefused,
+    RunRules,
+    check_new_run,
+    new_run,
+)
+from protocol.tags import (
+    MAX_RETRIES_TAG,
+    PARENT_TAG,
+    RETRY_NUMBER_TAG,
+    RETRY_STRATEGY_TAG,
+    ROOT_TAG,
+)
 
 log = logging.getLogger("fleetrun.retries")
 
-MAX_RETRIES_TAG = "fleetrun/max_retries"
-RETRY_STRATEGY_TAG = "fleetrun/retry_strategy"
-PARENT_TAG = "fleetrun/parent_run_id"
-ROOT_TAG = "fleetrun/root_run_id"
-RETRY_NUMBER_TAG = "fleetrun/retry_number"
-RETRY_STRATEGIES = ("FROM_FAILURE", "ALL_STEPS")
 BACKSTOP_SECONDS = 5.0
 
 
@@ -49,8 +57,15 @@ def retry_delay(config: RunRetriesConfig, retry_number: int) -> float:
     return config.delay_seconds
 
 
-def decide_retry(run: Run, config: RunRetriesConfig, now: float, new_run_id: str) -> RetryDecision:
-    """Whether a failed run is retried, and the retry run if so."""
+def decide_retry(
+    run: Run,
+    config: RunRetriesConfig,
+    now: float,
+    new_run_id: str,
+    rules: RunRules = DEFAULT_RUN_RULES,
+) -> RetryDecision:
+    """Whether a failed run is retried, and the retry run if so (held to the rules of
+    every new run: a retry that could not be launched is not made)."""
     if not config.enabled:
         return RetryDecision(None)
     max_retries = int(run.tags.get(MAX_RETRIES_TAG, config.max_retries))
@@ -67,23 +82,16 @@ def decide_retry(run: Run, config: RunRetriesConfig, now: float, new_run_id: str
     next_number = number + 1
     delay = retry_delay(config, next_number)
     root = run.root_run_id or run.run_id
-    retry = NewRun(
-        run_id=new_run_id,
-        job=run.job,
-        location=run.location,
-        tags={
-            **run.tags,
-            PARENT_TAG: run.run_id,
-            ROOT_TAG: root,
-            RETRY_NUMBER_TAG: str(next_number),
-        },
-        config=run.config,
-        priority=run.priority,
-        queue=run.queue,
-        not_before=now + delay if delay > 0 else None,
-        parent_run_id=run.run_id,
+    lineage = {PARENT_TAG: run.run_id, ROOT_TAG: root, RETRY_NUMBER_TAG: str(next_number)}
+    retry = new_run(
+        new_run_id, run.job, run.location, run.tags, run.config, own_tags=lineage,
+        not_before=now + delay if delay > 0 else None, parent_run_id=run.run_id,
         root_run_id=root,
-    )
+    )  # fmt: skip
+    try:
+        check_new_run(retry, rules, reserved_ok=True)
+    except RunRefused as exc:
+        return RetryDecision(None, f"not retried: {exc.message}", data)
     message = f"retry {next_number} of {max_retries} queued as run {new_run_id}"
     if delay > 0:
         message += f"; it starts after {delay:g} s"
@@ -99,12 +107,14 @@ class RunRetrier:
         config: RunRetriesConfig,
         clock: Clock,
         on_retry: Callable[[Run], None],
+        rules: RunRules = DEFAULT_RUN_RULES,
     ) -> None:
         self.storage = storage
         self.config = config
         self.clock = clock
         self.health = DaemonHealth(clock)  # replaced by the control plane's shared one
         self.on_retry = on_retry
+        self.rules = rules
         self.may_act: Callable[[], bool] = lambda: True  # leader election's say
         self._wakeup = asyncio.Event()
 
@@ -118,7 +128,9 @@ class RunRetrier:
             for run in pending:
                 now = self.clock.time()
                 try:
-                    decision = decide_retry(run, self.config, now, str(uuid.uuid4()))
+                    decision = decide_retry(
+                        run, self.config, now, str(uuid.uuid4()), self.rules
+                    )
                 except ValueError as exc:  # e.g. a tag stored before it was validated
                     decision = RetryDecision(None, f"not retried: {exc}")
                 if decision.retry is not None and run.tags.get(RETRY_STRATEGY_TAG) != "ALL_STEPS":

@@ -19,17 +19,17 @@ from typing import Any
 from control_plane.clock import Clock
 from control_plane.evaluations import EvaluationBroker
 from control_plane.health import DaemonHealth
-from control_plane.storage import InstigatorState, NewRun, Run, Storage, Tick
-from control_plane.tags import (
-    DEFAULT_TAG_LIMITS,
-    JOB_TAG,
-    PRIORITY_TAG,
-    QUEUE_TAG,
-    TagLimits,
-    tag_problem,
+from control_plane.storage import CodeCatalog, InstigatorState, NewRun, Run, Storage, Tick
+from control_plane.submission import (
+    DEFAULT_RUN_RULES,
+    RunRefused,
+    RunRules,
+    check_new_run,
+    new_run,
 )
 from control_plane.ticks import due_ticks, next_tick
 from protocol.messages import EvaluationResult, ScheduleInfo, SensorInfo
+from protocol.tags import RUN_KEY_TAG, SCHEDULE_TAG, SENSOR_TAG, TICK_TAG, tag_problem
 
 log = logging.getLogger("fleetrun.scheduler")
 
@@ -98,25 +98,35 @@ def runs_for(
     tick: Tick,
     result: EvaluationResult,
     key_prefix: str,
-    tag_limits: TagLimits = DEFAULT_TAG_LIMITS,
+    catalog: CodeCatalog,
+    rules: RunRules = DEFAULT_RUN_RULES,
 ) -> tuple[list[NewRun], str | None]:
-    """The runs a tick's result asks for, or the problem that fails the tick."""
+    """The runs a tick's result asks for, or the problem that fails the tick (checked
+    as a submission is, for every request before any run is created)."""
     runs = []
     for index, request in enumerate(result.runs):
-        kind_tags = {f"fleetrun/{inst.kind}": inst.name, "fleetrun/tick": str(tick.id)}
-        if inst.kind == "sensor" and request.run_key is not None:
-            kind_tags["fleetrun/run_key"] = request.run_key
-        tags = {**request.tags, **kind_tags, JOB_TAG: request.job}
-        problem = tag_problem(dict(request.tags), tag_limits)
+        where = f"run request {index + 1}"
+        info = catalog.job_info(inst.location, request.job)
+        if info is None:
+            return [], f"{where}: location {inst.location} has no job {request.job!r}"
+        own = {SENSOR_TAG if inst.kind == "sensor" else SCHEDULE_TAG: inst.name,
+               TICK_TAG: str(tick.id)}  # fmt: skip
+        if request.run_key is not None:
+            own[RUN_KEY_TAG] = request.run_key
+        problem = tag_problem(request.tags, rules.tags)
         if problem is not None:
-            return [], f"run request {index + 1}: {problem}"
+            return [], f"{where}: {problem}"
         key_part = request.run_key if inst.kind == "sensor" else f"{tick.scheduled_time}/{index}"
-        runs.append(NewRun(
-            run_id=str(uuid.uuid4()), job=request.job, location=inst.location, tags=tags,
-            config=request.config, priority=int(tags.get(PRIORITY_TAG, "0")),
-            queue=tags.get(QUEUE_TAG, "default"), run_key=request.run_key,
+        run = new_run(
+            str(uuid.uuid4()), request.job, inst.location, request.tags, request.config,
+            own_tags=own, job_own_tags=dict(info.tags), run_key=request.run_key,
             idempotency_key=None if key_part is None else f"{key_prefix}/{key_part}",
-        ))  # fmt: skip
+        )  # fmt: skip
+        try:
+            check_new_run(run, rules)
+        except RunRefused as exc:
+            return [], f"{where}: {exc.message}"
+        runs.append(run)
     return runs, None
 
 
@@ -126,7 +136,7 @@ async def run_tick(
     clock: Clock,
     inst: Instigator,
     tick: Tick,
-    tag_limits: TagLimits = DEFAULT_TAG_LIMITS,
+    rules: RunRules = DEFAULT_RUN_RULES,
     **request_fields: object,
 ) -> tuple[Tick, list[Run]]:
     """Evaluate one tick on an agent and record its outcome (and its runs)."""
@@ -139,7 +149,8 @@ async def run_tick(
         return await storage.finish_tick(tick.id, "FAILURE", [], now, error=result.error,
                                          cursor=inst.state.cursor)  # fmt: skip
     prefix = f"{inst.kind}/{inst.location}/{inst.name}"
-    runs, problem = runs_for(inst, tick, result, prefix, tag_limits)
+    catalog = await storage.code_catalog()
+    runs, problem = runs_for(inst, tick, result, prefix, catalog, rules)
     if problem is not None:
         return await storage.finish_tick(tick.id, "FAILURE", [], now, error=problem,
                                          cursor=inst.state.cursor)  # fmt: skip
@@ -154,7 +165,7 @@ class DaemonLoop:
 
     name = "daemon"
     max_sleep = MAX_SLEEP_SECONDS
-    tag_limits = DEFAULT_TAG_LIMITS
+    run_rules = DEFAULT_RUN_RULES
 
     def __init__(
         self,
@@ -229,7 +240,7 @@ class ScheduleDaemon(DaemonLoop):
             if tick is None:
                 return  # already done (before a restart)
             tick, runs = await run_tick(self.storage, self.broker, self.clock, inst, tick,
-                                        self.tag_limits, scheduled_time=scheduled_time)  # fmt: skip
+                                        self.run_rules, scheduled_time=scheduled_time)  # fmt: skip
             log.info("schedule %s tick %s: %s", inst.name, tick.id, tick.status)
             if runs:
                 self.on_runs(runs)

@@ -34,7 +34,7 @@ class SensorDaemon(DaemonLoop):
                                                  self.clock.time())  # fmt: skip
             assert tick is not None
             tick, runs = await run_tick(self.storage, self.broker, self.clock, inst, tick,
-                                        self.tag_limits, cursor=inst.state.cursor,
+                                        self.run_rules, cursor=inst.state.cursor,
                                         last_run_key=inst.state.last_run_key)  # fmt: skip
             log.info("sensor %s tick %s: %s", inst.name, tick.id, tick.status)
             if runs:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from protocol.events import AGENT_LOST, UNDELIVERABLE, WORKER_CRASH
+
 
 class RunStatus(StrEnum):
     NOT_STARTED = "NOT_STARTED"
@@ -34,21 +36,24 @@ EVENT_STATUS: dict[str, RunStatus] = {
     "RUN_CANCELED": RunStatus.CANCELED,
 }
 
-# The run-status events an agent may report; the others (ENQUEUED, STARTING, CANCELING,
-# WORKER_RESTARTED) are the control plane's own decisions. RUN_CANCELED from an agent
-# only confirms a cancel the control plane asked for.
-AGENT_STATUS_EVENTS = frozenset({"RUN_START", "RUN_SUCCESS", "RUN_FAILURE", "RUN_CANCELED"})
-
 # Why a run failed, as `Run.failure_kind`. Retries of op failures can be turned off;
 # the worker/agent kinds can also be resumed in place (max_resume_run_attempts).
 OP_FAILURE = "op_failure"
-WORKER_CRASH = "worker_crash"
-AGENT_LOST = "agent_lost"
 AGENT_RESTARTED = "agent_restarted"
 START_TIMEOUT = "start_timeout"
 MAX_RUNTIME = "max_runtime"
+REFUSED_RECORD = "refused_record"  # its agent sent a record the event log does not take
 FAILURE_KINDS = frozenset(
-    {OP_FAILURE, WORKER_CRASH, AGENT_LOST, AGENT_RESTARTED, START_TIMEOUT, MAX_RUNTIME}
+    {
+        OP_FAILURE,
+        WORKER_CRASH,
+        AGENT_LOST,
+        AGENT_RESTARTED,
+        START_TIMEOUT,
+        MAX_RUNTIME,
+        REFUSED_RECORD,
+        UNDELIVERABLE,
+    }
 )
 RESUMABLE_KINDS = frozenset({WORKER_CRASH, AGENT_LOST, AGENT_RESTARTED})
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import msgpack
 
 from protocol import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS
-from protocol.messages import FIELDS_SINCE, MESSAGE_TYPES
+from protocol.messages import FIELDS_SINCE, MESSAGE_TYPES, LaunchRun, PollReply
 from protocol.schema import SchemaError, from_plain, to_plain
 
 T = TypeVar("T")
@@ -85,12 +85,17 @@ def _plain_for(obj: Any, version: int) -> Any:
 
 
 def encode(message: Any, version: int = PROTOCOL_VERSION) -> bytes:
-    """Encode a message dataclass in the versioned envelope (for a peer of `version`)."""
+    """Encode a message dataclass in the versioned envelope (for a peer of `version`);
+    ProtocolError `unencodable` if a value in it has no msgpack form (protocol/wire.py
+    checks user data before it gets this far)."""
     name = type(message).__name__
     if MESSAGE_TYPES.get(name) is not type(message):
         raise TypeError(f"{name} is not a protocol message")
     body = to_plain(message) if version == PROTOCOL_VERSION else _plain_for(message, version)
-    return msgpack.packb({"v": version, "type": name, "body": body}, use_bin_type=True)
+    try:
+        return msgpack.packb({"v": version, "type": name, "body": body}, use_bin_type=True)
+    except (ValueError, TypeError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
+        raise ProtocolError("unencodable", f"{name} cannot be encoded: {exc}") from None
 
 
 def decode_any(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Any:
@@ -98,8 +103,8 @@ def decode_any(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Any:
     return decode_versioned(data, limits)[0]
 
 
-def decode_versioned(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[Any, int]:
-    """The message and the protocol version its sender speaks."""
+def _open_envelope(data: bytes, limits: DecodeLimits) -> tuple[type, Any, int]:
+    """The message class an envelope names, its body still plain, and the version."""
     if len(data) > limits.max_body_bytes:
         raise ProtocolError(
             "too_large", f"message of {len(data)} bytes exceeds {limits.max_body_bytes} bytes"
@@ -133,11 +138,57 @@ def decode_versioned(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> tupl
     cls = MESSAGE_TYPES.get(raw["type"]) if isinstance(raw["type"], str) else None
     if cls is None:
         raise ProtocolError("unknown_message", f"unknown message type {raw['type']!r}")
-    _check_shape(raw["body"], limits.max_depth)
+    return cls, raw["body"], version
+
+
+def _typed(cls: type[T], body: Any, max_depth: int) -> T:
+    _check_shape(body, max_depth)
     try:
-        return from_plain(cls, raw["body"]), version
+        return from_plain(cls, body)
     except SchemaError as exc:
         raise ProtocolError("bad_message", f"{cls.__name__}.{exc}") from None
+
+
+def decode_versioned(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[Any, int]:
+    """The message and the protocol version its sender speaks."""
+    cls, body, version = _open_envelope(data, limits)
+    return _typed(cls, body, limits.max_depth), version
+
+
+@dataclass(frozen=True)
+class UnreadableLaunch:
+    """A launch in a poll reply that did not decode: which run (if that much could be
+    read), and why."""
+
+    run_id: str | None
+    lease: int | None
+    problem: str
+
+
+def decode_poll_reply(
+    data: bytes, limits: DecodeLimits = DEFAULT_LIMITS
+) -> tuple[PollReply, list[UnreadableLaunch]]:
+    """A PollReply, each launch decoded on its own: one that does not decode is left
+    out and named (when its run id and lease can be read), so that one run's launch can
+    never spoil the agent's other launches and stop orders."""
+    cls, body, _ = _open_envelope(data, limits)
+    if cls is not PollReply or not isinstance(body, dict):
+        return _typed(PollReply, body, limits.max_depth), []
+    launches = body.get("launches")
+    if not isinstance(launches, list):
+        return _typed(PollReply, body, limits.max_depth), []
+    reply = _typed(PollReply, {**body, "launches": []}, limits.max_depth)
+    unreadable = []
+    for item in launches:
+        try:
+            reply.launches.append(_typed(LaunchRun, item, limits.max_depth - 2))
+        except ProtocolError as exc:
+            fields = item if isinstance(item, dict) else {}
+            run_id, lease = fields.get("run_id"), fields.get("lease")
+            readable = isinstance(run_id, str) and type(lease) is int
+            unreadable.append(UnreadableLaunch(run_id[:64] if readable else None,
+                                               lease if readable else None, str(exc)))
+    return reply, unreadable
 
 
 def decode(data: bytes, expected: type[T], limits: DecodeLimits = DEFAULT_LIMITS) -> T:

@@ -13,7 +13,9 @@ from datetime import UTC, datetime
 
 from croniter import croniter
 
-from protocol.messages import CodeLocationInfo
+from protocol.messages import CodeLocationInfo, JobInfo
+from protocol.tags import tag_problem
+from protocol.wire import text_problem
 
 MAX_NAME_LENGTH = 128
 NAME_RE = re.compile(r"[A-Za-z0-9_]+")
@@ -73,13 +75,16 @@ def location_problem(info: CodeLocationInfo) -> str | None:
     for job in info.jobs:
         if name_problem(job.name):
             return f"{where}: job name {name_problem(job.name)}"
+        if (problem := _job_problem(job)) is not None:
+            return f"{where}: job {job.name} {problem}"
     for schedule in info.schedules:
         checks = [("name", name_problem(schedule.name)), ("job", name_problem(schedule.job)),
                   ("cron", cron_problem(schedule.cron)),
                   ("timezone", timezone_problem(schedule.timezone)),
                   ("default_status", _status_problem(schedule.default_status)),
                   ("catchup", None if 0 <= schedule.catchup <= MAX_CATCHUP
-                   else f"must be between 0 and {MAX_CATCHUP}")]  # fmt: skip
+                   else f"must be between 0 and {MAX_CATCHUP}"),
+                  ("tags", tag_problem(schedule.tags))]  # fmt: skip
         for field, problem in checks:
             if problem:
                 return f"{where}: schedule {schedule.name[:MAX_NAME_LENGTH]!r} {field} {problem}"
@@ -93,6 +98,21 @@ def location_problem(info: CodeLocationInfo) -> str | None:
             if problem:
                 return f"{where}: sensor {sensor.name[:MAX_NAME_LENGTH]!r} {field} {problem}"
     return None
+
+
+def _job_problem(job: JobInfo) -> str | None:
+    """Its steps are names (they become events' steps and outputs' keys), wired only to
+    one another, and its tags are valid run tags (they become its runs' tags)."""
+    steps = {op.name for op in job.ops}
+    for op in job.ops:
+        if name_problem(op.name):
+            return f"step name {op.name[:MAX_NAME_LENGTH]!r} {name_problem(op.name)}"
+        if not set(op.upstream) <= steps:
+            return f"step {op.name} takes the output of a step the job does not have"
+        if any(text_problem(text) for pair in op.tags.items() for text in pair):
+            return f"step {op.name} has a tag that is not valid Unicode text"
+    problem = tag_problem(job.tags)
+    return None if problem is None else f"tags: {problem}"
 
 
 def _status_problem(status: str) -> str | None:

@@ -8,8 +8,7 @@ from typing import Any
 from agent.capture import capture_step_output
 from agent.executors import Execution
 from agent.executors.step import Attempt, emit_failure, emit_success, error_data, run_step
-
-PRIORITY_TAG = "fleetrun/priority"
+from protocol.tags import PRIORITY_TAG
 
 
 def step_priority(execution: Execution, step: str) -> int:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from control_plane.statuses import RunStatus
-from protocol.messages import CodeLocationInfo, Evaluate, EvaluationResult, RunRecord
+from protocol.messages import CodeLocationInfo, Evaluate, EvaluationResult, JobInfo, RunRecord
 
 
 class StorageError(Exception):
@@ -30,6 +30,10 @@ class StaleLease(StorageError):
 
 class NotYourRun(StorageError):
     """A write came from an agent the run is not leased to."""
+
+
+class RecordRefused(StorageError):
+    """An agent's record or output that the run may not take (control_plane/records.py)."""
 
 
 class NameTaken(StorageError):
@@ -276,6 +280,16 @@ class CodeCatalog:
     by_name: dict[str, list[CodeLocation]]
     jobs: dict[str, set[str]]  # location name -> the jobs any agent's copy defines
 
+    def job_info(self, location: str, job: str, agent_id: str | None = None) -> JobInfo | None:
+        """Job `job` of `location`: as agent `agent_id` has it, else as any agent does."""
+        copies = self.by_name.get(location, ())
+        preferred = sorted(copies, key=lambda loc: loc.agent_id != agent_id)
+        for loc in preferred:
+            for info in loc.info.jobs:
+                if info.name == job:
+                    return info
+        return None
+
     @classmethod
     def of(cls, version: int, by_agent: dict[str, list[CodeLocation]]) -> CodeCatalog:
         locations = sorted((loc for locs in by_agent.values() for loc in locs),
@@ -319,6 +333,7 @@ class AppendResult:
     status_changed: bool
     stored: dict[str, int] = field(default_factory=dict)  # records stored now, by kind
     launch_acked: bool = True  # whether the agent's hold of the launch was known before
+    refused: str | None = None  # the record the batch stopped at, and why
 
 
 class Storage(Protocol):

@@ -23,17 +23,16 @@ from typing import Any, Protocol
 
 import msgpack
 
+from control_plane.records import Take, output_problem, screen_record
 from control_plane.statuses import (
     ACTIVE_STATUSES,
-    AGENT_LOST,
     AGENT_RESTARTED,
-    AGENT_STATUS_EVENTS,
     EVENT_STATUS,
     FAILURE_KINDS,
     OP_FAILURE,
+    REFUSED_RECORD,
     RESUMABLE_KINDS,
     TERMINAL_STATUSES,
-    WORKER_CRASH,
     RunStatus,
     can_transition,
 )
@@ -49,6 +48,7 @@ from control_plane.storage import (
     NewRun,
     NotYourRun,
     QueueSnapshot,
+    RecordRefused,
     Run,
     RunFilter,
     StaleLease,
@@ -58,6 +58,7 @@ from control_plane.storage import (
     UnknownRun,
     Verdict,
 )
+from protocol.events import AGENT_FAILURE_KINDS
 from protocol.messages import CodeLocationInfo, Evaluate, EvaluationResult, RunRecord
 from protocol.schema import from_plain, to_plain
 
@@ -104,7 +105,6 @@ def _event_json(data: dict[str, Any] | None) -> str:
     return text
 
 
-AGENT_FAILURE_KINDS = frozenset({WORKER_CRASH, AGENT_LOST})  # what an agent may report
 IN_CHUNK = 500  # ids per `IN (...)` list: well under both databases' parameter limits
 
 
@@ -525,18 +525,28 @@ class SqlStorage:
         step: str | None = None,
         attempt: int | None = None,
         event_time: float | None = None,
-        apply_status: bool = True,
     ) -> tuple[RunStatus, bool]:
         """Insert one event with the run's next seq and apply the status it implies.
 
-        The event keeps the time its source stamped (`event_time`); the run's start and
-        end times are the control plane's (`now`), the moment the change took effect.
+        A status event is stored only with its transition: the seq is taken by an
+        UPDATE guarded on the statuses the transition may start from, so an event the
+        state machine refuses is never in the log. The event keeps the time its source
+        stamped (`event_time`); the run's start and end times are the control plane's
+        (`now`), the moment the change took effect.
         """
+        new = EVENT_STATUS.get(event_type)
+        guard, sources = "", ()
+        if new is not None:
+            sources = tuple(s for s in RunStatus if can_transition(s, new))
+            guard = f" AND status IN ({','.join('?' * len(sources))})"
         rows = await db.fetch(
             "UPDATE runs SET last_event_seq = last_event_seq + 1, update_time = ?"
-            " WHERE run_id = ? RETURNING last_event_seq, status",
-            (now, run_id),
+            f" WHERE run_id = ?{guard} RETURNING last_event_seq, status",
+            (now, run_id, *sources),
         )
+        if not rows:
+            ((status,),) = await db.fetch("SELECT status FROM runs WHERE run_id = ?", (run_id,))
+            return RunStatus(status), False
         seq, status = rows[0]
         await db.execute(
             "INSERT INTO events (run_id, seq, time, type, step, message, data, attempt)"
@@ -553,8 +563,7 @@ class SqlStorage:
             ),
         )
         current = RunStatus(status)
-        new = EVENT_STATUS.get(event_type) if apply_status else None
-        if new is None or not can_transition(current, new):
+        if new is None:
             return current, False
         kind = (data or {}).get("failure_kind")
         # A run that failed while being canceled is not retried: the user wanted it gone.
@@ -639,8 +648,11 @@ class SqlStorage:
         """Store an attempt's records in seq order, once each; refuse a stale lease, and
         with `agent_id`, an agent the run is not leased to.
 
-        Only run-status events an agent may report change the status; a worker crash the
-        agent reports may resume the run instead of failing it (`resume_limit`).
+        Each record is screened (control_plane/records.py) against the run as it stands
+        after the records before it. At the first refused one the batch stops: what
+        came before is stored, a run still active fails with the reason and its lease is
+        fenced, and the result names the refusal. A worker crash the agent reports may
+        resume the run instead of failing it (`resume_limit`).
         """
         async with self._write(run_id) as db:
             run = await self._get_run(db, run_id)
@@ -655,8 +667,10 @@ class SqlStorage:
                 "SELECT acked_seq FROM run_attempts WHERE attempt_id = ?", (lease,)
             )
             acked = rows[0][0]
-            status = run.status
+            steps = await self._job_steps(db, run)
+            status, end_time = run.status, run.end_time
             changed = False
+            refused: str | None = None
             stored: dict[str, int] = {}
             plain: list[RunRecord] = []  # stored together, in as few statements as can be
             for record in sorted(records, key=lambda r: r.seq):
@@ -664,7 +678,15 @@ class SqlStorage:
                     continue
                 if record.seq != acked + 1:
                     break
+                take, why = screen_record(record, status, steps, end_time, now)
+                if take is Take.REFUSE:
+                    refused = f"record {record.seq} ({record.kind} {record.type[:64]}): {why}"
+                    break
                 acked = record.seq
+                if take is Take.SKIP:
+                    continue
+                if take is Take.STORE_UNATTRIBUTED:
+                    record = dataclasses.replace(record, step=None)
                 stored_as = "log" if record.kind == "log" else "event"
                 stored[stored_as] = stored.get(stored_as, 0) + 1
                 if record.kind == "log" or (
@@ -684,26 +706,44 @@ class SqlStorage:
                         event_time=record.time,
                     )  # fmt: skip
                     changed = True
+                    end_time = now
                     if status == RunStatus.QUEUED:
                         break  # this attempt is over; its lease is no longer current
                     continue
-                inline = record.data.pop(INLINE_OUTPUT_KEY, None)
+                data = dict(record.data)
+                inline = data.pop(INLINE_OUTPUT_KEY, None)
                 if isinstance(inline, bytes) and record.step is not None:
                     await self._put_output(db, run_id, lease, record.step, inline, now)
-                applies = record.type in AGENT_STATUS_EVENTS and (
-                    record.type != "RUN_CANCELED" or status == RunStatus.CANCELING
-                )
                 status, did_change = await self._append_event(
-                    db, run_id, now, record.type, record.message, record.data, record.step,
-                    lease, event_time=record.time, apply_status=applies,
+                    db, run_id, now, record.type, record.message, data, record.step,
+                    lease, event_time=record.time,
                 )  # fmt: skip
                 changed = changed or did_change
+                if did_change and status in TERMINAL_STATUSES:
+                    end_time = now
             await self._append_plain(db, run_id, lease, now, plain)
             await db.execute(
                 "UPDATE run_attempts SET acked_seq = ? WHERE attempt_id = ?", (acked, lease)
             )
+            if refused is not None and status in ACTIVE_STATUSES:
+                run.status = status
+                log.warning("run %s: refused a record from agent %s: %s", run_id,
+                            run.agent_id, refused, extra={"run_id": run_id})  # fmt: skip
+                status = await self._fail(
+                    db, run, REFUSED_RECORD,
+                    f"the agent sent a record the control plane refuses: {refused}", now, 0,
+                )  # fmt: skip
+                await db.execute("UPDATE runs SET lease = NULL WHERE run_id = ?", (run_id,))
+                changed = True
             return AppendResult(acked_seq=acked, status=status, status_changed=changed,
-                                stored=stored, launch_acked=launch_acked)  # fmt: skip
+                                stored=stored, launch_acked=launch_acked,
+                                refused=refused)  # fmt: skip
+
+    async def _job_steps(self, db: Tx, run: Run) -> frozenset[str] | None:
+        """The steps of the run's job, as its agent's copy of the location defines them
+        (any copy, if that agent no longer lists the job); None if no copy does."""
+        info = (await self._code_catalog(db)).job_info(run.location, run.job, run.agent_id)
+        return None if info is None else frozenset(op.name for op in info.ops)
 
     async def _append_plain(
         self, db: Tx, run_id: str, lease: int, now: float, records: list[RunRecord]
@@ -817,13 +857,25 @@ class SqlStorage:
         return await self._reusable(self._reader, run)
 
     async def put_output(self, run_id: str, lease: int, step: str, data: bytes, now: float) -> None:
+        """Store a step's output for the attempt holding `lease`; RecordRefused (and the
+        run failed, if it was still going) when the run may not take it: the step is not
+        one of its job's, or the run is not running."""
         async with self._write(run_id) as db:
             run = await self._get_run(db, run_id)
             if run is None:
                 raise UnknownRun(run_id)
             if run.lease != lease:
                 raise StaleLease(f"lease {lease} of run {run_id} is stale (current: {run.lease})")
-            await self._put_output(db, run_id, lease, step, data, now)
+            why = output_problem(step, run.status, await self._job_steps(db, run))
+            if why is None:
+                await self._put_output(db, run_id, lease, step, data, now)
+                return
+            refused = f"output of step {step[:64]!r}: {why}"
+            if run.status in ACTIVE_STATUSES:  # committed before the refusal is raised
+                await self._fail(db, run, REFUSED_RECORD, "the agent sent an output the "
+                                 f"control plane refuses: {refused}", now, 0)  # fmt: skip
+                await db.execute("UPDATE runs SET lease = NULL WHERE run_id = ?", (run_id,))
+        raise RecordRefused(refused)
 
     async def _put_output(
         self, db: Tx, run_id: str, lease: int, step: str, data: bytes, now: float

@@ -91,9 +91,14 @@ class Client:
         self.conn: HTTPConnection | None = None
 
     def request(
-        self, method: str, path: str, body: bytes = b"", content_type: str = "application/msgpack"
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        content_type: str = "application/msgpack",
+        extra_headers: dict[str, str] | None = None,
     ) -> tuple[int, bytes]:
-        headers = {"Content-Type": content_type}
+        headers = {"Content-Type": content_type, **(extra_headers or {})}
         for attempt in range(3):
             if self.conn is None:
                 self.conn = HTTPConnection(self.host, self.port, timeout=TIMEOUT)
@@ -235,7 +240,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 long_strings = st.builds(lambda c, n: c * n, st.sampled_from(["x", "é", "\x00", "/", "🙂"]),
                          st.integers(1_000, 200_000))  # fmt: skip
 EVENT_TYPES = ["RUN_START", "STEP_START", "STEP_SUCCESS", "STEP_FAILURE", "LOG",
-               "RUN_SUCCESS", "RUN_FAILURE", "RUN_CANCELED", "RUN_ENQUEUED"]  # fmt: skip
+               "RUN_SUCCESS", "RUN_FAILURE", "RUN_CANCELED", "RUN_ENQUEUED", "RUN_STARTING",
+               "RUN_RETRY", "RUN_WORKER_RESTARTED", "RUN_CANCELING", "ENGINE_EVENT",
+               "BOGUS_TYPE"]  # fmt: skip
 hostile_value = st.one_of(
     plain,
     st.sampled_from([*EVENT_TYPES, "worker_crash", "agent_lost", "log", "stdout"]),
@@ -517,6 +524,24 @@ def test_known_hostile_message(fleet: Fleet, case: str) -> None:
         fleet.check_views()
     finally:
         fleet.forget(body)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+@pytest.mark.parametrize("endpoint", [*ENDPOINTS, "outputs"])
+def test_a_body_whose_encoding_does_not_decode_is_a_400(
+    fleet: Fleet, endpoint: str, encoding: str
+) -> None:
+    fleet.new_run()
+    method, path = "POST", f"/agent/v1/{endpoint}"
+    if endpoint == "outputs":
+        method = "PUT"
+        path = f"/agent/v1/outputs/{fleet.run_id}/a?agent_id={fleet.agent_id}&lease={fleet.lease}"
+    status, reply = fleet.client.request(
+        method, path, b"not compressed at all", extra_headers={"Content-Encoding": encoding}
+    )
+    assert status == 400, (status, reply)
+    assert_error_reply(reply)
+    assert fleet.cp.get(f"/api/v1/runs/{fleet.run_id}")["status"] in ("STARTING", "STARTED")
 
 
 def server_errors(log: str) -> list[str]:

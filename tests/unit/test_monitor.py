@@ -115,9 +115,24 @@ def test_retry_copies_the_run_and_links_the_chain() -> None:
     retry = decision.retry
     assert retry is not None and (retry.run_id, retry.job, retry.config) == ("new", "etl", {"x": 1})
     assert retry.tags == {"team": "a", "fleetrun/parent_run_id": "r1",
-                          "fleetrun/root_run_id": "r1", "fleetrun/retry_number": "1"}  # fmt: skip
+                          "fleetrun/root_run_id": "r1", "fleetrun/retry_number": "1",
+                          "fleetrun/job": "etl"}  # fmt: skip
     assert (retry.parent_run_id, retry.root_run_id, retry.not_before) == ("r1", "r1", None)
     assert decision.message == "retry 1 of 2 queued as run new"
+
+
+def test_a_retry_that_could_not_be_launched_is_not_made() -> None:
+    """A run stored before today's rules (a config nested too deep for the protocol)
+    gets no retry that would poison the next agent, and the reason says why."""
+    deep: dict = {}
+    for _ in range(40):
+        deep = {"a": deep}
+    poisoned = failed()
+    poisoned.config = deep
+    decision = decide_retry(poisoned, RunRetriesConfig(max_retries=2), NOW, "new")
+    assert decision.retry is None
+    assert decision.message.startswith("not retried: config.a.a")
+    assert "nested deeper than" in decision.message
 
 
 def test_retry_limits_tags_and_kinds() -> None:
@@ -156,20 +171,23 @@ async def test_the_retrier_settles_a_bad_run_and_goes_on(tmp_path) -> None:  # t
     from control_plane.clock import SystemClock
     from control_plane.retries import RunRetrier
     from control_plane.storage import NewRun, open_storage
-    from protocol.messages import CodeLocationInfo, RunRecord
+    from protocol.messages import CodeLocationInfo, JobInfo, OpInfo, RunRecord
 
+    etl = JobInfo(name="etl", ops=[OpInfo(name="a")])
     storage = open_storage(f"sqlite:///{tmp_path}/r.db")
     await storage.open()
     try:
         agent = await storage.register_agent("w", "h", "0", ["default"], 2,
-                                             [CodeLocationInfo(name="loc")], now=1)  # fmt: skip
+                                             [CodeLocationInfo(name="loc", jobs=[etl])],
+                                             now=1)  # fmt: skip
         runs = (("bad", {"fleetrun/retry_number": "x"}), ("good", {}),
                 ("all", {"fleetrun/retry_strategy": "ALL_STEPS"}))  # fmt: skip
         for run_id, tags in runs:
             await storage.create_run(NewRun(run_id, "etl", "loc", tags, {}), now=1)
             (run,) = await storage.assign_queued(2, lambda s, r=run_id: [(r, agent.agent_id)])
-            records = [RunRecord(seq=1, time=3, kind="event", type="STEP_SUCCESS", step="a"),
-                       RunRecord(seq=2, time=3, kind="event", type="RUN_FAILURE")]  # fmt: skip
+            records = [RunRecord(seq=1, time=3, kind="event", type="RUN_START"),
+                       RunRecord(seq=2, time=3, kind="event", type="STEP_SUCCESS", step="a"),
+                       RunRecord(seq=3, time=3, kind="event", type="RUN_FAILURE")]  # fmt: skip
             await storage.append_records(run_id, run.lease, records, now=3)  # type: ignore[arg-type]
         retrier = RunRetrier(storage, RunRetriesConfig(max_retries=1), SystemClock(), print)
         queued = await retrier.settle_pending()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,12 +11,15 @@ from control_plane.statuses import RunStatus
 from control_plane.storage import (
     NewRun,
     NotYourRun,
+    RecordRefused,
     RunFilter,
     StaleLease,
     Storage,
     UnknownRun,
 )
-from protocol.messages import CodeLocationInfo, JobInfo, RunRecord
+from protocol.messages import CodeLocationInfo, JobInfo, OpInfo, RunRecord
+
+ETL = JobInfo(name="etl", ops=[OpInfo(name="a"), OpInfo(name="extract", upstream=["a"])])
 
 
 def new_run(run_id: str, job: str = "etl", tags: dict | None = None, priority: int = 0) -> NewRun:
@@ -38,7 +42,7 @@ async def assign(storage: Storage, run_id: str, agent: str, now: float):  # type
 async def agent_id(storage: Storage, name: str = "w1") -> str:
     agent = await storage.register_agent(
         name, "host", "0.1", ["default"], 4,
-        [CodeLocationInfo(name="loc", jobs=[JobInfo(name="etl")])], now=10.0,
+        [CodeLocationInfo(name="loc", jobs=[ETL])], now=10.0,
     )  # fmt: skip
     return agent.agent_id
 
@@ -289,12 +293,90 @@ async def test_cancel_queued_and_started_runs(storage: Storage) -> None:
     assert await storage.request_cancel("nope", now=3) is None
 
 
-async def test_agents_cannot_set_the_control_planes_statuses(storage: Storage) -> None:
+@pytest.mark.parametrize(
+    "type_",
+    ["RUN_ENQUEUED", "RUN_STARTING", "RUN_CANCELING", "RUN_CANCELED", "RUN_RETRY",
+     "RUN_WORKER_RESTARTED", "BOGUS_TYPE", "RUN_START"],
+)  # fmt: skip
+async def test_a_record_an_agent_may_not_send_fails_the_run_and_ends_its_lease(
+    storage: Storage, type_: str
+) -> None:
     aid = await agent_id(storage)
     lease = await started(storage, "r1", aid)
-    for seq, type_ in enumerate(["RUN_ENQUEUED", "RUN_CANCELING", "RUN_CANCELED"], start=2):
-        result = await storage.append_records("r1", lease, [event(seq, type_)], now=3)
-        assert result.status == RunStatus.STARTED and not result.status_changed
+    batch = [event(2, "STEP_START", "a"), event(3, type_), event(4, "STEP_SUCCESS", "a")]
+    result = await storage.append_records("r1", lease, batch, now=3)
+    assert result.refused is not None and "record 3" in result.refused
+    assert result.acked_seq == 2 and result.status == RunStatus.FAILURE
+    run = await storage.get_run("r1")
+    assert run is not None and run.failure_kind == "refused_record" and run.lease is None
+    assert "refuses" in (run.status_reason or "")
+    types = [e.type for e in await storage.get_events("r1", 0, 100)]
+    assert types == ["RUN_ENQUEUED", "RUN_STARTING", "RUN_START", "STEP_START", "RUN_FAILURE"]
+    with pytest.raises(StaleLease):  # the lease ended with the run
+        await storage.append_records("r1", lease, [event(4, "LOG")], now=4)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [event(2, "STEP_START", "../../../../tmp/x"), event(2, "STEP_START", "not_in_the_job"),
+     event(2, "STEP_SUCCESS"), RunRecord(seq=2, time=1.0, kind="log", type="stdin"),
+     RunRecord(seq=2, time=1.0, kind="blob", type="LOG")],
+)  # fmt: skip
+async def test_steps_must_belong_to_the_runs_job(storage: Storage, record: RunRecord) -> None:
+    aid = await agent_id(storage)
+    lease = await started(storage, "r1", aid)
+    result = await storage.append_records("r1", lease, [record], now=3)
+    assert result.refused is not None and result.status == RunStatus.FAILURE
+    assert all(e.step is None for e in await storage.get_events("r1", 0, 100))
+
+
+async def test_log_text_under_a_step_the_job_lacks_is_kept_without_the_step(
+    storage: Storage,
+) -> None:
+    aid = await agent_id(storage)
+    lease = await started(storage, "r1", aid)
+    forged = RunRecord(seq=2, time=1.0, kind="log", type="stdout", step="nope", message="hi\n")
+    result = await storage.append_records("r1", lease, [forged], now=3)
+    assert result.refused is None and result.acked_seq == 2
+    assert [(c.step, c.text) for c in await storage.get_logs("r1", None, 0)] == [(None, "hi\n")]
+
+
+async def test_nothing_but_trailing_logs_after_the_run_ended(storage: Storage) -> None:
+    from control_plane.records import TRAILING_LOG_SECONDS
+
+    aid = await agent_id(storage)
+    lease = await started(storage, "r1", aid)
+    tail = RunRecord(seq=3, time=1.0, kind="log", type="stderr", step="a", message="late\n")
+    batch = [event(2, "RUN_SUCCESS"), tail]
+    result = await storage.append_records("r1", lease, batch, now=10)
+    assert result.refused is None and result.acked_seq == 3
+    for late in (event(4, "RUN_FAILURE"), event(4, "RUN_SUCCESS"), event(4, "STEP_FAILURE", "a")):
+        result = await storage.append_records("r1", lease, [late], now=11)
+        assert result.refused is not None and "ended" in result.refused
+        assert result.acked_seq == 3 and not result.status_changed
+    with pytest.raises(RecordRefused):
+        await storage.put_output("r1", lease, "a", b"after the end", now=12)
+    tail = dataclasses.replace(tail, seq=4)
+    too_late = await storage.append_records("r1", lease, [tail], now=11 + TRAILING_LOG_SECONDS)
+    assert too_late.refused is not None
+    run = await storage.get_run("r1")
+    assert run is not None and run.status == RunStatus.SUCCESS and run.lease == lease
+    types = [e.type for e in await storage.get_events("r1", 0, 100)]
+    assert types == ["RUN_ENQUEUED", "RUN_STARTING", "RUN_START", "RUN_SUCCESS"]
+    assert [c.text for c in await storage.get_logs("r1", None, 0)] == ["late\n"]
+
+
+async def test_a_worker_starting_after_its_cancel_is_not_a_start(storage: Storage) -> None:
+    aid = await agent_id(storage)
+    await storage.create_run(new_run("r1"), now=1)
+    lease = (await assign(storage, "r1", aid, now=2)).lease  # type: ignore[union-attr]
+    await storage.request_cancel("r1", now=3)
+    batch = [event(1, "RUN_START"), event(2, "STEP_START", "a"), event(3, "RUN_CANCELED")]
+    result = await storage.append_records("r1", lease, batch, now=4)
+    assert result.refused is None and result.status == RunStatus.CANCELED
+    types = [e.type for e in await storage.get_events("r1", 0, 100)]
+    assert types == ["RUN_ENQUEUED", "RUN_STARTING", "RUN_CANCELING", "STEP_START",
+                     "RUN_CANCELED"]  # fmt: skip
 
 
 async def test_verdict_fails_the_run_fences_its_lease_and_loses_to_an_earlier_report(
@@ -436,11 +518,15 @@ async def test_outputs_are_stored_inline_or_uploaded_under_the_current_lease(
     assert await storage.get_output("r1", "a") == b"\x80pickled"
     (stored,) = [e for e in await storage.get_events("r1", 0, 100) if e.type == "STEP_OUTPUT"]
     assert stored.data == {"type": "int", "odd": "<1 bytes>"}  # bytes never reach the JSON
-    await storage.put_output("r1", lease, "b", b"big", now=4)
-    assert await storage.get_output("r1", "b") == b"big"
+    await storage.put_output("r1", lease, "extract", b"big", now=4)
+    assert await storage.get_output("r1", "extract") == b"big"
+    with pytest.raises(RecordRefused):
+        await storage.put_output("r1", lease, "../../etc/passwd", b"x", now=4)
+    run = await storage.get_run("r1")
+    assert run is not None and run.status == RunStatus.FAILURE and run.lease is None
     assert await storage.get_output("r1", "missing") is None
     with pytest.raises(StaleLease):
-        await storage.put_output("r1", lease + 1, "b", b"late", now=5)
+        await storage.put_output("r1", lease, "extract", b"late", now=5)
     with pytest.raises(UnknownRun):
         await storage.put_output("nope", lease, "b", b"x", now=5)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from control_plane.statuses import RunStatus
 from control_plane.storage import NewRun, RunFilter, TokenRecord, open_storage
-from protocol.messages import CodeLocationInfo, JobInfo, RunRecord
+from protocol.messages import CodeLocationInfo, JobInfo, OpInfo, RunRecord
 from tests.conftest import FLEETRUN
 
 
@@ -22,8 +22,9 @@ async def fill(url: str) -> dict[str, object]:
     a token and a schedule tick; returns what must survive the move."""
     store = open_storage(url)
     await store.open()
+    etl = JobInfo(name="etl", ops=[OpInfo(name="s")])
     agent = await store.register_agent("w1", "host", "0.1", ["default"], 4,
-                                       [CodeLocationInfo(name="loc", jobs=[JobInfo(name="etl")])],
+                                       [CodeLocationInfo(name="loc", jobs=[etl])],
                                        now=10.0)  # fmt: skip
     await store.create_run(NewRun("r1", "etl", "loc", {"team": "a"}, {"k": 1}), now=11.0)
     [run] = await store.assign_queued(12.0, lambda _s: [("r1", agent.agent_id)])
@@ -32,8 +33,8 @@ async def fill(url: str) -> dict[str, object]:
         RunRecord(seq=2, time=13.5, kind="log", type="stdout", step="s", message="hi\n"),
         RunRecord(seq=3, time=14.0, kind="event", type="RUN_SUCCESS", message="ok"),
     ]
+    await store.put_output("r1", run.lease, "s", b"\x00pickled", now=13.0)  # type: ignore[arg-type]
     await store.append_records("r1", run.lease, records, now=14.0)  # type: ignore[arg-type]
-    await store.put_output("r1", run.lease, "s", b"\x00pickled", now=14.0)  # type: ignore[arg-type]
     await store.create_run(NewRun("r2", "etl", "loc", {}, {}), now=15.0)
     await store.create_token(TokenRecord("t1", "ops", "user", "admin", b"salt", b"hash", 1.0))
     tick = await store.start_tick("loc", "nightly", "schedule", 60.0, now=61.0)
