@@ -20,7 +20,7 @@ import shtab
 
 from control_plane.statuses import EVENT_STATUS, TERMINAL_STATUSES
 from control_plane.storage import StorageError
-from protocol.logs import FORMATS
+from protocol.logs import FORMATS, redact
 from protocol.schema import ConfigError
 
 DEFAULT_URL = "http://127.0.0.1:8470"
@@ -751,17 +751,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = load_control_plane_config(args.config)
     except ConfigError as exc:
-        print(f"fleetrun: config error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"config error: {exc}", 2)
     configure_logging(args.log_format)
     try:
         asyncio.run(serve(config, own_process=True))
     except KeyboardInterrupt:
         pass
     except (OSError, StorageError) as exc:
-        print(f"fleetrun: cannot serve: {exc}", file=sys.stderr)
-        return 1
+        return _fail(f"cannot serve: {exc}")
     return 0
+
+
+def _fail(message: str, code: int = 1) -> int:
+    """One line on stderr, masked: errors about storage may quote its URL."""
+    print(f"fleetrun: {redact(message)}", file=sys.stderr)
+    return code
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -769,14 +773,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     import asyncio
 
     from control_plane.config import load_control_plane_config
-    from control_plane.storage.postgres import redact
     from control_plane.transfer import TransferError, copy_instance, migrate_schema
 
     try:
         dest = args.to or load_control_plane_config(args.config).storage.url
     except ConfigError as exc:
-        print(f"fleetrun: config error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"config error: {exc}", 2)
     try:
         if args.source is None:
             before, after = asyncio.run(migrate_schema(dest))
@@ -798,8 +800,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
               f"{redact(dest)}")  # fmt: skip
         return 0
     except (TransferError, StorageError, ValueError, OSError) as exc:
-        print(f"fleetrun: migrate: {exc}", file=sys.stderr)
-        return 1
+        return _fail(f"migrate: {exc}")
 
 
 def _token_storage(config_path: str) -> Any:
@@ -810,6 +811,8 @@ def _token_storage(config_path: str) -> Any:
         return open_storage(load_control_plane_config(config_path).storage.url)
     except ConfigError as exc:
         raise CliError(f"config error: {exc}") from None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _with_storage(config_path: str, action: Any) -> Any:
@@ -824,7 +827,10 @@ def _with_storage(config_path: str, action: Any) -> Any:
         finally:
             await storage.close()
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except StorageError as exc:  # the database is unreachable, or a name is taken
+        raise CliError(str(exc)) from None
 
 
 def _print_tokens(args: argparse.Namespace, tokens: list[dict[str, Any]]) -> int:
@@ -1123,8 +1129,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, ApiClient(args.url, args.token, args.ca_file))
     except CliError as exc:
-        print(f"fleetrun: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `fleetrun runs watch | head`: the reader left; no traceback

@@ -13,12 +13,13 @@ import pytest
 
 from tests.conftest import (
     FIXTURES,
+    free_port,
     start_agent,
     start_control_plane,
     wait_for,
     write_control_plane_config,
 )
-from tests.e2e.test_security import create_token, secret_of
+from tests.e2e.test_security import create_token, fleetrun, secret_of
 
 pytestmark = pytest.mark.e2e
 MONITOR = {"monitor": FIXTURES / "monitor_jobs.py"}
@@ -171,3 +172,68 @@ def test_no_secret_reaches_the_log_whatever_the_request(tmp_path: Path, log_form
     for secret in (secret_of(user), secret_of(agent), opaque):
         leaked = [piece for piece in windows(secret) if piece in log]
         assert not leaked, f"{leaked[0]!r} of a secret is in the log:\n{log}"
+
+
+# --- no storage password in any output ----------------------------------------------------
+
+PASSWORD = "S3cretPassw0rd"
+
+
+def with_password(url: str, password: str = PASSWORD) -> str:
+    """The test server's URL with a password (it trusts local connections, so any works)."""
+    scheme, rest = url.split("://", 1)
+    user, _, where = rest.partition("@")
+    return f"{scheme}://{user.split(':')[0]}:{password}@{where}"
+
+
+def assert_no_password(output: str, password: str = PASSWORD) -> None:
+    leaked = [piece for piece in windows(password, 6) if piece in output]
+    assert not leaked, f"{leaked[0]!r} of the password is in:\n{output}"
+
+
+def test_serve_and_migrate_print_the_storage_url_masked(tmp_path: Path, postgres_url: str) -> None:
+    url = with_password(postgres_url)
+    config = write_control_plane_config(tmp_path, storage_url=url)
+    migrated = fleetrun("migrate", "--config", str(config))
+    assert migrated.returncode == 0, migrated.stderr
+    assert "postgres:***@127.0.0.1" in migrated.stdout
+    assert_no_password(migrated.stdout + migrated.stderr)
+    copied = fleetrun("--json", "migrate", "--from", url, "--to", f"sqlite:///{tmp_path}/copy.db")
+    assert copied.returncode == 0 and '"from": "postgresql://postgres:***@' in copied.stdout
+    assert_no_password(copied.stdout + copied.stderr)
+    cp = start_control_plane(tmp_path, storage_url=url)
+    try:
+        assert cp.get("/readyz")["status"] == "ready"
+    finally:
+        cp.stop()
+    assert "(storage postgresql://postgres:***@127.0.0.1:5432/" in cp.log()
+    assert_no_password(cp.log())
+
+
+def test_storage_failures_print_the_url_masked(tmp_path: Path) -> None:
+    down = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{free_port()}/test"
+    slash = f"postgresql://postgres:{PASSWORD[:6]}/{PASSWORD[6:]}@127.0.0.1:5432/test"
+    bad_port = f"postgresql://postgres:{PASSWORD}@127.0.0.1:54x32/test"
+    cases = {
+        "serve, nothing listens": (["serve"], down, 1, "cannot connect to"),
+        "serve, unescaped / in the password": (["serve"], slash, 2, "percent-encode"),
+        "serve, port not a number": (["serve"], bad_port, 1, "54x32"),
+        "serve, unknown scheme": (["serve"], down.replace("postgresql", "mysql"), 2, "mysql"),
+        "migrate, nothing listens": (["migrate"], down, 1, "cannot connect to"),
+        "migrate, unescaped /": (["migrate"], slash, 2, "percent-encode"),
+        "migrate --to, unescaped /": (["migrate", "--to", slash], "", 1, "percent-encode"),
+        "migrate --to, unknown scheme": (["migrate", "--to", "mysql" + down[10:]], "", 1, "mysql"),
+        "migrate --from, nothing listens": (["migrate", "--from", down, "--to",
+                                             f"sqlite:///{tmp_path}/x.db"], "", 1, "cannot"),
+        "tokens list, nothing listens": (["tokens", "list"], down, 1, "cannot connect to"),
+    }  # fmt: skip
+    for name, (args, url, code, says) in cases.items():
+        folder = tmp_path / name.replace(" ", "_").replace(",", "").replace("/", "")
+        folder.mkdir()
+        config = write_control_plane_config(folder, storage_url=url or "sqlite:///x.db")
+        result = fleetrun(*args, *(["--config", str(config)] if url else []))
+        output = result.stdout + result.stderr
+        assert result.returncode == code and says in output, (name, output)
+        assert "Traceback" not in output, (name, output)
+        assert ":***@" in output or says == "percent-encode", (name, output)  # URL quoted
+        assert_no_password(output)
