@@ -48,6 +48,7 @@ class ApiClient:
 
     def __init__(self, url: str, token: str | None, ca_file: str | None = None) -> None:
         self.url = url.rstrip("/")
+        self.where = redact(self.url)  # as messages show it: a password in --url is masked
         self.token = token
         self.context = None
         if self.url.startswith("https://"):
@@ -70,7 +71,7 @@ class ApiClient:
         """The decoded JSON answer; any failure becomes one CliError line naming the cause."""
         if not self.url.startswith(("http://", "https://")):
             raise CliError(f"--url / FLEETRUN_URL must start with http:// or https://, "
-                           f"got {self.url!r}")  # fmt: skip
+                           f"got {self.where!r}")  # fmt: skip
         query = f"?{urllib.parse.urlencode(params)}" if params else ""
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(f"{self.url}{prefix}{path}{query}", data=data, method=method)
@@ -83,15 +84,15 @@ class ApiClient:
         except urllib.error.HTTPError as exc:
             raise CliError(self._http_error(exc)) from None
         except TimeoutError:
-            raise CliError(f"no answer from the control plane at {self.url} "
+            raise CliError(f"no answer from the control plane at {self.where} "
                            f"within {wait + 30:g} s") from None  # fmt: skip
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
-            raise CliError(f"cannot reach the control plane at {self.url}: {reason}") from None
+            raise CliError(f"cannot reach the control plane at {self.where}: {reason}") from None
         try:
             return json.loads(raw)
         except ValueError:
-            raise CliError(f"{self.url}{prefix}{path} did not answer JSON; is {self.url} a "
+            raise CliError(f"{self.where}{prefix}{path} did not answer JSON; is {self.where} a "
                            "fleetrun control plane?") from None  # fmt: skip
 
     def _http_error(self, exc: urllib.error.HTTPError) -> str:
@@ -100,7 +101,7 @@ class ApiClient:
             err = json.loads(exc.read())["error"]
             text = f"{_one_line(err['message'])} ({exc.code} {err['code']})"
         except (ValueError, KeyError, TypeError, OSError):
-            text = f"HTTP {exc.code} {exc.reason} from {self.url}"
+            text = f"HTTP {exc.code} {exc.reason} from {self.where}"
         if exc.code == 401 and not self.token:
             text += "; pass --token or set FLEETRUN_TOKEN"
         return text
@@ -811,8 +812,6 @@ def _token_storage(config_path: str) -> Any:
         return open_storage(load_control_plane_config(config_path).storage.url)
     except ConfigError as exc:
         raise CliError(f"config error: {exc}") from None
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
 
 
 def _with_storage(config_path: str, action: Any) -> Any:
@@ -829,7 +828,7 @@ def _with_storage(config_path: str, action: Any) -> Any:
 
     try:
         return asyncio.run(run())
-    except StorageError as exc:  # the database is unreachable, or a name is taken
+    except StorageError as exc:  # the database is unreachable, or a token name is taken
         raise CliError(str(exc)) from None
 
 
@@ -843,7 +842,6 @@ def _print_tokens(args: argparse.Namespace, tokens: list[dict[str, Any]]) -> int
 
 def cmd_tokens_create(args: argparse.Namespace, client: ApiClient) -> int:
     """Prints the token once; only its salted hash is stored."""
-    from control_plane.storage import NameTaken
     from control_plane.token_api import TokenRequestError, create_token
 
     role = args.role if args.kind == "user" else None
@@ -853,7 +851,7 @@ def cmd_tokens_create(args: argparse.Namespace, client: ApiClient) -> int:
         try:
             token, record = _with_storage(args.config, lambda storage: create_token(
                 storage, args.name, args.kind, role, time.time()))  # fmt: skip
-        except (TokenRequestError, NameTaken) as exc:
+        except TokenRequestError as exc:
             raise CliError(str(exc)) from None
         data = {**record.to_json(), "token": token}
     else:
@@ -1129,7 +1127,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, ApiClient(args.url, args.token, args.ca_file))
     except CliError as exc:
-        return _fail(str(exc))
+        print(f"fleetrun: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `fleetrun runs watch | head`: the reader left; no traceback

@@ -10,8 +10,8 @@ With auth on, a user signs in with a user token, kept in an HttpOnly, SameSite=S
 cookie: the UI never shows it, and the API accepts that cookie only on requests that
 carry the `X-Fleetrun-UI` header (which another site cannot send), so a page elsewhere
 cannot make a signed-in browser act. The sign-in and sign-out forms are plain posts, so
-they are refused when the browser says they come from another origin (`same_origin`):
-a page elsewhere can neither sign a browser into the attacker's session nor out.
+they are refused when the browser says they come from another origin: a page elsewhere
+can neither sign a browser into the attacker's session nor sign it out.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def render(request: web.Request, template: str, status: int = 200, **context: An
     )
     response = web.Response(text=html, content_type="text/html", status=status)
     # same-origin, not no-referrer: under no-referrer a browser posts the sign-in form
-    # with `Origin: null`, which `same_origin` must refuse
+    # with `Origin: null`, which `_refuse_cross_origin` must refuse
     response.headers.update(
         {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
          "Referrer-Policy": "same-origin", "Cache-Control": "no-store"}
@@ -236,7 +236,7 @@ def _own_origin(request: web.Request) -> tuple[str, str, int] | None:
     return _origin(f"{scheme}://{request.host}")
 
 
-def same_origin(request: web.Request) -> None:
+def _refuse_cross_origin(request: web.Request) -> None:
     """Refuse (403) a form post whose Origin, or without one its Referer, names another
     origin than the one it was sent to. A post with neither comes from no browser page
     (curl, a script) and cannot be forged from one, so it goes through."""
@@ -252,7 +252,7 @@ def same_origin(request: web.Request) -> None:
 
 async def login(request: web.Request) -> web.Response:
     """Check the token, then keep it in an HttpOnly cookie; never echo it."""
-    same_origin(request)
+    _refuse_cross_origin(request)
     cp = _cp(request)
     form = await request.post()
     token = str(form.get("token", "")).strip()
@@ -271,7 +271,7 @@ async def login(request: web.Request) -> web.Response:
 
 
 async def logout(request: web.Request) -> web.Response:
-    same_origin(request)
+    _refuse_cross_origin(request)
     response = web.HTTPSeeOther("/ui/login")
     response.del_cookie(SESSION_COOKIE, path="/")
     raise response
