@@ -96,7 +96,7 @@ def header_cases(token: bytes, opaque: bytes) -> dict[str, bytes]:
         "DEL": b"Authorization: Bearer " + token + b"\x7f",
         "CR without LF inside": b"Authorization: Bearer " + head + b"\r" + tail,
         "CR without LF after": b"Authorization: Bearer " + token + b"\rX-Next: 1",
-        "bare LF": b"Authorization: Bearer " + token + b"\x01\nX-Next: 1",
+        "bare LF": b"Authorization: Bearer " + token + b"\nX-Next: 1",
         "obs-fold": b"Authorization: Bearer " + head + b"\r\n " + tail,
         "obs-fold tab": b"Authorization: Bearer\r\n\t" + token,
         "latin-1 after": b"Authorization: Bearer " + token + b"\xe9",
