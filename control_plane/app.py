@@ -34,6 +34,7 @@ from control_plane.sensors import SensorDaemon
 from control_plane.storage import Run, Storage, Verdict, open_storage
 from control_plane.submission import RunRules
 from protocol.codec import DecodeLimits
+from protocol.logs import redact
 from protocol.tags import TagLimits
 
 log = logging.getLogger("fleetrun.control_plane")
@@ -343,7 +344,7 @@ async def serve(
         host, port = runner.addresses[0][:2]
         scheme = "https" if config.server.tls else "http"
         url = f"{scheme}://{host}:{port}"
-        log.info("control plane listening on %s (storage %s)", url, config.storage.url)
+        log.info("control plane listening on %s (storage %s)", url, redact(config.storage.url))
         if on_ready is not None:
             on_ready(url)
         if own_process:

@@ -20,7 +20,7 @@ import shtab
 
 from control_plane.statuses import EVENT_STATUS, TERMINAL_STATUSES
 from control_plane.storage import StorageError
-from protocol.logs import FORMATS
+from protocol.logs import FORMATS, redact
 from protocol.schema import ConfigError
 
 DEFAULT_URL = "http://127.0.0.1:8470"
@@ -48,6 +48,7 @@ class ApiClient:
 
     def __init__(self, url: str, token: str | None, ca_file: str | None = None) -> None:
         self.url = url.rstrip("/")
+        self.where = redact(self.url)  # as messages show it: a password in --url is masked
         self.token = token
         self.context = None
         if self.url.startswith("https://"):
@@ -70,7 +71,7 @@ class ApiClient:
         """The decoded JSON answer; any failure becomes one CliError line naming the cause."""
         if not self.url.startswith(("http://", "https://")):
             raise CliError(f"--url / FLEETRUN_URL must start with http:// or https://, "
-                           f"got {self.url!r}")  # fmt: skip
+                           f"got {self.where!r}")  # fmt: skip
         query = f"?{urllib.parse.urlencode(params)}" if params else ""
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(f"{self.url}{prefix}{path}{query}", data=data, method=method)
@@ -83,15 +84,15 @@ class ApiClient:
         except urllib.error.HTTPError as exc:
             raise CliError(self._http_error(exc)) from None
         except TimeoutError:
-            raise CliError(f"no answer from the control plane at {self.url} "
+            raise CliError(f"no answer from the control plane at {self.where} "
                            f"within {wait + 30:g} s") from None  # fmt: skip
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
-            raise CliError(f"cannot reach the control plane at {self.url}: {reason}") from None
+            raise CliError(f"cannot reach the control plane at {self.where}: {reason}") from None
         try:
             return json.loads(raw)
         except ValueError:
-            raise CliError(f"{self.url}{prefix}{path} did not answer JSON; is {self.url} a "
+            raise CliError(f"{self.where}{prefix}{path} did not answer JSON; is {self.where} a "
                            "fleetrun control plane?") from None  # fmt: skip
 
     def _http_error(self, exc: urllib.error.HTTPError) -> str:
@@ -100,7 +101,7 @@ class ApiClient:
             err = json.loads(exc.read())["error"]
             text = f"{_one_line(err['message'])} ({exc.code} {err['code']})"
         except (ValueError, KeyError, TypeError, OSError):
-            text = f"HTTP {exc.code} {exc.reason} from {self.url}"
+            text = f"HTTP {exc.code} {exc.reason} from {self.where}"
         if exc.code == 401 and not self.token:
             text += "; pass --token or set FLEETRUN_TOKEN"
         return text
@@ -751,17 +752,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = load_control_plane_config(args.config)
     except ConfigError as exc:
-        print(f"fleetrun: config error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"config error: {exc}", 2)
     configure_logging(args.log_format)
     try:
         asyncio.run(serve(config, own_process=True))
     except KeyboardInterrupt:
         pass
     except (OSError, StorageError) as exc:
-        print(f"fleetrun: cannot serve: {exc}", file=sys.stderr)
-        return 1
+        return _fail(f"cannot serve: {exc}")
     return 0
+
+
+def _fail(message: str, code: int = 1) -> int:
+    """One line on stderr, masked: errors about storage may quote its URL."""
+    print(f"fleetrun: {redact(message)}", file=sys.stderr)
+    return code
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -769,14 +774,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     import asyncio
 
     from control_plane.config import load_control_plane_config
-    from control_plane.storage.postgres import redact
     from control_plane.transfer import TransferError, copy_instance, migrate_schema
 
     try:
         dest = args.to or load_control_plane_config(args.config).storage.url
     except ConfigError as exc:
-        print(f"fleetrun: config error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"config error: {exc}", 2)
     try:
         if args.source is None:
             before, after = asyncio.run(migrate_schema(dest))
@@ -798,8 +801,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
               f"{redact(dest)}")  # fmt: skip
         return 0
     except (TransferError, StorageError, ValueError, OSError) as exc:
-        print(f"fleetrun: migrate: {exc}", file=sys.stderr)
-        return 1
+        return _fail(f"migrate: {exc}")
 
 
 def _token_storage(config_path: str) -> Any:
@@ -824,7 +826,10 @@ def _with_storage(config_path: str, action: Any) -> Any:
         finally:
             await storage.close()
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except StorageError as exc:  # the database is unreachable, or a token name is taken
+        raise CliError(str(exc)) from None
 
 
 def _print_tokens(args: argparse.Namespace, tokens: list[dict[str, Any]]) -> int:
@@ -837,7 +842,6 @@ def _print_tokens(args: argparse.Namespace, tokens: list[dict[str, Any]]) -> int
 
 def cmd_tokens_create(args: argparse.Namespace, client: ApiClient) -> int:
     """Prints the token once; only its salted hash is stored."""
-    from control_plane.storage import NameTaken
     from control_plane.token_api import TokenRequestError, create_token
 
     role = args.role if args.kind == "user" else None
@@ -847,7 +851,7 @@ def cmd_tokens_create(args: argparse.Namespace, client: ApiClient) -> int:
         try:
             token, record = _with_storage(args.config, lambda storage: create_token(
                 storage, args.name, args.kind, role, time.time()))  # fmt: skip
-        except (TokenRequestError, NameTaken) as exc:
+        except TokenRequestError as exc:
             raise CliError(str(exc)) from None
         data = {**record.to_json(), "token": token}
     else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from control_plane.storage import url_problem
+from protocol.logs import redact
 from protocol.schema import ConfigError, FieldError, load_toml
 
 
@@ -64,9 +66,12 @@ class StorageConfig:
     pool_size: int = 10  # PostgreSQL: connections per replica
 
     def check(self) -> None:
+        problem = url_problem(self.url)
+        if problem is not None:
+            raise FieldError("url", problem)
         if not self.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
-            raise FieldError("url", f"unsupported storage url {self.url!r}: use sqlite:///PATH "
-                             "or postgresql://USER@HOST:PORT/DB")  # fmt: skip
+            raise FieldError("url", f"unsupported storage url {redact(self.url)!r}: use "
+                             "sqlite:///PATH or postgresql://USER@HOST:PORT/DB")  # fmt: skip
         if not 1 <= self.pool_size <= 1000:
             raise FieldError("pool_size", "must be between 1 and 1000")
 

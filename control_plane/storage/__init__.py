@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from control_plane.statuses import RunStatus
+from protocol.logs import redact
 from protocol.messages import CodeLocationInfo, Evaluate, EvaluationResult, JobInfo, RunRecord
 
 
@@ -477,8 +478,26 @@ class Storage(Protocol):
     ) -> None: ...
 
 
+def url_problem(url: str) -> str | None:
+    """Why a database URL's user name or password cannot be used as written, or None.
+    A space, a control character or an unescaped / ? # @ in them makes parsers cut the
+    URL elsewhere than meant: a piece of the password then passes for a host or a port,
+    is quoted in their errors, and no mask can find it. The answer never quotes the URL."""
+    if url.startswith("sqlite:"):
+        return None  # a path, no credentials: spaces and @ are fine
+    credentials, at, _ = url.partition("://")[2].rpartition("@")
+    if at and any(ch.isspace() or not ch.isprintable() or ch in "/?#@" for ch in credentials):
+        return ("percent-encode the user name and password of the storage url: a space, a "
+                "control character or one of / ? # @ in them is ambiguous (%20 for a space, "
+                "%2F for /, %3F for ?, %23 for #, %40 for @)")  # fmt: skip
+    return None
+
+
 def open_storage(url: str, pool_size: int = 10) -> Storage:
     """Create the storage backend a `[storage] url` names (not yet opened)."""
+    problem = url_problem(url)
+    if problem is not None:
+        raise ValueError(problem)
     if url.startswith("sqlite:///"):
         from control_plane.storage.sqlite import SqliteStorage
 
@@ -487,4 +506,6 @@ def open_storage(url: str, pool_size: int = 10) -> Storage:
         from control_plane.storage.postgres import PostgresStorage
 
         return PostgresStorage(url, pool_size)
-    raise ValueError(f"unsupported storage url {url!r}: expected sqlite:///PATH or postgresql://…")
+    raise ValueError(
+        f"unsupported storage url {redact(url)!r}: expected sqlite:///PATH or postgresql://…"
+    )

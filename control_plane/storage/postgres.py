@@ -28,8 +28,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
-from control_plane.storage import StorageFull, StorageUnavailable
+from control_plane.storage import StorageError, StorageFull, StorageUnavailable
 from control_plane.storage.sql import SqlStorage
+from protocol.logs import redact
 
 log = logging.getLogger("fleetrun.storage")
 
@@ -289,6 +290,8 @@ class PostgresStorage(SqlStorage):
             )
         except _CONNECTION_ERRORS as exc:
             raise StorageUnavailable(f"cannot connect to {redact(self.url)}: {exc}") from exc
+        except ValueError as exc:  # asyncpg cannot parse the URL (a port, a parameter)
+            raise StorageError(f"cannot use {redact(self.url)}: {redact(str(exc))}") from exc
         if self.auto_migrate:
             await self.migrate()
 
@@ -415,12 +418,3 @@ class _ReadTx(PgTx):
             return await super().fetch(sql, args)
         except _CONNECTION_ERRORS as exc:
             raise StorageUnavailable(f"lost the database connection: {exc}") from exc
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return parts._replace(netloc=netloc).geturl()

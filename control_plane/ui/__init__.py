@@ -9,7 +9,9 @@ sends the buttons' API calls; there is no front-end build step.
 With auth on, a user signs in with a user token, kept in an HttpOnly, SameSite=Strict
 cookie: the UI never shows it, and the API accepts that cookie only on requests that
 carry the `X-Fleetrun-UI` header (which another site cannot send), so a page elsewhere
-cannot make a signed-in browser act.
+cannot make a signed-in browser act. The sign-in and sign-out forms are plain posts, so
+they are refused when the browser says they come from another origin: a page elsewhere
+can neither sign a browser into the attacker's session nor sign it out.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import jinja2
 from aiohttp import web
@@ -45,6 +48,7 @@ TEMPLATES = jinja2.Environment(
 STEP_ENDS = {"STEP_SUCCESS": "success", "STEP_FAILURE": "failure",
              "STEP_UP_FOR_RETRY": "retry"}  # fmt: skip
 STEP_STARTS = {"STEP_START", "STEP_RESTARTED"}
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def _cp(request: web.Request) -> ControlPlane:
@@ -79,9 +83,11 @@ def render(request: web.Request, template: str, status: int = 200, **context: An
         **context,
     )
     response = web.Response(text=html, content_type="text/html", status=status)
+    # same-origin, not no-referrer: under no-referrer a browser posts the sign-in form
+    # with `Origin: null`, which `_refuse_cross_origin` must refuse
     response.headers.update(
         {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
-         "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+         "Referrer-Policy": "same-origin", "Cache-Control": "no-store"}
     )  # fmt: skip
     return response
 
@@ -208,8 +214,45 @@ async def login_page(request: web.Request) -> web.Response:
     return render(request, "login.html", next=_safe_next(request.query.get("next")), error=None)
 
 
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an http(s) URL or Origin header; None for anything else:
+    `null`, garbage, or a look-alike such as `http://127.0.0.1:8470.evil.com`."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname, port or DEFAULT_PORTS[parts.scheme]
+
+
+def _own_origin(request: web.Request) -> tuple[str, str, int] | None:
+    """The origin the browser sent this request to: its Host header, and the scheme of
+    the connection or, behind a proxy that terminates TLS, the proxy's X-Forwarded-Proto.
+    A page on another site can set neither header on a form post."""
+    forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    scheme = forwarded if forwarded in DEFAULT_PORTS else request.scheme
+    return _origin(f"{scheme}://{request.host}")
+
+
+def _refuse_cross_origin(request: web.Request) -> None:
+    """Refuse (403) a form post whose Origin, or without one its Referer, names another
+    origin than the one it was sent to. A post with neither comes from no browser page
+    (curl, a script) and cannot be forged from one, so it goes through."""
+    claimed = request.headers.get("Origin", request.headers.get("Referer"))
+    if claimed is None:
+        return
+    origin = _origin(claimed)
+    if origin is None or origin != _own_origin(request):
+        raise ApiError(403, "cross_origin", "sign-in and sign-out are taken only from this "
+                       "control plane's own pages: the Origin or Referer header names "
+                       "another origin")  # fmt: skip
+
+
 async def login(request: web.Request) -> web.Response:
     """Check the token, then keep it in an HttpOnly cookie; never echo it."""
+    _refuse_cross_origin(request)
     cp = _cp(request)
     form = await request.post()
     token = str(form.get("token", "")).strip()
@@ -228,6 +271,7 @@ async def login(request: web.Request) -> web.Response:
 
 
 async def logout(request: web.Request) -> web.Response:
+    _refuse_cross_origin(request)
     response = web.HTTPSeeOther("/ui/login")
     response.del_cookie(SESSION_COOKIE, path="/")
     raise response

@@ -9,12 +9,15 @@ appear nowhere but in the token file.
 
 from __future__ import annotations
 
+import http.client
+import json
 import socket
 import ssl
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlencode, urlsplit
 
 import pytest
 import trustme
@@ -237,5 +240,97 @@ def test_slow_clients_do_not_hold_the_control_plane(tmp_path: Path) -> None:
             sock.close()
         assert cp.get("/healthz")["status"] == "ok"
         assert cp.popen.poll() is None
+    finally:
+        cp.stop()
+
+
+def post_form(
+    base: str,
+    path: str,
+    headers: dict[str, str],
+    context: ssl.SSLContext | None = None,
+    **form: str,
+) -> tuple[int, str | None, bytes]:
+    """POST a form without following the redirect: (status, Set-Cookie, body)."""
+    parts = urlsplit(base)
+    if parts.scheme == "https":
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            parts.hostname, parts.port, timeout=30, context=context
+        )
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request("POST", path, urlencode(form),
+                     {"Content-Type": "application/x-www-form-urlencoded", **headers})  # fmt: skip
+        response = conn.getresponse()
+        return response.status, response.getheader("Set-Cookie"), response.read()
+    finally:
+        conn.close()
+
+
+def assert_refused(status: int, cookie: str | None, body: bytes, case: str) -> None:
+    assert status == 403 and cookie is None, (case, status, cookie, body)
+    assert json.loads(body)["error"]["code"] == "cross_origin", (case, body)
+
+
+def test_sign_in_and_out_only_from_the_control_planes_own_origin(tmp_path: Path) -> None:
+    # Given a control plane with auth on and a user token
+    config = write_control_plane_config(tmp_path)
+    viewer = create_token(config, "watcher", "user", "viewer")
+    cp = start_control_plane(tmp_path, AUTH)
+    port = urlsplit(cp.url).port
+    own = f"http://127.0.0.1:{port}"
+    try:
+        # When a page elsewhere posts the sign-in form (login CSRF: the browser would be
+        # signed in as the attacker), then it is refused and no cookie is set
+        refused = {
+            "Origin: null": {"Origin": "null"},
+            "look-alike host": {"Origin": f"http://127.0.0.1:{port}.evil.com"},
+            "look-alike subdomain": {"Origin": f"http://127.0.0.1.evil.com:{port}"},
+            "another port": {"Origin": f"http://127.0.0.1:{port + 1}"},
+            "https, not http": {"Origin": f"https://127.0.0.1:{port}"},
+            "another site": {"Origin": "https://evil.example"},
+            "garbage": {"Origin": "http://[::1"},
+            "Referer elsewhere": {"Referer": f"http://127.0.0.1:{port}.evil.com/login"},
+            "Origin wins over Referer": {"Origin": "https://evil.example", "Referer": own + "/"},
+            "Host names another": {"Host": "evil.example", "Origin": own},
+        }
+        for case, headers in refused.items():
+            answer = post_form(cp.url, "/ui/login", headers, token=viewer, next="/ui/runs")
+            assert_refused(*answer, case)
+            assert_refused(*post_form(cp.url, "/ui/logout", headers), case)
+        # and from the control plane's own pages, from clients that send neither header
+        # (curl), and through a proxy that terminates TLS, it signs in
+        accepted = {
+            "same origin": {"Origin": own},
+            "same origin, Referer only": {"Referer": own + "/ui/login?next=%2Fui%2Fagents"},
+            "neither header": {},
+            "by host name": {"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"},
+            "TLS proxy": {"Host": "fleet.example", "X-Forwarded-Proto": "https",
+                          "Origin": "https://fleet.example"},
+        }  # fmt: skip
+        for case, headers in accepted.items():
+            status, cookie, _ = post_form(cp.url, "/ui/login", headers, token=viewer)
+            assert status == 303 and cookie and "fleetrun_session=fru_" in cookie, case
+            status, cookie, _ = post_form(cp.url, "/ui/logout", headers)
+            assert status == 303 and cookie and 'fleetrun_session=""' in cookie, case
+    finally:
+        cp.stop()
+
+
+def test_sign_in_over_tls_takes_only_the_https_origin(
+    tmp_path: Path, tls_files: dict[str, Path]
+) -> None:
+    config = write_control_plane_config(tmp_path)
+    viewer = create_token(config, "watcher", "user", "viewer")
+    context = ssl.create_default_context(cafile=str(tls_files["ca"]))
+    server_tls = f'tls_cert = "{tls_files["cert"]}"\ntls_key = "{tls_files["key"]}"'
+    cp = start_control_plane(tmp_path, AUTH, server_extra=server_tls, context=context)
+    try:
+        https_origin = {"Origin": cp.url}
+        status, cookie, _ = post_form(cp.url, "/ui/login", https_origin, context, token=viewer)
+        assert status == 303 and cookie and "Secure" in cookie
+        http_origin = {"Origin": cp.url.replace("https://", "http://")}
+        assert_refused(*post_form(cp.url, "/ui/login", http_origin, context, token=viewer), "http")
     finally:
         cp.stop()

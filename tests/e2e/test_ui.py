@@ -196,6 +196,18 @@ def test_sign_in_with_a_user_token(tmp_path: Path, page: Any) -> None:
     cp = start_control_plane(tmp_path, "[auth]\nenabled = true\n", token=operator)
     agent = start_agent(cp, tmp_path, "agent-1", UI_JOBS, extra='token_file = "agent.token"')
     try:
+        # A page on another site that posts the sign-in form with the attacker's token
+        # (login CSRF) gets a 403, and the browser is not signed in
+        attack = (
+            f'<form method="post" action="{cp.url}/ui/login"><input name="token" '
+            f'value="{operator}"></form><script>document.forms[0].submit()</script>'
+        )
+        page.route("http://evil.test/", lambda route: route.fulfill(
+            body=attack, content_type="text/html"))  # fmt: skip
+        with page.expect_response(f"{cp.url}/ui/login") as refused:
+            page.goto("http://evil.test/")
+        assert refused.value.status == 403 and "cross_origin" in refused.value.text()
+        assert page.context.cookies() == []
         # Signed out: every page leads to the sign-in form
         page.goto(f"{cp.url}/ui/agents")
         page.wait_for_url(re.compile(r".*/ui/login\?next=.*"))

@@ -204,3 +204,26 @@ def test_code_root_confines_code_locations(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as info:
             load_agent_config(path)
         assert f"code_locations.etl.{key}" in str(info.value) and "code_root" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://u:pa Zq9@h/db", "postgresql://u:pa/Zq9@h/db", "postgresql://u:pa?Zq9@h/db",
+     "postgresql://u:pa#Zq9@h/db", "postgresql://u:p@Zq9@h/db", "postgresql://u:pa\tZq9@h/db",
+     "mysql://u:pa/Zq9@h/db"],
+)  # fmt: skip
+def test_a_password_parsers_would_cut_is_refused_unquoted(tmp_path: Path, url: str) -> None:
+    path = write(tmp_path, "control-plane.toml", f'[storage]\nurl = "{url}"\n')
+    with pytest.raises(ConfigError, match="percent-encode") as info:
+        load_control_plane_config(path)
+    assert "Zq9" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://u:pa%2Fss%40x@h1:5432,h2:5432/db?sslmode=require", "postgresql://u@h/db",
+     "sqlite:////srv/my fleet@2026/fleetrun.db"],
+)  # fmt: skip
+def test_encoded_passwords_and_odd_sqlite_paths_are_accepted(tmp_path: Path, url: str) -> None:
+    path = write(tmp_path, "control-plane.toml", f'[storage]\nurl = "{url}"\n')
+    assert load_control_plane_config(path).storage.url == url
