@@ -8,16 +8,21 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from protocol import FLEETRUN_VERSION, PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS
 from protocol.logs import FORMATS, configure_logging, set_agent_name
 from protocol.schema import ConfigError
 
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
+    from agent.tracking import Tracking
+
 
 async def _run_agent(config_path: str) -> int:
-    from agent.client import ControlPlaneClient, read_token
+    from agent.client import read_token
     from agent.config import load_agent_config
-    from agent.loop import Agent, FatalAgentError
+    from agent.tracking import open_tracking
 
     config = load_agent_config(config_path)
     set_agent_name(config.name)
@@ -27,10 +32,26 @@ async def _run_agent(config_path: str) -> int:
         print(f"fleetrun-agent: cannot read token_file {config.token_file}: {exc.strerror}",
               file=sys.stderr)  # fmt: skip
         return 2
+    try:
+        tracking = open_tracking(config.process_tracking)
+    except ValueError as exc:
+        raise ConfigError(f"{config_path}: process_tracking: {exc}") from None
+    try:
+        return await _serve(config, token, tracking)
+    finally:
+        await tracking.close()
+
+
+async def _serve(config: AgentConfig, token: str | None, tracking: Tracking) -> int:
+    """Run the agent until a signal stops it; exit 1 if the control plane refuses it."""
+    from agent.client import ControlPlaneClient
+    from agent.loop import Agent, FatalAgentError
+
     client = ControlPlaneClient(config.control_plane_url, token, token_file=config.token_file,
                                 ca_file=config.ca_file)  # fmt: skip
     async with client:
         agent = Agent(config, client)
+        agent.launcher.tracking = tracking  # Agent builds its launcher from the config alone
         client.on_token_rotated = agent.register_with_new_token
         task = asyncio.create_task(agent.run())
         loop = asyncio.get_running_loop()
@@ -72,6 +93,7 @@ def check_config(config_path: str, connect: bool = False) -> int:
     from agent.client import read_token
     from agent.config import load_agent_config
     from agent.launcher import describe_location
+    from agent.tracking import open_tracking
 
     try:
         config = load_agent_config(config_path)
@@ -99,6 +121,13 @@ def check_config(config_path: str, connect: bool = False) -> int:
             token = read_token(config.token_file)
         except OSError as exc:
             problems.append(f"token_file: cannot read {config.token_file}: {exc.strerror}")
+    try:
+        tracking = open_tracking(config.process_tracking)
+    except ValueError as exc:
+        problems.append(f"process_tracking: {exc}")
+    else:
+        print(f"process tracking: {tracking.describe()}")
+        asyncio.run(tracking.close())
     if connect:
         problem = asyncio.run(_check_connection(config.control_plane_url, token, config.ca_file))
         if problem:

@@ -67,6 +67,7 @@ class AgentConfig:
     code_locations: list[CodeLocationConfig] = field(default_factory=list)
     output_store: OutputStoreConfig = field(default_factory=OutputStoreConfig)
     run_launcher: str = "forkserver"  # or "subprocess": a fresh interpreter per run
+    process_tracking: str = "auto"  # "cgroup", "sweep", or "auto": cgroup where possible
     drain_timeout_seconds: float = 60.0  # on SIGTERM: how long running runs may finish
     state_dir: str = ""  # the spool's folder; default: fleetrun-state/NAME beside this file
     spool_max_bytes: int = 256 * 1024 * 1024  # past it, compute-log text is dropped first
@@ -77,6 +78,9 @@ class AgentConfig:
             raise FieldError(
                 "run_launcher", f"must be 'forkserver' or 'subprocess', not {self.run_launcher!r}"
             )
+        if self.process_tracking not in ("auto", "cgroup", "sweep"):
+            raise FieldError("process_tracking", "must be 'auto', 'cgroup' or 'sweep', "
+                             f"not {self.process_tracking!r}")  # fmt: skip
         if not self.control_plane_url.startswith(("http://", "https://")):
             raise FieldError("control_plane_url", "must start with http:// or https://")
         if self.ca_file and not self.control_plane_url.startswith("https://"):

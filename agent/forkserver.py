@@ -43,6 +43,7 @@ PRELOAD = (
     "agent.executors.step",
     "agent.records",
     "agent.capture",
+    "agent.processes",
     "agent.sdk",
     "protocol.codec",
     "protocol.messages",

@@ -4,7 +4,9 @@ Run workers are forked by a fork server per worker executable (`agent.forkserver
 run skips interpreter start-up; code locations are described in a fresh subprocess.
 Either way the worker gets its message on stdin and writes RunRecords to a dedicated
 pipe (its stdout/stderr stay free for user output, which becomes the run's worker log).
-If the worker exits without reporting a result, the launcher reports the crash.
+If the worker exits without reporting a result, the launcher reports the crash. Every
+worker starts in a scope of the agent's process tracking (`agent.tracking`): what it
+leaves running is killed as soon as it has exited, and reported.
 """
 
 from __future__ import annotations
@@ -16,17 +18,21 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from agent.capture import StepOutputSplitter
 from agent.config import CodeLocationConfig, OutputStoreConfig
 from agent.forkserver import WORKER_FDS, ForkServer, ForkServerGone
+from agent.processes import LeftProcess, left_behind_event
+from agent.tracking import ProcessScope, SweepTracking, Tracking
 from protocol.codec import FRAME_HEADER_SIZE, ProtocolError, decode, frame, frame_length
 from protocol.messages import (
     CodeLocationInfo,
     DescribeLocation,
+    Evaluate,
     EvaluateSpec,
     EvaluationResult,
     LaunchRun,
@@ -42,6 +48,9 @@ RECORD_FD_ENV = "FLEETRUN_RECORD_FD"
 TERMINAL_EVENTS = frozenset({"RUN_SUCCESS", "RUN_FAILURE", "RUN_CANCELED"})
 DESCRIBE_TIMEOUT_SECONDS = 120.0
 OUTPUT_GRACE_SECONDS = 2.0  # reading a worker's output after it exits, at most
+WORKER_ID_ENV = "FLEETRUN_WORKER_ID"  # marks what an evaluation or describe worker starts
+
+T = TypeVar("T")
 
 
 def _python_command(executable: str, module: str, frozen_command: str) -> list[str]:
@@ -79,33 +88,83 @@ def _exit_description(code: int) -> str:
     return f"exited with code {code}"
 
 
+def run_marker(launch: LaunchRun) -> dict[str, str]:
+    """The environment that marks a run attempt's processes (user code sees it too)."""
+    return {"FLEETRUN_RUN_ID": launch.run_id, "FLEETRUN_LEASE": str(launch.lease)}
+
+
+def _helper_marker() -> tuple[str, dict[str, str]]:
+    """A scope label and marker for an evaluation or describe worker."""
+    token = uuid.uuid4().hex[:12]
+    return token, {WORKER_ID_ENV: token}
+
+
+async def _start_tracked(
+    tracking: Tracking,
+    label: str,
+    marker: Mapping[str, str],
+    start: Callable[[dict[str, str]], Awaitable[T]],
+) -> tuple[ProcessScope, T]:
+    """Set up a tracking scope and start a worker in it; no scope is left if that fails."""
+    scope = tracking.scope(label, marker)
+    try:
+        return scope, await start(scope.env)
+    except BaseException:
+        await scope.end(None)
+        raise
+
+
+def _worker_pipes() -> tuple[list[int], list[int]]:
+    """Pipes for a worker's stdin, stdout, stderr and records: its ends, then ours."""
+    pipes = [os.pipe() for _ in range(WORKER_FDS)]
+    theirs = [pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1]]
+    ours = [pipes[0][1], pipes[1][0], pipes[2][0], pipes[3][0]]
+    return theirs, ours
+
+
+@dataclass
+class WorkerPipes:
+    """The agent's ends of a started worker's output pipes."""
+
+    records: asyncio.StreamReader
+    stdout: asyncio.StreamReader
+    stderr: asyncio.StreamReader
+
+
+async def _connect(ours: list[int], message: object) -> WorkerPipes:
+    """Send the worker its message on stdin; read its records, stdout and stderr."""
+    stdin, stdout, stderr, records = ours
+    await _write_and_close(stdin, frame(message))
+    return WorkerPipes(await _pipe_reader(records), await _pipe_reader(stdout),
+                       await _pipe_reader(stderr))  # fmt: skip
+
+
 async def _spawn(
-    loc: CodeLocationConfig, mode: str, message: object
-) -> tuple[asyncio.subprocess.Process, asyncio.StreamReader]:
-    read_fd, write_fd = os.pipe()
+    loc: CodeLocationConfig, mode: str, message: object, env: Mapping[str, str]
+) -> tuple[asyncio.subprocess.Process, WorkerPipes]:
+    """A fresh interpreter running the worker. Its pipes are plain ones, as a forked
+    worker's: asyncio's own would make waiting for its exit also wait for whatever
+    process still holds its stdout."""
+    theirs, ours = _worker_pipes()
     try:
         proc = await asyncio.create_subprocess_exec(
             *worker_command(loc.executable, mode),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            pass_fds=(write_fd,),
-            env={**os.environ, RECORD_FD_ENV: str(write_fd)},
+            stdin=theirs[0],
+            stdout=theirs[1],
+            stderr=theirs[2],
+            pass_fds=(theirs[3],),
+            env={**os.environ, **env, RECORD_FD_ENV: str(theirs[3])},
             cwd=loc.working_directory,
             start_new_session=True,
         )
     except BaseException:
-        os.close(read_fd)
+        for fd in ours:
+            os.close(fd)
         raise
     finally:
-        os.close(write_fd)
-    reader = await _pipe_reader(read_fd)
-    assert proc.stdin is not None
-    proc.stdin.write(frame(message))
-    with contextlib.suppress(ConnectionError):
-        await proc.stdin.drain()
-    proc.stdin.close()
-    return proc, reader
+        for fd in theirs:
+            os.close(fd)
+    return proc, await _connect(ours, message)
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> bytes | None:
@@ -176,20 +235,12 @@ class SpawnedWorker:
 
     process: asyncio.subprocess.Process
     records: asyncio.StreamReader
+    stdout: asyncio.StreamReader
+    stderr: asyncio.StreamReader
 
     @property
     def pid(self) -> int:
         return self.process.pid
-
-    @property
-    def stdout(self) -> asyncio.StreamReader:
-        assert self.process.stdout is not None
-        return self.process.stdout
-
-    @property
-    def stderr(self) -> asyncio.StreamReader:
-        assert self.process.stderr is not None
-        return self.process.stderr
 
     async def wait(self) -> int | None:
         return await self.process.wait()
@@ -208,11 +259,20 @@ WorkerProcess = ForkedWorker | SpawnedWorker
 
 
 class RunLauncher(Protocol):
-    """How the agent starts a run worker (selected by `run_launcher` in agent.toml)."""
+    """How the agent starts a run worker (selected by `run_launcher` in agent.toml).
+
+    `start` must give the worker `env` on top of the agent's environment: that is how a
+    worker joins its process-tracking scope (`tracking`)."""
+
+    tracking: Tracking
 
     async def warm_up(self) -> None: ...
     async def start(
-        self, loc: CodeLocationConfig, spec: WorkerSpec | EvaluateSpec, mode: str = "run"
+        self,
+        loc: CodeLocationConfig,
+        spec: WorkerSpec | EvaluateSpec,
+        mode: str = "run",
+        env: Mapping[str, str] | None = None,
     ) -> WorkerProcess: ...
     def spec(self, loc: CodeLocationConfig, launch: LaunchRun, scratch: str) -> WorkerSpec: ...
     async def close(self) -> None: ...
@@ -220,10 +280,14 @@ class RunLauncher(Protocol):
 
 class _LauncherBase:
     def __init__(
-        self, locations: list[CodeLocationConfig], outputs: OutputStoreConfig | None = None
+        self,
+        locations: list[CodeLocationConfig],
+        outputs: OutputStoreConfig | None = None,
+        tracking: Tracking | None = None,
     ) -> None:
         self.locations = locations
         self.outputs = outputs or OutputStoreConfig()
+        self.tracking: Tracking = tracking or SweepTracking()
 
     def spec(self, loc: CodeLocationConfig, launch: LaunchRun, scratch: str) -> WorkerSpec:
         """What a run worker needs: its launch, its code location, its output store."""
@@ -244,10 +308,14 @@ class SubprocessLauncher(_LauncherBase):
         return None
 
     async def start(
-        self, loc: CodeLocationConfig, spec: WorkerSpec | EvaluateSpec, mode: str = "run"
+        self,
+        loc: CodeLocationConfig,
+        spec: WorkerSpec | EvaluateSpec,
+        mode: str = "run",
+        env: Mapping[str, str] | None = None,
     ) -> SpawnedWorker:
-        process, records = await _spawn(loc, mode, spec)
-        return SpawnedWorker(process, records)
+        process, pipes = await _spawn(loc, mode, spec, env or {})
+        return SpawnedWorker(process, pipes.records, pipes.stdout, pipes.stderr)
 
     async def close(self) -> None:
         return None
@@ -257,9 +325,12 @@ class ForkServerLauncher(_LauncherBase):
     """Starts run workers through one fork server per worker executable (the default)."""
 
     def __init__(
-        self, locations: list[CodeLocationConfig], outputs: OutputStoreConfig | None = None
+        self,
+        locations: list[CodeLocationConfig],
+        outputs: OutputStoreConfig | None = None,
+        tracking: Tracking | None = None,
     ) -> None:
-        super().__init__(locations, outputs)
+        super().__init__(locations, outputs, tracking)
         self._servers: dict[str, ForkServer] = {}
         self._starting = asyncio.Lock()
 
@@ -281,17 +352,19 @@ class ForkServerLauncher(_LauncherBase):
                 log.error("cannot start a fork server for %r: %s", executable or "python", exc)
 
     async def start(
-        self, loc: CodeLocationConfig, spec: WorkerSpec | EvaluateSpec, mode: str = "run"
+        self,
+        loc: CodeLocationConfig,
+        spec: WorkerSpec | EvaluateSpec,
+        mode: str = "run",
+        env: Mapping[str, str] | None = None,
     ) -> ForkedWorker:
-        pipes = [os.pipe() for _ in range(WORKER_FDS)]
-        child_fds = [pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1]]
-        ours = [pipes[0][1], pipes[1][0], pipes[2][0], pipes[3][0]]
+        child_fds, ours = _worker_pipes()
         try:
             for attempt in (1, 2):
                 server = await self._server(loc.executable)
                 try:
                     pid = await server.spawn(
-                        [mode], dict(os.environ), loc.working_directory, child_fds
+                        [mode], {**os.environ, **(env or {})}, loc.working_directory, child_fds
                     )
                     break
                 except ForkServerGone:
@@ -304,15 +377,8 @@ class ForkServerLauncher(_LauncherBase):
         finally:
             for fd in child_fds:
                 os.close(fd)
-        stdin, stdout, stderr, records = ours
-        await _write_and_close(stdin, frame(spec))
-        return ForkedWorker(
-            pid=pid,
-            server=server,
-            records=await _pipe_reader(records),
-            stdout=await _pipe_reader(stdout),
-            stderr=await _pipe_reader(stderr),
-        )
+        pipes = await _connect(ours, spec)
+        return ForkedWorker(pid, server, pipes.records, pipes.stdout, pipes.stderr)
 
     async def close(self) -> None:
         for server in self._servers.values():
@@ -327,9 +393,12 @@ RUN_LAUNCHERS: dict[str, type[ForkServerLauncher] | type[SubprocessLauncher]] = 
 
 
 def make_launcher(
-    kind: str, locations: list[CodeLocationConfig], outputs: OutputStoreConfig
+    kind: str,
+    locations: list[CodeLocationConfig],
+    outputs: OutputStoreConfig,
+    tracking: Tracking | None = None,
 ) -> RunLauncher:
-    return RUN_LAUNCHERS[kind](locations, outputs)
+    return RUN_LAUNCHERS[kind](locations, outputs, tracking)
 
 
 class RunWorker:
@@ -372,6 +441,10 @@ class RunWorker:
             if record.kind == "event" and record.type == "RUN_START":
                 self.state = "running"
                 record.data["launch_received_time"] = self.received_time
+            if record.kind == "event" and record.type == "ENGINE_EVENT" and "killed" in record.data:
+                # The worker's own sweep of its descendants (sweep tracking) found some.
+                log.warning("run %s: %s", self.launch.run_id, record.message,
+                            extra={"run_id": self.launch.run_id})  # fmt: skip
             if record.kind == "event" and record.type in TERMINAL_EVENTS:
                 # Held until stdout/stderr are drained too, so that a run that ended has
                 # all its compute log stored (a log follower stops at the run's end).
@@ -402,7 +475,10 @@ class RunWorker:
             self._report_stopped("before its worker started")
             return
         try:
-            self.process = proc = await launcher.start(loc, spec)
+            scope, proc = await _start_tracked(
+                launcher.tracking, f"run-{self.launch.lease}", run_marker(self.launch),
+                lambda env: launcher.start(loc, spec, env=env),
+            )  # fmt: skip
         except OSError as exc:
             self.state = "exited"
             self.report(
@@ -411,41 +487,17 @@ class RunWorker:
                 {"failure_kind": "worker_crash"},
             )
             return
+        self.process = proc
         if self.stop_order is not None:
             self._terminate(self.stop_order.grace_seconds)
-        pumps = asyncio.gather(
-            self._pump_records(proc.records),
-            self._pump_output(proc.stdout, "stdout"),
-            self._pump_output(proc.stderr, "stderr"),
-        )
-        exited = asyncio.create_task(proc.wait())
-        done, _ = await asyncio.wait({pumps, exited}, return_when=asyncio.FIRST_COMPLETED)
-        cut = False
-        if pumps not in done and exited.result() is not None:
-            # The worker is gone; a process it started may still hold its stdout.
-            await asyncio.wait({pumps}, timeout=OUTPUT_GRACE_SECONDS)
-            if not pumps.done():
-                cut = True
-                pumps.cancel()
-                await asyncio.wait({pumps})
-                with contextlib.suppress(BaseException):  # done: retrieve, do not re-raise
-                    pumps.result()
-                log.warning("run %s: a process the run started still holds its output;"
-                            " stopped reading it", self.launch.run_id)  # fmt: skip
-        try:
-            if not cut:
-                await pumps  # also when the exit status is unknown: the pipes tell the end
-        except ProtocolError as exc:
-            self.kill()
-            self.report("RUN_FAILURE", f"run worker sent an invalid record: {exc}")
+        killed = await self._follow(proc, scope)
+        if killed:
+            self._report_left_behind(killed, scope.tracking)
         if self._held_result is not None:
             self._record(self._held_result)
-        self.exit_code = await exited
         self.state = "exited"
         if self._kill_timer is not None:
             self._kill_timer.cancel()
-        if self.stop_order is not None:
-            proc.kill_group()  # what the worker started and SIGTERM did not end
         how = (
             "ended with an unknown exit status (its fork server exited)"
             if self.exit_code is None
@@ -459,6 +511,60 @@ class RunWorker:
                 f"run worker (pid {proc.pid}) {how} without reporting a result",
                 {"exit_code": self.exit_code, "failure_kind": "worker_crash"},
             )
+
+    async def _follow(self, proc: WorkerProcess, scope: ProcessScope) -> list[LeftProcess]:
+        """Forward the worker's records and output until it has exited and what it left
+        running is killed; returns what was killed."""
+        pumps = asyncio.gather(
+            self._pump_records(proc.records),
+            self._pump_output(proc.stdout, "stdout"),
+            self._pump_output(proc.stderr, "stderr"),
+        )
+        exited = asyncio.create_task(proc.wait())
+        await asyncio.wait({pumps, exited}, return_when=asyncio.FIRST_COMPLETED)
+        if exited.done() and exited.result() is not None:
+            # The worker is gone: end what it left at once, which also closes the
+            # stdout/stderr a daemon of it may hold, so its output ends now too.
+            killed = await self._end_left_behind(proc, scope)
+            await self._read_to_end(pumps, bounded=True)
+            self.exit_code = exited.result()
+            return killed
+        # Also when the exit status is unknown (its fork server died): the pipes tell.
+        await self._read_to_end(pumps, bounded=False)
+        self.exit_code = await exited
+        return await self._end_left_behind(proc, scope)
+
+    async def _read_to_end(self, pumps: asyncio.Future[object], bounded: bool) -> None:
+        """Wait for the worker's pipes to end; if `bounded` (the worker has exited), for
+        OUTPUT_GRACE_SECONDS at most: a process beyond the tracking may hold them."""
+        if bounded:
+            await asyncio.wait({pumps}, timeout=OUTPUT_GRACE_SECONDS)
+            if not pumps.done():
+                pumps.cancel()
+                await asyncio.wait({pumps})
+                with contextlib.suppress(BaseException):  # done: retrieve, do not re-raise
+                    pumps.result()
+                log.warning("run %s: a process the run started still holds its output;"
+                            " stopped reading it", self.launch.run_id)  # fmt: skip
+                return
+        try:
+            await pumps
+        except ProtocolError as exc:
+            self.kill()
+            self.report("RUN_FAILURE", f"run worker sent an invalid record: {exc}")
+
+    async def _end_left_behind(self, proc: WorkerProcess, scope: ProcessScope) -> list[LeftProcess]:
+        """Kill what the exited worker left running (its scope); what was killed."""
+        if self.stop_order is not None:
+            proc.kill_group()  # what the worker started and SIGTERM did not end
+        return await scope.end(proc.pid)
+
+    def _report_left_behind(self, killed: list[LeftProcess], tracking: str) -> None:
+        """Say on the run's page (before its result) and in the agent's log what was killed."""
+        message, data = left_behind_event(killed, tracking)
+        log.warning("run %s: %s", self.launch.run_id, message,
+                    extra={"run_id": self.launch.run_id})  # fmt: skip
+        self.report("ENGINE_EVENT", message, data)
 
     def _report_stopped(self, how: str) -> None:
         order = self.stop_order
@@ -491,15 +597,33 @@ class RunWorker:
             self.process.signal(signal.SIGKILL)
 
 
+def _log_left_behind(killed: list[LeftProcess], tracking: str, who: str, what: str) -> None:
+    if killed:
+        log.warning("%s: %s", who, left_behind_event(killed, tracking, what)[0])
+
+
 async def evaluate_in_worker(
     launcher: RunLauncher, loc: CodeLocationConfig, spec: EvaluateSpec
 ) -> EvaluationResult:
     """Run a schedule or sensor function in a worker process, bounded by its timeout."""
     request = spec.evaluate
+    label, marker = _helper_marker()
     try:
-        proc = await launcher.start(loc, spec, mode="evaluate")
+        scope, proc = await _start_tracked(
+            launcher.tracking, f"eval-{label}", marker,
+            lambda env: launcher.start(loc, spec, mode="evaluate", env=env),
+        )  # fmt: skip
     except OSError as exc:
         return EvaluationResult(eval_id=request.eval_id, error=f"cannot start a worker: {exc}")
+    try:
+        return await _evaluation_result(proc, spec.evaluate)
+    finally:
+        _log_left_behind(await scope.end(proc.pid), scope.tracking,
+                         f"{request.kind} {request.name}", "the evaluation")  # fmt: skip
+
+
+async def _evaluation_result(proc: WorkerProcess, request: Evaluate) -> EvaluationResult:
+    """The evaluation worker's reply, once it has exited (killed at the timeout)."""
     drains = [asyncio.create_task(stream.read()) for stream in (proc.stdout, proc.stderr)]
     try:
         async with asyncio.timeout(request.timeout_seconds):
@@ -523,15 +647,25 @@ async def evaluate_in_worker(
         return EvaluationResult(eval_id=request.eval_id, error=f"bad evaluation reply: {exc}")
 
 
-async def describe_location(loc: CodeLocationConfig) -> CodeLocationInfo:
+async def describe_location(
+    loc: CodeLocationConfig, tracking: Tracking | None = None
+) -> CodeLocationInfo:
     """Load a location in a throwaway worker, so broken user code cannot hurt the agent."""
+    label, marker = _helper_marker()
+    message = DescribeLocation(location=location_spec(loc))
     try:
-        proc, reader = await _spawn(loc, "describe", DescribeLocation(location=location_spec(loc)))
+        scope, (proc, pipes) = await _start_tracked(
+            tracking or SweepTracking(), f"describe-{label}", marker,
+            lambda env: _spawn(loc, "describe", message, env),
+        )  # fmt: skip
     except OSError as exc:
         return CodeLocationInfo(name=loc.name, error=f"cannot start a worker: {exc}")
+    # Both drained as they come: a location that prints a lot must not block on a pipe.
+    output = [asyncio.create_task(stream.read()) for stream in (pipes.stdout, pipes.stderr)]
     try:
         async with asyncio.timeout(DESCRIBE_TIMEOUT_SECONDS):
-            body, (_, stderr) = await asyncio.gather(_read_frame(reader), proc.communicate())
+            body = await _read_frame(pipes.records)
+            await proc.wait()
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -539,7 +673,15 @@ async def describe_location(loc: CodeLocationConfig) -> CodeLocationInfo:
         return CodeLocationInfo(
             name=loc.name, error=f"loading timed out after {DESCRIBE_TIMEOUT_SECONDS:.0f} s"
         )
+    finally:
+        # Also closes the pipes that a process it left may hold.
+        _log_left_behind(await scope.end(proc.pid), scope.tracking,
+                         f"code location {loc.name}", "its loading")  # fmt: skip
+        await asyncio.wait(output, timeout=OUTPUT_GRACE_SECONDS)
+        for task in output:
+            task.cancel()
     if body is None:
+        stderr = output[1].result() if output[1].done() and not output[1].cancelled() else b""
         tail = stderr.decode(errors="replace")[-2000:]
         return CodeLocationInfo(
             name=loc.name,

@@ -3,10 +3,15 @@
 `python -m agent.worker run`: reads a WorkerSpec frame on stdin, loads the code location,
 runs the job's executor and writes RunRecords to the record fd the agent passed in
 FLEETRUN_RECORD_FD. `... describe`: reads a DescribeLocation, replies a CodeLocationInfo.
+
+Before anything else, a worker enters the process tracking the agent chose for it (see
+agent/tracking.py): it joins its cgroup, or becomes a subreaper that kills whatever is
+left below it when it ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -14,6 +19,14 @@ import sys
 import traceback
 from typing import Any, BinaryIO
 
+from agent.processes import (
+    CGROUP_ENV,
+    SUBREAPER_ENV,
+    become_subreaper,
+    join_cgroup,
+    kill_descendants,
+    left_behind_event,
+)
 from protocol.codec import FRAME_HEADER_SIZE, decode_any, frame, frame_length
 from protocol.messages import DescribeLocation, EvaluateSpec, WorkerSpec
 
@@ -121,9 +134,56 @@ def _run(spec: WorkerSpec, fd: int) -> int:
     return 0
 
 
+def _enter_tracking() -> bool:
+    """Join this worker's cgroup, or become a subreaper: before any user code runs or
+    forks, so that nothing it starts is missed. True if it must sweep at its end."""
+    cgroup = os.environ.pop(CGROUP_ENV, "")
+    if cgroup:
+        try:
+            join_cgroup(cgroup)
+        except OSError as exc:
+            print(f"run worker: cannot join its cgroup {cgroup}: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
+    if not os.environ.pop(SUBREAPER_ENV, ""):
+        return False
+    become_subreaper()
+    return True
+
+
+def _sweep(mode: str, fd: int) -> None:
+    """Kill what user code left running below this worker (orphans included: it is their
+    subreaper) and say so: in a run, on the record pipe (the agent records it before the
+    run's result, which it holds back); else on stderr."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a stop order now must not cut it short
+    try:
+        killed = kill_descendants()
+    except OSError as exc:  # the agent's sweep (its process group, its marker) remains
+        print(f"worker: cannot kill what it left running: {exc}", file=sys.stderr, flush=True)
+        return
+    if not killed:
+        return
+    message, data = left_behind_event(killed, "sweep", "the run" if mode == "run" else "it")
+    if mode != "run":
+        print(f"worker: {message}", file=sys.stderr, flush=True)
+        return
+    from agent.records import RecordSink
+
+    with contextlib.suppress(OSError):  # the agent is gone
+        RecordSink(fd).event("ENGINE_EVENT", message, data=data)
+
+
 def main(argv: list[str]) -> int:
     mode = argv[0] if argv else ""
     fd = int(os.environ[RECORD_FD_ENV])
+    sweeping = _enter_tracking()
+    try:
+        return _serve(mode, fd)
+    finally:
+        if sweeping:
+            _sweep(mode, fd)
+
+
+def _serve(mode: str, fd: int) -> int:
     message = decode_any(_read_frame(sys.stdin.buffer))
     if mode == "describe" and isinstance(message, DescribeLocation):
         from agent.code_location import describe

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -163,10 +164,13 @@ def test_a_process_left_running_by_an_op_does_not_hold_the_run_or_its_slot(
         assert cp.wait_run(first)["status"] == "SUCCESS"
         daemon = int((tmp_path / "daemon-pid").read_text())
         assert "started a daemon" in step_logs(cp, first, "leaves_a_daemon")
+        (report,) = [e for e in cp.events(first) if e["type"] == "ENGINE_EVENT"]
+        assert [p["pid"] for p in report["data"]["killed"]] == [daemon]  # ended with the run
         second = cp.submit("pipeline", config={"dir": str(tmp_path)})  # needs the one slot
         assert cp.wait_run(second)["status"] == "FAILURE"  # it ran (and failed at `flaky`)
     finally:
         if daemon:
-            os.kill(daemon, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(daemon, signal.SIGKILL)
         agent.stop()
         cp.stop()

@@ -157,6 +157,7 @@ def test_agent_name_defaults_to_host_name(tmp_path: Path) -> None:
         ("[[code_locations]]\nname = \"x y\"\nmodule = \"b\"\n", "code_locations[0].name"),
         ("control_plane_url = \"ftp://x\"\n", "control_plane_url"),
         ("run_launcher = \"thread\"\n", "run_launcher"),
+        ("process_tracking = \"systemd\"\n", "process_tracking"),
         ("[output_store]\nkind = \"s3\"\n", "output_store.kind"),
         ("[output_store]\nkind = \"filesystem\"\n", "output_store.path"),
         ("[output_store]\nmax_output_bytes = 0\n", "output_store.max_output_bytes"),
