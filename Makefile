@@ -34,7 +34,8 @@ soak: $(STAMP)
 # The fault suite, with the long variants (60 s partitions); `make test` runs the rest.
 CHAOS_TESTS := tests/e2e/test_reliability.py tests/e2e/test_partition.py \
 	tests/e2e/test_disk_full.py tests/e2e/test_monitoring.py tests/unit/test_spool.py \
-	tests/unit/test_storage_full.py tests/unit/test_stallwatch.py
+	tests/unit/test_storage_full.py tests/unit/test_stallwatch.py \
+	tests/e2e/test_hardening.py tests/e2e/test_processes.py
 chaos: $(STAMP)
 	FLEETRUN_LONG_FAULTS=1 $(BIN)/python -m pytest -q $(CHAOS_TESTS)
 

@@ -17,6 +17,8 @@ import os
 import sys
 from collections.abc import Iterator
 
+from protocol.validation import name_problem
+
 MARK_OPEN = b"\x00\x1efleetrun-step:"
 MARK_CLOSE = b"\x1e\x00"
 
@@ -73,7 +75,8 @@ class StepOutputSplitter:
                 return out
             out += self._text(self._buffer[:start], final=True)
             name = self._buffer[start + len(MARK_OPEN) : end].decode(errors="replace")
-            self.step = name or None
+            # A step's name; anything else (a marker an op printed itself) names none.
+            self.step = name if name and name_problem(name) is None else None
             self._buffer = self._buffer[end + len(MARK_CLOSE) :]
 
     def flush(self) -> list[tuple[str | None, str]]:

@@ -50,8 +50,7 @@ async def _serve(config: AgentConfig, token: str | None, tracking: Tracking) -> 
     client = ControlPlaneClient(config.control_plane_url, token, token_file=config.token_file,
                                 ca_file=config.ca_file)  # fmt: skip
     async with client:
-        agent = Agent(config, client)
-        agent.launcher.tracking = tracking  # Agent builds its launcher from the config alone
+        agent = Agent(config, client, tracking)
         client.on_token_rotated = agent.register_with_new_token
         task = asyncio.create_task(agent.run())
         loop = asyncio.get_running_loop()

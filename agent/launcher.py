@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from agent.forkserver import WORKER_FDS, ForkServer, ForkServerGone
 from agent.processes import LeftProcess, left_behind_event
 from agent.tracking import ProcessScope, SweepTracking, Tracking
 from protocol.codec import FRAME_HEADER_SIZE, ProtocolError, decode, frame, frame_length
+from protocol.events import TERMINAL_EVENTS, record_shape_problem
 from protocol.messages import (
     CodeLocationInfo,
     DescribeLocation,
@@ -41,11 +43,11 @@ from protocol.messages import (
     StopRun,
     WorkerSpec,
 )
+from protocol.wire import make_deliverable, payload_problem
 
 log = logging.getLogger("fleetrun.agent")
 
 RECORD_FD_ENV = "FLEETRUN_RECORD_FD"
-TERMINAL_EVENTS = frozenset({"RUN_SUCCESS", "RUN_FAILURE", "RUN_CANCELED"})
 DESCRIBE_TIMEOUT_SECONDS = 120.0
 OUTPUT_GRACE_SECONDS = 2.0  # reading a worker's output after it exits, at most
 WORKER_ID_ENV = "FLEETRUN_WORKER_ID"  # marks what an evaluation or describe worker starts
@@ -401,6 +403,19 @@ def make_launcher(
     return RUN_LAUNCHERS[kind](locations, outputs, tracking)
 
 
+def _screened(record: RunRecord) -> RunRecord:
+    """A record from a run worker as the control plane will take it: ProtocolError for
+    one it would refuse (the run fails here, with the reason, not at the control plane),
+    and data nested past the protocol's depth made deliverable."""
+    problem = record_shape_problem(record.kind, record.type, record.step)
+    if problem is not None:
+        raise ProtocolError("bad_record", problem)
+    if any(type(v) in (dict, list) for v in record.data.values()):
+        if payload_problem(record.data, "data") is not None:
+            return dataclasses.replace(record, data=make_deliverable(record.data))
+    return record
+
+
 class RunWorker:
     """One launched run: its worker process, what it reported, and how it ended."""
 
@@ -437,7 +452,7 @@ class RunWorker:
 
     async def _pump_records(self, reader: asyncio.StreamReader) -> None:
         while (body := await _read_frame(reader)) is not None:
-            record = decode(body, RunRecord)
+            record = _screened(decode(body, RunRecord))
             if record.kind == "event" and record.type == "RUN_START":
                 self.state = "running"
                 record.data["launch_received_time"] = self.received_time

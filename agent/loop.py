@@ -41,6 +41,7 @@ from agent.launcher import (
 from agent.outbox import AttemptRejected, RunOutbox
 from agent.outputs import INLINE_KEY, INLINE_OUTPUT_BYTES
 from agent.spool import Attempt, Spool
+from agent.tracking import Tracking
 from protocol import FLEETRUN_VERSION
 from protocol.codec import ProtocolError, UnreadableLaunch, decode_poll_reply
 from protocol.events import UNDELIVERABLE
@@ -158,7 +159,9 @@ async def _wait_until(waitables: list[Any], deadline: float) -> None:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, client: ControlPlaneClient) -> None:
+    def __init__(
+        self, config: AgentConfig, client: ControlPlaneClient, tracking: Tracking | None = None
+    ) -> None:
         self.config = config
         self.client = client
         self.locations = {loc.name: loc for loc in config.code_locations}
@@ -174,13 +177,16 @@ class Agent:
         self.location_infos: list[CodeLocationInfo] = []
         self._side_tasks: list[asyncio.Task[None]] = []
         self.launcher = make_launcher(
-            config.run_launcher, config.code_locations, config.output_store
+            config.run_launcher, config.code_locations, config.output_store, tracking
         )
         self.spool = Spool(os.path.join(config.state_dir, "spool.db"), config.spool_max_bytes,
                            config.spool_max_age_seconds)  # fmt: skip
 
     async def load_locations(self) -> list[CodeLocationInfo]:
-        infos = await asyncio.gather(*(describe_location(loc) for loc in self.locations.values()))
+        tracking = self.launcher.tracking
+        infos = await asyncio.gather(
+            *(describe_location(loc, tracking) for loc in self.locations.values())
+        )
         for info in infos:
             if info.error:
                 log.error("code location %s failed to load: %s", info.name, info.error)

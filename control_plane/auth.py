@@ -147,7 +147,12 @@ def parse_bearer(header: str | None) -> tuple[str, str, str]:
         raise AuthError(401, "unauthenticated", "the Authorization header must be Bearer TOKEN")
     token = token.strip()
     parts = token.split("_", 2)
-    if len(token) > MAX_TOKEN_CHARS or len(parts) != 3 or parts[0] not in PREFIXES.values():
+    if (
+        len(token) > MAX_TOKEN_CHARS
+        or not token.isascii()
+        or len(parts) != 3
+        or parts[0] not in PREFIXES.values()
+    ):
         raise AuthError(401, "bad_token", "the token is not a fleetrun token")
     return parts[0], parts[1], parts[2]
 
