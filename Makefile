@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BINARY := dist/fleetrun-agent
-AGENT_SOURCES := $(wildcard agent/*.py agent/executors/*.py protocol/*.py build/*.py build/*.spec)
+AGENT_SOURCES := $(wildcard agent/*.py agent/worker/*.py agent/worker/executors/*.py protocol/*.py build/*.py build/*.spec)
 
 .PHONY: demo test lint bench binary clean
 

@@ -45,13 +45,13 @@ async def _run_agent(config_path: str) -> int:
 async def _serve(config: AgentConfig, token: str | None, tracking: Tracking) -> int:
     """Run the agent until a signal stops it; exit 1 if the control plane refuses it."""
     from agent.client import ControlPlaneClient
-    from agent.loop import Agent, FatalAgentError
+    from agent.errors import FatalAgentError
+    from agent.lifecycle import Agent
 
     client = ControlPlaneClient(config.control_plane_url, token, token_file=config.token_file,
                                 ca_file=config.ca_file)  # fmt: skip
     async with client:
         agent = Agent(config, client, tracking)
-        client.on_token_rotated = agent.register_with_new_token
         task = asyncio.create_task(agent.run())
         loop = asyncio.get_running_loop()
 
@@ -91,7 +91,7 @@ def check_config(config_path: str, connect: bool = False) -> int:
     Exit 0 when all is well, 2 otherwise, each problem named with its file and key."""
     from agent.client import read_token
     from agent.config import load_agent_config
-    from agent.launcher import describe_location
+    from agent.launchers import describe_location
     from agent.tracking import open_tracking
 
     try:
@@ -168,7 +168,7 @@ async def _check_connection(url: str, token: str | None, ca_file: str) -> str | 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_worker"]:
-        from agent.worker import main as worker_main
+        from agent.worker.main import main as worker_main
 
         return worker_main(argv[1:])
     if argv[:1] == ["_forkserver"]:

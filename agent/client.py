@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from agent.errors import AgentError
 from protocol.codec import ProtocolError, decode, encode
 from protocol.messages import ErrorReply
 
@@ -20,7 +21,7 @@ T = TypeVar("T")
 log = logging.getLogger("fleetrun.agent")
 
 
-class ControlPlaneUnreachable(Exception):
+class ControlPlaneUnreachable(AgentError):
     """No answer (connection refused, reset, timeout, 5xx): worth retrying."""
 
 
@@ -29,7 +30,7 @@ class TokenRefused(ControlPlaneUnreachable):
     be rotated meanwhile); the control plane fails the runs if it never comes back."""
 
 
-class ControlPlaneError(Exception):
+class ControlPlaneError(AgentError):
     """The control plane answered with a refusal (4xx) that names the problem."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
@@ -190,7 +191,7 @@ class ControlPlaneClient:
             raise BadReply(exc.code, f"bad reply to {path}: {exc}") from None
 
 
-class Backoff:
+class RetryDelays:
     """Capped exponential backoff with full jitter (a uniform draw below the cap), so a
     fleet of agents that lost the control plane together comes back spread out."""
 

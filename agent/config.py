@@ -35,7 +35,7 @@ MAX_OUTPUT_BYTES = 64 * 1024 * 1024
 
 @dataclass
 class OutputStoreConfig:
-    """Where step outputs are kept for re-execution (see agent/outputs.py)."""
+    """Where step outputs are kept for re-execution (see agent/worker/outputs.py)."""
 
     kind: str = "control_plane"
     path: str = ""

@@ -31,18 +31,20 @@ from typing import Any
 
 import msgpack
 
+from agent.errors import AgentError
+
 WORKER_FDS = 4
 RECORD_FD = 3
 MAX_MESSAGE_BYTES = 1 << 20
 
 PRELOAD = (
-    "agent.worker",
-    "agent.code_location",
-    "agent.executors",
-    "agent.executors.in_process",
-    "agent.executors.step",
-    "agent.records",
-    "agent.capture",
+    "agent.worker.main",
+    "agent.worker.code_location",
+    "agent.worker.executors",
+    "agent.worker.executors.in_process",
+    "agent.worker.executors.step",
+    "agent.worker.records",
+    "agent.worker.capture",
     "agent.processes",
     "agent.sdk",
     "protocol.codec",
@@ -50,7 +52,7 @@ PRELOAD = (
 )
 
 
-class ForkServerGone(Exception):
+class ForkServerGone(AgentError):
     """The fork server exited or stopped answering; the agent starts a new one."""
 
 
@@ -207,7 +209,7 @@ def _child(request: dict[str, Any], fds: list[int]) -> None:
         if os.environ.get("PYTHONUNBUFFERED"):
             sys.stdout.reconfigure(write_through=True)  # type: ignore[union-attr]
         gc.unfreeze()
-        from agent.worker import main
+        from agent.worker.main import main
 
         code = main(list(request["argv"]))
     except SystemExit as exc:

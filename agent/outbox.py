@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
-from agent.client import Backoff, ContactLog, ControlPlaneError, ControlPlaneUnreachable
-from agent.spool import Attempt, Spool
+from agent.client import ContactLog, ControlPlaneError, ControlPlaneUnreachable, RetryDelays
+from agent.errors import AgentError
+from agent.spool import Spool, SpooledAttempt
 from protocol.codec import encode
 from protocol.messages import EventAck, EventBatch, RunRecord
 
@@ -41,7 +43,7 @@ def _up_to_size(records: list[RunRecord], limit: int) -> list[RunRecord]:
     return records
 
 
-class AttemptRejected(Exception):
+class AttemptRejected(AgentError):
     """The control plane refused this attempt's records (stale lease, not our run)."""
 
 
@@ -61,7 +63,7 @@ class RunOutbox:
         self.run_id = run_id
         self.lease = lease
         self._spool = spool
-        self._attempt = Attempt(agent_id, run_id, lease)
+        self._attempt = SpooledAttempt(agent_id, run_id, lease)
         self._send = send
         self._before_send = before_send
         self._contact = contact or ContactLog(log)
@@ -72,9 +74,8 @@ class RunOutbox:
         self._flushing: asyncio.Task[None] | None = None
 
     def add(self, record: RunRecord) -> None:
-        record.seq = self._next_seq
+        self._pending.append(replace(record, seq=self._next_seq))
         self._next_seq += 1
-        self._pending.append(record)
         if self._spool is not None and (self._flushing is None or self._flushing.done()):
             self._flushing = asyncio.create_task(self._flush())
         self._wake.set()
@@ -124,7 +125,7 @@ class RunOutbox:
 
     async def deliver(self) -> None:
         """Send until closed and fully acknowledged; raises AttemptRejected on refusal."""
-        backoff = Backoff()
+        delays = RetryDelays()
         while True:
             records = await self._next_batch()
             if not records:
@@ -146,12 +147,12 @@ class RunOutbox:
                 ack = await self._send(batch)
             except ControlPlaneUnreachable as exc:
                 self._contact.failed(f"records of run {self.run_id}", exc)
-                await self._contact.wait(backoff.next_delay())
+                await self._contact.wait(delays.next_delay())
                 continue
             except ControlPlaneError as exc:
                 if self._spool is not None:
                     await self._spool.forget(self.lease)
                 raise AttemptRejected(str(exc)) from None
-            backoff.reset()
+            delays.reset()
             self._contact.succeeded()
             await self._acknowledged(ack.acked_seq)

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiosqlite
@@ -48,7 +48,7 @@ AGE_CHECK_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
-class Attempt:
+class SpooledAttempt:
     """A run attempt with records still to deliver."""
 
     agent_id: str
@@ -100,7 +100,7 @@ class Spool:
     def size(self) -> int:
         return self._bytes
 
-    async def append(self, attempt: Attempt, records: list[RunRecord]) -> None:
+    async def append(self, attempt: SpooledAttempt, records: list[RunRecord]) -> None:
         """Store records (in one transaction); a record already stored is kept as is."""
         if not records:
             return
@@ -163,8 +163,8 @@ class Spool:
                 break
             record = decode(body, RunRecord)
             dropped = len(record.message.encode())
-            record.message = f"[{dropped} bytes of log dropped: {why}]\n"
-            new_body = encode(record)
+            marker = f"[{dropped} bytes of log dropped: {why}]\n"
+            new_body = encode(replace(record, message=marker))
             updates.append((len(new_body), new_body, lease, seq))
             freed += size - len(new_body)
         if updates:
@@ -203,8 +203,8 @@ class Spool:
         """Drop an attempt the control plane refused (fenced, or not this agent's)."""
         await self.acknowledged(lease, 2**62)
 
-    async def attempts(self) -> list[Attempt]:
+    async def attempts(self) -> list[SpooledAttempt]:
         rows = await self.db.execute_fetchall(
             "SELECT DISTINCT agent_id, run_id, lease FROM records ORDER BY lease"
         )
-        return [Attempt(agent_id, run_id, lease) for agent_id, run_id, lease in rows]
+        return [SpooledAttempt(agent_id, run_id, lease) for agent_id, run_id, lease in rows]

@@ -25,9 +25,9 @@ from bench.harness import pct as _pct
 from bench.harness import post as _post
 from bench.harness import ts as _ts
 from bench.harness import wait as _wait
-from control_plane.app import serve
-from control_plane.clock import OffsetClock
 from control_plane.config import load_control_plane_config
+from control_plane.http.app import serve
+from tests.clocks import OffsetClock
 
 DAEMON_JOBS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "daemon_jobs.py"
 SENSORS = Path(__file__).resolve().parent / "many_sensors.py"

@@ -16,7 +16,7 @@ import signal
 import sys
 
 from agent.client import ControlPlaneClient
-from agent.loop import heartbeat_pause
+from agent.heartbeat import heartbeat_pause
 from control_plane import collector
 from protocol.messages import (
     CodeLocationInfo,

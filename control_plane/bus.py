@@ -1,4 +1,4 @@
-"""Wake-ups that reach every control-plane replica.
+"""Wake-ups that reach every control-plane replica: the one wake path.
 
 Each replica keeps its waiters in memory (parked long-polls, run watchers, sleeping
 daemon loops). A change made on one replica - a launch assigned, a run submitted, an
@@ -7,6 +7,9 @@ evaluation answered - must wake the waiter wherever it is. `WakeBus.publish` del
 sends it to the others as a NOTIFY, batched. A wake-up only says "look again": the
 database stays the truth, so a lost one costs latency (the waiters' backstop timers),
 never correctness; after the listening connection was lost every topic is woken.
+
+Every wake-up in the control plane is a `publish` here, local and cross-replica alike;
+the functions at the end say, once each, whom a kind of change concerns.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from control_plane.storage import Storage
+from control_plane.model.runs import Run
+from control_plane.storage.port import Database
 
 log = logging.getLogger("fleetrun.bus")
 
@@ -32,7 +36,7 @@ Handler = Callable[[str | None], None]  # None: anything may have changed
 
 
 class WakeBus:
-    def __init__(self, storage: Storage, replica_id: str) -> None:
+    def __init__(self, storage: Database, replica_id: str) -> None:
         self.storage = storage
         self.replica_id = replica_id
         self._handlers: dict[str, list[Handler]] = {}
@@ -84,9 +88,39 @@ class WakeBus:
                     await self.storage.notify(batch)
                     self.sent += len(batch)
                 except Exception as exc:  # the other replicas' backstops will catch up
-                    log.warning("could not send %d wake-ups to other replicas: %s",
-                                len(batch), exc)  # fmt: skip
+                    log.warning("could not send %d wake-ups to other replicas: %s", len(batch), exc)
         finally:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
+
+
+def run_queued(bus: WakeBus, run: Run) -> None:
+    """A run entered the queue (submitted, re-executed, retried, requested by a tick)."""
+    bus.publish(QUEUE)
+    bus.publish(RUN, run.run_id)
+
+
+def run_assigned(bus: WakeBus, run: Run) -> None:
+    """A run was given to an agent under a new lease: its poll, the monitor, watchers."""
+    bus.publish(AGENT, run.agent_id)
+    bus.publish(MONITOR)
+    bus.publish(RUN, run.run_id)
+
+
+def runs_changed(bus: WakeBus, runs: list[Run], agent_id: str | None = None) -> None:
+    """Runs changed status (ended, canceled, resumed): their watchers and agents, and
+    every loop a freed slot or a failure concerns."""
+    for run in runs:
+        bus.publish(RUN, run.run_id)
+        bus.publish(AGENT, run.agent_id)
+    bus.publish(AGENT, agent_id)
+    bus.publish(QUEUE)
+    bus.publish(RETRIES)
+    bus.publish(MONITOR)
+
+
+def instigators_changed(bus: WakeBus, registered_agent: str = "") -> None:
+    """A schedule or sensor was started or stopped, or (`registered_agent`) an agent
+    registered whose locations define none: it matters only if it hosted one before."""
+    bus.publish(INSTIGATORS, registered_agent)

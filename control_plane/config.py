@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from control_plane.model.submission import RunRules
 from control_plane.storage import url_problem
+from protocol.codec import DecodeLimits
 from protocol.logs import redact
 from protocol.schema import ConfigError, FieldError, load_toml
+from protocol.tags import TagLimits
 
 
 @dataclass
@@ -49,6 +52,17 @@ class LimitsConfig:
     max_polls_per_agent: int = 2
     keepalive_timeout_seconds: float = 15.0
     body_timeout_seconds: float = 60.0
+
+    def decode_limits(self) -> DecodeLimits:
+        """What an agent's message may be, as the codec checks it."""
+        return DecodeLimits(
+            max_body_bytes=self.max_body_bytes,
+            max_str_len=self.max_msgpack_str_bytes,
+            max_bin_len=self.max_msgpack_bin_bytes,
+            max_array_len=self.max_msgpack_array_length,
+            max_map_len=self.max_msgpack_map_length,
+            max_depth=self.max_msgpack_depth,
+        )
 
     def check(self) -> None:
         for name, value in vars(self).items():
@@ -171,6 +185,14 @@ class ControlPlaneConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def run_rules(self) -> RunRules:
+        """What every new run is held to (model/submission.py), from `[limits]`."""
+        limits = self.limits
+        tags = TagLimits(
+            limits.max_tags_per_run, limits.max_tag_key_length, limits.max_tag_value_length
+        )
+        return RunRules(tags, limits.max_run_config_bytes)
 
 
 def resolve_storage_url(url: str, base_dir: str) -> str:

@@ -1,8 +1,8 @@
-"""Prometheus metrics for the control plane, served at `GET /metrics`.
+"""Prometheus metrics for the control plane (served at `GET /metrics`, http/metrics.py).
 
-Each `ControlPlane` owns one `Metrics` with its own `CollectorRegistry` (never the
-process-wide default one): tests build many apps in one process, and two registries
-never clash. Counters and histograms are updated where things happen (the coordinator
+Each control plane (`build_app`) owns one `Metrics` with its own `CollectorRegistry`
+(never the process-wide default one): tests build many apps in one process, and two
+registries never clash. Counters and histograms are updated where things happen (the coordinator
 assigns a run, the dispatcher sees a launch acknowledged, the agent API stores records,
 a daemon loop ends a pass). Gauges that describe stored state (runs by status, queue
 depth, agents by status) are read from storage by the async handler just before the
@@ -15,15 +15,10 @@ become "other"), so nothing in it names a run, job, tag or agent.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from aiohttp import web
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Histogram,
@@ -32,23 +27,33 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from control_plane.statuses import RunStatus
-from control_plane.storage import Run
+from control_plane.model.agents import AGENT_STATUSES, agent_status
+from control_plane.model.runs import Run
+from control_plane.model.statuses import RunStatus
+from control_plane.storage.port import AgentStore, RunStore
 
-if TYPE_CHECKING:
-    from control_plane.app import ControlPlane
-
-AGENT_STATUSES = ("ONLINE", "DRAINING", "OFFLINE")
 DAEMON_LOOPS = ("run-queue", "monitor", "retries", "scheduler", "sensors")  # as in /readyz
-HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-UNMATCHED = "unmatched"
-CLIENT_CLOSED = 499  # nginx's code for a request cancelled before it was answered
-
 # Agent long-polls are held up to poll_timeout_seconds (25 s): the top buckets see them.
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # A run can wait for a free slot from milliseconds to hours.
-WAIT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                300.0, 900.0, 3600.0, 4 * 3600.0)  # fmt: skip
+WAIT_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    4 * 3600.0,
+)
 LOOP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PAUSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -216,72 +221,16 @@ class Metrics:
 
     # --- exposition ---------------------------------------------------------------------
 
-    async def refresh(self, cp: ControlPlane) -> None:
+    async def refresh(
+        self, runs: RunStore, agents: AgentStore, now: float, heartbeat_timeout: float
+    ) -> None:
         """Read the stored-state gauges (one query each) for the next exposition."""
-        counts = await cp.storage.count_runs_by_status()
-        now = cp.clock.time()
-        agents: dict[str, int] = {}
-        for agent in await cp.storage.list_agents():
-            status = agent.status
-            if now - agent.last_heartbeat > cp.heartbeat_timeout:
-                status = "OFFLINE"
-            agents[status] = agents.get(status, 0) + 1
-        self._stored.state = StoredState({str(s): n for s, n in counts.items()}, agents)
+        counts = await runs.count_runs_by_status()
+        by_status: dict[str, int] = {}
+        for agent in await agents.list_agents():
+            status = agent_status(agent, now, heartbeat_timeout)
+            by_status[status] = by_status.get(status, 0) + 1
+        self._stored.state = StoredState({str(s): n for s, n in counts.items()}, by_status)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def route_label(request: web.Request) -> str:
-    """The matched route's template (`/api/v1/runs/{run_id}`), never the concrete path."""
-    info = request.match_info
-    if info.http_exception is not None or info.route.resource is None:
-        return UNMATCHED
-    return info.route.resource.canonical
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def http_metrics(metrics: Metrics) -> object:
-    """Middleware timing every request; put it first so that it sees the final status
-    (auth refusals and errors included)."""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        start = time.perf_counter()
-        status = 500
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        except asyncio.CancelledError:
-            status = CLIENT_CLOSED
-            raise
-        finally:
-            method = request.method if request.method in HTTP_METHODS else "other"
-            metrics.http_duration.labels(
-                method, route_label(request), f"{status // 100}xx"
-            ).observe(time.perf_counter() - start)
-
-    return middleware
-
-
-def _cp(request: web.Request) -> ControlPlane:
-    from control_plane.app import CONTROL_PLANE
-
-    return request.app[CONTROL_PLANE]
-
-
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    """Prometheus text format; no token needed (see ROUTE_ACCESS)."""
-    cp = _cp(request)
-    await cp.metrics.refresh(cp)
-    return web.Response(body=cp.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-def add_metrics_routes(app: web.Application) -> None:
-    app.router.add_get("/metrics", metrics_endpoint)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import msgpack
@@ -178,17 +178,18 @@ def decode_poll_reply(
     if not isinstance(launches, list):
         return _typed(PollReply, body, limits.max_depth), []
     reply = _typed(PollReply, {**body, "launches": []}, limits.max_depth)
+    decoded: list[LaunchRun] = []
     unreadable = []
     for item in launches:
         try:
-            reply.launches.append(_typed(LaunchRun, item, limits.max_depth - 2))
+            decoded.append(_typed(LaunchRun, item, limits.max_depth - 2))
         except ProtocolError as exc:
             fields = item if isinstance(item, dict) else {}
             run_id, lease = fields.get("run_id"), fields.get("lease")
             readable = isinstance(run_id, str) and type(lease) is int
             unreadable.append(UnreadableLaunch(run_id[:64] if readable else None,
                                                lease if readable else None, str(exc)))
-    return reply, unreadable
+    return replace(reply, launches=decoded), unreadable
 
 
 def decode(data: bytes, expected: type[T], limits: DecodeLimits = DEFAULT_LIMITS) -> T:

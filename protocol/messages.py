@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass
+@dataclass(frozen=True)
 class OpInfo:
     name: str
     upstream: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class JobInfo:
     name: str
     ops: list[OpInfo] = field(default_factory=list)
@@ -29,7 +29,7 @@ class JobInfo:
     executor: str = "in_process"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScheduleInfo:
     name: str
     job: str
@@ -40,7 +40,7 @@ class ScheduleInfo:
     tags: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SensorInfo:
     name: str
     job: str
@@ -48,7 +48,7 @@ class SensorInfo:
     default_status: str = "STOPPED"
 
 
-@dataclass
+@dataclass(frozen=True)
 class CodeLocationInfo:
     """What an agent found when it loaded one code location: its jobs, or the load error."""
 
@@ -59,7 +59,7 @@ class CodeLocationInfo:
     sensors: list[SensorInfo] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Evaluate:
     """Evaluate a schedule tick or a sensor in the agent (user code never runs in the
     control plane). `scheduled_time`: the tick's instant (schedules)."""
@@ -74,7 +74,7 @@ class Evaluate:
     timeout_seconds: float = 60.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class RequestedRun:
     job: str
     run_key: str | None = None
@@ -82,7 +82,7 @@ class RequestedRun:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluationResult:
     """What a schedule or sensor function returned (or the error it raised)."""
 
@@ -94,12 +94,12 @@ class EvaluationResult:
     cursor: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluationAck:
     ok: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class Register:
     name: str
     hostname: str
@@ -113,7 +113,7 @@ class Register:
     capabilities: list[str] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Registered:
     agent_id: str
     heartbeat_interval_seconds: float
@@ -121,7 +121,7 @@ class Registered:
     heartbeat_timeout_seconds: float = 30.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Poll:
     """A long-poll for commands; `held_leases` are the launches the agent already has."""
 
@@ -130,7 +130,7 @@ class Poll:
     stopping_leases: list[int] = field(default_factory=list)  # stop orders being carried out
 
 
-@dataclass
+@dataclass(frozen=True)
 class LaunchRun:
     run_id: str
     job: str
@@ -142,7 +142,7 @@ class LaunchRun:
     reuse_outputs: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StopRun:
     """Stop the worker of attempt `lease`: SIGTERM, then SIGKILL after `grace_seconds`.
 
@@ -158,14 +158,14 @@ class StopRun:
     failure_kind: str = ""  # reported with the run's FAILURE once the worker is stopped
 
 
-@dataclass
+@dataclass(frozen=True)
 class PollReply:
     launches: list[LaunchRun] = field(default_factory=list)
     stops: list[StopRun] = field(default_factory=list)
     evaluations: list[Evaluate] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunState:
     """One run as its agent sees it: the worker is `starting`, `running` or `exited`."""
 
@@ -174,30 +174,30 @@ class RunState:
     state: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class Heartbeat:
     agent_id: str
     runs: list[RunState] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class HeartbeatReply:
     ok: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class Drain:
     """The agent is shutting down: no new launches for it; its runs may finish."""
 
     agent_id: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class Drained:
     status: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunRecord:
     """One entry of a run attempt's record stream, numbered by the agent from 1.
 
@@ -214,7 +214,7 @@ class RunRecord:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EventBatch:
     agent_id: str
     run_id: str
@@ -222,20 +222,20 @@ class EventBatch:
     records: list[RunRecord]
 
 
-@dataclass
+@dataclass(frozen=True)
 class EventAck:
     """Everything up to and including `acked_seq` is stored; resend from `acked_seq + 1`."""
 
     acked_seq: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class ErrorReply:
     code: str
     message: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class LocationSpec:
     """How a run worker loads a code location (resolved from agent.toml by the agent)."""
 
@@ -245,7 +245,7 @@ class LocationSpec:
     working_directory: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class WorkerSpec:
     launch: LaunchRun
     location: LocationSpec
@@ -254,7 +254,7 @@ class WorkerSpec:
     max_output_bytes: int = 16 * 1024 * 1024
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluateSpec:
     """Asks a short-lived worker to evaluate a schedule tick or a sensor."""
 
@@ -262,7 +262,7 @@ class EvaluateSpec:
     location: LocationSpec
 
 
-@dataclass
+@dataclass(frozen=True)
 class DescribeLocation:
     """Asks a short-lived worker to load a location and reply with its CodeLocationInfo."""
 

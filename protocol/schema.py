@@ -191,6 +191,36 @@ def _converter(tp: Any) -> Converter:
     raise TypeError(f"unsupported type in schema: {tp!r}")
 
 
+def _builder(cls: type) -> Callable[[dict[str, Any]], Any]:
+    """How to make `cls` from its converted field values: its `__init__`; for a frozen
+    dataclass (every protocol message), the same object made by filling its `__dict__`,
+    which saves a frozen `__init__`'s `object.__setattr__` per field (decoding records
+    is the control plane's hot path)."""
+    params = cls.__dataclass_params__  # type: ignore[attr-defined]
+    if not params.frozen or hasattr(cls, "__post_init__") or "__slots__" in vars(cls):
+        return lambda values: cls(**values)
+    fields = dataclasses.fields(cls)
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    factories = [
+        (f.name, f.default_factory)
+        for f in fields
+        if f.default_factory is not dataclasses.MISSING
+    ]
+    new = object.__new__
+
+    def build(values: dict[str, Any]) -> Any:
+        obj = new(cls)
+        state = obj.__dict__
+        state.update(defaults)
+        for name, factory in factories:
+            if name not in values:
+                state[name] = factory()
+        state.update(values)
+        return obj
+
+    return build
+
+
 def _dataclass_converter(cls: type) -> Converter:
     hints = _hints(cls)
     fields = dataclasses.fields(cls)
@@ -201,6 +231,7 @@ def _dataclass_converter(cls: type) -> Converter:
         for f in fields
     ]  # fmt: skip
     has_check = hasattr(cls, "check")
+    build = _builder(cls)
 
     def convert(data: Any) -> Any:
         if not isinstance(data, dict):
@@ -217,7 +248,7 @@ def _dataclass_converter(cls: type) -> Converter:
                     raise _under(name, exc) from None
             elif required:
                 raise SchemaError(name, "required key is missing")
-        obj = cls(**kwargs)
+        obj = build(kwargs)
         if has_check:
             try:
                 obj.check()

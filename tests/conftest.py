@@ -22,10 +22,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from aiohttp import web
 
-from control_plane.app import serve
-from control_plane.clock import OffsetClock
-from control_plane.config import load_control_plane_config
+from control_plane.clock import Clock, SystemClock
+from control_plane.config import ControlPlaneConfig, load_control_plane_config
+from control_plane.http.app import build_app, serve
+from control_plane.storage import open_storage
+from tests.clocks import OffsetClock
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -33,6 +36,12 @@ EXAMPLES = REPO / "examples" / "demo_jobs.py"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FLEETRUN = [sys.executable, "-m", "control_plane.cli"]
 TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
+
+
+def app_for(config: ControlPlaneConfig, clock: Clock | None = None) -> web.Application:
+    """A control-plane app (not yet started) on the storage its config names."""
+    storage = open_storage(config.storage.url, config.storage.pool_size)
+    return build_app(config, storage, clock or SystemClock())
 
 
 def wait_for(

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import control_plane.scheduler
-from control_plane.clock import OffsetClock
+import control_plane.daemon.instigators
+from tests.clocks import OffsetClock
 from tests.conftest import (
     FIXTURES,
     FLEETRUN,
@@ -130,8 +130,8 @@ def test_no_agent_hosting_the_location_fails_the_tick_with_a_reason(
     fleet: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cp, agent, _clock, _ = fleet
-    monkeypatch.setattr(control_plane.scheduler, "WAIT_FOR_AGENT_SECONDS", 1.0)
-    monkeypatch.setattr(control_plane.scheduler, "EVALUATION_TIMEOUT_SECONDS", 2.0)
+    monkeypatch.setattr(control_plane.daemon.instigators, "WAIT_FOR_AGENT_SECONDS", 1.0)
+    monkeypatch.setattr(control_plane.daemon.instigators, "EVALUATION_TIMEOUT_SECONDS", 2.0)
     wait_for(lambda: ticks(cp, "sensor", "inbox"), what="a first sensor tick")
     agent.stop()  # it drains first: the location has no live host
     reason = "no online agent hosting location daemon took the evaluation within 1 s"
@@ -146,12 +146,17 @@ def test_readiness_names_a_stuck_daemon_loop(fleet: tuple, monkeypatch: pytest.M
                                "retries"} <= set(body["loops"])  # fmt: skip
     entered = threading.Event()
 
-    async def hang(self: object) -> float:
-        entered.set()
-        await asyncio.Event().wait()  # a pass that never returns
-        return 0.0
+    Instigators = control_plane.daemon.instigators.Instigators
+    load = Instigators.load
 
-    monkeypatch.setattr(control_plane.scheduler.ScheduleDaemon, "pass_once", hang)
+    async def hang(self: Instigators, now: float) -> list[object]:
+        if self.loop != "scheduler":
+            return await load(self, now)  # type: ignore[return-value]
+        entered.set()
+        await asyncio.Event().wait()  # the scheduler's pass never returns
+        return []
+
+    monkeypatch.setattr(Instigators, "load", hang)
     assert cli(cp, "schedules", "start", "nightly")  # wakes the scheduler into `hang`
     assert entered.wait(30)
     clock.offset += 120  # two minutes later the scheduler still has not come back

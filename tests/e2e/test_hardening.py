@@ -26,7 +26,8 @@ from typing import Any
 
 import pytest
 
-from control_plane.storage import NewRun, open_storage
+from control_plane.model.runs import NewRun
+from control_plane.storage import open_storage
 from protocol.codec import decode_any, encode
 from protocol.messages import (
     CodeLocationInfo,
@@ -341,7 +342,7 @@ def test_on_lost_contact_stop_fires_at_half_the_timeout(tmp_path: Path) -> None:
 
 
 def test_sigterm_drains_in_bounded_time_with_the_control_plane_gone(tmp_path: Path) -> None:
-    from agent.loop import DELIVERY_GRACE_SECONDS, STOP_GRACE_SECONDS
+    from agent.lifecycle import DELIVERY_GRACE_SECONDS, STOP_GRACE_SECONDS
 
     drain = 2.0
     cp = start_control_plane(tmp_path)

@@ -36,7 +36,7 @@ from schemathesis import Case, GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 
-from control_plane.openapi import OPENAPI_PATH, openapi_document
+from control_plane.http.openapi import OPENAPI_PATH, openapi_document
 from protocol.codec import decode_any, encode
 from protocol.messages import (
     CodeLocationInfo,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.launcher import OUTPUT_GRACE_SECONDS
+from agent.launchers import OUTPUT_GRACE_SECONDS
 from agent.processes import parse_stat
 from agent.tracking import open_tracking
 from tests.conftest import (

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from control_plane.clock import OffsetClock
+from tests.clocks import OffsetClock
 from tests.conftest import (
     FIXTURES,
     ControlPlaneProc,

@@ -15,7 +15,6 @@ import msgpack
 import pytest
 from aiohttp.test_utils import TestClient
 
-from control_plane.app import create_app
 from control_plane.config import ControlPlaneConfig
 from protocol.codec import decode, encode
 from protocol.messages import (
@@ -31,6 +30,7 @@ from protocol.messages import (
     Registered,
     RunRecord,
 )
+from tests.conftest import app_for
 
 Client = TestClient
 
@@ -42,7 +42,7 @@ async def client(
     config = ControlPlaneConfig()
     config.storage.url = f"sqlite:///{tmp_path}/fleetrun.db"
     config.server.poll_timeout_seconds = 0.5
-    return await aiohttp_client(create_app(config))
+    return await aiohttp_client(app_for(config))
 
 
 async def agent_call(client: TestClient, path: str, message: Any, reply: type) -> Any:
@@ -141,7 +141,7 @@ async def test_a_launch_nobody_acknowledges_goes_back_to_the_queue(
     config.storage.url = f"sqlite:///{tmp_path}/fleetrun.db"
     config.server.poll_timeout_seconds = 0.5
     config.run_monitoring.launch_ack_timeout_seconds = 0.3
-    client = await aiohttp_client(create_app(config))
+    client = await aiohttp_client(app_for(config))
     agent_id = await register(client)
     _, body = await submit(client, job="etl")
     first = (await agent_call(client, "poll", Poll(agent_id=agent_id), PollReply)).launches[0]

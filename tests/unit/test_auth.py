@@ -21,11 +21,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from control_plane.app import CONTROL_PLANE, create_app
-from control_plane.auth import CACHE_SECONDS, ROUTE_ACCESS
 from control_plane.config import ControlPlaneConfig
+from control_plane.http.auth import CACHE_SECONDS, ROUTE_ACCESS
+from control_plane.http.keys import DISPATCHER, STORAGE
+from control_plane.http.tokens import create_token
 from control_plane.storage.sqlite import SqliteStorage
-from control_plane.token_api import create_token
 from protocol import PROTOCOL_VERSION
 from protocol.codec import decode, encode
 from protocol.messages import (
@@ -44,8 +44,9 @@ from protocol.messages import (
     Registered,
     RunRecord,
 )
+from tests.conftest import app_for
 
-# What each route needs, written out independently of control_plane/auth.py: a route
+# What each route needs, written out independently of control_plane/http/auth.py: a route
 # the router has and this table lacks fails test_the_matrix_covers_every_route.
 EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/healthz"): "public",
@@ -144,7 +145,7 @@ async def instance(
     config.storage.url = f"sqlite:///{db}"
     config.server.poll_timeout_seconds = 0.3
     config.auth.enabled = True
-    client = await aiohttp_client(create_app(config))
+    client = await aiohttp_client(app_for(config))
     return Instance(client, tokens, db)
 
 
@@ -189,7 +190,7 @@ def _router_routes(app: web.Application) -> set[tuple[str, str]]:
 async def test_the_matrix_covers_every_route(instance: Instance) -> None:
     routes = _router_routes(instance.client.server.app)
     assert routes == set(EXPECTED), "a route without an entry in the auth matrix (or stale)"
-    assert set(ROUTE_ACCESS) == routes, "control_plane/auth.py ROUTE_ACCESS and the router"
+    assert set(ROUTE_ACCESS) == routes, "control_plane/http/auth.py ROUTE_ACCESS and the router"
 
 
 async def test_every_route_against_every_kind_of_token(instance: Instance) -> None:
@@ -403,7 +404,7 @@ async def test_tokens_are_stored_only_as_salted_hashes_and_never_shown(
     assert (
         await instance.client.get("/api/v1/runs", headers={"Authorization": f"Bearer {token}"})
     ).status == 200
-    await instance.client.server.app[CONTROL_PLANE].storage.close()  # flush, then read the file
+    await instance.client.server.app[STORAGE].close()  # flush, then read the file
     raw = b"".join(p.read_bytes() for p in instance.db.parent.glob("fleetrun.db*"))
     for value in (*instance.tokens.values(), token):
         assert value.split("_", 2)[2].encode() not in raw
@@ -480,7 +481,7 @@ async def limited(aiohttp_client: Callable[..., Awaitable[TestClient]], tmp_path
     limits.max_run_config_bytes = 100
     limits.max_polls_per_agent = 2
     limits.max_events_per_batch = 500
-    return await aiohttp_client(create_app(config))
+    return await aiohttp_client(app_for(config))
 
 
 def _envelope(body: Any) -> bytes:
@@ -548,7 +549,7 @@ async def test_at_most_two_polls_per_agent_are_parked(limited: TestClient) -> No
     away with a half-open connection), so one agent never holds more than the limit."""
     resp = await limited.post("/agent/v1/register", data=encode(_register("w")))
     agent_id = decode(await resp.read(), Registered).agent_id
-    dispatcher = limited.server.app[CONTROL_PLANE].dispatcher
+    dispatcher = limited.server.app[DISPATCHER]
 
     async def poll() -> PollReply:
         resp = await limited.post("/agent/v1/poll", data=encode(Poll(agent_id=agent_id)))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.capture import MARK_CLOSE, MARK_OPEN, StepOutputSplitter
+from agent.compute_logs import StepOutputSplitter
+from agent.worker.capture import MARK_CLOSE, MARK_OPEN
 
 
 def mark(step: str) -> bytes:

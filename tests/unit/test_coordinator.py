@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from control_plane.config import RunCoordinatorConfig, TagConcurrencyLimit
-from control_plane.coordinator import plan_dispatch
-from control_plane.statuses import RunStatus
-from control_plane.storage import Agent, QueueSnapshot, Run
+from control_plane.daemon.run_queue import plan_dispatch
+from control_plane.model.agents import Agent
+from control_plane.model.runs import QueueSnapshot, Run
+from control_plane.model.statuses import RunStatus
 
 NOW = 1000.0
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.executors import Execution, get_executor
-from agent.outputs import FilesystemOutputStore
-from agent.records import RecordSink
 from agent.sdk import Definitions, JobDefinition
+from agent.worker.executors import Execution, get_executor
+from agent.worker.outputs import FilesystemOutputStore
+from agent.worker.records import RecordSink
 from protocol.codec import FRAME_HEADER_SIZE, decode, frame_length
 from protocol.messages import LaunchRun, RunRecord
 from tests.conftest import FIXTURES

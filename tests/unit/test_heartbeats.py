@@ -1,12 +1,12 @@
-"""Group commit of heartbeats (control_plane/heartbeats.py), on both storage backends."""
+"""Group commit of heartbeats (control_plane/fleet/heartbeats.py), on both storage backends."""
 
 from __future__ import annotations
 
 import asyncio
 
-from agent.loop import HEARTBEAT_SPREAD, heartbeat_pause
+from agent.heartbeat import HEARTBEAT_SPREAD, heartbeat_pause
 from control_plane.clock import SystemClock
-from control_plane.heartbeats import HeartbeatRecorder
+from control_plane.fleet.heartbeats import HeartbeatRecorder
 from control_plane.storage import Storage
 from protocol.messages import CodeLocationInfo
 

@@ -15,10 +15,10 @@ import pytest
 
 from agent.config import CodeLocationConfig
 from agent.forkserver import ForkServer
-from agent.launcher import (
+from agent.launchers import (
     ForkServerLauncher,
+    LaunchedRun,
     RunLauncher,
-    RunWorker,
     SubprocessLauncher,
     forkserver_command,
 )
@@ -44,11 +44,11 @@ async def run_job(
     lease: int = 1,
     config: dict | None = None,
     records: list[RunRecord] | None = None,
-) -> tuple[RunWorker, list[RunRecord]]:
+) -> tuple[LaunchedRun, list[RunRecord]]:
     records = [] if records is None else records
     launch = LaunchRun(run_id=f"run-{lease}", job=job, location="probe", lease=lease,
                        config=config or {})  # fmt: skip
-    worker = RunWorker(launch, records.append)
+    worker = LaunchedRun(launch, records.append)
     async with asyncio.timeout(60):
         await worker.run(LOCATION, launcher, tempfile.mkdtemp(prefix="fleetrun-test-"))
     return worker, records
@@ -156,12 +156,12 @@ async def test_the_subprocess_launcher_runs_a_fresh_interpreter_per_run() -> Non
 def test_backoff_is_capped_exponential_with_full_jitter() -> None:
     import random
 
-    from agent.client import Backoff
+    from agent.client import RetryDelays
 
-    backoff = Backoff(base=0.2, cap=10.0, rng=random.Random(1))
-    delays = [backoff.next_delay() for _ in range(12)]
+    retry = RetryDelays(base=0.2, cap=10.0, rng=random.Random(1))
+    delays = [retry.next_delay() for _ in range(12)]
     bounds = [min(10.0, 0.2 * 2**n) for n in range(12)]
     assert all(0 <= d <= b for d, b in zip(delays, bounds, strict=True))
     assert max(delays[8:]) <= 10.0 and len(set(delays)) == 12  # spread, never in lockstep
-    backoff.reset()
-    assert backoff.next_delay() <= 0.2
+    retry.reset()
+    assert retry.next_delay() <= 0.2

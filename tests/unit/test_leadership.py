@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from control_plane.health import DaemonHealth
-from control_plane.leadership import LeaderElector
+from control_plane.daemon.health import DaemonHealth
+from control_plane.daemon.leadership import LeaderElector
 from control_plane.storage import Storage
 
 

@@ -17,14 +17,18 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from control_plane.app import CONTROL_PLANE, create_app
+from control_plane.bus import INSTIGATORS, RETRIES, WakeBus
 from control_plane.clock import SystemClock
 from control_plane.config import ControlPlaneConfig, RunRetriesConfig
-from control_plane.health import DaemonHealth
+from control_plane.daemon.driver import DaemonLoop, Driver
+from control_plane.daemon.health import DaemonHealth
+from control_plane.daemon.leadership import LeaderElector
+from control_plane.daemon.retries import Retrier, retry_pass
+from control_plane.http.keys import BUS, HEALTH, STORAGE
 from control_plane.metrics import Metrics, queued_since, submitted_at
-from control_plane.retries import RunRetrier
-from control_plane.statuses import RunStatus
-from control_plane.storage import Run
+from control_plane.model.runs import Run
+from control_plane.model.statuses import RunStatus
+from control_plane.storage import open_storage
 from protocol.messages import (
     EventAck,
     EventBatch,
@@ -34,6 +38,7 @@ from protocol.messages import (
     PollReply,
     RunRecord,
 )
+from tests.conftest import app_for
 from tests.unit.test_api import agent_call, register, submit
 
 LOOPS = ("run-queue", "monitor", "retries", "scheduler", "sensors")  # /readyz's names
@@ -50,7 +55,7 @@ def make_config(tmp_path: Path) -> ControlPlaneConfig:
 async def client(
     aiohttp_client: Callable[..., Awaitable[TestClient]], tmp_path: Path
 ) -> TestClient:
-    return await aiohttp_client(create_app(make_config(tmp_path)))
+    return await aiohttp_client(app_for(make_config(tmp_path)))
 
 
 async def scrape(client: TestClient) -> list[Sample]:
@@ -193,32 +198,39 @@ async def test_fenced_writes_and_agent_api_errors_are_counted(client: TestClient
 async def test_a_daemon_pass_that_raises_is_counted(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cp = client.server.app[CONTROL_PLANE]
+    app = client.server.app
+    storage = app[STORAGE]
 
     async def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("storage is down")
 
     await eventually(client, passed("retries", "sensors"), "a first pass")
-    monkeypatch.setattr(cp.storage, "pending_retries", broken)
-    monkeypatch.setattr(cp.storage, "instigator_states", broken)
-    cp.retrier.wake()
-    cp.sensors.wake()
+    monkeypatch.setattr(storage, "pending_retries", broken)
+    monkeypatch.setattr(storage, "instigator_states", broken)
+    app[BUS].publish(RETRIES)
+    app[BUS].publish(INSTIGATORS)
     samples = await eventually(client, failed("retries", "sensors"), "the failed passes")
-    assert cp.health.loops["retries"].last_error == "RuntimeError: storage is down"
+    assert app[HEALTH].loops["retries"].last_error == "RuntimeError: storage is down"
     # A failed pass is timed too.
     assert value(samples, "fleetrun_daemon_loop_duration_seconds_count", loop="retries") >= 2
 
 
-async def test_a_loop_on_its_own_reports_to_the_metrics_it_is_given() -> None:
+async def test_the_driver_reports_a_loops_passes_to_the_metrics_it_is_given(
+    tmp_path: Path,
+) -> None:
     class BrokenStorage:
         async def pending_retries(self, limit: int) -> list[Run]:
             raise RuntimeError("boom")
 
-    metrics = Metrics()
-    retrier = RunRetrier(BrokenStorage(), RunRetriesConfig(), SystemClock(),  # type: ignore[arg-type]
-                         lambda run: None)  # fmt: skip
-    retrier.health = DaemonHealth(SystemClock(), metrics)
-    task = asyncio.create_task(retrier.run_forever())
+    metrics, clock = Metrics(), SystemClock()
+    storage = open_storage(f"sqlite:///{tmp_path}/leases.db")
+    await storage.open()
+    health = DaemonHealth(clock, metrics)
+    bus = WakeBus(storage, "replica")
+    elector = LeaderElector(storage, clock, health, "replica", lease_seconds=6.0)
+    retrier = Retrier(BrokenStorage(), RunRetriesConfig(), bus)  # type: ignore[arg-type]
+    Driver(bus, clock, health, elector).add(DaemonLoop("retries", retry_pass, retrier))
+    await elector.elect_once()
     try:
         for _ in range(200):
             if metrics.registry.get_sample_value(
@@ -227,7 +239,8 @@ async def test_a_loop_on_its_own_reports_to_the_metrics_it_is_given() -> None:
                 break
             await asyncio.sleep(0.01)
     finally:
-        task.cancel()
+        await elector.release_all()
+        await storage.close()
     sample = metrics.registry.get_sample_value
     assert sample("fleetrun_daemon_loop_errors_total", {"loop": "retries"}) == 1
     assert sample("fleetrun_daemon_loop_duration_seconds_count", {"loop": "retries"}) == 1
@@ -258,7 +271,7 @@ async def test_metrics_need_no_token_when_auth_is_on(
 ) -> None:
     config = make_config(tmp_path)
     config.auth.enabled = True
-    client = await aiohttp_client(create_app(config))
+    client = await aiohttp_client(app_for(config))
     assert (await client.get("/api/v1/runs")).status == 401
     samples = await scrape(client)
     assert value(samples, "fleetrun_http_request_duration_seconds_count", method="GET",

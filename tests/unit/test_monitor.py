@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from control_plane.config import RunMonitoringConfig, RunRetriesConfig
-from control_plane.monitor import find_verdicts
-from control_plane.retries import decide_retry, retry_delay
-from control_plane.statuses import RunStatus
-from control_plane.storage import Agent, Run
+from control_plane.daemon.monitor import find_verdicts
+from control_plane.daemon.retries import decide_retry, retry_delay
+from control_plane.model.agents import Agent
+from control_plane.model.runs import Run
+from control_plane.model.statuses import RunStatus
 
 NOW = 10_000.0
 BOOT = 0.0
@@ -168,9 +169,10 @@ def test_retry_delay_and_backoff() -> None:
 
 
 async def test_the_retrier_settles_a_bad_run_and_goes_on(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from control_plane.clock import SystemClock
-    from control_plane.retries import RunRetrier
-    from control_plane.storage import NewRun, open_storage
+    from control_plane.bus import WakeBus
+    from control_plane.daemon.retries import Retrier, retry_pass
+    from control_plane.model.runs import NewRun, RunFilter
+    from control_plane.storage import open_storage
     from protocol.messages import CodeLocationInfo, JobInfo, OpInfo, RunRecord
 
     etl = JobInfo(name="etl", ops=[OpInfo(name="a")])
@@ -189,8 +191,10 @@ async def test_the_retrier_settles_a_bad_run_and_goes_on(tmp_path) -> None:  # t
                        RunRecord(seq=2, time=3, kind="event", type="STEP_SUCCESS", step="a"),
                        RunRecord(seq=3, time=3, kind="event", type="RUN_FAILURE")]  # fmt: skip
             await storage.append_records(run_id, run.lease, records, now=3)  # type: ignore[arg-type]
-        retrier = RunRetrier(storage, RunRetriesConfig(max_retries=1), SystemClock(), print)
-        queued = await retrier.settle_pending()
+        retrier = Retrier(storage, RunRetriesConfig(max_retries=1), WakeBus(storage, "r"))
+        await retry_pass(retrier, now=4)
+        retries, _ = await storage.list_runs(RunFilter(statuses=[RunStatus.QUEUED]), 10, None)
+        queued = retries[::-1]  # oldest first
         assert [r.parent_run_id for r in queued] == ["good", "all"]
         assert [r.reuse_outputs for r in queued] == [{"a": "good"}, {}]  # FROM_FAILURE default
         assert await storage.pending_retries(10) == []

@@ -18,12 +18,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from control_plane import openapi
-from control_plane.app import create_app
-from control_plane.auth import ROUTE_ACCESS
 from control_plane.config import ControlPlaneConfig
-from control_plane.openapi import OPENAPI_PATH, openapi_document
+from control_plane.http import openapi
+from control_plane.http.auth import ROUTE_ACCESS
+from control_plane.http.openapi import OPENAPI_PATH, openapi_document
 from protocol.messages import CodeLocationInfo, JobInfo, OpInfo, ScheduleInfo, SensorInfo
+from tests.conftest import app_for
 from tests.unit.test_api import register
 
 DOC = openapi_document()
@@ -34,7 +34,7 @@ DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
 def app_with_openapi(config: ControlPlaneConfig) -> web.Application:
     """The real app; the document's route is added here only until app.py registers it,
     so these tests pass before and after that wiring."""
-    app = create_app(config)
+    app = app_for(config)
     if not any(r.resource.canonical == OPENAPI_PATH for r in app.router.routes()):
         openapi.add_routes(app)
     return app

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from agent.config import CodeLocationConfig, OutputStoreConfig
-from agent.launcher import (
+from agent.launchers import (
+    LaunchedRun,
     RunLauncher,
-    RunWorker,
     describe_location,
     evaluate_in_worker,
     location_spec,
@@ -216,7 +216,7 @@ async def run_job(
     launcher: RunLauncher, job: str, folder: Path, **config: object
 ) -> list[RunRecord]:
     records: list[RunRecord] = []
-    worker = RunWorker(launch(job, folder, **config), records.append)
+    worker = LaunchedRun(launch(job, folder, **config), records.append)
     async with asyncio.timeout(60):
         await worker.run(LOCATION, launcher, tempfile.mkdtemp(prefix="fleetrun-test-"))
     return records
@@ -272,7 +272,7 @@ async def test_a_stopped_run_ends_what_left_its_process_group(
 ) -> None:
     records: list[RunRecord] = []
     order = launch("daemon_then_wait", tmp_path)
-    worker = RunWorker(order, records.append)
+    worker = LaunchedRun(order, records.append)
     running = asyncio.create_task(
         worker.run(LOCATION, launcher, tempfile.mkdtemp(prefix="fleetrun-test-"))
     )

@@ -1,19 +1,14 @@
-"""Which of an agent's records a run takes (control_plane/records.py), and what every new
-run is held to (control_plane/submission.py): pure decisions, tested as tables."""
+"""Which of an agent's records a run takes (control_plane/model/records.py), and what every new
+run is held to (control_plane/model/submission.py): pure decisions, tested as tables."""
 
 from __future__ import annotations
 
 import pytest
 
-from control_plane.records import (
-    TRAILING_LOG_SECONDS,
-    Take,
-    output_problem,
-    screen_record,
-)
-from control_plane.statuses import RunStatus
-from control_plane.storage import CodeCatalog, CodeLocation
-from control_plane.submission import RunRefused, RunRules, check_new_run, job_tags, new_run
+from control_plane.model.catalog import CodeCatalog, CodeLocation
+from control_plane.model.records import TRAILING_LOG_SECONDS, Take, output_problem, screen_record
+from control_plane.model.statuses import RunStatus
+from control_plane.model.submission import RunRefused, RunRules, check_new_run, job_tags, new_run
 from protocol.messages import CodeLocationInfo, JobInfo, OpInfo, RunRecord
 from protocol.tags import TagLimits, tag_problem
 

@@ -10,10 +10,10 @@ import pytest
 
 from agent.client import ControlPlaneError, ControlPlaneUnreachable
 from agent.outbox import AttemptRejected, RunOutbox
-from agent.spool import Attempt, Spool
+from agent.spool import Spool, SpooledAttempt
 from protocol.messages import EventAck, EventBatch, RunRecord
 
-ATTEMPT = Attempt("agent-1", "run-1", 7)
+ATTEMPT = SpooledAttempt("agent-1", "run-1", 7)
 
 
 def event(seq: int, kind: str = "RUN_START") -> RunRecord:

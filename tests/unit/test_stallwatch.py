@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from control_plane.stallwatch import StallWatch
+from control_plane.daemon.stallwatch import StallWatch
 
 
 class ManualClock:

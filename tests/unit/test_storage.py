@@ -7,16 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from control_plane.statuses import RunStatus
-from control_plane.storage import (
-    NewRun,
-    NotYourRun,
-    RecordRefused,
-    RunFilter,
-    StaleLease,
-    Storage,
-    UnknownRun,
-)
+from control_plane.model.runs import NewRun, RunFilter
+from control_plane.model.statuses import RunStatus
+from control_plane.storage import Storage
+from control_plane.storage.errors import NotYourRun, RecordRefused, StaleLease, UnknownRun
 from protocol.messages import CodeLocationInfo, JobInfo, OpInfo, RunRecord
 
 ETL = JobInfo(name="etl", ops=[OpInfo(name="a"), OpInfo(name="extract", upstream=["a"])])
@@ -342,7 +336,7 @@ async def test_log_text_under_a_step_the_job_lacks_is_kept_without_the_step(
 
 
 async def test_nothing_but_trailing_logs_after_the_run_ended(storage: Storage) -> None:
-    from control_plane.records import TRAILING_LOG_SECONDS
+    from control_plane.model.records import TRAILING_LOG_SECONDS
 
     aid = await agent_id(storage)
     lease = await started(storage, "r1", aid)
@@ -382,7 +376,7 @@ async def test_a_worker_starting_after_its_cancel_is_not_a_start(storage: Storag
 async def test_verdict_fails_the_run_fences_its_lease_and_loses_to_an_earlier_report(
     storage: Storage,
 ) -> None:
-    from control_plane.storage import Verdict
+    from control_plane.model.runs import Verdict
 
     aid = await agent_id(storage)
     lost = await started(storage, "lost", aid)
@@ -427,7 +421,7 @@ async def test_a_crashed_worker_resumes_the_run_until_attempts_run_out(storage: 
     second = (await assign(storage, "r1", aid, now=4)).lease  # type: ignore[union-attr]
     assert second > lease
     await storage.append_records("r1", second, [event(1, "RUN_START")], now=5)
-    crash.seq = 2
+    crash = dataclasses.replace(crash, seq=2)
     result = await storage.append_records("r1", second, [crash], now=6, resume_limit=1)
     run = await storage.get_run("r1")
     assert run is not None and run.status == RunStatus.FAILURE
@@ -570,7 +564,7 @@ async def test_a_sensor_cursor_moves_only_with_good_ticks(storage: Storage) -> N
 
 
 async def test_stopped_and_orphaned_instigators(storage: Storage) -> None:
-    from control_plane.scheduler import load_instigators
+    from control_plane.daemon.instigators import load_instigators
     from protocol.messages import ScheduleInfo
 
     loc = CodeLocationInfo(name="loc", schedules=[ScheduleInfo(name="daily", job="etl",
@@ -586,10 +580,10 @@ async def test_stopped_and_orphaned_instigators(storage: Storage) -> None:
 
 
 async def test_only_registrations_that_touch_a_schedule_wake_the_daemon(storage: Storage) -> None:
+    from control_plane.bus import WakeBus
     from control_plane.clock import SystemClock
-    from control_plane.evaluations import EvaluationBroker
-    from control_plane.health import DaemonHealth
-    from control_plane.scheduler import ScheduleDaemon
+    from control_plane.daemon.instigators import Instigators
+    from control_plane.fleet.evaluations import EvaluationBroker
     from protocol.messages import ScheduleInfo
 
     clock = SystemClock()
@@ -597,13 +591,13 @@ async def test_only_registrations_that_touch_a_schedule_wake_the_daemon(storage:
                                                                cron="0 6 * * *")])  # fmt: skip
     host = await storage.register_agent("w1", "h", "0", ["default"], 1, [loc], now=clock.time())
     idle = await agent_id(storage, "idle")
-    daemon = ScheduleDaemon(storage, EvaluationBroker(storage, clock, lambda *a: None), clock,
-                            DaemonHealth(clock), 30.0, lambda runs: None)  # fmt: skip
-    await daemon.instigators(clock.time())
-    daemon.agent_registered(idle)  # hosts no schedule, never did: no pass
-    assert not daemon._wakeup.is_set()
-    daemon.agent_registered(host.agent_id)  # it may have dropped its schedule
-    assert daemon._wakeup.is_set()
+    bus = WakeBus(storage, "replica")
+    broker = EvaluationBroker(storage, clock, bus.publish)
+    schedules = Instigators("scheduler", storage, broker, bus, 30.0)
+    await schedules.load(clock.time())
+    assert not schedules.woken_by(idle)  # hosts no schedule, never did: no pass
+    assert schedules.woken_by(host.agent_id)  # it may have dropped its schedule
+    assert schedules.woken_by("") and schedules.woken_by(None)  # a start, stop, reconnect
 
 
 async def test_what_the_metrics_read(storage: Storage) -> None:

@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient
 
-from control_plane.app import CONTROL_PLANE, create_app
 from control_plane.config import ControlPlaneConfig
-from control_plane.storage import NewRun, RunFilter, StorageFull
+from control_plane.http.keys import STORAGE
+from control_plane.model.runs import NewRun, RunFilter
+from control_plane.storage.errors import StorageFull
 from control_plane.storage.sqlite import SqliteStorage
 from protocol.codec import decode, encode
 from protocol.messages import ErrorReply, EventBatch, Poll, PollReply, RunRecord
+from tests.conftest import app_for
 from tests.unit.test_api import agent_call, register, submit
 
 
@@ -82,11 +84,11 @@ async def client(
     config = ControlPlaneConfig()
     config.storage.url = f"sqlite:///{tmp_path}/fleetrun.db"
     config.server.poll_timeout_seconds = 0.5
-    return await aiohttp_client(create_app(config))
+    return await aiohttp_client(app_for(config))
 
 
 async def test_writes_answer_503_storage_full_and_readyz_names_it(client: TestClient) -> None:
-    storage = client.app[CONTROL_PLANE].storage
+    storage = client.app[STORAGE]
     assert isinstance(storage, SqliteStorage)
     agent_id = await register(client)
     status, body = await submit(client, job="etl")

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from control_plane.ticks import due_ticks, ticks_after
+from control_plane.daemon.ticks import due_ticks, ticks_after
 
 
 def local(ts: float, tz: str) -> str:

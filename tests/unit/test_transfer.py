@@ -7,8 +7,10 @@ import json
 import subprocess
 from pathlib import Path
 
-from control_plane.statuses import RunStatus
-from control_plane.storage import NewRun, RunFilter, TokenRecord, open_storage
+from control_plane.model.runs import NewRun, RunFilter
+from control_plane.model.statuses import RunStatus
+from control_plane.model.tokens import TokenRecord
+from control_plane.storage import open_storage
 from protocol.messages import CodeLocationInfo, JobInfo, OpInfo, RunRecord
 from tests.conftest import FLEETRUN
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from control_plane.statuses import RunStatus
-from control_plane.storage import Event, Run
-from control_plane.ui import gantt
+from control_plane.http.ui import gantt
+from control_plane.model.runs import Event, Run
+from control_plane.model.statuses import RunStatus
 
 
 def run(status: RunStatus, end: float | None) -> Run:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.records import encode_record
+from agent.worker.records import encode_record
 from protocol.codec import DEFAULT_LIMITS, decode, decode_poll_reply, encode, frame_length
 from protocol.messages import (
     EvaluationResult,

@@ -1,0 +1,209 @@
+"""The run worker: a process per run (crash-isolated from the agent).
+
+`python -m agent.worker run`: reads a WorkerSpec frame on stdin, loads the code location,
+runs the job's executor and writes RunRecords to the record fd the agent passed in
+FLEETRUN_RECORD_FD. `... describe`: reads a DescribeLocation, replies a CodeLocationInfo.
+
+Before anything else, a worker enters the process tracking the agent chose for it (see
+agent/tracking.py): it joins its cgroup, or becomes a subreaper that kills whatever is
+left below it when it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import traceback
+from typing import Any, BinaryIO
+
+from agent.processes import (
+    CGROUP_ENV,
+    SUBREAPER_ENV,
+    become_subreaper,
+    join_cgroup,
+    kill_descendants,
+    left_behind_event,
+)
+from protocol.codec import FRAME_HEADER_SIZE, decode_any, frame, frame_length
+from protocol.messages import DescribeLocation, EvaluateSpec, WorkerSpec
+
+RECORD_FD_ENV = "FLEETRUN_RECORD_FD"
+
+
+def _read_frame(stream: BinaryIO) -> bytes:
+    header = stream.read(FRAME_HEADER_SIZE)
+    if len(header) != FRAME_HEADER_SIZE:
+        raise SystemExit("run worker: no spec on stdin")
+    body = stream.read(frame_length(header))
+    return body
+
+
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+class RunInterrupted(BaseException):
+    """The agent sent SIGTERM (cancel, max runtime, fenced attempt).
+
+    A BaseException, so user code's `except Exception` does not swallow it, while its
+    `finally` blocks and context managers still run as the stack unwinds.
+    """
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+    raise RunInterrupted()
+
+
+def executor_options(job_default: dict[str, Any], override: object) -> dict[str, Any]:
+    """The job's executor, or the run config's `execution` (a name or {"name", ...})."""
+    if override is None:
+        return dict(job_default)
+    if isinstance(override, str):
+        return {"name": override}
+    if isinstance(override, dict) and isinstance(override.get("name"), str):
+        limit = override.get("max_concurrent")
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"run config execution.max_concurrent must be >= 1, got {limit!r}")
+        return dict(override)
+    raise ValueError(
+        "run config key 'execution' must be an executor name or a dict with a 'name', "
+        f"got {override!r}"
+    )
+
+
+def _run(spec: WorkerSpec, fd: int) -> int:
+    from agent.worker.code_location import LocationLoadError, load_definitions
+    from agent.worker.executors import Execution, get_executor
+    from agent.worker.outputs import FilesystemOutputStore, OutputStore, ScratchOutputStore
+    from agent.worker.records import RecordSink
+
+    sink = RecordSink(fd)
+    launch = spec.launch
+    try:
+        defs = load_definitions(spec.location)
+        job = defs.get_job(launch.job)
+        options = executor_options(job.executor, launch.config.get("execution"))
+        executor = get_executor(options["name"])
+    except (LocationLoadError, KeyError, ValueError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        sink.event(
+            "RUN_FAILURE",
+            f"could not load job {launch.job!r}: {message}",
+            data={"error_type": type(exc).__name__, "message": str(message)},
+        )
+        return 1
+    sink.event(
+        "RUN_START",
+        f"run worker started (pid {os.getpid()} on {socket.gethostname()})",
+        data={"pid": os.getpid(), "executor": options["name"]},
+    )
+    store: OutputStore = (
+        FilesystemOutputStore(spec.output_path)
+        if spec.output_store == "filesystem"
+        else ScratchOutputStore(spec.output_path)
+    )
+    execution = Execution(job, launch, sink, options, store, spec.max_output_bytes,
+                          launch.reuse_outputs)  # fmt: skip
+    try:
+        failed = executor(execution)
+    except RunInterrupted:
+        print("run worker: interrupted by SIGTERM; stopping", file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT_CODE
+    except Exception as exc:
+        sink.event(
+            "RUN_FAILURE",
+            f"executor failed: {type(exc).__name__}: {exc}",
+            data={
+                "error_type": type(exc).__name__,
+                "message": str(exc),
+                "traceback": "".join(traceback.format_exception(exc)),
+            },
+        )
+        return 1
+    if failed:
+        sink.event(
+            "RUN_FAILURE",
+            f"steps failed: {', '.join(failed)}",
+            data={"failed_steps": failed},
+        )
+    else:
+        sink.event("RUN_SUCCESS", f"all {len(job.nodes)} steps succeeded")
+    return 0
+
+
+def _enter_tracking() -> bool:
+    """Join this worker's cgroup, or become a subreaper: before any user code runs or
+    forks, so that nothing it starts is missed. True if it must sweep at its end."""
+    cgroup = os.environ.pop(CGROUP_ENV, "")
+    if cgroup:
+        try:
+            join_cgroup(cgroup)
+        except OSError as exc:
+            print(f"run worker: cannot join its cgroup {cgroup}: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
+    if not os.environ.pop(SUBREAPER_ENV, ""):
+        return False
+    become_subreaper()
+    return True
+
+
+def _sweep(mode: str, fd: int) -> None:
+    """Kill what user code left running below this worker (orphans included: it is their
+    subreaper) and say so: in a run, on the record pipe (the agent records it before the
+    run's result, which it holds back); else on stderr."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a stop order now must not cut it short
+    try:
+        killed = kill_descendants()
+    except OSError as exc:  # the agent's sweep (its process group, its marker) remains
+        print(f"worker: cannot kill what it left running: {exc}", file=sys.stderr, flush=True)
+        return
+    if not killed:
+        return
+    message, data = left_behind_event(killed, "sweep", "the run" if mode == "run" else "it")
+    if mode != "run":
+        print(f"worker: {message}", file=sys.stderr, flush=True)
+        return
+    from agent.worker.records import RecordSink
+
+    with contextlib.suppress(OSError):  # the agent is gone
+        RecordSink(fd).event("ENGINE_EVENT", message, data=data)
+
+
+def main(argv: list[str]) -> int:
+    mode = argv[0] if argv else ""
+    fd = int(os.environ[RECORD_FD_ENV])
+    sweeping = _enter_tracking()
+    try:
+        return _serve(mode, fd)
+    finally:
+        if sweeping:
+            _sweep(mode, fd)
+
+
+def _serve(mode: str, fd: int) -> int:
+    message = decode_any(_read_frame(sys.stdin.buffer))
+    if mode == "describe" and isinstance(message, DescribeLocation):
+        from agent.worker.code_location import describe
+
+        info = describe(message.location)
+        os.write(fd, frame(info))
+        return 0
+    if mode == "evaluate" and isinstance(message, EvaluateSpec):
+        from agent.worker.evaluation import evaluate
+
+        os.write(fd, frame(evaluate(message)))
+        return 0
+    if mode == "run" and isinstance(message, WorkerSpec):
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        os.environ["FLEETRUN_RUN_ID"] = message.launch.run_id
+        os.environ["FLEETRUN_LEASE"] = str(message.launch.lease)
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return _run(message, fd)
+        except RunInterrupted:
+            return INTERRUPTED_EXIT_CODE
+    print(f"run worker: mode {mode!r} does not take a {type(message).__name__}", file=sys.stderr)
+    return 2

@@ -1,0 +1,199 @@
+"""`fleetrun-agent`: the agent binary's commands (run, check-config, version)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+from protocol import FLEETRUN_VERSION, PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS
+from protocol.logs import FORMATS, configure_logging, set_agent_name
+from protocol.schema import ConfigError
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
+    from agent.tracking import Tracking
+
+
+async def _run_agent(config_path: str) -> int:
+    from agent.client import read_token
+    from agent.config import load_agent_config
+    from agent.tracking import open_tracking
+
+    config = load_agent_config(config_path)
+    set_agent_name(config.name)
+    try:
+        token = read_token(config.token_file)
+    except OSError as exc:
+        print(f"fleetrun-agent: cannot read token_file {config.token_file}: {exc.strerror}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        tracking = open_tracking(config.process_tracking)
+    except ValueError as exc:
+        raise ConfigError(f"{config_path}: process_tracking: {exc}") from None
+    try:
+        return await _serve(config, token, tracking)
+    finally:
+        await tracking.close()
+
+
+async def _serve(config: AgentConfig, token: str | None, tracking: Tracking) -> int:
+    """Run the agent until a signal stops it; exit 1 if the control plane refuses it."""
+    from agent.client import ControlPlaneClient
+    from agent.errors import FatalAgentError
+    from agent.lifecycle import Agent
+
+    client = ControlPlaneClient(config.control_plane_url, token, token_file=config.token_file,
+                                ca_file=config.ca_file)  # fmt: skip
+    async with client:
+        agent = Agent(config, client, tracking)
+        task = asyncio.create_task(agent.run())
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            """First SIGTERM/SIGINT: drain and exit 0. A second one: stop at once."""
+            if agent.shutting_down.is_set():
+                task.cancel()
+            else:
+                agent.shutting_down.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await task
+        except asyncio.CancelledError:
+            logging.getLogger("fleetrun.agent").info("agent stopped")
+            return 0
+        except FatalAgentError as exc:
+            print(f"fleetrun-agent: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def run_agent(config_path: str, log_format: str | None = None) -> int:
+    """Run an agent until SIGTERM/SIGINT; exit code 2 on a bad config file."""
+    configure_logging(log_format)
+    try:
+        return asyncio.run(_run_agent(config_path))
+    except ConfigError as exc:
+        print(f"fleetrun-agent: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+def check_config(config_path: str, connect: bool = False) -> int:
+    """Validate everything the agent would use; with `connect`, reach the control plane.
+
+    Exit 0 when all is well, 2 otherwise, each problem named with its file and key."""
+    from agent.client import read_token
+    from agent.config import load_agent_config
+    from agent.launchers import describe_location
+    from agent.tracking import open_tracking
+
+    try:
+        config = load_agent_config(config_path)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    problems = []
+    for loc in config.code_locations:
+        if not os.path.isdir(loc.working_directory):
+            problems.append(f"code_locations {loc.name}: working_directory "
+                            f"{loc.working_directory} does not exist")  # fmt: skip
+            continue
+        if loc.executable and not os.access(loc.executable, os.X_OK):
+            problems.append(f"code_locations {loc.name}: executable {loc.executable} "
+                            "is not an executable file")  # fmt: skip
+            continue
+        info = asyncio.run(describe_location(loc))
+        if info.error:
+            problems.append(f"code_locations {loc.name}: {info.error}")
+        else:
+            print(f"code location {loc.name}: jobs {', '.join(j.name for j in info.jobs)}")
+    token = None
+    if config.token_file:
+        try:
+            token = read_token(config.token_file)
+        except OSError as exc:
+            problems.append(f"token_file: cannot read {config.token_file}: {exc.strerror}")
+    try:
+        tracking = open_tracking(config.process_tracking)
+    except ValueError as exc:
+        problems.append(f"process_tracking: {exc}")
+    else:
+        print(f"process tracking: {tracking.describe()}")
+        asyncio.run(tracking.close())
+    if connect:
+        problem = asyncio.run(_check_connection(config.control_plane_url, token, config.ca_file))
+        if problem:
+            problems.append(f"control_plane_url: {problem}")
+        else:
+            print(f"control plane {config.control_plane_url}: reachable, protocol compatible")
+    for problem in problems:
+        print(f"{config_path}: {problem}", file=sys.stderr)
+    return 2 if problems else 0
+
+
+async def _check_connection(url: str, token: str | None, ca_file: str) -> str | None:
+    """None if the control plane answers and speaks our protocol; else what is wrong."""
+    import aiohttp
+
+    from agent.client import tls_context
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    context = tls_context(url, ca_file)
+    connector = aiohttp.TCPConnector(ssl=context if context is not None else True)
+    try:
+        async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
+            async with session.get(f"{url.rstrip('/')}/agent/v1/version",
+                                   timeout=aiohttp.ClientTimeout(total=10)) as resp:  # fmt: skip
+                if resp.status in (401, 403):
+                    return f"the control plane refused the token (HTTP {resp.status})"
+                if resp.status != 200:
+                    return f"{url} answered HTTP {resp.status}"
+                body = await resp.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return f"cannot reach {url}: {type(exc).__name__}: {exc}"
+    theirs = body.get("protocol_version")
+    if theirs not in SUPPORTED_PROTOCOL_VERSIONS:
+        return (f"the control plane speaks protocol {theirs}; this agent speaks "
+                f"{PROTOCOL_VERSION}")  # fmt: skip
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_worker"]:
+        from agent.worker.main import main as worker_main
+
+        return worker_main(argv[1:])
+    if argv[:1] == ["_forkserver"]:
+        from agent.forkserver import main as forkserver_main
+
+        return forkserver_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="fleetrun-agent", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the agent")
+    run.add_argument("--config", required=True)
+    run.add_argument("--log-format", choices=FORMATS, help="text (default) or json lines")
+    check = sub.add_parser("check-config", help="validate agent.toml and its code locations")
+    check.add_argument("--config", required=True)
+    check.add_argument(
+        "--connect", action="store_true", help="also check that the control plane answers"
+    )
+    sub.add_parser("version", help="print the fleetrun and protocol versions")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run_agent(args.config, args.log_format)
+    if args.command == "check-config":
+        return check_config(args.config, args.connect)
+    print(f"fleetrun-agent {FLEETRUN_VERSION} (protocol {PROTOCOL_VERSION})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""`agent.toml`: what one agent serves and where its control plane is (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from protocol.schema import ConfigError, FieldError, load_toml
+from protocol.validation import agent_name_problem
+
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+@dataclass
+class CodeLocationConfig:
+    name: str
+    python_file: str | None = None
+    module: str | None = None
+    working_directory: str = "."
+    executable: str = ""
+
+    def check(self) -> None:
+        if not self.name or not set(self.name) <= NAME_CHARS or len(self.name) > 128:
+            raise FieldError("name", "must match ^[A-Za-z0-9_]{1,128}$")
+        if (self.python_file is None) == (self.module is None):
+            raise FieldError("python_file", "give exactly one of python_file or module")
+
+
+MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class OutputStoreConfig:
+    """Where step outputs are kept for re-execution (see agent/worker/outputs.py)."""
+
+    kind: str = "control_plane"
+    path: str = ""
+    max_output_bytes: int = 16 * 1024 * 1024
+
+    def check(self) -> None:
+        if self.kind not in ("control_plane", "filesystem"):
+            raise FieldError("kind", f"must be 'control_plane' or 'filesystem', not {self.kind!r}")
+        if self.kind == "filesystem" and not self.path:
+            raise FieldError("path", "the filesystem output store needs a path")
+        if not 1 <= self.max_output_bytes <= MAX_OUTPUT_BYTES:
+            raise FieldError(
+                "max_output_bytes",
+                f"must be between 1 and {MAX_OUTPUT_BYTES} (what the control plane accepts)",
+            )
+
+
+@dataclass
+class AgentConfig:
+    control_plane_url: str = "http://127.0.0.1:8470"
+    name: str = ""
+    token_file: str = ""
+    ca_file: str = ""  # PEM CA bundle for an https control plane (default: the system's)
+    allow_insecure_http: bool = False  # send the token over http to a non-loopback host
+    code_root: str = ""  # if set, every code location must lie inside this folder
+    queues: list[str] = field(default_factory=lambda: ["default"])
+    max_concurrent_runs: int = 4
+    heartbeat_interval_seconds: float = 5.0
+    code_locations: list[CodeLocationConfig] = field(default_factory=list)
+    output_store: OutputStoreConfig = field(default_factory=OutputStoreConfig)
+    run_launcher: str = "forkserver"  # or "subprocess": a fresh interpreter per run
+    process_tracking: str = "auto"  # "cgroup", "sweep", or "auto": cgroup where possible
+    drain_timeout_seconds: float = 60.0  # on SIGTERM: how long running runs may finish
+    state_dir: str = ""  # the spool's folder; default: fleetrun-state/NAME beside this file
+    spool_max_bytes: int = 256 * 1024 * 1024  # past it, compute-log text is dropped first
+    spool_max_age_seconds: float = 7 * 86400  # older compute-log text is dropped too
+
+    def check(self) -> None:
+        if self.run_launcher not in ("forkserver", "subprocess"):
+            raise FieldError(
+                "run_launcher", f"must be 'forkserver' or 'subprocess', not {self.run_launcher!r}"
+            )
+        if self.process_tracking not in ("auto", "cgroup", "sweep"):
+            raise FieldError("process_tracking", "must be 'auto', 'cgroup' or 'sweep', "
+                             f"not {self.process_tracking!r}")  # fmt: skip
+        if not self.control_plane_url.startswith(("http://", "https://")):
+            raise FieldError("control_plane_url", "must start with http:// or https://")
+        if self.ca_file and not self.control_plane_url.startswith("https://"):
+            raise FieldError("ca_file", "is only used with an https:// control_plane_url")
+        if self.token_file and not self.allow_insecure_http and _insecure(self.control_plane_url):
+            raise FieldError(
+                "control_plane_url",
+                "would send the agent token in clear text to a host that is not loopback: "
+                "use https://, or set allow_insecure_http = true",
+            )
+        if self.drain_timeout_seconds < 0:
+            raise FieldError("drain_timeout_seconds", "must be >= 0")
+        if self.spool_max_bytes < 1024 * 1024:
+            raise FieldError("spool_max_bytes", "must be at least 1 MiB")
+        if self.spool_max_age_seconds < 60:
+            raise FieldError("spool_max_age_seconds", "must be at least 60")
+        if self.max_concurrent_runs < 1:
+            raise FieldError("max_concurrent_runs", "must be >= 1")
+        if not 0 < self.heartbeat_interval_seconds <= 300:
+            raise FieldError("heartbeat_interval_seconds", "must be in (0, 300]")
+        if agent_name_problem(self.name) and self.name:
+            raise FieldError("name", agent_name_problem(self.name) or "")
+        if not self.queues:
+            raise FieldError("queues", "must name at least one queue")
+        names = [loc.name for loc in self.code_locations]
+        for name in names:
+            if names.count(name) > 1:
+                raise FieldError("code_locations", f"location name {name!r} is used twice")
+
+
+def _insecure(url: str) -> bool:
+    """Plain http to anything but this machine."""
+    if not url.startswith("http://"):
+        return False
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
+def _confine(config: AgentConfig, config_path: str) -> None:
+    """With `code_root`, a location's folder and file must resolve (symlinks followed)
+    inside it, so a config cannot point workers at code elsewhere on the host."""
+    root = Path(config.code_root).resolve()
+    for loc in config.code_locations:
+        for key in ("working_directory", "python_file"):
+            value = getattr(loc, key)
+            if value is not None and not Path(value).resolve().is_relative_to(root):
+                raise ConfigError(f"{config_path}: code_locations.{loc.name}.{key}: {value} "
+                                  f"is outside code_root {root}")  # fmt: skip
+
+
+def load_agent_config(path: str) -> AgentConfig:
+    """Load agent.toml; relative paths are resolved against the file's folder."""
+    config = load_toml(path, AgentConfig)
+    base_dir = os.path.dirname(os.path.abspath(path))
+    if not config.name:
+        config.name = socket.gethostname()
+    for loc in config.code_locations:
+        loc.working_directory = os.path.normpath(os.path.join(base_dir, loc.working_directory))
+        if loc.python_file is not None:
+            loc.python_file = os.path.join(loc.working_directory, loc.python_file)
+    if config.output_store.path:
+        config.output_store.path = os.path.join(base_dir, config.output_store.path)
+    if not config.state_dir:
+        config.state_dir = os.path.join("fleetrun-state", config.name)
+    for key in ("token_file", "ca_file", "code_root", "state_dir"):
+        if getattr(config, key):
+            setattr(config, key, os.path.join(base_dir, getattr(config, key)))
+    if config.code_root:
+        _confine(config, path)
+    return config
+
+
+__all__ = ["AgentConfig", "CodeLocationConfig", "ConfigError", "load_agent_config"]

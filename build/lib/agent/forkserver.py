@@ -1,0 +1,300 @@
+"""A fork server ("zygote") per worker Python, so a run does not pay interpreter start-up.
+
+Starting a fresh interpreter and importing the worker, SDK and protocol costs ~90 ms of
+CPU per run; on a small host that caps throughput. The agent instead starts one
+long-lived process per worker executable that has imported all of that once, and asks
+it to fork a run worker for each run. User code is *not* preloaded: each forked worker
+imports its code location itself, so runs stay isolated from one another.
+
+Wire: a SOCK_SEQPACKET socket pair (message boundaries kept, file descriptors passed
+with SCM_RIGHTS). The agent sends `{"argv", "env", "cwd"}` with the worker's four fds
+(stdin, stdout, stderr, record pipe); the server answers `{"pid"}` or `{"error"}`, and
+later `{"exit": pid, "code": returncode}` when it reaps the worker (negative code:
+killed by that signal, as in `subprocess`). When the agent closes its end the server
+exits; workers already running carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import gc
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import traceback
+from typing import Any
+
+import msgpack
+
+from agent.errors import AgentError
+
+WORKER_FDS = 4
+RECORD_FD = 3
+MAX_MESSAGE_BYTES = 1 << 20
+
+PRELOAD = (
+    "agent.worker.main",
+    "agent.worker.code_location",
+    "agent.worker.executors",
+    "agent.worker.executors.in_process",
+    "agent.worker.executors.step",
+    "agent.worker.records",
+    "agent.worker.capture",
+    "agent.processes",
+    "agent.sdk",
+    "protocol.codec",
+    "protocol.messages",
+)
+
+
+class ForkServerGone(AgentError):
+    """The fork server exited or stopped answering; the agent starts a new one."""
+
+
+def _pack(message: dict[str, Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def _unpack(data: bytes) -> dict[str, Any]:
+    message = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    if not isinstance(message, dict):
+        raise ValueError("fork server message must be a map")
+    return message
+
+
+class ForkServer:
+    """The agent's handle on one fork server process (asyncio side)."""
+
+    def __init__(self, command: list[str]) -> None:
+        self.command = command
+        self._sock: socket.socket | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._reply: asyncio.Future[dict[str, Any]] | None = None
+        self._exits: dict[int, asyncio.Future[int | None]] = {}
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self._sock is not None
+
+    async def start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *self.command,
+                str(theirs.fileno()),
+                stdin=asyncio.subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        self._reader = asyncio.create_task(self._read_forever(ours), name="forkserver-reader")
+
+    async def _read_forever(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while data := await loop.sock_recv(sock, MAX_MESSAGE_BYTES):
+                message = _unpack(data)
+                if "exit" in message:
+                    future = self._exits.setdefault(message["exit"], loop.create_future())
+                    if not future.done():
+                        future.set_result(int(message["code"]))
+                    continue
+                if "pid" in message:
+                    self._exits.setdefault(message["pid"], loop.create_future())
+                if self._reply is not None and not self._reply.done():
+                    self._reply.set_result(message)
+        except (OSError, ValueError, msgpack.ExtraData, msgpack.FormatError):
+            pass
+        finally:
+            self._gone()
+
+    def _gone(self) -> None:
+        """Whoever waits learns the server is gone; exit codes it owed become unknown."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._reply is not None and not self._reply.done():
+            self._reply.set_exception(ForkServerGone("the fork server exited"))
+        for future in self._exits.values():
+            if not future.done():
+                future.set_result(None)
+
+    async def _send(self, data: bytes, fds: list[int]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._sock is None:
+                raise ForkServerGone("the fork server exited")
+            try:
+                socket.send_fds(self._sock, [data], fds)
+                return
+            except BlockingIOError:
+                writable = loop.create_future()
+                fileno = self._sock.fileno()
+                loop.add_writer(fileno, writable.set_result, None)
+                try:
+                    await writable
+                finally:
+                    loop.remove_writer(fileno)
+
+    async def spawn(self, argv: list[str], env: dict[str, str], cwd: str, fds: list[int]) -> int:
+        """Fork a worker running `agent.worker.main(argv)` with fds 0-3 from `fds`."""
+        if len(fds) != WORKER_FDS:
+            raise ValueError(f"a worker takes {WORKER_FDS} fds, got {len(fds)}")
+        async with self._lock:
+            self._reply = asyncio.get_running_loop().create_future()
+            await self._send(_pack({"argv": argv, "env": env, "cwd": cwd}), fds)
+            reply = await self._reply
+        if "error" in reply:
+            raise OSError(f"fork server could not start the worker: {reply['error']}")
+        return int(reply["pid"])
+
+    async def wait(self, pid: int) -> int | None:
+        """The worker's return code, or None if the server died before reaping it."""
+        future = self._exits.setdefault(pid, asyncio.get_running_loop().create_future())
+        try:
+            return await future
+        finally:
+            self._exits.pop(pid, None)
+
+    async def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._process is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await self._process.wait()
+            if self._process.returncode is None:
+                self._process.kill()
+                await self._process.wait()
+
+
+def _child(request: dict[str, Any], fds: list[int]) -> None:
+    """In the forked worker: become a fresh-looking process, run the worker, exit."""
+    code = 1
+    try:
+        os.setsid()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        os.closerange(WORKER_FDS, os.sysconf("SC_OPEN_MAX"))
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.environ["FLEETRUN_RECORD_FD"] = str(RECORD_FD)
+        os.chdir(request["cwd"])
+        sys.argv = ["agent.worker", *request["argv"]]
+        if os.environ.get("PYTHONUNBUFFERED"):
+            sys.stdout.reconfigure(write_through=True)  # type: ignore[union-attr]
+        gc.unfreeze()
+        from agent.worker.main import main
+
+        code = main(list(request["argv"]))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        # What interpreter shutdown would do (as multiprocessing's forked children do).
+        with contextlib.suppress(BaseException):
+            threading._shutdown()  # type: ignore[attr-defined]
+        with contextlib.suppress(BaseException):
+            atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(BaseException):
+                stream.flush()
+        os._exit(code)
+
+
+def _reap(sock: socket.socket) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        sock.send(_pack({"exit": pid, "code": os.waitstatus_to_exitcode(status)}))
+
+
+def serve(sock: socket.socket) -> None:
+    """The server loop: fork a worker per request, report each worker's exit."""
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ)
+    selector.register(wake_read, selectors.EVENT_READ)
+    gc.freeze()
+    try:
+        while True:
+            for key, _ in selector.select():
+                if key.fileobj == wake_read:
+                    os.read(wake_read, 4096)
+                    _reap(sock)
+                    continue
+                data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE_BYTES, WORKER_FDS)
+                if not data:
+                    return
+                _handle(sock, selector, data, fds)
+    finally:
+        selector.close()
+
+
+def _handle(
+    sock: socket.socket, selector: selectors.BaseSelector, data: bytes, fds: list[int]
+) -> None:
+    try:
+        request = _unpack(data)
+        if len(fds) != WORKER_FDS:
+            raise ValueError(f"expected {WORKER_FDS} fds, got {len(fds)}")
+        pid = os.fork()
+        if pid == 0:
+            selector.close()
+            sock.close()
+            _child(request, fds)
+        sock.send(_pack({"pid": pid}))
+    except Exception as exc:
+        sock.send(_pack({"error": f"{type(exc).__name__}: {exc}"}))
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m agent.forkserver FD`: serve on the inherited socket FD."""
+    for module in PRELOAD:
+        __import__(module)
+    sock = socket.socket(fileno=int(argv[0]))
+    serve(sock)
+    return 0
+
+
+__all__ = ["ForkServer", "ForkServerGone", "main", "serve"]
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

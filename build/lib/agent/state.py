@@ -1,0 +1,78 @@
+"""What the agent's activities share: who it is, its connection, its runs and its spool.
+
+Each activity (registration, polling, heartbeat, run supervision, evaluations) is a
+module of functions over one `AgentState`; `lifecycle.py` starts and stops them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from agent.client import ContactLog, ControlPlaneClient
+from agent.config import AgentConfig, CodeLocationConfig
+from agent.launchers import LaunchedRun, RunLauncher, make_launcher
+from agent.outbox import RunOutbox
+from agent.spool import Spool
+from agent.tracking import Tracking
+from protocol.messages import CodeLocationInfo, EventAck, EventBatch, RunState
+
+log = logging.getLogger("fleetrun.agent")
+
+REQUEST_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass
+class ActiveRun:
+    """One run attempt this agent holds."""
+
+    worker: LaunchedRun
+    outbox: RunOutbox
+    task: asyncio.Task[None]  # supervises the attempt until its records are delivered
+    worker_exited: asyncio.Future[None]
+
+
+class AgentState:
+    def __init__(
+        self, config: AgentConfig, client: ControlPlaneClient, tracking: Tracking | None = None
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.locations: dict[str, CodeLocationConfig] = {
+            loc.name: loc for loc in config.code_locations
+        }
+        self.location_infos: list[CodeLocationInfo] = []
+        self.agent_id: str | None = None  # known once registered
+        # Set by the control plane at registration (these are its defaults).
+        self.poll_timeout = 25.0
+        self.heartbeat_interval = config.heartbeat_interval_seconds
+        self.heartbeat_timeout = 30.0
+        self.last_contact = time.monotonic()  # of the last reply to a poll or heartbeat
+        self.contact = ContactLog(log)
+        self.runs: dict[int, ActiveRun] = {}  # by lease
+        self.evaluations: dict[str, asyncio.Task[None]] = {}  # by eval id
+        self.launcher: RunLauncher = make_launcher(
+            config.run_launcher, config.code_locations, config.output_store, tracking
+        )
+        self.spool = Spool(
+            os.path.join(config.state_dir, "spool.db"),
+            config.spool_max_bytes,
+            config.spool_max_age_seconds,
+        )
+
+    def run_states(self) -> list[RunState]:
+        return [
+            RunState(run_id=a.worker.launch.run_id, lease=lease, state=a.worker.state)
+            for lease, a in self.runs.items()
+        ]
+
+    def contact_made(self) -> None:
+        """A poll or heartbeat was answered."""
+        self.contact.succeeded()
+        self.last_contact = time.monotonic()
+
+    async def send_records(self, batch: EventBatch) -> EventAck:
+        return await self.client.call("events", batch, EventAck, REQUEST_TIMEOUT_SECONDS)

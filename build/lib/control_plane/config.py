@@ -1,0 +1,224 @@
+"""`control-plane.toml`: the instance's configuration (every key optional, see DESIGN.md)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from control_plane.model.submission import RunRules
+from control_plane.storage import url_problem
+from protocol.codec import DecodeLimits
+from protocol.logs import redact
+from protocol.schema import ConfigError, FieldError, load_toml
+from protocol.tags import TagLimits
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8470
+    poll_timeout_seconds: float = 25.0
+    tls_cert: str = ""  # PEM certificate chain; with tls_key, the server speaks only HTTPS
+    tls_key: str = ""
+
+    def check(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise FieldError("port", "must be between 0 and 65535 (0: any free port)")
+        if not 0 < self.poll_timeout_seconds <= 300:
+            raise FieldError("poll_timeout_seconds", "must be in (0, 300]")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise FieldError("tls_cert", "give both tls_cert and tls_key, or neither")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+
+@dataclass
+class LimitsConfig:
+    """Bounds on everything a client sends; each refusal names the limit it hit."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_msgpack_str_bytes: int = 1024 * 1024
+    max_msgpack_bin_bytes: int = 1024 * 1024
+    max_msgpack_array_length: int = 100_000
+    max_msgpack_map_length: int = 10_000
+    max_msgpack_depth: int = 32
+    max_events_per_batch: int = 5_000
+    max_tags_per_run: int = 64
+    max_tag_key_length: int = 128
+    max_tag_value_length: int = 4096
+    max_run_config_bytes: int = 1024 * 1024
+    max_polls_per_agent: int = 2
+    keepalive_timeout_seconds: float = 15.0
+    body_timeout_seconds: float = 60.0
+
+    def decode_limits(self) -> DecodeLimits:
+        """What an agent's message may be, as the codec checks it."""
+        return DecodeLimits(
+            max_body_bytes=self.max_body_bytes,
+            max_str_len=self.max_msgpack_str_bytes,
+            max_bin_len=self.max_msgpack_bin_bytes,
+            max_array_len=self.max_msgpack_array_length,
+            max_map_len=self.max_msgpack_map_length,
+            max_depth=self.max_msgpack_depth,
+        )
+
+    def check(self) -> None:
+        for name, value in vars(self).items():
+            if value <= 0:
+                raise FieldError(name, "must be > 0")
+        if self.max_events_per_batch < 500:
+            raise FieldError("max_events_per_batch", "must be >= 500 (an agent's batch size)")
+        if self.max_msgpack_depth < 8:
+            raise FieldError("max_msgpack_depth", "must be >= 8 (the protocol's own nesting)")
+
+
+@dataclass
+class StorageConfig:
+    url: str = "sqlite:///fleetrun.db"
+    pool_size: int = 10  # PostgreSQL: connections per replica
+
+    def check(self) -> None:
+        problem = url_problem(self.url)
+        if problem is not None:
+            raise FieldError("url", problem)
+        if not self.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise FieldError("url", f"unsupported storage url {redact(self.url)!r}: use "
+                             "sqlite:///PATH or postgresql://USER@HOST:PORT/DB")  # fmt: skip
+        if not 1 <= self.pool_size <= 1000:
+            raise FieldError("pool_size", "must be between 1 and 1000")
+
+
+@dataclass
+class DaemonConfig:
+    """The daemon loops; with several replicas, each loop runs on one at a time."""
+
+    leader_lease_seconds: float = 6.0  # a dead leader's loops move within this long
+
+    def check(self) -> None:
+        if not 1.0 <= self.leader_lease_seconds <= 300:
+            raise FieldError("leader_lease_seconds", "must be between 1 and 300")
+
+
+@dataclass
+class TagConcurrencyLimit:
+    key: str
+    limit: int
+    value: str | None = None
+    per_unique_value: bool = False
+
+    def check(self) -> None:
+        if self.limit < 0:
+            raise FieldError("limit", "must be >= 0")
+        if self.value is not None and self.per_unique_value:
+            raise FieldError("per_unique_value", "cannot be combined with value")
+
+
+@dataclass
+class RunCoordinatorConfig:
+    kind: str = "queued"
+    max_concurrent_runs: int = 10
+    tag_concurrency_limits: list[TagConcurrencyLimit] = field(default_factory=list)
+
+    def check(self) -> None:
+        if self.kind not in ("queued", "default"):
+            raise FieldError("kind", f"must be 'queued' or 'default', not {self.kind!r}")
+        if self.max_concurrent_runs < -1:
+            raise FieldError("max_concurrent_runs", "must be >= 0, or -1 for no limit")
+
+
+@dataclass
+class RunMonitoringConfig:
+    enabled: bool = True
+    agent_heartbeat_timeout_seconds: float = 30.0
+    start_timeout_seconds: float = 180.0
+    cancel_timeout_seconds: float = 180.0
+    max_runtime_seconds: float = 0.0
+    max_resume_run_attempts: int = 0
+    terminate_grace_seconds: float = 10.0
+    launch_ack_timeout_seconds: float = 5.0
+
+    def check(self) -> None:
+        for name in ("agent_heartbeat_timeout_seconds", "start_timeout_seconds",
+                     "cancel_timeout_seconds", "terminate_grace_seconds",
+                     "launch_ack_timeout_seconds"):  # fmt: skip
+            if getattr(self, name) <= 0:
+                raise FieldError(name, "must be > 0")
+        if self.max_runtime_seconds < 0:
+            raise FieldError("max_runtime_seconds", "must be >= 0 (0: no limit)")
+        if self.max_resume_run_attempts < 0:
+            raise FieldError("max_resume_run_attempts", "must be >= 0")
+
+
+@dataclass
+class RunRetriesConfig:
+    enabled: bool = True
+    max_retries: int = 0
+    retry_on_op_failure: bool = True
+    delay_seconds: float = 0.0
+    backoff: str = "none"
+
+    def check(self) -> None:
+        if self.max_retries < 0:
+            raise FieldError("max_retries", "must be >= 0")
+        if self.delay_seconds < 0:
+            raise FieldError("delay_seconds", "must be >= 0")
+        if self.backoff not in ("none", "linear", "exponential"):
+            raise FieldError(
+                "backoff", f"must be 'none', 'linear' or 'exponential', not {self.backoff!r}"
+            )
+
+
+@dataclass
+class AuthConfig:
+    enabled: bool = False
+
+
+@dataclass
+class ControlPlaneConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    run_coordinator: RunCoordinatorConfig = field(default_factory=RunCoordinatorConfig)
+    run_monitoring: RunMonitoringConfig = field(default_factory=RunMonitoringConfig)
+    run_retries: RunRetriesConfig = field(default_factory=RunRetriesConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def run_rules(self) -> RunRules:
+        """What every new run is held to (model/submission.py), from `[limits]`."""
+        limits = self.limits
+        tags = TagLimits(
+            limits.max_tags_per_run, limits.max_tag_key_length, limits.max_tag_value_length
+        )
+        return RunRules(tags, limits.max_run_config_bytes)
+
+
+def resolve_storage_url(url: str, base_dir: str) -> str:
+    """`sqlite:///rel` is relative to the config file's folder; `sqlite:////abs` is absolute."""
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if path != ":memory:" and not os.path.isabs(path):
+            path = os.path.join(base_dir, path)
+        return "sqlite:///" + path
+    return url
+
+
+def load_control_plane_config(path: str | None) -> ControlPlaneConfig:
+    """Load the config file (all defaults when `path` is None)."""
+    if path is None:
+        config = ControlPlaneConfig()
+        base_dir = os.getcwd()
+    else:
+        config = load_toml(path, ControlPlaneConfig)
+        base_dir = os.path.dirname(os.path.abspath(path))
+    config.storage.url = resolve_storage_url(config.storage.url, base_dir)
+    for key in ("tls_cert", "tls_key"):
+        value = getattr(config.server, key)
+        if value:
+            setattr(config.server, key, os.path.join(base_dir, value))
+    return config
+
+
+__all__ = ["ConfigError", "ControlPlaneConfig", "load_control_plane_config"]

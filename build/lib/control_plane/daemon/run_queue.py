@@ -1,0 +1,220 @@
+"""The run queue (Dagster's run coordinator): which queued run goes to which agent under a
+new lease, decided the moment anything changes (a submit, a finished run, an agent
+arriving) rather than on a polling tick.
+
+The policy is one pure function, `plan_dispatch`, over a `QueueSnapshot`. Storage runs
+it inside the transaction that records the assignments, so two dispatch passes can never
+both admit a run into the last slot of a limit; `GET /api/v1/queue` runs the same
+function read-only to explain why each run still waits. The dispatcher
+then hands each launch to its agent's long-poll (fleet/dispatch.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from control_plane.bus import WakeBus, run_assigned, run_queued
+from control_plane.config import RunCoordinatorConfig, TagConcurrencyLimit
+from control_plane.metrics import Metrics
+from control_plane.model.agents import ONLINE, Agent, agent_status
+from control_plane.model.runs import NewRun, QueueSnapshot, Run, iso
+from control_plane.storage.port import RunStore
+
+log = logging.getLogger("fleetrun.coordinator")
+
+
+def required_capabilities(run: Run) -> set[str]:
+    """What an agent must support to take this run (older agents lack newer features)."""
+    return {"reuse_outputs"} if run.reuse_outputs else set()
+
+
+def limit_bucket(rule: TagConcurrencyLimit, tags: dict[str, str]) -> str | None:
+    """The slot pool of `rule` that a run with `tags` draws from, or None if none."""
+    if rule.key not in tags:
+        return None
+    if rule.per_unique_value:
+        return f"{rule.key}={tags[rule.key]}"
+    if rule.value is not None:
+        return f"{rule.key}={rule.value}" if tags[rule.key] == rule.value else None
+    return rule.key
+
+
+@dataclass
+class LimitUsage:
+    name: str
+    limit: int
+    holders: list[str]
+
+    def to_json(self) -> dict:
+        return {
+            "limit": self.name,
+            "max": self.limit,
+            "in_use": len(self.holders),
+            "runs": self.holders,
+        }
+
+
+@dataclass
+class Decision:
+    """One queued run: the agent it goes to now, or the reason it waits."""
+
+    run: Run
+    agent: Agent | None = None
+    reason: str | None = None
+
+
+@dataclass
+class DispatchPlan:
+    decisions: list[Decision] = field(default_factory=list)
+    limits: list[LimitUsage] = field(default_factory=list)
+    next_wake: float | None = None  # the earliest time a delayed run may start
+
+    @property
+    def assignments(self) -> list[tuple[Run, Agent]]:
+        return [(d.run, d.agent) for d in self.decisions if d.agent is not None]
+
+
+def plan_dispatch(
+    snapshot: QueueSnapshot,
+    config: RunCoordinatorConfig,
+    now: float,
+    heartbeat_timeout: float,
+) -> DispatchPlan:
+    """Walk the queue in priority order and admit every run that no rule holds back.
+
+    A run that a limit or a missing agent holds back stays queued, and the runs behind
+    it still go ahead (no head-of-line blocking).
+    """
+    plan = DispatchPlan()
+    queued_mode = config.kind == "queued"
+    global_limit = (
+        config.max_concurrent_runs if queued_mode and config.max_concurrent_runs >= 0 else None
+    )
+    rules = config.tag_concurrency_limits if queued_mode else []
+    active_ids = [r.run_id for r in snapshot.active]
+    holders: dict[tuple[int, str], list[str]] = defaultdict(list)
+    for run in snapshot.active:
+        for i, rule in enumerate(rules):
+            bucket = limit_bucket(rule, run.tags)
+            if bucket is not None:
+                holders[(i, bucket)].append(run.run_id)
+    used = Counter(r.agent_id for r in snapshot.active)
+    agents = [a for a in snapshot.agents if agent_status(a, now, heartbeat_timeout) == ONLINE]
+
+    for run in snapshot.queued:
+        if run.not_before is not None and run.not_before > now:
+            reason = f"retry delay: starts after {iso(run.not_before)}"
+            plan.decisions.append(Decision(run, reason=reason))
+            plan.next_wake = min(plan.next_wake or run.not_before, run.not_before)
+            continue
+        reason = _held_back(run, global_limit, active_ids, rules, holders)
+        if reason is None:
+            reason, agent = _pick_agent(run, agents, snapshot.hosted, used)
+            if agent is not None:
+                plan.decisions.append(Decision(run, agent=agent))
+                used[agent.agent_id] += 1
+                active_ids.append(run.run_id)
+                for i, rule in enumerate(rules):
+                    bucket = limit_bucket(rule, run.tags)
+                    if bucket is not None:
+                        holders[(i, bucket)].append(run.run_id)
+                continue
+        plan.decisions.append(Decision(run, reason=reason))
+
+    if global_limit is not None:
+        plan.limits.append(LimitUsage("max_concurrent_runs", global_limit, active_ids))
+    for (i, bucket), ids in sorted(holders.items()):
+        plan.limits.append(LimitUsage(f"tag {bucket}", rules[i].limit, ids))
+    return plan
+
+
+def _held_back(
+    run: Run,
+    global_limit: int | None,
+    active_ids: list[str],
+    rules: list[TagConcurrencyLimit],
+    holders: dict[tuple[int, str], list[str]],
+) -> str | None:
+    if global_limit is not None and len(active_ids) >= global_limit:
+        if global_limit == 0:
+            return "launching is paused: max_concurrent_runs = 0"
+        return f"max_concurrent_runs: {len(active_ids)} of {global_limit} in use"
+    for i, rule in enumerate(rules):
+        bucket = limit_bucket(rule, run.tags)
+        if bucket is None:
+            continue
+        ids = holders[(i, bucket)]
+        if len(ids) >= rule.limit:
+            shown = ", ".join(ids[:5]) + (" …" if len(ids) > 5 else "")
+            return f"tag limit {bucket}: {len(ids)} of {rule.limit} in use" + (
+                f" by {shown}" if ids else ""
+            )
+    return None
+
+
+def _pick_agent(
+    run: Run, agents: list[Agent], hosted: dict[str, set[str]], used: Counter[str | None]
+) -> tuple[str | None, Agent | None]:
+    serving = [a for a in agents if run.queue in a.queues]
+    if not serving:
+        return f"no online agent serves queue {run.queue}", None
+    hosting = [a for a in serving if run.location in hosted.get(a.agent_id, ())]
+    if not hosting:
+        return f"no online agent on queue {run.queue} hosts location {run.location}", None
+    needs = required_capabilities(run)
+    hosting = [a for a in hosting if needs <= set(a.capabilities)]
+    if not hosting:
+        wanted = ", ".join(sorted(needs))
+        return f"no online agent hosting location {run.location} can do {wanted} (upgrade it)", None
+    free = [a for a in hosting if used[a.agent_id] < a.max_concurrent_runs]
+    if not free:
+        slots = ", ".join(f"{a.name} {used[a.agent_id]}/{a.max_concurrent_runs}" for a in hosting)
+        return f"no agent hosting location {run.location} has a free slot ({slots})", None
+    # Most free slots first (spreads load), then by name (deterministic).
+    return None, min(free, key=lambda a: (used[a.agent_id] - a.max_concurrent_runs, a.name))
+
+
+@dataclass(frozen=True)
+class RunQueue:
+    """What a dispatch pass works with."""
+
+    storage: RunStore
+    config: RunCoordinatorConfig
+    heartbeat_timeout: float
+    bus: WakeBus
+    metrics: Metrics
+
+
+async def enqueue(storage: RunStore, bus: WakeBus, new_run: NewRun, now: float) -> Run:
+    """A run enters the queue (a submission, a re-execution): stored QUEUED, and the run
+    queue woken wherever it runs."""
+    run = await storage.create_run(new_run, now)
+    run_queued(bus, run)
+    return run
+
+
+async def dispatch_pass(queue: RunQueue, now: float) -> float | None:
+    """Assign as many queued runs as limits and free agent slots allow; returns the
+    earliest time a delayed run may start (None: nothing is waiting for a time)."""
+    queued: dict[str, Run] = {}
+    next_wake: list[float | None] = [None]
+
+    def decide(snapshot: QueueSnapshot) -> list[tuple[str, str]]:
+        queued.update((run.run_id, run) for run in snapshot.queued)
+        plan = plan_dispatch(snapshot, queue.config, now, queue.heartbeat_timeout)
+        next_wake[0] = plan.next_wake
+        return [(run.run_id, agent.agent_id) for run, agent in plan.assignments]
+
+    for run in await queue.storage.assign_queued(now, decide):
+        # How long it waited is on the run as queued (assigned, its status_time is now).
+        queue.metrics.run_assigned(queued.get(run.run_id, run), now)
+        run_assigned(queue.bus, run)
+    return next_wake[0]
+
+
+async def explain(queue: RunQueue, now: float) -> DispatchPlan:
+    """The plan a dispatch pass would make now, with the reason each run waits."""
+    snapshot = await queue.storage.queue_snapshot()
+    return plan_dispatch(snapshot, queue.config, now, queue.heartbeat_timeout)

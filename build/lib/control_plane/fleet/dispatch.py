@@ -1,0 +1,174 @@
+"""Dispatch: hand assigned launches to agents through their long-polls.
+
+The storage is the source of truth (a run in STARTING with an agent and a lease is a
+launch owed to that agent), so a launch survives a lost poll response or a control-plane
+restart: it is offered on every poll until the agent reports it holds the lease. Stop
+orders work the same way: owed while the agent holds a lease that is canceled or stale.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from control_plane.bus import WakeBus, runs_changed
+from control_plane.clock import Clock
+from control_plane.fleet.evaluations import EvaluationBroker
+from control_plane.metrics import Metrics
+from control_plane.model.runs import Run, Verdict
+from control_plane.model.statuses import UNDELIVERABLE, RunStatus
+from control_plane.storage.port import Storage
+from control_plane.waiters import KeyedWaiters
+from protocol.messages import LaunchRun, PollReply, StopRun
+from protocol.wire import delivery_problem
+
+
+def launch_message(run: Run) -> LaunchRun:
+    assert run.lease is not None
+    return LaunchRun(
+        run_id=run.run_id,
+        job=run.job,
+        location=run.location,
+        lease=run.lease,
+        tags=run.tags,
+        config=run.config,
+        reuse_outputs=run.reuse_outputs,
+    )
+
+
+@dataclass(eq=False)
+class _ParkedPoll:
+    evicted: bool = False
+
+
+class Dispatcher:
+    """Answers agents' long-polls with the launches and stop orders owed to them.
+
+    At most `max_polls_per_agent` polls of one agent are parked at a time: a newer poll
+    ends the oldest one with an empty reply (its client has most likely gone, e.g. after
+    a half-open connection), so an agent can never tie up more than that many.
+
+    An idle poll is held for the poll timeout less a random part of up to `HOLD_SPREAD`
+    of it. With a fixed hold, polls that arrived together (a fleet starting, every agent
+    reconnecting after a restart, all those answered after one pause) would expire
+    together, every time, and come back as one burst; the spread dissolves such bursts
+    within a few rounds, as Consul's jittered blocking queries do.
+    """
+
+    HOLD_SPREAD = 0.2
+
+    def __init__(
+        self,
+        storage: Storage,
+        terminate_grace_seconds: float,
+        clock: Clock,
+        bus: WakeBus,
+        metrics: Metrics,
+        broker: EvaluationBroker | None = None,
+        max_polls_per_agent: int = 2,
+        spread: Callable[[], float] = random.random,
+    ) -> None:
+        self.storage = storage
+        self.spread = spread  # in [0, 1): which part of HOLD_SPREAD this poll gives up
+        self.max_polls_per_agent = max_polls_per_agent
+        self._parked: dict[str, list[_ParkedPoll]] = {}
+        self.broker = broker
+        self.grace = terminate_grace_seconds
+        self.clock = clock
+        self.bus = bus
+        self.metrics = metrics
+        self.agents = KeyedWaiters()  # parked polls, keyed by agent id: AGENT wake-ups
+
+    def wake_agent(self, agent_id: str | None) -> None:
+        """Something is owed to this agent (a launch, a stop): answer its poll now."""
+        if agent_id is not None:
+            self.agents.notify(agent_id)
+
+    def run_assigned(self, run: Run) -> None:
+        self.wake_agent(run.agent_id)
+
+    async def wait_for_commands(
+        self, agent_id: str, held_leases: set[int], stopping: set[int], max_wait: float
+    ) -> PollReply:
+        """What the agent must do; waits up to `max_wait` s for something if nothing is."""
+        parked = self._parked.setdefault(agent_id, [])
+        mine = _ParkedPoll()
+        parked.append(mine)
+        if len(parked) > self.max_polls_per_agent:
+            parked.pop(0).evicted = True
+            self.wake_agent(agent_id)
+        hold = max_wait * (1 - self.HOLD_SPREAD * self.spread())
+        try:
+            return await self._wait(agent_id, held_leases, stopping, hold, mine)
+        finally:
+            if mine in parked:
+                parked.remove(mine)
+            if not parked and self._parked.get(agent_id) is parked:
+                del self._parked[agent_id]
+
+    async def launches_held(self, agent_id: str, runs: list[Run]) -> None:
+        """The agent holds these runs' launches (a poll listed the lease, or records came
+        under it): mark them, and time the dispatch of each once, when first marked."""
+        received = await self.storage.ack_launches(agent_id, [r.lease for r in runs if r.lease])
+        now = self.clock.time()
+        for run in runs:
+            if run.lease in received:
+                self.metrics.launch_received(run, now)
+
+    async def _deliverable(self, launches: list[LaunchRun]) -> list[LaunchRun]:
+        """The launches an agent can receive; a run whose launch it could not (stored
+        before the rules of control_plane/model/submission.py, say) fails with the reason, so
+        that one run can never spoil the poll replies of the agent it was given to."""
+        bad = {}
+        for launch in launches:
+            if (problem := delivery_problem(PollReply(launches=[launch]))) is not None:
+                bad[launch.run_id] = Verdict(
+                    launch.run_id, launch.lease, RunStatus.STARTING, RunStatus.FAILURE,
+                    UNDELIVERABLE, f"the launch message cannot be delivered: {problem}",
+                )  # fmt: skip
+        if not bad:
+            return launches
+        changed = await self.storage.apply_verdicts(list(bad.values()), self.clock.time(), 0)
+        runs_changed(self.bus, changed)
+        return [launch for launch in launches if launch.run_id not in bad]
+
+    def parked_polls(self, agent_id: str) -> int:
+        return len(self._parked.get(agent_id, ()))
+
+    async def _wait(
+        self,
+        agent_id: str,
+        held_leases: set[int],
+        stopping: set[int],
+        max_wait: float,
+        mine: _ParkedPoll,
+    ) -> PollReply:
+        async def owed() -> PollReply | None:
+            if mine.evicted:
+                return PollReply()
+            runs = await self.storage.pending_launches(agent_id)
+            launches = await self._deliverable(
+                [launch_message(r) for r in runs if r.lease not in held_leases]
+            )
+            held = [r for r in runs if r.lease in held_leases and not r.launch_acked]
+            await self.launches_held(agent_id, held)
+            orders, canceled = await self.storage.stop_orders(
+                agent_id, sorted(held_leases), self.clock.time()
+            )
+            if canceled:
+                runs_changed(self.bus, canceled)
+            stops = [
+                StopRun(o.run_id, o.lease, o.cancel, o.reason, self.grace)
+                for o in orders
+                if o.lease not in stopping
+            ]
+            evaluations = []
+            if self.broker is not None and await self.broker.waiting():
+                hosted = (await self.storage.code_catalog()).hosted.get(agent_id, set())
+                evaluations = await self.broker.take_for(agent_id, hosted)
+            if launches or stops or evaluations:
+                return PollReply(launches, stops, evaluations)
+            return None
+
+        return await self.agents.wait_for(agent_id, owed, max_wait) or PollReply()

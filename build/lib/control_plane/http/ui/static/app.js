@@ -1,0 +1,118 @@
+// fleetrun UI: refresh the live part of a page, follow compute logs, send button calls.
+// Plain JavaScript, no build step. Everything from the server is inserted as text or as
+// HTML the server rendered (escaped there); nothing here builds HTML from data.
+"use strict";
+
+const UI_HEADERS = { "X-Fleetrun-UI": "1" };
+
+function flash(message, isError) {
+  const box = document.getElementById("flash");
+  if (!box) return;
+  box.textContent = message;
+  box.className = isError ? "error" : "ok";
+  box.hidden = false;
+  clearTimeout(flash.timer);
+  flash.timer = setTimeout(() => { box.hidden = true; }, 6000);
+}
+
+async function refreshLive() {
+  const live = document.getElementById("live");
+  if (!live || document.hidden) return;
+  try {
+    const resp = await fetch(location.href, {
+      headers: { ...UI_HEADERS, "X-Fleetrun-Fragment": "1" },
+      credentials: "same-origin",
+    });
+    if (resp.redirected || resp.status === 401) { location.reload(); return; }
+    if (resp.ok) live.innerHTML = await resp.text();
+  } catch (err) {
+    // the control plane is restarting or unreachable: try again on the next tick
+  }
+}
+
+function startRefresh() {
+  const live = document.getElementById("live");
+  const every = live ? Number(live.dataset.refresh || 0) : 0;
+  if (every > 0) setInterval(refreshLive, every);
+}
+
+async function post(button) {
+  if (button.dataset.confirm && !window.confirm(button.dataset.confirm)) return;
+  button.disabled = true;
+  try {
+    const resp = await fetch(button.dataset.post, {
+      method: "POST",
+      headers: { ...UI_HEADERS, "Content-Type": "application/json" },
+      credentials: "same-origin",
+      body: button.dataset.body || "{}",
+    });
+    const body = await resp.json().catch(() => ({}));
+    if (!resp.ok) {
+      const err = body.error || {};
+      flash(`${resp.status} ${err.code || ""}: ${err.message || "request failed"}`, true);
+      return;
+    }
+    if (button.dataset.openRun && body.run_id) {
+      location.href = `/ui/runs/${encodeURIComponent(body.run_id)}`;
+      return;
+    }
+    flash(body.status ? `done: ${body.status}` : "done", false);
+    await refreshLive();
+  } finally {
+    button.disabled = false;
+  }
+}
+
+document.addEventListener("click", (event) => {
+  const button = event.target.closest("button[data-post]");
+  if (button) {
+    event.preventDefault();
+    post(button);
+  }
+});
+
+// Compute logs: long-poll the logs API from the last chunk seen; append as text.
+function followLogs() {
+  const pre = document.getElementById("logs");
+  const select = document.getElementById("log-step");
+  if (!pre) return;
+  let after = 0;
+  let generation = 0;
+  async function loop(mine) {
+    while (mine === generation) {
+      const step = select ? select.value : "";
+      const query = new URLSearchParams({ after: String(after), wait: "10" });
+      if (step) query.set("step", step);
+      try {
+        const resp = await fetch(`/api/v1/runs/${encodeURIComponent(pre.dataset.run)}/logs?${query}`,
+          { headers: UI_HEADERS, credentials: "same-origin" });
+        if (!resp.ok) { await new Promise((r) => setTimeout(r, 3000)); continue; }
+        const body = await resp.json();
+        if (mine !== generation) return;
+        for (const chunk of body.logs) {
+          after = Math.max(after, chunk.id);
+          const line = document.createElement("span");
+          line.className = chunk.stream;
+          line.dataset.step = chunk.step || "";
+          line.textContent = (select && !select.value && chunk.step ? `[${chunk.step}] ` : "") + chunk.text;
+          pre.appendChild(line);
+        }
+      } catch (err) {
+        await new Promise((r) => setTimeout(r, 3000));
+      }
+    }
+  }
+  function restart() {
+    generation += 1;
+    after = 0;
+    pre.textContent = "";
+    loop(generation);
+  }
+  if (select) select.addEventListener("change", restart);
+  restart();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  startRefresh();
+  followLogs();
+});

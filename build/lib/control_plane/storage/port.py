@@ -1,0 +1,370 @@
+"""The storage port: what the control plane asks of its database, one protocol per
+aggregate, each method with its guarantee.
+
+`Storage` is all of them; a component that needs one aggregate takes that protocol
+(the heartbeat recorder an `AgentStore`, the evaluation broker an `EvaluationStore`),
+so what it can touch is visible in its signature. SQLite (`sqlite.py`) and PostgreSQL
+(`postgres.py`) implement every one with the same queries (`sql/`), and one suite
+(tests/unit/test_storage.py) runs against both.
+
+Guarantees common to every write: it is one transaction, all or nothing; a status
+change happens only where the state machine allows it and is guarded in the write
+itself (`sql/transitions.py`); StorageFull (the disk is full: nothing was written) and
+StorageUnavailable (the database cannot be reached) mean "retry later".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from control_plane.model.agents import Agent
+from control_plane.model.catalog import CodeCatalog, CodeLocation
+from control_plane.model.instigators import InstigatorState, Tick
+from control_plane.model.runs import (
+    Event,
+    LogChunk,
+    NewRun,
+    QueueSnapshot,
+    Run,
+    RunFilter,
+    StopOrder,
+    Verdict,
+)
+from control_plane.model.statuses import RunStatus
+from control_plane.model.tokens import TokenRecord
+from protocol.messages import CodeLocationInfo, Evaluate, EvaluationResult, RunRecord
+
+
+@dataclass
+class AppendResult:
+    """What storing a batch of an attempt's records did."""
+
+    acked_seq: int  # every record up to this one is stored (or was skipped on purpose)
+    status: RunStatus
+    status_changed: bool
+    stored: dict[str, int] = field(default_factory=dict)  # records stored now, by kind
+    launch_acked: bool = True  # whether the agent's hold of the launch was known before
+    refused: str | None = None  # the record the batch stopped at, and why
+
+
+class Database(Protocol):
+    """The connection to the database itself."""
+
+    shared: bool  # True: several control-plane replicas may use it at once
+    auto_migrate: bool  # open() applies pending migrations
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def schema_version(self) -> int: ...
+    async def migrate(self) -> tuple[int, int]:
+        """Apply pending schema migrations (one process at a time); the versions before
+        and after. Refuses a database newer than this fleetrun."""
+        ...
+
+    def full_reason(self) -> str | None:
+        """Why the last write failed for lack of space (None once a write succeeds)."""
+        ...
+
+    async def probe_write(self) -> None:
+        """A tiny write: StorageFull while the disk is still full, else clears it."""
+        ...
+
+    async def continue_ids(self, columns: dict[str, str]) -> None:
+        """After rows were copied in with their ids: new ones continue after them."""
+        ...
+
+    async def notify(self, payloads: list[str]) -> None:
+        """Send wake-ups to the other processes sharing the database (best effort)."""
+        ...
+
+    async def listen(
+        self, on_message: Callable[[str], None], on_reconnect: Callable[[], None]
+    ) -> None:
+        """Deliver other processes' wake-ups until cancelled; `on_reconnect` after the
+        connection was lost (what was sent meanwhile is lost). Returns at once when no
+        other process can share the database."""
+        ...
+
+
+class RunStore(Protocol):
+    """Runs, the queue, leases, and what the control plane decides for an attempt."""
+
+    async def create_run(self, run: NewRun, now: float) -> Run:
+        """A QUEUED run (RUN_ENQUEUED); with an idempotency key, the run made before
+        under that key if there is one (never a second)."""
+        ...
+
+    async def get_run(self, run_id: str) -> Run | None: ...
+
+    async def list_runs(
+        self, filt: RunFilter, limit: int, cursor: int | None
+    ) -> tuple[list[Run], int | None]:
+        """Newest first; the cursor of the next page, or None after the last."""
+        ...
+
+    async def active_runs(self) -> list[Run]:
+        """Runs in STARTING, STARTED or CANCELING."""
+        ...
+
+    async def count_runs_by_status(self) -> dict[RunStatus, int]: ...
+
+    async def queue_snapshot(self) -> QueueSnapshot:
+        """The queue (highest priority first, then oldest), the active runs and every
+        agent, read together: what `GET /queue` explains."""
+        ...
+
+    async def assign_queued(
+        self, now: float, decide: Callable[[QueueSnapshot], list[tuple[str, str]]]
+    ) -> list[Run]:
+        """Decide on a snapshot and record the assignments (QUEUED -> STARTING under a
+        new lease each) in one transaction: no two passes, on any replica, can both
+        admit a run into the last slot of a limit. A run no longer QUEUED is skipped."""
+        ...
+
+    async def set_priority(self, run_id: str, priority: int, now: float) -> Run | None:
+        """Change a queued run's priority (and its `fleetrun/priority` tag); a run in
+        any other status is returned unchanged."""
+        ...
+
+    async def request_cancel(self, run_id: str, now: float) -> Run | None:
+        """QUEUED -> CANCELED at once; STARTING/STARTED -> CANCELING (its agent stops
+        the worker); anything else unchanged."""
+        ...
+
+    async def pending_launches(self, agent_id: str) -> list[Run]:
+        """The agent's STARTING runs: launches owed to it until it holds them."""
+        ...
+
+    async def ack_launches(self, agent_id: str, leases: list[int]) -> list[int]:
+        """The agent holds these launches (a poll or a record batch said so); the leases
+        not acknowledged before, so that each launch is counted received once."""
+        ...
+
+    async def stop_orders(
+        self, agent_id: str, held_leases: list[int], now: float
+    ) -> tuple[list[StopOrder], list[Run]]:
+        """Workers the agent must stop (canceled runs, attempts no longer current), and
+        the runs canceled here because their launch never reached the agent."""
+        ...
+
+    async def apply_verdicts(
+        self, verdicts: list[Verdict], now: float, resume_limit: int
+    ) -> list[Run]:
+        """End (or resume, or re-queue) each run still in the verdict's status under the
+        verdict's lease, and fence that lease; the runs changed. A report the agent made
+        first wins."""
+        ...
+
+    async def reconcile_agent(
+        self, agent_id: str, held_leases: list[int], now: float, resume_limit: int
+    ) -> list[Run]:
+        """After an agent (re)registers: its started runs it no longer holds are lost
+        (FAILURE, or CANCELED if canceling); its STARTING runs go back to the queue under
+        a new lease (a previous agent process may have forked the worker)."""
+        ...
+
+    async def reusable_outputs(self, run: Run) -> dict[str, str]:
+        """Each step whose output `run` has (made or reused), with the run storing it."""
+        ...
+
+    async def pending_retries(self, limit: int) -> list[Run]:
+        """Failed runs whose retry decision has not been recorded yet, oldest first."""
+        ...
+
+    async def settle_retry(
+        self, run_id: str, retry: NewRun | None, message: str, data: dict[str, Any], now: float
+    ) -> Run | None:
+        """Record the retry decision for a failed run and queue its retry: exactly once
+        per failure (the pending mark is cleared in the same transaction)."""
+        ...
+
+
+class EventLog(Protocol):
+    """Ingest: what agents report of their runs, and reading it back."""
+
+    async def append_records(
+        self,
+        run_id: str,
+        lease: int,
+        records: list[RunRecord],
+        now: float,
+        resume_limit: int = 0,
+        agent_id: str | None = None,
+    ) -> AppendResult:
+        """Store an attempt's records in seq order, each once (a resent seq is skipped,
+        a gap ends the batch). UnknownRun, NotYourRun (`agent_id` is not the holder),
+        StaleLease. Each record is screened (model/records.py): at the first refused
+        one the batch stops, what came before is stored, a run still going fails
+        (`refused_record`) and its lease ends. A worker crash may resume the run."""
+        ...
+
+    async def put_output(self, run_id: str, lease: int, step: str, data: bytes, now: float) -> None:
+        """Store a step's output under the current lease (one per run and step, the
+        last one wins). StaleLease, UnknownRun, RecordRefused (a step the job lacks, a
+        run that ended; a run still going fails)."""
+        ...
+
+    async def get_output(self, run_id: str, step: str) -> bytes | None: ...
+
+    async def get_events(self, run_id: str, after: int, limit: int) -> list[Event]:
+        """Events with seq > `after`, in seq order (gapless per run)."""
+        ...
+
+    async def get_logs(self, run_id: str, step: str | None, after: int) -> list[LogChunk]:
+        """Compute-log chunks with id > `after`, in the order they were stored."""
+        ...
+
+
+class AgentStore(Protocol):
+    """Agents, their heartbeats, and the code locations they host."""
+
+    async def register_agent(
+        self,
+        name: str,
+        hostname: str,
+        version: str,
+        queues: list[str],
+        max_concurrent_runs: int,
+        locations: list[CodeLocationInfo],
+        now: float,
+        capabilities: list[str] | None = None,
+        token_name: str | None = None,
+    ) -> Agent:
+        """Create or refresh the agent called `name` (it keeps its id across restarts),
+        ONLINE, with its locations replacing the ones it had; moves the catalog version.
+        With auth, NameTaken if the name is bound to another valid token while ONLINE."""
+        ...
+
+    async def record_heartbeats(self, agent_ids: Iterable[str], now: float) -> dict[str, float]:
+        """A heartbeat from each agent, in one transaction (an OFFLINE one is ONLINE
+        again); each known agent's previous heartbeat time (unknown ones left out)."""
+        ...
+
+    async def set_agent_status(self, agent_id: str, status: str) -> Agent | None:
+        """DRAINING (no new launches; its runs go on) or back to ONLINE."""
+        ...
+
+    async def get_agent(self, agent_id: str) -> Agent | None: ...
+    async def get_agents(self, agent_ids: Iterable[str]) -> dict[str, Agent]: ...
+    async def list_agents(self) -> list[Agent]: ...
+    async def list_code_locations(self) -> list[CodeLocation]: ...
+
+    async def code_catalog(self) -> CodeCatalog:
+        """Every agent's locations as of the latest registration (on any replica)."""
+        ...
+
+
+class TokenStore(Protocol):
+    """Tokens, by salted hash only."""
+
+    async def create_token(self, token: TokenRecord) -> None:
+        """NameTaken if a token was ever called so (names are never reused)."""
+        ...
+
+    async def get_token(self, token_id: str) -> TokenRecord | None: ...
+    async def list_tokens(self) -> list[TokenRecord]: ...
+
+    async def revoke_token(self, name: str, now: float) -> TokenRecord | None:
+        """Revoke the live token called `name`; None if there is none."""
+        ...
+
+    async def touch_token(self, token_id: str, now: float) -> None: ...
+
+
+class InstigatorStore(Protocol):
+    """Schedules' and sensors' state, and their ticks."""
+
+    async def instigator_states(self) -> dict[tuple[str, str, str], InstigatorState]: ...
+
+    async def set_instigator(
+        self,
+        location: str,
+        name: str,
+        kind: str,
+        *,
+        status: str | None = None,
+        last_tick_time: float | None = None,
+    ) -> None:
+        """Record a start/stop (status) or where ticking resumes from."""
+        ...
+
+    async def start_tick(
+        self, location: str, name: str, kind: str, scheduled_time: float | None, now: float
+    ) -> Tick | None:
+        """A STARTED tick; for a schedule, the existing one for that time if it has not
+        finished (a retry after a crash), or None if it has."""
+        ...
+
+    async def finish_tick(
+        self,
+        tick_id: int,
+        status: str,
+        runs: list[NewRun],
+        now: float,
+        skip_reason: str | None = None,
+        error: str | None = None,
+        cursor: str | None = None,
+    ) -> tuple[Tick, list[Run]]:
+        """End a tick: create its runs (each once, by idempotency key), record the outcome
+        and move the schedule's position or the sensor's cursor, in one transaction."""
+        ...
+
+    async def list_ticks(self, location: str, name: str, kind: str, limit: int) -> list[Tick]: ...
+    async def unfinished_ticks(self) -> list[Tick]: ...
+
+
+class LeaderStore(Protocol):
+    """Leases on the daemon loops: exactly one replica runs each."""
+
+    async def try_lead(self, name: str, holder: str, ttl: float, now: float) -> bool:
+        """Take or renew the lease on loop `name` for `ttl` s: True while `holder` has
+        it. An unexpired lease stays with its holder; an expired one goes to the first
+        replica that asks."""
+        ...
+
+    async def release_lead(self, name: str, holder: str) -> None:
+        """Give a lease up (a clean shutdown), so another replica takes over at once."""
+        ...
+
+    async def leaders(self) -> dict[str, tuple[str, float]]: ...
+
+
+class EvaluationStore(Protocol):
+    """Schedule and sensor evaluations in flight, whichever replica an agent polls."""
+
+    async def create_evaluation(self, request: Evaluate, now: float) -> None: ...
+
+    async def take_evaluations(
+        self, agent_id: str, locations: set[str], now: float
+    ) -> list[Evaluate]:
+        """The untaken requests for these locations: each goes to exactly one agent."""
+        ...
+
+    async def finish_evaluation(self, result: EvaluationResult) -> bool:
+        """Store the answer of the agent that took it; False if none such is waiting."""
+        ...
+
+    async def evaluation_state(
+        self, eval_id: str
+    ) -> tuple[str | None, EvaluationResult | None] | None:
+        """(the agent that took it, its result), or None once it is gone."""
+        ...
+
+    async def untaken_evaluations(self) -> int: ...
+    async def drop_evaluation(self, eval_id: str) -> None: ...
+
+
+class Storage(
+    Database,
+    RunStore,
+    EventLog,
+    AgentStore,
+    TokenStore,
+    InstigatorStore,
+    LeaderStore,
+    EvaluationStore,
+    Protocol,
+):
+    """Everything the control plane remembers."""

@@ -1,0 +1,307 @@
+"""Every message the control plane, agents and run workers exchange, one dataclass each.
+
+Agent <-> control plane (HTTP POST under /agent/v1, msgpack bodies):
+    Register -> Registered, Poll -> PollReply, Heartbeat -> HeartbeatReply,
+    EventBatch -> EventAck; any failure -> ErrorReply.
+Agent <-> run worker (length-prefixed frames over pipes):
+    WorkerSpec (agent -> worker, on stdin), RunRecord (worker -> agent, on the record fd);
+    DescribeLocation (agent -> worker) -> CodeLocationInfo, to list a location's jobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    name: str
+    upstream: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    name: str
+    ops: list[OpInfo] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    executor: str = "in_process"
+
+
+@dataclass(frozen=True)
+class ScheduleInfo:
+    name: str
+    job: str
+    cron: str
+    timezone: str = "UTC"
+    default_status: str = "STOPPED"
+    catchup: int = 0
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SensorInfo:
+    name: str
+    job: str
+    minimum_interval_seconds: float = 30.0
+    default_status: str = "STOPPED"
+
+
+@dataclass(frozen=True)
+class CodeLocationInfo:
+    """What an agent found when it loaded one code location: its jobs, or the load error."""
+
+    name: str
+    jobs: list[JobInfo] = field(default_factory=list)
+    error: str | None = None
+    schedules: list[ScheduleInfo] = field(default_factory=list)
+    sensors: list[SensorInfo] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    """Evaluate a schedule tick or a sensor in the agent (user code never runs in the
+    control plane). `scheduled_time`: the tick's instant (schedules)."""
+
+    eval_id: str
+    location: str
+    kind: str  # "schedule" | "sensor"
+    name: str
+    scheduled_time: float | None = None
+    cursor: str | None = None
+    last_run_key: str | None = None
+    timeout_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class RequestedRun:
+    job: str
+    run_key: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What a schedule or sensor function returned (or the error it raised)."""
+
+    eval_id: str
+    agent_id: str = ""
+    runs: list[RequestedRun] = field(default_factory=list)
+    skip_reason: str | None = None
+    error: str | None = None
+    cursor: str | None = None
+
+
+@dataclass(frozen=True)
+class EvaluationAck:
+    ok: bool = True
+
+
+@dataclass(frozen=True)
+class Register:
+    name: str
+    hostname: str
+    version: str
+    queues: list[str]
+    max_concurrent_runs: int
+    code_locations: list[CodeLocationInfo] = field(default_factory=list)
+    runs: list[RunState] = field(default_factory=list)
+    # What this agent can do beyond protocol 1; the control plane only assigns a run to
+    # an agent with every capability the run needs ("reuse_outputs": re-executions).
+    capabilities: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Registered:
+    agent_id: str
+    heartbeat_interval_seconds: float
+    poll_timeout_seconds: float
+    heartbeat_timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class Poll:
+    """A long-poll for commands; `held_leases` are the launches the agent already has."""
+
+    agent_id: str
+    held_leases: list[int] = field(default_factory=list)
+    stopping_leases: list[int] = field(default_factory=list)  # stop orders being carried out
+
+
+@dataclass(frozen=True)
+class LaunchRun:
+    run_id: str
+    job: str
+    location: str
+    lease: int
+    tags: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    # Steps not to run again, each with the run whose stored output to use instead.
+    reuse_outputs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StopRun:
+    """Stop the worker of attempt `lease`: SIGTERM, then SIGKILL after `grace_seconds`.
+
+    `cancel`: the run was canceled (the agent reports RUN_CANCELED once it is stopped);
+    otherwise the attempt is no longer current and whatever it sends is refused.
+    """
+
+    run_id: str
+    lease: int
+    cancel: bool
+    reason: str
+    grace_seconds: float = 10.0
+    failure_kind: str = ""  # reported with the run's FAILURE once the worker is stopped
+
+
+@dataclass(frozen=True)
+class PollReply:
+    launches: list[LaunchRun] = field(default_factory=list)
+    stops: list[StopRun] = field(default_factory=list)
+    evaluations: list[Evaluate] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RunState:
+    """One run as its agent sees it: the worker is `starting`, `running` or `exited`."""
+
+    run_id: str
+    lease: int
+    state: str
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    agent_id: str
+    runs: list[RunState] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class HeartbeatReply:
+    ok: bool = True
+
+
+@dataclass(frozen=True)
+class Drain:
+    """The agent is shutting down: no new launches for it; its runs may finish."""
+
+    agent_id: str
+
+
+@dataclass(frozen=True)
+class Drained:
+    status: str
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One entry of a run attempt's record stream, numbered by the agent from 1.
+
+    kind "event": `type` is the event type (RUN_START, STEP_SUCCESS, LOG, ...).
+    kind "log": compute-log text; `type` is the stream ("stdout" or "stderr").
+    """
+
+    seq: int
+    time: float
+    kind: str
+    type: str
+    step: str | None = None
+    message: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EventBatch:
+    agent_id: str
+    run_id: str
+    lease: int
+    records: list[RunRecord]
+
+
+@dataclass(frozen=True)
+class EventAck:
+    """Everything up to and including `acked_seq` is stored; resend from `acked_seq + 1`."""
+
+    acked_seq: int
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class LocationSpec:
+    """How a run worker loads a code location (resolved from agent.toml by the agent)."""
+
+    name: str
+    python_file: str | None = None
+    module: str | None = None
+    working_directory: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    launch: LaunchRun
+    location: LocationSpec
+    output_store: str = "control_plane"  # or "filesystem"
+    output_path: str = ""  # the attempt's scratch folder, or the filesystem store's root
+    max_output_bytes: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class EvaluateSpec:
+    """Asks a short-lived worker to evaluate a schedule tick or a sensor."""
+
+    evaluate: Evaluate
+    location: LocationSpec
+
+
+@dataclass(frozen=True)
+class DescribeLocation:
+    """Asks a short-lived worker to load a location and reply with its CodeLocationInfo."""
+
+    location: LocationSpec
+
+
+MESSAGE_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (
+        Register,
+        Registered,
+        Poll,
+        PollReply,
+        Heartbeat,
+        HeartbeatReply,
+        Drain,
+        Drained,
+        EventBatch,
+        EventAck,
+        ErrorReply,
+        RunRecord,
+        WorkerSpec,
+        DescribeLocation,
+        CodeLocationInfo,
+        Evaluate,
+        EvaluateSpec,
+        EvaluationResult,
+        EvaluationAck,
+    )
+}
+
+
+# Fields added after protocol version 1, by message: left out when talking to a peer of an
+# older version (which would refuse unknown keys). A version-1 agent sends none of them.
+FIELDS_SINCE: dict[str, dict[str, int]] = {
+    "Register": {"runs": 2, "capabilities": 2},
+    "Registered": {"heartbeat_timeout_seconds": 2},
+    "Poll": {"stopping_leases": 2},
+    "PollReply": {"stops": 2, "evaluations": 2},
+    "CodeLocationInfo": {"schedules": 2, "sensors": 2},
+    "LaunchRun": {"reuse_outputs": 2},
+}

@@ -1,0 +1,112 @@
+"""Run tags: the reserved names (the contract in DESIGN.md) and the rules every tag meets.
+
+Both sides read tags (the agent `fleetrun/on_lost_contact`, executors
+`fleetrun/priority` on ops), and tags come from users, jobs, schedules and sensors, so
+the names and the rules live here, once. `tag_problem` is applied wherever a run is
+created and wherever an agent describes a job, and names the tag it refuses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from protocol.wire import text_problem
+
+PRIORITY_TAG = "fleetrun/priority"
+QUEUE_TAG = "fleetrun/queue"
+JOB_TAG = "fleetrun/job"
+MAX_RETRIES_TAG = "fleetrun/max_retries"
+RETRY_STRATEGY_TAG = "fleetrun/retry_strategy"
+MAX_RUNTIME_TAG = "fleetrun/max_runtime"
+ON_LOST_CONTACT_TAG = "fleetrun/on_lost_contact"
+PARENT_TAG = "fleetrun/parent_run_id"
+ROOT_TAG = "fleetrun/root_run_id"
+RETRY_NUMBER_TAG = "fleetrun/retry_number"
+REEXECUTION_TAG = "fleetrun/reexecution_strategy"
+SCHEDULE_TAG = "fleetrun/schedule"
+SENSOR_TAG = "fleetrun/sensor"
+TICK_TAG = "fleetrun/tick"
+RUN_KEY_TAG = "fleetrun/run_key"
+
+RETRY_STRATEGIES = ("FROM_FAILURE", "ALL_STEPS")
+ON_LOST_CONTACT_CHOICES = ("continue", "stop")
+# Set by the control plane on retries and re-executions; refused anywhere else.
+RESERVED_TAGS = frozenset({PARENT_TAG, ROOT_TAG, RETRY_NUMBER_TAG, REEXECUTION_TAG})
+# What the control plane adds to a run; they do not count against max_tags_per_run.
+SYSTEM_TAGS = RESERVED_TAGS | {JOB_TAG, SCHEDULE_TAG, SENSOR_TAG, TICK_TAG, RUN_KEY_TAG}
+
+
+@dataclass(frozen=True)
+class TagLimits:
+    """`[limits]` max_tags_per_run, max_tag_key_length, max_tag_value_length."""
+
+    max_tags: int = 64
+    max_key: int = 128
+    max_value: int = 4096
+
+
+DEFAULT_TAG_LIMITS = TagLimits()
+
+
+def _integer(value: str, minimum: int, maximum: int) -> str | None:
+    try:
+        number = int(value)
+    except ValueError:
+        return "must be an integer"
+    if not minimum <= number <= maximum:
+        return f"must be an integer from {minimum} to {maximum}"
+    return None
+
+
+def _seconds(value: str) -> str | None:
+    try:
+        number = float(value)
+    except ValueError:
+        return "must be a number of seconds"
+    return None if math.isfinite(number) and number >= 0 else "must be a number of seconds >= 0"
+
+
+def _one_of(*choices: str) -> Callable[[str], str | None]:
+    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
+
+
+TAG_CHECKS: dict[str, Callable[[str], str | None]] = {
+    PRIORITY_TAG: lambda value: _integer(value, -(2**31), 2**31 - 1),
+    MAX_RETRIES_TAG: lambda value: _integer(value, 0, 1000),
+    RETRY_STRATEGY_TAG: _one_of(*RETRY_STRATEGIES),
+    MAX_RUNTIME_TAG: _seconds,
+    ON_LOST_CONTACT_TAG: _one_of(*ON_LOST_CONTACT_CHOICES),
+}
+
+
+def tag_problem(
+    tags: dict[str, str], limits: TagLimits = DEFAULT_TAG_LIMITS, reserved_ok: bool = False
+) -> str | None:
+    """What is wrong with a run's tags, naming the tag or the limit; None if nothing.
+    `reserved_ok`: the control plane's own tags (a retry's parent) are allowed."""
+    if not isinstance(tags, dict):
+        return "tags must be a table of strings"
+    if len(tags.keys() - SYSTEM_TAGS) > limits.max_tags:
+        return f"a run may have at most {limits.max_tags} tags (max_tags_per_run)"
+    for key, value in tags.items():
+        if not isinstance(key, str) or not key or len(key) > limits.max_key:
+            return f"tag keys must be 1 to {limits.max_key} characters (max_tag_key_length)"
+        if (problem := text_problem(key)) is not None:
+            return f"tag key {key.encode('unicode_escape').decode()[:64]!r} {problem}"
+        if not isinstance(value, str) or len(value) > limits.max_value:
+            return (
+                f"tag {key[:64]!r}: values must be strings of at most {limits.max_value} "
+                "characters (max_tag_value_length)"
+            )
+        if (problem := text_problem(value)) is not None:
+            return f"tag {key[:64]!r}: the value {problem}"
+    if not reserved_ok:
+        for key in sorted(RESERVED_TAGS & tags.keys()):
+            return f"tag {key} is set by the control plane, not on submit"
+    for key, check in TAG_CHECKS.items():
+        value = tags.get(key)
+        if value is not None and (problem := check(value)) is not None:
+            return f"tag {key} {problem}, got {value!r}"
+    return None

@@ -1,0 +1,119 @@
+"""Rules for names, cron strings and time zones, shared by both sides.
+
+The SDK applies them when user code defines a job or schedule; the control plane applies
+them again to what an agent registers, because an agent's messages are untrusted input
+(a cron string or time-zone key reaches croniter and zoneinfo on the control plane).
+"""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from datetime import UTC, datetime
+
+from croniter import croniter
+
+from protocol.messages import CodeLocationInfo, JobInfo
+from protocol.tags import tag_problem
+from protocol.wire import text_problem
+
+MAX_NAME_LENGTH = 128
+NAME_RE = re.compile(r"[A-Za-z0-9_]+")
+# IANA keys only: letters, digits, `_+-`, joined by single slashes. Rejects anything
+# path-like ("..", leading "/", backslashes, NUL) before zoneinfo touches the filesystem.
+TZ_KEY_RE = re.compile(r"[A-Za-z0-9_+\-]+(?:/[A-Za-z0-9_+\-]+)*")
+# A fixed start keeps cron validation deterministic (same verdict whenever it runs).
+_CRON_PROBE_START = datetime(2024, 1, 1, tzinfo=UTC)
+MAX_CRON_LENGTH = 256
+MAX_CATCHUP = 10_000
+MAX_SENSOR_INTERVAL = 365 * 86400.0
+
+
+AGENT_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,253}")  # host names qualify
+
+
+def agent_name_problem(name: object) -> str | None:
+    if not isinstance(name, str) or not AGENT_NAME_RE.fullmatch(name):
+        return "must match ^[A-Za-z0-9_.-]{1,253}$ (a host name qualifies)"
+    return None
+
+
+def name_problem(name: object) -> str | None:
+    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH or not NAME_RE.fullmatch(name):
+        return f"must match ^[A-Za-z0-9_]+$ and be at most {MAX_NAME_LENGTH} characters"
+    return None
+
+
+def cron_problem(cron: object) -> str | None:
+    """Parse and compute one tick, since croniter accepts never-firing expressions."""
+    if not isinstance(cron, str) or len(cron) > MAX_CRON_LENGTH:
+        return f"must be a string of at most {MAX_CRON_LENGTH} characters"
+    if len(cron.split()) != 5 or any(c.isspace() and c not in " \t" for c in cron):
+        return "must have exactly 5 fields (minute hour day month weekday) on one line"
+    try:
+        croniter(cron, _CRON_PROBE_START).get_next(datetime)
+    except Exception as exc:
+        return f"is invalid: {type(exc).__name__}: {exc}"
+    return None
+
+
+def timezone_problem(timezone: object) -> str | None:
+    if not isinstance(timezone, str) or not TZ_KEY_RE.fullmatch(timezone):
+        return "is not an IANA time zone name"
+    try:
+        zoneinfo.ZoneInfo(timezone)
+    except (ValueError, OSError, zoneinfo.ZoneInfoNotFoundError):
+        return "is not a known time zone"
+    return None
+
+
+def location_problem(info: CodeLocationInfo) -> str | None:
+    """What is wrong with a code location as an agent describes it; None if nothing."""
+    where = f"code location {info.name[:MAX_NAME_LENGTH]!r}"
+    if name_problem(info.name):
+        return f"{where}: name {name_problem(info.name)}"
+    for job in info.jobs:
+        if name_problem(job.name):
+            return f"{where}: job name {name_problem(job.name)}"
+        if (problem := _job_problem(job)) is not None:
+            return f"{where}: job {job.name} {problem}"
+    for schedule in info.schedules:
+        checks = [("name", name_problem(schedule.name)), ("job", name_problem(schedule.job)),
+                  ("cron", cron_problem(schedule.cron)),
+                  ("timezone", timezone_problem(schedule.timezone)),
+                  ("default_status", _status_problem(schedule.default_status)),
+                  ("catchup", None if 0 <= schedule.catchup <= MAX_CATCHUP
+                   else f"must be between 0 and {MAX_CATCHUP}"),
+                  ("tags", tag_problem(schedule.tags))]  # fmt: skip
+        for field, problem in checks:
+            if problem:
+                return f"{where}: schedule {schedule.name[:MAX_NAME_LENGTH]!r} {field} {problem}"
+    for sensor in info.sensors:
+        interval = sensor.minimum_interval_seconds
+        checks = [("name", name_problem(sensor.name)), ("job", name_problem(sensor.job)),
+                  ("default_status", _status_problem(sensor.default_status)),
+                  ("minimum_interval_seconds", None if 0 <= interval <= MAX_SENSOR_INTERVAL
+                   else f"must be between 0 and {MAX_SENSOR_INTERVAL}")]  # fmt: skip
+        for field, problem in checks:
+            if problem:
+                return f"{where}: sensor {sensor.name[:MAX_NAME_LENGTH]!r} {field} {problem}"
+    return None
+
+
+def _job_problem(job: JobInfo) -> str | None:
+    """Its steps are names (they become events' steps and outputs' keys), wired only to
+    one another, and its tags are valid run tags (they become its runs' tags)."""
+    steps = {op.name for op in job.ops}
+    for op in job.ops:
+        if name_problem(op.name):
+            return f"step name {op.name[:MAX_NAME_LENGTH]!r} {name_problem(op.name)}"
+        if not set(op.upstream) <= steps:
+            return f"step {op.name} takes the output of a step the job does not have"
+        if any(text_problem(text) for pair in op.tags.items() for text in pair):
+            return f"step {op.name} has a tag that is not valid Unicode text"
+    problem = tag_problem(job.tags)
+    return None if problem is None else f"tags: {problem}"
+
+
+def _status_problem(status: str) -> str | None:
+    return None if status in ("RUNNING", "STOPPED") else "must be RUNNING or STOPPED"

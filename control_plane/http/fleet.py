@@ -1,0 +1,142 @@
+"""The fleet as users see it: agents (and draining them), jobs, and the run queue with
+why each queued run waits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from control_plane.bus import QUEUE
+from control_plane.daemon.run_queue import RunQueue, explain
+from control_plane.http.errors import ApiError
+from control_plane.http.keys import BUS, CLOCK, CONFIG, RUN_QUEUE, STORAGE
+from control_plane.model.agents import DRAINING, ONLINE, agent_status
+from control_plane.model.runs import iso
+from control_plane.model.statuses import ACTIVE_STATUSES
+from control_plane.storage.port import Storage
+
+
+async def list_agents(request: web.Request) -> web.Response:
+    app = request.app
+    timeout = app[CONFIG].run_monitoring.agent_heartbeat_timeout_seconds
+    return web.json_response(
+        {"agents": await agents_json(app[STORAGE], app[CLOCK].time(), timeout)}
+    )
+
+
+async def agents_json(
+    storage: Storage, now: float, heartbeat_timeout: float
+) -> list[dict[str, Any]]:
+    """Every agent with its liveness as the monitor sees it, slots in use and locations."""
+    running: dict[str, int] = {}
+    for run in await storage.active_runs():
+        if run.agent_id and run.status in ACTIVE_STATUSES:
+            running[run.agent_id] = running.get(run.agent_id, 0) + 1
+    locations: dict[str, list[dict[str, Any]]] = {}
+    for loc in await storage.list_code_locations():
+        locations.setdefault(loc.agent_id, []).append(
+            {
+                "name": loc.info.name,
+                "jobs": [j.name for j in loc.info.jobs],
+                "error": loc.info.error,
+            }
+        )
+    return [
+        {
+            "agent_id": a.agent_id,
+            "name": a.name,
+            "hostname": a.hostname,
+            "status": agent_status(a, now, heartbeat_timeout),
+            "queues": a.queues,
+            "max_concurrent_runs": a.max_concurrent_runs,
+            "running": running.get(a.agent_id, 0),
+            "last_heartbeat": iso(a.last_heartbeat),
+            "version": a.version,
+            "code_locations": locations.get(a.agent_id, []),
+        }
+        for a in await storage.list_agents()
+    ]
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    storage = request.app[STORAGE]
+    names = {a.agent_id: a.name for a in await storage.list_agents()}
+    jobs: dict[tuple[str, str], dict[str, Any]] = {}
+    errors = []
+    for loc in await storage.list_code_locations():
+        agent_name = names.get(loc.agent_id, loc.agent_id)
+        if loc.info.error is not None:
+            errors.append({"location": loc.info.name, "agent": agent_name, "error": loc.info.error})
+        for job in loc.info.jobs:
+            entry = jobs.setdefault(
+                (loc.info.name, job.name),
+                {
+                    "name": job.name,
+                    "location": loc.info.name,
+                    "ops": [
+                        {"name": o.name, "upstream": o.upstream, "tags": o.tags} for o in job.ops
+                    ],
+                    "tags": job.tags,
+                    "executor": job.executor,
+                    "agents": [],
+                },
+            )
+            entry["agents"].append(agent_name)
+    return web.json_response({"jobs": [jobs[k] for k in sorted(jobs)], "location_errors": errors})
+
+
+async def _set_agent_status(request: web.Request, status: str) -> web.Response:
+    """By agent id or name. DRAINING: no new launches (running runs go on); ONLINE: back."""
+    storage = request.app[STORAGE]
+    key = request.match_info["agent"]
+    match = next((a for a in await storage.list_agents() if key in (a.agent_id, a.name)), None)
+    if match is None:
+        raise ApiError(404, "unknown_agent", f"no agent with id or name {key!r}")
+    agent = await storage.set_agent_status(match.agent_id, status)
+    assert agent is not None
+    if status == ONLINE:
+        request.app[BUS].publish(QUEUE)
+    return web.json_response(
+        {"agent_id": agent.agent_id, "name": agent.name, "status": agent.status}
+    )
+
+
+async def drain_agent(request: web.Request) -> web.Response:
+    return await _set_agent_status(request, DRAINING)
+
+
+async def undrain_agent(request: web.Request) -> web.Response:
+    return await _set_agent_status(request, ONLINE)
+
+
+async def get_queue(request: web.Request) -> web.Response:
+    return web.json_response(await queue_json(request.app[RUN_QUEUE], request.app[CLOCK].time()))
+
+
+async def queue_json(run_queue: RunQueue, now: float) -> dict[str, Any]:
+    """The queued runs in the order they would leave, each with why it waits."""
+    plan = await explain(run_queue, now)
+    runs = [
+        {
+            "position": i + 1,
+            "run_id": d.run.run_id,
+            "job": d.run.job,
+            "location": d.run.location,
+            "queue": d.run.queue,
+            "priority": d.run.priority,
+            "create_time": iso(d.run.create_time),
+            "waiting_for": d.reason,
+            "next_agent": d.agent.name if d.agent else None,
+        }
+        for i, d in enumerate(plan.decisions)
+    ]
+    return {"runs": runs, "limits": [u.to_json() for u in plan.limits]}
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/v1/queue", get_queue)
+    app.router.add_get("/api/v1/agents", list_agents)
+    app.router.add_post("/api/v1/agents/{agent}/drain", drain_agent)
+    app.router.add_post("/api/v1/agents/{agent}/undrain", undrain_agent)
+    app.router.add_get("/api/v1/jobs", list_jobs)

@@ -1,0 +1,165 @@
+"""Runs as the control plane keeps them: the run, a run to create, the filter to list them
+by, its event log and compute log, and the two decisions made about a running attempt
+(a verdict that ends it, a stop order its agent carries out)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from control_plane.model.agents import Agent
+from control_plane.model.statuses import RunStatus
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class Run:
+    run_id: str
+    job: str
+    location: str
+    status: RunStatus
+    tags: dict[str, str]
+    config: dict[str, Any]
+    create_time: float
+    status_reason: str | None = None
+    agent_id: str | None = None
+    lease: int | None = None
+    start_time: float | None = None
+    end_time: float | None = None
+    priority: int = 0
+    queue: str = "default"
+    status_time: float | None = None
+    not_before: float | None = None
+    failure_kind: str | None = None
+    parent_run_id: str | None = None
+    root_run_id: str | None = None
+    resume_count: int = 0
+    reuse_outputs: dict[str, str] = field(default_factory=dict)
+    launch_acked: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "job": self.job,
+            "location": self.location,
+            "status": str(self.status),
+            "status_reason": self.status_reason,
+            "tags": self.tags,
+            "config": self.config,
+            "agent": self.agent_id,
+            "create_time": iso(self.create_time),
+            "start_time": iso(self.start_time),
+            "end_time": iso(self.end_time),
+            "lease": self.lease,
+            "failure_kind": self.failure_kind,
+            "parent_run_id": self.parent_run_id,
+            "root_run_id": self.root_run_id,
+            "not_before": iso(self.not_before),
+            "reuse_outputs": self.reuse_outputs,
+        }
+
+
+@dataclass
+class NewRun:
+    run_id: str
+    job: str
+    location: str
+    tags: dict[str, str]
+    config: dict[str, Any]
+    priority: int = 0
+    queue: str = "default"
+    not_before: float | None = None
+    parent_run_id: str | None = None
+    root_run_id: str | None = None
+    reuse_outputs: dict[str, str] = field(default_factory=dict)
+    idempotency_key: str | None = None  # a second run with the same key is not created
+    run_key: str | None = None  # a sensor's run key (part of its idempotency key)
+
+
+@dataclass
+class RunFilter:
+    statuses: list[RunStatus] = field(default_factory=list)
+    job: str | None = None
+    tags: list[tuple[str, str]] = field(default_factory=list)
+    agent_id: str | None = None
+
+
+@dataclass
+class Verdict:
+    """The control plane's decision to end (or resume) a run its worker cannot finish.
+
+    Applied only if the run is still in `status` under `lease`: a terminal status the
+    agent reported first wins.
+    """
+
+    run_id: str
+    lease: int | None
+    status: RunStatus
+    outcome: RunStatus  # FAILURE or CANCELED; QUEUED for a launch no agent acknowledged
+    kind: str
+    message: str
+    offline_agent: str | None = None
+
+
+@dataclass
+class StopOrder:
+    """Tells an agent to stop the worker of one attempt it holds."""
+
+    run_id: str
+    lease: int
+    cancel: bool
+    reason: str
+
+
+@dataclass
+class Event:
+    seq: int
+    time: float
+    type: str
+    step: str | None
+    message: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "time": iso(self.time),
+            "type": self.type,
+            "step": self.step,
+            "message": self.message,
+            "data": self.data,
+        }
+
+
+@dataclass
+class LogChunk:
+    id: int
+    step: str | None
+    stream: str
+    time: float
+    text: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "step": self.step,
+            "stream": self.stream,
+            "time": iso(self.time),
+            "text": self.text,
+        }
+
+
+@dataclass
+class QueueSnapshot:
+    """What a dispatch decision needs, read in one transaction."""
+
+    queued: list[Run]
+    active: list[Run]
+    agents: list[Agent]
+    hosted: dict[str, set[str]]

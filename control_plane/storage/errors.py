@@ -1,0 +1,43 @@
+"""What storage reports to its callers: each is a refusal with a reason, never a bug."""
+
+from __future__ import annotations
+
+from control_plane.errors import ControlPlaneError
+
+
+class StorageError(ControlPlaneError):
+    """Base class of the errors storage reports to its callers."""
+
+
+class UnknownRun(StorageError):
+    pass
+
+
+class StaleLease(StorageError):
+    """A write came with a lease that is no longer the run's current one."""
+
+
+class NotYourRun(StorageError):
+    """A write came from an agent the run is not leased to."""
+
+
+class RecordRefused(StorageError):
+    """An agent's record or output that the run may not take (control_plane/model/records.py)."""
+
+
+class NameTaken(StorageError):
+    """A token name, or an agent name held by another live agent token, is in use."""
+
+
+class StorageUnavailable(StorageError):
+    """The database cannot be reached (a PostgreSQL server down or restarting). Callers
+    answer 503 (retryable), as for a full disk."""
+
+
+class StorageFull(StorageError):
+    """The database's disk is full: the write was rolled back, nothing changed. Callers
+    answer 503 (retryable) and carry on; writes work again once space is freed."""
+
+
+class AgentNameTaken(NameTaken):
+    """An agent name held by another live agent token."""

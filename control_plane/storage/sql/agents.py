@@ -1,0 +1,131 @@
+"""Agents: registration (with the code locations they host), heartbeats, drain state."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable
+
+from control_plane.model.agents import Agent
+from control_plane.model.catalog import CodeCatalog, CodeLocation
+from control_plane.storage.errors import AgentNameTaken
+from control_plane.storage.sql.base import AGENT_COLUMNS, SqlBase, agent_from_row, in_chunks
+from control_plane.storage.sql.catalog import CatalogCache, agents_by_id
+from protocol.messages import CodeLocationInfo
+from protocol.schema import to_plain
+
+
+class AgentQueries(SqlBase):
+    _catalogs: CatalogCache
+
+    async def register_agent(
+        self,
+        name: str,
+        hostname: str,
+        version: str,
+        queues: list[str],
+        max_concurrent_runs: int,
+        locations: list[CodeLocationInfo],
+        now: float,
+        capabilities: list[str] | None = None,
+        token_name: str | None = None,
+    ) -> Agent:
+        async with self._write() as db:
+            rows = await db.fetch(
+                "SELECT a.agent_id, a.token_name, a.status, t.revoked_time IS NULL"
+                " AND t.token_id IS NOT NULL FROM agents a"
+                " LEFT JOIN tokens t ON t.name = a.token_name WHERE a.name = ?",
+                (name,),
+            )
+            agent_id = rows[0][0] if rows else uuid.uuid4().hex
+            if rows and token_name is not None:
+                _, bound, status, bound_valid = rows[0]
+                if bound not in (None, token_name) and status != "OFFLINE" and bound_valid:
+                    raise AgentNameTaken(
+                        f"agent {name!r} is online under another agent token; stop it, "
+                        "or revoke that token, before registering this name with a new one"
+                    )
+            await db.execute(
+                "INSERT INTO agents (agent_id, name, hostname, status, queues,"
+                " max_concurrent_runs, version, last_heartbeat, registered_time, capabilities,"
+                " token_name)"
+                " VALUES (?, ?, ?, 'ONLINE', ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (agent_id) DO UPDATE SET hostname = excluded.hostname,"
+                " status = 'ONLINE', queues = excluded.queues,"
+                " max_concurrent_runs = excluded.max_concurrent_runs,"
+                " version = excluded.version, last_heartbeat = excluded.last_heartbeat,"
+                " registered_time = excluded.registered_time,"
+                " capabilities = excluded.capabilities, token_name = excluded.token_name",
+                (
+                    agent_id,
+                    name,
+                    hostname,
+                    json.dumps(queues),
+                    max_concurrent_runs,
+                    version,
+                    now,
+                    now,
+                    json.dumps(capabilities or []),
+                    token_name,
+                ),
+            )
+            await db.execute("DELETE FROM code_locations WHERE agent_id = ?", (agent_id,))
+            await db.executemany(
+                "INSERT INTO code_locations (agent_id, name, info) VALUES (?, ?, ?)",
+                [(agent_id, loc.name, json.dumps(to_plain(loc))) for loc in locations],
+            )
+            ((catalog_version,),) = await db.fetch(
+                "UPDATE catalog SET version = version + 1 RETURNING version"
+            )
+            await db.execute(
+                "UPDATE agents SET catalog_version = ? WHERE agent_id = ?",
+                (catalog_version, agent_id),
+            )
+            rows = await db.fetch(
+                f"SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ?", (agent_id,)
+            )
+            return agent_from_row(rows[0])
+
+    async def record_heartbeats(self, agent_ids: Iterable[str], now: float) -> dict[str, float]:
+        ids = sorted(set(agent_ids))
+        previous: dict[str, float] = {}
+        async with self._write_row() as db:
+            for chunk, marks in in_chunks(ids):
+                rows = await db.fetch(
+                    f"SELECT agent_id, last_heartbeat FROM agents WHERE agent_id IN ({marks})",
+                    chunk,
+                )
+                previous.update((agent_id, float(hb)) for agent_id, hb in rows)
+                await db.execute(
+                    "UPDATE agents SET last_heartbeat = ?, status = CASE status"
+                    f" WHEN 'OFFLINE' THEN 'ONLINE' ELSE status END WHERE agent_id IN ({marks})",
+                    (now, *chunk),
+                )
+        return previous
+
+    async def set_agent_status(self, agent_id: str, status: str) -> Agent | None:
+        async with self._write() as db:
+            await db.execute("UPDATE agents SET status = ? WHERE agent_id = ?", (status, agent_id))
+            rows = await db.fetch(
+                f"SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ?", (agent_id,)
+            )
+            return agent_from_row(rows[0]) if rows else None
+
+    async def get_agent(self, agent_id: str) -> Agent | None:
+        rows = await self._reader.fetch(
+            f"SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ?", (agent_id,)
+        )
+        return agent_from_row(rows[0]) if rows else None
+
+    async def get_agents(self, agent_ids: Iterable[str]) -> dict[str, Agent]:
+        return await agents_by_id(self._reader, set(agent_ids))
+
+    async def list_agents(self) -> list[Agent]:
+        rows = await self._reader.fetch(f"SELECT {AGENT_COLUMNS} FROM agents ORDER BY name")
+        return [agent_from_row(r) for r in rows]
+
+    async def list_code_locations(self) -> list[CodeLocation]:
+        return (await self.code_catalog()).locations
+
+    async def code_catalog(self) -> CodeCatalog:
+        return await self._catalogs.read(self._reader)

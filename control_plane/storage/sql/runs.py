@@ -1,0 +1,373 @@
+"""Runs and the run queue: creating, listing, assigning (the lease), cancelling, and what
+the control plane decides for an attempt (verdicts, retries)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from control_plane.model.runs import NewRun, QueueSnapshot, Run, RunFilter, StopOrder, Verdict
+from control_plane.model.statuses import ACTIVE_STATUSES, AGENT_RESTARTED, RunStatus
+from control_plane.storage.sql.base import (
+    AGENT_COLUMNS,
+    RUN_COLUMNS,
+    SqlBase,
+    Tx,
+    agent_from_row,
+    marks,
+    run_from_row,
+)
+from control_plane.storage.sql.catalog import CatalogCache, agents_by_id
+from control_plane.storage.sql.transitions import append_event, fail, get_run, insert_run, reusable
+from protocol.tags import PRIORITY_TAG
+
+DISPATCH_BATCH = 1000
+
+
+class RunQueries(SqlBase):
+    _catalogs: CatalogCache
+
+    async def create_run(self, run: NewRun, now: float) -> Run:
+        async with self._write() as db:
+            return await insert_run(db, run, now)
+
+    async def get_run(self, run_id: str) -> Run | None:
+        return await get_run(self._reader, run_id)
+
+    async def list_runs(
+        self, filt: RunFilter, limit: int, cursor: int | None
+    ) -> tuple[list[Run], int | None]:
+        where: list[str] = []
+        args: list[Any] = []
+        if filt.statuses:
+            where.append(f"status IN ({marks(filt.statuses)})")
+            args.extend(str(s) for s in filt.statuses)
+        if filt.job:
+            where.append("job = ?")
+            args.append(filt.job)
+        if filt.agent_id:
+            where.append("agent_id = ?")
+            args.append(filt.agent_id)
+        for key, value in filt.tags:
+            where.append(
+                "EXISTS (SELECT 1 FROM run_tags t WHERE t.run_id = runs.run_id"
+                " AND t.key = ? AND t.value = ?)"
+            )
+            args.extend((key, value))
+        if cursor is not None:
+            where.append("id < ?")
+            args.append(cursor)
+        sql = f"SELECT {RUN_COLUMNS} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit + 1)
+        rows = list(await self._reader.fetch(sql, args))
+        next_cursor = rows[limit - 1][-1] if len(rows) > limit else None
+        return [run_from_row(r) for r in rows[:limit]], next_cursor
+
+    async def active_runs(self) -> list[Run]:
+        rows = await self._reader.fetch(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE status IN (?, ?, ?)", tuple(ACTIVE_STATUSES)
+        )
+        return [run_from_row(r) for r in rows]
+
+    async def count_runs_by_status(self) -> dict[RunStatus, int]:
+        rows = await self._reader.fetch("SELECT status, COUNT(*) FROM runs GROUP BY status")
+        return {RunStatus(status): count for status, count in rows}
+
+    async def _snapshot(self, db: Tx, every_agent: bool = False) -> QueueSnapshot:
+        """The queue, the active runs, and the agents that host a queued run's location
+        (`every_agent`: all of them, so that a reason can say which queue nobody serves):
+        a fleet of thousands of agents serving other locations costs a dispatch nothing."""
+        queued = [
+            run_from_row(r)
+            for r in await db.fetch(
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE status = ?"
+                " ORDER BY priority DESC, id LIMIT ?",
+                (RunStatus.QUEUED, DISPATCH_BATCH),
+            )
+        ]
+        active = await db.fetch(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE status IN (?, ?, ?)", tuple(ACTIVE_STATUSES)
+        )
+        if not queued and not every_agent:  # nothing to decide (an agent registered, say)
+            return QueueSnapshot(queued=[], active=[], agents=[], hosted={})
+        catalog = await self._catalogs.read(db)
+        if every_agent:
+            agents = [
+                agent_from_row(r) for r in await db.fetch(f"SELECT {AGENT_COLUMNS} FROM agents")
+            ]
+        else:
+            wanted = {run.location for run in queued}
+            hosting = {loc.agent_id for name in wanted for loc in catalog.by_name.get(name, ())}
+            agents = list((await agents_by_id(db, hosting)).values())
+        return QueueSnapshot(
+            queued=queued,
+            active=[run_from_row(r) for r in active],
+            agents=agents,
+            hosted=catalog.hosted,
+        )
+
+    async def queue_snapshot(self) -> QueueSnapshot:
+        return await self._snapshot(self._reader, every_agent=True)
+
+    async def assign_queued(
+        self, now: float, decide: Callable[[QueueSnapshot], list[tuple[str, str]]]
+    ) -> list[Run]:
+        async with self._write() as db:
+            snapshot = await self._snapshot(db)
+            if not snapshot.queued:
+                return []
+            assigned = []
+            for run_id, agent_id in decide(snapshot):
+                run = await _assign(db, run_id, agent_id, now)
+                if run is not None:
+                    assigned.append(run)
+            return assigned
+
+    async def set_priority(self, run_id: str, priority: int, now: float) -> Run | None:
+        async with self._write() as db:
+            run = await get_run(db, run_id)
+            if run is None or run.status != RunStatus.QUEUED:
+                return run
+            tags = {**run.tags, PRIORITY_TAG: str(priority)}
+            changed = await db.execute(
+                "UPDATE runs SET priority = ?, tags = ?, update_time = ?"
+                " WHERE run_id = ? AND status = ?",
+                (priority, json.dumps(tags), now, run_id, RunStatus.QUEUED),
+            )
+            if changed:
+                await db.execute(
+                    "INSERT INTO run_tags (run_id, key, value) VALUES (?, ?, ?)"
+                    " ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value",
+                    (run_id, PRIORITY_TAG, str(priority)),
+                )
+            return await get_run(db, run_id)
+
+    async def request_cancel(self, run_id: str, now: float) -> Run | None:
+        async with self._write() as db:
+            run = await get_run(db, run_id)
+            if run is None:
+                return None
+            if run.status in (RunStatus.QUEUED, RunStatus.NOT_STARTED):
+                await append_event(db, run_id, now, "RUN_CANCELED", "canceled while queued")
+            elif run.status in (RunStatus.STARTING, RunStatus.STARTED):
+                await append_event(
+                    db,
+                    run_id,
+                    now,
+                    "RUN_CANCELING",
+                    "cancel requested",
+                    attempt=run.lease,
+                    lease=run.lease,
+                )
+            return await get_run(db, run_id)
+
+    async def pending_launches(self, agent_id: str) -> list[Run]:
+        rows = await self._reader.fetch(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE agent_id = ? AND status = ? ORDER BY id",
+            (agent_id, RunStatus.STARTING),
+        )
+        return [run_from_row(r) for r in rows]
+
+    async def ack_launches(self, agent_id: str, leases: list[int]) -> list[int]:
+        if not leases:
+            return []
+        async with self._write_row() as db:
+            rows = await db.fetch(
+                "UPDATE runs SET launch_acked = 1 WHERE agent_id = ?"
+                f" AND lease IN ({marks(leases)}) AND launch_acked = 0 RETURNING lease",
+                (agent_id, *leases),
+            )
+            return [lease for (lease,) in rows]
+
+    async def stop_orders(
+        self, agent_id: str, held_leases: list[int], now: float
+    ) -> tuple[list[StopOrder], list[Run]]:
+        rows = await self._reader.fetch(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE agent_id = ? AND status = ?",
+            (agent_id, RunStatus.CANCELING),
+        )
+        held = set(held_leases)
+        canceling = [run_from_row(r) for r in rows]
+        orders = [
+            StopOrder(run.run_id, run.lease, cancel=True, reason="run canceled")
+            for run in canceling
+            if run.lease is not None and run.lease in held
+        ]
+        never_started = [r for r in canceling if r.lease is not None and r.lease not in held]
+        canceled: list[Run] = []
+        if never_started:
+            async with self._write() as db:
+                for run in never_started:
+                    _, changed = await append_event(
+                        db,
+                        run.run_id,
+                        now,
+                        "RUN_CANCELED",
+                        "canceled before its worker started",
+                        lease=run.lease,
+                    )
+                    if changed:
+                        await db.execute(
+                            "UPDATE runs SET lease = NULL WHERE run_id = ?", (run.run_id,)
+                        )
+                        canceled.append(await get_run(db, run.run_id))  # type: ignore[arg-type]
+        if held:
+            stale = await self._reader.fetch(
+                "SELECT a.attempt_id, a.run_id, r.lease, r.status, r.status_reason"
+                " FROM run_attempts a JOIN runs r ON r.run_id = a.run_id"
+                f" WHERE a.attempt_id IN ({marks(held)}) AND a.agent_id = ?",
+                (*held, agent_id),
+            )
+            for lease, run_id, current, status, reason in stale:
+                if current != lease:
+                    why = f"attempt {lease} is no longer current (run {status}: {reason})"
+                    orders.append(StopOrder(run_id, lease, cancel=False, reason=why))
+        return orders, canceled
+
+    async def apply_verdicts(
+        self, verdicts: list[Verdict], now: float, resume_limit: int
+    ) -> list[Run]:
+        changed = []
+        async with self._write() as db:
+            for verdict in verdicts:
+                run = await get_run(db, verdict.run_id)
+                if run is None or run.status != verdict.status or run.lease != verdict.lease:
+                    continue  # something else (e.g. the agent's own report) got there first
+                if verdict.offline_agent is not None:
+                    await db.execute(
+                        "UPDATE agents SET status = 'OFFLINE' WHERE agent_id = ?"
+                        " AND status = 'ONLINE'",
+                        (verdict.offline_agent,),
+                    )
+                if verdict.outcome == RunStatus.QUEUED:  # never started: back to the queue
+                    _, done = await append_event(
+                        db,
+                        run.run_id,
+                        now,
+                        "RUN_ENQUEUED",
+                        verdict.message,
+                        attempt=run.lease,
+                        lease=run.lease,
+                    )
+                    if done:
+                        await db.execute(
+                            "UPDATE runs SET agent_id = NULL WHERE run_id = ?", (run.run_id,)
+                        )
+                elif verdict.outcome == RunStatus.CANCELED:
+                    await append_event(
+                        db,
+                        run.run_id,
+                        now,
+                        "RUN_CANCELED",
+                        verdict.message,
+                        {"warning": True},
+                        attempt=run.lease,
+                        lease=run.lease,
+                    )
+                else:
+                    await fail(db, run, verdict.kind, verdict.message, now, resume_limit)
+                await db.execute("UPDATE runs SET lease = NULL WHERE run_id = ?", (run.run_id,))
+                changed.append(await get_run(db, run.run_id))
+        return [r for r in changed if r is not None]
+
+    async def reconcile_agent(
+        self, agent_id: str, held_leases: list[int], now: float, resume_limit: int
+    ) -> list[Run]:
+        rows = await self._reader.fetch(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE agent_id = ? AND status IN (?, ?, ?)",
+            (agent_id, RunStatus.STARTING, RunStatus.STARTED, RunStatus.CANCELING),
+        )
+        held = set(held_leases)
+        verdicts = []
+        for run in map(run_from_row, rows):
+            if run.lease in held:
+                continue
+            if run.status == RunStatus.STARTING:
+                message = (
+                    "agent restarted before it reported this launch; launched again "
+                    "under a new lease"
+                )
+                verdicts.append(
+                    Verdict(
+                        run.run_id,
+                        run.lease,
+                        run.status,
+                        RunStatus.QUEUED,
+                        AGENT_RESTARTED,
+                        message,
+                    )
+                )
+                continue
+            canceling = run.status == RunStatus.CANCELING
+            verdicts.append(
+                Verdict(
+                    run_id=run.run_id,
+                    lease=run.lease,
+                    status=run.status,
+                    outcome=RunStatus.CANCELED if canceling else RunStatus.FAILURE,
+                    kind=AGENT_RESTARTED,
+                    message="agent restarted and no longer holds this run's worker"
+                    + ("; canceled" if canceling else ""),
+                )
+            )
+        return await self.apply_verdicts(verdicts, now, resume_limit) if verdicts else []
+
+    async def reusable_outputs(self, run: Run) -> dict[str, str]:
+        return await reusable(self._reader, run)
+
+    async def pending_retries(self, limit: int) -> list[Run]:
+        rows = await self._reader.fetch(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE retry_pending = 1 ORDER BY id LIMIT ?",
+            (limit,),
+        )
+        return [run_from_row(r) for r in rows]
+
+    async def settle_retry(
+        self, run_id: str, retry: NewRun | None, message: str, data: dict[str, Any], now: float
+    ) -> Run | None:
+        async with self._write() as db:
+            cleared = await db.execute(
+                "UPDATE runs SET retry_pending = 0 WHERE run_id = ? AND retry_pending = 1",
+                (run_id,),
+            )
+            if not cleared:
+                return None
+            created = None
+            if retry is not None:
+                created = await insert_run(db, retry, now, f"run queued as a retry of run {run_id}")
+            if message:
+                await append_event(db, run_id, now, "RUN_RETRY", message, data)
+            return created
+
+
+async def _assign(db: Tx, run_id: str, agent_id: str, now: float) -> Run | None:
+    """QUEUED -> STARTING on `agent_id` under a new lease (the attempt's id); None if the
+    run is no longer QUEUED. The lease is written only if the run is still queued."""
+    ((lease,),) = await db.fetch(
+        "INSERT INTO run_attempts (run_id, agent_id, create_time) VALUES (?, ?, ?)"
+        " RETURNING attempt_id",
+        (run_id, agent_id, now),
+    )
+    placed = await db.execute(
+        "UPDATE runs SET agent_id = ?, lease = ?, launch_acked = 0 WHERE run_id = ? AND status = ?",
+        (agent_id, lease, run_id, RunStatus.QUEUED),
+    )
+    if not placed:
+        await db.execute("DELETE FROM run_attempts WHERE attempt_id = ?", (lease,))
+        return None
+    names = await db.fetch("SELECT name FROM agents WHERE agent_id = ?", (agent_id,))
+    await append_event(
+        db,
+        run_id,
+        now,
+        "RUN_STARTING",
+        f"launching on agent {names[0][0] if names else agent_id}",
+        {"agent_id": agent_id, "lease": lease},
+        attempt=lease,
+        lease=lease,
+    )
+    return await get_run(db, run_id)
