@@ -752,7 +752,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = load_control_plane_config(args.config)
     except ConfigError as exc:
-        return _fail(f"config error: {exc}", 2)
+        return _config_fail(exc)
     configure_logging(args.log_format)
     try:
         asyncio.run(serve(config, own_process=True))
@@ -767,6 +767,13 @@ def _fail(message: str, code: int = 1) -> int:
     """One line on stderr, masked: errors about storage may quote its URL."""
     print(f"fleetrun: {redact(message)}", file=sys.stderr)
     return code
+
+
+def _config_fail(exc: ConfigError) -> int:
+    """Exit 2 with a line for each problem of the config file, so all are fixed at once."""
+    for line in exc.lines:
+        _fail(f"config error: {line}")
+    return 2
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

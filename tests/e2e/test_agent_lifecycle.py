@@ -174,3 +174,17 @@ def test_check_config_names_every_problem_and_exits_2(tmp_path: Path) -> None:
                      "token_file: cannot read", "control_plane_url: cannot reach"):  # fmt: skip
         assert expected in result.stderr, result.stderr
     assert str(config) in result.stderr
+
+
+def test_check_config_lists_every_problem_of_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('queue = ["a"]\nmax_concurrent_runs = "4"\nrun_launcher = "thread"\n')
+    result = subprocess.run([*FLEETRUN_AGENT, "check-config", "--config", str(config)],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"config error: {config}: key 'queue': unknown key",
+        f"config error: {config}: key 'max_concurrent_runs': expected an integer, got a string",
+        f"config error: {config}: key 'run_launcher': must be 'forkserver' or 'subprocess', "
+        "not 'thread'",
+    ]
