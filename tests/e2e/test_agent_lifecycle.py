@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from protocol import PROTOCOL_VERSION
+from protocol import FLEETRUN_VERSION, PROTOCOL_VERSION
 from tests.conftest import (
     FIXTURES,
     FLEETRUN,
@@ -129,7 +129,8 @@ def test_the_one_file_binary_runs_a_job(tmp_path: Path) -> None:
     assert BINARY.exists(), "build the agent binary first: make binary"
     version = subprocess.run([str(BINARY), "version"], capture_output=True, text=True,
                              timeout=60)  # fmt: skip
-    assert version.returncode == 0 and f"(protocol {PROTOCOL_VERSION})" in version.stdout
+    assert version.returncode == 0
+    assert version.stdout == f"fleetrun-agent {FLEETRUN_VERSION} (protocol {PROTOCOL_VERSION})\n"
     cp = start_control_plane(tmp_path)
     config = write_agent_config(tmp_path, cp.url, "bin", {"examples": REPO / "examples" /
                                                           "demo_jobs.py"})  # fmt: skip
