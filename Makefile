@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 BINARY := dist/fleetrun-agent
 AGENT_SOURCES := $(wildcard agent/*.py agent/worker/*.py agent/worker/executors/*.py protocol/*.py build/*.py build/*.spec)
 
-.PHONY: demo test lint bench binary clean
+.PHONY: demo test test-deps lint bench binary clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,9 +16,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/fleetrun demo
 
-test: $(STAMP) $(BINARY)
+test: test-deps $(STAMP) $(BINARY)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# Headless Chromium and a running PostgreSQL: installed or started as root, else named.
+test-deps:
+	@build/test-deps.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -81,7 +81,8 @@ def run_agent(config_path: str, log_format: str | None = None) -> int:
     try:
         return asyncio.run(_run_agent(config_path))
     except ConfigError as exc:
-        print(f"fleetrun-agent: config error: {exc}", file=sys.stderr)
+        for line in exc.lines:
+            print(f"fleetrun-agent: config error: {line}", file=sys.stderr)
         return 2
 
 
@@ -97,7 +98,8 @@ def check_config(config_path: str, connect: bool = False) -> int:
     try:
         config = load_agent_config(config_path)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        for line in exc.lines:
+            print(f"config error: {line}", file=sys.stderr)
         return 2
     problems = []
     for loc in config.code_locations:

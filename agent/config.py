@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,11 +24,11 @@ class CodeLocationConfig:
     working_directory: str = "."
     executable: str = ""
 
-    def check(self) -> None:
+    def problems(self) -> Iterator[FieldError]:
         if not self.name or not set(self.name) <= NAME_CHARS or len(self.name) > 128:
-            raise FieldError("name", "must match ^[A-Za-z0-9_]{1,128}$")
+            yield FieldError("name", "must match ^[A-Za-z0-9_]{1,128}$")
         if (self.python_file is None) == (self.module is None):
-            raise FieldError("python_file", "give exactly one of python_file or module")
+            yield FieldError("python_file", "give exactly one of python_file or module")
 
 
 MAX_OUTPUT_BYTES = 64 * 1024 * 1024
@@ -41,13 +42,13 @@ class OutputStoreConfig:
     path: str = ""
     max_output_bytes: int = 16 * 1024 * 1024
 
-    def check(self) -> None:
+    def problems(self) -> Iterator[FieldError]:
         if self.kind not in ("control_plane", "filesystem"):
-            raise FieldError("kind", f"must be 'control_plane' or 'filesystem', not {self.kind!r}")
+            yield FieldError("kind", f"must be 'control_plane' or 'filesystem', not {self.kind!r}")
         if self.kind == "filesystem" and not self.path:
-            raise FieldError("path", "the filesystem output store needs a path")
+            yield FieldError("path", "the filesystem output store needs a path")
         if not 1 <= self.max_output_bytes <= MAX_OUTPUT_BYTES:
-            raise FieldError(
+            yield FieldError(
                 "max_output_bytes",
                 f"must be between 1 and {MAX_OUTPUT_BYTES} (what the control plane accepts)",
             )
@@ -73,42 +74,41 @@ class AgentConfig:
     spool_max_bytes: int = 256 * 1024 * 1024  # past it, compute-log text is dropped first
     spool_max_age_seconds: float = 7 * 86400  # older compute-log text is dropped too
 
-    def check(self) -> None:
+    def problems(self) -> Iterator[FieldError]:
         if self.run_launcher not in ("forkserver", "subprocess"):
-            raise FieldError(
+            yield FieldError(
                 "run_launcher", f"must be 'forkserver' or 'subprocess', not {self.run_launcher!r}"
             )
         if self.process_tracking not in ("auto", "cgroup", "sweep"):
-            raise FieldError("process_tracking", "must be 'auto', 'cgroup' or 'sweep', "
+            yield FieldError("process_tracking", "must be 'auto', 'cgroup' or 'sweep', "
                              f"not {self.process_tracking!r}")  # fmt: skip
         if not self.control_plane_url.startswith(("http://", "https://")):
-            raise FieldError("control_plane_url", "must start with http:// or https://")
+            yield FieldError("control_plane_url", "must start with http:// or https://")
         if self.ca_file and not self.control_plane_url.startswith("https://"):
-            raise FieldError("ca_file", "is only used with an https:// control_plane_url")
+            yield FieldError("ca_file", "is only used with an https:// control_plane_url")
         if self.token_file and not self.allow_insecure_http and _insecure(self.control_plane_url):
-            raise FieldError(
+            yield FieldError(
                 "control_plane_url",
                 "would send the agent token in clear text to a host that is not loopback: "
                 "use https://, or set allow_insecure_http = true",
             )
         if self.drain_timeout_seconds < 0:
-            raise FieldError("drain_timeout_seconds", "must be >= 0")
+            yield FieldError("drain_timeout_seconds", "must be >= 0")
         if self.spool_max_bytes < 1024 * 1024:
-            raise FieldError("spool_max_bytes", "must be at least 1 MiB")
+            yield FieldError("spool_max_bytes", "must be at least 1 MiB")
         if self.spool_max_age_seconds < 60:
-            raise FieldError("spool_max_age_seconds", "must be at least 60")
+            yield FieldError("spool_max_age_seconds", "must be at least 60")
         if self.max_concurrent_runs < 1:
-            raise FieldError("max_concurrent_runs", "must be >= 1")
+            yield FieldError("max_concurrent_runs", "must be >= 1")
         if not 0 < self.heartbeat_interval_seconds <= 300:
-            raise FieldError("heartbeat_interval_seconds", "must be in (0, 300]")
+            yield FieldError("heartbeat_interval_seconds", "must be in (0, 300]")
         if agent_name_problem(self.name) and self.name:
-            raise FieldError("name", agent_name_problem(self.name) or "")
+            yield FieldError("name", agent_name_problem(self.name) or "")
         if not self.queues:
-            raise FieldError("queues", "must name at least one queue")
+            yield FieldError("queues", "must name at least one queue")
         names = [loc.name for loc in self.code_locations]
-        for name in names:
-            if names.count(name) > 1:
-                raise FieldError("code_locations", f"location name {name!r} is used twice")
+        for name in sorted({name for name in names if names.count(name) > 1}):
+            yield FieldError("code_locations", f"location name {name!r} is used twice")
 
 
 def _insecure(url: str) -> bool:
@@ -124,16 +124,15 @@ def _insecure(url: str) -> bool:
         return True
 
 
-def _confine(config: AgentConfig, config_path: str) -> None:
+def _outside_code_root(config: AgentConfig) -> Iterator[str]:
     """With `code_root`, a location's folder and file must resolve (symlinks followed)
     inside it, so a config cannot point workers at code elsewhere on the host."""
     root = Path(config.code_root).resolve()
-    for loc in config.code_locations:
+    for i, loc in enumerate(config.code_locations):
         for key in ("working_directory", "python_file"):
             value = getattr(loc, key)
             if value is not None and not Path(value).resolve().is_relative_to(root):
-                raise ConfigError(f"{config_path}: code_locations.{loc.name}.{key}: {value} "
-                                  f"is outside code_root {root}")  # fmt: skip
+                yield f"key 'code_locations[{i}].{key}': {value} is outside code_root {root}"
 
 
 def load_agent_config(path: str) -> AgentConfig:
@@ -153,8 +152,9 @@ def load_agent_config(path: str) -> AgentConfig:
     for key in ("token_file", "ca_file", "code_root", "state_dir"):
         if getattr(config, key):
             setattr(config, key, os.path.join(base_dir, getattr(config, key)))
-    if config.code_root:
-        _confine(config, path)
+    outside = list(_outside_code_root(config)) if config.code_root else []
+    if outside:
+        raise ConfigError(*(f"{path}: {problem}" for problem in outside))
     return config
 
 

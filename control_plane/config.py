@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from control_plane.model.submission import RunRules
@@ -21,13 +22,13 @@ class ServerConfig:
     tls_cert: str = ""  # PEM certificate chain; with tls_key, the server speaks only HTTPS
     tls_key: str = ""
 
-    def check(self) -> None:
+    def problems(self) -> Iterator[FieldError]:
         if not 0 <= self.port <= 65535:
-            raise FieldError("port", "must be between 0 and 65535 (0: any free port)")
+            yield FieldError("port", "must be between 0 and 65535 (0: any free port)")
         if not 0 < self.poll_timeout_seconds <= 300:
-            raise FieldError("poll_timeout_seconds", "must be in (0, 300]")
+            yield FieldError("poll_timeout_seconds", "must be in (0, 300]")
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise FieldError("tls_cert", "give both tls_cert and tls_key, or neither")
+            yield FieldError("tls_cert", "give both tls_cert and tls_key, or neither")
 
     @property
     def tls(self) -> bool:
@@ -64,14 +65,14 @@ class LimitsConfig:
             max_depth=self.max_msgpack_depth,
         )
 
-    def check(self) -> None:
+    def problems(self) -> Iterator[FieldError]:
         for name, value in vars(self).items():
             if value <= 0:
-                raise FieldError(name, "must be > 0")
-        if self.max_events_per_batch < 500:
-            raise FieldError("max_events_per_batch", "must be >= 500 (an agent's batch size)")
-        if self.max_msgpack_depth < 8:
-            raise FieldError("max_msgpack_depth", "must be >= 8 (the protocol's own nesting)")
+                yield FieldError(name, "must be > 0")
+        if 0 < self.max_events_per_batch < 500:
+            yield FieldError("max_events_per_batch", "must be >= 500 (an agent's batch size)")
+        if 0 < self.max_msgpack_depth < 8:
+            yield FieldError("max_msgpack_depth", "must be >= 8 (the protocol's own nesting)")
 
 
 @dataclass
@@ -79,15 +80,15 @@ class StorageConfig:
     url: str = "sqlite:///fleetrun.db"
     pool_size: int = 10  # PostgreSQL: connections per replica
 
-    def check(self) -> None:
+    def problems(self) -> Iterator[FieldError]:
         problem = url_problem(self.url)
         if problem is not None:
-            raise FieldError("url", problem)
-        if not self.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
-            raise FieldError("url", f"unsupported storage url {redact(self.url)!r}: use "
+            yield FieldError("url", problem)
+        elif not self.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            yield FieldError("url", f"unsupported storage url {redact(self.url)!r}: use "
                              "sqlite:///PATH or postgresql://USER@HOST:PORT/DB")  # fmt: skip
         if not 1 <= self.pool_size <= 1000:
-            raise FieldError("pool_size", "must be between 1 and 1000")
+            yield FieldError("pool_size", "must be between 1 and 1000")
 
 
 @dataclass
@@ -96,9 +97,9 @@ class DaemonConfig:
 
     leader_lease_seconds: float = 6.0  # a dead leader's loops move within this long
 
-    def check(self) -> None:
+    def problems(self) -> Iterator[FieldError]:
         if not 1.0 <= self.leader_lease_seconds <= 300:
-            raise FieldError("leader_lease_seconds", "must be between 1 and 300")
+            yield FieldError("leader_lease_seconds", "must be between 1 and 300")
 
 
 @dataclass
@@ -108,11 +109,11 @@ class TagConcurrencyLimit:
     value: str | None = None
     per_unique_value: bool = False
 
-    def check(self) -> None:
+    def problems(self) -> Iterator[FieldError]:
         if self.limit < 0:
-            raise FieldError("limit", "must be >= 0")
+            yield FieldError("limit", "must be >= 0")
         if self.value is not None and self.per_unique_value:
-            raise FieldError("per_unique_value", "cannot be combined with value")
+            yield FieldError("per_unique_value", "cannot be combined with value")
 
 
 @dataclass
@@ -121,11 +122,11 @@ class RunCoordinatorConfig:
     max_concurrent_runs: int = 10
     tag_concurrency_limits: list[TagConcurrencyLimit] = field(default_factory=list)
 
-    def check(self) -> None:
+    def problems(self) -> Iterator[FieldError]:
         if self.kind not in ("queued", "default"):
-            raise FieldError("kind", f"must be 'queued' or 'default', not {self.kind!r}")
+            yield FieldError("kind", f"must be 'queued' or 'default', not {self.kind!r}")
         if self.max_concurrent_runs < -1:
-            raise FieldError("max_concurrent_runs", "must be >= 0, or -1 for no limit")
+            yield FieldError("max_concurrent_runs", "must be >= 0, or -1 for no limit")
 
 
 @dataclass
@@ -139,16 +140,16 @@ class RunMonitoringConfig:
     terminate_grace_seconds: float = 10.0
     launch_ack_timeout_seconds: float = 5.0
 
-    def check(self) -> None:
+    def problems(self) -> Iterator[FieldError]:
         for name in ("agent_heartbeat_timeout_seconds", "start_timeout_seconds",
                      "cancel_timeout_seconds", "terminate_grace_seconds",
                      "launch_ack_timeout_seconds"):  # fmt: skip
             if getattr(self, name) <= 0:
-                raise FieldError(name, "must be > 0")
+                yield FieldError(name, "must be > 0")
         if self.max_runtime_seconds < 0:
-            raise FieldError("max_runtime_seconds", "must be >= 0 (0: no limit)")
+            yield FieldError("max_runtime_seconds", "must be >= 0 (0: no limit)")
         if self.max_resume_run_attempts < 0:
-            raise FieldError("max_resume_run_attempts", "must be >= 0")
+            yield FieldError("max_resume_run_attempts", "must be >= 0")
 
 
 @dataclass
@@ -159,13 +160,13 @@ class RunRetriesConfig:
     delay_seconds: float = 0.0
     backoff: str = "none"
 
-    def check(self) -> None:
+    def problems(self) -> Iterator[FieldError]:
         if self.max_retries < 0:
-            raise FieldError("max_retries", "must be >= 0")
+            yield FieldError("max_retries", "must be >= 0")
         if self.delay_seconds < 0:
-            raise FieldError("delay_seconds", "must be >= 0")
+            yield FieldError("delay_seconds", "must be >= 0")
         if self.backoff not in ("none", "linear", "exponential"):
-            raise FieldError(
+            yield FieldError(
                 "backoff", f"must be 'none', 'linear' or 'exponential', not {self.backoff!r}"
             )
 

@@ -3,6 +3,8 @@
 Every message and config section is a dataclass; `from_plain` checks each value against
 the field's type hint and refuses unknown keys, so bad input fails with the path of the
 offending key instead of surfacing later as an AttributeError deep inside a handler.
+`from_plain` stops at the first problem (messages are decoded on the hot path);
+`load_toml` reports every problem of a config file at once (a person fixes them).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class SchemaError(ValueError):
 
 
 class FieldError(ValueError):
-    """Raised by a dataclass's `check()` to reject the value of one of its fields."""
+    """Yielded by a dataclass's `problems()`: the value of one of its fields is refused."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
@@ -221,16 +223,16 @@ def _builder(cls: type) -> Callable[[dict[str, Any]], Any]:
     return build
 
 
+def _required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+
+
 def _dataclass_converter(cls: type) -> Converter:
     hints = _hints(cls)
     fields = dataclasses.fields(cls)
     names = {f.name for f in fields}
-    specs = [
-        (f.name, _converter(hints[f.name]),
-         f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-        for f in fields
-    ]  # fmt: skip
-    has_check = hasattr(cls, "check")
+    specs = [(f.name, _converter(hints[f.name]), _required(f)) for f in fields]
+    has_problems = hasattr(cls, "problems")
     build = _builder(cls)
 
     def convert(data: Any) -> Any:
@@ -249,11 +251,10 @@ def _dataclass_converter(cls: type) -> Converter:
             elif required:
                 raise SchemaError(name, "required key is missing")
         obj = build(kwargs)
-        if has_check:
-            try:
-                obj.check()
-            except FieldError as exc:
-                raise SchemaError(exc.field, str(exc)) from None
+        if has_problems:
+            first = next(obj.problems(), None)
+            if first is not None:
+                raise SchemaError(first.field, str(first))
         return obj
 
     return convert
@@ -316,12 +317,69 @@ def to_plain(obj: Any) -> Any:
     return _to_plain_any(obj)
 
 
+_INVALID = object()  # what `_collect` returns for a value it could not convert
+
+
+def _collect(tp: Any, value: Any, path: str, found: list[SchemaError]) -> Any:
+    """Convert `value` to `tp`, appending each problem to `found`: dataclasses, lists and
+    tables are walked item by item, other types are converted as by `from_plain`."""
+    if dataclasses.is_dataclass(tp):
+        return _collect_dataclass(tp, value, path, found)  # type: ignore[arg-type]
+    origin = typing.get_origin(tp)
+    if origin is list and isinstance(value, list | tuple):
+        item = typing.get_args(tp)[0]
+        items = [_collect(item, v, _join(path, i), found) for i, v in enumerate(value)]
+        return [v for v in items if v is not _INVALID]
+    if origin is dict and isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        val = typing.get_args(tp)[1]
+        items = {k: _collect(val, v, _join(path, k), found) for k, v in value.items()}
+        return {k: v for k, v in items.items() if v is not _INVALID}
+    try:
+        return _converter(tp)(value)
+    except SchemaError as exc:
+        found.append(_under(path, exc) if path else exc)
+        return _INVALID
+
+
+def _collect_dataclass(cls: type, data: Any, path: str, found: list[SchemaError]) -> Any:
+    """A field whose value is unusable keeps its default, so that the object's own
+    `problems()` still run; those about such a field (already reported) are left out."""
+    if not isinstance(data, dict):
+        found.append(SchemaError(path, f"expected a table, got {_type_name(data)}"))
+        return _INVALID
+    fields, hints = dataclasses.fields(cls), _hints(cls)
+    names = {f.name for f in fields}
+    found.extend(SchemaError(_join(path, str(key)), "unknown key")
+                 for key in data if key not in names)  # fmt: skip
+    kwargs = {}
+    for field in fields:
+        if field.name in data:
+            value = _collect(hints[field.name], data[field.name], _join(path, field.name), found)
+            if value is not _INVALID:
+                kwargs[field.name] = value
+        elif _required(field):
+            found.append(SchemaError(_join(path, field.name), "required key is missing"))
+    if any(_required(f) and f.name not in kwargs for f in fields):
+        return _INVALID
+    obj = cls(**kwargs)
+    unusable = data.keys() - kwargs.keys()
+    own = obj.problems() if hasattr(obj, "problems") else ()
+    found.extend(SchemaError(_join(path, problem.field), str(problem))
+                 for problem in own if problem.field not in unusable)  # fmt: skip
+    return obj
+
+
 class ConfigError(ValueError):
-    """A config file is unreadable or invalid; the message names the file and the key."""
+    """A config file is unreadable or invalid: one line per problem (`lines`), each
+    naming the file and the key, so that all of them can be fixed in one go."""
+
+    def __init__(self, *lines: str) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
 
 
 def load_toml(path: str, cls: type[T]) -> T:
-    """Read a TOML file into dataclass `cls`; errors name the file and the offending key."""
+    """Read a TOML file into dataclass `cls`; every problem is named with the file and key."""
     import tomllib
 
     try:
@@ -333,7 +391,8 @@ def load_toml(path: str, cls: type[T]) -> T:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    try:
-        return from_plain(cls, data)
-    except SchemaError as exc:
-        raise ConfigError(f"{path}: key {exc.path!r}: {exc.reason}") from None
+    found: list[SchemaError] = []
+    obj = _collect(cls, data, "", found)
+    if found:  # else `obj` is whole: `_collect` gives up on a value only after a problem
+        raise ConfigError(*(f"{path}: key {exc.path!r}: {exc.reason}" for exc in found))
+    return obj

@@ -31,7 +31,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = load_control_plane_config(args.config)
     except ConfigError as exc:
-        return _fail(f"config error: {exc}", 2)
+        return _config_fail(exc)
     configure_logging(args.log_format)
     try:
         asyncio.run(serve(config, own_process=True))
@@ -48,6 +48,13 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
+def _config_fail(exc: ConfigError) -> int:
+    """Exit 2 with a line for each problem of the config file, so all are fixed at once."""
+    for line in exc.lines:
+        _fail(f"config error: {line}")
+    return 2
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Apply schema migrations, or (--from) copy a whole instance into a new database."""
     import asyncio
@@ -58,7 +65,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     try:
         dest = args.to or load_control_plane_config(args.config).storage.url
     except ConfigError as exc:
-        return _fail(f"config error: {exc}", 2)
+        return _config_fail(exc)
     try:
         if args.source is None:
             before, after = asyncio.run(migrate_schema(dest))
@@ -95,7 +102,7 @@ def _token_storage(config_path: str) -> Any:
     try:
         return open_storage(load_control_plane_config(config_path).storage.url)
     except ConfigError as exc:
-        raise CliError(f"config error: {exc}") from None
+        raise CliError("; ".join(f"config error: {line}" for line in exc.lines)) from None
 
 
 def _with_storage(config_path: str, action: Any) -> Any:

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from protocol import PROTOCOL_VERSION
+from protocol import FLEETRUN_VERSION, PROTOCOL_VERSION
 from tests.conftest import (
     FIXTURES,
     FLEETRUN,
@@ -129,7 +129,8 @@ def test_the_one_file_binary_runs_a_job(tmp_path: Path) -> None:
     assert BINARY.exists(), "build the agent binary first: make binary"
     version = subprocess.run([str(BINARY), "version"], capture_output=True, text=True,
                              timeout=60)  # fmt: skip
-    assert version.returncode == 0 and f"(protocol {PROTOCOL_VERSION})" in version.stdout
+    assert version.returncode == 0
+    assert version.stdout == f"fleetrun-agent {FLEETRUN_VERSION} (protocol {PROTOCOL_VERSION})\n"
     cp = start_control_plane(tmp_path)
     config = write_agent_config(tmp_path, cp.url, "bin", {"examples": REPO / "examples" /
                                                           "demo_jobs.py"})  # fmt: skip
@@ -174,3 +175,17 @@ def test_check_config_names_every_problem_and_exits_2(tmp_path: Path) -> None:
                      "token_file: cannot read", "control_plane_url: cannot reach"):  # fmt: skip
         assert expected in result.stderr, result.stderr
     assert str(config) in result.stderr
+
+
+def test_check_config_lists_every_problem_of_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('queue = ["a"]\nmax_concurrent_runs = "4"\nrun_launcher = "thread"\n')
+    result = subprocess.run([*FLEETRUN_AGENT, "check-config", "--config", str(config)],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"config error: {config}: key 'queue': unknown key",
+        f"config error: {config}: key 'max_concurrent_runs': expected an integer, got a string",
+        f"config error: {config}: key 'run_launcher': must be 'forkserver' or 'subprocess', "
+        "not 'thread'",
+    ]

@@ -107,6 +107,51 @@ def test_control_plane_errors_name_file_and_key(
     assert path in message and repr(key) in message and problem in message
 
 
+def test_every_problem_of_a_control_plane_file_is_named_at_once(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "control-plane.toml",
+        """
+[server]
+prot = 1
+port = "8470"
+poll_timeout_seconds = 0
+[run_coordinator]
+kind = "fifo"
+[[run_coordinator.tag_concurrency_limits]]
+limit = "x"
+[[run_coordinator.tag_concurrency_limits]]
+key = "team"
+limit = -1
+[run_retries]
+backoff = "fibonacci"
+""",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_control_plane_config(path)
+    assert info.value.lines == tuple(f"{path}: key {key!r}: {reason}" for key, reason in [
+        ("server.prot", "unknown key"),
+        ("server.port", "expected an integer, got a string"),
+        ("server.poll_timeout_seconds", "must be in (0, 300]"),
+        ("run_coordinator.tag_concurrency_limits[0].key", "required key is missing"),
+        ("run_coordinator.tag_concurrency_limits[0].limit", "expected an integer, got a string"),
+        ("run_coordinator.tag_concurrency_limits[1].limit", "must be >= 0"),
+        ("run_coordinator.kind", "must be 'queued' or 'default', not 'fifo'"),
+        ("run_retries.backoff", "must be 'none', 'linear' or 'exponential', not 'fibonacci'"),
+    ])  # fmt: skip
+    assert str(info.value) == "\n".join(info.value.lines)
+
+
+def test_a_value_of_the_wrong_type_is_named_once(tmp_path: Path) -> None:
+    """Its default stands in for the table's own checks, which do not name it again."""
+    path = write(tmp_path, "cp.toml", '[limits]\nmax_events_per_batch = "x"\n'
+                                      "max_msgpack_depth = 0\n")  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        load_control_plane_config(path)
+    assert [line.split("'")[1] for line in info.value.lines] == [
+        "limits.max_events_per_batch", "limits.max_msgpack_depth"]  # fmt: skip
+
+
 def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, "cp.toml", "[server\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
@@ -175,6 +220,37 @@ def test_agent_errors_name_file_and_key(tmp_path: Path, text: str, key: str) -> 
     assert path in str(info.value) and repr(key) in str(info.value)
 
 
+def test_every_problem_of_an_agent_file_is_named_at_once(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "agent.toml",
+        """
+queue = ["a"]
+max_concurrent_runs = "4"
+run_launcher = "thread"
+queues = []
+[[code_locations]]
+name = "x y"
+module = "b"
+[[code_locations]]
+python_file = "defs.py"
+[[code_locations]]
+name = "etl"
+module = "a"
+[[code_locations]]
+name = "etl"
+module = "b"
+""",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_agent_config(path)
+    keys = ["queue", "max_concurrent_runs", "code_locations[0].name", "code_locations[1].name",
+            "run_launcher", "queues", "code_locations"]  # fmt: skip
+    assert [line.split("'")[1] for line in info.value.lines] == keys
+    assert all(line.startswith(f"{path}: key ") for line in info.value.lines)
+    assert "'etl' is used twice" in info.value.lines[-1]
+
+
 def test_a_token_over_http_is_allowed_to_loopback_or_when_asked(tmp_path: Path) -> None:
     for text in ('token_file = "t"\ncontrol_plane_url = "http://127.0.0.1:8470"\n',
                  'token_file = "t"\ncontrol_plane_url = "http://localhost:8470"\n',
@@ -194,17 +270,22 @@ def test_code_root_confines_code_locations(tmp_path: Path) -> None:
     ok = base + 'working_directory = "code/etl"\npython_file = "defs.py"\n'
     config = load_agent_config(write(tmp_path, "agent.toml", ok))
     assert config.code_root == str(root)
-    for text, key in (
+    for text, keys in (
         (base + 'working_directory = "."\npython_file = "code/etl/defs.py"\n',
-         "working_directory"),
+         ["working_directory"]),
         (base + 'working_directory = "code/etl"\npython_file = "../../elsewhere.py"\n',
-         "python_file"),
-        (base + 'working_directory = "code/etl"\npython_file = "link.py"\n', "python_file"),
+         ["python_file"]),
+        (base + 'working_directory = "code/etl"\npython_file = "link.py"\n', ["python_file"]),
+        (base + 'working_directory = ".."\npython_file = "x.py"\n',
+         ["working_directory", "python_file"]),
     ):  # fmt: skip
         path = write(tmp_path, "agent.toml", text)
         with pytest.raises(ConfigError) as info:
             load_agent_config(path)
-        assert f"code_locations.etl.{key}" in str(info.value) and "code_root" in str(info.value)
+        assert len(info.value.lines) == len(keys)
+        for line, key in zip(info.value.lines, keys, strict=True):
+            assert line.startswith(f"{path}: key 'code_locations[0].{key}': ")
+            assert "is outside code_root" in line
 
 
 @pytest.mark.parametrize(
