@@ -132,7 +132,10 @@ def test_no_agent_hosting_the_location_fails_the_tick_with_a_reason(
     cp, agent, _clock, _ = fleet
     monkeypatch.setattr(control_plane.scheduler, "WAIT_FOR_AGENT_SECONDS", 1.0)
     monkeypatch.setattr(control_plane.scheduler, "EVALUATION_TIMEOUT_SECONDS", 2.0)
-    wait_for(lambda: ticks(cp, "sensor", "inbox"), what="a first sensor tick")
+    # The fixture's first tick was requested before the patch, with the 60 s timeout: an
+    # agent stopped while evaluating it (its reply lost) would leave it waiting that out.
+    wait_for(lambda: any(t["status"] != "STARTED" for t in ticks(cp, "sensor", "inbox")),
+             what="the first sensor tick to end")  # fmt: skip
     agent.stop()  # it drains first: the location has no live host
     reason = "no online agent hosting location daemon took the evaluation within 1 s"
     wait_for(lambda: any(t["error"] == reason for t in ticks(cp, "sensor", "inbox")),
