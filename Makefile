@@ -18,6 +18,8 @@ demo: $(STAMP)
 
 test: test-deps $(STAMP) $(BINARY)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 # Headless Chromium and a running PostgreSQL: installed or started as root, else named.
@@ -27,6 +29,7 @@ test-deps:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -29,8 +29,10 @@ async def _run_agent(config_path: str) -> int:
     try:
         token = read_token(config.token_file)
     except OSError as exc:
-        print(f"fleetrun-agent: cannot read token_file {config.token_file}: {exc.strerror}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"fleetrun-agent: cannot read token_file {config.token_file}: {exc.strerror}",
+            file=sys.stderr,
+        )
         return 2
     try:
         tracking = open_tracking(config.process_tracking)
@@ -48,8 +50,9 @@ async def _serve(config: AgentConfig, token: str | None, tracking: Tracking) -> 
     from agent.errors import FatalAgentError
     from agent.lifecycle import Agent
 
-    client = ControlPlaneClient(config.control_plane_url, token, token_file=config.token_file,
-                                ca_file=config.ca_file)  # fmt: skip
+    client = ControlPlaneClient(
+        config.control_plane_url, token, token_file=config.token_file, ca_file=config.ca_file
+    )
     async with client:
         agent = Agent(config, client, tracking)
         task = asyncio.create_task(agent.run())
@@ -104,12 +107,15 @@ def check_config(config_path: str, connect: bool = False) -> int:
     problems = []
     for loc in config.code_locations:
         if not os.path.isdir(loc.working_directory):
-            problems.append(f"code_locations {loc.name}: working_directory "
-                            f"{loc.working_directory} does not exist")  # fmt: skip
+            problems.append(
+                f"code_locations {loc.name}: working_directory "
+                f"{loc.working_directory} does not exist"
+            )
             continue
         if loc.executable and not os.access(loc.executable, os.X_OK):
-            problems.append(f"code_locations {loc.name}: executable {loc.executable} "
-                            "is not an executable file")  # fmt: skip
+            problems.append(
+                f"code_locations {loc.name}: executable {loc.executable} is not an executable file"
+            )
             continue
         info = asyncio.run(describe_location(loc))
         if info.error:
@@ -151,8 +157,9 @@ async def _check_connection(url: str, token: str | None, ca_file: str) -> str | 
     connector = aiohttp.TCPConnector(ssl=context if context is not None else True)
     try:
         async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
-            async with session.get(f"{url.rstrip('/')}/agent/v1/version",
-                                   timeout=aiohttp.ClientTimeout(total=10)) as resp:  # fmt: skip
+            async with session.get(
+                f"{url.rstrip('/')}/agent/v1/version", timeout=aiohttp.ClientTimeout(total=10)
+            ) as resp:
                 if resp.status in (401, 403):
                     return f"the control plane refused the token (HTTP {resp.status})"
                 if resp.status != 200:
@@ -162,8 +169,7 @@ async def _check_connection(url: str, token: str | None, ca_file: str) -> str | 
         return f"cannot reach {url}: {type(exc).__name__}: {exc}"
     theirs = body.get("protocol_version")
     if theirs not in SUPPORTED_PROTOCOL_VERSIONS:
-        return (f"the control plane speaks protocol {theirs}; this agent speaks "
-                f"{PROTOCOL_VERSION}")  # fmt: skip
+        return f"the control plane speaks protocol {theirs}; this agent speaks {PROTOCOL_VERSION}"
     return None
 
 

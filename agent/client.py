@@ -229,8 +229,9 @@ class ContactLog:
     def failed(self, what: str, exc: Exception) -> None:
         if self.lost_since is None:
             self.lost_since = time.monotonic()
-            self.log.warning("lost contact with the control plane (%s: %s); retrying with "
-                             "backoff", what, exc)  # fmt: skip
+            self.log.warning(
+                "lost contact with the control plane (%s: %s); retrying with backoff", what, exc
+            )
 
     def succeeded(self) -> None:
         if self.lost_since is not None:

@@ -6,7 +6,7 @@ import ipaddress
 import os
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -16,7 +16,7 @@ from protocol.validation import agent_name_problem
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CodeLocationConfig:
     name: str
     python_file: str | None = None
@@ -34,7 +34,7 @@ class CodeLocationConfig:
 MAX_OUTPUT_BYTES = 64 * 1024 * 1024
 
 
-@dataclass
+@dataclass(frozen=True)
 class OutputStoreConfig:
     """Where step outputs are kept for re-execution (see agent/worker/outputs.py)."""
 
@@ -54,7 +54,7 @@ class OutputStoreConfig:
             )
 
 
-@dataclass
+@dataclass(frozen=True)
 class AgentConfig:
     control_plane_url: str = "http://127.0.0.1:8470"
     name: str = ""
@@ -80,8 +80,10 @@ class AgentConfig:
                 "run_launcher", f"must be 'forkserver' or 'subprocess', not {self.run_launcher!r}"
             )
         if self.process_tracking not in ("auto", "cgroup", "sweep"):
-            yield FieldError("process_tracking", "must be 'auto', 'cgroup' or 'sweep', "
-                             f"not {self.process_tracking!r}")  # fmt: skip
+            yield FieldError(
+                "process_tracking",
+                f"must be 'auto', 'cgroup' or 'sweep', not {self.process_tracking!r}",
+            )
         if not self.control_plane_url.startswith(("http://", "https://")):
             yield FieldError("control_plane_url", "must start with http:// or https://")
         if self.ca_file and not self.control_plane_url.startswith("https://"):
@@ -135,23 +137,36 @@ def _outside_code_root(config: AgentConfig) -> Iterator[str]:
                 yield f"key 'code_locations[{i}].{key}': {value} is outside code_root {root}"
 
 
+def _resolved_location(loc: CodeLocationConfig, base_dir: str) -> CodeLocationConfig:
+    """A location with its folder and file as absolute paths (relative to `base_dir`)."""
+    folder = os.path.normpath(os.path.join(base_dir, loc.working_directory))
+    python_file = None if loc.python_file is None else os.path.join(folder, loc.python_file)
+    return replace(loc, working_directory=folder, python_file=python_file)
+
+
 def load_agent_config(path: str) -> AgentConfig:
     """Load agent.toml; relative paths are resolved against the file's folder."""
     config = load_toml(path, AgentConfig)
     base_dir = os.path.dirname(os.path.abspath(path))
-    if not config.name:
-        config.name = socket.gethostname()
-    for loc in config.code_locations:
-        loc.working_directory = os.path.normpath(os.path.join(base_dir, loc.working_directory))
-        if loc.python_file is not None:
-            loc.python_file = os.path.join(loc.working_directory, loc.python_file)
-    if config.output_store.path:
-        config.output_store.path = os.path.join(base_dir, config.output_store.path)
-    if not config.state_dir:
-        config.state_dir = os.path.join("fleetrun-state", config.name)
-    for key in ("token_file", "ca_file", "code_root", "state_dir"):
-        if getattr(config, key):
-            setattr(config, key, os.path.join(base_dir, getattr(config, key)))
+    name = config.name or socket.gethostname()
+    locations = [_resolved_location(loc, base_dir) for loc in config.code_locations]
+    output_store = config.output_store
+    if output_store.path:
+        output_store = replace(output_store, path=os.path.join(base_dir, output_store.path))
+
+    def resolve(value: str) -> str:
+        return os.path.join(base_dir, value) if value else value
+
+    config = replace(
+        config,
+        name=name,
+        code_locations=locations,
+        output_store=output_store,
+        token_file=resolve(config.token_file),
+        ca_file=resolve(config.ca_file),
+        code_root=resolve(config.code_root),
+        state_dir=resolve(config.state_dir or os.path.join("fleetrun-state", name)),
+    )
     outside = list(_outside_code_root(config)) if config.code_root else []
     if outside:
         raise ConfigError(*(f"{path}: {problem}" for problem in outside))

@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from agent.compute_logs import StepOutputSplitter
 from agent.config import CodeLocationConfig, OutputStoreConfig
@@ -137,8 +137,9 @@ async def _connect(ours: list[int], message: object) -> WorkerPipes:
     """Send the worker its message on stdin; read its records, stdout and stderr."""
     stdin, stdout, stderr, records = ours
     await _write_and_close(stdin, frame(message))
-    return WorkerPipes(await _pipe_reader(records), await _pipe_reader(stdout),
-                       await _pipe_reader(stderr))  # fmt: skip
+    return WorkerPipes(
+        await _pipe_reader(records), await _pipe_reader(stdout), await _pipe_reader(stderr)
+    )
 
 
 async def _spawn(
@@ -460,8 +461,12 @@ class LaunchedRun:
                 record = replace(record, data=data)
             if record.kind == "event" and record.type == "ENGINE_EVENT" and "killed" in record.data:
                 # The worker's own sweep of its descendants (sweep tracking) found some.
-                log.warning("run %s: %s", self.launch.run_id, record.message,
-                            extra={"run_id": self.launch.run_id})  # fmt: skip
+                log.warning(
+                    "run %s: %s",
+                    self.launch.run_id,
+                    record.message,
+                    extra={"run_id": self.launch.run_id},
+                )
             if record.kind == "event" and record.type in TERMINAL_EVENTS:
                 # Held until stdout/stderr are drained too, so that a run that ended has
                 # all its compute log stored (a log follower stops at the run's end).
@@ -493,9 +498,11 @@ class LaunchedRun:
             return
         try:
             scope, proc = await _start_tracked(
-                launcher.tracking, f"run-{self.launch.lease}", run_marker(self.launch),
+                launcher.tracking,
+                f"run-{self.launch.lease}",
+                run_marker(self.launch),
                 lambda env: launcher.start(loc, spec, env=env),
-            )  # fmt: skip
+            )
         except OSError as exc:
             self.state = "exited"
             self.report(
@@ -532,13 +539,13 @@ class LaunchedRun:
     async def _follow(self, proc: WorkerProcess, scope: ProcessScope) -> list[LeftProcess]:
         """Forward the worker's records and output until it has exited and what it left
         running is killed; returns what was killed."""
-        pumps = asyncio.gather(
+        pumps: asyncio.Future[Any] = asyncio.gather(
             self._pump_records(proc.records),
             self._pump_output(proc.stdout, "stdout"),
             self._pump_output(proc.stderr, "stderr"),
         )
         exited = asyncio.create_task(proc.wait())
-        await asyncio.wait({pumps, exited}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([pumps, exited], return_when=asyncio.FIRST_COMPLETED)
         if exited.done() and exited.result() is not None:
             # The worker is gone: end what it left at once, which also closes the
             # stdout/stderr a daemon of it may hold, so its output ends now too.
@@ -551,7 +558,7 @@ class LaunchedRun:
         self.exit_code = await exited
         return await self._end_left_behind(proc, scope)
 
-    async def _read_to_end(self, pumps: asyncio.Future[object], bounded: bool) -> None:
+    async def _read_to_end(self, pumps: asyncio.Future[Any], bounded: bool) -> None:
         """Wait for the worker's pipes to end; if `bounded` (the worker has exited), for
         OUTPUT_GRACE_SECONDS at most: a process beyond the tracking may hold them."""
         if bounded:
@@ -561,8 +568,10 @@ class LaunchedRun:
                 await asyncio.wait({pumps})
                 with contextlib.suppress(BaseException):  # done: retrieve, do not re-raise
                     pumps.result()
-                log.warning("run %s: a process the run started still holds its output;"
-                            " stopped reading it", self.launch.run_id)  # fmt: skip
+                log.warning(
+                    "run %s: a process the run started still holds its output; stopped reading it",
+                    self.launch.run_id,
+                )
                 return
         try:
             await pumps
@@ -579,8 +588,7 @@ class LaunchedRun:
     def _report_left_behind(self, killed: list[LeftProcess], tracking: str) -> None:
         """Say on the run's page (before its result) and in the agent's log what was killed."""
         message, data = left_behind_event(killed, tracking)
-        log.warning("run %s: %s", self.launch.run_id, message,
-                    extra={"run_id": self.launch.run_id})  # fmt: skip
+        log.warning("run %s: %s", self.launch.run_id, message, extra={"run_id": self.launch.run_id})
         self.report("ENGINE_EVENT", message, data)
 
     def _report_stopped(self, how: str) -> None:
@@ -627,16 +635,22 @@ async def evaluate_in_worker(
     label, marker = _helper_marker()
     try:
         scope, proc = await _start_tracked(
-            launcher.tracking, f"eval-{label}", marker,
+            launcher.tracking,
+            f"eval-{label}",
+            marker,
             lambda env: launcher.start(loc, spec, mode="evaluate", env=env),
-        )  # fmt: skip
+        )
     except OSError as exc:
         return EvaluationResult(eval_id=request.eval_id, error=f"cannot start a worker: {exc}")
     try:
         return await _evaluation_result(proc, spec.evaluate)
     finally:
-        _log_left_behind(await scope.end(proc.pid), scope.tracking,
-                         f"{request.kind} {request.name}", "the evaluation")  # fmt: skip
+        _log_left_behind(
+            await scope.end(proc.pid),
+            scope.tracking,
+            f"{request.kind} {request.name}",
+            "the evaluation",
+        )
 
 
 async def _evaluation_result(proc: WorkerProcess, request: Evaluate) -> EvaluationResult:
@@ -649,8 +663,11 @@ async def _evaluation_result(proc: WorkerProcess, request: Evaluate) -> Evaluati
     except TimeoutError:
         proc.signal(signal.SIGKILL)
         await proc.wait()
-        return EvaluationResult(eval_id=request.eval_id, cursor=request.cursor, error=(
-            f"evaluation timed out after {request.timeout_seconds:g} s"))  # fmt: skip
+        return EvaluationResult(
+            eval_id=request.eval_id,
+            cursor=request.cursor,
+            error=(f"evaluation timed out after {request.timeout_seconds:g} s"),
+        )
     finally:
         for task in drains:
             task.cancel()
@@ -672,9 +689,11 @@ async def describe_location(
     message = DescribeLocation(location=location_spec(loc))
     try:
         scope, (proc, pipes) = await _start_tracked(
-            tracking or SweepTracking(), f"describe-{label}", marker,
+            tracking or SweepTracking(),
+            f"describe-{label}",
+            marker,
             lambda env: _spawn(loc, "describe", message, env),
-        )  # fmt: skip
+        )
     except OSError as exc:
         return CodeLocationInfo(name=loc.name, error=f"cannot start a worker: {exc}")
     # Both drained as they come: a location that prints a lot must not block on a pipe.
@@ -692,8 +711,9 @@ async def describe_location(
         )
     finally:
         # Also closes the pipes that a process it left may hold.
-        _log_left_behind(await scope.end(proc.pid), scope.tracking,
-                         f"code location {loc.name}", "its loading")  # fmt: skip
+        _log_left_behind(
+            await scope.end(proc.pid), scope.tracking, f"code location {loc.name}", "its loading"
+        )
         await asyncio.wait(output, timeout=OUTPUT_GRACE_SECONDS)
         for task in output:
             task.cancel()

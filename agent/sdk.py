@@ -741,17 +741,17 @@ class Definitions:
                 raise DefinitionError(f"Definitions: two schedules are named {s.name!r}")
             self.schedules[s.name] = s
             self._add_target("schedule", s.name, s.job)
-        for s in sensors or []:
-            if not isinstance(s, SensorDefinition):
-                raise DefinitionError(f"Definitions: {s!r} in sensors is not a @sensor")
-            if s.name in self.sensors:
-                raise DefinitionError(f"Definitions: two sensors are named {s.name!r}")
-            if s.name in self.schedules:
+        for sensor in sensors or []:
+            if not isinstance(sensor, SensorDefinition):
+                raise DefinitionError(f"Definitions: {sensor!r} in sensors is not a @sensor")
+            if sensor.name in self.sensors:
+                raise DefinitionError(f"Definitions: two sensors are named {sensor.name!r}")
+            if sensor.name in self.schedules:
                 raise DefinitionError(
-                    f"Definitions: sensor {s.name!r} has the same name as a schedule"
+                    f"Definitions: sensor {sensor.name!r} has the same name as a schedule"
                 )
-            self.sensors[s.name] = s
-            self._add_target("sensor", s.name, s.job)
+            self.sensors[sensor.name] = sensor
+            self._add_target("sensor", sensor.name, sensor.job)
 
     def _add_target(self, kind: str, name: str, target: JobDefinition) -> None:
         """Jobs only reachable through a schedule or sensor still need to be runnable."""

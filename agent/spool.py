@@ -83,8 +83,12 @@ class Spool:
         await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute("PRAGMA synchronous=NORMAL")
         await self._db.executescript(SCHEMA)
-        rows = await self._db.execute_fetchall("SELECT COALESCE(SUM(size), 0) FROM records")
-        self._bytes = int(rows[0][0])
+        self._bytes = await self._stored_bytes()
+
+    async def _stored_bytes(self) -> int:
+        async with self.db.execute("SELECT COALESCE(SUM(size), 0) FROM records") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row is not None else 0
 
     async def close(self) -> None:
         if self._db is not None:
@@ -108,8 +112,18 @@ class Spool:
         now = self.clock()
         for record in records:
             body = encode(record)
-            rows.append((attempt.lease, record.seq, attempt.agent_id, attempt.run_id,
-                         record.kind, len(body), body, now))  # fmt: skip
+            rows.append(
+                (
+                    attempt.lease,
+                    record.seq,
+                    attempt.agent_id,
+                    attempt.run_id,
+                    record.kind,
+                    len(body),
+                    body,
+                    now,
+                )
+            )
         async with self._lock:
             await self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -124,8 +138,7 @@ class Spool:
                 await self.db.execute("ROLLBACK")
                 raise
             if added is None:  # some were there already (a replay): count from the table
-                total = await self.db.execute_fetchall("SELECT COALESCE(SUM(size), 0) FROM records")
-                self._bytes = int(total[0][0])
+                self._bytes = await self._stored_bytes()
             else:
                 self._bytes += added
             if self._bytes > self.max_bytes:
@@ -145,7 +158,7 @@ class Spool:
             (now - self.max_age_seconds,),
         )
         if rows:
-            await self._shed(rows, "older than the spool's max age", all_rows=True)
+            await self._shed(list(rows), "older than the spool's max age", all_rows=True)
 
     async def _shed_logs(self) -> None:
         """Replace the oldest compute-log text by a marker until under the bound."""
@@ -153,9 +166,9 @@ class Spool:
             "SELECT lease, seq, size, body FROM records WHERE kind = 'log' AND size > 200"
             " ORDER BY lease, seq"
         )
-        await self._shed(rows, "agent spool full", all_rows=False)
+        await self._shed(list(rows), "agent spool full", all_rows=False)
 
-    async def _shed(self, rows: list, why: str, all_rows: bool) -> None:
+    async def _shed(self, rows: list[aiosqlite.Row], why: str, all_rows: bool) -> None:
         freed = 0
         updates = []
         for lease, seq, size, body in rows:
@@ -177,9 +190,12 @@ class Spool:
     def _warn_if_near_full(self) -> None:
         near = self._bytes > WARN_FRACTION * self.max_bytes
         if near and not self._warned:
-            log.warning("agent spool holds %d bytes, near its bound of %d: the control plane "
-                        "is not taking records; compute-log text goes first past the bound",
-                        self._bytes, self.max_bytes)  # fmt: skip
+            log.warning(
+                "agent spool holds %d bytes, near its bound of %d: the control plane "
+                "is not taking records; compute-log text goes first past the bound",
+                self._bytes,
+                self.max_bytes,
+            )
         self._warned = near
 
     async def pending(self, lease: int, limit: int = 500) -> list[RunRecord]:

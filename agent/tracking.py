@@ -131,8 +131,11 @@ async def _end_cgroup(path: str, spare: int | None) -> list[LeftProcess]:
         log.error("cannot kill the processes of cgroup %s: %s", path, exc)
         return []
     if not await _emptied(path):
-        log.warning("cgroup %s still holds processes %.0f s after cgroup.kill; left in place",
-                    path, EMPTY_TIMEOUT_SECONDS)  # fmt: skip
+        log.warning(
+            "cgroup %s still holds processes %.0f s after cgroup.kill; left in place",
+            path,
+            EMPTY_TIMEOUT_SECONDS,
+        )
         return killed
     try:
         remove_cgroup(path)
@@ -179,8 +182,11 @@ class CgroupTracking:
                 if entry.is_dir():
                     killed = await _end_cgroup(entry.path, None)
                     if killed:
-                        log.warning("killed %d process(es) still in %s as the agent exits",
-                                    len(killed), entry.path)  # fmt: skip
+                        log.warning(
+                            "killed %d process(es) still in %s as the agent exits",
+                            len(killed),
+                            entry.path,
+                        )
         with contextlib.suppress(OSError):
             os.rmdir(self.base)
 
@@ -219,8 +225,11 @@ def _remove_stale(parent: str) -> None:
             try:
                 remove_cgroup(entry.path)
             except OSError as exc:
-                log.warning("cgroup %s of an agent that is gone: %s; left in place",
-                            entry.path, exc.strerror)  # fmt: skip
+                log.warning(
+                    "cgroup %s of an agent that is gone: %s; left in place",
+                    entry.path,
+                    exc.strerror,
+                )
 
 
 def _agent_cgroups() -> tuple[str | None, str | None]:

@@ -6,6 +6,8 @@ The workloads (each module's docstring says exactly what it measures):
   4    bench/ingest.py    event ingestion from 50 concurrent runs
   5    bench/footprint.py the agent's own RSS and CPU, idle and per run
   6    bench/dagster.py   workloads 1 and 2 on Dagster OSS, installed into .bench/
+  7    bench/replicas.py  submit -> launch received through the replica that does not
+                          lead the run queue (two replicas on PostgreSQL)
 plus two figures of earlier issues: executor overhead per step, agent death -> FAILURE.
 The table is Markdown, so that docs/performance.md can hold it as printed.
 """
@@ -20,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from bench import replicas
 from bench.harness import pct
 
 
@@ -38,8 +41,14 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
-def _dist(workload: str, measure: str, seconds: list[float], goal: str = "",
-          p50_goal: float | None = None, p99_goal: float | None = None) -> Row:  # fmt: skip
+def _dist(
+    workload: str,
+    measure: str,
+    seconds: list[float],
+    goal: str = "",
+    p50_goal: float | None = None,
+    p99_goal: float | None = None,
+) -> Row:
     p50, p99 = statistics.median(seconds), pct(seconds, 0.99)
     met = None
     if p50_goal is not None:
@@ -64,8 +73,18 @@ def _machine() -> str:
 def print_table(rows: list[Row], title: str) -> None:
     print(f"\n{title}\n")
     head = ["workload", "measure", "p50", "p99", "value", "goal", "met"]
-    cells = [[r.workload, r.measure, r.p50, r.p99, r.value, r.goal,
-              "" if r.met is None else ("yes" if r.met else "**no**")] for r in rows]  # fmt: skip
+    cells = [
+        [
+            r.workload,
+            r.measure,
+            r.p50,
+            r.p99,
+            r.value,
+            r.goal,
+            "" if r.met is None else ("yes" if r.met else "**no**"),
+        ]
+        for r in rows
+    ]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -95,6 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--skip-dagster", action="store_true")
     parser.add_argument(
+        "--postgres",
+        default=os.environ.get("FLEETRUN_TEST_POSTGRES_URL", replicas.POSTGRES_URL),
+        help="PostgreSQL for the replicas (7): a fresh schema on it",
+    )
+    parser.add_argument("--skip-replicas", action="store_true")
+    parser.add_argument(
         "--skip-extra", action="store_true", help="skip the executor and agent-death figures"
     )
     args = parser.parse_args(argv)
@@ -108,42 +133,85 @@ def main(argv: list[str] | None = None) -> None:
 
     progress(f"1: {args.runs} idle runs")
     idle = latency.idle(args.runs, args.storage)
-    rows.append(_dist("1 idle", f"submit -> launch received ({args.runs} runs)",
-                      idle["submit -> launch received"]))  # fmt: skip
-    rows.append(_dist("1 idle", "submit -> STARTED", idle["submit -> STARTED"],
-                      "p50 <= 50 ms", p50_goal=0.050))  # fmt: skip
+    rows.append(
+        _dist(
+            "1 idle",
+            f"submit -> launch received ({args.runs} runs)",
+            idle["submit -> launch received"],
+        )
+    )
+    rows.append(
+        _dist(
+            "1 idle", "submit -> STARTED", idle["submit -> STARTED"], "p50 <= 50 ms", p50_goal=0.050
+        )
+    )
     progress(f"2: a burst of {args.burst} runs")
     rate, queued = latency.burst(args.burst, storage_url=args.storage)
-    rows.append(Row("2 burst", f"{args.burst} one-op runs, 4 agents x 8 slots",
-                    value=f"{rate:.1f} runs/s", goal=">= 50 runs/s", met=rate >= 50))  # fmt: skip
+    rows.append(
+        Row(
+            "2 burst",
+            f"{args.burst} one-op runs, 4 agents x 8 slots",
+            value=f"{rate:.1f} runs/s",
+            goal=">= 50 runs/s",
+            met=rate >= 50,
+        )
+    )
     rows.append(_dist("2 burst", "time in queue", queued))
     for count in [int(n) for n in args.agents.split(",") if n]:
         progress(f"3: {count} simulated agents")
         s = scale.measure(count)
         big = count >= 5000
-        rows.append(Row("3 scale", f"{count:,} agents: control-plane RSS, CPU",
-                        value=f"{s.rss_bytes / 2**20:.0f} MiB, {s.cpu_percent:.0f} %",
-                        goal="RSS <= 1 GiB" if big else "",
-                        met=s.rss_bytes <= 2**30 if big else None))  # fmt: skip
-        rows.append(_dist("3 scale", f"{count:,} agents: dispatch latency", s.dispatch,
-                          "p99 <= 100 ms" if big else "",
-                          p99_goal=0.100 if big else None))  # fmt: skip
-        rows.append(Row("3 scale", f"{count:,} agents: heartbeats handled",
-                        value=f"{s.heartbeats_per_s:,.0f}/s paced; "
-                              f"{s.flood_heartbeats_per_s:,.0f}/s flooded "
-                              f"({s.flood_cpu_percent:.0f} % CPU)"))  # fmt: skip
+        rows.append(
+            Row(
+                "3 scale",
+                f"{count:,} agents: control-plane RSS, CPU",
+                value=f"{s.rss_bytes / 2**20:.0f} MiB, {s.cpu_percent:.0f} %",
+                goal="RSS <= 1 GiB" if big else "",
+                met=s.rss_bytes <= 2**30 if big else None,
+            )
+        )
+        rows.append(
+            _dist(
+                "3 scale",
+                f"{count:,} agents: dispatch latency",
+                s.dispatch,
+                "p99 <= 100 ms" if big else "",
+                p99_goal=0.100 if big else None,
+            )
+        )
+        rows.append(
+            Row(
+                "3 scale",
+                f"{count:,} agents: heartbeats handled",
+                value=f"{s.heartbeats_per_s:,.0f}/s paced; "
+                f"{s.flood_heartbeats_per_s:,.0f}/s flooded "
+                f"({s.flood_cpu_percent:.0f} % CPU)",
+            )
+        )
     progress("4: ingestion")
     ing = ingest.measure(storage_url=args.storage)
-    rows.append(Row("4 ingest", f"{ing.runs} runs logging in batches of 500",
-                    value=f"{ing.per_second:,.0f} events/s ({ing.cpu_percent:.0f} % CPU)",
-                    goal=">= 50,000 events/s", met=ing.per_second >= 50_000))  # fmt: skip
+    rows.append(
+        Row(
+            "4 ingest",
+            f"{ing.runs} runs logging in batches of 500",
+            value=f"{ing.per_second:,.0f} events/s ({ing.cpu_percent:.0f} % CPU)",
+            goal=">= 50,000 events/s",
+            met=ing.per_second >= 50_000,
+        )
+    )
     progress("5: agent footprint")
     fp = footprint.measure()
     idle_value = f"{fp.idle_rss_bytes / 2**20:.0f} MiB, {fp.idle_cpu_percent:.2f} %"
-    rows.append(Row("5 agent", f"idle RSS, CPU ({fp.agent}, with its fork server)",
-                    value=idle_value))  # fmt: skip
+    rows.append(
+        Row("5 agent", f"idle RSS, CPU ({fp.agent}, with its fork server)", value=idle_value)
+    )
     per_run = f"{fp.cpu_ms_per_run:.1f} ms; {fp.rss_after_runs_bytes / 2**20:.0f} MiB"
     rows.append(Row("5 agent", "agent CPU per run; RSS after 100 runs", value=per_run))
+    if not args.skip_replicas:
+        progress(f"7: {args.runs} runs through the replica that does not lead")
+        through = replicas.non_leader(args.runs, args.postgres)
+        measure = f"submit to the non-leader -> launch received ({args.runs} runs)"
+        rows.append(_dist("7 replicas", measure, through, "p50 <= 50 ms", p50_goal=0.050))
     if not args.skip_extra:
         progress("extra: executors, agent death")
         from bench.executors import per_step_ms
@@ -151,35 +219,69 @@ def main(argv: list[str] | None = None) -> None:
 
         for executor in ("in_process", "multiprocess"):
             ms = per_step_ms(executor, 3)
-            rows.append(Row("extra", f"{executor} executor, per step of a 100-op chain",
-                            value=f"{statistics.median(ms):.2f} ms"))  # fmt: skip
+            rows.append(
+                Row(
+                    "extra",
+                    f"{executor} executor, per step of a 100-op chain",
+                    value=f"{statistics.median(ms):.2f} ms",
+                )
+            )
         lags = agent_death(10, 0)
         rows.append(_dist("extra", f"agent killed -> FAILURE (timeout {TIMEOUT:g} s)", lags))
     if not args.skip_dagster:
         from bench import dagster
 
-        progress(f"6: Dagster, {args.dagster_runs} idle runs and a {args.dagster_burst}-run "
-                 "burst (minutes: it starts a process per run)")  # fmt: skip
+        progress(
+            f"6: Dagster, {args.dagster_runs} idle runs and a {args.dagster_burst}-run "
+            "burst (minutes: it starts a process per run)"
+        )
         dg = dagster.measure(args.dagster_runs, args.dagster_burst, 32)
         d_idle = dg["idle"]
-        rows.append(_dist("6 dagster", f"submit -> launch received ({args.dagster_runs} runs)",
-                          d_idle["submit -> launch received"]))  # fmt: skip
+        rows.append(
+            _dist(
+                "6 dagster",
+                f"submit -> launch received ({args.dagster_runs} runs)",
+                d_idle["submit -> launch received"],
+            )
+        )
         rows.append(_dist("6 dagster", "submit -> STARTED", d_idle["submit -> STARTED"]))
         d_rate = dg["burst"]["runs_per_s"]
-        rows.append(Row("6 dagster", f"burst of {args.dagster_burst} runs, 32 concurrent",
-                        value=f"{d_rate:.2f} runs/s"))  # fmt: skip
+        rows.append(
+            Row(
+                "6 dagster",
+                f"burst of {args.dagster_burst} runs, 32 concurrent",
+                value=f"{d_rate:.2f} runs/s",
+            )
+        )
         rows.append(_dist("6 dagster", "time in queue", dg["burst"]["queue_s"]))
         ratio1 = statistics.median(d_idle["submit -> STARTED"]) / statistics.median(
             idle["submit -> STARTED"]
         )
-        rows.append(Row("6 ratio", "Dagster / fleetrun, submit -> STARTED p50",
-                        value=f"{ratio1:,.0f}x", goal=">= 20x", met=ratio1 >= 20))  # fmt: skip
+        rows.append(
+            Row(
+                "6 ratio",
+                "Dagster / fleetrun, submit -> STARTED p50",
+                value=f"{ratio1:,.0f}x",
+                goal=">= 20x",
+                met=ratio1 >= 20,
+            )
+        )
         ratio2 = rate / d_rate
-        rows.append(Row("6 ratio", "fleetrun / Dagster, burst runs/s",
-                        value=f"{ratio2:,.0f}x", goal=">= 20x", met=ratio2 >= 20))  # fmt: skip
+        rows.append(
+            Row(
+                "6 ratio",
+                "fleetrun / Dagster, burst runs/s",
+                value=f"{ratio2:,.0f}x",
+                goal=">= 20x",
+                met=ratio2 >= 20,
+            )
+        )
     storage = args.storage.split(":", 1)[0]
-    print_table(rows, f"fleetrun bench, {time.strftime('%Y-%m-%d')}: {_machine()}; storage "
-                      f"{storage}; took {time.monotonic() - started:.0f} s")  # fmt: skip
+    print_table(
+        rows,
+        f"fleetrun bench, {time.strftime('%Y-%m-%d')}: {_machine()}; storage "
+        f"{storage}; took {time.monotonic() - started:.0f} s",
+    )
 
 
 if __name__ == "__main__":

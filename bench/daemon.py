@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import statistics
@@ -33,8 +34,9 @@ DAEMON_JOBS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "d
 SENSORS = Path(__file__).resolve().parent / "many_sensors.py"
 
 
-def _control_plane(folder: Path, clock: OffsetClock) -> tuple[str, asyncio.AbstractEventLoop,
-                                                             asyncio.Task]:  # fmt: skip
+def _control_plane(
+    folder: Path, clock: OffsetClock
+) -> tuple[str, asyncio.AbstractEventLoop, asyncio.Task]:
     (folder / "cp.toml").write_text(
         '[server]\nport = 0\n[storage]\nurl = "sqlite:///b.db"\n'
         "[run_monitoring]\nagent_heartbeat_timeout_seconds = 3600\n"  # the clock jumps
@@ -43,10 +45,13 @@ def _control_plane(folder: Path, clock: OffsetClock) -> tuple[str, asyncio.Abstr
     ready: dict[str, object] = {}
     event = threading.Event()
 
+    def on_ready(url: str) -> None:
+        ready.update(url=url)
+        event.set()
+
     def run() -> None:
         loop = asyncio.new_event_loop()
-        task = loop.create_task(serve(config, lambda url: (ready.update(url=url), event.set()),
-                                      clock))  # fmt: skip
+        task = loop.create_task(serve(config, on_ready, clock))
         ready.update(loop=loop, task=task)
         try:
             loop.run_until_complete(task)
@@ -60,8 +65,10 @@ def _control_plane(folder: Path, clock: OffsetClock) -> tuple[str, asyncio.Abstr
 
 def _agent(folder: Path, url: str, location: Path, name: str) -> subprocess.Popen[bytes]:
     config = folder / f"{name}.toml"
-    config.write_text(f'control_plane_url = "{url}"\nname = "{name}"\n[[code_locations]]\n'
-                      f'name = "bench"\npython_file = "{location}"\n')  # fmt: skip
+    config.write_text(
+        f'control_plane_url = "{url}"\nname = "{name}"\n[[code_locations]]\n'
+        f'name = "bench"\npython_file = "{location}"\n'
+    )
     return subprocess.Popen(
         [*FLEETRUN, "agent", "--config", str(config)],
         stdout=subprocess.DEVNULL,
@@ -79,8 +86,11 @@ def tick_lag(ticks: int) -> tuple[list[float], list[float]]:
     agent = _agent(folder, url, DAEMON_JOBS, "ticker")
     started, created = [], []
     try:
-        _wait(lambda: any(a["code_locations"] for a in _get(f"{url}/api/v1/agents")["agents"]),
-              60, "the agent")  # fmt: skip
+        _wait(
+            lambda: any(a["code_locations"] for a in _get(f"{url}/api/v1/agents")["agents"]),
+            60,
+            "the agent",
+        )
         _post(f"{url}/api/v1/sensors/inbox/stop", {})
 
         def finished(count: int) -> list[dict] | None:
@@ -93,7 +103,7 @@ def tick_lag(ticks: int) -> tuple[list[float], list[float]]:
             # The jump is not something the scheduler could have slept towards: wake it
             # (starting it again ticks from now) so it sleeps until the tick in real time.
             _post(f"{url}/api/v1/schedules/every_minute/start", {})
-            done = _wait(lambda n=seen: finished(n), 60, "the tick")
+            done = _wait(functools.partial(finished, seen), 60, "the tick")
             tick = done[0]
             run = _get(f"{url}/api/v1/runs/{tick['run_ids'][0]}")
             scheduled = _ts(tick["scheduled_time"])
@@ -126,20 +136,34 @@ def sensors(seconds: float = 30.0) -> tuple[float, float, float]:
     folder = Path(tempfile.mkdtemp(prefix="fleetrun-bench-sensors-"))
     (folder / "cp.toml").write_text('[server]\nport = 0\n[storage]\nurl = "sqlite:///b.db"\n')
     log = open(folder / "cp.log", "wb")
-    cp = subprocess.Popen([*FLEETRUN, "serve", "--config", str(folder / "cp.toml")],
-                          stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    cp = subprocess.Popen(
+        [*FLEETRUN, "serve", "--config", str(folder / "cp.toml")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     agent = None
     try:
-        match = _wait(lambda: re.search(r"listening on (http://\S+)",
-                                        (folder / "cp.log").read_text()), 60, "cp")  # fmt: skip
+        match = _wait(
+            lambda: re.search(r"listening on (http://\S+)", (folder / "cp.log").read_text()),
+            60,
+            "cp",
+        )
         url = match.group(1)
         agent = _agent(folder, url, SENSORS, "sensors")
-        _wait(lambda: any(a["code_locations"] for a in _get(f"{url}/api/v1/agents")["agents"]),
-              120, "the agent")  # fmt: skip
+        _wait(
+            lambda: any(a["code_locations"] for a in _get(f"{url}/api/v1/agents")["agents"]),
+            120,
+            "the agent",
+        )
 
         def count() -> int:
-            return sum(len(_get(f"{url}/api/v1/sensors/sensor_{i}/ticks?limit=1000")["ticks"])
-                       for i in range(0, 1000, 50)) * 50  # fmt: skip
+            return (
+                sum(
+                    len(_get(f"{url}/api/v1/sensors/sensor_{i}/ticks?limit=1000")["ticks"])
+                    for i in range(0, 1000, 50)
+                )
+                * 50
+            )
 
         time.sleep(5)  # warm up: the first evaluations start
         before, cp0, t0 = count(), _cpu(cp.pid), time.monotonic()
@@ -159,11 +183,15 @@ def report(ticks: int = 20, sensor_seconds: float = 30.0) -> None:
     started, created = tick_lag(ticks)
     print(f"schedule tick lag, every-minute schedule, {ticks} ticks (ms)")
     print(f"  {'measure':<28}{'p50':>8}{'p99':>8}{'max':>8}")
-    for name, values in (("scheduled -> tick started", started),
-                         ("scheduled -> run created", created)):  # fmt: skip
+    for name, values in (
+        ("scheduled -> tick started", started),
+        ("scheduled -> run created", created),
+    ):
         ms = [v * 1000 for v in values]
         print(f"  {name:<28}{statistics.median(ms):>8.1f}{_pct(ms, 0.99):>8.1f}{max(ms):>8.1f}")
     rate, cp_cpu, agent_cpu = sensors(sensor_seconds)
     print(f"1,000 sensors at 1 s intervals, one agent, {sensor_seconds:g} s")
-    print(f"  {rate:.0f} evaluations/s; control plane CPU {cp_cpu * 100:.0f}%, agent and "
-          f"workers CPU {agent_cpu * 100:.0f}% (of one core)")  # fmt: skip
+    print(
+        f"  {rate:.0f} evaluations/s; control plane CPU {cp_cpu * 100:.0f}%, agent and "
+        f"workers CPU {agent_cpu * 100:.0f}% (of one core)"
+    )

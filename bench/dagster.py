@@ -118,8 +118,9 @@ def ensure_venv() -> Path:
         )
         for cmd in steps:
             try:
-                subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=INSTALL_TIMEOUT,
-                               check=True)  # fmt: skip
+                subprocess.run(
+                    cmd, stdout=out, stderr=subprocess.STDOUT, timeout=INSTALL_TIMEOUT, check=True
+                )
             except subprocess.TimeoutExpired as exc:
                 raise RuntimeError(f"timed out after {INSTALL_TIMEOUT:g} s: {cmd}") from exc
             except subprocess.CalledProcessError as exc:
@@ -155,15 +156,22 @@ class _Process:
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path, log: Path):
         self.name, self.log = name, log
         with open(log, "wb") as out:
-            self.popen = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out,
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          start_new_session=True)  # fmt: skip
+            self.popen = subprocess.Popen(
+                cmd,
+                env=env,
+                cwd=cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     def check_alive(self) -> None:
         code = self.popen.poll()
         if code is not None:
-            raise RuntimeError(f"{self.name} exited with code {code}; log {self.log}:\n"
-                               f"{_tail(self.log)}")  # fmt: skip
+            raise RuntimeError(
+                f"{self.name} exited with code {code}; log {self.log}:\n{_tail(self.log)}"
+            )
 
 
 def _stop(procs: list[_Process]) -> None:
@@ -241,11 +249,14 @@ class Deployment:
     def submit(self, kind: str) -> str:
         """Launch `hello` via the GraphQL `launchRun` mutation; returns the run ID."""
         params = {
-            "selector": {"repositoryLocationName": LOCATION, "repositoryName": self.repository,
-                         "jobName": JOB},
+            "selector": {
+                "repositoryLocationName": LOCATION,
+                "repositoryName": self.repository,
+                "jobName": JOB,
+            },
             "runConfigData": {},
             "executionMetadata": {"tags": [{"key": TAG, "value": kind}]},
-        }  # fmt: skip
+        }
         result = self.graphql(LAUNCH_RUN, {"executionParams": params})["launchRun"]
         if result["__typename"] != "LaunchRunSuccess":
             raise RuntimeError(f"launchRun failed: {result}")
@@ -261,9 +272,15 @@ class Deployment:
         """Timings of the runs, read from the instance by the Dagster venv's python."""
         env = _env(self.home)
         try:
-            proc = subprocess.run([str(self.python), str(SIDE / "records.py")],
-                                  input=json.dumps(run_ids), capture_output=True, text=True,
-                                  env=env, cwd=self.home, timeout=RECORDS_TIMEOUT)  # fmt: skip
+            proc = subprocess.run(
+                [str(self.python), str(SIDE / "records.py")],
+                input=json.dumps(run_ids),
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=self.home,
+                timeout=RECORDS_TIMEOUT,
+            )
         except subprocess.TimeoutExpired as exc:
             raise RuntimeError(
                 f"reading run records timed out after {RECORDS_TIMEOUT:g} s"
@@ -321,8 +338,11 @@ query Counts($tags: [ExecutionTag!]) {
 
 def _env(home: Path) -> dict[str, str]:
     """The environment of the Dagster processes: their venv first, none of the main venv's."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "DAGSTER_HOME")}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "DAGSTER_HOME")
+    }
     env["DAGSTER_HOME"] = str(home)
     env["VIRTUAL_ENV"] = str(VENV)
     env["PATH"] = f"{VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}"
@@ -371,12 +391,29 @@ def deployment(concurrency: int = 32) -> Iterator[Deployment]:
     procs: list[_Process] = []
     ok = False
     try:
-        procs.append(_Process(
-            "code server",
-            [str(bin_ / "dagster"), "code-server", "start", "-h", "127.0.0.1", "-p", str(grpc_port),
-             "-f", str(SIDE / "jobs.py"), "-d", str(SIDE), "--location-name", LOCATION],
-            env, home, logs / "code-server.log",
-        ))  # fmt: skip
+        procs.append(
+            _Process(
+                "code server",
+                [
+                    str(bin_ / "dagster"),
+                    "code-server",
+                    "start",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(grpc_port),
+                    "-f",
+                    str(SIDE / "jobs.py"),
+                    "-d",
+                    str(SIDE),
+                    "--location-name",
+                    LOCATION,
+                ],
+                env,
+                home,
+                logs / "code-server.log",
+            )
+        )
 
         def grpc_listening() -> bool:
             try:
@@ -386,12 +423,23 @@ def deployment(concurrency: int = 32) -> Iterator[Deployment]:
                 return False
 
         _wait(procs, grpc_listening, STARTUP_TIMEOUT, "the code server's port", 0.2)
-        procs.append(_Process(
-            "webserver",
-            [str(bin_ / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(web_port),
-             "-w", str(home / "workspace.yaml")],
-            env, home, logs / "webserver.log",
-        ))  # fmt: skip
+        procs.append(
+            _Process(
+                "webserver",
+                [
+                    str(bin_ / "dagster-webserver"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(web_port),
+                    "-w",
+                    str(home / "workspace.yaml"),
+                ],
+                env,
+                home,
+                logs / "webserver.log",
+            )
+        )
         dep = Deployment(home, python, procs, f"http://127.0.0.1:{web_port}")
 
         def server_up() -> bool:
@@ -415,16 +463,22 @@ def deployment(concurrency: int = 32) -> Iterator[Deployment]:
                     return loaded["repositories"][0]["name"]
                 message = loaded.get("message") or ""
                 if "Unreachable" not in message:  # unreachable: still starting; else final
-                    raise RuntimeError(f"code location {LOCATION} failed to load: {message}\n"
-                                       f"--- code server log:\n{_tail(procs[0].log)}")  # fmt: skip
+                    raise RuntimeError(
+                        f"code location {LOCATION} failed to load: {message}\n"
+                        f"--- code server log:\n{_tail(procs[0].log)}"
+                    )
             return None
 
         dep.repository = dep.wait(location_loaded, STARTUP_TIMEOUT, "the code location", 0.5)
-        procs.append(_Process(
-            "daemon",
-            [str(bin_ / "dagster-daemon"), "run", "-w", str(home / "workspace.yaml")],
-            env, home, logs / "daemon.log",
-        ))  # fmt: skip
+        procs.append(
+            _Process(
+                "daemon",
+                [str(bin_ / "dagster-daemon"), "run", "-w", str(home / "workspace.yaml")],
+                env,
+                home,
+                logs / "daemon.log",
+            )
+        )
 
         def daemon_up() -> bool:
             status = dep.graphql(DAEMON)["instance"]["daemonHealth"]["daemonStatus"]
@@ -448,8 +502,12 @@ def idle(dep: Deployment, runs: int) -> tuple[dict[str, list[float]], dict]:
         t0 = time.time()
         run_id = dep.submit("idle")
         t0s[run_id] = t0
-        status = dep.wait(lambda rid=run_id: (s := dep.status(rid)) in FINISHED and s,
-                          RUN_TIMEOUT, f"idle run {run_id}", 0.05)  # fmt: skip
+
+        def ended(rid: str = run_id) -> str | None:
+            s = dep.status(rid)
+            return s if s in FINISHED else None
+
+        status = dep.wait(ended, RUN_TIMEOUT, f"idle run {run_id}", 0.05)
         if status != "SUCCESS":
             raise RuntimeError(f"idle run {run_id} ended {status}")
     data = dep.records(list(t0s))
@@ -495,8 +553,9 @@ def burst(dep: Deployment, runs: int) -> dict:
         if done != progress["done"]:
             progress.update(done=done, at=time.monotonic())
         elif time.monotonic() - progress["at"] > BURST_STALL_TIMEOUT:
-            raise TimeoutError(f"burst stalled: {done}/{runs} finished, none in the last "
-                               f"{BURST_STALL_TIMEOUT:g} s")  # fmt: skip
+            raise TimeoutError(
+                f"burst stalled: {done}/{runs} finished, none in the last {BURST_STALL_TIMEOUT:g} s"
+            )
         return done >= runs
 
     dep.wait(all_done, BURST_TIMEOUT_PER_RUN * runs + 300, f"the burst of {runs} runs", 1.0)
@@ -572,9 +631,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("interrupted: the Dagster processes were stopped")
     wall = time.monotonic() - began
     dep = result["deployment"]
-    print(f"Dagster {result['version']}: {dep['run_coordinator']} (dequeue every "
-          f"{dep['dequeue_interval_seconds']} s, threads {dep['dequeue_use_threads']}, "
-          f"max_concurrent_runs {dep['max_concurrent_runs']}), {dep['run_launcher']}")  # fmt: skip
+    print(
+        f"Dagster {result['version']}: {dep['run_coordinator']} (dequeue every "
+        f"{dep['dequeue_interval_seconds']} s, threads {dep['dequeue_use_threads']}, "
+        f"max_concurrent_runs {dep['max_concurrent_runs']}), {dep['run_launcher']}"
+    )
     print(f"idle: one-op job, {args.runs} sequential runs (ms)")
     print(f"  {'measure':<28}{'p50':>8}{'p99':>8}{'max':>8}")
     rows = {
@@ -587,14 +648,18 @@ def main(argv: list[str] | None = None) -> None:
     b = result["burst"]
     ms = [w * 1000 for w in b["queue_s"]]
     print(f"burst: {b['runs']} one-op runs at once, max_concurrent_runs {args.concurrency}")
-    print(f"  throughput {b['runs_per_s']:.2f} runs/s ({result['extra']['burst elapsed_s']:.0f} s,"
-          f" submitted in {result['extra']['burst submit_s']:.1f} s); time in queue p50"
-          f" {statistics.median(ms):.0f} ms, p99 {_pct(ms, 0.99):.0f} ms")  # fmt: skip
+    print(
+        f"  throughput {b['runs_per_s']:.2f} runs/s ({result['extra']['burst elapsed_s']:.0f} s,"
+        f" submitted in {result['extra']['burst submit_s']:.1f} s); time in queue p50"
+        f" {statistics.median(ms):.0f} ms, p99 {_pct(ms, 0.99):.0f} ms"
+    )
     extra = result["extra"]
     launch = [v * 1000 for v in extra["burst RUN_STARTING -> launch received"]]
-    print(f"  peak runs in flight {extra['burst peak_in_flight']}; the daemon's launch call"
-          f" (RUN_STARTING -> launch received) p50 {statistics.median(launch):.0f} ms,"
-          f" p99 {_pct(launch, 0.99):.0f} ms")  # fmt: skip
+    print(
+        f"  peak runs in flight {extra['burst peak_in_flight']}; the daemon's launch call"
+        f" (RUN_STARTING -> launch received) p50 {statistics.median(launch):.0f} ms,"
+        f" p99 {_pct(launch, 0.99):.0f} ms"
+    )
     print(f"wall time {wall:.0f} s")
 
 

@@ -29,18 +29,30 @@ def per_step_ms(executor: str, runs: int) -> list[float]:
     with fleet("", agents=0, slots=1) as url:
         folder = Path(tempfile.mkdtemp(prefix="fleetrun-bench-exec-"))
         config = folder / "agent.toml"
-        config.write_text(f'control_plane_url = "{url}"\nname = "exec"\n[[code_locations]]\n'
-                          f'name = "bench"\npython_file = "{JOBS}"\n')  # fmt: skip
-        agent = subprocess.Popen([*FLEETRUN, "agent", "--config", str(config)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        config.write_text(
+            f'control_plane_url = "{url}"\nname = "exec"\n[[code_locations]]\n'
+            f'name = "bench"\npython_file = "{JOBS}"\n'
+        )
+        agent = subprocess.Popen(
+            [*FLEETRUN, "agent", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
-            _wait(lambda: any(a["code_locations"] for a in _get(f"{url}/api/v1/agents")["agents"]),
-                  60, "the agent")  # fmt: skip
+            _wait(
+                lambda: any(a["code_locations"] for a in _get(f"{url}/api/v1/agents")["agents"]),
+                60,
+                "the agent",
+            )
             for _ in range(runs):
                 body = {"job": "chain_100", "config": {"execution": executor}}
                 run_id = _post(f"{url}/api/v1/runs", body)["run_id"]
-                run = _wait(lambda rid=run_id: (r := _get(f"{url}/api/v1/runs/{rid}"))["end_time"]
-                            and r, 300, "the chain")  # fmt: skip
+
+                def ended(rid: str = run_id) -> dict | None:
+                    run = _get(f"{url}/api/v1/runs/{rid}")
+                    return run if run["end_time"] else None
+
+                run = _wait(ended, 300, "the chain")
                 assert run["status"] == "SUCCESS", run
                 events = _get(f"{url}/api/v1/runs/{run_id}/events?limit=1000")["events"]
                 times = {e["type"]: _ts(e["time"]) for e in events}

@@ -58,16 +58,22 @@ def measure(idle_seconds: float = 30.0, runs: int = 100) -> Footprint:
         agent_cpu0 = sum(cpu_seconds(p) for p in own)
         for _ in range(runs):
             run_id = post(f"{fleet.url}/api/v1/runs", {"job": "hello"})["run_id"]
-            wait(lambda rid=run_id: get(f"{fleet.url}/api/v1/runs/{rid}")["end_time"],
-                 60, "a run", 0.005)  # fmt: skip
+
+            def ended(rid: str = run_id) -> str | None:
+                return get(f"{fleet.url}/api/v1/runs/{rid}")["end_time"]
+
+            wait(ended, 60, "a run", 0.005)
         per_run = (sum(cpu_seconds(p) for p in own) - agent_cpu0) * 1000 / runs
         after = sum(rss_bytes(p) for p in own + servers)
-    return Footprint("binary" if command else "python", idle_rss, 100 * idle_cpu / idle_seconds,
-                     per_run, after)  # fmt: skip
+    return Footprint(
+        "binary" if command else "python", idle_rss, 100 * idle_cpu / idle_seconds, per_run, after
+    )
 
 
 if __name__ == "__main__":
     f = measure()
-    print(f"agent ({f.agent}): idle RSS {f.idle_rss_bytes / 2**20:.0f} MiB, idle CPU "
-          f"{f.idle_cpu_percent:.2f} %; {f.cpu_ms_per_run:.1f} ms of agent CPU per run; "
-          f"RSS after the runs {f.rss_after_runs_bytes / 2**20:.0f} MiB")  # fmt: skip
+    print(
+        f"agent ({f.agent}): idle RSS {f.idle_rss_bytes / 2**20:.0f} MiB, idle CPU "
+        f"{f.idle_cpu_percent:.2f} %; {f.cpu_ms_per_run:.1f} ms of agent CPU per run; "
+        f"RSS after the runs {f.rss_after_runs_bytes / 2**20:.0f} MiB"
+    )

@@ -102,7 +102,7 @@ def rss_bytes(pid: int) -> int:
 
 def children(pid: int) -> list[int]:
     """Direct children of a process (its fork server, say)."""
-    found = []
+    found: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         text = (task / "children").read_text().split()
         found.extend(int(c) for c in text)
@@ -166,29 +166,54 @@ class Fleet:
         )
         self.procs: list[subprocess.Popen[bytes]] = []
         self.agents: list[subprocess.Popen[bytes]] = []
-        log = self.folder / "cp.log"
+        self.replicas = 0
+        self.url: str = self._serve("cp.log")
+        self.control_plane = self.procs[0]
+
+    def _serve(self, log_name: str) -> str:
+        """Start a `fleetrun serve` on this fleet's config; its URL once it listens."""
+        log = self.folder / log_name
         with open(log, "wb") as out:
-            self.control_plane = spawn(
-                [*FLEETRUN, "serve", "--config", str(self.folder / "cp.toml")],
-                stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        self.procs.append(self.control_plane)
+            self.procs.append(
+                spawn(
+                    [*FLEETRUN, "serve", "--config", str(self.folder / "cp.toml")],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         try:
-            match = wait(lambda: re.search(r"listening on (http://\S+)", log.read_text()),
-                         60, "the control plane", 0.02)  # fmt: skip
+            match = wait(
+                lambda: re.search(r"listening on (http://\S+)", log.read_text()),
+                60,
+                "the control plane",
+                0.02,
+            )
         except BaseException:
             self.stop()
             raise
-        self.url: str = match.group(1)
+        return str(match.group(1))
 
-    def add_agents(self, count: int, slots: int, location: Path = EXAMPLES,
-                   extra_toml: str = "", command: list[str] | None = None) -> None:  # fmt: skip
-        """Start `count` agents serving `location` and wait until all have described it."""
+    def add_replica(self) -> str:
+        """Another control plane on the same database (PostgreSQL); its URL."""
+        self.replicas += 1
+        return self._serve(f"cp-replica{self.replicas}.log")
+
+    def add_agents(
+        self,
+        count: int,
+        slots: int,
+        location: Path = EXAMPLES,
+        extra_toml: str = "",
+        command: list[str] | None = None,
+        url: str | None = None,
+    ) -> None:
+        """Start `count` agents serving `location`, polling `url` (default: the first
+        control plane), and wait until all have described it."""
         first = len(self.agents)
         for i in range(first, first + count):
             path = self.folder / f"agent{i}.toml"
             path.write_text(
-                f'control_plane_url = "{self.url}"\nname = "bench{i}"\n'
+                f'control_plane_url = "{url or self.url}"\nname = "bench{i}"\n'
                 f'max_concurrent_runs = {slots}\nstate_dir = "{self.folder}/state{i}"\n'
                 f'{extra_toml}[[code_locations]]\nname = "bench"\npython_file = "{location}"\n'
             )
@@ -197,9 +222,21 @@ class Fleet:
             self.agents.append(agent)
             self.procs.append(agent)
         want = len(self.agents)
-        wait(lambda: len([a for a in get(f"{self.url}/api/v1/agents")["agents"]
-                          if a["code_locations"] and a["status"] == "ONLINE"]) >= want,
-             60, f"{want} agents", 0.02)  # fmt: skip
+        wait(
+            lambda: (
+                len(
+                    [
+                        a
+                        for a in get(f"{self.url}/api/v1/agents")["agents"]
+                        if a["code_locations"] and a["status"] == "ONLINE"
+                    ]
+                )
+                >= want
+            ),
+            60,
+            f"{want} agents",
+            0.02,
+        )
 
     def _fresh_schema(self, url: str) -> str:
         """Every workload starts from an empty instance: a schema of its own on the

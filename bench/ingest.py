@@ -34,21 +34,37 @@ class IngestResult:
         return self.events / self.seconds
 
 
-def measure(runs: int = 50, events_per_run: int = 4000, batch: int = 500,
-            storage_url: str = "sqlite:///b.db") -> IngestResult:  # fmt: skip
+def measure(
+    runs: int = 50,
+    events_per_run: int = 4000,
+    batch: int = 500,
+    storage_url: str = "sqlite:///b.db",
+) -> IngestResult:
     with Fleet(f"[run_coordinator]\nmax_concurrent_runs = {runs}\n", storage_url) as fleet:
         load = spawn(
-            [sys.executable, "-m", "bench.ingest_load", fleet.url, str(runs),
-             str(events_per_run), str(batch)],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "bench.ingest_load",
+                fleet.url,
+                str(runs),
+                str(events_per_run),
+                str(batch),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert load.stdout is not None
             if load.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"the ingest load generator did not start ({load.wait(30)})")
-            ids = [post(f"{fleet.url}/api/v1/runs",
-                        {"job": "chatty", "tags": {"fleetrun/queue": "ingest"}})["run_id"]
-                   for _ in range(runs)]  # fmt: skip
+            ids = [
+                post(
+                    f"{fleet.url}/api/v1/runs",
+                    {"job": "chatty", "tags": {"fleetrun/queue": "ingest"}},
+                )["run_id"]
+                for _ in range(runs)
+            ]
             before, cpu0 = stored_events(fleet.url), cpu_seconds(fleet.control_plane.pid)
             line = load.stdout.readline()  # bounded: the generator's calls time out
             cpu = cpu_seconds(fleet.control_plane.pid) - cpu0
@@ -57,8 +73,11 @@ def measure(runs: int = 50, events_per_run: int = 4000, batch: int = 500,
             times = json.loads(line)
             stored = stored_events(fleet.url) - before
             for run_id in ids:
-                wait(lambda rid=run_id: get(f"{fleet.url}/api/v1/runs/{rid}")["status"]
-                     == "SUCCESS", 60, "the run's end", 0.05)  # fmt: skip
+
+                def succeeded(rid: str = run_id) -> bool:
+                    return get(f"{fleet.url}/api/v1/runs/{rid}")["status"] == "SUCCESS"
+
+                wait(succeeded, 60, "the run's end", 0.05)
         finally:
             load.terminate()
             load.wait(30)

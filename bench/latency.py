@@ -29,8 +29,12 @@ def idle(runs: int = 100, storage_url: str = "sqlite:///b.db") -> dict[str, list
         for _ in range(runs):
             t0 = time.time()
             run_id = post(f"{url}/api/v1/runs", {"job": "hello"})["run_id"]
-            run = wait(lambda rid=run_id: (r := get(f"{url}/api/v1/runs/{rid}"))["end_time"]
-                       and r, 60, "the run")  # fmt: skip
+
+            def ended(rid: str = run_id) -> dict | None:
+                run = get(f"{url}/api/v1/runs/{rid}")
+                return run if run["end_time"] else None
+
+            run = wait(ended, 60, "the run")
             assert run["status"] == "SUCCESS", run
             events = get(f"{url}/api/v1/runs/{run_id}/events?limit=10")["events"]
             start = next(e for e in events if e["type"] == "RUN_START")
@@ -54,8 +58,11 @@ def burst(
         url = fleet.url
         t0 = time.time()
         with ThreadPoolExecutor(8) as pool:
-            ids = list(pool.map(lambda _: post(f"{url}/api/v1/runs", {"job": "hello"})["run_id"],
-                                range(runs)))  # fmt: skip
+            ids = list(
+                pool.map(
+                    lambda _: post(f"{url}/api/v1/runs", {"job": "hello"})["run_id"], range(runs)
+                )
+            )
 
         def all_done() -> list[dict] | None:
             done, cursor = [], ""

@@ -14,8 +14,12 @@ def idle():
 
 
 def _make(i: int):
-    @sensor(job=idle, name=f"sensor_{i}", minimum_interval_seconds=1,
-            default_status=DefaultSensorStatus.RUNNING)  # fmt: skip
+    @sensor(
+        job=idle,
+        name=f"sensor_{i}",
+        minimum_interval_seconds=1,
+        default_status=DefaultSensorStatus.RUNNING,
+    )
     def check(context):
         return SkipReason("nothing new")
 

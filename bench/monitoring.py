@@ -34,12 +34,21 @@ def _trial(url: str, folder: Path, index: int) -> float:
         f'control_plane_url = "{url}"\nname = "{name}"\nqueues = ["victims"]\n'
         f'[[code_locations]]\nname = "bench"\npython_file = "{JOBS}"\n'
     )
-    agent = subprocess.Popen([*FLEETRUN, "agent", "--config", str(config)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    agent = subprocess.Popen(
+        [*FLEETRUN, "agent", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     worker = 0
     try:
-        _wait(lambda: any(a["name"] == name and a["status"] == "ONLINE" and a["code_locations"]
-                          for a in _get(f"{url}/api/v1/agents")["agents"]), 60, name)  # fmt: skip
+        _wait(
+            lambda: any(
+                a["name"] == name and a["status"] == "ONLINE" and a["code_locations"]
+                for a in _get(f"{url}/api/v1/agents")["agents"]
+            ),
+            60,
+            name,
+        )
         body = {"job": "sleepy", "tags": {"fleetrun/queue": "victims"}}
         run_id = _post(f"{url}/api/v1/runs", body)["run_id"]
         _wait(lambda: _get(f"{url}/api/v1/runs/{run_id}")["status"] == "STARTED", 60, "start")
@@ -50,8 +59,9 @@ def _trial(url: str, folder: Path, index: int) -> float:
         os.kill(worker, signal.SIGKILL)
         run = _wait(
             lambda: (r := _get(f"{url}/api/v1/runs/{run_id}"))["status"] == "FAILURE" and r,
-            TIMEOUT + 60, "the verdict",
-        )  # fmt: skip
+            TIMEOUT + 60,
+            "the verdict",
+        )
         assert run["failure_kind"] == "agent_lost", run
         return _ts(run["end_time"]) - killed
     finally:
@@ -71,8 +81,11 @@ def agent_death(trials: int, simulated: int) -> list[float]:
     with fleet(config, agents=0, slots=1) as url:
         sim = None
         if simulated:
-            sim = subprocess.Popen([sys.executable, "-m", "bench.simagents", url, str(simulated)],
-                                   stdout=subprocess.PIPE, text=True)  # fmt: skip
+            sim = subprocess.Popen(
+                [sys.executable, "-m", "bench.simagents", url, str(simulated)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             assert sim.stdout is not None and sim.stdout.readline().strip() == "ready"
         try:
             return [_trial(url, folder, i) for i in range(trials)]

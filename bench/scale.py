@@ -40,8 +40,9 @@ class ScaleResult:
 def _dispatch_once(url: str) -> float:
     t0 = time.time()
     run_id = post(f"{url}/api/v1/runs", {"job": "hello"})["run_id"]
-    run = wait(lambda: (r := get(f"{url}/api/v1/runs/{run_id}"))["end_time"] and r,
-               60, "a run", 0.01)  # fmt: skip
+    run = wait(
+        lambda: (r := get(f"{url}/api/v1/runs/{run_id}"))["end_time"] and r, 60, "a run", 0.01
+    )
     assert run["status"] == "SUCCESS", run
     events = get(f"{url}/api/v1/runs/{run_id}/events?limit=10")["events"]
     start = next(e for e in events if e["type"] == "RUN_START")
@@ -55,8 +56,9 @@ def measure(agents: int, window: float = 30.0, runs: int = 60) -> ScaleResult:
         started = time.monotonic()
         sim = spawn(
             [sys.executable, "-m", "bench.simagents", fleet.url, str(agents)],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert sim.stdout is not None
             line = sim.stdout.readline().strip()  # bounded: simagents' calls time out
@@ -94,8 +96,10 @@ if __name__ == "__main__":
     for n in [int(a) for a in sys.argv[1:]] or [1000, 5000]:
         r = measure(n)
         ms = [d * 1000 for d in r.dispatch]
-        print(f"{n} agents: registered in {r.register_seconds:.1f} s, RSS "
-              f"{r.rss_bytes / 2**20:.0f} MiB, CPU {r.cpu_percent:.0f} %, "
-              f"{r.heartbeats_per_s:.0f} heartbeats/s; dispatch p50 {pct(ms, 0.5):.1f} ms "
-              f"p99 {pct(ms, 0.99):.1f} ms; flood {r.flood_heartbeats_per_s:.0f} heartbeats/s "
-              f"at {r.flood_cpu_percent:.0f} % CPU")  # fmt: skip
+        print(
+            f"{n} agents: registered in {r.register_seconds:.1f} s, RSS "
+            f"{r.rss_bytes / 2**20:.0f} MiB, CPU {r.cpu_percent:.0f} %, "
+            f"{r.heartbeats_per_s:.0f} heartbeats/s; dispatch p50 {pct(ms, 0.5):.1f} ms "
+            f"p99 {pct(ms, 0.99):.1f} ms; flood {r.flood_heartbeats_per_s:.0f} heartbeats/s "
+            f"at {r.flood_cpu_percent:.0f} % CPU"
+        )

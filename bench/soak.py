@@ -951,7 +951,8 @@ class Marker:
 
 def read_markers(path: Path) -> tuple[list[Marker], int]:
     """Every op execution, and the number of malformed (torn) lines."""
-    markers, bad = [], 0
+    markers: list[Marker] = []
+    bad = 0
     if not path.exists():
         return markers, bad
     for line in path.read_text(errors="replace").splitlines():
@@ -1085,9 +1086,9 @@ class Analysis:
         """Acked runs: terminal or LOST, and how their retry chains ended."""
         runs, facts = self.runs, self.facts
         children: dict[str, list[str]] = defaultdict(list)
-        for run in runs.values():
-            if run["parent_run_id"]:
-                children[run["parent_run_id"]].append(run["run_id"])
+        for r in runs.values():
+            if r["parent_run_id"]:
+                children[r["parent_run_id"]].append(r["run_id"])
         lost: list[str] = []
         retry_lost: list[str] = []
         dup_retries: list[str] = []
@@ -1386,8 +1387,8 @@ class Analysis:
                     bad = v.agent_id not in targets
                 if bad:
                     surprising.append(v)
-            shown = dict(Counter(f"{v.type}/{v.kind}" for v in in_window)) or "none"
-            self.add(f"      verdicts: {shown}")
+            counts = dict(Counter(f"{v.type}/{v.kind}" for v in in_window)) or "none"
+            self.add(f"      verdicts: {counts}")
             hit = [v.time - fault.start for v in in_window if v not in surprising]
             if hit and fault.kind not in HARMLESS_FAULTS:
                 self.add(

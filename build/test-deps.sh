@@ -20,26 +20,54 @@ need_chromium() {
     tell "could not install chromium; the UI tests will fail"
 }
 
+TEST_DB_URL="postgresql://postgres@127.0.0.1:5432/test"
+
 need_postgres() {
   # Another server named by the tests' URL is the user's to run.
   [ -z "${FLEETRUN_TEST_POSTGRES_URL:-}" ] || return
   if ! command -v pg_isready >/dev/null 2>&1 || [ -z "$(ls /etc/postgresql 2>/dev/null)" ]; then
-    tell "no local PostgreSQL server is installed; the PostgreSQL tests will fail unless" \
-      "FLEETRUN_TEST_POSTGRES_URL names a server they may use"
-    return
+    if ! as_root; then
+      tell "the PostgreSQL tests need a local server; as root, run: apt-get install -y" \
+        "postgresql (or set FLEETRUN_TEST_POSTGRES_URL to a server they may use)"
+      return
+    fi
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql ||
+      { tell "could not install postgresql; the PostgreSQL tests will fail"; return; }
   fi
-  pg_isready -q -h 127.0.0.1 -p 5432 && return
-  local start="pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | head -1) main start"
+  local version
+  version="$(ls /etc/postgresql | sort -V | tail -1)"
+  local start="pg_ctlcluster --skip-systemctl-redirect $version main start"
+  if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    if ! as_root; then
+      tell "the PostgreSQL tests need the local server; as root, run: $start"
+      return
+    fi
+    $start || tell "could not start PostgreSQL; the PostgreSQL tests will fail"
+    for _ in $(seq 30); do
+      pg_isready -q -h 127.0.0.1 -p 5432 && break
+      sleep 1
+    done
+  fi
+  PGCONNECT_TIMEOUT=10 psql -qAt "$TEST_DB_URL" -c "SELECT 1" >/dev/null 2>&1 && return
   if ! as_root; then
-    tell "the PostgreSQL tests need the local server; as root, run: $start"
+    tell "the PostgreSQL tests connect to $TEST_DB_URL without a password, which this" \
+      "server refuses; as root, run make test once (it sets that up), or set" \
+      "FLEETRUN_TEST_POSTGRES_URL"
     return
   fi
-  $start || tell "could not start PostgreSQL; the PostgreSQL tests will fail"
-  for _ in $(seq 30); do
-    pg_isready -q -h 127.0.0.1 -p 5432 && return
-    sleep 1
-  done
-  tell "PostgreSQL did not answer within 30 s; the PostgreSQL tests will fail"
+  # A fresh server: the tests' database, and passwordless access to it from loopback
+  # only, for the postgres role only (a line of pg_hba.conf, said here).
+  runuser -u postgres -- psql -qAt -c "SELECT 1 FROM pg_database WHERE datname = 'test'" |
+    grep -q 1 || runuser -u postgres -- createdb test
+  local hba="/etc/postgresql/$version/main/pg_hba.conf"
+  local line="host test postgres 127.0.0.1/32 trust  # fleetrun tests (build/test-deps.sh)"
+  if ! grep -qF "$line" "$hba"; then
+    sed -i "1i $line" "$hba"
+    tell "added to $hba: $line"
+    runuser -u postgres -- psql -qAt -c "SELECT pg_reload_conf()" >/dev/null
+  fi
+  PGCONNECT_TIMEOUT=10 psql -qAt "$TEST_DB_URL" -c "SELECT 1" >/dev/null 2>&1 ||
+    tell "cannot reach $TEST_DB_URL; the PostgreSQL tests will fail"
 }
 
 need_chromium

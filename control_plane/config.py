@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from control_plane.model.submission import RunRules
 from control_plane.storage import url_problem
@@ -14,7 +15,7 @@ from protocol.schema import ConfigError, FieldError, load_toml
 from protocol.tags import TagLimits
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8470
@@ -35,7 +36,7 @@ class ServerConfig:
         return bool(self.tls_cert)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LimitsConfig:
     """Bounds on everything a client sends; each refusal names the limit it hit."""
 
@@ -75,7 +76,7 @@ class LimitsConfig:
             yield FieldError("max_msgpack_depth", "must be >= 8 (the protocol's own nesting)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class StorageConfig:
     url: str = "sqlite:///fleetrun.db"
     pool_size: int = 10  # PostgreSQL: connections per replica
@@ -85,13 +86,16 @@ class StorageConfig:
         if problem is not None:
             yield FieldError("url", problem)
         elif not self.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
-            yield FieldError("url", f"unsupported storage url {redact(self.url)!r}: use "
-                             "sqlite:///PATH or postgresql://USER@HOST:PORT/DB")  # fmt: skip
+            yield FieldError(
+                "url",
+                f"unsupported storage url {redact(self.url)!r}: use "
+                "sqlite:///PATH or postgresql://USER@HOST:PORT/DB",
+            )
         if not 1 <= self.pool_size <= 1000:
             yield FieldError("pool_size", "must be between 1 and 1000")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DaemonConfig:
     """The daemon loops; with several replicas, each loop runs on one at a time."""
 
@@ -102,7 +106,7 @@ class DaemonConfig:
             yield FieldError("leader_lease_seconds", "must be between 1 and 300")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TagConcurrencyLimit:
     key: str
     limit: int
@@ -116,7 +120,7 @@ class TagConcurrencyLimit:
             yield FieldError("per_unique_value", "cannot be combined with value")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunCoordinatorConfig:
     kind: str = "queued"
     max_concurrent_runs: int = 10
@@ -129,7 +133,7 @@ class RunCoordinatorConfig:
             yield FieldError("max_concurrent_runs", "must be >= 0, or -1 for no limit")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunMonitoringConfig:
     enabled: bool = True
     agent_heartbeat_timeout_seconds: float = 30.0
@@ -141,9 +145,13 @@ class RunMonitoringConfig:
     launch_ack_timeout_seconds: float = 5.0
 
     def problems(self) -> Iterator[FieldError]:
-        for name in ("agent_heartbeat_timeout_seconds", "start_timeout_seconds",
-                     "cancel_timeout_seconds", "terminate_grace_seconds",
-                     "launch_ack_timeout_seconds"):  # fmt: skip
+        for name in (
+            "agent_heartbeat_timeout_seconds",
+            "start_timeout_seconds",
+            "cancel_timeout_seconds",
+            "terminate_grace_seconds",
+            "launch_ack_timeout_seconds",
+        ):
             if getattr(self, name) <= 0:
                 yield FieldError(name, "must be > 0")
         if self.max_runtime_seconds < 0:
@@ -152,7 +160,7 @@ class RunMonitoringConfig:
             yield FieldError("max_resume_run_attempts", "must be >= 0")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunRetriesConfig:
     enabled: bool = True
     max_retries: int = 0
@@ -171,12 +179,12 @@ class RunRetriesConfig:
             )
 
 
-@dataclass
+@dataclass(frozen=True)
 class AuthConfig:
     enabled: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class ControlPlaneConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -186,6 +194,11 @@ class ControlPlaneConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def updated(self, **sections: dict[str, Any]) -> ControlPlaneConfig:
+        """A copy with fields of some sections changed: `updated(auth={"enabled": True})`."""
+        changed = {name: replace(getattr(self, name), **kw) for name, kw in sections.items()}
+        return replace(self, **changed)
 
     def run_rules(self) -> RunRules:
         """What every new run is held to (model/submission.py), from `[limits]`."""
@@ -214,11 +227,14 @@ def load_control_plane_config(path: str | None) -> ControlPlaneConfig:
     else:
         config = load_toml(path, ControlPlaneConfig)
         base_dir = os.path.dirname(os.path.abspath(path))
-    config.storage.url = resolve_storage_url(config.storage.url, base_dir)
-    for key in ("tls_cert", "tls_key"):
-        value = getattr(config.server, key)
-        if value:
-            setattr(config.server, key, os.path.join(base_dir, value))
+    server = config.server
+    tls_cert = os.path.join(base_dir, server.tls_cert) if server.tls_cert else ""
+    tls_key = os.path.join(base_dir, server.tls_key) if server.tls_key else ""
+    return replace(
+        config,
+        storage=replace(config.storage, url=resolve_storage_url(config.storage.url, base_dir)),
+        server=replace(server, tls_cert=tls_cert, tls_key=tls_key),
+    )
     return config
 
 

@@ -99,8 +99,8 @@ class _StoredStateCollector(Collector):
             "Agents by status as the API shows it (ONLINE with a stale heartbeat: OFFLINE).",
             labels=["status"],
         )
-        for status in sorted({*AGENT_STATUSES, *self.state.agents_by_status}):
-            agents.add_metric([status], self.state.agents_by_status.get(status, 0))
+        for liveness in sorted({*AGENT_STATUSES, *self.state.agents_by_status}):
+            agents.add_metric([liveness], self.state.agents_by_status.get(liveness, 0))
         yield agents
 
 

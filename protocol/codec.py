@@ -186,9 +186,10 @@ def decode_poll_reply(
         except ProtocolError as exc:
             fields = item if isinstance(item, dict) else {}
             run_id, lease = fields.get("run_id"), fields.get("lease")
-            readable = isinstance(run_id, str) and type(lease) is int
-            unreadable.append(UnreadableLaunch(run_id[:64] if readable else None,
-                                               lease if readable else None, str(exc)))
+            if isinstance(run_id, str) and type(lease) is int:
+                unreadable.append(UnreadableLaunch(run_id[:64], lease, str(exc)))
+            else:
+                unreadable.append(UnreadableLaunch(None, None, str(exc)))
     return replace(reply, launches=decoded), unreadable
 
 
@@ -213,7 +214,7 @@ def frame(message: Any) -> bytes:
 
 
 def frame_length(header: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> int:
-    (length,) = _FRAME_HEADER.unpack(header)
+    length: int = _FRAME_HEADER.unpack(header)[0]
     if length > limits.max_body_bytes:
         raise ProtocolError(
             "too_large", f"frame of {length} bytes exceeds {limits.max_body_bytes} bytes"

@@ -80,8 +80,10 @@ def _parse_error_text(exc: BaseException) -> str:
     kind = type(exc)
     first, _, rest = str(getattr(exc, "message", "")).partition("\n")
     summary = f" {first[:-1]}" if rest and _SAFE_SUMMARY.fullmatch(first) else ""
-    return (f"{kind.__module__}.{kind.__qualname__}: {getattr(exc, 'code', '')}{summary} "
-            "(the request's text is not logged: it may hold credentials)")  # fmt: skip
+    return (
+        f"{kind.__module__}.{kind.__qualname__}: {getattr(exc, 'code', '')}{summary} "
+        "(the request's text is not logged: it may hold credentials)"
+    )
 
 
 class RunContext(logging.Filter):
@@ -140,8 +142,11 @@ class TextLines(_Redacting):
     def format(self, record: logging.LogRecord) -> str:
         record.exc_text = None  # never reuse a traceback another formatter left unredacted
         text = super().format(record)
-        tags = [f"{name}={getattr(record, name)}" for name in _FIELDS
-                if getattr(record, name, None) is not None]  # fmt: skip
+        tags = [
+            f"{name}={getattr(record, name)}"
+            for name in _FIELDS
+            if getattr(record, name, None) is not None
+        ]
         return redact(f"{text} [{' '.join(tags)}]" if tags else text)
 
 

@@ -103,9 +103,10 @@ def _float(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SchemaError("", f"expected a number, got {_type_name(value)}")
         value = float(value)
-    if not math.isfinite(value):
+    number: float = value
+    if not math.isfinite(number):
         raise SchemaError("", "expected a finite number")
-    return value
+    return number
 
 
 def _any(value: Any) -> Any:
@@ -146,7 +147,7 @@ def _converter(tp: Any) -> Converter:
     if origin is list:
         item = _converter(typing.get_args(tp)[0])
 
-        def list_of(value: Any) -> list:
+        def list_of(value: Any) -> list[Any]:
             if not isinstance(value, list | tuple):
                 raise SchemaError("", f"expected a list, got {_type_name(value)}")
             if item is _any:
@@ -165,7 +166,7 @@ def _converter(tp: Any) -> Converter:
     if origin is dict:
         val = _converter(typing.get_args(tp)[1])
 
-        def dict_of(value: Any) -> dict:
+        def dict_of(value: Any) -> dict[str, Any]:
             if not isinstance(value, dict):
                 raise SchemaError("", f"expected a table, got {_type_name(value)}")
             for k in value:
@@ -204,14 +205,12 @@ def _builder(cls: type) -> Callable[[dict[str, Any]], Any]:
     fields = dataclasses.fields(cls)
     defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
     factories = [
-        (f.name, f.default_factory)
-        for f in fields
-        if f.default_factory is not dataclasses.MISSING
+        (f.name, f.default_factory) for f in fields if f.default_factory is not dataclasses.MISSING
     ]
     new = object.__new__
 
     def build(values: dict[str, Any]) -> Any:
-        obj = new(cls)
+        obj: Any = new(cls)
         state = obj.__dict__
         state.update(defaults)
         for name, factory in factories:
@@ -223,7 +222,7 @@ def _builder(cls: type) -> Callable[[dict[str, Any]], Any]:
     return build
 
 
-def _required(field: dataclasses.Field) -> bool:
+def _required(field: dataclasses.Field[Any]) -> bool:
     return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
@@ -264,7 +263,9 @@ def from_plain(cls: type[T], data: Any, path: str = "") -> T:
     """Build dataclass `cls` from a plain mapping, validating types; unknown keys are errors.
     `path`: where `data` sits in a larger document, for the error message."""
     try:
-        return _converter(cls)(data)
+        hint: Any = cls  # a class is hashable, whatever the type checker makes of type[T]
+        typed: T = _converter(hint)(data)
+        return typed
     except SchemaError as exc:
         if not path:
             raise
@@ -301,7 +302,7 @@ def _plainer(tp: Any) -> Plainer:
         return lambda value: {k: val(v) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         hints = _hints(tp)  # type: ignore[arg-type]
-        specs = [(f.name, _plainer(hints[f.name])) for f in dataclasses.fields(tp)]  # type: ignore[arg-type]
+        specs = [(f.name, _plainer(hints[f.name])) for f in dataclasses.fields(tp)]
         return lambda obj: {name: plain(getattr(obj, name)) for name, plain in specs}
     if tp in (int, float, str, bytes, bool):
         return _same
@@ -328,8 +329,8 @@ def _collect(tp: Any, value: Any, path: str, found: list[SchemaError]) -> Any:
     origin = typing.get_origin(tp)
     if origin is list and isinstance(value, list | tuple):
         item = typing.get_args(tp)[0]
-        items = [_collect(item, v, _join(path, i), found) for i, v in enumerate(value)]
-        return [v for v in items if v is not _INVALID]
+        converted = [_collect(item, v, _join(path, i), found) for i, v in enumerate(value)]
+        return [v for v in converted if v is not _INVALID]
     if origin is dict and isinstance(value, dict) and all(isinstance(k, str) for k in value):
         val = typing.get_args(tp)[1]
         items = {k: _collect(val, v, _join(path, k), found) for k, v in value.items()}
@@ -349,8 +350,9 @@ def _collect_dataclass(cls: type, data: Any, path: str, found: list[SchemaError]
         return _INVALID
     fields, hints = dataclasses.fields(cls), _hints(cls)
     names = {f.name for f in fields}
-    found.extend(SchemaError(_join(path, str(key)), "unknown key")
-                 for key in data if key not in names)  # fmt: skip
+    found.extend(
+        SchemaError(_join(path, str(key)), "unknown key") for key in data if key not in names
+    )
     kwargs = {}
     for field in fields:
         if field.name in data:
@@ -364,8 +366,11 @@ def _collect_dataclass(cls: type, data: Any, path: str, found: list[SchemaError]
     obj = cls(**kwargs)
     unusable = data.keys() - kwargs.keys()
     own = obj.problems() if hasattr(obj, "problems") else ()
-    found.extend(SchemaError(_join(path, problem.field), str(problem))
-                 for problem in own if problem.field not in unusable)  # fmt: skip
+    found.extend(
+        SchemaError(_join(path, problem.field), str(problem))
+        for problem in own
+        if problem.field not in unusable
+    )
     return obj
 
 
@@ -392,7 +397,7 @@ def load_toml(path: str, cls: type[T]) -> T:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     found: list[SchemaError] = []
-    obj = _collect(cls, data, "", found)
+    obj: T = _collect(cls, data, "", found)
     if found:  # else `obj` is whole: `_collect` gives up on a value only after a problem
         raise ConfigError(*(f"{path}: key {exc.path!r}: {exc.reason}" for exc in found))
     return obj

@@ -106,7 +106,7 @@ def tag_problem(
         for key in sorted(RESERVED_TAGS & tags.keys()):
             return f"tag {key} is set by the control plane, not on submit"
     for key, check in TAG_CHECKS.items():
-        value = tags.get(key)
-        if value is not None and (problem := check(value)) is not None:
-            return f"tag {key} {problem}, got {value!r}"
+        given = tags.get(key)
+        if given is not None and (problem := check(given)) is not None:
+            return f"tag {key} {problem}, got {given!r}"
     return None

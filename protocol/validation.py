@@ -78,22 +78,36 @@ def location_problem(info: CodeLocationInfo) -> str | None:
         if (problem := _job_problem(job)) is not None:
             return f"{where}: job {job.name} {problem}"
     for schedule in info.schedules:
-        checks = [("name", name_problem(schedule.name)), ("job", name_problem(schedule.job)),
-                  ("cron", cron_problem(schedule.cron)),
-                  ("timezone", timezone_problem(schedule.timezone)),
-                  ("default_status", _status_problem(schedule.default_status)),
-                  ("catchup", None if 0 <= schedule.catchup <= MAX_CATCHUP
-                   else f"must be between 0 and {MAX_CATCHUP}"),
-                  ("tags", tag_problem(schedule.tags))]  # fmt: skip
+        checks = [
+            ("name", name_problem(schedule.name)),
+            ("job", name_problem(schedule.job)),
+            ("cron", cron_problem(schedule.cron)),
+            ("timezone", timezone_problem(schedule.timezone)),
+            ("default_status", _status_problem(schedule.default_status)),
+            (
+                "catchup",
+                None
+                if 0 <= schedule.catchup <= MAX_CATCHUP
+                else f"must be between 0 and {MAX_CATCHUP}",
+            ),
+            ("tags", tag_problem(schedule.tags)),
+        ]
         for field, problem in checks:
             if problem:
                 return f"{where}: schedule {schedule.name[:MAX_NAME_LENGTH]!r} {field} {problem}"
     for sensor in info.sensors:
         interval = sensor.minimum_interval_seconds
-        checks = [("name", name_problem(sensor.name)), ("job", name_problem(sensor.job)),
-                  ("default_status", _status_problem(sensor.default_status)),
-                  ("minimum_interval_seconds", None if 0 <= interval <= MAX_SENSOR_INTERVAL
-                   else f"must be between 0 and {MAX_SENSOR_INTERVAL}")]  # fmt: skip
+        checks = [
+            ("name", name_problem(sensor.name)),
+            ("job", name_problem(sensor.job)),
+            ("default_status", _status_problem(sensor.default_status)),
+            (
+                "minimum_interval_seconds",
+                None
+                if 0 <= interval <= MAX_SENSOR_INTERVAL
+                else f"must be between 0 and {MAX_SENSOR_INTERVAL}",
+            ),
+        ]
         for field, problem in checks:
             if problem:
                 return f"{where}: sensor {sensor.name[:MAX_NAME_LENGTH]!r} {field} {problem}"

@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import pytest
 from aiohttp import web
@@ -45,7 +45,10 @@ def app_for(config: ControlPlaneConfig, clock: Clock | None = None) -> web.Appli
 
 
 def wait_for(
-    check: Callable[[], T | None], timeout: float = 60.0, interval: float = 0.05, what: str = ""
+    check: Callable[[], T | Literal[False] | None],
+    timeout: float = 60.0,
+    interval: float = 0.05,
+    what: str = "",
 ) -> T:
     """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -280,7 +283,7 @@ POSTGRES_URL = os.environ.get(
 POSTGRES_HELP = (
     "the PostgreSQL tests need a server at {url} (set FLEETRUN_TEST_POSTGRES_URL for "
     "another): start one with `pg_ctlcluster --skip-systemctl-redirect $(ls "
-    "/etc/postgresql) main start` (.ci/run does), or `apt-get install postgresql`"
+    "/etc/postgresql) main start` (`make test` does, as root), or `apt-get install postgresql`"
 )
 
 

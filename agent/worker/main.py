@@ -105,8 +105,9 @@ def _run(spec: WorkerSpec, fd: int) -> int:
         if spec.output_store == "filesystem"
         else ScratchOutputStore(spec.output_path)
     )
-    execution = Execution(job, launch, sink, options, store, spec.max_output_bytes,
-                          launch.reuse_outputs)  # fmt: skip
+    execution = Execution(
+        job, launch, sink, options, store, spec.max_output_bytes, launch.reuse_outputs
+    )
     try:
         failed = executor(execution)
     except RunInterrupted:

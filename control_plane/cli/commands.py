@@ -170,7 +170,8 @@ def cmd_runs_watch(args: argparse.Namespace, client: ApiClient) -> int:
             now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
             try:
                 data: dict[str, Any] | None = client.request("GET", "/runs", params=params)
-                names = _agent_names(client) if data["runs"] and not args.json else {}
+                runs = data["runs"] if data is not None else []
+                names = _agent_names(client) if runs and not args.json else {}
                 problem = ""
             except CliError as exc:
                 if refreshes == 0:

@@ -96,8 +96,9 @@ async def _demo(port: int, exit_when_done: bool) -> int:
     if port and not _port_free(config.server.host, port):
         print(f"port {port} is busy; using a free port instead")
         port = 0
-    config.server.port = port
-    config.storage.url = f"sqlite:///{folder}/fleetrun.db"
+    config = config.updated(
+        server={"port": port}, storage={"url": f"sqlite:///{folder}/fleetrun.db"}
+    )
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     server = asyncio.create_task(serve(config, on_ready=ready.set_result))
     url = await ready

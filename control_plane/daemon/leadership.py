@@ -20,8 +20,9 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from control_plane.clock import Clock
 from control_plane.daemon.health import DaemonHealth
@@ -43,7 +44,7 @@ class LeaderLoop:
     share one), started together when it is gained and cancelled when it is lost."""
 
     name: str
-    runs: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    runs: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     on_gain: list[Callable[[], None]] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     renewed_at: float | None = None  # monotonic time of the request that last renewed it
@@ -69,7 +70,7 @@ class LeaderElector:
     def add(
         self,
         name: str,
-        run: Callable[[], Awaitable[None]],
+        run: Callable[[], Coroutine[Any, Any, None]],
         on_gain: Callable[[], None] | None = None,
     ) -> None:
         """Run `run` while this replica holds lease `name` (`on_gain` first, each time)."""

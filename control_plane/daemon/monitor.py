@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 from control_plane.bus import AGENT, MONITOR, WakeBus, runs_changed
 from control_plane.config import RunMonitoringConfig
 from control_plane.daemon.stallwatch import StallWatch
 from control_plane.model.agents import Agent
 from control_plane.model.runs import Run, Verdict, iso
-from control_plane.model.statuses import AGENT_LOST, MAX_RUNTIME, START_TIMEOUT, RunStatus
+from control_plane.model.statuses import MAX_RUNTIME, START_TIMEOUT, RunStatus
 from control_plane.storage.errors import StorageFull
-from control_plane.storage.port import AgentStore, RunStore
+from control_plane.storage.port import AgentStore, Database, RunStore
+from protocol.events import AGENT_LOST
 from protocol.tags import MAX_RUNTIME_TAG
 
 log = logging.getLogger("fleetrun.monitor")
@@ -104,12 +106,17 @@ def find_verdicts(
     return verdicts, next_deadline
 
 
+class MonitoredStore(RunStore, Database, Protocol):
+    """What the monitor uses of storage: the runs, and whether the database can write
+    (no agent can heartbeat while it cannot, so nobody is judged)."""
+
+
 @dataclass
 class Monitor:
     """What the monitor's passes work with, and the one thing they remember: since when
     agents are judged (`boot_time`, moved by every rebase)."""
 
-    storage: RunStore
+    storage: MonitoredStore
     agents: AgentStore
     config: RunMonitoringConfig
     bus: WakeBus

@@ -49,7 +49,7 @@ def retry_delay(config: RunRetriesConfig, retry_number: int) -> float:
     if config.backoff == "linear":
         return retry_number * config.delay_seconds
     if config.backoff == "exponential":
-        return (2**retry_number - 1) * config.delay_seconds
+        return (2.0**retry_number - 1) * config.delay_seconds
     return config.delay_seconds
 
 

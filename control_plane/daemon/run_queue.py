@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 from control_plane.bus import WakeBus, run_assigned, run_queued
 from control_plane.config import RunCoordinatorConfig, TagConcurrencyLimit
@@ -47,7 +48,7 @@ class LimitUsage:
     limit: int
     holders: list[str]
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "limit": self.name,
             "max": self.limit,
@@ -105,8 +106,8 @@ def plan_dispatch(
 
     for run in snapshot.queued:
         if run.not_before is not None and run.not_before > now:
-            reason = f"retry delay: starts after {iso(run.not_before)}"
-            plan.decisions.append(Decision(run, reason=reason))
+            delayed = f"retry delay: starts after {iso(run.not_before)}"
+            plan.decisions.append(Decision(run, reason=delayed))
             plan.next_wake = min(plan.next_wake or run.not_before, run.not_before)
             continue
         reason = _held_back(run, global_limit, active_ids, rules, holders)

@@ -55,7 +55,6 @@ class StallWatch:
         return True
 
 
-
 async def watch_pass(watch: StallWatch, now: float) -> float:
     """One look at both clocks, every TICK_SECONDS (a daemon loop beside the monitor)."""
     watch.observe()

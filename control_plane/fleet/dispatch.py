@@ -17,9 +17,10 @@ from control_plane.clock import Clock
 from control_plane.fleet.evaluations import EvaluationBroker
 from control_plane.metrics import Metrics
 from control_plane.model.runs import Run, Verdict
-from control_plane.model.statuses import UNDELIVERABLE, RunStatus
+from control_plane.model.statuses import RunStatus
 from control_plane.storage.port import Storage
 from control_plane.waiters import KeyedWaiters
+from protocol.events import UNDELIVERABLE
 from protocol.messages import LaunchRun, PollReply, StopRun
 from protocol.wire import delivery_problem
 
@@ -124,9 +125,13 @@ class Dispatcher:
         for launch in launches:
             if (problem := delivery_problem(PollReply(launches=[launch]))) is not None:
                 bad[launch.run_id] = Verdict(
-                    launch.run_id, launch.lease, RunStatus.STARTING, RunStatus.FAILURE,
-                    UNDELIVERABLE, f"the launch message cannot be delivered: {problem}",
-                )  # fmt: skip
+                    launch.run_id,
+                    launch.lease,
+                    RunStatus.STARTING,
+                    RunStatus.FAILURE,
+                    UNDELIVERABLE,
+                    f"the launch message cannot be delivered: {problem}",
+                )
         if not bad:
             return launches
         changed = await self.storage.apply_verdicts(list(bad.values()), self.clock.time(), 0)

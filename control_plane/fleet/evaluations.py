@@ -33,8 +33,7 @@ class EvaluationBroker:
         self._unsure = False  # wake-ups may have been missed: ask storage
 
     def new_request(self, location: str, kind: str, name: str, **fields: object) -> Evaluate:
-        return Evaluate(eval_id=uuid.uuid4().hex, location=location, kind=kind, name=name,
-                        **fields)  # type: ignore[arg-type]  # fmt: skip
+        return Evaluate(eval_id=uuid.uuid4().hex, location=location, kind=kind, name=name, **fields)  # type: ignore[arg-type]
 
     def on_wake(self, key: str | None) -> None:
         """An EVALUATION wake-up, from this replica or another."""
@@ -76,12 +75,13 @@ class EvaluationBroker:
                 self.publish(AGENT, agent_id)
             agent = await self._changed.wait_for(eval_id, taken, wait_for_agent)
             if agent is None:
-                return failed(f"no online agent hosting location {request.location} took the "
-                              f"evaluation within {wait_for_agent:g} s")  # fmt: skip
+                return failed(
+                    f"no online agent hosting location {request.location} took the "
+                    f"evaluation within {wait_for_agent:g} s"
+                )
             result = await self._changed.wait_for(eval_id, answered, request.timeout_seconds + 10)
             if result is None:
-                return failed(f"agent {agent} gave no result within "
-                              f"{request.timeout_seconds:g} s")  # fmt: skip
+                return failed(f"agent {agent} gave no result within {request.timeout_seconds:g} s")
             return result
         finally:
             await self.storage.drop_evaluation(eval_id)

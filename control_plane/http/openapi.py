@@ -394,11 +394,14 @@ def instigator_schemas() -> dict[str, Schema]:
 
 def misc_schemas() -> dict[str, Schema]:
     loop = obj(
-        {"seconds_since_beat": {"type": "number"}, "last_error": nullable(string()),
-         "standby": {"type": "boolean"}},
+        {
+            "seconds_since_beat": {"type": "number"},
+            "last_error": nullable(string()),
+            "standby": {"type": "boolean"},
+        },
         optional=("seconds_since_beat", "last_error", "standby"),
         description="a loop this replica runs, or (standby) one another replica runs",
-    )  # fmt: skip
+    )
     return {
         "Error": obj(
             {"error": obj({"code": string(), "message": string()})},
@@ -543,118 +546,209 @@ def run_filters() -> tuple[dict[str, Any], ...]:
     """`GET /api/v1/runs`'s query, as `api.parse_filter` and `list_runs` read it."""
     status = string(pattern=rf"^\s*{_STATUS_LIST}\s*(,\s*{_STATUS_LIST}\s*)*$")
     return (
-        query("status", array(status), "run statuses, repeated or comma-separated "
-              "(case-insensitive)", style="form", explode=True),
+        query(
+            "status",
+            array(status),
+            "run statuses, repeated or comma-separated (case-insensitive)",
+            style="form",
+            explode=True,
+        ),
         query("job", string(), "only runs of this job"),
-        query("tag", array(string(pattern="^[^:]+:")), "key:value, repeated: runs with "
-              "every one of these tags", style="form", explode=True),
-        query("agent", string(), "only runs assigned to this agent (id or name); an "
-              "unknown agent has none"),
+        query(
+            "tag",
+            array(string(pattern="^[^:]+:")),
+            "key:value, repeated: runs with every one of these tags",
+            style="form",
+            explode=True,
+        ),
+        query(
+            "agent",
+            string(),
+            "only runs assigned to this agent (id or name); an unknown agent has none",
+        ),
         int_query("limit", 100, 1, MAX_LIST_LIMIT, "page size"),
         query("cursor", string(pattern="^[0-9]*$"), "`next_cursor` of the previous page"),
-    )  # fmt: skip
+    )
 
 
 def run_operations() -> dict[str, dict[str, Any]]:
     after = "return {} with {} > after"
     return {
         "/api/v1/runs": {
-            "post": operation("submitRun", "Submit a run (queued)", "runs",
-                              ok("RunAccepted", "queued", 201), (404,), body="SubmitRun"),
-            "get": operation("listRuns", "List runs, newest first", "runs",
-                             ok("RunList", "a page of runs"), (400,), run_filters()),
+            "post": operation(
+                "submitRun",
+                "Submit a run (queued)",
+                "runs",
+                ok("RunAccepted", "queued", 201),
+                (404,),
+                body="SubmitRun",
+            ),
+            "get": operation(
+                "listRuns",
+                "List runs, newest first",
+                "runs",
+                ok("RunList", "a page of runs"),
+                (400,),
+                run_filters(),
+            ),
         },
         "/api/v1/runs/{run_id}": {
             "parameters": [RUN_ID],
-            "get": operation("getRun", "A run and its chain of retries/re-executions", "runs",
-                             ok("RunDetail", "the run"), (404,)),
+            "get": operation(
+                "getRun",
+                "A run and its chain of retries/re-executions",
+                "runs",
+                ok("RunDetail", "the run"),
+                (404,),
+            ),
         },
         "/api/v1/runs/{run_id}/events": {
             "parameters": [RUN_ID],
-            "get": operation("getRunEvents", "The run's event log", "runs",
-                             ok("EventList", "events in seq order"), (400, 404),
-                             (int_query("after", 0, 0, 2**62, after.format("events", "seq")),
-                              int_query("limit", 1000, 1, 10_000, "at most this many events"),
-                              wait_query())),
+            "get": operation(
+                "getRunEvents",
+                "The run's event log",
+                "runs",
+                ok("EventList", "events in seq order"),
+                (400, 404),
+                (
+                    int_query("after", 0, 0, 2**62, after.format("events", "seq")),
+                    int_query("limit", 1000, 1, 10_000, "at most this many events"),
+                    wait_query(),
+                ),
+            ),
         },
         "/api/v1/runs/{run_id}/logs": {
             "parameters": [RUN_ID],
-            "get": operation("getRunLogs", "Compute-log chunks (stdout/stderr) in order",
-                             "runs", ok("LogList", "chunks; `step` null outside any step"),
-                             (400, 404),
-                             (query("step", name_pattern(), "only this step's chunks"),
-                              int_query("after", 0, 0, 2**62, after.format("chunks", "id")),
-                              wait_query())),
+            "get": operation(
+                "getRunLogs",
+                "Compute-log chunks (stdout/stderr) in order",
+                "runs",
+                ok("LogList", "chunks; `step` null outside any step"),
+                (400, 404),
+                (
+                    query("step", name_pattern(), "only this step's chunks"),
+                    int_query("after", 0, 0, 2**62, after.format("chunks", "id")),
+                    wait_query(),
+                ),
+            ),
         },
         "/api/v1/runs/{run_id}/priority": {
             "parameters": [RUN_ID],
-            "post": operation("setRunPriority", "Reorder a queued run", "runs",
-                              ok("Run", "the run"), (404, 409), body="SetPriority",
-                              description="409 not_queued unless the run is QUEUED."),
+            "post": operation(
+                "setRunPriority",
+                "Reorder a queued run",
+                "runs",
+                ok("Run", "the run"),
+                (404, 409),
+                body="SetPriority",
+                description="409 not_queued unless the run is QUEUED.",
+            ),
         },
         "/api/v1/runs/{run_id}/cancel": {
             "parameters": [RUN_ID],
-            "post": operation("cancelRun", "Cancel a run", "runs",
-                              ok("RunAccepted", "CANCELED or CANCELING"), (404, 409),
-                              description="A queued run is CANCELED at once; a starting or "
-                              "started one becomes CANCELING. An ended run gets 409 "
-                              "already_finished."),
+            "post": operation(
+                "cancelRun",
+                "Cancel a run",
+                "runs",
+                ok("RunAccepted", "CANCELED or CANCELING"),
+                (404, 409),
+                description="A queued run is CANCELED at once; a starting or "
+                "started one becomes CANCELING. An ended run gets 409 "
+                "already_finished.",
+            ),
         },
         "/api/v1/runs/{run_id}/reexecute": {
             "parameters": [RUN_ID],
-            "post": operation("reexecuteRun", "Re-execute a FAILURE or CANCELED run", "runs",
-                              ok("RunAccepted", "the new run, queued", 201), (404, 409),
-                              body="Reexecute",
-                              description="Send `{}` for the default strategy "
-                              "(FROM_FAILURE); another run status gets 409 not_reexecutable."),
+            "post": operation(
+                "reexecuteRun",
+                "Re-execute a FAILURE or CANCELED run",
+                "runs",
+                ok("RunAccepted", "the new run, queued", 201),
+                (404, 409),
+                body="Reexecute",
+                description="Send `{}` for the default strategy "
+                "(FROM_FAILURE); another run status gets 409 not_reexecutable.",
+            ),
         },
-    }  # fmt: skip
+    }
 
 
 def fleet_operations() -> dict[str, dict[str, Any]]:
     agent = path_param("agent", "an agent id or name")
     return {
         "/api/v1/queue": {
-            "get": operation("getQueue", "Queued runs in dequeue order, and the limits",
-                             "queue", ok("Queue", "the queue")),
+            "get": operation(
+                "getQueue",
+                "Queued runs in dequeue order, and the limits",
+                "queue",
+                ok("Queue", "the queue"),
+            ),
         },
         "/api/v1/agents": {
-            "get": operation("listAgents", "Agents and their code locations", "agents",
-                             ok("AgentList", "every agent")),
+            "get": operation(
+                "listAgents",
+                "Agents and their code locations",
+                "agents",
+                ok("AgentList", "every agent"),
+            ),
         },
         "/api/v1/agents/{agent}/drain": {
             "parameters": [agent],
-            "post": operation("drainAgent", "No new runs for this agent", "agents",
-                              ok("AgentStatus", "now DRAINING"), (404,)),
+            "post": operation(
+                "drainAgent",
+                "No new runs for this agent",
+                "agents",
+                ok("AgentStatus", "now DRAINING"),
+                (404,),
+            ),
         },
         "/api/v1/agents/{agent}/undrain": {
             "parameters": [agent],
-            "post": operation("undrainAgent", "The agent takes runs again", "agents",
-                              ok("AgentStatus", "now ONLINE"), (404,)),
+            "post": operation(
+                "undrainAgent",
+                "The agent takes runs again",
+                "agents",
+                ok("AgentStatus", "now ONLINE"),
+                (404,),
+            ),
         },
         "/api/v1/jobs": {
-            "get": operation("listJobs", "Jobs of every code location, and load errors",
-                             "jobs", ok("JobList", "jobs and location errors")),
+            "get": operation(
+                "listJobs",
+                "Jobs of every code location, and load errors",
+                "jobs",
+                ok("JobList", "jobs and location errors"),
+            ),
         },
-    }  # fmt: skip
+    }
 
 
 def token_operations() -> dict[str, dict[str, Any]]:
     return {
         "/api/v1/tokens": {
-            "get": operation("listTokens", "Tokens (never a secret or hash)", "tokens",
-                             ok("TokenList", "every token")),
-            "post": operation("createToken", "Create a token", "tokens",
-                              ok("CreatedToken", "created; `token` is shown this once", 201),
-                              (409,), body="NewToken",
-                              description="409 name_taken if the name was ever used."),
+            "get": operation(
+                "listTokens",
+                "Tokens (never a secret or hash)",
+                "tokens",
+                ok("TokenList", "every token"),
+            ),
+            "post": operation(
+                "createToken",
+                "Create a token",
+                "tokens",
+                ok("CreatedToken", "created; `token` is shown this once", 201),
+                (409,),
+                body="NewToken",
+                description="409 name_taken if the name was ever used.",
+            ),
         },
         "/api/v1/tokens/{name}/revoke": {
             "parameters": [path_param("name", "the token's name")],
-            "post": operation("revokeToken", "Revoke a token", "tokens",
-                              ok("Token", "the revoked token"), (404,)),
+            "post": operation(
+                "revokeToken", "Revoke a token", "tokens", ok("Token", "the revoked token"), (404,)
+            ),
         },
-    }  # fmt: skip
+    }
 
 
 def instigator_operations(kind: str) -> dict[str, dict[str, Any]]:
@@ -666,50 +760,82 @@ def instigator_operations(kind: str) -> dict[str, dict[str, Any]]:
     def switch(verb: str, status: str) -> dict[str, Any]:
         return {
             "parameters": [name],
-            "post": operation(f"{verb}{title}", f"{verb.capitalize()} the {kind}", tag,
-                              ok("InstigatorStatus", f"now {status}"), found, (where,),
-                              description="An ORPHANED one gets 409 orphaned."),
-        }  # fmt: skip
+            "post": operation(
+                f"{verb}{title}",
+                f"{verb.capitalize()} the {kind}",
+                tag,
+                ok("InstigatorStatus", f"now {status}"),
+                found,
+                (where,),
+                description="An ORPHANED one gets 409 orphaned.",
+            ),
+        }
 
     return {
         base: {
-            "get": operation(f"list{title}s", f"Every {kind}", tag,
-                             ok(f"{title}List", f"every {kind}, orphans included")),
+            "get": operation(
+                f"list{title}s",
+                f"Every {kind}",
+                tag,
+                ok(f"{title}List", f"every {kind}, orphans included"),
+            ),
         },
         base + "/{name}": {
             "parameters": [name],
-            "get": operation(f"get{title}", f"One {kind} with its recent ticks", tag,
-                             ok(f"{title}Detail", f"the {kind}"), found, (where,)),
+            "get": operation(
+                f"get{title}",
+                f"One {kind} with its recent ticks",
+                tag,
+                ok(f"{title}Detail", f"the {kind}"),
+                found,
+                (where,),
+            ),
         },
         base + "/{name}/ticks": {
             "parameters": [name],
-            "get": operation(f"list{title}Ticks", f"The {kind}'s ticks, newest first", tag,
-                             ok("TickList", "ticks"), (400, *found),
-                             (where, int_query("limit", 50, 1, 1000, "at most this many"))),
+            "get": operation(
+                f"list{title}Ticks",
+                f"The {kind}'s ticks, newest first",
+                tag,
+                ok("TickList", "ticks"),
+                (400, *found),
+                (where, int_query("limit", 50, 1, 1000, "at most this many")),
+            ),
         },
         base + "/{name}/start": switch("start", "RUNNING"),
         base + "/{name}/stop": switch("stop", "STOPPED"),
-    }  # fmt: skip
+    }
 
 
 def service_operations() -> dict[str, dict[str, Any]]:
-    metrics = {"200": {"description": "Prometheus text format (no token needed)",
-                       "content": {"text/plain": {"schema": string()}}}}  # fmt: skip
+    metrics = {
+        "200": {
+            "description": "Prometheus text format (no token needed)",
+            "content": {"text/plain": {"schema": string()}},
+        }
+    }
     return {
         OPENAPI_PATH: {
-            "get": operation("getOpenApi", "This document", "meta",
-                             ok("OpenApiDocument", "OpenAPI 3.1")),
+            "get": operation(
+                "getOpenApi", "This document", "meta", ok("OpenApiDocument", "OpenAPI 3.1")
+            ),
         },
         "/healthz": {
-            "get": operation("healthz", "200 while the process serves", "health",
-                             ok("Health", "serving")),
+            "get": operation(
+                "healthz", "200 while the process serves", "health", ok("Health", "serving")
+            ),
         },
         "/readyz": {
-            "get": operation("readyz", "Storage answers and every daemon loop beats",
-                             "health", ok("Ready", "ready"), (503,)),
+            "get": operation(
+                "readyz",
+                "Storage answers and every daemon loop beats",
+                "health",
+                ok("Ready", "ready"),
+                (503,),
+            ),
         },
         "/metrics": {"get": operation("metrics", "Prometheus metrics", "health", metrics)},
-    }  # fmt: skip
+    }
 
 
 def apply_access(paths: dict[str, dict[str, Any]]) -> None:

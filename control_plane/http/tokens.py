@@ -8,7 +8,7 @@ import re
 from aiohttp import web
 
 from control_plane.errors import ControlPlaneError
-from control_plane.http.auth import new_token
+from control_plane.http.auth import KINDS, ROLES, new_token
 from control_plane.http.errors import ApiError, read_json_object
 from control_plane.http.keys import CLOCK, STORAGE, VERIFIER
 from control_plane.model.tokens import TokenRecord
@@ -22,11 +22,16 @@ class TokenRequestError(ControlPlaneError):
 
 
 async def create_token(
-    storage: TokenStore, name: str, kind: str, role: str | None, now: float
+    storage: TokenStore, name: object, kind: object, role: object, now: float
 ) -> tuple[str, TokenRecord]:
-    """Store a new token's hash; the token itself is returned here and never again."""
+    """Store a new token's hash; the token itself is returned here and never again.
+    The name, kind and role come as a request gave them: each is checked here."""
     if not isinstance(name, str) or not TOKEN_NAME_RE.match(name):
         raise TokenRequestError("name must match ^[A-Za-z0-9_.-]{1,128}$")
+    if not isinstance(kind, str):
+        raise TokenRequestError(f"kind must be one of {', '.join(KINDS)}")
+    if role is not None and not isinstance(role, str):
+        raise TokenRequestError(f"role must be one of {', '.join(ROLES)}")
     if kind == "agent" and role is not None:
         raise TokenRequestError("agent tokens have no role")
     try:

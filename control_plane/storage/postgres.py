@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from control_plane.storage.errors import StorageError, StorageFull, StorageUnavailable
 from control_plane.storage.schema import MIGRATIONS, current_version, for_postgres
@@ -36,8 +37,13 @@ from protocol.logs import redact
 log = logging.getLogger("fleetrun.storage")
 
 
-_CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
-                      asyncpg.InterfaceError, TimeoutError)  # fmt: skip
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    TimeoutError,
+)
 _PLACEHOLDER = re.compile(r"'[^']*'|\?")
 
 
@@ -60,7 +66,7 @@ class PgTx:
 
     _sql: dict[str, str] = {}  # translated statements, shared by all
 
-    def __init__(self, conn: asyncpg.Connection | asyncpg.Pool) -> None:
+    def __init__(self, conn: asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy) -> None:
         self.conn = conn
 
     def _translate(self, sql: str) -> str:
@@ -182,8 +188,10 @@ class PostgresStorage(SqlStorage):
             return self._transaction("SELECT pg_advisory_xact_lock($1)", self._instance_key)
         return self._transaction(
             "SELECT pg_advisory_xact_lock_shared($1), pg_advisory_xact_lock($2, $3)",
-            self._instance_key, self._run_space, _lock_key(run_id),
-        )  # fmt: skip
+            self._instance_key,
+            self._run_space,
+            _lock_key(run_id),
+        )
 
     def _write_row(self) -> AbstractAsyncContextManager[PgTx]:
         return self._transaction("SELECT pg_advisory_xact_lock_shared($1)", self._instance_key)
@@ -239,8 +247,12 @@ class PostgresStorage(SqlStorage):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("LISTEN connection to %s lost (%s); reconnecting in %.1f s",
-                            redact(self.url), exc, delay)  # fmt: skip
+                log.warning(
+                    "LISTEN connection to %s lost (%s); reconnecting in %.1f s",
+                    redact(self.url),
+                    exc,
+                    delay,
+                )
             finally:
                 if conn is not None and not conn.is_closed():
                     conn.terminate()

@@ -26,7 +26,6 @@ from control_plane.storage.sql import SqlStorage
 log = logging.getLogger("fleetrun.storage")
 
 
-
 class SqliteTx:
     """An aiosqlite connection as a `Tx` (SQLite speaks the `?` placeholders as written)."""
 
@@ -135,8 +134,9 @@ class SqliteStorage(SqlStorage):
                 if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
                     raise
                 if self._full is None:
-                    log.error("storage is full: writes fail until space is freed (%s: %s)",
-                              self.path, exc)  # fmt: skip
+                    log.error(
+                        "storage is full: writes fail until space is freed (%s: %s)", self.path, exc
+                    )
                 self._full = f"{exc} ({self.path})"
                 raise StorageFull(self._full) from exc
             if self._full is not None and db.total_changes != changes:  # it wrote pages

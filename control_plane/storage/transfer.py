@@ -20,24 +20,35 @@ BATCH = 500
 # Each table: its key (rows are read in key order, a page after the last key seen) and
 # its other columns. Leases (run_attempts.attempt_id) and every other id keep their value.
 TABLES: list[tuple[str, str, str]] = [
-    ("runs", "id", "run_id, job, location, status, status_reason, tags, config, priority,"
-     " queue, agent_id, lease, create_time, start_time, end_time, update_time,"
-     " last_event_seq, status_time, not_before, failure_kind, retry_pending, parent_run_id,"
-     " root_run_id, resume_count, reuse_outputs, launch_acked, idempotency_key"),
+    (
+        "runs",
+        "id",
+        "run_id, job, location, status, status_reason, tags, config, priority,"
+        " queue, agent_id, lease, create_time, start_time, end_time, update_time,"
+        " last_event_seq, status_time, not_before, failure_kind, retry_pending, parent_run_id,"
+        " root_run_id, resume_count, reuse_outputs, launch_acked, idempotency_key",
+    ),
     ("run_tags", "run_id, key", "value"),
     ("run_attempts", "attempt_id", "run_id, agent_id, create_time, acked_seq"),
     ("events", "id", "run_id, seq, time, type, step, message, data, attempt"),
     ("compute_logs", "id", "run_id, attempt, step, stream, time, text"),
     ("step_outputs", "run_id, step", "attempt, size, data, create_time"),
-    ("agents", "agent_id", "name, hostname, status, queues, max_concurrent_runs, version,"
-     " last_heartbeat, registered_time, capabilities, token_name"),
+    (
+        "agents",
+        "agent_id",
+        "name, hostname, status, queues, max_concurrent_runs, version,"
+        " last_heartbeat, registered_time, capabilities, token_name",
+    ),
     ("code_locations", "agent_id, name", "info"),
     ("instigators", "location, name, kind", "status, cursor, last_run_key, last_tick_time"),
-    ("ticks", "id", "location, name, kind, scheduled_time, status, skip_reason, error,"
-     " run_ids, cursor, start_time, end_time"),
-    ("tokens", "token_id", "name, kind, role, salt, hash, create_time, last_used,"
-     " revoked_time"),
-]  # fmt: skip
+    (
+        "ticks",
+        "id",
+        "location, name, kind, scheduled_time, status, skip_reason, error,"
+        " run_ids, cursor, start_time, end_time",
+    ),
+    ("tokens", "token_id", "name, kind, role, salt, hash, create_time, last_used, revoked_time"),
+]
 IDENTITY = {
     "runs": "id",
     "run_attempts": "attempt_id",
@@ -85,8 +96,10 @@ async def _copy(
 ) -> dict[str, int]:
     for table, _, _ in TABLES:
         if await dest._reader.fetch(f"SELECT 1 FROM {table} LIMIT 1"):
-            raise TransferError(f"the destination already holds an instance ({table} is not "
-                                "empty); copy into an empty database or schema")  # fmt: skip
+            raise TransferError(
+                f"the destination already holds an instance ({table} is not "
+                "empty); copy into an empty database or schema"
+            )
     copied: dict[str, int] = {}
     for table, key, rest in TABLES:
         columns = f"{key}, {rest}"

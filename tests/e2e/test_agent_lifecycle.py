@@ -82,8 +82,12 @@ def test_remote_drain_and_undrain(tmp_path: Path) -> None:
     try:
 
         def cli(*args: str) -> str:
-            result = subprocess.run([*FLEETRUN, "--url", cp.url, "agents", *args],
-                                    capture_output=True, text=True, timeout=60)  # fmt: skip
+            result = subprocess.run(
+                [*FLEETRUN, "--url", cp.url, "agents", *args],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert result.returncode == 0, result.stderr
             return result.stdout
 
@@ -96,8 +100,12 @@ def test_remote_drain_and_undrain(tmp_path: Path) -> None:
         lease = cp.get(f"/api/v1/runs/{run_id}")["lease"]
         (tmp_path / f"open-{lease}").touch()
         assert cp.wait_run(run_id)["status"] == "SUCCESS"
-        code = subprocess.run([*FLEETRUN, "--url", cp.url, "agents", "drain", "nobody"],
-                              capture_output=True, text=True, timeout=60).returncode  # fmt: skip
+        code = subprocess.run(
+            [*FLEETRUN, "--url", cp.url, "agents", "drain", "nobody"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).returncode
         assert code == 1
     finally:
         agent.stop()
@@ -105,8 +113,11 @@ def test_remote_drain_and_undrain(tmp_path: Path) -> None:
 
 
 BINARY = REPO / "dist" / "fleetrun-agent"
-PYTHON_PLACES = [Path(sys.base_prefix), *Path("/usr/lib").glob("python3*"),
-                 *Path("/usr/local/lib").glob("python3*")]  # fmt: skip
+PYTHON_PLACES = [
+    Path(sys.base_prefix),
+    *Path("/usr/lib").glob("python3*"),
+    *Path("/usr/local/lib").glob("python3*"),
+]
 
 
 def without_python(command: list[str]) -> list[str]:
@@ -115,8 +126,7 @@ def without_python(command: list[str]) -> list[str]:
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         return command
     empty = Path(tempfile.mkdtemp(prefix="fleetrun-no-python-"))
-    mounts = "; ".join(f"mount --bind {empty} {place}" for place in PYTHON_PLACES
-                       if place.is_dir())  # fmt: skip
+    mounts = "; ".join(f"mount --bind {empty} {place}" for place in PYTHON_PLACES if place.is_dir())
     hide_bins = "; ".join(
         f"mount --bind /dev/null {exe}" for exe in Path("/usr/bin").glob("python3*")
     )
@@ -127,26 +137,35 @@ def without_python(command: list[str]) -> list[str]:
 def test_the_one_file_binary_runs_a_job(tmp_path: Path) -> None:
     """`make test` builds dist/fleetrun-agent first (`make binary`)."""
     assert BINARY.exists(), "build the agent binary first: make binary"
-    version = subprocess.run([str(BINARY), "version"], capture_output=True, text=True,
-                             timeout=60)  # fmt: skip
+    version = subprocess.run([str(BINARY), "version"], capture_output=True, text=True, timeout=60)
     assert version.returncode == 0
     assert version.stdout == f"fleetrun-agent {FLEETRUN_VERSION} (protocol {PROTOCOL_VERSION})\n"
     cp = start_control_plane(tmp_path)
-    config = write_agent_config(tmp_path, cp.url, "bin", {"examples": REPO / "examples" /
-                                                          "demo_jobs.py"})  # fmt: skip
-    check = subprocess.run([str(BINARY), "check-config", "--config", str(config), "--connect"],
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    config = write_agent_config(
+        tmp_path, cp.url, "bin", {"examples": REPO / "examples" / "demo_jobs.py"}
+    )
+    check = subprocess.run(
+        [str(BINARY), "check-config", "--config", str(config), "--connect"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert check.returncode == 0, check.stderr
     assert "jobs hello, etl, chatty, broken" in check.stdout
     hidden = without_python([sys.executable, "-c", "pass"])
     if hidden[0] == "unshare":  # then prove Python really is out of sight there
         assert subprocess.run(hidden, capture_output=True, timeout=60).returncode != 0
-    agent = start_process(without_python([str(BINARY), "run", "--config", str(config)]),
-                          tmp_path / "bin.log")  # fmt: skip
+    agent = start_process(
+        without_python([str(BINARY), "run", "--config", str(config)]), tmp_path / "bin.log"
+    )
     try:
-        wait_for(lambda: any(a["name"] == "bin" and a["code_locations"]
-                             for a in cp.get("/api/v1/agents")["agents"]),
-                 what="the binary agent to register")  # fmt: skip
+        wait_for(
+            lambda: any(
+                a["name"] == "bin" and a["code_locations"]
+                for a in cp.get("/api/v1/agents")["agents"]
+            ),
+            what="the binary agent to register",
+        )
         for job in ("etl", "chatty"):
             run_id = cp.submit(job, config={"execution": "multiprocess"})
             assert cp.wait_run(run_id)["status"] == "SUCCESS", cp.events(run_id)
@@ -167,12 +186,21 @@ def test_check_config_names_every_problem_and_exits_2(tmp_path: Path) -> None:
         f'[[code_locations]]\nname = "broken"\npython_file = "{FIXTURES / "broken_location.py"}"\n'
         '[[code_locations]]\nname = "badexe"\npython_file = "x.py"\nexecutable = "/no/python"\n'
     )
-    result = subprocess.run([*FLEETRUN_AGENT, "check-config", "--config", str(config),
-                             "--connect"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [*FLEETRUN_AGENT, "check-config", "--config", str(config), "--connect"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
-    for expected in ("code_locations gone: working_directory", "code_locations broken:",
-                     "module_that_does_not_exist", "code_locations badexe: executable /no/python",
-                     "token_file: cannot read", "control_plane_url: cannot reach"):  # fmt: skip
+    for expected in (
+        "code_locations gone: working_directory",
+        "code_locations broken:",
+        "module_that_does_not_exist",
+        "code_locations badexe: executable /no/python",
+        "token_file: cannot read",
+        "control_plane_url: cannot reach",
+    ):
         assert expected in result.stderr, result.stderr
     assert str(config) in result.stderr
 
@@ -180,8 +208,12 @@ def test_check_config_names_every_problem_and_exits_2(tmp_path: Path) -> None:
 def test_check_config_lists_every_problem_of_the_file(tmp_path: Path) -> None:
     config = tmp_path / "agent.toml"
     config.write_text('queue = ["a"]\nmax_concurrent_runs = "4"\nrun_launcher = "thread"\n')
-    result = subprocess.run([*FLEETRUN_AGENT, "check-config", "--config", str(config)],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [*FLEETRUN_AGENT, "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"config error: {config}: key 'queue': unknown key",

@@ -75,8 +75,9 @@ def fleetrun(
     env["FLEETRUN_URL"] = url
     if token is not None:
         env["FLEETRUN_TOKEN"] = token
-    return subprocess.run([*FLEETRUN, *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)  # fmt: skip
+    return subprocess.run(
+        [*FLEETRUN, *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:
@@ -103,26 +104,47 @@ def test_submit_wait_shows_step_progress_and_exits_with_the_result(fleet: Fleet)
     done = fleetrun(url, "runs", "submit", "etl", "--wait")
     run_id, status = ok(done).split(":")[0].split()
     assert status == "SUCCESS" and fleet.cp.get(f"/api/v1/runs/{run_id}")["status"] == "SUCCESS"
-    assert in_order(done.stderr, f"submitted run {run_id}", "QUEUED", "STARTED",
-                    "extract: started", "[1/3] extract: succeeded in ", "transform: started",
-                    "[3/3] load: succeeded in ", "SUCCESS    all 3 steps succeeded")  # fmt: skip
+    assert in_order(
+        done.stderr,
+        f"submitted run {run_id}",
+        "QUEUED",
+        "STARTED",
+        "extract: started",
+        "[1/3] extract: succeeded in ",
+        "transform: started",
+        "[3/3] load: succeeded in ",
+        "SUCCESS    all 3 steps succeeded",
+    )
 
     # A failing job: exit 1; with --json stdout is the final run and nothing else
     failed = fleetrun(url, "runs", "submit", "broken", "--wait", "--json")
     assert failed.returncode == 1, failed.stderr
     run = json.loads(failed.stdout)
     assert (run["job"], run["status"], run["status_reason"]) == (
-        "broken", "FAILURE", "steps failed: validate")  # fmt: skip
-    assert in_order(failed.stderr, "fetch: succeeded",
-                    "validate: failed after ", "ValueError: expected at least one row, got 0",
-                    "publish: skipped", "FAILURE    steps failed: validate")  # fmt: skip
+        "broken",
+        "FAILURE",
+        "steps failed: validate",
+    )
+    assert in_order(
+        failed.stderr,
+        "fetch: succeeded",
+        "validate: failed after ",
+        "ValueError: expected at least one row, got 0",
+        "publish: skipped",
+        "FAILURE    steps failed: validate",
+    )
 
     # Step retries show as they happen; --quiet leaves stderr empty
     retried = fleetrun(url, "runs", "submit", "retries", "--location", "exec", "--wait")
     assert retried.returncode == 1 and "FAILURE" in retried.stdout
-    assert in_order(retried.stderr, "exponential: started", "exponential: failed after",
-                    "up for retry: ValueError: again; retry 1 in", "exponential: retry 1 started",
-                    "[6/6] gives_up: failed")  # fmt: skip
+    assert in_order(
+        retried.stderr,
+        "exponential: started",
+        "exponential: failed after",
+        "up for retry: ValueError: again; retry 1 in",
+        "exponential: retry 1 started",
+        "[6/6] gives_up: failed",
+    )
     quiet = fleetrun(url, "runs", "submit", "hello", "--wait", "-q")
     assert quiet.returncode == 0 and quiet.stderr == "" and "SUCCESS" in quiet.stdout
 
@@ -140,13 +162,21 @@ def test_submit_wait_exits_1_when_the_run_is_canceled(fleet: Fleet) -> None:
     env = {**os.environ, "FLEETRUN_URL": fleet.cp.url}
     waiting = subprocess.Popen(
         [*FLEETRUN, "runs", "submit", "hello", "--tag", NOWHERE, "--tag", "test=cancel", "--wait"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
-        run = wait_for(lambda: next(iter(fleet.cp.get("/api/v1/runs?tag=test:cancel")["runs"]),
-                                    None), timeout=30, what="the run to be queued")  # fmt: skip
+        run = wait_for(
+            lambda: next(iter(fleet.cp.get("/api/v1/runs?tag=test:cancel")["runs"]), None),
+            timeout=30,
+            what="the run to be queued",
+        )
         assert ok(fleetrun(fleet.cp.url, "runs", "cancel", run["run_id"])).split() == [
-            run["run_id"], "CANCELED"]  # fmt: skip
+            run["run_id"],
+            "CANCELED",
+        ]
         out, err = waiting.communicate(timeout=60)
     finally:
         waiting.kill()
@@ -159,23 +189,43 @@ def test_submit_wait_exits_1_when_the_run_is_canceled(fleet: Fleet) -> None:
 def test_runs_watch_redraws_and_stops_after_count(fleet: Fleet) -> None:
     url = fleet.cp.url
     fleet.cp.wait_run(fleet.cp.submit("hello"))
-    lines = ok(fleetrun(url, "runs", "watch", "--job", "hello", "--count", "2",
-                        "--interval", "0.1", "--json")).splitlines()  # fmt: skip
+    lines = ok(
+        fleetrun(
+            url, "runs", "watch", "--job", "hello", "--count", "2", "--interval", "0.1", "--json"
+        )
+    ).splitlines()
     assert len(lines) == 2
     for line in lines:
         doc = json.loads(line)
         assert doc["time"].endswith("Z") and doc["runs"]
         assert {r["job"] for r in doc["runs"]} == {"hello"}
     # Not a terminal: plain tables one after another, no escape codes
-    text = ok(fleetrun(url, "runs", "watch", "--count", "3", "--interval", "0.1",
-                       "--status", "SUCCESS", "--limit", "1"))  # fmt: skip
+    text = ok(
+        fleetrun(
+            url,
+            "runs",
+            "watch",
+            "--count",
+            "3",
+            "--interval",
+            "0.1",
+            "--status",
+            "SUCCESS",
+            "--limit",
+            "1",
+        )
+    )
     assert text.count("RUN ID") == 3 and text.count("1 SUCCESS") == 3 and "\x1b[" not in text
     rows = [line for line in text.splitlines() if " SUCCESS " in line]
     assert len(rows) == 3 and all(row.split()[3] == "a1" for row in rows)  # by name, not id
     # Ctrl-C ends a watch without a count, with exit code 0
     env = {**os.environ, "FLEETRUN_URL": url}
-    endless = subprocess.Popen([*FLEETRUN, "runs", "watch", "--json", "--interval", "0.1"],
-                               stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    endless = subprocess.Popen(
+        [*FLEETRUN, "runs", "watch", "--json", "--interval", "0.1"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert endless.stdout is not None and json.loads(endless.stdout.readline())["runs"]
         endless.send_signal(signal.SIGINT)
@@ -192,11 +242,19 @@ def test_logs_and_events_follow_until_the_run_ends(fleet: Fleet) -> None:
     run_id = ok(fleetrun(url, "runs", "submit", "chatty")).strip()
     env = {**os.environ, "FLEETRUN_URL": url}
     follow = [
-        subprocess.Popen([*FLEETRUN, "runs", *args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)
-        for args in (["logs", run_id, "--follow"], ["events", run_id, "--follow"],
-                     ["events", run_id, "--follow", "--json", "--type", "STEP_START,RUN_SUCCESS"])
-    ]  # fmt: skip
+        subprocess.Popen(
+            [*FLEETRUN, "runs", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for args in (
+            ["logs", run_id, "--follow"],
+            ["events", run_id, "--follow"],
+            ["events", run_id, "--follow", "--json", "--type", "STEP_START,RUN_SUCCESS"],
+        )
+    ]
     try:
         (logs_out, logs_err), (events_out, _), (json_out, _) = [
             p.communicate(timeout=60) for p in follow
@@ -211,7 +269,9 @@ def test_logs_and_events_follow_until_the_run_ends(fleet: Fleet) -> None:
     assert logs_err.splitlines() == [f"[chatter] stderr line {i}" for i in range(3)]
     assert in_order(events_out, "RUN_ENQUEUED", "STEP_START", "chatter", "RUN_SUCCESS")
     assert [json.loads(line)["type"] for line in json_out.splitlines()] == [
-        "STEP_START", "RUN_SUCCESS"]  # fmt: skip
+        "STEP_START",
+        "RUN_SUCCESS",
+    ]
     events = json.loads(ok(fleetrun(url, "runs", "events", run_id, "--after", "3", "--json")))
     assert events["events"][0]["seq"] == 4
 
@@ -220,19 +280,32 @@ def test_every_command_accepts_json(fleet: Fleet) -> None:
     url = fleet.cp.url
     done = fleet.cp.submit("broken")
     fleet.cp.wait_run(done)
-    queued = json.loads(ok(fleetrun(url, "runs", "submit", "hello", "--tag", NOWHERE,
-                                    "--json")))["run_id"]  # fmt: skip
-    wait_for(lambda: len(fleet.cp.get("/api/v1/sensors/inbox/ticks")["ticks"]) >= 2,
-             what="two sensor ticks")  # fmt: skip
+    queued = json.loads(ok(fleetrun(url, "runs", "submit", "hello", "--tag", NOWHERE, "--json")))[
+        "run_id"
+    ]
+    wait_for(
+        lambda: len(fleet.cp.get("/api/v1/sensors/inbox/ticks")["ticks"]) >= 2,
+        what="two sensor ticks",
+    )
     reads = [
-        ["runs", "list"], ["runs", "list", "--agent", "a1", "--limit", "2"],
-        ["runs", "show", done], ["runs", "events", done], ["runs", "logs", done],
-        ["runs", "watch", "--count", "1"], ["queue"], ["agents", "list"], ["jobs", "list"],
-        ["schedules", "list"], ["schedules", "show", "every_minute"],
-        ["schedules", "ticks", "nightly"], ["sensors", "list"], ["sensors", "show", "inbox"],
+        ["runs", "list"],
+        ["runs", "list", "--agent", "a1", "--limit", "2"],
+        ["runs", "show", done],
+        ["runs", "events", done],
+        ["runs", "logs", done],
+        ["runs", "watch", "--count", "1"],
+        ["queue"],
+        ["agents", "list"],
+        ["jobs", "list"],
+        ["schedules", "list"],
+        ["schedules", "show", "every_minute"],
+        ["schedules", "ticks", "nightly"],
+        ["sensors", "list"],
+        ["sensors", "show", "inbox"],
         ["sensors", "ticks", "inbox", "--limit", "2", "--location", "daemon"],
-        ["tokens", "list"], ["health"],
-    ]  # fmt: skip
+        ["tokens", "list"],
+        ["health"],
+    ]
     # --json after the command, before it, and --url after it (FLEETRUN_URL is wrong then)
     calls = [(url, [*args, "--json"]) for args in reads]
     calls += [(url, ["--json", *args]) for args in reads[:3]]
@@ -261,10 +334,12 @@ def test_every_command_accepts_json(fleet: Fleet) -> None:
         (["schedules", "stop", "nightly"], lambda d: d["status"] == "STOPPED"),
         (["sensors", "stop", "inbox"], lambda d: d["status"] == "STOPPED"),
         (["sensors", "start", "inbox"], lambda d: d["status"] == "RUNNING"),
-        (["tokens", "create", "--kind", "user", "--name", "cli", "--role", "viewer"],
-         lambda d: d["token"] and d["role"] == "viewer"),
+        (
+            ["tokens", "create", "--kind", "user", "--name", "cli", "--role", "viewer"],
+            lambda d: d["token"] and d["role"] == "viewer",
+        ),
         (["tokens", "revoke", "cli"], lambda d: d["revoked"]),
-    ]  # fmt: skip
+    ]
     for args, check in changes:
         assert check(json.loads(ok(fleetrun(url, *args, "--json")))), args
     # Streams: one JSON document per line
@@ -279,15 +354,24 @@ def test_schedules_and_sensors_show_and_ticks(fleet: Fleet) -> None:
     show = ok(fleetrun(url, "schedules", "show", "every_minute"))
     assert "cron:" in show and "* * * * *" in show and "Europe/Berlin" in show
     assert "next ticks:" in show and "recent ticks:" in show
-    wait_for(lambda: len(fleet.cp.get("/api/v1/sensors/inbox/ticks")["ticks"]) >= 3,
-             what="three sensor ticks")  # fmt: skip
+    wait_for(
+        lambda: len(fleet.cp.get("/api/v1/sensors/inbox/ticks")["ticks"]) >= 3,
+        what="three sensor ticks",
+    )
     ticks = ok(fleetrun(url, "sensors", "ticks", "inbox", "--limit", "3")).splitlines()
     assert ticks[0].split() == ["TICK", "STATUS", "STARTED", "TOOK", "RUNS", "DETAIL"]
     assert len(ticks) == 4 and "no files yet" in ticks[2]  # the newest may still be STARTED
     sensor = ok(fleetrun(url, "sensors", "show", "inbox", "--location", "daemon"))
     assert "minimum_interval_seconds: 0.3" in sensor and "SKIPPED" in sensor
     assert ok(fleetrun(url, "schedules", "ticks", "nightly")).split() == [
-        "TICK", "SCHEDULED", "STATUS", "STARTED", "TOOK", "RUNS", "DETAIL"]  # fmt: skip
+        "TICK",
+        "SCHEDULED",
+        "STATUS",
+        "STARTED",
+        "TOOK",
+        "RUNS",
+        "DETAIL",
+    ]
     missing = one_error_line(fleetrun(url, "sensors", "show", "inbox", "--location", "elsewhere"))
     assert "no sensor named 'inbox' in location 'elsewhere' (404 unknown_sensor)" in missing
 
@@ -318,8 +402,19 @@ def test_auth_errors_are_one_line_and_tokens_come_from_flag_or_env(tmp_path: Pat
     config = write_control_plane_config(tmp_path, auth)
     tokens = {}
     for name, role in (("root", "admin"), ("reader", "viewer")):
-        created = fleetrun("http://127.0.0.1:9", "tokens", "create", "--config", str(config),
-                           "--kind", "user", "--name", name, "--role", role)  # fmt: skip
+        created = fleetrun(
+            "http://127.0.0.1:9",
+            "tokens",
+            "create",
+            "--config",
+            str(config),
+            "--kind",
+            "user",
+            "--name",
+            name,
+            "--role",
+            role,
+        )
         tokens[role] = ok(created).strip()
     cp = start_control_plane(tmp_path, auth)
     try:
@@ -327,11 +422,16 @@ def test_auth_errors_are_one_line_and_tokens_come_from_flag_or_env(tmp_path: Pat
         assert "(401 unauthenticated); pass --token or set FLEETRUN_TOKEN" in anonymous
         bogus = one_error_line(fleetrun(cp.url, "runs", "list", "--token", "fleetrun_x_y"))
         assert "(401 bad_token)" in bogus and "FLEETRUN_TOKEN" not in bogus
-        forbidden = one_error_line(fleetrun(cp.url, "runs", "submit", "hello",
-                                            token=tokens["viewer"]))  # fmt: skip
+        forbidden = one_error_line(
+            fleetrun(cp.url, "runs", "submit", "hello", token=tokens["viewer"])
+        )
         assert "(403 forbidden)" in forbidden
-        assert json.loads(ok(fleetrun(cp.url, "runs", "list", "--json",
-                                      token=tokens["viewer"])))["runs"] == []  # fmt: skip
+        assert (
+            json.loads(ok(fleetrun(cp.url, "runs", "list", "--json", token=tokens["viewer"])))[
+                "runs"
+            ]
+            == []
+        )
         listed = ok(fleetrun(cp.url, "tokens", "list", "--token", tokens["admin"]))
         assert "reader" in listed and "viewer" in listed and tokens["viewer"] not in listed
     finally:
@@ -348,8 +448,13 @@ def test_completion_scripts_know_every_command() -> None:
         assert words in bash, words
     assert "--interval" in bash and "--follow" in bash
     if shutil.which("bash"):  # the script loads and registers itself
-        check = subprocess.run(["bash", "-c", "source /dev/stdin && complete -p fleetrun"],
-                               input=bash, capture_output=True, text=True, timeout=30)  # fmt: skip
+        check = subprocess.run(
+            ["bash", "-c", "source /dev/stdin && complete -p fleetrun"],
+            input=bash,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert check.returncode == 0 and "_shtab_fleetrun" in check.stdout, check.stderr
     for shell in ("zsh", "tcsh"):
         assert "watch" in ok(fleetrun("http://127.0.0.1:9", "completion", shell))
@@ -363,8 +468,7 @@ def test_serve_exports_its_event_loop_lag_and_gc_pauses(fleet: Fleet) -> None:
         with urllib.request.urlopen(f"{fleet.cp.url}/metrics", timeout=30) as resp:
             text = resp.read().decode()
         lag = re.search(r"^fleetrun_event_loop_lag_seconds_count (\S+)$", text, re.M)
-        young = re.search(r'^fleetrun_gc_pause_seconds_count\{generation="0"\} (\S+)$', text,
-                          re.M)  # fmt: skip
+        young = re.search(r'^fleetrun_gc_pause_seconds_count\{generation="0"\} (\S+)$', text, re.M)
         assert lag is not None and young is not None, "both series are exported"
         found = float(lag.group(1)), float(young.group(1))
         return found if found[0] >= 2 and found[1] >= 1 else None  # sampled, and collected

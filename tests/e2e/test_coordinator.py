@@ -49,7 +49,9 @@ def queue_reasons(cp: ControlPlaneProc) -> dict[str, str]:
 
 def test_mixed_limits(tmp_path: Path) -> None:
     # Given at most 1 run on redshift and 1 run per team
-    cp = start_control_plane(tmp_path, """
+    cp = start_control_plane(
+        tmp_path,
+        """
 [[run_coordinator.tag_concurrency_limits]]
 key = "database"
 value = "redshift"
@@ -58,7 +60,8 @@ limit = 1
 key = "team"
 per_unique_value = true
 limit = 1
-""")  # fmt: skip
+""",
+    )
     agent = start_agent(cp, tmp_path, locations=GATES)
     gates = Gates(tmp_path)
     try:
@@ -124,12 +127,15 @@ def test_priority_under_a_full_queue(tmp_path: Path) -> None:
 
 def test_per_job_limit(tmp_path: Path) -> None:
     # Given one run at a time per job
-    cp = start_control_plane(tmp_path, """
+    cp = start_control_plane(
+        tmp_path,
+        """
 [[run_coordinator.tag_concurrency_limits]]
 key = "fleetrun/job"
 per_unique_value = true
 limit = 1
-""")  # fmt: skip
+""",
+    )
     agent = start_agent(cp, tmp_path, locations=GATES)
     gates = Gates(tmp_path)
     try:
@@ -166,8 +172,9 @@ def test_queue_no_agent_serves_then_one_joins(tmp_path: Path) -> None:
         # When an agent serving gpu joins, the run goes there
         gpu_agent = start_agent(cp, tmp_path, "gpu-1", locations=GATES, extra='queues = ["gpu"]')
         run = cp.wait_run(run_id)
-        gpu_id = next(a["agent_id"] for a in cp.get("/api/v1/agents")["agents"]
-                      if a["name"] == "gpu-1")  # fmt: skip
+        gpu_id = next(
+            a["agent_id"] for a in cp.get("/api/v1/agents")["agents"] if a["name"] == "gpu-1"
+        )
         assert (run["status"], run["agent"]) == ("SUCCESS", gpu_id)
     finally:
         default_agent.stop()
@@ -189,8 +196,12 @@ def test_agent_at_capacity_and_cancel_of_a_queued_run(tmp_path: Path) -> None:
             wait_for(lambda: queue_reasons(cp).get(waiting))
         )
         # When the waiting run is canceled
-        result = subprocess.run([*FLEETRUN, "--url", cp.url, "runs", "cancel", waiting],
-                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        result = subprocess.run(
+            [*FLEETRUN, "--url", cp.url, "runs", "cancel", waiting],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
         # Then it ends CANCELED and never launches; canceling it again is refused
         assert status(cp, waiting) == "CANCELED"
@@ -200,8 +211,9 @@ def test_agent_at_capacity_and_cancel_of_a_queued_run(tmp_path: Path) -> None:
         assert cp.wait_run(busy)["status"] == "SUCCESS"
         types = [e["type"] for e in cp.events(waiting)]
         assert types == ["RUN_ENQUEUED", "RUN_CANCELED"]
-        queue = subprocess.run([*FLEETRUN, "--url", cp.url, "queue"], capture_output=True,
-                               text=True, timeout=60)  # fmt: skip
+        queue = subprocess.run(
+            [*FLEETRUN, "--url", cp.url, "queue"], capture_output=True, text=True, timeout=60
+        )
         assert queue.returncode == 0 and "WAITING FOR" in queue.stdout
     finally:
         agent.stop()

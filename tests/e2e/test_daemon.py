@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import control_plane.daemon.instigators
+from control_plane.daemon.instigators import Instigator, Instigators
 from tests.clocks import OffsetClock
 from tests.conftest import (
     FIXTURES,
@@ -50,8 +51,9 @@ def failed_tick(cp: ControlPlaneProc) -> dict | None:
 
 
 def cli(cp: ControlPlaneProc, *args: str) -> str:
-    result = subprocess.run([*FLEETRUN, "--url", cp.url, *args], capture_output=True,
-                            text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [*FLEETRUN, "--url", cp.url, *args], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -63,9 +65,13 @@ def test_a_schedule_ticks_on_time_once_and_stops(fleet: tuple) -> None:
     boundary = (clock.time() // 60 + 1) * 60
     assert cli(cp, "schedules", "start", "every_minute").strip() == "every_minute RUNNING"
     # Then the every-minute schedule (RUNNING by default) ticks at the boundary
-    tick = wait_for(lambda: next((t for t in ticks(cp, "schedule", "every_minute")
-                                  if t["status"] != "STARTED"), None),
-                    timeout=60, what="the tick")  # fmt: skip
+    tick = wait_for(
+        lambda: next(
+            (t for t in ticks(cp, "schedule", "every_minute") if t["status"] != "STARTED"), None
+        ),
+        timeout=60,
+        what="the tick",
+    )
     assert tick["status"] == "SUCCESS" and len(tick["run_ids"]) == 1, tick["error"]
     scheduled = datetime.fromisoformat(tick["scheduled_time"].replace("Z", "+00:00"))
     assert scheduled.timestamp() == boundary
@@ -83,9 +89,13 @@ def test_a_schedule_ticks_on_time_once_and_stops(fleet: tuple) -> None:
     assert "every_minute" in cli(cp, "schedules", "list")
     assert cli(cp, "schedules", "stop", "every_minute").strip() == "every_minute STOPPED"
     clock.offset += 120  # two more minutes pass; wait for a scheduler pass after that
-    wait_for(lambda: (r := http("GET", f"{cp.url}/readyz"))[0] == 200
-             and r[1]["loops"]["scheduler"]["seconds_since_beat"] < 5,
-             what="a scheduler pass")  # fmt: skip
+    wait_for(
+        lambda: (
+            (r := http("GET", f"{cp.url}/readyz"))[0] == 200
+            and r[1]["loops"]["scheduler"]["seconds_since_beat"] < 5
+        ),
+        what="a scheduler pass",
+    )
     assert len(ticks(cp, "schedule", "every_minute")) == 1
     code, body = http("POST", f"{cp.url}/api/v1/schedules/nope/start", {})
     assert (code, body["error"]["code"]) == (404, "unknown_schedule")
@@ -94,8 +104,10 @@ def test_a_schedule_ticks_on_time_once_and_stops(fleet: tuple) -> None:
 def test_a_sensor_requests_each_run_key_once_and_survives_its_own_failure(fleet: tuple) -> None:
     cp, _agent, _clock, inbox = fleet
     # Given a sensor that sees files in its inbox (evaluated every 0.3 s)
-    wait_for(lambda: any(t["status"] == "SKIPPED" for t in ticks(cp, "sensor", "inbox")),
-             what="a tick with no files")  # fmt: skip
+    wait_for(
+        lambda: any(t["status"] == "SKIPPED" for t in ticks(cp, "sensor", "inbox")),
+        what="a tick with no files",
+    )
     (inbox / "file-a").touch()
     (inbox / "file-b").touch()
 
@@ -118,7 +130,10 @@ def test_a_sensor_requests_each_run_key_once_and_survives_its_own_failure(fleet:
     # Then each file ran exactly once, the cursor moved only with good ticks
     wait_for(lambda: "file-c" in runs_by_key(), what="the run for file-c")
     assert {key: len(ids) for key, ids in runs_by_key().items()} == {
-        "file-a": 1, "file-b": 1, "file-c": 1}  # fmt: skip
+        "file-a": 1,
+        "file-b": 1,
+        "file-c": 1,
+    }
     sensor = cp.get("/api/v1/sensors/inbox")
     assert sensor["cursor"] == "file-a,file-b,file-c" and sensor["status"] == "RUNNING"
     skipped = [t for t in ticks(cp, "sensor", "inbox") if t["status"] == "SKIPPED"]
@@ -132,26 +147,34 @@ def test_no_agent_hosting_the_location_fails_the_tick_with_a_reason(
     cp, agent, _clock, _ = fleet
     monkeypatch.setattr(control_plane.daemon.instigators, "WAIT_FOR_AGENT_SECONDS", 1.0)
     monkeypatch.setattr(control_plane.daemon.instigators, "EVALUATION_TIMEOUT_SECONDS", 2.0)
-    wait_for(lambda: ticks(cp, "sensor", "inbox"), what="a first sensor tick")
+    # The fixture's first tick was requested before the patch, with the 60 s timeout: an
+    # agent stopped while evaluating it (its reply lost) would leave it waiting that out.
+    wait_for(
+        lambda: any(t["status"] != "STARTED" for t in ticks(cp, "sensor", "inbox")),
+        what="the first sensor tick to end",
+    )
     agent.stop()  # it drains first: the location has no live host
     reason = "no online agent hosting location daemon took the evaluation within 1 s"
-    wait_for(lambda: any(t["error"] == reason for t in ticks(cp, "sensor", "inbox")),
-             timeout=60, what="a tick that found no agent")  # fmt: skip
+    wait_for(
+        lambda: any(t["error"] == reason for t in ticks(cp, "sensor", "inbox")),
+        timeout=60,
+        what="a tick that found no agent",
+    )
 
 
 def test_readiness_names_a_stuck_daemon_loop(fleet: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     cp, _agent, clock, _ = fleet
     status, body = http("GET", f"{cp.url}/readyz")
-    assert status == 200 and {"scheduler", "sensors", "run-queue", "monitor",
-                               "retries"} <= set(body["loops"])  # fmt: skip
+    assert status == 200 and {"scheduler", "sensors", "run-queue", "monitor", "retries"} <= set(
+        body["loops"]
+    )
     entered = threading.Event()
 
-    Instigators = control_plane.daemon.instigators.Instigators
     load = Instigators.load
 
-    async def hang(self: Instigators, now: float) -> list[object]:
+    async def hang(self: Instigators, now: float) -> list[Instigator]:
         if self.loop != "scheduler":
-            return await load(self, now)  # type: ignore[return-value]
+            return await load(self, now)
         entered.set()
         await asyncio.Event().wait()  # the scheduler's pass never returns
         return []
@@ -161,7 +184,12 @@ def test_readiness_names_a_stuck_daemon_loop(fleet: tuple, monkeypatch: pytest.M
     assert entered.wait(30)
     clock.offset += 120  # two minutes later the scheduler still has not come back
     # Then, once the other loops have beaten again, readiness names only the stuck one
-    expected = (503, {"error": {"code": "daemon_stale",
-                                "message": "daemon loops not running: scheduler"}})  # fmt: skip
-    wait_for(lambda: http("GET", f"{cp.url}/readyz") == expected, timeout=60,
-             what="readyz to name the stuck scheduler")  # fmt: skip
+    expected = (
+        503,
+        {"error": {"code": "daemon_stale", "message": "daemon loops not running: scheduler"}},
+    )
+    wait_for(
+        lambda: http("GET", f"{cp.url}/readyz") == expected,
+        timeout=60,
+        what="readyz to name the stuck scheduler",
+    )

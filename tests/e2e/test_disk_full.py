@@ -50,8 +50,11 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         pytest.fail("test_disk_full mounts a tmpfs (mount -t tmpfs) and must run as root")
     folder = tmp_path / "db"
     folder.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE}", "tmpfs", str(folder)],
-                   check=True, timeout=30)  # fmt: skip
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE}", "tmpfs", str(folder)],
+        check=True,
+        timeout=30,
+    )
     try:
         yield folder
     finally:
@@ -107,13 +110,21 @@ def test_a_full_disk_refuses_writes_with_503_and_everything_drains_after(
             status, body = submit(cp, job, gate)
             assert status == 201, body
             acked.append(body["run_id"])
-        status, body = submit(cp, "gated", tmp_path / "never", **{
-            "fleetrun/max_runtime": str(MAX_RUNTIME)})  # fmt: skip
+        status, body = submit(
+            cp, "gated", tmp_path / "never", **{"fleetrun/max_runtime": str(MAX_RUNTIME)}
+        )
         assert status == 201, body
         overdue = body["run_id"]
-        wait_for(lambda: sum(cp.get(f"/api/v1/runs/{r}")["status"] == "STARTED"
-                             for r in [*acked[:3], overdue]) == 4,
-                 what="four runs in flight")  # fmt: skip
+        wait_for(
+            lambda: (
+                sum(
+                    cp.get(f"/api/v1/runs/{r}")["status"] == "STARTED"
+                    for r in [*acked[:3], overdue]
+                )
+                == 4
+            ),
+            what="four runs in flight",
+        )
         started = time_of(cp.get(f"/api/v1/runs/{overdue}")["start_time"])
         # When the disk fills up while runs keep being submitted
         filler = fill(small_disk)
@@ -141,8 +152,10 @@ def test_a_full_disk_refuses_writes_with_503_and_everything_drains_after(
         assert "full" in body["error"]["message"]
         # And the runs that end meanwhile wait in the agent's spool: their records get 503
         gate.write_text("open")
-        wait_for(lambda: "lost contact with the control plane" in agent.log(),
-                 what="the agent to be refused")  # fmt: skip
+        wait_for(
+            lambda: "lost contact with the control plane" in agent.log(),
+            what="the agent to be refused",
+        )
         assert cp.get(f"/api/v1/runs/{acked[0]}")["status"] == "STARTED"
         assert 'fleetrun_agent_api_errors_total{code="storage_full"}' in metrics(cp)
         # And a verdict that falls due is held back while nothing can be written (no
@@ -175,9 +188,11 @@ def test_a_full_disk_refuses_writes_with_503_and_everything_drains_after(
         assert "unhandled error" not in log  # how every 500 would show (errors.json_errors)
         assert "storage is full" in log and "storage is writable again" in log
         assert cp.popen.poll() is None
-        print(f"\n[tmpfs {DISK_SIZE}] {len(acked) + 1} runs acknowledged; full for "
-              f"{full_for:.1f} s; after freeing: ready {ready_after:.2f} s, every run ended "
-              f"{drained_after:.2f} s")  # fmt: skip
+        print(
+            f"\n[tmpfs {DISK_SIZE}] {len(acked) + 1} runs acknowledged; full for "
+            f"{full_for:.1f} s; after freeing: ready {ready_after:.2f} s, every run ended "
+            f"{drained_after:.2f} s"
+        )
     finally:
         agent.stop()
         cp.stop()
@@ -198,8 +213,9 @@ def test_a_disk_full_longer_than_the_timeout_blames_no_agent(
         status, body = submit(cp, "gated", gate)
         assert status == 201, body
         run_id = body["run_id"]
-        wait_for(lambda: cp.get(f"/api/v1/runs/{run_id}")["status"] == "STARTED",
-                 what="the run to start")  # fmt: skip
+        wait_for(
+            lambda: cp.get(f"/api/v1/runs/{run_id}")["status"] == "STARTED", what="the run to start"
+        )
         # When the disk is full for longer than the heartbeat timeout (the agent keeps
         # heartbeating and gets 503, so no heartbeat is recorded)
         filler = fill(small_disk)

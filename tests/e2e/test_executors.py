@@ -42,12 +42,26 @@ def test_step_logs_from_four_sources_stream_while_the_step_runs(
     try:
         run_id = cp.submit("chatty_step", config={"dir": str(tmp_path), "execution": executor})
         follow = subprocess.Popen(
-            [*FLEETRUN, "--url", cp.url, "runs", "logs", run_id, "--step", "four_sources",
-             "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                *FLEETRUN,
+                "--url",
+                cp.url,
+                "runs",
+                "logs",
+                run_id,
+                "--step",
+                "four_sources",
+                "--follow",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         # While the step still waits for its gate, all four sources are already stored
-        wait_for(lambda: all(s in step_logs(cp, run_id, "four_sources") for s in SOURCES),
-                 what="output from print, logging, a subprocess and fd 1")  # fmt: skip
+        wait_for(
+            lambda: all(s in step_logs(cp, run_id, "four_sources") for s in SOURCES),
+            what="output from print, logging, a subprocess and fd 1",
+        )
         assert cp.get(f"/api/v1/runs/{run_id}")["status"] == "STARTED"
         (tmp_path / "gate").touch()
         assert cp.wait_run(run_id)["status"] == "SUCCESS"
@@ -77,12 +91,18 @@ def test_from_failure_reexecution_runs_on_another_agent_and_reuses_outputs(
         assert code == 422
         # When a1 is gone, the cause is fixed and the run is re-executed FROM_FAILURE on a2
         a1.stop()
-        wait_for(lambda: [a["status"] for a in cp.get("/api/v1/agents")["agents"]] == ["OFFLINE"],
-                 what="a1 to be OFFLINE")  # fmt: skip
+        wait_for(
+            lambda: [a["status"] for a in cp.get("/api/v1/agents")["agents"]] == ["OFFLINE"],
+            what="a1 to be OFFLINE",
+        )
         a2 = start_agent(cp, tmp_path, "a2", JOBS)
         (tmp_path / "fixed").touch()
-        result = subprocess.run([*FLEETRUN, "--url", cp.url, "runs", "reexecute", parent],
-                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        result = subprocess.run(
+            [*FLEETRUN, "--url", cp.url, "runs", "reexecute", parent],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
         child = result.stdout.strip()
         run = cp.wait_run(child)
@@ -97,13 +117,16 @@ def test_from_failure_reexecution_runs_on_another_agent_and_reuses_outputs(
         assert run["tags"]["fleetrun/parent_run_id"] == parent
         assert run["reuse_outputs"] == {"produce": parent, "independent": parent}
         chain = run["chain"]
-        assert [(c["run_id"], c["kind"]) for c in chain] == [(parent, "original"),
-                                                             (child, "reexecution")]  # fmt: skip
+        assert [(c["run_id"], c["kind"]) for c in chain] == [
+            (parent, "original"),
+            (child, "reexecution"),
+        ]
         # ALL_STEPS runs everything again; a successful run cannot be re-executed
         code, body = http("POST", f"{cp.url}/api/v1/runs/{child}/reexecute", {})
         assert (code, body["error"]["code"]) == (409, "not_reexecutable")
-        code, body = http("POST", f"{cp.url}/api/v1/runs/{parent}/reexecute",
-                          {"strategy": "ALL_STEPS"})  # fmt: skip
+        code, body = http(
+            "POST", f"{cp.url}/api/v1/runs/{parent}/reexecute", {"strategy": "ALL_STEPS"}
+        )
         assert code == 201 and cp.wait_run(body["run_id"])["status"] == "SUCCESS"
         assert (tmp_path / "count-produce").read_text() == "xx"
         assert by_type(cp, body["run_id"], "STEP_REUSED") == []

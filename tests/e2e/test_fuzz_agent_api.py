@@ -160,9 +160,16 @@ class Fleet:
     def check_views(self) -> None:
         """The REST views showing what agents sent still answer: a stored value (a time, a
         cron string, a number) that breaks them is a bug even if storing it did not."""
-        for path in (f"/api/v1/runs/{self.run_id}", f"/api/v1/runs/{self.run_id}/events",
-                     f"/api/v1/runs/{self.run_id}/logs", "/api/v1/agents", "/api/v1/jobs",
-                     "/api/v1/schedules", "/api/v1/sensors", "/api/v1/queue"):  # fmt: skip
+        for path in (
+            f"/api/v1/runs/{self.run_id}",
+            f"/api/v1/runs/{self.run_id}/events",
+            f"/api/v1/runs/{self.run_id}/logs",
+            "/api/v1/agents",
+            "/api/v1/jobs",
+            "/api/v1/schedules",
+            "/api/v1/sensors",
+            "/api/v1/queue",
+        ):
             status, data = self.client.request("GET", path, content_type="application/json")
             assert status < 500, f"GET {path} -> {status} {data[:300]!r}\n{self.cp.log()[-3000:]}"
 
@@ -182,11 +189,18 @@ class Fleet:
     def register(self) -> None:
         """(Re-)register the fuzz agent: ONLINE again even if a fuzzed Drain drained it."""
         job = JobInfo(name=JOB, ops=[OpInfo(name="a")])
-        reply = self.call("/agent/v1/register", Register(
-            name=AGENT_NAME, hostname="fuzz", version="0.1.0", queues=["default"],
-            max_concurrent_runs=1000, code_locations=[CodeLocationInfo(LOCATION, [job])],
-            runs=[RunState(self.run_id, self.lease, "running")] if self.run_id else [],
-        ))  # fmt: skip
+        reply = self.call(
+            "/agent/v1/register",
+            Register(
+                name=AGENT_NAME,
+                hostname="fuzz",
+                version="0.1.0",
+                queues=["default"],
+                max_concurrent_runs=1000,
+                code_locations=[CodeLocationInfo(LOCATION, [job])],
+                runs=[RunState(self.run_id, self.lease, "running")] if self.run_id else [],
+            ),
+        )
         assert isinstance(reply, Registered)
         self.agent_id = reply.agent_id
 
@@ -237,12 +251,26 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 # --- hostile values and messages ------------------------------------------------------
 
-long_strings = st.builds(lambda c, n: c * n, st.sampled_from(["x", "é", "\x00", "/", "🙂"]),
-                         st.integers(1_000, 200_000))  # fmt: skip
-EVENT_TYPES = ["RUN_START", "STEP_START", "STEP_SUCCESS", "STEP_FAILURE", "LOG",
-               "RUN_SUCCESS", "RUN_FAILURE", "RUN_CANCELED", "RUN_ENQUEUED", "RUN_STARTING",
-               "RUN_RETRY", "RUN_WORKER_RESTARTED", "RUN_CANCELING", "ENGINE_EVENT",
-               "BOGUS_TYPE"]  # fmt: skip
+long_strings = st.builds(
+    lambda c, n: c * n, st.sampled_from(["x", "é", "\x00", "/", "🙂"]), st.integers(1_000, 200_000)
+)
+EVENT_TYPES = [
+    "RUN_START",
+    "STEP_START",
+    "STEP_SUCCESS",
+    "STEP_FAILURE",
+    "LOG",
+    "RUN_SUCCESS",
+    "RUN_FAILURE",
+    "RUN_CANCELED",
+    "RUN_ENQUEUED",
+    "RUN_STARTING",
+    "RUN_RETRY",
+    "RUN_WORKER_RESTARTED",
+    "RUN_CANCELING",
+    "ENGINE_EVENT",
+    "BOGUS_TYPE",
+]
 hostile_value = st.one_of(
     plain,
     st.sampled_from([*EVENT_TYPES, "worker_crash", "agent_lost", "log", "stdout"]),
@@ -263,13 +291,23 @@ def base_message(name: str, fleet: Fleet) -> Any:
         RunRecord(seq, time.time(), "event", "RUN_START"),
         RunRecord(seq + 1, time.time(), "log", "stdout", step="a", message="hi\n"),
         RunRecord(seq + 2, time.time(), "event", "STEP_SUCCESS", step="a", data={"k": [1]}),
-        RunRecord(seq + 3, time.time(), "event", "RUN_FAILURE", message="x",
-                  data={"failure_kind": "worker_crash"}),
-    ]  # fmt: skip
+        RunRecord(
+            seq + 3,
+            time.time(),
+            "event",
+            "RUN_FAILURE",
+            message="x",
+            data={"failure_kind": "worker_crash"},
+        ),
+    ]
     samples = {
         "Register": Register(
-            name="fuzz_mutant", hostname="h", version="0.1.0", queues=["default", "other"],
-            max_concurrent_runs=2, runs=[RunState(fleet.run_id, fleet.lease, "running")],
+            name="fuzz_mutant",
+            hostname="h",
+            version="0.1.0",
+            queues=["default", "other"],
+            max_concurrent_runs=2,
+            runs=[RunState(fleet.run_id, fleet.lease, "running")],
             code_locations=[CodeLocationInfo("mutloc", [JobInfo("j", [OpInfo("o", ["p"])])])],
             capabilities=["reuse_outputs"],
         ),
@@ -280,7 +318,7 @@ def base_message(name: str, fleet: Fleet) -> Any:
         "EvaluationResult": EvaluationResult(
             "eval-1", fleet.agent_id, [RequestedRun(JOB, "key", {"t": "v"}, {"c": 1})]
         ),
-    }  # fmt: skip
+    }
     return samples[name]
 
 
@@ -323,10 +361,23 @@ def envelope(name: Any, body: Any, v: Any = PROTOCOL_VERSION) -> bytes:
 
 def request_body(expected: str, fleet: Fleet, data: st.DataObject) -> bytes:
     """One hostile request body for the endpoint that expects message type `expected`."""
-    kind = data.draw(st.sampled_from([
-        "bytes", "structure", "envelope", "wrong_type", "generated", "mutated_bytes",
-        "replaced", "replaced", "replaced", "replaced",
-    ]), label="kind")  # fmt: skip
+    kind = data.draw(
+        st.sampled_from(
+            [
+                "bytes",
+                "structure",
+                "envelope",
+                "wrong_type",
+                "generated",
+                "mutated_bytes",
+                "replaced",
+                "replaced",
+                "replaced",
+                "replaced",
+            ]
+        ),
+        label="kind",
+    )
     if kind == "bytes":
         return data.draw(st.binary(max_size=2048))
     if kind == "structure":
@@ -439,8 +490,12 @@ def _record(seq: int, **fields: Any) -> dict:
 
 
 def _batch(fleet: Fleet, *records: dict) -> bytes:
-    body = {"agent_id": fleet.agent_id, "run_id": fleet.run_id, "lease": fleet.lease,
-            "records": list(records)}  # fmt: skip
+    body = {
+        "agent_id": fleet.agent_id,
+        "run_id": fleet.run_id,
+        "lease": fleet.lease,
+        "records": list(records),
+    }
     return envelope("EventBatch", body)
 
 
@@ -461,56 +516,123 @@ def _register_location(fleet: Fleet, **fields: Any) -> bytes:
 # Messages of the right type and shape, with values the schema lets through but storage
 # may not: each is sent for a fresh run, and must get a reply below 500.
 KNOWN_HOSTILE: dict[str, tuple[str, Callable[[Fleet], bytes]]] = {
-    "poll_held_lease_2**63": ("poll", lambda f: envelope(
-        "Poll", {"agent_id": f.agent_id, "held_leases": [2**63]})),
-    "poll_held_lease_2**64-1": ("poll", lambda f: envelope(
-        "Poll", {"agent_id": f.agent_id, "held_leases": [f.lease, 2**64 - 1]})),
-    "poll_stopping_lease_2**63": ("poll", lambda f: envelope(
-        "Poll", {"agent_id": f.agent_id, "stopping_leases": [2**63]})),
-    "register_max_concurrent_runs_2**63": ("register", lambda f: _register(
-        f, max_concurrent_runs=2**63)),
-    "register_max_concurrent_runs_-(2**63)": ("register", lambda f: _register(
-        f, max_concurrent_runs=-(2**63))),
-    "register_held_run_lease_2**64-1": ("register", lambda f: _register(
-        f, runs=[{"run_id": f.run_id, "lease": 2**64 - 1, "state": "running"}])),
-    "register_schedule_bad_cron": ("register", lambda f: _register_location(
-        f, schedules=[{"name": "s", "job": "j", "cron": "not a cron"}])),
-    "register_schedule_impossible_date": ("register", lambda f: _register_location(
-        f, schedules=[{"name": "s", "job": "j", "cron": "0 0 31 2 *",
-                       "default_status": "RUNNING"}])),
-    "register_schedule_unknown_timezone": ("register", lambda f: _register_location(
-        f, schedules=[{"name": "s", "job": "j", "cron": "0 6 * * *",
-                       "timezone": "../../etc/passwd"}])),
-    "register_sensor_negative_interval": ("register", lambda f: _register_location(
-        f, sensors=[{"name": "s", "job": "j", "minimum_interval_seconds": -1.0}])),
-    "heartbeat_run_lease_2**64-1": ("heartbeat", lambda f: envelope("Heartbeat", {
-        "agent_id": f.agent_id, "runs": [{"run_id": "r", "lease": 2**64 - 1, "state": "x"}]})),
-    "events_lease_2**63": ("events", lambda f: envelope("EventBatch", {
-        "agent_id": f.agent_id, "run_id": f.run_id, "lease": 2**63, "records": []})),
+    "poll_held_lease_2**63": (
+        "poll",
+        lambda f: envelope("Poll", {"agent_id": f.agent_id, "held_leases": [2**63]}),
+    ),
+    "poll_held_lease_2**64-1": (
+        "poll",
+        lambda f: envelope("Poll", {"agent_id": f.agent_id, "held_leases": [f.lease, 2**64 - 1]}),
+    ),
+    "poll_stopping_lease_2**63": (
+        "poll",
+        lambda f: envelope("Poll", {"agent_id": f.agent_id, "stopping_leases": [2**63]}),
+    ),
+    "register_max_concurrent_runs_2**63": (
+        "register",
+        lambda f: _register(f, max_concurrent_runs=2**63),
+    ),
+    "register_max_concurrent_runs_-(2**63)": (
+        "register",
+        lambda f: _register(f, max_concurrent_runs=-(2**63)),
+    ),
+    "register_held_run_lease_2**64-1": (
+        "register",
+        lambda f: _register(f, runs=[{"run_id": f.run_id, "lease": 2**64 - 1, "state": "running"}]),
+    ),
+    "register_schedule_bad_cron": (
+        "register",
+        lambda f: _register_location(
+            f, schedules=[{"name": "s", "job": "j", "cron": "not a cron"}]
+        ),
+    ),
+    "register_schedule_impossible_date": (
+        "register",
+        lambda f: _register_location(
+            f,
+            schedules=[
+                {"name": "s", "job": "j", "cron": "0 0 31 2 *", "default_status": "RUNNING"}
+            ],
+        ),
+    ),
+    "register_schedule_unknown_timezone": (
+        "register",
+        lambda f: _register_location(
+            f,
+            schedules=[
+                {"name": "s", "job": "j", "cron": "0 6 * * *", "timezone": "../../etc/passwd"}
+            ],
+        ),
+    ),
+    "register_sensor_negative_interval": (
+        "register",
+        lambda f: _register_location(
+            f, sensors=[{"name": "s", "job": "j", "minimum_interval_seconds": -1.0}]
+        ),
+    ),
+    "heartbeat_run_lease_2**64-1": (
+        "heartbeat",
+        lambda f: envelope(
+            "Heartbeat",
+            {"agent_id": f.agent_id, "runs": [{"run_id": "r", "lease": 2**64 - 1, "state": "x"}]},
+        ),
+    ),
+    "events_lease_2**63": (
+        "events",
+        lambda f: envelope(
+            "EventBatch",
+            {"agent_id": f.agent_id, "run_id": f.run_id, "lease": 2**63, "records": []},
+        ),
+    ),
     "events_seq_2**64-1": ("events", lambda f: _batch(f, _record(2**64 - 1))),
     "events_time_nan": ("events", lambda f: _batch(f, _record(1, time=math.nan))),
     "events_time_inf": ("events", lambda f: _batch(f, _record(1, time=math.inf))),
     "events_time_1e300": ("events", lambda f: _batch(f, _record(1, time=1e300))),
     "events_time_-1e300": ("events", lambda f: _batch(f, _record(1, time=-1e300))),
-    "events_log_time_nan": ("events", lambda f: _batch(
-        f, _record(1, kind="log", type="stdout", time=math.nan))),
-    "events_run_failure_kind_list": ("events", lambda f: _batch(
-        f, _record(1, type="RUN_FAILURE", data={"failure_kind": [1]}))),
-    "events_run_failure_kind_map": ("events", lambda f: _batch(
-        f, _record(1, type="RUN_START"),
-        _record(2, type="RUN_FAILURE", data={"failure_kind": {}}))),
-    "events_run_failure_kind_list_while_canceling": ("events", lambda f: _canceled_batch(
-        f, _record(1, type="RUN_FAILURE", data={"failure_kind": [1]}))),
-    "events_step_failure_kind_list": ("events", lambda f: _batch(
-        f, _record(1, type="STEP_FAILURE", data={"failure_kind": [1]}))),
-    "events_data_huge_int_and_bytes": ("events", lambda f: _batch(
-        f, _record(1, data={"n": 2**64 - 1, "b": b"\xff" * 10, "f": math.nan}))),
-    "events_inline_output_without_step": ("events", lambda f: _batch(
-        f, _record(1, type="STEP_SUCCESS", data={"__inline_output__": b"x"}))),
-    "evaluation_config_nan": ("evaluation", lambda f: envelope("EvaluationResult", {
-        "eval_id": "e", "agent_id": f.agent_id,
-        "runs": [{"job": JOB, "config": {"x": math.nan, "b": b"\x00"}}]})),
-}  # fmt: skip
+    "events_log_time_nan": (
+        "events",
+        lambda f: _batch(f, _record(1, kind="log", type="stdout", time=math.nan)),
+    ),
+    "events_run_failure_kind_list": (
+        "events",
+        lambda f: _batch(f, _record(1, type="RUN_FAILURE", data={"failure_kind": [1]})),
+    ),
+    "events_run_failure_kind_map": (
+        "events",
+        lambda f: _batch(
+            f,
+            _record(1, type="RUN_START"),
+            _record(2, type="RUN_FAILURE", data={"failure_kind": {}}),
+        ),
+    ),
+    "events_run_failure_kind_list_while_canceling": (
+        "events",
+        lambda f: _canceled_batch(f, _record(1, type="RUN_FAILURE", data={"failure_kind": [1]})),
+    ),
+    "events_step_failure_kind_list": (
+        "events",
+        lambda f: _batch(f, _record(1, type="STEP_FAILURE", data={"failure_kind": [1]})),
+    ),
+    "events_data_huge_int_and_bytes": (
+        "events",
+        lambda f: _batch(f, _record(1, data={"n": 2**64 - 1, "b": b"\xff" * 10, "f": math.nan})),
+    ),
+    "events_inline_output_without_step": (
+        "events",
+        lambda f: _batch(f, _record(1, type="STEP_SUCCESS", data={"__inline_output__": b"x"})),
+    ),
+    "evaluation_config_nan": (
+        "evaluation",
+        lambda f: envelope(
+            "EvaluationResult",
+            {
+                "eval_id": "e",
+                "agent_id": f.agent_id,
+                "runs": [{"job": JOB, "config": {"x": math.nan, "b": b"\x00"}}],
+            },
+        ),
+    ),
+}
 
 
 @pytest.mark.parametrize("case", KNOWN_HOSTILE)

@@ -21,6 +21,7 @@ import signal
 import socket
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ def raw_post(cp: ControlPlaneProc, path: str, body: bytes) -> tuple[int, dict]:
 
 
 @pytest.fixture
-def fleet_of_one(tmp_path: Path):  # type: ignore[no-untyped-def]
+def fleet_of_one(tmp_path: Path) -> Iterator[tuple[ControlPlaneProc, Proc]]:
     cp = start_control_plane(tmp_path)
     agent = start_agent(cp, tmp_path, "a1", HARDENING)
     yield cp, agent
@@ -175,7 +176,7 @@ def record(seq: int, type_: str, step: str | None = None, kind: str = "event") -
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     cp = start_fuzz_control_plane(tmp_path_factory.mktemp("hostile_agent"))
     fleet = Fleet(cp, Client(cp.url))
     try:

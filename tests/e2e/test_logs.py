@@ -33,16 +33,19 @@ def json_lines(path: Path) -> list[dict]:
 def test_json_logs_name_the_run_and_the_agent(tmp_path: Path) -> None:
     json_flag = ("--log-format", "json")
     cp = start_control_plane(
-        tmp_path, "[run_monitoring]\nagent_heartbeat_timeout_seconds = 3\n"
-        "[run_retries]\nmax_retries = 1\n", extra_args=json_flag,
-    )  # fmt: skip
+        tmp_path,
+        "[run_monitoring]\nagent_heartbeat_timeout_seconds = 3\n[run_retries]\nmax_retries = 1\n",
+        extra_args=json_flag,
+    )
     agent = start_agent(cp, tmp_path, "agent-1", MONITOR, extra_args=json_flag)
     try:
         # a run that crashes its worker once: the agent logs it, the control plane retries
         run_id = cp.submit("fail_once", config={"dir": str(tmp_path)})
         run = cp.wait_run(run_id)
-        retry = wait_for(lambda: [r for r in cp.get("/api/v1/runs")["runs"]
-                                  if r["parent_run_id"] == run_id], what="the retry")  # fmt: skip
+        retry = wait_for(
+            lambda: [r for r in cp.get("/api/v1/runs")["runs"] if r["parent_run_id"] == run_id],
+            what="the retry",
+        )
         assert cp.wait_run(retry[0]["run_id"])["status"] == "SUCCESS"
         assert run["status"] == "FAILURE"
     finally:
@@ -145,8 +148,9 @@ def test_no_secret_reaches_the_log_whatever_the_request(tmp_path: Path, log_form
     user = create_token(config, "alice", "user", "admin")
     agent = create_token(config, "worker-1", "agent")
     opaque = secrets.token_urlsafe(24)
-    cp = start_control_plane(tmp_path, "[auth]\nenabled = true\n", token=user,
-                             extra_args=("--log-format", log_format))  # fmt: skip
+    cp = start_control_plane(
+        tmp_path, "[auth]\nenabled = true\n", token=user, extra_args=("--log-format", log_format)
+    )
     host, port = cp.url.removeprefix("http://").split(":")
     address = (host, int(port))
     answers: dict[str, bytes] = {}
@@ -224,10 +228,14 @@ def test_storage_failures_print_the_url_masked(tmp_path: Path) -> None:
         "migrate, unescaped /": (["migrate"], slash, 2, "percent-encode"),
         "migrate --to, unescaped /": (["migrate", "--to", slash], "", 1, "percent-encode"),
         "migrate --to, unknown scheme": (["migrate", "--to", "mysql" + down[10:]], "", 1, "mysql"),
-        "migrate --from, nothing listens": (["migrate", "--from", down, "--to",
-                                             f"sqlite:///{tmp_path}/x.db"], "", 1, "cannot"),
+        "migrate --from, nothing listens": (
+            ["migrate", "--from", down, "--to", f"sqlite:///{tmp_path}/x.db"],
+            "",
+            1,
+            "cannot",
+        ),
         "tokens list, nothing listens": (["tokens", "list"], down, 1, "cannot connect to"),
-    }  # fmt: skip
+    }
     for name, (args, url, code, says) in cases.items():
         folder = tmp_path / name.replace(" ", "_").replace(",", "").replace("/", "")
         folder.mkdir()

@@ -154,8 +154,10 @@ def test_frozen_agent_is_fenced_when_it_wakes(tmp_path: Path) -> None:
         a1.popen.send_signal(signal.SIGCONT)
         # Then the old attempt's worker is stopped, its writes refused, the run stays FAILURE
         wait_for(lambda: not pid_alive(old_pid), what="the stale worker to be stopped")
-        wait_for(lambda: "refused this attempt" in a1.log() or "no longer current" in a1.log(),
-                 what="a1 to learn its attempt is stale")  # fmt: skip
+        wait_for(
+            lambda: "refused this attempt" in a1.log() or "no longer current" in a1.log(),
+            what="a1 to learn its attempt is stale",
+        )
         old = get_run(cp, run_id)
         assert old["status"] == "FAILURE" and old["failure_kind"] == "agent_lost"
         assert len(cp.get(f"/api/v1/runs/{run_id}/logs")["logs"]) == logs_at_verdict
@@ -223,8 +225,10 @@ def test_cancel_a_started_run_stops_it_before_its_side_effect(
         config = {"dir": str(tmp_path), "seconds": 30, "execution": executor}
         run_id = cp.submit("slow_side_effect", config=config)
         wait_status(cp, run_id, "STARTED")
-        wait_for(lambda: (tmp_path / "pid").exists() and (tmp_path / "pid").read_text(),
-                 what="the worker")  # fmt: skip
+        wait_for(
+            lambda: (tmp_path / "pid").exists() and (tmp_path / "pid").read_text(),
+            what="the worker",
+        )
         pid = int((tmp_path / "pid").read_text())
         # When it is canceled
         code, body = http("POST", f"{cp.url}/api/v1/runs/{run_id}/cancel", {})
@@ -256,8 +260,11 @@ def test_max_runtime_ends_the_run(tmp_path: Path) -> None:
         assert run["status_reason"] == "exceeded max runtime of 1 s"
         assert run["failure_kind"] == "max_runtime"
         wait_for(lambda: not pid_alive(pid), what="the worker to be stopped")
-        code, body = http("POST", f"{cp.url}/api/v1/runs", {
-            "job": "hold", "tags": {"fleetrun/max_runtime": "soon"}})  # fmt: skip
+        code, body = http(
+            "POST",
+            f"{cp.url}/api/v1/runs",
+            {"job": "hold", "tags": {"fleetrun/max_runtime": "soon"}},
+        )
         assert code == 422 and "fleetrun/max_runtime" in body["error"]["message"]
     finally:
         agent.stop()
@@ -270,19 +277,26 @@ def test_op_failures_are_retried_exactly_max_retries_times(tmp_path: Path) -> No
     try:
         root = cp.submit("op_fails")
         assert cp.wait_run(root)["status"] == "FAILURE"
-        chain = wait_for(lambda: (r := retries_of(cp, root)) and len(r) == 2 and r,
-                         what="two retries")  # fmt: skip
+        chain = wait_for(
+            lambda: (r := retries_of(cp, root)) and len(r) == 2 and r, what="two retries"
+        )
         for retry in chain:
             assert cp.wait_run(retry["run_id"])["status"] == "FAILURE"
         last = chain[-1]["run_id"]
-        wait_for(lambda: any(e["type"] == "RUN_RETRY" for e in cp.events(last)),
-                 what="the last retry decision")  # fmt: skip
+        wait_for(
+            lambda: any(e["type"] == "RUN_RETRY" for e in cp.events(last)),
+            what="the last retry decision",
+        )
         (decision,) = [e for e in cp.events(last) if e["type"] == "RUN_RETRY"]
         assert decision["message"] == "not retried: all 2 retries used"
         assert [r["parent_run_id"] for r in chain] == [root, chain[0]["run_id"]]
         assert len(retries_of(cp, root)) == 2
-        show = subprocess.run([*FLEETRUN, "--url", cp.url, "runs", "show", chain[0]["run_id"]],
-                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        show = subprocess.run(
+            [*FLEETRUN, "--url", cp.url, "runs", "show", chain[0]["run_id"]],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert show.returncode == 0, show.stderr
         lines = show.stdout[show.stdout.index("retry chain:") :].splitlines()[1:4]
         assert [line.split() for line in lines] == [
@@ -297,8 +311,9 @@ def test_op_failures_are_retried_exactly_max_retries_times(tmp_path: Path) -> No
 
 
 def test_without_retry_on_op_failure_only_crashes_are_retried(tmp_path: Path) -> None:
-    config = monitoring(30, "[run_retries]\nmax_retries = 1\nretry_on_op_failure = false\n"
-                            "delay_seconds = 1\n")  # fmt: skip
+    config = monitoring(
+        30, "[run_retries]\nmax_retries = 1\nretry_on_op_failure = false\ndelay_seconds = 1\n"
+    )
     cp = start_control_plane(tmp_path, config)
     agent = start_agent(cp, tmp_path, "a1", JOBS)
     try:
@@ -312,8 +327,10 @@ def test_without_retry_on_op_failure_only_crashes_are_retried(tmp_path: Path) ->
         assert retry["status"] == "SUCCESS"
         # The retry waited out its 1 s delay
         assert time_of(retry["start_time"]) - time_of(failed["end_time"]) >= 1.0
-        wait_for(lambda: any(e["type"] == "RUN_RETRY" for e in cp.events(op_failure)),
-                 what="the op failure's retry decision")  # fmt: skip
+        wait_for(
+            lambda: any(e["type"] == "RUN_RETRY" for e in cp.events(op_failure)),
+            what="the op failure's retry decision",
+        )
         assert retries_of(cp, op_failure) == []
         (decision,) = [e for e in cp.events(op_failure) if e["type"] == "RUN_RETRY"]
         assert "retry_on_op_failure is false" in decision["message"]
@@ -333,21 +350,31 @@ def test_control_plane_restart_gives_agents_a_full_timeout(tmp_path: Path) -> No
         # When the control plane is down for longer than the heartbeat timeout
         cp.stop()
         down_since = time.monotonic()
-        wait_for(lambda: "lost contact with the control plane" in agent.log(),
-                 what="the agent to notice")  # fmt: skip
-        wait_for(lambda: time.monotonic() - down_since > TIMEOUT + 1, timeout=60,
-                 what="an outage longer than the heartbeat timeout")  # fmt: skip
+        wait_for(
+            lambda: "lost contact with the control plane" in agent.log(), what="the agent to notice"
+        )
+        wait_for(
+            lambda: time.monotonic() - down_since > TIMEOUT + 1,
+            timeout=60,
+            what="an outage longer than the heartbeat timeout",
+        )
         cp = start_control_plane(tmp_path, monitoring(), port=port)
         # Then, heartbeats resuming, the run is not failed and finishes
-        wait_for(lambda: get_run(cp, run_id)["agent"] and any(
-            a["status"] == "ONLINE" for a in cp.get("/api/v1/agents")["agents"]),
-            what="the agent to be back")  # fmt: skip
+        wait_for(
+            lambda: (
+                get_run(cp, run_id)["agent"]
+                and any(a["status"] == "ONLINE" for a in cp.get("/api/v1/agents")["agents"])
+            ),
+            what="the agent to be back",
+        )
         release(tmp_path, lease)
         assert cp.wait_run(run_id)["status"] == "SUCCESS"
         assert not [e for e in cp.events(run_id) if e["type"] == "RUN_FAILURE"]
         # And the agent said so once each way, not once per failed attempt
-        wait_for(lambda: "contact with the control plane restored" in agent.log(),
-                 what="the agent to log the reconnection")  # fmt: skip
+        wait_for(
+            lambda: "contact with the control plane restored" in agent.log(),
+            what="the agent to log the reconnection",
+        )
         assert agent.log().count("lost contact with the control plane") == 1
         assert agent.log().count("contact with the control plane restored") == 1
     finally:

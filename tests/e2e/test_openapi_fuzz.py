@@ -65,12 +65,36 @@ FUZZ = settings(
 # Numbers as text the way lenient parsers take them: past 64 bits, non-ASCII digits
 # (str.isdigit() accepts "²", int() accepts "١٢"), spellings int() and float() accept.
 EDGE_TEXTS = [
-    "99999999999999999999", "-99999999999999999999", "9223372036854775808", "4611686018427387905",
-    "²", "١٢", "1_0", " 7 ", "+1", "-0", "1e309", "nan", "inf", "-inf", "0x10", "", "\x00",
-    "a:b:c", ":", "QUEUED,", "x" * 5000,
-]  # fmt: skip
-READ_TAGS = ["fleetrun/priority", "fleetrun/max_retries", "fleetrun/max_runtime",
-             "fleetrun/retry_strategy", "fleetrun/on_lost_contact", "fleetrun/queue"]  # fmt: skip
+    "99999999999999999999",
+    "-99999999999999999999",
+    "9223372036854775808",
+    "4611686018427387905",
+    "²",
+    "١٢",
+    "1_0",
+    " 7 ",
+    "+1",
+    "-0",
+    "1e309",
+    "nan",
+    "inf",
+    "-inf",
+    "0x10",
+    "",
+    "\x00",
+    "a:b:c",
+    ":",
+    "QUEUED,",
+    "x" * 5000,
+]
+READ_TAGS = [
+    "fleetrun/priority",
+    "fleetrun/max_retries",
+    "fleetrun/max_runtime",
+    "fleetrun/retry_strategy",
+    "fleetrun/on_lost_contact",
+    "fleetrun/queue",
+]
 DOCUMENT = openapi_document()
 OPERATIONS = [
     (method.upper(), path)
@@ -122,15 +146,19 @@ class Target:
         found, self.failures = self.failures, []
         assert self.cp.popen.poll() is None, f"control plane died:\n{self.cp.log()[-4000:]}"
         if found:
-            pytest.fail(f"{len(found)} server error(s); the first ones:\n\n"
-                        + "\n\n".join(found[:3]), pytrace=False)  # fmt: skip
+            pytest.fail(
+                f"{len(found)} server error(s); the first ones:\n\n" + "\n\n".join(found[:3]),
+                pytrace=False,
+            )
 
 
 def agent_call(cp: ControlPlaneProc, path: str, message: Any) -> Any:
     request = urllib.request.Request(
-        f"{cp.url}/agent/v1/{path}", data=encode(message), method="POST",
+        f"{cp.url}/agent/v1/{path}",
+        data=encode(message),
+        method="POST",
         headers={"Content-Type": "application/msgpack"},
-    )  # fmt: skip
+    )
     with urllib.request.urlopen(request, timeout=30) as resp:
         return decode_any(resp.read())
 
@@ -142,15 +170,24 @@ def seed(cp: ControlPlaneProc) -> dict[str, list[str]]:
     job = JobInfo(name=JOB, ops=[OpInfo(name="a"), OpInfo(name="b", upstream=["a"])])
     nightly = ScheduleInfo(name="nightly", job=JOB, cron="0 2 * * *")
     locations = [
-        CodeLocationInfo(LOCATION, [job], schedules=[nightly],
-                         sensors=[SensorInfo(name="watch", job=JOB)]),
+        CodeLocationInfo(
+            LOCATION, [job], schedules=[nightly], sensors=[SensorInfo(name="watch", job=JOB)]
+        ),
         CodeLocationInfo("otherloc", [JobInfo(name=JOB)], schedules=[nightly]),
         CodeLocationInfo("brokenloc", error="ImportError: nope"),
-    ]  # fmt: skip
-    reply = agent_call(cp, "register", Register(
-        name=AGENT, hostname="fuzz", version="0.1.0", queues=["default"],
-        max_concurrent_runs=1000, code_locations=locations,
-    ))  # fmt: skip
+    ]
+    reply = agent_call(
+        cp,
+        "register",
+        Register(
+            name=AGENT,
+            hostname="fuzz",
+            version="0.1.0",
+            queues=["default"],
+            max_concurrent_runs=1000,
+            code_locations=locations,
+        ),
+    )
     assert isinstance(reply, Registered), reply
     queued = cp.submit(JOB, location=LOCATION, tags={"fleetrun/queue": "nobody"})
     canceled = cp.submit(JOB, location=LOCATION, tags={"fleetrun/queue": "nobody"})

@@ -172,8 +172,11 @@ def test_a_partition_shorter_than_the_timeout_costs_nothing(
         healed = time.monotonic()
         partition = healed - cut
         # Then the run ends SUCCESS from the spooled records, once, with no verdict
-        run = wait_for(lambda: (r := get_run(cp, run_id))["status"] in TERMINAL and r,
-                       timeout=60, what="the run to finish after heal")  # fmt: skip
+        run = wait_for(
+            lambda: (r := get_run(cp, run_id))["status"] in TERMINAL and r,
+            timeout=60,
+            what="the run to finish after heal",
+        )
         observed = time.monotonic() - healed
         assert_clean_success(cp, run_id)
         stored = time_of(run["end_time"]) - healed_at
@@ -181,14 +184,18 @@ def test_a_partition_shorter_than_the_timeout_costs_nothing(
         assert agent_named(cp, "a1")["status"] == "ONLINE"
         assert len(cp.get("/api/v1/runs?limit=100")["runs"]) == 1  # no retry either
         assert "lost contact with the control plane" in agent.log()  # it did notice
-        wait_for(lambda: "contact with the control plane restored" in agent.log(),
-                 what="the agent to log the reconnection")  # fmt: skip
+        wait_for(
+            lambda: "contact with the control plane restored" in agent.log(),
+            what="the agent to log the reconnection",
+        )
         assert seconds <= partition < timeout
         assert stored <= RECOVERY_BOUND, stored
-        print(f"\n[{flavour} {partition:.1f} s, T = {timeout:g} s] heal -> run SUCCESS stored "
-              f"{stored:.2f} s (seen by polling {observed:.2f} s); RUN_SUCCESS in the "
-              f"spool at heal: {end_on_disk}; proxy accepted {proxy.accepted} "
-              "connections")  # fmt: skip
+        print(
+            f"\n[{flavour} {partition:.1f} s, T = {timeout:g} s] heal -> run SUCCESS stored "
+            f"{stored:.2f} s (seen by polling {observed:.2f} s); RUN_SUCCESS in the "
+            f"spool at heal: {end_on_disk}; proxy accepted {proxy.accepted} "
+            "connections"
+        )
     finally:
         proxy.heal()  # a draining agent must not wait on a partition
         agent.stop()
@@ -207,8 +214,9 @@ def test_a_partition_longer_than_the_timeout_fences_the_old_attempt(
     try:
         # Given a non-idempotent run holding on a1 (one retry allowed), and a2 connected
         # directly, not through the proxy
-        run_id = cp.submit("side_effect", tags={"fleetrun/max_retries": "1"},
-                           config={"dir": str(tmp_path)})  # fmt: skip
+        run_id = cp.submit(
+            "side_effect", tags={"fleetrun/max_retries": "1"}, config={"dir": str(tmp_path)}
+        )
         old_lease = wait_status(cp, run_id, "STARTED")["lease"]
         wait_for(lambda: executions(tmp_path) == [old_lease], what="the first execution")
         a2 = start_agent(cp, tmp_path, "a2", CHAOS)
@@ -255,10 +263,12 @@ def test_a_partition_longer_than_the_timeout_fences_the_old_attempt(
         # And a1 itself carries on, back ONLINE
         wait_for(lambda: agent_named(cp, "a1")["status"] == "ONLINE", what="a1 back online")
         assert a1.popen.poll() is None
-        print(f"\n[blackhole {partition:.1f} s, T = {LOST_TIMEOUT:g} s] cut -> verdict "
-              f"{verdict_at - cut_at:.2f} s, last heartbeat -> verdict {lag:.2f} s; heal -> "
-              f"fenced records dropped {dropped_after:.2f} s; fenced writes "
-              f"{fenced_writes(cp):g}")  # fmt: skip
+        print(
+            f"\n[blackhole {partition:.1f} s, T = {LOST_TIMEOUT:g} s] cut -> verdict "
+            f"{verdict_at - cut_at:.2f} s, last heartbeat -> verdict {lag:.2f} s; heal -> "
+            f"fenced records dropped {dropped_after:.2f} s; fenced writes "
+            f"{fenced_writes(cp):g}"
+        )
     finally:
         proxy.heal()
         for proc in (a1, a2, cp):

@@ -68,8 +68,11 @@ def the_report(events: list[dict], pid: int, tracking: str, result: str) -> dict
     assert types[-2:] == ["ENGINE_EVENT", result], types
     report = events[-2]
     assert report["message"] == f"killed 1 process the run left behind: {pid} (sleep 300)"
-    assert report["data"] == {"killed": [{"pid": pid, "command": "sleep 300"}], "count": 1,
-                              "tracking": tracking}  # fmt: skip
+    assert report["data"] == {
+        "killed": [{"pid": pid, "command": "sleep 300"}],
+        "count": 1,
+        "tracking": tracking,
+    }
     assert report["step"] is None
     return report
 
@@ -84,8 +87,11 @@ def test_a_daemon_that_escaped_the_process_group_ends_with_the_run(
     pid = int((tmp_path / "daemon-pid").read_text())
     wait_for(lambda: gone(pid), timeout=5, what=f"daemon {pid} to end")
     the_report(cp.events(run_id), pid, tracking, "RUN_SUCCESS")
-    wait_for(lambda: f"run {run_id}: killed 1 process the run left behind: {pid}" in agent.log(),
-             timeout=10, what="the agent's warning")  # fmt: skip
+    wait_for(
+        lambda: f"run {run_id}: killed 1 process the run left behind: {pid}" in agent.log(),
+        timeout=10,
+        what="the agent's warning",
+    )
 
 
 def test_a_daemon_holding_the_run_output_does_not_hold_the_run(
@@ -124,20 +130,30 @@ def test_without_cgroup_v2_auto_falls_back_to_the_sweep_and_cgroup_will_not_star
         pytest.skip("hiding cgroup v2 from an agent needs root, unshare and a cgroup2 mount")
     cp = start_control_plane(tmp_path)
     try:
-        strict = write_agent_config(tmp_path, cp.url, "strict", LOCATIONS,
-                                    'process_tracking = "cgroup"')  # fmt: skip
-        refused = subprocess.run(without_cgroup2([*FLEETRUN, "agent", "--config", str(strict)]),
-                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+        strict = write_agent_config(
+            tmp_path, cp.url, "strict", LOCATIONS, 'process_tracking = "cgroup"'
+        )
+        refused = subprocess.run(
+            without_cgroup2([*FLEETRUN, "agent", "--config", str(strict)]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert refused.returncode == 2, refused.stderr
-        assert (f'config error: {strict}: process_tracking: "cgroup" needs a writable cgroup '
-                "v2: no cgroup2 file system shows") in refused.stderr  # fmt: skip
+        assert (
+            f'config error: {strict}: process_tracking: "cgroup" needs a writable cgroup '
+            "v2: no cgroup2 file system shows"
+        ) in refused.stderr
         config = write_agent_config(tmp_path, cp.url, "auto", LOCATIONS)
-        agent = start_process(without_cgroup2([*FLEETRUN, "agent", "--config", str(config)]),
-                              tmp_path / "auto.log")  # fmt: skip
+        agent = start_process(
+            without_cgroup2([*FLEETRUN, "agent", "--config", str(config)]), tmp_path / "auto.log"
+        )
         try:
             wait_for(lambda: "registered as auto" in agent.log(), what="the agent to register")
-            assert ("process tracking: sweep (process groups, a subreaper and a /proc sweep; "
-                    "no usable cgroup v2: no cgroup2 file system shows") in agent.log()  # fmt: skip
+            assert (
+                "process tracking: sweep (process groups, a subreaper and a /proc sweep; "
+                "no usable cgroup v2: no cgroup2 file system shows"
+            ) in agent.log()
             run_id = cp.submit("setsid_daemon", config={"dir": str(tmp_path)})
             assert cp.wait_run(run_id)["status"] == "SUCCESS"
             pid = int((tmp_path / "daemon-pid").read_text())

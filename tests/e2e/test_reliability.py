@@ -51,14 +51,17 @@ def test_a_run_that_ends_while_everything_is_down_is_not_lost(tmp_path: Path) ->
     gate = tmp_path / "gate"
     try:
         run_id = cp.submit("gated", config={"gate": str(gate)})
-        wait_for(lambda: cp.get(f"/api/v1/runs/{run_id}")["status"] == "STARTED",
-                 what="the run to start")  # fmt: skip
+        wait_for(
+            lambda: cp.get(f"/api/v1/runs/{run_id}")["status"] == "STARTED", what="the run to start"
+        )
         # When the control plane dies and the run finishes meanwhile
         cp.popen.kill()
         cp.popen.wait(10)
         gate.write_text("open")
-        wait_for(lambda: any(b"RUN_SUCCESS" in body for body in spooled_types(state)),
-                 what="the run's end to be spooled")  # fmt: skip
+        wait_for(
+            lambda: any(b"RUN_SUCCESS" in body for body in spooled_types(state)),
+            what="the run's end to be spooled",
+        )
         # and then the agent dies too (its in-memory state is gone)
         agent.popen.kill()
         agent.popen.wait(10)
@@ -82,8 +85,9 @@ TIMEOUT = "[run_monitoring]\nagent_heartbeat_timeout_seconds = 3\n"
 
 def start_gated_run(cp: ControlPlaneProc, gate: Path) -> str:
     run_id = cp.submit("gated", config={"gate": str(gate)})
-    wait_for(lambda: cp.get(f"/api/v1/runs/{run_id}")["status"] == "STARTED",
-             what="the run to start")  # fmt: skip
+    wait_for(
+        lambda: cp.get(f"/api/v1/runs/{run_id}")["status"] == "STARTED", what="the run to start"
+    )
     return run_id
 
 
@@ -162,8 +166,11 @@ def test_kill_9_of_the_control_plane_mid_burst_loses_and_doubles_nothing(tmp_pat
             if stop.is_set():
                 return
             try:
-                status, body = http("POST", f"{cp.url}/api/v1/runs",
-                                    {"job": "counted", "config": {"file": str(marks)}})  # fmt: skip
+                status, body = http(
+                    "POST",
+                    f"{cp.url}/api/v1/runs",
+                    {"job": "counted", "config": {"file": str(marks)}},
+                )
             except OSError:
                 unknown += 1
                 time.sleep(0.05)

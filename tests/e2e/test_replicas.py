@@ -104,8 +104,9 @@ def replicas(
             start_control_plane(folder, CONFIG, storage_url=postgres_url, server_extra=SERVER)
         )
         if name == "a":  # the first replica takes every loop's lease
-            wait_for(lambda: set(readyz(started[0])["leading"]) == LOOPS, 30,
-                     what="replica a to lead")  # fmt: skip
+            wait_for(
+                lambda: set(readyz(started[0])["leading"]) == LOOPS, 30, what="replica a to lead"
+            )
     a, b = started
     balancer = LoadBalancer([("127.0.0.1", port_of(a)), ("127.0.0.1", port_of(b))]).start()
     yield a, b, balancer
@@ -136,8 +137,9 @@ def test_replicas_share_the_queue_and_hold_limits_across_them(
         for i in range(12):
             cp = (a, b)[i % 2]
             config = {"file": str(marker), "seconds": 0.3}
-            limited.append(cp.submit("held", location="replica", config=config,
-                                     tags={"database": "redshift"}))  # fmt: skip
+            limited.append(
+                cp.submit("held", location="replica", config=config, tags={"database": "redshift"})
+            )
             free.append(cp.submit("held", location="replica", config={"file": str(marker)}))
         # Then every run succeeds, as either replica reports
         runs = {r: (a, b)[i % 2].wait_run(r, 120) for i, r in enumerate(limited + free)}
@@ -159,11 +161,43 @@ def test_replicas_share_the_queue_and_hold_limits_across_them(
             agent.stop()
 
 
+def test_a_run_submitted_to_a_replica_that_does_not_lead_the_queue_starts_at_once(
+    replicas: tuple[ControlPlaneProc, ControlPlaneProc, LoadBalancer], tmp_path: Path
+) -> None:
+    """The submission wakes the run queue on the leader through the bus (PostgreSQL
+    NOTIFY), and the assignment wakes the agent's poll held by the other replica: no hop
+    waits for the daemon's 5 s backstop. Were a wake-up lost, each run would wait for
+    the leader's next backstop pass, 0 to 5 s: eight runs would not all start within
+    half of it (odds 1 in 256)."""
+    a, b, _ = replicas
+    marker = tmp_path / "marker"
+    # Given replica a leading every loop, and one agent polling replica b only
+    (agent,) = start_agents(a, tmp_path, [b.url])
+    try:
+        assert set(readyz(a)["leading"]) == LOOPS and not readyz(b)["leading"]
+        wait_for(lambda: b.get("/api/v1/agents")["agents"], 30, what="the agent on b")
+        waits = []
+        for _ in range(8):
+            # When a run is submitted to b, the replica that does not lead the queue
+            submitted = time.time()
+            run_id = b.submit("held", location="replica", config={"file": str(marker)})
+            assert b.wait_run(run_id, 60)["status"] == "SUCCESS"
+            start = next(e for e in b.events(run_id) if e["type"] == "RUN_START")
+            waits.append(start["data"]["launch_received_time"] - submitted)
+        # Then each launch reached the agent well before the backstop (5 s) would have
+        assert max(waits) < 2.5, waits
+    finally:
+        agent.stop()
+
+
 def submit_through(balancer: LoadBalancer, marker: Path) -> str | None:
     """Submit one run through the balancer; None if the answer was lost (not acked)."""
     try:
-        status, body = http("POST", balancer.url + "/api/v1/runs", {
-            "job": "held", "location": "replica", "config": {"file": str(marker)}})  # fmt: skip
+        status, body = http(
+            "POST",
+            balancer.url + "/api/v1/runs",
+            {"job": "held", "location": "replica", "config": {"file": str(marker)}},
+        )
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return None
     return body["run_id"] if status == 201 else None
@@ -212,9 +246,15 @@ def test_kill_9_of_the_leader_mid_burst_loses_nothing_and_the_loops_move(
             return b.get("/api/v1/schedules/every_minute/ticks")["ticks"]
 
         def ticked_after_kill() -> dict | None:
-            return next((t for t in ticks() if t["status"] == "SUCCESS" and
-                         datetime.fromisoformat(t["scheduled_time"]).timestamp() > killed_at),
-                        None)  # fmt: skip
+            return next(
+                (
+                    t
+                    for t in ticks()
+                    if t["status"] == "SUCCESS"
+                    and datetime.fromisoformat(t["scheduled_time"]).timestamp() > killed_at
+                ),
+                None,
+            )
 
         wait_for(ticked_after_kill, 90, what="a schedule tick after the kill")
         times = Counter(t["scheduled_time"] for t in ticks())
@@ -222,8 +262,7 @@ def test_kill_9_of_the_leader_mid_burst_loses_nothing_and_the_loops_move(
         scheduled = b.get("/api/v1/runs?tag=fleetrun/schedule:every_minute&limit=100")["runs"]
         minutes = Counter(r["tags"]["fleetrun/tick"] for r in scheduled)
         assert set(minutes.values()) == {1}, minutes
-        assert all(r["status"] in TERMINAL | {"QUEUED", "STARTING", "STARTED"}
-                   for r in scheduled)  # fmt: skip
+        assert all(r["status"] in TERMINAL | {"QUEUED", "STARTING", "STARTED"} for r in scheduled)
     finally:
         for agent in agents:
             agent.stop()

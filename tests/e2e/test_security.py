@@ -52,8 +52,7 @@ def tls_files(ca: trustme.CA, tmp_path: Path) -> Iterator[dict[str, Path]]:
 
 
 def fleetrun(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*FLEETRUN, *args], capture_output=True, text=True, timeout=120,
-                          cwd=cwd)  # fmt: skip
+    return subprocess.run([*FLEETRUN, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 def create_token(config: Path, name: str, kind: str, role: str | None = None) -> str:
@@ -77,8 +76,7 @@ def test_auth_and_tls_end_to_end(tmp_path: Path, tls_files: dict[str, Path]) -> 
     (tmp_path / "agent.token").write_text(agent_token + "\n")
     context = ssl.create_default_context(cafile=str(tls_files["ca"]))
     server_tls = f'tls_cert = "{tls_files["cert"]}"\ntls_key = "{tls_files["key"]}"'
-    cp = start_control_plane(tmp_path, AUTH, server_extra=server_tls, token=viewer,
-                             context=context)  # fmt: skip
+    cp = start_control_plane(tmp_path, AUTH, server_extra=server_tls, token=viewer, context=context)
     try:
         assert cp.url.startswith("https://")
         agent_extra = f'token_file = "agent.token"\nca_file = "{tls_files["ca"]}"'
@@ -99,8 +97,17 @@ def test_auth_and_tls_end_to_end(tmp_path: Path, tls_files: dict[str, Path]) -> 
             untrusted = fleetrun("--url", cp.url, "--token", viewer, "runs", "list")
             assert untrusted.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
             # tokens list over the API (admin) shows names, kinds, roles and last use only
-            listing = fleetrun("--url", cp.url, "--token", admin, "--ca-file",
-                               str(tls_files["ca"]), "--json", "tokens", "list")  # fmt: skip
+            listing = fleetrun(
+                "--url",
+                cp.url,
+                "--token",
+                admin,
+                "--ca-file",
+                str(tls_files["ca"]),
+                "--json",
+                "tokens",
+                "list",
+            )
             assert listing.returncode == 0, listing.stderr
             assert "worker-1" in listing.stdout and "deployer" in listing.stdout
             assert '"last_used": null' not in listing.stdout.split('"deployer"')[1][:300]
@@ -129,15 +136,21 @@ def test_the_agent_verifies_the_certificate(tmp_path: Path, tls_files: dict[str,
         config = tmp_path / "agent.toml"
         config.write_text(f'control_plane_url = "{cp.url}"\nname = "a"\n')
         # Without the CA: refused, never a fallback to http
-        check = subprocess.run([*FLEETRUN[:2], "agent.cli", "check-config", "--config",
-                                str(config), "--connect"], capture_output=True, text=True,
-                               timeout=60)  # fmt: skip
+        check = subprocess.run(
+            [*FLEETRUN[:2], "agent.cli", "check-config", "--config", str(config), "--connect"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert check.returncode == 2 and "certificate" in check.stderr.lower(), check.stderr
         # With it: reachable
         config.write_text(config.read_text() + f'ca_file = "{tls_files["ca"]}"\n')
-        check = subprocess.run([*FLEETRUN[:2], "agent.cli", "check-config", "--config",
-                                str(config), "--connect"], capture_output=True, text=True,
-                               timeout=60)  # fmt: skip
+        check = subprocess.run(
+            [*FLEETRUN[:2], "agent.cli", "check-config", "--config", str(config), "--connect"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert check.returncode == 0, check.stderr
         # Plain HTTP and TLS 1.1 to the TLS port fail; the server goes on serving
         host, port = cp.url.removeprefix("https://").split(":")
@@ -163,8 +176,9 @@ def test_token_rotation_with_a_run_in_flight(tmp_path: Path) -> None:
     try:
         gate = tmp_path / "gate"
         run_id = cp.submit("gated", config={"gate": str(gate)})
-        wait_for(lambda: cp.get(f"/api/v1/runs/{run_id}")["status"] == "STARTED",
-                 what="run to start")  # fmt: skip
+        wait_for(
+            lambda: cp.get(f"/api/v1/runs/{run_id}")["status"] == "STARTED", what="run to start"
+        )
         # When the new token is put in the token file and the old one revoked
         (tmp_path / "agent.token").write_text(create_token(config, "agent-1-2026", "agent"))
         revoke = fleetrun("tokens", "revoke", "agent-1-2025", "--config", str(config))
@@ -189,8 +203,9 @@ def test_a_revoked_agent_token_ends_that_agents_work(tmp_path: Path) -> None:
     agent = start_agent(cp, tmp_path, "agent-1", GATES, extra='token_file = "agent.token"')
     try:
         run_id = cp.submit("gated", config={"gate": str(tmp_path / "never")})
-        wait_for(lambda: cp.get(f"/api/v1/runs/{run_id}")["status"] == "STARTED",
-                 what="run to start")  # fmt: skip
+        wait_for(
+            lambda: cp.get(f"/api/v1/runs/{run_id}")["status"] == "STARTED", what="run to start"
+        )
         assert fleetrun("tokens", "revoke", "a1", "--config", str(config)).returncode == 0
         # Then its calls are refused, and the run fails as its agent is lost
         run = cp.wait_run(run_id, timeout=60)
@@ -215,8 +230,10 @@ def test_slow_clients_do_not_hold_the_control_plane(tmp_path: Path) -> None:
             slow.append(sock)
         # and one that promises a body it never sends
         body = socket.create_connection(address, timeout=10)
-        body.sendall(b"POST /api/v1/runs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                     b"\r\nContent-Length: 100\r\n\r\n{\"job\"")  # fmt: skip
+        body.sendall(
+            b"POST /api/v1/runs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b'\r\nContent-Length: 100\r\n\r\n{"job"'
+        )
         # When honest clients call meanwhile, then they are served
         for _ in range(20):
             assert cp.get("/healthz")["status"] == "ok"
@@ -256,6 +273,7 @@ def post_form(
 ) -> tuple[int, str | None, bytes]:
     """POST a form without following the redirect: (status, Set-Cookie, body)."""
     parts = urlsplit(base)
+    assert parts.hostname is not None
     if parts.scheme == "https":
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(
             parts.hostname, parts.port, timeout=30, context=context
@@ -263,8 +281,12 @@ def post_form(
     else:
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     try:
-        conn.request("POST", path, urlencode(form),
-                     {"Content-Type": "application/x-www-form-urlencoded", **headers})  # fmt: skip
+        conn.request(
+            "POST",
+            path,
+            urlencode(form),
+            {"Content-Type": "application/x-www-form-urlencoded", **headers},
+        )
         response = conn.getresponse()
         return response.status, response.getheader("Set-Cookie"), response.read()
     finally:
@@ -284,6 +306,7 @@ def test_sign_in_and_out_only_from_the_control_planes_own_origin(tmp_path: Path)
     port = urlsplit(cp.url).port
     own = f"http://127.0.0.1:{port}"
     try:
+        assert port is not None
         # When a page elsewhere posts the sign-in form (login CSRF: the browser would be
         # signed in as the attacker), then it is refused and no cookie is set
         refused = {
@@ -309,9 +332,12 @@ def test_sign_in_and_out_only_from_the_control_planes_own_origin(tmp_path: Path)
             "same origin, Referer only": {"Referer": own + "/ui/login?next=%2Fui%2Fagents"},
             "neither header": {},
             "by host name": {"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"},
-            "TLS proxy": {"Host": "fleet.example", "X-Forwarded-Proto": "https",
-                          "Origin": "https://fleet.example"},
-        }  # fmt: skip
+            "TLS proxy": {
+                "Host": "fleet.example",
+                "X-Forwarded-Proto": "https",
+                "Origin": "https://fleet.example",
+            },
+        }
         for case, headers in accepted.items():
             status, cookie, _ = post_form(cp.url, "/ui/login", headers, token=viewer)
             assert status == 303 and cookie and "fleetrun_session=fru_" in cookie, case

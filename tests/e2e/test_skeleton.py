@@ -30,7 +30,11 @@ def test_example_jobs_succeed_and_fail(control_plane: ControlPlaneProc, agent: P
     ids = {job: control_plane.submit(job) for job in ["hello", "etl", "chatty", "broken"]}
     runs = {job: control_plane.wait_run(run_id) for job, run_id in ids.items()}
     assert {job: r["status"] for job, r in runs.items()} == {
-        "hello": "SUCCESS", "etl": "SUCCESS", "chatty": "SUCCESS", "broken": "FAILURE"}  # fmt: skip
+        "hello": "SUCCESS",
+        "etl": "SUCCESS",
+        "chatty": "SUCCESS",
+        "broken": "FAILURE",
+    }
     assert all(r["agent"] and r["start_time"] and r["end_time"] for r in runs.values())
 
     etl = control_plane.events(ids["etl"])
@@ -69,16 +73,20 @@ def test_context_config_tags_and_locations(control_plane: ControlPlaneProc, tmp_
     try:
         jobs = control_plane.get("/api/v1/jobs")["jobs"]
         assert {(j["name"], j["location"]) for j in jobs} >= {
-            ("inspect_context", "by_file"), ("inspect_context", "by_module")}  # fmt: skip
+            ("inspect_context", "by_file"),
+            ("inspect_context", "by_module"),
+        }
         fan_in = next(j for j in jobs if j["name"] == "fan_in")
         assert fan_in["ops"][-1] == {"name": "combine", "upstream": ["first", "second"], "tags": {}}
         # working_directory defaults to the agent config's folder (tmp_path) for by_file
         for location, cwd in (("by_file", tmp_path), ("by_module", FIXTURES)):
             out = tmp_path / f"{location}.json"
             run_id = control_plane.submit(
-                "inspect_context", location=location, tags={"team": "data"},
+                "inspect_context",
+                location=location,
+                tags={"team": "data"},
                 config={"out": str(out), "n": [1, 2]},
-            )  # fmt: skip
+            )
             run = control_plane.wait_run(run_id)
             assert run["status"] == "SUCCESS", control_plane.events(run_id)
             seen = json.loads(out.read_text())
@@ -101,9 +109,13 @@ def test_context_config_tags_and_locations(control_plane: ControlPlaneProc, tmp_
 def test_worker_crash_fails_the_run_not_the_agent(
     control_plane: ControlPlaneProc, tmp_path: Path, launcher: str
 ) -> None:
-    proc = start_agent(control_plane, tmp_path, "crash-agent",
-                       {"ctx": FIXTURES / "context_jobs.py"},
-                       f'run_launcher = "{launcher}"')  # fmt: skip
+    proc = start_agent(
+        control_plane,
+        tmp_path,
+        "crash-agent",
+        {"ctx": FIXTURES / "context_jobs.py"},
+        f'run_launcher = "{launcher}"',
+    )
     try:
         run_id = control_plane.submit("crashing")
         run = control_plane.wait_run(run_id)
@@ -140,14 +152,19 @@ def test_broken_location_is_reported_and_the_rest_serves(
 def test_bad_config_files_exit_2_naming_file_and_key(tmp_path: Path) -> None:
     cp_config = tmp_path / "control-plane.toml"
     cp_config.write_text('[server]\nport = "eighty"\n')
-    result = subprocess.run([*FLEETRUN, "serve", "--config", str(cp_config)],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [*FLEETRUN, "serve", "--config", str(cp_config)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
     assert str(cp_config) in result.stderr and "'server.port'" in result.stderr
 
     agent_config = write_agent_config(tmp_path, "http://127.0.0.1:9", "a", {}, "colour = 1")
-    result = subprocess.run([*FLEETRUN, "agent", "--config", str(agent_config)],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [*FLEETRUN, "agent", "--config", str(agent_config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert str(agent_config) in result.stderr and "'colour'" in result.stderr
 
@@ -193,8 +210,9 @@ def test_cli(control_plane: ControlPlaneProc, agent: Proc) -> None:
 
 
 def test_demo_runs_the_examples(tmp_path: Path) -> None:
-    proc = start_process([*FLEETRUN, "demo", "--port", "0", "--exit-when-done"],
-                         tmp_path / "demo.log")  # fmt: skip
+    proc = start_process(
+        [*FLEETRUN, "demo", "--port", "0", "--exit-when-done"], tmp_path / "demo.log"
+    )
     try:
         assert proc.popen.wait(180) == 0, proc.log()
     finally:

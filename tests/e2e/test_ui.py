@@ -95,7 +95,10 @@ def test_runs_list_and_run_detail(fleet: ControlPlaneProc, page: Any) -> None:
     # Then its steps are drawn as bars in order, and its logs follow
     bars = page.locator("svg.gantt rect.bar")
     assert [bars.nth(i).get_attribute("data-step") for i in range(bars.count())] == [
-        "first", "second", "third"]  # fmt: skip
+        "first",
+        "second",
+        "third",
+    ]
     assert all("success" in bars.nth(i).get_attribute("class") for i in range(3))
     page.locator("#logs").get_by_text("second step got 1").wait_for()
     page.select_option("#log-step", "first")
@@ -143,8 +146,7 @@ def test_markup_from_jobs_is_shown_as_text(fleet: ControlPlaneProc, page: Any) -
 
 def test_agents_queue_and_schedules_pages(tmp_path: Path, page: Any) -> None:
     cp = start_control_plane(tmp_path, "[run_coordinator]\nmax_concurrent_runs = 1\n")
-    agent = start_agent(cp, tmp_path, "agent-1",
-                        {**UI_JOBS, "daemon": FIXTURES / "daemon_jobs.py"})  # fmt: skip
+    agent = start_agent(cp, tmp_path, "agent-1", {**UI_JOBS, "daemon": FIXTURES / "daemon_jobs.py"})
     try:
         gate = tmp_path / "gate"
         first = cp.submit("gated", config={"gate": str(gate)})
@@ -179,9 +181,25 @@ def test_agents_queue_and_schedules_pages(tmp_path: Path, page: Any) -> None:
 
 
 def _token(config: Path, name: str, role: str) -> str:
-    result = subprocess.run([*FLEETRUN, "tokens", "create", "--config", str(config), "--kind",
-                             "user", "--name", name, "--role", role],
-                            capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    result = subprocess.run(
+        [
+            *FLEETRUN,
+            "tokens",
+            "create",
+            "--config",
+            str(config),
+            "--kind",
+            "user",
+            "--name",
+            name,
+            "--role",
+            role,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return result.stdout.strip()
 
 
@@ -189,9 +207,23 @@ def test_sign_in_with_a_user_token(tmp_path: Path, page: Any) -> None:
     config = write_control_plane_config(tmp_path)
     viewer = _token(config, "watcher", "viewer")
     operator = _token(config, "ops", "operator")
-    agent_token = subprocess.run([*FLEETRUN, "tokens", "create", "--config", str(config),
-                                  "--kind", "agent", "--name", "agent-1"], capture_output=True,
-                                 text=True, timeout=60, check=True).stdout  # fmt: skip
+    agent_token = subprocess.run(
+        [
+            *FLEETRUN,
+            "tokens",
+            "create",
+            "--config",
+            str(config),
+            "--kind",
+            "agent",
+            "--name",
+            "agent-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     (tmp_path / "agent.token").write_text(agent_token)
     cp = start_control_plane(tmp_path, "[auth]\nenabled = true\n", token=operator)
     agent = start_agent(cp, tmp_path, "agent-1", UI_JOBS, extra='token_file = "agent.token"')
@@ -202,8 +234,9 @@ def test_sign_in_with_a_user_token(tmp_path: Path, page: Any) -> None:
             f'<form method="post" action="{cp.url}/ui/login"><input name="token" '
             f'value="{operator}"></form><script>document.forms[0].submit()</script>'
         )
-        page.route("http://evil.test/", lambda route: route.fulfill(
-            body=attack, content_type="text/html"))  # fmt: skip
+        page.route(
+            "http://evil.test/", lambda route: route.fulfill(body=attack, content_type="text/html")
+        )
         with page.expect_response(f"{cp.url}/ui/login") as refused:
             page.goto("http://evil.test/")
         assert refused.value.status == 403 and "cross_origin" in refused.value.text()

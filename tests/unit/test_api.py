@@ -39,9 +39,9 @@ Client = TestClient
 async def client(
     aiohttp_client: Callable[..., Awaitable[TestClient]], tmp_path: Path
 ) -> TestClient:
-    config = ControlPlaneConfig()
-    config.storage.url = f"sqlite:///{tmp_path}/fleetrun.db"
-    config.server.poll_timeout_seconds = 0.5
+    config = ControlPlaneConfig().updated(
+        storage={"url": f"sqlite:///{tmp_path}/fleetrun.db"}, server={"poll_timeout_seconds": 0.5}
+    )
     return await aiohttp_client(app_for(config))
 
 
@@ -54,16 +54,27 @@ async def agent_call(client: TestClient, path: str, message: Any, reply: type) -
 
 
 async def register(client: TestClient, name: str = "w1", locations: list | None = None) -> str:
-    locations = locations if locations is not None else [
-        CodeLocationInfo(name="loc", jobs=[JobInfo(name="etl", ops=[OpInfo(name="a")])]),
-        CodeLocationInfo(name="broken", error="ImportError: no module named x"),
-    ]  # fmt: skip
+    locations = (
+        locations
+        if locations is not None
+        else [
+            CodeLocationInfo(name="loc", jobs=[JobInfo(name="etl", ops=[OpInfo(name="a")])]),
+            CodeLocationInfo(name="broken", error="ImportError: no module named x"),
+        ]
+    )
     reply = await agent_call(
-        client, "register",
-        Register(name=name, hostname="h", version="0.1", queues=["default"],
-                 max_concurrent_runs=2, code_locations=locations),
+        client,
+        "register",
+        Register(
+            name=name,
+            hostname="h",
+            version="0.1",
+            queues=["default"],
+            max_concurrent_runs=2,
+            code_locations=locations,
+        ),
         Registered,
-    )  # fmt: skip
+    )
     return reply.agent_id
 
 
@@ -93,8 +104,12 @@ async def test_submit_launch_events_success(client: TestClient) -> None:
     assert run["status"] == "SUCCESS" and run["agent"] == agent_id
     assert run["start_time"] and run["end_time"] and run["status_reason"] == "done"
     events = (await (await client.get(f"/api/v1/runs/{run_id}/events")).json())["events"]
-    assert [e["type"] for e in events] == ["RUN_ENQUEUED", "RUN_STARTING", "RUN_START",
-                                           "RUN_SUCCESS"]  # fmt: skip
+    assert [e["type"] for e in events] == [
+        "RUN_ENQUEUED",
+        "RUN_STARTING",
+        "RUN_START",
+        "RUN_SUCCESS",
+    ]
     logs = (await (await client.get(f"/api/v1/runs/{run_id}/logs?step=a")).json())["logs"]
     assert [(c["stream"], c["text"]) for c in logs] == [("stdout", "hi\n")]
 
@@ -137,10 +152,11 @@ async def test_cancel_sends_one_stop_order_through_the_poll(client: TestClient) 
 async def test_a_launch_nobody_acknowledges_goes_back_to_the_queue(
     aiohttp_client: Callable[..., Awaitable[TestClient]], tmp_path: Path
 ) -> None:
-    config = ControlPlaneConfig()
-    config.storage.url = f"sqlite:///{tmp_path}/fleetrun.db"
-    config.server.poll_timeout_seconds = 0.5
-    config.run_monitoring.launch_ack_timeout_seconds = 0.3
+    config = ControlPlaneConfig().updated(
+        storage={"url": f"sqlite:///{tmp_path}/fleetrun.db"},
+        server={"poll_timeout_seconds": 0.5},
+        run_monitoring={"launch_ack_timeout_seconds": 0.3},
+    )
     client = await aiohttp_client(app_for(config))
     agent_id = await register(client)
     _, body = await submit(client, job="etl")
@@ -154,8 +170,10 @@ async def test_a_launch_nobody_acknowledges_goes_back_to_the_queue(
         await asyncio.sleep(0.05)  # a bounded wait for the monitor's verdict
     assert again.launches[0].run_id == body["run_id"] and again.launches[0].lease > first.lease
     events = (await (await client.get(f"/api/v1/runs/{body['run_id']}/events")).json())["events"]
-    assert "launch not acknowledged by the agent within 0.3 s" in [
-        e["message"] for e in events if e["type"] == "RUN_ENQUEUED"][-1]  # fmt: skip
+    assert (
+        "launch not acknowledged by the agent within 0.3 s"
+        in [e["message"] for e in events if e["type"] == "RUN_ENQUEUED"][-1]
+    )
     # Once acknowledged (held in a poll) it stays put
     await agent_call(client, "poll", Poll(agent_id, [again.launches[0].lease]), PollReply)
     run = await (await client.get(f"/api/v1/runs/{body['run_id']}")).json()
@@ -168,12 +186,14 @@ async def test_stale_lease_and_foreign_run_are_refused(client: TestClient) -> No
     _, body = await submit(client, job="etl")
     launch = (await agent_call(client, "poll", Poll(agent_id=agent_id), PollReply)).launches[0]
     record = RunRecord(seq=1, time=1.0, kind="event", type="RUN_START")
-    stale = EventBatch(agent_id=agent_id, run_id=body["run_id"], lease=launch.lease + 100,
-                       records=[record])  # fmt: skip
+    stale = EventBatch(
+        agent_id=agent_id, run_id=body["run_id"], lease=launch.lease + 100, records=[record]
+    )
     status, err = await agent_call(client, "events", stale, EventAck)
     assert (status, err.code) == (409, "stale_lease")
-    foreign = EventBatch(agent_id=other, run_id=body["run_id"], lease=launch.lease,
-                         records=[record])  # fmt: skip
+    foreign = EventBatch(
+        agent_id=other, run_id=body["run_id"], lease=launch.lease, records=[record]
+    )
     status, err = await agent_call(client, "events", foreign, EventAck)
     assert (status, err.code) == (403, "not_your_run")
 
@@ -189,8 +209,9 @@ async def test_agent_protocol_errors_are_4xx(client: TestClient) -> None:
         assert resp.status == 400
         err = decode(await resp.read(), ErrorReply)
         assert err.code == code
-    resp = await client.post("/agent/v1/poll", data=msgpack.packb(
-        {"v": 999, "type": "Poll", "body": {}}))  # fmt: skip
+    resp = await client.post(
+        "/agent/v1/poll", data=msgpack.packb({"v": 999, "type": "Poll", "body": {}})
+    )
     assert "999" in decode(await resp.read(), ErrorReply).message
     status, err = await agent_call(client, "poll", Poll(agent_id="ghost"), PollReply)
     assert (status, err.code) == (404, "unknown_agent")
@@ -205,24 +226,64 @@ async def test_agent_protocol_errors_are_4xx(client: TestClient) -> None:
         ("POST", "/api/v1/runs", b'{"job": "etl", "tags": {"a": 1}}', 422, "bad_request"),
         ("POST", "/api/v1/runs", b'{"job": "etl", "surprise": 1}', 422, "bad_request"),
         ("POST", "/api/v1/runs", b'{"job": "nope"}', 404, "unknown_job"),
-        ("POST", "/api/v1/runs", b'{"job": "etl", "location": "elsewhere"}', 404,
-         "unknown_location"),
+        (
+            "POST",
+            "/api/v1/runs",
+            b'{"job": "etl", "location": "elsewhere"}',
+            404,
+            "unknown_location",
+        ),
         ("POST", "/api/v1/runs", b'{"job": "etl", "location": "../../etc"}', 422, "bad_request"),
-        ("POST", "/api/v1/runs", b'{"job": "etl", "tags": {"fleetrun/priority": "high"}}', 422,
-         "bad_tag"),
-        ("POST", "/api/v1/runs", b'{"job": "etl", "tags": {"fleetrun/max_retries": "-1"}}', 422,
-         "bad_tag"),
-        ("POST", "/api/v1/runs", b'{"job": "etl", "tags": {"fleetrun/max_retries": "x"}}', 422,
-         "bad_tag"),
-        ("POST", "/api/v1/runs", b'{"job": "etl", "tags": {"fleetrun/retry_strategy": "ALL"}}',
-         422, "bad_tag"),
-        ("POST", "/api/v1/runs", b'{"job": "etl", "tags": {"fleetrun/max_runtime": "nan"}}', 422,
-         "bad_tag"),
-        ("POST", "/api/v1/runs", b'{"job": "etl", "tags": {"fleetrun/on_lost_contact": "x"}}',
-         422, "bad_tag"),
+        (
+            "POST",
+            "/api/v1/runs",
+            b'{"job": "etl", "tags": {"fleetrun/priority": "high"}}',
+            422,
+            "bad_tag",
+        ),
+        (
+            "POST",
+            "/api/v1/runs",
+            b'{"job": "etl", "tags": {"fleetrun/max_retries": "-1"}}',
+            422,
+            "bad_tag",
+        ),
+        (
+            "POST",
+            "/api/v1/runs",
+            b'{"job": "etl", "tags": {"fleetrun/max_retries": "x"}}',
+            422,
+            "bad_tag",
+        ),
+        (
+            "POST",
+            "/api/v1/runs",
+            b'{"job": "etl", "tags": {"fleetrun/retry_strategy": "ALL"}}',
+            422,
+            "bad_tag",
+        ),
+        (
+            "POST",
+            "/api/v1/runs",
+            b'{"job": "etl", "tags": {"fleetrun/max_runtime": "nan"}}',
+            422,
+            "bad_tag",
+        ),
+        (
+            "POST",
+            "/api/v1/runs",
+            b'{"job": "etl", "tags": {"fleetrun/on_lost_contact": "x"}}',
+            422,
+            "bad_tag",
+        ),
         ("POST", "/api/v1/runs/does-not-exist/cancel", b"{}", 404, "unknown_run"),
-        ("POST", "/api/v1/runs", b'{"job": "etl", "tags": {"fleetrun/retry_number": "1"}}',
-         422, "bad_tag"),
+        (
+            "POST",
+            "/api/v1/runs",
+            b'{"job": "etl", "tags": {"fleetrun/retry_number": "1"}}',
+            422,
+            "bad_tag",
+        ),
         ("GET", "/api/v1/runs/does-not-exist", None, 404, "unknown_run"),
         ("GET", "/api/v1/runs/does-not-exist/events", None, 404, "unknown_run"),
         ("GET", "/api/v1/runs?status=DONE", None, 400, "bad_parameter"),
@@ -233,7 +294,7 @@ async def test_agent_protocol_errors_are_4xx(client: TestClient) -> None:
         ("GET", "/api/v1/nothing", None, 404, "not_found"),
         ("DELETE", "/api/v1/runs", None, 405, "method_not_allowed"),
     ],
-)  # fmt: skip
+)
 async def test_bad_requests_get_json_4xx(
     client: TestClient, method: str, path: str, body: bytes | None, status: int, code: str
 ) -> None:
@@ -255,9 +316,25 @@ async def test_run_filters_and_cursor(client: TestClient) -> None:
     tagged = await (await client.get("/api/v1/runs?tag=i:2&status=QUEUED&job=etl")).json()
     assert [r["run_id"] for r in tagged["runs"]] == [ids[2]]
     run = tagged["runs"][0]
-    assert set(run) == {"run_id", "job", "location", "status", "status_reason", "tags", "config",
-                        "agent", "create_time", "start_time", "end_time", "lease", "failure_kind",
-                        "parent_run_id", "root_run_id", "not_before", "reuse_outputs"}  # fmt: skip
+    assert set(run) == {
+        "run_id",
+        "job",
+        "location",
+        "status",
+        "status_reason",
+        "tags",
+        "config",
+        "agent",
+        "create_time",
+        "start_time",
+        "end_time",
+        "lease",
+        "failure_kind",
+        "parent_run_id",
+        "root_run_id",
+        "not_before",
+        "reuse_outputs",
+    }
     assert run["create_time"].endswith("Z") and run["start_time"] is None
 
 
@@ -268,10 +345,13 @@ async def test_agents_and_jobs_show_location_errors(client: TestClient) -> None:
     assert agent["status"] == "ONLINE" and agent["queues"] == ["default"]
     assert agent["max_concurrent_runs"] == 2 and agent["running"] == 0
     assert {c["name"]: c["error"] for c in agent["code_locations"]} == {
-        "loc": None, "broken": "ImportError: no module named x"}  # fmt: skip
+        "loc": None,
+        "broken": "ImportError: no module named x",
+    }
     jobs = await (await client.get("/api/v1/jobs")).json()
     assert [(j["name"], j["location"], j["agents"]) for j in jobs["jobs"]] == [
-        ("etl", "loc", ["w1"])]  # fmt: skip
+        ("etl", "loc", ["w1"])
+    ]
     assert jobs["location_errors"][0]["location"] == "broken"
 
 
@@ -300,8 +380,11 @@ async def test_schedule_names_are_per_location(client: TestClient) -> None:
 
     for agent, location in (("w1", "a"), ("w2", "b")):
         daily = ScheduleInfo(name="daily", job="etl", cron="0 6 * * *", timezone="UTC")
-        await register(client, agent, [CodeLocationInfo(name=location, jobs=[JobInfo(
-            name="etl")], schedules=[daily])])  # fmt: skip
+        await register(
+            client,
+            agent,
+            [CodeLocationInfo(name=location, jobs=[JobInfo(name="etl")], schedules=[daily])],
+        )
     resp = await client.get("/api/v1/schedules/daily")
     error = (await resp.json())["error"]
     assert resp.status == 409 and error["code"] == "ambiguous_name" and "(a, b)" in error["message"]

@@ -141,10 +141,11 @@ async def instance(
 ) -> Instance:
     db = tmp_path / "fleetrun.db"
     tokens = await _make_tokens(db, TOKEN_SPECS)
-    config = ControlPlaneConfig()
-    config.storage.url = f"sqlite:///{db}"
-    config.server.poll_timeout_seconds = 0.3
-    config.auth.enabled = True
+    config = ControlPlaneConfig().updated(
+        storage={"url": f"sqlite:///{db}"},
+        server={"poll_timeout_seconds": 0.3},
+        auth={"enabled": True},
+    )
     client = await aiohttp_client(app_for(config))
     return Instance(client, tokens, db)
 
@@ -188,7 +189,7 @@ def _router_routes(app: web.Application) -> set[tuple[str, str]]:
 
 
 async def test_the_matrix_covers_every_route(instance: Instance) -> None:
-    routes = _router_routes(instance.client.server.app)
+    routes = _router_routes(instance.client.app)
     assert routes == set(EXPECTED), "a route without an entry in the auth matrix (or stale)"
     assert set(ROUTE_ACCESS) == routes, "control_plane/http/auth.py ROUTE_ACCESS and the router"
 
@@ -404,7 +405,7 @@ async def test_tokens_are_stored_only_as_salted_hashes_and_never_shown(
     assert (
         await instance.client.get("/api/v1/runs", headers={"Authorization": f"Bearer {token}"})
     ).status == 200
-    await instance.client.server.app[STORAGE].close()  # flush, then read the file
+    await instance.client.app[STORAGE].close()  # flush, then read the file
     raw = b"".join(p.read_bytes() for p in instance.db.parent.glob("fleetrun.db*"))
     for value in (*instance.tokens.values(), token):
         assert value.split("_", 2)[2].encode() not in raw
@@ -471,16 +472,19 @@ async def test_tokens_cli_creates_lists_and_revokes_in_the_database(tmp_path: Pa
 
 @pytest.fixture
 async def limited(aiohttp_client: Callable[..., Awaitable[TestClient]], tmp_path: Path) -> Any:
-    config = ControlPlaneConfig()
-    config.storage.url = f"sqlite:///{tmp_path}/fleetrun.db"
-    config.server.poll_timeout_seconds = 5
-    limits = config.limits
-    limits.max_body_bytes = 64 * 1024
-    limits.max_tags_per_run = 4
-    limits.max_tag_value_length = 16
-    limits.max_run_config_bytes = 100
-    limits.max_polls_per_agent = 2
-    limits.max_events_per_batch = 500
+    limits = {
+        "max_body_bytes": 64 * 1024,
+        "max_tags_per_run": 4,
+        "max_tag_value_length": 16,
+        "max_run_config_bytes": 100,
+        "max_polls_per_agent": 2,
+        "max_events_per_batch": 500,
+    }
+    config = ControlPlaneConfig().updated(
+        storage={"url": f"sqlite:///{tmp_path}/fleetrun.db"},
+        server={"poll_timeout_seconds": 5},
+        limits=limits,
+    )
     return await aiohttp_client(app_for(config))
 
 
@@ -549,7 +553,7 @@ async def test_at_most_two_polls_per_agent_are_parked(limited: TestClient) -> No
     away with a half-open connection), so one agent never holds more than the limit."""
     resp = await limited.post("/agent/v1/register", data=encode(_register("w")))
     agent_id = decode(await resp.read(), Registered).agent_id
-    dispatcher = limited.server.app[DISPATCHER]
+    dispatcher = limited.app[DISPATCHER]
 
     async def poll() -> PollReply:
         resp = await limited.post("/agent/v1/poll", data=encode(Poll(agent_id=agent_id)))

@@ -13,9 +13,14 @@ def mark(step: str) -> bytes:
 
 
 STREAM = (
-    b"import time\n" + mark("extract") + "rows: ünïcode ✓\n".encode() + mark("")
-    + b"between\n" + mark("load") + b"loaded\n"
-)  # fmt: skip
+    b"import time\n"
+    + mark("extract")
+    + "rows: ünïcode ✓\n".encode()
+    + mark("")
+    + b"between\n"
+    + mark("load")
+    + b"loaded\n"
+)
 EXPECTED = {None: "import time\nbetween\n", "extract": "rows: ünïcode ✓\n", "load": "loaded\n"}
 
 

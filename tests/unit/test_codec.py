@@ -63,7 +63,11 @@ LOCATION = CodeLocationInfo(
 )
 SAMPLES = [
     Register(
-        name="w1", hostname="h", version="0.1", queues=["default"], max_concurrent_runs=4,
+        name="w1",
+        hostname="h",
+        version="0.1",
+        queues=["default"],
+        max_concurrent_runs=4,
         code_locations=[LOCATION, CodeLocationInfo(name="bad", error="ImportError: x")],
     ),
     Registered(agent_id="a1", heartbeat_interval_seconds=5.0, poll_timeout_seconds=25.0),
@@ -72,10 +76,16 @@ SAMPLES = [
     Drain(agent_id="a1"),
     Drained(status="DRAINING"),
     Evaluate(eval_id="e1", location="loc", kind="schedule", name="daily", scheduled_time=1.5),
-    EvaluateSpec(evaluate=Evaluate(eval_id="e2", location="loc", kind="sensor", name="s",
-                                   cursor="c"), location=LocationSpec(name="loc", module="m")),
-    EvaluationResult(eval_id="e1", agent_id="a1", runs=[RequestedRun(job="etl", run_key="k",
-                     tags={"a": "b"}, config={"n": 1})], cursor="c2"),
+    EvaluateSpec(
+        evaluate=Evaluate(eval_id="e2", location="loc", kind="sensor", name="s", cursor="c"),
+        location=LocationSpec(name="loc", module="m"),
+    ),
+    EvaluationResult(
+        eval_id="e1",
+        agent_id="a1",
+        runs=[RequestedRun(job="etl", run_key="k", tags={"a": "b"}, config={"n": 1})],
+        cursor="c2",
+    ),
     EvaluationAck(ok=True),
     Heartbeat(agent_id="a1", runs=[RunState(run_id="r1", lease=7, state="running")]),
     HeartbeatReply(ok=True),
@@ -86,7 +96,7 @@ SAMPLES = [
     WorkerSpec(launch=LAUNCH, location=LocationSpec(name="loc", python_file="/x/defs.py")),
     DescribeLocation(location=LocationSpec(name="loc", module="pkg.defs")),
     LOCATION,
-]  # fmt: skip
+]
 
 
 def test_samples_cover_every_message_type() -> None:
@@ -119,8 +129,13 @@ def test_version_mismatch_names_both_versions(version: object) -> None:
 
 def test_the_previous_version_is_spoken_both_ways() -> None:
     """A version-1 agent's Register decodes; replies to it leave out newer fields."""
-    old_register = {"name": "w", "hostname": "h", "version": "0.0.9", "queues": ["default"],
-                    "max_concurrent_runs": 1}  # fmt: skip
+    old_register = {
+        "name": "w",
+        "hostname": "h",
+        "version": "0.0.9",
+        "queues": ["default"],
+        "max_concurrent_runs": 1,
+    }
     message, version = decode_versioned(_envelope(old_register, "Register", PROTOCOL_VERSION - 1))
     assert version == PROTOCOL_VERSION - 1 and message.capabilities == [] and message.runs == []
     reply = PollReply(launches=[LAUNCH], stops=[StopRun("r", 1, True, "x")])
@@ -144,11 +159,13 @@ def test_the_previous_version_is_spoken_both_ways() -> None:
         (_envelope({}), "bad_message"),
         (_envelope({"acked_seq": 1, "extra": 2}), "bad_message"),
         (_envelope({"agent_id": "a", "held_leases": ["x"]}, "Poll"), "bad_message"),
-        (msgpack.packb({"v": 1, "type": "EventAck", "body": msgpack.ExtType(5, b"x")}),
-         "bad_msgpack"),
+        (
+            msgpack.packb({"v": 1, "type": "EventAck", "body": msgpack.ExtType(5, b"x")}),
+            "bad_msgpack",
+        ),
         (_envelope({"acked_seq": 1}) + b"\x00", "bad_msgpack"),
     ],
-)  # fmt: skip
+)
 def test_bad_input_is_a_protocol_error(data: bytes, code: str) -> None:
     with pytest.raises(ProtocolError) as info:
         decode(data, EventAck if b"Poll" not in data else Poll)
@@ -162,7 +179,9 @@ def test_wrong_message_type_is_refused() -> None:
 
 
 def test_error_names_the_field() -> None:
-    bad = dataclasses.asdict(SAMPLES[0])
+    register = SAMPLES[0]
+    assert isinstance(register, Register)
+    bad = dataclasses.asdict(register)
     bad["code_locations"][0]["jobs"][0]["ops"][0]["upstream"] = [5]
     with pytest.raises(ProtocolError, match=r"code_locations\[0\]\.jobs\[0\]\.ops\[0\]"):
         decode(_envelope(bad, "Register"), Register)
@@ -186,8 +205,12 @@ def test_depth_is_bounded() -> None:
     nested: object = 1
     for _ in range(40):
         nested = {"k": nested}
-    batch = {"agent_id": "a", "run_id": "r", "lease": 1, "records": [
-        {"seq": 1, "time": 0.0, "kind": "event", "type": "LOG", "data": nested}]}  # fmt: skip
+    batch = {
+        "agent_id": "a",
+        "run_id": "r",
+        "lease": 1,
+        "records": [{"seq": 1, "time": 0.0, "kind": "event", "type": "LOG", "data": nested}],
+    }
     with pytest.raises(ProtocolError) as info:
         decode(_envelope(batch, "EventBatch"), EventBatch)
     assert info.value.code == "too_deep"

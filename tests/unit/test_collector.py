@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
+from collections.abc import Iterator
 
 import pytest
 
@@ -17,21 +18,21 @@ class _Cycle:
 
 
 @pytest.fixture
-def restore_gc():  # type: ignore[no-untyped-def]
+def restore_gc() -> Iterator[None]:
     before = gc.get_threshold()
     yield
     gc.unfreeze()
     gc.set_threshold(*before)
 
 
-def test_tuning_moves_full_collections_off_the_allocation_counter(restore_gc) -> None:  # type: ignore[no-untyped-def]
+def test_tuning_moves_full_collections_off_the_allocation_counter(restore_gc: None) -> None:
     collector.tune()
     young, _, full = gc.get_threshold()
     assert young == collector.YOUNG_THRESHOLD and full >= 2**30
     assert gc.get_freeze_count() > 0  # start-up objects are out of every collection
 
 
-async def test_the_scheduled_pass_frees_cyclic_garbage(restore_gc) -> None:  # type: ignore[no-untyped-def]
+async def test_the_scheduled_pass_frees_cyclic_garbage(restore_gc: None) -> None:
     collector.tune()
     garbage = _Cycle()
     alive = weakref.ref(garbage)

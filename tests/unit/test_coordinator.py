@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from control_plane.config import RunCoordinatorConfig, TagConcurrencyLimit
-from control_plane.daemon.run_queue import plan_dispatch
+from control_plane.daemon.run_queue import DispatchPlan, plan_dispatch
 from control_plane.model.agents import Agent
 from control_plane.model.runs import QueueSnapshot, Run
 from control_plane.model.statuses import RunStatus
@@ -11,40 +14,65 @@ from control_plane.model.statuses import RunStatus
 NOW = 1000.0
 
 
-def run(run_id: str, status: RunStatus = RunStatus.QUEUED, agent: str | None = None,
-        queue: str = "default", location: str = "loc", **tags: str) -> Run:  # fmt: skip
+def run(
+    run_id: str,
+    status: RunStatus = RunStatus.QUEUED,
+    agent: str | None = None,
+    queue: str = "default",
+    location: str = "loc",
+    **tags: str,
+) -> Run:
     return Run(
-        run_id=run_id, job=tags.get("job", "etl"), location=location, status=status,
-        tags={"fleetrun/job": tags.pop("job", "etl"), **tags}, config={}, create_time=0,
-        agent_id=agent, queue=queue,
-    )  # fmt: skip
+        run_id=run_id,
+        job=tags.get("job", "etl"),
+        location=location,
+        status=status,
+        tags={"fleetrun/job": tags.pop("job", "etl"), **tags},
+        config={},
+        create_time=0,
+        agent_id=agent,
+        queue=queue,
+    )
 
 
-def agent(agent_id: str, slots: int = 8, queues: tuple[str, ...] = ("default",),
-          heartbeat: float = NOW) -> Agent:  # fmt: skip
+def agent(
+    agent_id: str, slots: int = 8, queues: tuple[str, ...] = ("default",), heartbeat: float = NOW
+) -> Agent:
     return Agent(
-        agent_id=agent_id, name=agent_id, hostname="h", status="ONLINE", queues=list(queues),
-        max_concurrent_runs=slots, version="0", last_heartbeat=heartbeat, registered_time=0,
-    )  # fmt: skip
+        agent_id=agent_id,
+        name=agent_id,
+        hostname="h",
+        status="ONLINE",
+        queues=list(queues),
+        max_concurrent_runs=slots,
+        version="0",
+        last_heartbeat=heartbeat,
+        registered_time=0,
+    )
 
 
 def active(run_id: str, agent_id: str = "a1", **tags: str) -> Run:
     return run(run_id, RunStatus.STARTED, agent_id, **tags)
 
 
-def plan(queued: list[Run], running: list[Run] = (), agents: list[Agent] | None = None,
-         hosted: dict | None = None, **config):  # type: ignore[no-untyped-def]  # fmt: skip
+def plan(
+    queued: list[Run],
+    running: Sequence[Run] = (),
+    agents: list[Agent] | None = None,
+    hosted: dict[str, set[str]] | None = None,
+    **config: Any,
+) -> DispatchPlan:
     agents = agents if agents is not None else [agent("a1")]
     hosted = hosted if hosted is not None else {a.agent_id: {"loc"} for a in agents}
     snapshot = QueueSnapshot(queued=queued, active=list(running), agents=agents, hosted=hosted)
     return plan_dispatch(snapshot, RunCoordinatorConfig(**config), NOW, heartbeat_timeout=30)
 
 
-def launched(p) -> list[str]:  # type: ignore[no-untyped-def]
+def launched(p: DispatchPlan) -> list[str]:
     return [r.run_id for r, _ in p.assignments]
 
 
-def reasons(p) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def reasons(p: DispatchPlan) -> dict[str, str]:
     return {d.run.run_id: d.reason for d in p.decisions if d.reason}
 
 
@@ -52,8 +80,12 @@ def test_global_limit_counts_active_runs() -> None:
     p = plan([run("q1"), run("q2"), run("q3")], [active("r1")], max_concurrent_runs=3)
     assert launched(p) == ["q1", "q2"]
     assert reasons(p) == {"q3": "max_concurrent_runs: 3 of 3 in use"}
-    assert p.limits[0].to_json() == {"limit": "max_concurrent_runs", "max": 3, "in_use": 3,
-                                     "runs": ["r1", "q1", "q2"]}  # fmt: skip
+    assert p.limits[0].to_json() == {
+        "limit": "max_concurrent_runs",
+        "max": 3,
+        "in_use": 3,
+        "runs": ["r1", "q1", "q2"],
+    }
 
 
 def test_zero_pauses_and_minus_one_is_unlimited() -> None:
@@ -66,8 +98,13 @@ def test_zero_pauses_and_minus_one_is_unlimited() -> None:
 def test_default_kind_ignores_limits_but_not_agent_capacity() -> None:
     rule = TagConcurrencyLimit(key="db", limit=0)
     queued = [run(f"q{i}", db="x") for i in range(5)]
-    p = plan(queued, agents=[agent("a1", 3)], kind="default", max_concurrent_runs=1,
-             tag_concurrency_limits=[rule])  # fmt: skip
+    p = plan(
+        queued,
+        agents=[agent("a1", 3)],
+        kind="default",
+        max_concurrent_runs=1,
+        tag_concurrency_limits=[rule],
+    )
     assert launched(p) == ["q0", "q1", "q2"]
     assert "free slot (a1 3/3)" in reasons(p)["q3"]
 
@@ -77,16 +114,23 @@ def test_tag_limit_forms() -> None:
     p = plan([run("q1", db="a"), run("q2", db="b"), run("q3")], tag_concurrency_limits=[key_only])
     assert launched(p) == ["q1", "q3"]  # q2 shares the pool of all runs tagged db
     with_value = TagConcurrencyLimit(key="db", value="redshift", limit=1)
-    p = plan([run("q1", db="redshift"), run("q2", db="redshift"), run("q3", db="pg")],
-             tag_concurrency_limits=[with_value])  # fmt: skip
+    p = plan(
+        [run("q1", db="redshift"), run("q2", db="redshift"), run("q3", db="pg")],
+        tag_concurrency_limits=[with_value],
+    )
     assert launched(p) == ["q1", "q3"]
     assert reasons(p)["q2"] == "tag limit db=redshift: 1 of 1 in use by q1"
     per_value = TagConcurrencyLimit(key="team", per_unique_value=True, limit=1)
-    p = plan([run("q1", team="a"), run("q2", team="a"), run("q3", team="b")],
-             [active("r1", team="b")], tag_concurrency_limits=[per_value])  # fmt: skip
+    p = plan(
+        [run("q1", team="a"), run("q2", team="a"), run("q3", team="b")],
+        [active("r1", team="b")],
+        tag_concurrency_limits=[per_value],
+    )
     assert launched(p) == ["q1"]
-    assert reasons(p) == {"q2": "tag limit team=a: 1 of 1 in use by q1",
-                          "q3": "tag limit team=b: 1 of 1 in use by r1"}  # fmt: skip
+    assert reasons(p) == {
+        "q2": "tag limit team=a: 1 of 1 in use by q1",
+        "q3": "tag limit team=b: 1 of 1 in use by r1",
+    }
 
 
 def test_every_matching_rule_must_pass_without_head_of_line_blocking() -> None:
@@ -94,8 +138,13 @@ def test_every_matching_rule_must_pass_without_head_of_line_blocking() -> None:
         TagConcurrencyLimit(key="db", value="redshift", limit=1),
         TagConcurrencyLimit(key="team", per_unique_value=True, limit=1),
     ]
-    queued = [run("A", db="redshift", team="a"), run("B", db="redshift", team="b"),
-              run("C", db="pg", team="a"), run("D", db="pg", team="b"), run("E")]  # fmt: skip
+    queued = [
+        run("A", db="redshift", team="a"),
+        run("B", db="redshift", team="b"),
+        run("C", db="pg", team="a"),
+        run("D", db="pg", team="b"),
+        run("E"),
+    ]
     p = plan(queued, tag_concurrency_limits=rules)
     assert launched(p) == ["A", "D", "E"]
     assert reasons(p)["B"].startswith("tag limit db=redshift")
@@ -104,15 +153,20 @@ def test_every_matching_rule_must_pass_without_head_of_line_blocking() -> None:
 
 def test_per_job_limit() -> None:
     rule = TagConcurrencyLimit(key="fleetrun/job", per_unique_value=True, limit=1)
-    p = plan([run("q1", job="etl"), run("q2", job="etl"), run("q3", job="other")],
-             tag_concurrency_limits=[rule])  # fmt: skip
+    p = plan(
+        [run("q1", job="etl"), run("q2", job="etl"), run("q3", job="other")],
+        tag_concurrency_limits=[rule],
+    )
     assert launched(p) == ["q1", "q3"]
     assert reasons(p)["q2"] == "tag limit fleetrun/job=etl: 1 of 1 in use by q1"
 
 
 def test_routing_by_queue_location_capacity_and_liveness() -> None:
-    agents = [agent("cpu", 1), agent("gpu", 2, queues=("gpu",)),
-              agent("stale", 8, queues=("gpu",), heartbeat=NOW - 31)]  # fmt: skip
+    agents = [
+        agent("cpu", 1),
+        agent("gpu", 2, queues=("gpu",)),
+        agent("stale", 8, queues=("gpu",), heartbeat=NOW - 31),
+    ]
     queued = [
         run("g1", queue="gpu"),
         run("g2", queue="gpu"),
@@ -124,7 +178,10 @@ def test_routing_by_queue_location_capacity_and_liveness() -> None:
     ]
     p = plan(queued, agents=agents)
     assert [(r.run_id, a.agent_id) for r, a in p.assignments] == [
-        ("g1", "gpu"), ("g2", "gpu"), ("c1", "cpu")]  # fmt: skip
+        ("g1", "gpu"),
+        ("g2", "gpu"),
+        ("c1", "cpu"),
+    ]
     assert reasons(p) == {
         "g3": "no agent hosting location loc has a free slot (gpu 2/2)",
         "c2": "no agent hosting location loc has a free slot (cpu 1/1)",
@@ -134,8 +191,11 @@ def test_routing_by_queue_location_capacity_and_liveness() -> None:
 
 
 def test_agent_choice_spreads_load() -> None:
-    p = plan([run("q1"), run("q2"), run("q3")], [active("r1", "a1")],
-             agents=[agent("a1", 4), agent("a2", 4)])  # fmt: skip
+    p = plan(
+        [run("q1"), run("q2"), run("q3")],
+        [active("r1", "a1")],
+        agents=[agent("a1", 4), agent("a2", 4)],
+    )
     assert [a.agent_id for _, a in p.assignments] == ["a2", "a1", "a2"]
 
 
@@ -161,6 +221,7 @@ def test_a_run_needing_a_capability_waits_for_an_agent_that_has_it() -> None:
     p = plan([rerun, run("plain")], agents=[old], hosted={"old": {"loc"}})
     assert launched(p) == ["plain"]
     assert reasons(p)["rerun"] == (
-        "no online agent hosting location loc can do reuse_outputs (upgrade it)")  # fmt: skip
+        "no online agent hosting location loc can do reuse_outputs (upgrade it)"
+    )
     p = plan([rerun], agents=[old, new], hosted={"old": {"loc"}, "new": {"loc"}})
     assert [(r.run_id, a.agent_id) for r, a in p.assignments] == [("rerun", "new")]

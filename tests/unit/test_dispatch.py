@@ -33,11 +33,18 @@ class RecordingWaiters(KeyedWaiters):
 async def test_idle_polls_are_held_for_the_timeout_less_a_random_part_of_a_fifth(
     storage: Storage,
 ) -> None:
-    agent = await storage.register_agent("a", "h", "0", ["default"], 1,
-                                         [CodeLocationInfo(name="loc")], now=1.0)  # fmt: skip
+    agent = await storage.register_agent(
+        "a", "h", "0", ["default"], 1, [CodeLocationInfo(name="loc")], now=1.0
+    )
     draws = iter([0.0, 0.5, 0.999])
-    dispatcher = Dispatcher(storage, 5.0, SystemClock(), WakeBus(storage, "replica"), Metrics(),
-                            spread=lambda: next(draws))  # fmt: skip
+    dispatcher = Dispatcher(
+        storage,
+        5.0,
+        SystemClock(),
+        WakeBus(storage, "replica"),
+        Metrics(),
+        spread=lambda: next(draws),
+    )
     dispatcher.agents = notifier = RecordingWaiters()
     for _ in range(3):
         reply = await dispatcher.wait_for_commands(agent.agent_id, set(), set(), 0.05)

@@ -43,20 +43,33 @@ def read_records(path: Path) -> list[RunRecord]:
     return records
 
 
-def execute(tmp_path: Path, job_name: str, executor: str | None = None, *,
-            max_output_bytes: int = 1 << 24, reuse: dict[str, str] | None = None,
-            run_id: str = "run-1", defs: Definitions = DEFS,
-            ) -> tuple[list[str], list[RunRecord]]:  # fmt: skip
+def execute(
+    tmp_path: Path,
+    job_name: str,
+    executor: str | None = None,
+    *,
+    max_output_bytes: int = 1 << 24,
+    reuse: dict[str, str] | None = None,
+    run_id: str = "run-1",
+    defs: Definitions = DEFS,
+) -> tuple[list[str], list[RunRecord]]:
     job: JobDefinition = defs.get_job(job_name)
     options = dict(job.executor) if executor is None else {"name": executor}
     log = tmp_path / f"{run_id}.records"
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
-        launch = LaunchRun(run_id=run_id, job=job_name, location="ex", lease=1,
-                           config={"dir": str(tmp_path)})  # fmt: skip
-        execution = Execution(job, launch, RecordSink(fd), options,
-                              FilesystemOutputStore(str(tmp_path / "store")), max_output_bytes,
-                              reuse or {})  # fmt: skip
+        launch = LaunchRun(
+            run_id=run_id, job=job_name, location="ex", lease=1, config={"dir": str(tmp_path)}
+        )
+        execution = Execution(
+            job,
+            launch,
+            RecordSink(fd),
+            options,
+            FilesystemOutputStore(str(tmp_path / "store")),
+            max_output_bytes,
+            reuse or {},
+        )
         failed = get_executor(options["name"])(execution)
     finally:
         os.close(fd)
@@ -79,8 +92,13 @@ def test_independent_steps_run_in_parallel(tmp_path: Path) -> None:
     failed, records = execute(tmp_path, "parallel")
     elapsed = time.monotonic() - started
     assert failed == [] and elapsed < 3.0, elapsed  # four 1 s steps, max_concurrent 4
-    assert set(by_step(records, "STEP_SUCCESS")) == {"sleep_0", "sleep_1", "sleep_2",
-                                                     "sleep_3", "gather"}  # fmt: skip
+    assert set(by_step(records, "STEP_SUCCESS")) == {
+        "sleep_0",
+        "sleep_1",
+        "sleep_2",
+        "sleep_3",
+        "gather",
+    }
     stored = FilesystemOutputStore(str(tmp_path / "store")).get("run-1", "gather")
     assert pickle.loads(stored) == ["sleep_0", "sleep_1", "sleep_2", "sleep_3"]
     assert by_step(records, "STEP_OUTPUT")["gather"].message == "output of type list"
@@ -116,8 +134,13 @@ def test_retry_waits_follow_the_policy(tmp_path: Path, executor: str) -> None:
     assert "gives_up" not in waits  # Failure(allow_retries=False)
     restarted = [r.step for r in events(records, "STEP_RESTARTED")]
     counts = {step: restarted.count(step) for step in set(restarted)}
-    assert counts == {"exponential": 2, "linear": 2, "full_jitter": 3, "plus_minus": 3,
-                      "requested": 2}  # fmt: skip
+    assert counts == {
+        "exponential": 2,
+        "linear": 2,
+        "full_jitter": 3,
+        "plus_minus": 3,
+        "requested": 2,
+    }
     assert set(by_step(records, "STEP_SUCCESS")) == {"requested"}
 
 
@@ -157,8 +180,13 @@ def test_reused_outputs_are_loaded_not_recomputed(tmp_path: Path, executor: str)
     failed, _ = execute(tmp_path, "pipeline", executor, run_id="parent")
     assert failed == ["flaky"]
     (tmp_path / "fixed").touch()
-    failed, records = execute(tmp_path, "pipeline", executor, run_id="child",
-                              reuse={"produce": "parent", "independent": "parent"})  # fmt: skip
+    failed, records = execute(
+        tmp_path,
+        "pipeline",
+        executor,
+        run_id="child",
+        reuse={"produce": "parent", "independent": "parent"},
+    )
     assert failed == []
     assert set(by_step(records, "STEP_REUSED")) == {"produce", "independent"}
     assert set(by_step(records, "STEP_SUCCESS")) == {"flaky", "consume"}
@@ -166,8 +194,13 @@ def test_reused_outputs_are_loaded_not_recomputed(tmp_path: Path, executor: str)
     assert (tmp_path / "consumed").read_text() == "6"
     # An output no step that runs needs is not even loaded (here: it no longer unpickles)
     FilesystemOutputStore(str(tmp_path / "store")).put("parent", "independent", b"garbage")
-    failed, _ = execute(tmp_path, "pipeline", executor, run_id="again",
-                        reuse={"produce": "parent", "independent": "parent"})  # fmt: skip
+    failed, _ = execute(
+        tmp_path,
+        "pipeline",
+        executor,
+        run_id="again",
+        reuse={"produce": "parent", "independent": "parent"},
+    )
     assert failed == []
 
 
@@ -180,6 +213,8 @@ def test_the_documented_custom_executor_runs(tmp_path: Path) -> None:
     defs = _definitions("custom_executor_jobs")  # importing it registers "audited"
     failed, records = execute(tmp_path, "audited_job", defs=defs)
     assert failed == []
-    assert [r.message for r in events(records, "LOG")] == ["audit: starting one",
-                                                          "audit: starting two"]  # fmt: skip
+    assert [r.message for r in events(records, "LOG")] == [
+        "audit: starting one",
+        "audit: starting two",
+    ]
     assert pickle.loads(FilesystemOutputStore(str(tmp_path / "store")).get("run-1", "two")) == 2

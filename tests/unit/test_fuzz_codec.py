@@ -100,9 +100,10 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
     if origin is list:
         return st.lists(strategy_for(typing.get_args(tp)[0]), max_size=3)
     if origin is dict:
-        return st.dictionaries(st.text(max_size=10), strategy_for(typing.get_args(tp)[1]),
-                               max_size=3)  # fmt: skip
-    if dataclasses.is_dataclass(tp):
+        return st.dictionaries(
+            st.text(max_size=10), strategy_for(typing.get_args(tp)[1]), max_size=3
+        )
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
         fields = {f.name: strategy_for(hints[f.name]) for f in dataclasses.fields(tp)}
         return st.fixed_dictionaries(fields).map(lambda kw: tp(**kw))
@@ -157,8 +158,12 @@ def test_arbitrary_structures(value: Any) -> None:
 
 
 @FUZZ
-@given(v=versions, type_=type_names, body=plain, extra=st.dictionaries(st.text(max_size=5), plain,
-                                                                      max_size=2))  # fmt: skip
+@given(
+    v=versions,
+    type_=type_names,
+    body=plain,
+    extra=st.dictionaries(st.text(max_size=5), plain, max_size=2),
+)
 def test_arbitrary_structures_in_an_envelope(v: Any, type_: Any, body: Any, extra: dict) -> None:
     envelope = {**extra, "v": v, "type": type_, "body": body}
     decode_or_protocol_error(msgpack.packb(envelope, use_bin_type=True))
@@ -234,7 +239,7 @@ def _fixed_sample(name: str) -> Any:
             return [build(typing.get_args(tp)[0])]
         if origin is dict:
             return {"key": build(typing.get_args(tp)[1])}
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             hints = typing.get_type_hints(tp)
             return tp(**{f.name: build(hints[f.name]) for f in dataclasses.fields(tp)})
         return {bool: True, int: 7, float: 1.5, str: "s", bytes: b"b"}[tp]
@@ -328,8 +333,13 @@ def test_timestamp_ext_is_refused_like_every_other_ext_type() -> None:
     """msgpack decodes ext type -1 itself (into msgpack.Timestamp) without calling the
     ext_hook, so it slips into `dict[str, Any]` fields (RunRecord.data, LaunchRun.config,
     RequestedRun.config) although the codec promises that ext types are refused."""
-    record = {"seq": 1, "time": 0.0, "kind": "event", "type": "LOG",
-              "data": {"t": msgpack.Timestamp(0)}}  # fmt: skip
+    record = {
+        "seq": 1,
+        "time": 0.0,
+        "kind": "event",
+        "type": "LOG",
+        "data": {"t": msgpack.Timestamp(0)},
+    }
     body = {"agent_id": "a", "run_id": "r", "lease": 1, "records": [record]}
     data = msgpack.packb({"v": PROTOCOL_VERSION, "type": "EventBatch", "body": body})
     assert b"\xd6\xff" in data  # fixext 4, type -1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 
 from agent.heartbeat import HEARTBEAT_SPREAD, heartbeat_pause
 from control_plane.clock import SystemClock
@@ -18,7 +19,7 @@ class CountingStorage:
         self.storage = storage
         self.commits: list[list[str]] = []
 
-    async def record_heartbeats(self, agent_ids, now):  # type: ignore[no-untyped-def]
+    async def record_heartbeats(self, agent_ids: Iterable[str], now: float) -> dict[str, float]:
         self.commits.append(sorted(agent_ids))
         return await self.storage.record_heartbeats(agent_ids, now)
 
@@ -27,8 +28,9 @@ async def registered(storage: Storage, count: int) -> list[str]:
     """`count` agents, each last heard from at time 1.0."""
     ids = []
     for i in range(count):
-        agent = await storage.register_agent(f"a{i}", "h", "0", ["default"], 1,
-                                             [CodeLocationInfo(name="loc")], now=1.0)  # fmt: skip
+        agent = await storage.register_agent(
+            f"a{i}", "h", "0", ["default"], 1, [CodeLocationInfo(name="loc")], now=1.0
+        )
         ids.append(agent.agent_id)
     return ids
 
@@ -52,12 +54,13 @@ async def test_heartbeats_arriving_together_share_one_commit(storage: Storage) -
 
 async def test_a_failed_commit_fails_every_heartbeat_in_it(storage: Storage) -> None:
     class Broken:
-        async def record_heartbeats(self, agent_ids, now):  # type: ignore[no-untyped-def]
+        async def record_heartbeats(self, agent_ids: Iterable[str], now: float) -> dict[str, float]:
             raise RuntimeError("disk full")
 
     recorder = HeartbeatRecorder(Broken(), SystemClock())  # type: ignore[arg-type]
-    results = await asyncio.gather(recorder.record("a"), recorder.record("b"),
-                                   return_exceptions=True)  # fmt: skip
+    results = await asyncio.gather(
+        recorder.record("a"), recorder.record("b"), return_exceptions=True
+    )
     assert [str(r) for r in results] == ["disk full", "disk full"]
 
 

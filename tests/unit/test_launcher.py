@@ -46,8 +46,9 @@ async def run_job(
     records: list[RunRecord] | None = None,
 ) -> tuple[LaunchedRun, list[RunRecord]]:
     records = [] if records is None else records
-    launch = LaunchRun(run_id=f"run-{lease}", job=job, location="probe", lease=lease,
-                       config=config or {})  # fmt: skip
+    launch = LaunchRun(
+        run_id=f"run-{lease}", job=job, location="probe", lease=lease, config=config or {}
+    )
     worker = LaunchedRun(launch, records.append)
     async with asyncio.timeout(60):
         await worker.run(LOCATION, launcher, tempfile.mkdtemp(prefix="fleetrun-test-"))
@@ -104,6 +105,7 @@ async def test_a_killed_fork_server_is_replaced_and_its_running_workers_finish(
     running = asyncio.create_task(run_job(launcher, "gated", 1, {"path": str(gate)}, seen))
     async with asyncio.timeout(30):
         await seen.started.wait()
+    assert first.pid is not None
     os.kill(first.pid, signal.SIGKILL)
     gate.touch()
     worker, records = await running
@@ -122,9 +124,8 @@ def test_fork_server_answers_bad_requests_and_keeps_serving() -> None:
     theirs.close()
     ours.settimeout(30)
     try:
-        for data, fds in ((b"\xc1garbage", []), (msgpack.packb([1, 2]), []),
-                          (msgpack.packb({"argv": ["run"]}), [])):  # fmt: skip
-            socket.send_fds(ours, [data], fds)
+        for data in (b"\xc1garbage", msgpack.packb([1, 2]), msgpack.packb({"argv": ["run"]})):
+            socket.send_fds(ours, [data], [])
             reply = msgpack.unpackb(ours.recv(65536))
             assert "error" in reply and proc.poll() is None
         r, w = os.pipe()

@@ -37,7 +37,8 @@ def elector(storage: Storage, clock: ManualClock, name: str, runs: list[str]) ->
 async def test_one_replica_runs_a_loop_and_another_takes_over_after_it_dies(
     storage: Storage,
 ) -> None:
-    clock, runs = ManualClock(), []
+    clock = ManualClock()
+    runs: list[str] = []
     a, b = elector(storage, clock, "a", runs), elector(storage, clock, "b", runs)
     # Given replica a asked first: it runs the loop, b stands by
     await a.elect_once()
@@ -70,7 +71,8 @@ async def test_one_replica_runs_a_loop_and_another_takes_over_after_it_dies(
 
 
 async def test_a_clean_shutdown_hands_the_lease_over_at_once(storage: Storage) -> None:
-    clock, runs = ManualClock(), []
+    clock = ManualClock()
+    runs: list[str] = []
     a, b = elector(storage, clock, "a", runs), elector(storage, clock, "b", runs)
     await a.elect_once()
     await a.release_all()
@@ -84,7 +86,8 @@ async def test_a_clean_shutdown_hands_the_lease_over_at_once(storage: Storage) -
 async def test_a_replica_that_cannot_renew_stops_before_the_lease_can_pass_on(
     storage: Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    clock, runs = ManualClock(), []
+    clock = ManualClock()
+    runs: list[str] = []
     a = elector(storage, clock, "a", runs)
     await a.elect_once()
 

@@ -45,10 +45,9 @@ LOOPS = ("run-queue", "monitor", "retries", "scheduler", "sensors")  # /readyz's
 
 
 def make_config(tmp_path: Path) -> ControlPlaneConfig:
-    config = ControlPlaneConfig()
-    config.storage.url = f"sqlite:///{tmp_path}/fleetrun.db"
-    config.server.poll_timeout_seconds = 0.3
-    return config
+    return ControlPlaneConfig().updated(
+        storage={"url": f"sqlite:///{tmp_path}/fleetrun.db"}, server={"poll_timeout_seconds": 0.3}
+    )
 
 
 @pytest.fixture
@@ -68,8 +67,7 @@ async def scrape(client: TestClient) -> list[Sample]:
 
 def value(samples: list[Sample], name: str, **labels: str) -> float | None:
     """The one sample called `name` whose labels include `labels` (None: no such sample)."""
-    found = [s.value for s in samples
-             if s.name == name and labels.items() <= s.labels.items()]  # fmt: skip
+    found = [s.value for s in samples if s.name == name and labels.items() <= s.labels.items()]
     assert len(found) <= 1, f"{name} {labels} matches several samples"
     return found[0] if found else None
 
@@ -162,8 +160,9 @@ async def test_records_before_the_poll_count_the_launch_as_received_once(
     _, body = await submit(client, job="etl")
     (launch,) = (await agent_call(client, "poll", Poll(agent_id=agent_id), PollReply)).launches
     start = RunRecord(seq=1, time=1.0, kind="event", type="RUN_START")
-    batch = EventBatch(agent_id=agent_id, run_id=body["run_id"], lease=launch.lease,
-                       records=[start])  # fmt: skip
+    batch = EventBatch(
+        agent_id=agent_id, run_id=body["run_id"], lease=launch.lease, records=[start]
+    )
     await agent_call(client, "events", batch, EventAck)  # its RUN_START beat its next poll
     await agent_call(client, "poll", Poll(agent_id, [launch.lease]), PollReply)
     samples = await scrape(client)
@@ -177,12 +176,15 @@ async def test_fenced_writes_and_agent_api_errors_are_counted(client: TestClient
     _, body = await submit(client, job="etl")
     (launch,) = (await agent_call(client, "poll", Poll(agent_id=agent_id), PollReply)).launches
     record = RunRecord(seq=1, time=1.0, kind="event", type="RUN_START")
-    stale = EventBatch(agent_id=agent_id, run_id=body["run_id"], lease=launch.lease + 100,
-                       records=[record])  # fmt: skip
+    stale = EventBatch(
+        agent_id=agent_id, run_id=body["run_id"], lease=launch.lease + 100, records=[record]
+    )
     status, _ = await agent_call(client, "events", stale, EventAck)
     assert status == 409
-    resp = await client.put(f"/agent/v1/outputs/{body['run_id']}/a?lease={launch.lease + 100}"
-                            f"&agent_id={agent_id}", data=b"x")  # fmt: skip
+    resp = await client.put(
+        f"/agent/v1/outputs/{body['run_id']}/a?lease={launch.lease + 100}&agent_id={agent_id}",
+        data=b"x",
+    )
     assert resp.status == 409
     status, _ = await agent_call(client, "poll", Poll(agent_id="ghost"), PollReply)
     assert status == 404
@@ -198,7 +200,7 @@ async def test_fenced_writes_and_agent_api_errors_are_counted(client: TestClient
 async def test_a_daemon_pass_that_raises_is_counted(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app = client.server.app
+    app = client.app
     storage = app[STORAGE]
 
     async def broken(*args: Any, **kwargs: Any) -> Any:
@@ -212,7 +214,8 @@ async def test_a_daemon_pass_that_raises_is_counted(
     samples = await eventually(client, failed("retries", "sensors"), "the failed passes")
     assert app[HEALTH].loops["retries"].last_error == "RuntimeError: storage is down"
     # A failed pass is timed too.
-    assert value(samples, "fleetrun_daemon_loop_duration_seconds_count", loop="retries") >= 2
+    timed = value(samples, "fleetrun_daemon_loop_duration_seconds_count", loop="retries")
+    assert timed is not None and timed >= 2
 
 
 async def test_the_driver_reports_a_loops_passes_to_the_metrics_it_is_given(
@@ -262,20 +265,35 @@ async def test_no_label_value_comes_from_user_input(client: TestClient) -> None:
     http = [s for s in samples if s.name == "fleetrun_http_request_duration_seconds_count"]
     assert {s.labels["method"] for s in http} <= {"GET", "POST", "other"}
     assert {s.labels["status"] for s in http} <= {"2xx", "3xx", "4xx", "5xx"}
-    assert value(samples, "fleetrun_http_request_duration_seconds_count", method="other",
-                 route="unmatched", status="4xx") == 1  # fmt: skip
+    assert (
+        value(
+            samples,
+            "fleetrun_http_request_duration_seconds_count",
+            method="other",
+            route="unmatched",
+            status="4xx",
+        )
+        == 1
+    )
 
 
 async def test_metrics_need_no_token_when_auth_is_on(
     aiohttp_client: Callable[..., Awaitable[TestClient]], tmp_path: Path
 ) -> None:
-    config = make_config(tmp_path)
-    config.auth.enabled = True
+    config = make_config(tmp_path).updated(auth={"enabled": True})
     client = await aiohttp_client(app_for(config))
     assert (await client.get("/api/v1/runs")).status == 401
     samples = await scrape(client)
-    assert value(samples, "fleetrun_http_request_duration_seconds_count", method="GET",
-                 route="/api/v1/runs", status="4xx") == 1  # fmt: skip
+    assert (
+        value(
+            samples,
+            "fleetrun_http_request_duration_seconds_count",
+            method="GET",
+            route="/api/v1/runs",
+            status="4xx",
+        )
+        == 1
+    )
 
 
 def test_each_control_plane_has_its_own_registry() -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from control_plane.config import RunMonitoringConfig, RunRetriesConfig
 from control_plane.daemon.monitor import find_verdicts
 from control_plane.daemon.retries import decide_retry, retry_delay
 from control_plane.model.agents import Agent
-from control_plane.model.runs import Run
+from control_plane.model.runs import QueueSnapshot, Run, Verdict
 from control_plane.model.statuses import RunStatus
 
 NOW = 10_000.0
@@ -19,30 +22,48 @@ def run(
     since: float = NOW - 1,
     started: float | None = None,
     failure_kind: str | None = None,
-    **tags: str,
+    tags: dict[str, str] | None = None,
 ) -> Run:
     return Run(
-        run_id=run_id, job="etl", location="loc", status=status, tags=dict(tags), config={"x": 1},
-        create_time=0, agent_id="a1", lease=7, status_time=since,
-        start_time=started if started is not None else since, failure_kind=failure_kind,
-    )  # fmt: skip
+        run_id=run_id,
+        job="etl",
+        location="loc",
+        status=status,
+        tags=dict(tags or {}),
+        config={"x": 1},
+        create_time=0,
+        agent_id="a1",
+        lease=7,
+        status_time=since,
+        start_time=started if started is not None else since,
+        failure_kind=failure_kind,
+    )
 
 
 def agent(heartbeat: float, agent_id: str = "a1") -> Agent:
     return Agent(
-        agent_id=agent_id, name=f"host-{agent_id}", hostname="h", status="ONLINE",
-        queues=["default"], max_concurrent_runs=4, version="0", last_heartbeat=heartbeat,
+        agent_id=agent_id,
+        name=f"host-{agent_id}",
+        hostname="h",
+        status="ONLINE",
+        queues=["default"],
+        max_concurrent_runs=4,
+        version="0",
+        last_heartbeat=heartbeat,
         registered_time=0,
-    )  # fmt: skip
+    )
 
 
-def verdicts(runs: list[Run], heartbeat: float = NOW - 1, boot: float = BOOT, **config):  # type: ignore[no-untyped-def]
+def verdicts(
+    runs: list[Run], heartbeat: float = NOW - 1, boot: float = BOOT, **config: Any
+) -> tuple[list[Verdict], float | None]:
     return find_verdicts(runs, {"a1": agent(heartbeat)}, NOW, RunMonitoringConfig(**config), boot)
 
 
 def test_silent_agent_fails_its_runs_naming_it() -> None:
-    found, _ = verdicts([run("r1", RunStatus.STARTED), run("r2", RunStatus.CANCELING)],
-                        heartbeat=NOW - 31)  # fmt: skip
+    found, _ = verdicts(
+        [run("r1", RunStatus.STARTED), run("r2", RunStatus.CANCELING)], heartbeat=NOW - 31
+    )
     assert [(v.run_id, v.outcome, v.kind, v.offline_agent) for v in found] == [
         ("r1", RunStatus.FAILURE, "agent_lost", "a1"),
         ("r2", RunStatus.CANCELED, "agent_lost", "a1"),
@@ -52,16 +73,19 @@ def test_silent_agent_fails_its_runs_naming_it() -> None:
 
 
 def test_a_control_plane_restart_restarts_the_clock() -> None:
-    found, next_deadline = verdicts([run("r1", RunStatus.STARTED)], heartbeat=NOW - 100,
-                                    boot=NOW - 10)  # fmt: skip
+    found, next_deadline = verdicts(
+        [run("r1", RunStatus.STARTED)], heartbeat=NOW - 100, boot=NOW - 10
+    )
     assert found == [] and next_deadline == NOW + 20
 
 
 def test_after_a_rebase_no_deadline_falls_early() -> None:
     """A restart, a stall or a clock jump (boot) restarts every timer from then."""
     limit = {"fleetrun/max_runtime": "60"}
-    runs = [run("starting", RunStatus.STARTING, since=NOW - 500),
-            run("long", RunStatus.STARTED, started=NOW - 500, **limit)]  # fmt: skip
+    runs = [
+        run("starting", RunStatus.STARTING, since=NOW - 500),
+        run("long", RunStatus.STARTED, started=NOW - 500, tags=limit),
+    ]
     runs[0].launch_acked = True
     found, next_deadline = verdicts(runs, heartbeat=NOW - 500, boot=NOW - 5)
     assert found == [] and next_deadline == NOW - 5 + 30  # the heartbeat, then 60, then 180
@@ -80,25 +104,31 @@ def test_start_cancel_and_runtime_deadlines() -> None:
         starting,
         run("unacknowledged", RunStatus.STARTING, since=NOW - 6),
         run("canceling", RunStatus.CANCELING, since=NOW - 181),
-        run("long", RunStatus.STARTED, started=NOW - 61, **{"fleetrun/max_runtime": "60"}),
+        run("long", RunStatus.STARTED, started=NOW - 61, tags={"fleetrun/max_runtime": "60"}),
         run("config_limit", RunStatus.STARTED, started=NOW - 11),
-        run("fine", RunStatus.STARTED, started=NOW - 5, **{"fleetrun/max_runtime": "60"}),
+        run("fine", RunStatus.STARTED, started=NOW - 5, tags={"fleetrun/max_runtime": "60"}),
     ]
     found, next_deadline = verdicts(runs, max_runtime_seconds=10)
     assert {v.run_id: (v.outcome, v.kind, v.message) for v in found} == {
         "starting": (RunStatus.FAILURE, "start_timeout", "run did not start within 180 s"),
-        "unacknowledged": (RunStatus.QUEUED, "launch_not_acked", "launch not acknowledged by "
-                           "the agent within 5 s; back to the queue"),
-        "canceling": (RunStatus.CANCELED, "cancel_timeout",
-                      "canceled: the worker did not confirm within 180 s"),
+        "unacknowledged": (
+            RunStatus.QUEUED,
+            "launch_not_acked",
+            "launch not acknowledged by the agent within 5 s; back to the queue",
+        ),
+        "canceling": (
+            RunStatus.CANCELED,
+            "cancel_timeout",
+            "canceled: the worker did not confirm within 180 s",
+        ),
         "long": (RunStatus.FAILURE, "max_runtime", "exceeded max runtime of 60 s"),
         "config_limit": (RunStatus.FAILURE, "max_runtime", "exceeded max runtime of 10 s"),
-    }  # fmt: skip
+    }
     assert next_deadline == NOW - 1 + 30  # the heartbeat deadline comes before "fine"'s 55 s
 
 
 def test_bad_stored_tags_do_not_stop_the_loops() -> None:
-    odd = run("odd", RunStatus.STARTED, started=NOW - 11, **{"fleetrun/max_runtime": "x"})
+    odd = run("odd", RunStatus.STARTED, started=NOW - 11, tags={"fleetrun/max_runtime": "x"})
     found, _ = verdicts([odd], max_runtime_seconds=10)
     assert [v.kind for v in found] == ["max_runtime"]  # falls back to the config value
 
@@ -108,16 +138,20 @@ def test_nothing_active_means_no_deadline() -> None:
 
 
 def failed(kind: str = "op_failure", **tags: str) -> Run:
-    return run("r1", RunStatus.FAILURE, failure_kind=kind, **tags)
+    return run("r1", RunStatus.FAILURE, failure_kind=kind, tags=tags)
 
 
 def test_retry_copies_the_run_and_links_the_chain() -> None:
     decision = decide_retry(failed(team="a"), RunRetriesConfig(max_retries=2), NOW, "new")
     retry = decision.retry
     assert retry is not None and (retry.run_id, retry.job, retry.config) == ("new", "etl", {"x": 1})
-    assert retry.tags == {"team": "a", "fleetrun/parent_run_id": "r1",
-                          "fleetrun/root_run_id": "r1", "fleetrun/retry_number": "1",
-                          "fleetrun/job": "etl"}  # fmt: skip
+    assert retry.tags == {
+        "team": "a",
+        "fleetrun/parent_run_id": "r1",
+        "fleetrun/root_run_id": "r1",
+        "fleetrun/retry_number": "1",
+        "fleetrun/job": "etl",
+    }
     assert (retry.parent_run_id, retry.root_run_id, retry.not_before) == ("r1", "r1", None)
     assert decision.message == "retry 1 of 2 queued as run new"
 
@@ -168,7 +202,7 @@ def test_retry_delay_and_backoff() -> None:
     assert decision.message.endswith("it starts after 5 s")
 
 
-async def test_the_retrier_settles_a_bad_run_and_goes_on(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_the_retrier_settles_a_bad_run_and_goes_on(tmp_path: Path) -> None:
     from control_plane.bus import WakeBus
     from control_plane.daemon.retries import Retrier, retry_pass
     from control_plane.model.runs import NewRun, RunFilter
@@ -179,17 +213,26 @@ async def test_the_retrier_settles_a_bad_run_and_goes_on(tmp_path) -> None:  # t
     storage = open_storage(f"sqlite:///{tmp_path}/r.db")
     await storage.open()
     try:
-        agent = await storage.register_agent("w", "h", "0", ["default"], 2,
-                                             [CodeLocationInfo(name="loc", jobs=[etl])],
-                                             now=1)  # fmt: skip
-        runs = (("bad", {"fleetrun/retry_number": "x"}), ("good", {}),
-                ("all", {"fleetrun/retry_strategy": "ALL_STEPS"}))  # fmt: skip
+        agent = await storage.register_agent(
+            "w", "h", "0", ["default"], 2, [CodeLocationInfo(name="loc", jobs=[etl])], now=1
+        )
+        runs: tuple[tuple[str, dict[str, str]], ...] = (
+            ("bad", {"fleetrun/retry_number": "x"}),
+            ("good", {}),
+            ("all", {"fleetrun/retry_strategy": "ALL_STEPS"}),
+        )
         for run_id, tags in runs:
             await storage.create_run(NewRun(run_id, "etl", "loc", tags, {}), now=1)
-            (run,) = await storage.assign_queued(2, lambda s, r=run_id: [(r, agent.agent_id)])
-            records = [RunRecord(seq=1, time=3, kind="event", type="RUN_START"),
-                       RunRecord(seq=2, time=3, kind="event", type="STEP_SUCCESS", step="a"),
-                       RunRecord(seq=3, time=3, kind="event", type="RUN_FAILURE")]  # fmt: skip
+
+            def decide(_snapshot: QueueSnapshot, r: str = run_id) -> list[tuple[str, str]]:
+                return [(r, agent.agent_id)]
+
+            (run,) = await storage.assign_queued(2, decide)
+            records = [
+                RunRecord(seq=1, time=3, kind="event", type="RUN_START"),
+                RunRecord(seq=2, time=3, kind="event", type="STEP_SUCCESS", step="a"),
+                RunRecord(seq=3, time=3, kind="event", type="RUN_FAILURE"),
+            ]
             await storage.append_records(run_id, run.lease, records, now=3)  # type: ignore[arg-type]
         retrier = Retrier(storage, RunRetriesConfig(max_retries=1), WakeBus(storage, "r"))
         await retry_pass(retrier, now=4)

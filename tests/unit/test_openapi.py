@@ -35,16 +35,17 @@ def app_with_openapi(config: ControlPlaneConfig) -> web.Application:
     """The real app; the document's route is added here only until app.py registers it,
     so these tests pass before and after that wiring."""
     app = app_for(config)
-    if not any(r.resource.canonical == OPENAPI_PATH for r in app.router.routes()):
+    if not any(
+        r.resource is not None and r.resource.canonical == OPENAPI_PATH for r in app.router.routes()
+    ):
         openapi.add_routes(app)
     return app
 
 
 def unit_config(tmp_path: Path) -> ControlPlaneConfig:
-    config = ControlPlaneConfig()
-    config.storage.url = f"sqlite:///{tmp_path}/fleetrun.db"
-    config.server.poll_timeout_seconds = 0.5
-    return config
+    return ControlPlaneConfig().updated(
+        storage={"url": f"sqlite:///{tmp_path}/fleetrun.db"}, server={"poll_timeout_seconds": 0.5}
+    )
 
 
 @pytest.fixture
@@ -95,10 +96,14 @@ def test_document_is_valid_openapi_31() -> None:
     try:  # an internal module of schemathesis: without it, the structural checks remain
         from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
     except ImportError:
-        OPENAPI_31_VALIDATOR = None
-    if OPENAPI_31_VALIDATOR is not None:
-        errors = [f"{'/'.join(map(str, e.instance_path))}: {e.message}"
-                  for e in OPENAPI_31_VALIDATOR.iter_errors(DOC)]  # fmt: skip
+        validator: jsonschema_rs.Validator | None = None
+    else:
+        validator = OPENAPI_31_VALIDATOR
+    if validator is not None:
+        errors = [
+            f"{'/'.join(map(str, e.instance_path))}: {e.message}"
+            for e in validator.iter_errors(DOC)
+        ]
         assert not errors, "\n".join(errors)
     assert DOC["openapi"] == "3.1.0" and DOC["info"]["title"] and DOC["info"]["version"]
     assert json.loads(json.dumps(DOC, allow_nan=False)) == DOC  # plain JSON types only
@@ -139,10 +144,9 @@ def test_every_api_route_is_documented(tmp_path: Path) -> None:
 
 def test_auth_and_limits_come_from_the_config() -> None:
     """Clients read the bounds this server enforces, and whether a token is optional."""
-    config = ControlPlaneConfig()
-    config.limits.max_tags_per_run = 7
-    config.limits.max_tag_value_length = 99
-    config.auth.enabled = True
+    config = ControlPlaneConfig().updated(
+        limits={"max_tags_per_run": 7, "max_tag_value_length": 99}, auth={"enabled": True}
+    )
     doc = openapi_document(config)
     tags = doc["components"]["schemas"]["SubmitRun"]["properties"]["tags"]
     assert tags["maxProperties"] == 7 and tags["additionalProperties"]["maxLength"] == 99
@@ -166,8 +170,7 @@ async def test_document_is_public_when_auth_is_on(
     """Clients read the document before they have a token; it then says one is needed."""
     if ("GET", OPENAPI_PATH) not in ROUTE_ACCESS:
         pytest.skip("GET /api/v1/openapi.json is not in auth.ROUTE_ACCESS yet")
-    config = unit_config(tmp_path)
-    config.auth.enabled = True
+    config = unit_config(tmp_path).updated(auth={"enabled": True})
     client = await aiohttp_client(app_with_openapi(config))
     resp = await client.get(OPENAPI_PATH)
     assert resp.status == 200
@@ -188,11 +191,15 @@ def response_schema(method: str, template: str, status: int) -> dict[str, Any]:
 
 
 def assert_documented(method: str, template: str, status: int, body: Any) -> None:
-    schema = {"$schema": DRAFT_2020_12, **response_schema(method, template, status),
-              "components": DOC["components"]}  # fmt: skip
+    schema = {
+        "$schema": DRAFT_2020_12,
+        **response_schema(method, template, status),
+        "components": DOC["components"],
+    }
     validator = jsonschema_rs.validator_for(schema, validate_formats=True)
-    errors = [f"{'/'.join(map(str, e.instance_path))}: {e.message}"
-              for e in validator.iter_errors(body)]  # fmt: skip
+    errors = [
+        f"{'/'.join(map(str, e.instance_path))}: {e.message}" for e in validator.iter_errors(body)
+    ]
     assert not errors, f"{method} {template} {status}:\n" + "\n".join(errors)
 
 
@@ -236,8 +243,9 @@ async def test_run_answers_match_the_document(client: TestClient) -> None:
     runs, run = "/api/v1/runs", "/api/v1/runs/{run_id}"
     # A queue no agent serves keeps the run QUEUED (priority and cancel-at-once need that).
     tags = {"t": "1", "fleetrun/queue": "nobody"}
-    created = await api("POST", runs, 201, body={"job": "etl", "tags": tags,
-                                                  "config": {"n": [1, None]}})  # fmt: skip
+    created = await api(
+        "POST", runs, 201, body={"job": "etl", "tags": tags, "config": {"n": [1, None]}}
+    )
     run_id = created["run_id"]
     await api("POST", runs, 422, body={"job": "etl", "nope": 1})
     await api("POST", runs, 404, body={"job": "missing"})
@@ -259,8 +267,9 @@ async def test_run_answers_match_the_document(client: TestClient) -> None:
     assert (await api("POST", run + "/cancel", run_id=run_id))["status"] == "CANCELED"
     await api("POST", run + "/cancel", 409, run_id=run_id)
     await api("POST", run + "/priority", 409, body={"priority": 1}, run_id=run_id)
-    again = await api("POST", run + "/reexecute", 201, body={"strategy": "ALL_STEPS"},
-                      run_id=run_id)  # fmt: skip
+    again = await api(
+        "POST", run + "/reexecute", 201, body={"strategy": "ALL_STEPS"}, run_id=run_id
+    )
     detail = await api("GET", run, run_id=again["run_id"])
     assert [link["kind"] for link in detail["chain"]] == ["original", "reexecution"]
 

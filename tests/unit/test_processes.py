@@ -105,26 +105,36 @@ def proc(pid: int, ppid: int, pgid: int = 0, state: str = "S", environ: bytes = 
 
 
 def test_a_worker_left_its_group_and_its_marked_processes_and_never_the_agent() -> None:
-    table = {p.pid: p for p in [
-        proc(1, 0),
-        proc(10, 1),  # the agent's parent
-        proc(20, 10, environ=MARKED),  # the agent: spared even if a run started it
-        proc(30, 20),  # the fork server
-        proc(41, 1, pgid=40),  # left in the group of the worker (pid 40, gone)
-        proc(42, 1, environ=MARKED),  # left the group, kept the environment
-        proc(43, 1, environ=MARKED, state="Z"),  # dead already
-        proc(44, 1, environ=MARKED.replace(b"r1", b"r2")),  # another run's
-    ]}  # fmt: skip
+    table = {
+        p.pid: p
+        for p in [
+            proc(1, 0),
+            proc(10, 1),  # the agent's parent
+            proc(20, 10, environ=MARKED),  # the agent: spared even if a run started it
+            proc(30, 20),  # the fork server
+            proc(41, 1, pgid=40),  # left in the group of the worker (pid 40, gone)
+            proc(42, 1, environ=MARKED),  # left the group, kept the environment
+            proc(43, 1, environ=MARKED, state="Z"),  # dead already
+            proc(44, 1, environ=MARKED.replace(b"r1", b"r2")),  # another run's
+        ]
+    }
     assert ancestors(table, 20) == {20, 10, 1}
     chosen = left_behind(table, 40, MARK, ancestors(table, 20))
     assert sorted(p.pid for p in chosen) == [41, 42]
 
 
 def test_descendants_are_found_through_every_generation() -> None:
-    table = {p.pid: p for p in [
-        proc(1, 0), proc(100, 1), proc(101, 100), proc(102, 101, pgid=102),
-        proc(103, 100, state="Z"), proc(104, 1),
-    ]}  # fmt: skip
+    table = {
+        p.pid: p
+        for p in [
+            proc(1, 0),
+            proc(100, 1),
+            proc(101, 100),
+            proc(102, 101, pgid=102),
+            proc(103, 100, state="Z"),
+            proc(104, 1),
+        ]
+    }
     assert sorted(p.pid for p in descendants(table, 100)) == [101, 102]
     assert descendants(table, 104) == []
 
@@ -142,9 +152,14 @@ def test_the_report_lists_at_most_twenty_processes_with_short_commands() -> None
     assert message == (
         "killed 2 processes the run left behind: 4711 (sleep 300), 4712 (python daemon.py)"
     )
-    assert data == {"killed": [{"pid": 4711, "command": "sleep 300"},
-                               {"pid": 4712, "command": "python daemon.py"}],
-                    "count": 2, "tracking": "cgroup"}  # fmt: skip
+    assert data == {
+        "killed": [
+            {"pid": 4711, "command": "sleep 300"},
+            {"pid": 4712, "command": "python daemon.py"},
+        ],
+        "count": 2,
+        "tracking": "cgroup",
+    }
     one, _ = left_behind_event([LeftProcess(5, "sleep 1")], "sweep", "the evaluation")
     assert one == "killed 1 process the evaluation left behind: 5 (sleep 1)"
     message, data = left_behind_event([LeftProcess(p, "sleep") for p in range(1000, 1025)], "sweep")
@@ -208,8 +223,13 @@ def daemon_pids(folder: Path) -> dict[str, int]:
 
 
 def launch(job: str, folder: Path, **config: object) -> LaunchRun:
-    return LaunchRun(run_id=uuid.uuid4().hex, job=job, location="procs", lease=1,
-                     config={"dir": str(folder), **config})  # fmt: skip
+    return LaunchRun(
+        run_id=uuid.uuid4().hex,
+        job=job,
+        location="procs",
+        lease=1,
+        config={"dir": str(folder), **config},
+    )
 
 
 async def run_job(
@@ -276,8 +296,10 @@ async def test_a_stopped_run_ends_what_left_its_process_group(
     running = asyncio.create_task(
         worker.run(LOCATION, launcher, tempfile.mkdtemp(prefix="fleetrun-test-"))
     )
-    await until(lambda: any("started daemon" in r.message for r in records if r.kind == "log"),
-                "the daemon to start")  # fmt: skip
+    await until(
+        lambda: any("started daemon" in r.message for r in records if r.kind == "log"),
+        "the daemon to start",
+    )
     worker.stop(StopRun(order.run_id, order.lease, cancel=True, reason="canceled", grace_seconds=5))
     async with asyncio.timeout(60):
         await running

@@ -364,12 +364,27 @@ def test_calculate_delay_rejects_attempt_zero() -> None:
         (lambda: op(name="o")(lambda *args: 1), r"op o: parameter 'args'"),
         (lambda: op(name="o")(lambda context, **kw: 1), r"op o: parameter 'kw'"),
         (lambda: op(name="o")(lambda context, *, x: 1), r"op o: parameter 'x'"),
-        (lambda: op(name="o", tags={"a": 1})(lambda context: 1), "op o: tag keys and values"),
-        (lambda: op(name="o", tags={1: "a"})(lambda context: 1), "op o: tag keys and values"),
-        (lambda: op(name="o", tags=["a"])(lambda context: 1), "op o: tags must be a dict"),
-        (lambda: op(name="o", retry_policy=3)(lambda context: 1), "op o: retry_policy"),
-        (lambda: job(name="j", tags={"a": 2})(lambda: extract()), "job j: tag keys"),
-        (lambda: op("extract"), "must decorate a function"),
+        (
+            lambda: op(name="o", tags={"a": 1})(lambda context: 1),  # type: ignore[dict-item]
+            "op o: tag keys and values",
+        ),
+        (
+            lambda: op(name="o", tags={1: "a"})(lambda context: 1),  # type: ignore[dict-item]
+            "op o: tag keys and values",
+        ),
+        (
+            lambda: op(name="o", tags=["a"])(lambda context: 1),  # type: ignore[call-overload]
+            "op o: tags must be a dict",
+        ),
+        (
+            lambda: op(name="o", retry_policy=3)(lambda context: 1),  # type: ignore[call-overload]
+            "op o: retry_policy",
+        ),
+        (
+            lambda: job(name="j", tags={"a": 2})(lambda: extract()),  # type: ignore[dict-item]
+            "job j: tag keys",
+        ),
+        (lambda: op("extract"), "must decorate a function"),  # type: ignore[call-overload]
     ],
 )
 def test_invalid_op_and_name_definitions(make: Callable[[], Any], message: str) -> None:
@@ -414,7 +429,7 @@ def test_handle_from_another_job_is_rejected() -> None:
 
 def test_job_body_with_parameters_is_rejected() -> None:
     with pytest.raises(DefinitionError, match="job j: the body must take no arguments"):
-        _job(lambda rows: double(rows))
+        _job(lambda rows: double(rows))  # type: ignore[arg-type, misc]
 
 
 def test_async_and_generator_functions_are_rejected() -> None:
@@ -470,13 +485,22 @@ def test_bad_job_op_retry_policy() -> None:
         (lambda: RetryPolicy(backoff=Backoff.LINEAR), "backoff and jitter need a delay"),
         (lambda: RetryPolicy(jitter=Jitter.FULL), "backoff and jitter need a delay"),
         (lambda: RetryPolicy(max_retries=-1), "max_retries must be >= 0"),
-        (lambda: RetryPolicy(max_retries=1.5), "max_retries must be an int"),
+        (
+            lambda: RetryPolicy(max_retries=1.5),  # type: ignore[arg-type]
+            "max_retries must be an int",
+        ),
         (lambda: RetryPolicy(max_retries=True), "max_retries must be an int"),
         (lambda: RetryPolicy(delay=-0.1), "delay must be a finite number >= 0"),
         (lambda: RetryPolicy(delay=float("nan")), "delay must be a finite number"),
-        (lambda: RetryPolicy(delay="1"), "delay must be a finite number"),
-        (lambda: RetryPolicy(delay=1, backoff="LINEAR"), "backoff must be a Backoff"),
-        (lambda: RetryPolicy(delay=1, jitter="FULL"), "jitter must be a Jitter"),
+        (lambda: RetryPolicy(delay="1"), "delay must be a finite number"),  # type: ignore[arg-type]
+        (
+            lambda: RetryPolicy(delay=1, backoff="LINEAR"),  # type: ignore[arg-type]
+            "backoff must be a Backoff",
+        ),
+        (
+            lambda: RetryPolicy(delay=1, jitter="FULL"),  # type: ignore[arg-type]
+            "jitter must be a Jitter",
+        ),
     ],
 )
 def test_invalid_retry_policies(make: Callable[[], Any], message: str) -> None:
@@ -673,6 +697,6 @@ def test_definitions_rejects_duplicates_and_impostors() -> None:
     with pytest.raises(DefinitionError, match="sensor 'dup' has the same name as a schedule"):
         Definitions(schedules=[first], sensors=[clash])
     with pytest.raises(DefinitionError, match="in jobs is not a @job"):
-        Definitions(jobs=[extract])
+        Definitions(jobs=[extract])  # type: ignore[list-item]
     with pytest.raises(DefinitionError, match="in schedules is not a @schedule"):
-        Definitions(schedules=[watcher])
+        Definitions(schedules=[watcher])  # type: ignore[list-item]

@@ -35,7 +35,9 @@ async def test_records_stay_until_acknowledged_and_survive_a_restart(tmp_path: P
     await again.open()
     assert await again.attempts() == [ATTEMPT]
     assert [(r.seq, r.type) for r in await again.pending(ATTEMPT.lease)] == [
-        (2, "stdout"), (3, "RUN_SUCCESS")]  # fmt: skip
+        (2, "stdout"),
+        (3, "RUN_SUCCESS"),
+    ]
     assert again.size > 0
     await again.acknowledged(ATTEMPT.lease, 3)
     assert await again.attempts() == [] and again.size == 0

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from pathlib import Path
 
 import pytest
 
-from control_plane.model.runs import NewRun, RunFilter
+from control_plane.model.runs import NewRun, QueueSnapshot, Run, RunFilter
 from control_plane.model.statuses import RunStatus
 from control_plane.storage import Storage
 from control_plane.storage.errors import NotYourRun, RecordRefused, StaleLease, UnknownRun
+from control_plane.storage.sql.transitions import transition
 from protocol.messages import CodeLocationInfo, JobInfo, OpInfo, RunRecord
 
 ETL = JobInfo(name="etl", ops=[OpInfo(name="a"), OpInfo(name="extract", upstream=["a"])])
@@ -18,26 +20,43 @@ ETL = JobInfo(name="etl", ops=[OpInfo(name="a"), OpInfo(name="extract", upstream
 
 def new_run(run_id: str, job: str = "etl", tags: dict | None = None, priority: int = 0) -> NewRun:
     return NewRun(
-        run_id=run_id, job=job, location="loc", tags=tags or {}, config={"k": 1},
+        run_id=run_id,
+        job=job,
+        location="loc",
+        tags=tags or {},
+        config={"k": 1},
         priority=priority,
-    )  # fmt: skip
+    )
 
 
 def event(seq: int, type_: str, step: str | None = None, message: str = "") -> RunRecord:
-    return RunRecord(seq=seq, time=100.0 + seq, kind="event", type=type_, step=step,
-                     message=message)  # fmt: skip
+    return RunRecord(
+        seq=seq, time=100.0 + seq, kind="event", type=type_, step=step, message=message
+    )
 
 
-async def assign(storage: Storage, run_id: str, agent: str, now: float):  # type: ignore[no-untyped-def]
+async def assign(storage: Storage, run_id: str, agent: str, now: float) -> Run | None:
     assigned = await storage.assign_queued(now, lambda snapshot: [(run_id, agent)])
     return assigned[0] if assigned else None
 
 
+async def assign_lease(storage: Storage, run_id: str, agent: str, now: float) -> int:
+    """Assign a queued run; returns its new lease."""
+    run = await assign(storage, run_id, agent, now)
+    assert run is not None and run.lease is not None
+    return run.lease
+
+
 async def agent_id(storage: Storage, name: str = "w1") -> str:
     agent = await storage.register_agent(
-        name, "host", "0.1", ["default"], 4,
-        [CodeLocationInfo(name="loc", jobs=[ETL])], now=10.0,
-    )  # fmt: skip
+        name,
+        "host",
+        "0.1",
+        ["default"],
+        4,
+        [CodeLocationInfo(name="loc", jobs=[ETL])],
+        now=10.0,
+    )
     return agent.agent_id
 
 
@@ -90,7 +109,8 @@ async def test_assign_gives_growing_leases_once(storage: Storage) -> None:
     second = await assign(storage, "r2", aid, now=2)
     assert first is not None and second is not None
     assert first.status == RunStatus.STARTING and first.agent_id == aid
-    assert second.lease > first.lease  # type: ignore[operator]
+    assert first.lease is not None and second.lease is not None
+    assert second.lease > first.lease
     assert await assign(storage, "r1", aid, now=3) is None  # no longer QUEUED
     assert [r.run_id for r in await storage.pending_launches(aid)] == ["r1", "r2"]
     assert {r.run_id for r in await storage.active_runs()} == {"r1", "r2"}
@@ -99,8 +119,7 @@ async def test_assign_gives_growing_leases_once(storage: Storage) -> None:
 async def test_append_records_in_order_once(storage: Storage) -> None:
     aid = await agent_id(storage)
     await storage.create_run(new_run("r1"), now=1)
-    run = await assign(storage, "r1", aid, now=2)
-    lease = run.lease  # type: ignore[union-attr]
+    lease = await assign_lease(storage, "r1", aid, now=2)
     log = RunRecord(seq=3, time=104.0, kind="log", type="stdout", step="a", message="out\n")
     batch = [event(1, "RUN_START"), event(2, "STEP_START", "a"), log]
     result = await storage.append_records("r1", lease, batch, now=3)
@@ -125,7 +144,7 @@ async def test_append_records_in_order_once(storage: Storage) -> None:
 async def test_terminal_status_never_changes(storage: Storage) -> None:
     aid = await agent_id(storage)
     await storage.create_run(new_run("r1"), now=1)
-    lease = (await assign(storage, "r1", aid, now=2)).lease  # type: ignore[union-attr]
+    lease = await assign_lease(storage, "r1", aid, now=2)
     await storage.append_records(
         "r1", lease, [event(1, "RUN_START"), event(2, "RUN_FAILURE")], now=3
     )
@@ -137,7 +156,7 @@ async def test_terminal_status_never_changes(storage: Storage) -> None:
 async def test_stale_lease_and_unknown_run_are_refused(storage: Storage) -> None:
     aid = await agent_id(storage)
     await storage.create_run(new_run("r1"), now=1)
-    lease = (await assign(storage, "r1", aid, now=2)).lease  # type: ignore[union-attr]
+    lease = await assign_lease(storage, "r1", aid, now=2)
     with pytest.raises(StaleLease):
         await storage.append_records("r1", lease + 1, [event(1, "RUN_START")], now=3)
     with pytest.raises(UnknownRun):
@@ -149,14 +168,12 @@ async def test_records_from_an_agent_the_run_is_not_leased_to_are_refused(
 ) -> None:
     aid, other = await agent_id(storage), await agent_id(storage, "w2")
     await storage.create_run(new_run("r1"), now=1)
-    lease = (await assign(storage, "r1", aid, now=2)).lease  # type: ignore[union-attr]
+    lease = await assign_lease(storage, "r1", aid, now=2)
     with pytest.raises(NotYourRun):
-        await storage.append_records("r1", lease, [event(1, "RUN_START")], now=3,
-                                     agent_id=other)  # fmt: skip
+        await storage.append_records("r1", lease, [event(1, "RUN_START")], now=3, agent_id=other)
     events = await storage.get_events("r1", 0, 100)
     assert [e.type for e in events] == ["RUN_ENQUEUED", "RUN_STARTING"]  # nothing stored
-    first = await storage.append_records("r1", lease, [event(1, "RUN_START")], now=3,
-                                         agent_id=aid)  # fmt: skip
+    first = await storage.append_records("r1", lease, [event(1, "RUN_START")], now=3, agent_id=aid)
     assert first.acked_seq == 1 and not first.launch_acked  # no poll has said it holds it
     await storage.ack_launches(aid, [lease])
     later = await storage.append_records("r1", lease, [event(2, "LOG")], now=4, agent_id=aid)
@@ -190,10 +207,17 @@ async def test_the_code_catalog_follows_registrations_made_by_another_process(
     await other.open()
     try:
         await other.register_agent(
-            "w1", "host", "0.1", ["default"], 4,
-            [CodeLocationInfo(name="loc", jobs=[JobInfo(name="etl"), JobInfo(name="new")]),
-             CodeLocationInfo(name="broken", error="ImportError")], now=11.0,
-        )  # fmt: skip
+            "w1",
+            "host",
+            "0.1",
+            ["default"],
+            4,
+            [
+                CodeLocationInfo(name="loc", jobs=[JobInfo(name="etl"), JobInfo(name="new")]),
+                CodeLocationInfo(name="broken", error="ImportError"),
+            ],
+            now=11.0,
+        )
     finally:
         await other.close()
     catalog = await storage.code_catalog()
@@ -207,13 +231,17 @@ async def test_dispatch_reads_only_the_agents_that_host_a_queued_location(
 ) -> None:
     hosting = await agent_id(storage)
     for i in range(3):  # a fleet serving something else
-        await storage.register_agent(f"other{i}", "h", "0.1", ["default"], 1,
-                                     [CodeLocationInfo(name="elsewhere")], now=10.0)  # fmt: skip
+        await storage.register_agent(
+            f"other{i}", "h", "0.1", ["default"], 1, [CodeLocationInfo(name="elsewhere")], now=10.0
+        )
     await storage.create_run(new_run("r1"), now=11)
-    seen = []
-    assigned = await storage.assign_queued(
-        12, lambda snapshot: seen.append([a.agent_id for a in snapshot.agents]) or [("r1", hosting)]
-    )
+    seen: list[list[str]] = []
+
+    def decide(snapshot: QueueSnapshot) -> list[tuple[str, str]]:
+        seen.append([a.agent_id for a in snapshot.agents])
+        return [("r1", hosting)]
+
+    assigned = await storage.assign_queued(12, decide)
     assert seen == [[hosting]] and [r.run_id for r in assigned] == ["r1"]
     explained = await storage.queue_snapshot()  # explaining a wait looks at every agent
     assert len(explained.agents) == 4
@@ -237,9 +265,9 @@ async def test_assign_queued_decides_on_one_snapshot(storage: Storage) -> None:
     aid = await agent_id(storage)
     await storage.create_run(new_run("r1"), now=1)
     await storage.create_run(new_run("r2"), now=1)
-    seen = []
+    seen: list[tuple[list[str], dict[str, set[str]]]] = []
 
-    def decide(snapshot):  # type: ignore[no-untyped-def]
+    def decide(snapshot: QueueSnapshot) -> list[tuple[str, str]]:
         seen.append(([r.run_id for r in snapshot.queued], snapshot.hosted))
         return [("r2", aid), ("missing", aid)]
 
@@ -254,7 +282,7 @@ async def test_assign_queued_decides_on_one_snapshot(storage: Storage) -> None:
 async def started(storage: Storage, run_id: str, aid: str, now: float = 2) -> int:
     """Create, assign and start a run; returns its lease."""
     await storage.create_run(new_run(run_id), now=1)
-    lease = (await assign(storage, run_id, aid, now=now)).lease  # type: ignore[union-attr]
+    lease = await assign_lease(storage, run_id, aid, now=now)
     await storage.append_records(run_id, lease, [event(1, "RUN_START")], now=now)
     return lease
 
@@ -262,12 +290,12 @@ async def started(storage: Storage, run_id: str, aid: str, now: float = 2) -> in
 async def test_cancel_queued_and_started_runs(storage: Storage) -> None:
     aid = await agent_id(storage)
     await storage.create_run(new_run("queued"), now=1)
-    canceled = await storage.request_cancel("queued", now=3)
-    assert canceled is not None and canceled.status == RunStatus.CANCELED
-    assert canceled.end_time == 3 and canceled.status_reason == "canceled while queued"
+    queued = await storage.request_cancel("queued", now=3)
+    assert queued is not None and queued.status == RunStatus.CANCELED
+    assert queued.end_time == 3 and queued.status_reason == "canceled while queued"
     lease = await started(storage, "running", aid)
     await storage.create_run(new_run("launching"), now=1)
-    launching = (await assign(storage, "launching", aid, now=2)).lease  # type: ignore[union-attr]
+    launching = await assign_lease(storage, "launching", aid, now=2)
     for run_id in ("running", "launching"):
         run = await storage.request_cancel(run_id, now=4)
         assert run is not None and run.status == RunStatus.CANCELING
@@ -289,9 +317,17 @@ async def test_cancel_queued_and_started_runs(storage: Storage) -> None:
 
 @pytest.mark.parametrize(
     "type_",
-    ["RUN_ENQUEUED", "RUN_STARTING", "RUN_CANCELING", "RUN_CANCELED", "RUN_RETRY",
-     "RUN_WORKER_RESTARTED", "BOGUS_TYPE", "RUN_START"],
-)  # fmt: skip
+    [
+        "RUN_ENQUEUED",
+        "RUN_STARTING",
+        "RUN_CANCELING",
+        "RUN_CANCELED",
+        "RUN_RETRY",
+        "RUN_WORKER_RESTARTED",
+        "BOGUS_TYPE",
+        "RUN_START",
+    ],
+)
 async def test_a_record_an_agent_may_not_send_fails_the_run_and_ends_its_lease(
     storage: Storage, type_: str
 ) -> None:
@@ -312,10 +348,14 @@ async def test_a_record_an_agent_may_not_send_fails_the_run_and_ends_its_lease(
 
 @pytest.mark.parametrize(
     "record",
-    [event(2, "STEP_START", "../../../../tmp/x"), event(2, "STEP_START", "not_in_the_job"),
-     event(2, "STEP_SUCCESS"), RunRecord(seq=2, time=1.0, kind="log", type="stdin"),
-     RunRecord(seq=2, time=1.0, kind="blob", type="LOG")],
-)  # fmt: skip
+    [
+        event(2, "STEP_START", "../../../../tmp/x"),
+        event(2, "STEP_START", "not_in_the_job"),
+        event(2, "STEP_SUCCESS"),
+        RunRecord(seq=2, time=1.0, kind="log", type="stdin"),
+        RunRecord(seq=2, time=1.0, kind="blob", type="LOG"),
+    ],
+)
 async def test_steps_must_belong_to_the_runs_job(storage: Storage, record: RunRecord) -> None:
     aid = await agent_id(storage)
     lease = await started(storage, "r1", aid)
@@ -363,14 +403,13 @@ async def test_nothing_but_trailing_logs_after_the_run_ended(storage: Storage) -
 async def test_a_worker_starting_after_its_cancel_is_not_a_start(storage: Storage) -> None:
     aid = await agent_id(storage)
     await storage.create_run(new_run("r1"), now=1)
-    lease = (await assign(storage, "r1", aid, now=2)).lease  # type: ignore[union-attr]
+    lease = await assign_lease(storage, "r1", aid, now=2)
     await storage.request_cancel("r1", now=3)
     batch = [event(1, "RUN_START"), event(2, "STEP_START", "a"), event(3, "RUN_CANCELED")]
     result = await storage.append_records("r1", lease, batch, now=4)
     assert result.refused is None and result.status == RunStatus.CANCELED
     types = [e.type for e in await storage.get_events("r1", 0, 100)]
-    assert types == ["RUN_ENQUEUED", "RUN_STARTING", "RUN_CANCELING", "STEP_START",
-                     "RUN_CANCELED"]  # fmt: skip
+    assert types == ["RUN_ENQUEUED", "RUN_STARTING", "RUN_CANCELING", "STEP_START", "RUN_CANCELED"]
 
 
 async def test_verdict_fails_the_run_fences_its_lease_and_loses_to_an_earlier_report(
@@ -392,7 +431,8 @@ async def test_verdict_fails_the_run_fences_its_lease_and_loses_to_an_earlier_re
     ]
     changed = await storage.apply_verdicts(verdicts, now=40, resume_limit=0)
     assert [(r.run_id, r.status, r.failure_kind) for r in changed] == [
-        ("lost", RunStatus.FAILURE, "agent_lost")]  # fmt: skip
+        ("lost", RunStatus.FAILURE, "agent_lost")
+    ]
     assert changed[0].status_reason == "agent lost" and changed[0].end_time == 40
     assert (await storage.get_run("done")).status == RunStatus.SUCCESS  # type: ignore[union-attr]
     assert (await storage.get_agent(aid)).status == "OFFLINE"  # type: ignore[union-attr]
@@ -408,17 +448,24 @@ async def test_a_crashed_worker_resumes_the_run_until_attempts_run_out(storage: 
     aid = await agent_id(storage)
     lease = await started(storage, "r1", aid)
     done = event(2, "STEP_SUCCESS", "extract")
-    crash = RunRecord(seq=3, time=103.0, kind="event", type="RUN_FAILURE", message="exit 9",
-                      data={"failure_kind": "worker_crash"})  # fmt: skip
+    crash = RunRecord(
+        seq=3,
+        time=103.0,
+        kind="event",
+        type="RUN_FAILURE",
+        message="exit 9",
+        data={"failure_kind": "worker_crash"},
+    )
     result = await storage.append_records("r1", lease, [done, crash], now=3, resume_limit=1)
     assert result.status == RunStatus.QUEUED
     run = await storage.get_run("r1")
     assert run is not None and (run.lease, run.agent_id, run.resume_count) == (None, None, 1)
     assert run.reuse_outputs == {"extract": "r1"}  # the new worker skips finished steps
-    restarted = [e for e in await storage.get_events("r1", 0, 100)
-                 if e.type == "RUN_WORKER_RESTARTED"]  # fmt: skip
+    restarted = [
+        e for e in await storage.get_events("r1", 0, 100) if e.type == "RUN_WORKER_RESTARTED"
+    ]
     assert restarted[0].data["attempt"] == 2 and "attempt 2 of 2" in restarted[0].message
-    second = (await assign(storage, "r1", aid, now=4)).lease  # type: ignore[union-attr]
+    second = await assign_lease(storage, "r1", aid, now=4)
     assert second > lease
     await storage.append_records("r1", second, [event(1, "RUN_START")], now=5)
     crash = dataclasses.replace(crash, seq=2)
@@ -457,8 +504,16 @@ async def test_a_failure_gets_exactly_one_retry_decision(storage: Storage) -> No
     await storage.append_records("r1", lease, [event(2, "RUN_FAILURE")], now=3)
     (pending,) = await storage.pending_retries(10)
     assert pending.run_id == "r1" and pending.failure_kind == "op_failure"
-    retry = NewRun(run_id="r1-retry", job="etl", location="loc", tags={}, config={},
-                   not_before=60.0, parent_run_id="r1", root_run_id="r1")  # fmt: skip
+    retry = NewRun(
+        run_id="r1-retry",
+        job="etl",
+        location="loc",
+        tags={},
+        config={},
+        not_before=60.0,
+        parent_run_id="r1",
+        root_run_id="r1",
+    )
     created = await storage.settle_retry("r1", retry, "retry 1 of 1", {"n": 1}, now=4)
     assert created is not None and created.status == RunStatus.QUEUED
     assert (created.parent_run_id, created.root_run_id, created.not_before) == ("r1", "r1", 60)
@@ -567,8 +622,9 @@ async def test_stopped_and_orphaned_instigators(storage: Storage) -> None:
     from control_plane.daemon.instigators import load_instigators
     from protocol.messages import ScheduleInfo
 
-    loc = CodeLocationInfo(name="loc", schedules=[ScheduleInfo(name="daily", job="etl",
-                                                               cron="0 6 * * *")])  # fmt: skip
+    loc = CodeLocationInfo(
+        name="loc", schedules=[ScheduleInfo(name="daily", job="etl", cron="0 6 * * *")]
+    )
     await storage.register_agent("w1", "h", "0", ["default"], 1, [loc], now=10.0)
     await storage.set_instigator("loc", "gone", "schedule", status="RUNNING")
     found = {i.name: i for i in await load_instigators(storage, now=11.0, heartbeat_timeout=30)}
@@ -587,8 +643,9 @@ async def test_only_registrations_that_touch_a_schedule_wake_the_daemon(storage:
     from protocol.messages import ScheduleInfo
 
     clock = SystemClock()
-    loc = CodeLocationInfo(name="loc", schedules=[ScheduleInfo(name="daily", job="etl",
-                                                               cron="0 6 * * *")])  # fmt: skip
+    loc = CodeLocationInfo(
+        name="loc", schedules=[ScheduleInfo(name="daily", job="etl", cron="0 6 * * *")]
+    )
     host = await storage.register_agent("w1", "h", "0", ["default"], 1, [loc], now=clock.time())
     idle = await agent_id(storage, "idle")
     bus = WakeBus(storage, "replica")
@@ -604,7 +661,7 @@ async def test_what_the_metrics_read(storage: Storage) -> None:
     aid = await agent_id(storage)
     for run_id in ("r1", "r2", "r3"):
         await storage.create_run(new_run(run_id), now=1)
-    lease = (await assign(storage, "r1", aid, now=2)).lease  # type: ignore[union-attr]
+    lease = await assign_lease(storage, "r1", aid, now=2)
     assert await storage.count_runs_by_status() == {RunStatus.QUEUED: 2, RunStatus.STARTING: 1}
     # A launch is acknowledged once: a second poll (or record batch) saying so is no news.
     assert await storage.ack_launches(aid, [lease, lease + 100]) == [lease]
@@ -615,3 +672,45 @@ async def test_what_the_metrics_read(storage: Storage) -> None:
     first = await storage.append_records("r1", lease, batch, now=3)
     assert first.stored == {"event": 2, "log": 1}
     assert (await storage.append_records("r1", lease, batch, now=4)).stored == {}  # resent
+
+
+async def test_a_status_write_is_guarded_by_the_update_itself(storage: Storage) -> None:
+    """`transition` changes a run only from a status its target may follow and, given
+    one, under the current lease; a refused write changes nothing, the event sequence
+    included. Two writers racing in separate transactions (row writes: no instance-wide
+    lock orders them) cannot both win: the loser's UPDATE matches no row."""
+    aid = await agent_id(storage)
+    await storage.create_run(new_run("r1"), now=1)
+    lease = await assign_lease(storage, "r1", aid, now=2)
+    run = await storage.get_run("r1")
+    assert run is not None and run.status == RunStatus.STARTING
+
+    async def last_seq() -> int:
+        rows = await storage._reader.fetch(  # type: ignore[attr-defined]
+            "SELECT last_event_seq FROM runs WHERE run_id = ?", ("r1",)
+        )
+        return int(rows[0][0])
+
+    seq_before = await last_seq()
+
+    async def write(new: RunStatus, with_lease: int | None, kind: str | None = None) -> int | None:
+        async with storage._write_row() as db:  # type: ignore[attr-defined]
+            return await transition(db, "r1", new, f"to {new}", 3.0, with_lease, kind)
+
+    assert await write(RunStatus.SUCCESS, lease) is None  # STARTING may not end in SUCCESS
+    assert await write(RunStatus.STARTED, lease + 1) is None  # a stale lease
+    unchanged = await storage.get_run("r1")
+    assert unchanged is not None and unchanged.status == RunStatus.STARTING
+    assert await last_seq() == seq_before
+    assert await write(RunStatus.STARTED, lease) == seq_before + 1
+    assert await write(RunStatus.STARTED, lease) is None  # already there: not twice
+
+    # Success and failure race for the started run: exactly one write happens
+    results = await asyncio.gather(
+        write(RunStatus.SUCCESS, lease), write(RunStatus.FAILURE, lease, "agent_lost")
+    )
+    assert sorted(r is None for r in results) == [False, True], results
+    ended = await storage.get_run("r1")
+    winner = RunStatus.SUCCESS if results[0] is not None else RunStatus.FAILURE
+    assert ended is not None and ended.status == winner
+    assert await last_seq() == seq_before + 2

@@ -28,7 +28,9 @@ from tests.unit.test_api import agent_call, register, submit
 async def cap_growth(storage: SqliteStorage, extra_pages: int = 0) -> None:
     """Let the database grow by at most `extra_pages` from now on."""
     assert storage._writer is not None
-    (pages,) = await (await storage._writer.execute("PRAGMA page_count")).fetchone()
+    row = await (await storage._writer.execute("PRAGMA page_count")).fetchone()
+    assert row is not None
+    (pages,) = row
     await storage._writer.execute(f"PRAGMA max_page_count = {pages + extra_pages}")
 
 
@@ -81,9 +83,9 @@ async def test_a_full_database_raises_storage_full_and_recovers(tmp_path: Path) 
 async def client(
     aiohttp_client: Callable[..., Awaitable[TestClient]], tmp_path: Path
 ) -> TestClient:
-    config = ControlPlaneConfig()
-    config.storage.url = f"sqlite:///{tmp_path}/fleetrun.db"
-    config.server.poll_timeout_seconds = 0.5
+    config = ControlPlaneConfig().updated(
+        storage={"url": f"sqlite:///{tmp_path}/fleetrun.db"}, server={"poll_timeout_seconds": 0.5}
+    )
     return await aiohttp_client(app_for(config))
 
 

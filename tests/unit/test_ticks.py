@@ -50,10 +50,13 @@ def test_fall_back_daily_runs_once_at_the_later_instant(tz: str, day: str, hour:
     assert tick.split()[1:] == [f"{hour}:30", standard]  # the second occurrence
 
 
-@pytest.mark.parametrize(("tz", "day", "hour", "zones"),
-                         [(BERLIN, "2026-10-25", "02", ("CEST", "CET")),
-                          (NEW_YORK, "2026-11-01", "01", ("EDT", "EST"))])  # fmt: skip
-def test_fall_back_hourly_runs_for_both_hours(tz: str, day: str, hour: str, zones) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("tz", "day", "hour", "zones"),
+    [(BERLIN, "2026-10-25", "02", ("CEST", "CET")), (NEW_YORK, "2026-11-01", "01", ("EDT", "EST"))],
+)
+def test_fall_back_hourly_runs_for_both_hours(
+    tz: str, day: str, hour: str, zones: tuple[str, str]
+) -> None:
     got = ticks("0 * * * *", tz, f"{day} {int(hour) - 1:02d}:30", 3)
     assert [t.split()[1:] for t in got[:2]] == [[f"{hour}:00", zones[0]], [f"{hour}:00", zones[1]]]
 
@@ -64,7 +67,10 @@ def test_catch_up_after_downtime() -> None:
     now = start + 5 * 3600 + 60  # five hourly ticks missed
     assert [local(t, tz) for t in due_ticks("0 * * * *", tz, start, now, 0)] == ["11-24 15:00 UTC"]
     assert [local(t, tz) for t in due_ticks("0 * * * *", tz, start, now, 3)] == [
-        "11-24 13:00 UTC", "11-24 14:00 UTC", "11-24 15:00 UTC"]  # fmt: skip
+        "11-24 13:00 UTC",
+        "11-24 14:00 UTC",
+        "11-24 15:00 UTC",
+    ]
     assert due_ticks("0 * * * *", tz, now, now + 10, 3) == []
     a_year_later = start + 365 * 86400  # walks back from now: cheap even then
     assert len(due_ticks("* * * * *", tz, start, a_year_later, 2)) == 2

@@ -25,9 +25,9 @@ async def fill(url: str) -> dict[str, object]:
     store = open_storage(url)
     await store.open()
     etl = JobInfo(name="etl", ops=[OpInfo(name="s")])
-    agent = await store.register_agent("w1", "host", "0.1", ["default"], 4,
-                                       [CodeLocationInfo(name="loc", jobs=[etl])],
-                                       now=10.0)  # fmt: skip
+    agent = await store.register_agent(
+        "w1", "host", "0.1", ["default"], 4, [CodeLocationInfo(name="loc", jobs=[etl])], now=10.0
+    )
     await store.create_run(NewRun("r1", "etl", "loc", {"team": "a"}, {"k": 1}), now=11.0)
     [run] = await store.assign_queued(12.0, lambda _s: [("r1", agent.agent_id)])
     records = [
@@ -42,7 +42,7 @@ async def fill(url: str) -> dict[str, object]:
     tick = await store.start_tick("loc", "nightly", "schedule", 60.0, now=61.0)
     assert tick is not None
     await store.finish_tick(tick.id, "SKIPPED", [], now=62.0, skip_reason="night")
-    expected = {
+    expected: dict[str, object] = {
         "runs": [r.to_json() for r in (await store.list_runs(RunFilter(), 10, None))[0]],
         "events": [e.to_json() for e in await store.get_events("r1", 0, 100)],
         "logs": [c.to_json() for c in await store.get_logs("r1", None, 0)],
@@ -105,7 +105,8 @@ def test_migrate_applies_the_schema_and_reports_versions(tmp_path: Path, postgre
     assert f"schema version 0 -> {pg_version}" in first.stdout and "postgres@" in first.stdout
     second = fleetrun("migrate", "--config", str(config))
     assert f"schema version {pg_version} (up to date)" in second.stdout
-    sqlite = fleetrun("migrate", "--to", f"sqlite:///{tmp_path}/new.db")
-    assert sqlite.returncode == 0 and f"schema version 0 -> {sqlite_version}" in sqlite.stdout
+    new_sqlite = fleetrun("migrate", "--to", f"sqlite:///{tmp_path}/new.db")
+    assert new_sqlite.returncode == 0
+    assert f"schema version 0 -> {sqlite_version}" in new_sqlite.stdout
     down = fleetrun("migrate", "--to", "postgresql://postgres@127.0.0.1:1/none")
     assert down.returncode == 1 and "cannot connect" in down.stderr

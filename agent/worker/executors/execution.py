@@ -35,8 +35,12 @@ class Execution:
         values = {}
         for step, source in reused.items():
             values[step] = pickle.loads(self.store.get(source, step)) if step in needed else None
-            self.sink.event("STEP_REUSED", f"reused the output of step {step} from run {source}",
-                            step, {"source_run_id": source})  # fmt: skip
+            self.sink.event(
+                "STEP_REUSED",
+                f"reused the output of step {step} from run {source}",
+                step,
+                {"source_run_id": source},
+            )
         return values
 
     def save_output(self, step: str, data: bytes) -> None:

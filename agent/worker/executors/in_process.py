@@ -37,8 +37,12 @@ def next_ready(
 
 def skip(execution: Execution, step: str, upstream: list[str]) -> None:
     bad = list(dict.fromkeys(upstream))
-    execution.sink.event("STEP_SKIPPED", f"skipped step {step}: upstream {', '.join(bad)} did "
-                         "not succeed", step, {"upstream": bad})  # fmt: skip
+    execution.sink.event(
+        "STEP_SKIPPED",
+        f"skipped step {step}: upstream {', '.join(bad)} did not succeed",
+        step,
+        {"upstream": bad},
+    )
 
 
 def store_output(execution: Execution, step: str, attempt: StepAttempt) -> StepAttempt:
@@ -73,8 +77,9 @@ def execute_in_process(execution: Execution) -> list[str]:
             blocked.add(name)
             continue
         inputs = [outputs[u] for u in node.upstream]
-        attempt = run_step(node, inputs, execution.job, execution.launch, execution.sink,
-                           capture_step_output)  # fmt: skip
+        attempt = run_step(
+            node, inputs, execution.job, execution.launch, execution.sink, capture_step_output
+        )
         if attempt.ok:
             attempt = store_output(execution, name, attempt)
         if attempt.ok:

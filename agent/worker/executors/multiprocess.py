@@ -53,13 +53,23 @@ class _PipeSink:
         while view:
             view = view[os.write(self.fd, view) :]
 
-    def event(self, event_type: str, message: str = "", step: str | None = None,
-              data: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def event(
+        self,
+        event_type: str,
+        message: str = "",
+        step: str | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
         self.send(("event", event_type, message, step, data or {}))
 
 
-def _child(node: Node, inputs: list[Any], execution: Execution, retry_number: int,
-           fds: tuple[int, int, int]) -> None:  # fmt: skip
+def _child(
+    node: Node,
+    inputs: list[Any],
+    execution: Execution,
+    retry_number: int,
+    fds: tuple[int, int, int],
+) -> None:
     """In the forked child: run one attempt, send its outcome, exit (never returns)."""
     code = 0
     try:
@@ -96,8 +106,15 @@ def _died(pid: int, code: int) -> StepAttempt:
     else:
         how = f"exited with code {code}"
     message = f"step process (pid {pid}) {how} before finishing the step"
-    return StepAttempt(False, error={"error_type": "StepProcessDied", "message": message,
-                                 "traceback": "", "exit_code": code})  # fmt: skip
+    return StepAttempt(
+        False,
+        error={
+            "error_type": "StepProcessDied",
+            "message": message,
+            "traceback": "",
+            "exit_code": code,
+        },
+    )
 
 
 @dataclass
@@ -166,8 +183,9 @@ class _Scheduler:
             return
         decoder = codecs.getincrementaldecoder("utf-8")
         fds = {reads[0]: "stdout", reads[1]: "stderr", reads[2]: "result"}
-        running = _Running(node, retry_number, pid, fds,
-                           {fd: decoder(errors="replace") for fd in reads[:2]})  # fmt: skip
+        running = _Running(
+            node, retry_number, pid, fds, {fd: decoder(errors="replace") for fd in reads[:2]}
+        )
         if hasattr(os, "pidfd_open"):
             fds[os.pidfd_open(pid)] = "exit"  # readable once the child has exited
         self.running[pid] = running

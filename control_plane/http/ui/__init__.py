@@ -45,8 +45,7 @@ TEMPLATES = jinja2.Environment(
     autoescape=True,
     undefined=jinja2.StrictUndefined,
 )
-STEP_ENDS = {"STEP_SUCCESS": "success", "STEP_FAILURE": "failure",
-             "STEP_UP_FOR_RETRY": "retry"}  # fmt: skip
+STEP_ENDS = {"STEP_SUCCESS": "success", "STEP_FAILURE": "failure", "STEP_UP_FOR_RETRY": "retry"}
 STEP_STARTS = {"STEP_START", "STEP_RESTARTED"}
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -79,9 +78,13 @@ def render(request: web.Request, template: str, status: int = 200, **context: An
     # same-origin, not no-referrer: under no-referrer a browser posts the sign-in form
     # with `Origin: null`, which `_refuse_cross_origin` must refuse
     response.headers.update(
-        {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
-         "Referrer-Policy": "same-origin", "Cache-Control": "no-store"}
-    )  # fmt: skip
+        {
+            "Content-Security-Policy": CSP,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "same-origin",
+            "Cache-Control": "no-store",
+        }
+    )
     return response
 
 
@@ -98,10 +101,13 @@ async def runs_page(request: web.Request) -> web.Response:
     runs, _ = await storage.list_runs(filt, 100, None)
     agents = {a.agent_id: a.name for a in await storage.list_agents()}
     return render(
-        request, "runs.html", runs=[_run_row(r, agents) for r in runs],
-        statuses=[str(s) for s in RunStatus], agents=sorted(agents.values()),
+        request,
+        "runs.html",
+        runs=[_run_row(r, agents) for r in runs],
+        statuses=[str(s) for s in RunStatus],
+        agents=sorted(agents.values()),
         query={k: request.query.get(k, "") for k in ("status", "job", "tag", "agent")},
-    )  # fmt: skip
+    )
 
 
 def _run_row(run: Run, agents: dict[str, str]) -> dict[str, Any]:
@@ -125,11 +131,16 @@ async def run_page(request: web.Request) -> web.Response:
     logged = {c.step for c in await storage.get_logs(run.run_id, None, 0) if c.step}
     steps = sorted({e.step for e in events if e.step} | logged)
     return render(
-        request, "run.html", run=detail, agent_name=agents.get(run.agent_id or "", ""),
-        events=[e.to_json() for e in events], gantt=gantt(run, events, time.time()),
-        steps=steps, terminal=run.status in TERMINAL_STATUSES,
+        request,
+        "run.html",
+        run=detail,
+        agent_name=agents.get(run.agent_id or "", ""),
+        events=[e.to_json() for e in events],
+        gantt=gantt(run, events, time.time()),
+        steps=steps,
+        terminal=run.status in TERMINAL_STATUSES,
         reexecutable=run.status in (RunStatus.FAILURE, RunStatus.CANCELED),
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -174,8 +185,13 @@ def gantt(run: Run, events: list[Event], now: float) -> dict[str, Any]:
         bar.x = round((bar.start - start) / span * width, 1)
         bar.width = max(round((bar.end - bar.start) / span * width, 1), 2.0)
     ordered = sorted(rows, key=rows.__getitem__)
-    return {"bars": bars, "rows": ordered, "span": span, "height": 24 * len(ordered) + 24,
-            "width": width}  # fmt: skip
+    return {
+        "bars": bars,
+        "rows": ordered,
+        "span": span,
+        "height": 24 * len(ordered) + 24,
+        "width": width,
+    }
 
 
 async def agents_page(request: web.Request) -> web.Response:
@@ -241,9 +257,13 @@ def _refuse_cross_origin(request: web.Request) -> None:
         return
     origin = _origin(claimed)
     if origin is None or origin != _own_origin(request):
-        raise ApiError(403, "cross_origin", "sign-in and sign-out are taken only from this "
-                       "control plane's own pages: the Origin or Referer header names "
-                       "another origin")  # fmt: skip
+        raise ApiError(
+            403,
+            "cross_origin",
+            "sign-in and sign-out are taken only from this "
+            "control plane's own pages: the Origin or Referer header names "
+            "another origin",
+        )
 
 
 async def login(request: web.Request) -> web.Response:
@@ -260,8 +280,15 @@ async def login(request: web.Request) -> web.Response:
         message = str(exc) if exc.status == 403 else "That token was not accepted."
         return render(request, "login.html", next=target, error=message)
     response = web.HTTPSeeOther(target)
-    response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="Strict", path="/",
-                        secure=request.app[CONFIG].server.tls, max_age=7 * 86400)  # fmt: skip
+    response.set_cookie(
+        SESSION_COOKIE,
+        token,
+        httponly=True,
+        samesite="Strict",
+        path="/",
+        secure=request.app[CONFIG].server.tls,
+        max_age=7 * 86400,
+    )
     raise response
 
 
@@ -283,9 +310,11 @@ async def static(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if name not in STATIC_FILES:
         raise web.HTTPNotFound()
-    return web.Response(body=(HERE / "static" / name).read_bytes(),
-                        content_type=STATIC_FILES[name],
-                        headers={"Cache-Control": "max-age=300"})  # fmt: skip
+    return web.Response(
+        body=(HERE / "static" / name).read_bytes(),
+        content_type=STATIC_FILES[name],
+        headers={"Cache-Control": "max-age=300"},
+    )
 
 
 def add_routes(app: web.Application) -> None:

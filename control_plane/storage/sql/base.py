@@ -4,7 +4,7 @@ the query classes (`SqlBase`), how rows become model values, and small SQL helpe
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
@@ -72,7 +72,7 @@ def in_chunks(ids: Sequence[str]) -> Iterator[tuple[tuple[str, ...], str]]:
         yield chunk, ",".join("?" * len(chunk))
 
 
-def marks(values: Sequence[object]) -> str:
+def marks(values: Collection[object]) -> str:
     """The placeholders of an `IN (...)` list of `values`."""
     return ",".join("?" * len(values))
 
