@@ -14,8 +14,7 @@ from collections.abc import Callable
 
 from agent.client import ControlPlaneError, ControlPlaneUnreachable
 from agent.state import REQUEST_TIMEOUT_SECONDS, AgentState
-from protocol.events import AGENT_LOST
-from protocol.messages import Heartbeat, HeartbeatReply, StopRun
+from protocol.messages import Heartbeat, HeartbeatReply
 from protocol.tags import ON_LOST_CONTACT_TAG
 
 log = logging.getLogger("fleetrun.agent")
@@ -74,11 +73,4 @@ def stop_runs_out_of_contact(agent: AgentState, silent: float) -> None:
         launch = active.worker.launch
         if launch.tags.get(ON_LOST_CONTACT_TAG) == "stop" and active.worker.stop_order is None:
             reason = f"no contact with the control plane for {silent:.1f} s"
-            log.warning(
-                "run %s: stopping its worker (%s)",
-                launch.run_id,
-                reason,
-                extra={"run_id": launch.run_id},
-            )
-            grace = agent.heartbeat_timeout / 4
-            active.worker.stop(StopRun(launch.run_id, lease, False, reason, grace, AGENT_LOST))
+            active.stop_as_agent_lost(lease, reason, agent.heartbeat_timeout / 4)

@@ -23,8 +23,7 @@ from agent.registration import load_locations, register, register_with_new_token
 from agent.spool import SpooledAttempt
 from agent.state import AgentState
 from agent.tracking import Tracking
-from protocol.events import AGENT_LOST
-from protocol.messages import Drain, Drained, StopRun
+from protocol.messages import Drain, Drained
 
 log = logging.getLogger("fleetrun.agent")
 
@@ -115,17 +114,8 @@ class Agent:
         for lease, active in list(state.runs.items()):
             if active.worker_exited.done():
                 continue
-            launch = active.worker.launch
             reason = f"agent {state.config.name} shut down (drain timeout of {timeout:g} s)"
-            log.warning(
-                "run %s: stopping its worker (%s)",
-                launch.run_id,
-                reason,
-                extra={"run_id": launch.run_id},
-            )
-            active.worker.stop(
-                StopRun(launch.run_id, lease, False, reason, STOP_GRACE_SECONDS, AGENT_LOST)
-            )
+            active.stop_as_agent_lost(lease, reason, STOP_GRACE_SECONDS)
         stop_deadline = time.monotonic() + STOP_GRACE_SECONDS + 1.0
         await _wait_until([a.worker_exited for a in state.runs.values()], stop_deadline)
         handing_over = [a.task for a in state.runs.values()] + list(state.evaluations.values())

@@ -18,7 +18,8 @@ from agent.launchers import LaunchedRun, RunLauncher, make_launcher
 from agent.outbox import RunOutbox
 from agent.spool import Spool
 from agent.tracking import Tracking
-from protocol.messages import CodeLocationInfo, EventAck, EventBatch, RunState
+from protocol.events import AGENT_LOST
+from protocol.messages import CodeLocationInfo, EventAck, EventBatch, RunState, StopRun
 
 log = logging.getLogger("fleetrun.agent")
 
@@ -33,6 +34,13 @@ class ActiveRun:
     outbox: RunOutbox
     task: asyncio.Task[None]  # supervises the attempt until its records are delivered
     worker_exited: asyncio.Future[None]
+
+    def stop_as_agent_lost(self, lease: int, reason: str, grace: float) -> None:
+        """Stop the worker on the agent's own account (out of contact, shutting down):
+        the run fails as agent_lost, with `reason`."""
+        run_id = self.worker.launch.run_id
+        log.warning("run %s: stopping its worker (%s)", run_id, reason, extra={"run_id": run_id})
+        self.worker.stop(StopRun(run_id, lease, False, reason, grace, AGENT_LOST))
 
 
 class AgentState:

@@ -16,8 +16,26 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from bench.harness import Fleet, get, post, ts, wait
+
+
+def one_hello(url: str) -> tuple[float, float, dict[str, Any]]:
+    """Submit `hello` to the control plane at `url` and wait for its end: (seconds from
+    submit to launch received, the time just before the submit, the ended run)."""
+    t0 = time.time()
+    run_id = post(f"{url}/api/v1/runs", {"job": "hello"})["run_id"]
+
+    def ended() -> dict[str, Any] | None:
+        run: dict[str, Any] = get(f"{url}/api/v1/runs/{run_id}")
+        return run if run["end_time"] else None
+
+    run = wait(ended, 60, "the run")
+    assert run["status"] == "SUCCESS", run
+    events = get(f"{url}/api/v1/runs/{run_id}/events?limit=10")["events"]
+    start = next(e for e in events if e["type"] == "RUN_START")
+    return start["data"]["launch_received_time"] - t0, t0, run
 
 
 def idle(runs: int = 100, storage_url: str = "sqlite:///b.db") -> dict[str, list[float]]:
@@ -25,20 +43,9 @@ def idle(runs: int = 100, storage_url: str = "sqlite:///b.db") -> dict[str, list
     received, started, finished = [], [], []
     with Fleet(storage_url=storage_url) as fleet:
         fleet.add_agents(1, 4)
-        url = fleet.url
         for _ in range(runs):
-            t0 = time.time()
-            run_id = post(f"{url}/api/v1/runs", {"job": "hello"})["run_id"]
-
-            def ended(rid: str = run_id) -> dict | None:
-                run = get(f"{url}/api/v1/runs/{rid}")
-                return run if run["end_time"] else None
-
-            run = wait(ended, 60, "the run")
-            assert run["status"] == "SUCCESS", run
-            events = get(f"{url}/api/v1/runs/{run_id}/events?limit=10")["events"]
-            start = next(e for e in events if e["type"] == "RUN_START")
-            received.append(start["data"]["launch_received_time"] - t0)
+            launch, t0, run = one_hello(fleet.url)
+            received.append(launch)
             started.append(ts(run["start_time"]) - t0)
             finished.append(ts(run["end_time"]) - t0)
     return {

@@ -11,9 +11,8 @@ assigns it and wakes the agent's poll held by b (NOTIFY).
 
 from __future__ import annotations
 
-import time
-
-from bench.harness import Fleet, get, post, wait
+from bench.harness import Fleet, get, wait
+from bench.latency import one_hello
 
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 LOOPS = {"run-queue", "retries", "scheduler", "sensors", "monitor"}
@@ -26,18 +25,4 @@ def non_leader(runs: int = 50, storage_url: str = POSTGRES_URL) -> list[float]:
         wait(lambda: set(get(f"{leader}/readyz")["leading"]) == LOOPS, 30, "a to lead")
         other = fleet.add_replica()
         fleet.add_agents(1, 4, url=other)
-        received = []
-        for _ in range(runs):
-            t0 = time.time()
-            run_id = post(f"{other}/api/v1/runs", {"job": "hello"})["run_id"]
-
-            def ended(rid: str = run_id) -> dict | None:
-                run = get(f"{other}/api/v1/runs/{rid}")
-                return run if run["end_time"] else None
-
-            run = wait(ended, 60, "the run")
-            assert run["status"] == "SUCCESS", run
-            events = get(f"{other}/api/v1/runs/{run_id}/events?limit=10")["events"]
-            start = next(e for e in events if e["type"] == "RUN_START")
-            received.append(start["data"]["launch_received_time"] - t0)
-    return received
+        return [one_hello(other)[0] for _ in range(runs)]
