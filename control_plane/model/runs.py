@@ -65,6 +65,16 @@ class Run:
         }
 
 
+@dataclass(frozen=True)
+class StatusChange:
+    """One change of a run's status, as the run-status history numbers it (`id`)."""
+
+    id: int
+    run_id: str
+    status: RunStatus
+    time: float
+
+
 @dataclass
 class NewRun:
     run_id: str

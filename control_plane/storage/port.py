@@ -15,7 +15,7 @@ StorageUnavailable (the database cannot be reached) mean "retry later".
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,6 +29,7 @@ from control_plane.model.runs import (
     QueueSnapshot,
     Run,
     RunFilter,
+    StatusChange,
     StopOrder,
     Verdict,
 )
@@ -167,6 +168,20 @@ class RunStore(Protocol):
 
     async def reusable_outputs(self, run: Run) -> dict[str, str]:
         """Each step whose output `run` has (made or reused), with the run storing it."""
+        ...
+
+    async def status_changes(
+        self, after: int, limit: int, statuses: Collection[RunStatus] = ()
+    ) -> list[tuple[StatusChange, Run]]:
+        """Run-status changes numbered above `after` (only to `statuses`, if given),
+        oldest first, each with its run as it is now. Numbers ascend in commit order:
+        once a reader has seen change N, no change numbered below N appears later, so a
+        cursor (the last number read) misses nothing and sees nothing twice."""
+        ...
+
+    async def last_status_change(self) -> int:
+        """The number of the latest status change (0: none yet): where a reader that
+        starts now begins."""
         ...
 
     async def pending_retries(self, limit: int) -> list[Run]:

@@ -32,6 +32,7 @@ from asyncpg.pool import PoolConnectionProxy
 from control_plane.storage.errors import StorageError, StorageFull, StorageUnavailable
 from control_plane.storage.schema import MIGRATIONS, current_version, for_postgres
 from control_plane.storage.sql import SqlStorage
+from control_plane.storage.sql.base import record_status_changes
 from protocol.logs import redact
 
 log = logging.getLogger("fleetrun.storage")
@@ -68,6 +69,7 @@ class PgTx:
 
     def __init__(self, conn: asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy) -> None:
         self.conn = conn
+        self.status_changes: list[tuple[str, str, float]] = []
 
     def _translate(self, sql: str) -> str:
         numbered = self._sql.get(sql)
@@ -114,6 +116,7 @@ class PostgresStorage(SqlStorage):
         )
         self._instance_key = _lock_key(f"fleetrun instance {schema}")
         self._run_space = _lock_key(f"fleetrun runs {schema}")
+        self._history_key = _lock_key(f"fleetrun status history {schema}")
 
     def __repr__(self) -> str:
         return f"PostgresStorage({redact(self.url)})"
@@ -202,7 +205,11 @@ class PostgresStorage(SqlStorage):
         try:
             async with self._p.acquire() as conn, conn.transaction():
                 await conn.execute(lock_sql, *lock_args)
-                yield PgTx(conn)
+                tx = PgTx(conn)
+                yield tx
+                if tx.status_changes:  # numbered under a lock held to the commit
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", self._history_key)
+                    await record_status_changes(tx)
         except asyncpg.DiskFullError as exc:
             if self._full is None:
                 log.error("storage is full: writes fail until space is freed (%s)", exc)

@@ -204,6 +204,19 @@ MIGRATIONS: list[str] = [
     INSERT INTO catalog (id, version) VALUES (1, 0);
     ALTER TABLE agents ADD COLUMN catalog_version INTEGER NOT NULL DEFAULT 0;
     """,
+    # version 9: every change of a run's status in one history, numbered in commit order
+    # (what run status sensors and alerts read from); how often a run was re-queued
+    # because its code location could not be loaded; failed evaluations within a tick
+    """
+    CREATE TABLE run_status_changes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        time REAL NOT NULL
+    );
+    ALTER TABLE runs ADD COLUMN code_retries INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE ticks ADD COLUMN failure_count INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 

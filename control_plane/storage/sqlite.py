@@ -22,6 +22,7 @@ import aiosqlite
 from control_plane.storage.errors import StorageFull
 from control_plane.storage.schema import MIGRATIONS, current_version, statements
 from control_plane.storage.sql import SqlStorage
+from control_plane.storage.sql.base import record_status_changes
 
 log = logging.getLogger("fleetrun.storage")
 
@@ -31,6 +32,7 @@ class SqliteTx:
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         self.db = db
+        self.status_changes: list[tuple[str, str, float]] = []
 
     async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in await self.db.execute_fetchall(sql, args)]
@@ -118,8 +120,10 @@ class SqliteStorage(SqlStorage):
             try:
                 await db.execute("BEGIN IMMEDIATE")
                 changes = db.total_changes
+                tx = SqliteTx(db)
                 try:
-                    yield SqliteTx(db)
+                    yield tx
+                    await record_status_changes(tx)  # one writer: ids in commit order
                 except BaseException:
                     if db.in_transaction:  # on SQLITE_FULL SQLite may have rolled back
                         await db.execute("ROLLBACK")

@@ -26,11 +26,13 @@ TABLES: list[tuple[str, str, str]] = [
         "run_id, job, location, status, status_reason, tags, config, priority,"
         " queue, agent_id, lease, create_time, start_time, end_time, update_time,"
         " last_event_seq, status_time, not_before, failure_kind, retry_pending, parent_run_id,"
-        " root_run_id, resume_count, reuse_outputs, launch_acked, idempotency_key",
+        " root_run_id, resume_count, reuse_outputs, launch_acked, idempotency_key,"
+        " code_retries",
     ),
     ("run_tags", "run_id, key", "value"),
     ("run_attempts", "attempt_id", "run_id, agent_id, create_time, acked_seq"),
     ("events", "id", "run_id, seq, time, type, step, message, data, attempt"),
+    ("run_status_changes", "id", "run_id, status, time"),
     ("compute_logs", "id", "run_id, attempt, step, stream, time, text"),
     ("step_outputs", "run_id, step", "attempt, size, data, create_time"),
     (
@@ -45,14 +47,23 @@ TABLES: list[tuple[str, str, str]] = [
         "ticks",
         "id",
         "location, name, kind, scheduled_time, status, skip_reason, error,"
-        " run_ids, cursor, start_time, end_time",
+        " run_ids, cursor, start_time, end_time, failure_count",
     ),
     ("tokens", "token_id", "name, kind, role, salt, hash, create_time, last_used, revoked_time"),
 ]
+# What is not copied, and why: the destination makes its own.
+NOT_COPIED = {
+    "schema_version": "the destination's migrations write it",
+    "leader_leases": "they belong to running replicas",
+    "evaluations": "they belong to running replicas",
+    "catalog": "a version number each process compares with its own copy",
+    "agents.catalog_version": "the same version number, per agent",
+}
 IDENTITY = {
     "runs": "id",
     "run_attempts": "attempt_id",
     "events": "id",
+    "run_status_changes": "id",
     "compute_logs": "id",
     "ticks": "id",
 }  # the columns whose sequences continue after the copied ids

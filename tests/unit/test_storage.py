@@ -714,3 +714,67 @@ async def test_a_status_write_is_guarded_by_the_update_itself(storage: Storage) 
     winner = RunStatus.SUCCESS if results[0] is not None else RunStatus.FAILURE
     assert ended is not None and ended.status == winner
     assert await last_seq() == seq_before + 2
+
+
+async def test_every_status_change_is_in_the_history_in_order(storage: Storage) -> None:
+    """The run-status history: each change once, numbered in commit order, with the run."""
+    start = await storage.last_status_change()
+    aid = await agent_id(storage)
+    await storage.create_run(new_run("r1"), now=1)
+    await storage.create_run(new_run("r2"), now=1)
+    lease = await assign_lease(storage, "r1", aid, now=2)
+    await storage.append_records("r1", lease, [event(1, "RUN_START")], now=3)
+    await storage.append_records("r1", lease, [event(2, "RUN_SUCCESS")], now=4)
+    await storage.request_cancel("r2", now=5)
+    changes = await storage.status_changes(start, 100)
+    assert [(c.run_id, c.status) for c, _ in changes] == [
+        ("r1", RunStatus.QUEUED),
+        ("r2", RunStatus.QUEUED),
+        ("r1", RunStatus.STARTING),
+        ("r1", RunStatus.STARTED),
+        ("r1", RunStatus.SUCCESS),
+        ("r2", RunStatus.CANCELED),
+    ]
+    ids = [c.id for c, _ in changes]
+    assert ids == sorted(ids) and await storage.last_status_change() == ids[-1]
+    assert all(run.run_id == c.run_id for c, run in changes)
+    ended = await storage.status_changes(start, 100, [RunStatus.SUCCESS, RunStatus.CANCELED])
+    assert [(c.run_id, c.status, c.time) for c, _ in ended] == [
+        ("r1", RunStatus.SUCCESS, 4.0),
+        ("r2", RunStatus.CANCELED, 5.0),
+    ]
+    assert [c.run_id for c, _ in await storage.status_changes(ids[2], 2)] == ["r1", "r1"]
+
+
+async def test_a_reader_of_the_history_misses_no_change_made_concurrently(
+    storage: Storage,
+) -> None:
+    """Runs end in parallel transactions (PostgreSQL commits them in any order) while a
+    reader follows the history with a cursor: it sees every change exactly once."""
+    aid = await agent_id(storage)
+    runs = [f"c{i}" for i in range(120)]
+    for run_id in runs:
+        await storage.create_run(new_run(run_id), now=1)
+    leases = {run_id: await assign_lease(storage, run_id, aid, now=2) for run_id in runs}
+    cursor = await storage.last_status_change()
+    seen: list[tuple[str, RunStatus]] = []
+    writing = True
+
+    async def follow() -> None:
+        nonlocal cursor
+        while writing or await storage.status_changes(cursor, 1):
+            for change, _ in await storage.status_changes(cursor, 1000):
+                seen.append((change.run_id, change.status))
+                cursor = change.id
+            await asyncio.sleep(0)
+
+    async def finish(run_id: str) -> None:
+        records = [event(1, "RUN_START"), event(2, "RUN_SUCCESS")]
+        await storage.append_records(run_id, leases[run_id], records, now=3)
+
+    reader = asyncio.create_task(follow())
+    await asyncio.gather(*(finish(run_id) for run_id in runs))
+    writing = False
+    await asyncio.wait_for(reader, 30)
+    expected = [(r, s) for r in runs for s in (RunStatus.STARTED, RunStatus.SUCCESS)]
+    assert sorted(seen) == sorted(expected)

@@ -10,7 +10,7 @@ from pathlib import Path
 from control_plane.model.runs import NewRun, RunFilter
 from control_plane.model.statuses import RunStatus
 from control_plane.model.tokens import TokenRecord
-from control_plane.storage import open_storage
+from control_plane.storage import open_storage, transfer
 from protocol.messages import CodeLocationInfo, JobInfo, OpInfo, RunRecord
 from tests.conftest import FLEETRUN
 
@@ -110,3 +110,36 @@ def test_migrate_applies_the_schema_and_reports_versions(tmp_path: Path, postgre
     assert f"schema version 0 -> {sqlite_version}" in new_sqlite.stdout
     down = fleetrun("migrate", "--to", "postgresql://postgres@127.0.0.1:1/none")
     assert down.returncode == 1 and "cannot connect" in down.stderr
+
+
+async def test_every_table_and_column_is_copied_or_said_not_to_be(tmp_path: Path) -> None:
+    """A migration that adds a table or a column must say how `fleetrun migrate --from`
+    moves it (transfer.TABLES) or why it does not (transfer.NOT_COPIED)."""
+    store = open_storage(f"sqlite:///{tmp_path}/fleetrun.db")
+    await store.open()
+    try:
+        reader = store._reader  # type: ignore[attr-defined]
+        tables = [
+            name
+            for (name,) in await reader.fetch(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+            )
+        ]
+        schema = {
+            table: {row[1] for row in await reader.fetch(f"PRAGMA table_info({table})")}
+            for table in tables
+        }
+    finally:
+        await store.close()
+    copied = {
+        table: {c.strip() for c in f"{key}, {columns}".split(",")}
+        for table, key, columns in transfer.TABLES
+    }
+    missing = sorted(
+        f"{table}.{column}"
+        for table, columns in schema.items()
+        if table not in transfer.NOT_COPIED
+        for column in columns - copied.get(table, set())
+        if f"{table}.{column}" not in transfer.NOT_COPIED
+    )
+    assert missing == []

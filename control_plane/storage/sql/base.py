@@ -16,7 +16,13 @@ from control_plane.model.tokens import TokenRecord
 
 
 class Tx(Protocol):
-    """One connection inside a transaction (or, for reads, outside one)."""
+    """One connection inside a transaction (or, for reads, outside one).
+
+    `status_changes` collects the run-status changes a write transaction makes; the
+    backend appends them to the history (`record_status_changes`) as it commits, in
+    commit order."""
+
+    status_changes: list[tuple[str, str, float]]
 
     async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
@@ -60,6 +66,18 @@ class SqlBase:
     ) -> None:
         """Deliver other processes' notifications until cancelled (returns at once when
         no other process can share the database)."""
+
+
+async def record_status_changes(db: Tx) -> None:
+    """Append the transaction's status changes to `run_status_changes`: called by the
+    backend just before it commits, once nothing else can make it wait (on PostgreSQL,
+    under a lock held to the commit, so that ids ascend in commit order)."""
+    if db.status_changes:
+        await db.executemany(
+            "INSERT INTO run_status_changes (run_id, status, time) VALUES (?, ?, ?)",
+            db.status_changes,
+        )
+        db.status_changes = []
 
 
 IN_CHUNK = 500  # ids per `IN (...)` list: well under both databases' parameter limits

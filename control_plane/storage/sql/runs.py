@@ -4,10 +4,18 @@ the control plane decides for an attempt (verdicts, retries)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
-from control_plane.model.runs import NewRun, QueueSnapshot, Run, RunFilter, StopOrder, Verdict
+from control_plane.model.runs import (
+    NewRun,
+    QueueSnapshot,
+    Run,
+    RunFilter,
+    StatusChange,
+    StopOrder,
+    Verdict,
+)
 from control_plane.model.statuses import ACTIVE_STATUSES, AGENT_RESTARTED, RunStatus
 from control_plane.storage.sql.base import (
     AGENT_COLUMNS,
@@ -318,6 +326,29 @@ class RunQueries(SqlBase):
 
     async def reusable_outputs(self, run: Run) -> dict[str, str]:
         return await reusable(self._reader, run)
+
+    async def status_changes(
+        self, after: int, limit: int, statuses: Collection[RunStatus] = ()
+    ) -> list[tuple[StatusChange, Run]]:
+        where = "c.id > ?"
+        args: list[object] = [after]
+        if statuses:
+            where += f" AND c.status IN ({marks(statuses)})"
+            args.extend(str(s) for s in statuses)
+        columns = ", ".join(f"r.{c.strip()}" for c in RUN_COLUMNS.split(","))
+        rows = await self._reader.fetch(
+            f"SELECT c.id, c.run_id, c.status, c.time, {columns} FROM run_status_changes c"
+            f" JOIN runs r ON r.run_id = c.run_id WHERE {where} ORDER BY c.id LIMIT ?",
+            [*args, limit],
+        )
+        return [
+            (StatusChange(row[0], row[1], RunStatus(row[2]), row[3]), run_from_row(row[4:]))
+            for row in rows
+        ]
+
+    async def last_status_change(self) -> int:
+        rows = await self._reader.fetch("SELECT MAX(id) FROM run_status_changes")
+        return int(rows[0][0] or 0)
 
     async def pending_retries(self, limit: int) -> list[Run]:
         rows = await self._reader.fetch(

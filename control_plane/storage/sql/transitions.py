@@ -75,7 +75,11 @@ async def transition(
     rows = await db.fetch(
         f"UPDATE runs SET {', '.join(sets)} WHERE {where} RETURNING last_event_seq", args
     )
-    return rows[0][0] if rows else None
+    if not rows:
+        return None
+    db.status_changes.append((run_id, str(new), now))
+    seq: int = rows[0][0]
+    return seq
 
 
 async def _insert_event(
