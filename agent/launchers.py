@@ -30,7 +30,12 @@ from agent.forkserver import WORKER_FDS, ForkServer, ForkServerGone
 from agent.processes import LeftProcess, left_behind_event
 from agent.tracking import ProcessScope, SweepTracking, Tracking
 from protocol.codec import FRAME_HEADER_SIZE, ProtocolError, decode, frame, frame_length
-from protocol.events import TERMINAL_EVENTS, record_shape_problem
+from protocol.events import (
+    CODE_UNREACHABLE,
+    TERMINAL_EVENTS,
+    WORKER_CRASH,
+    record_shape_problem,
+)
 from protocol.messages import (
     CodeLocationInfo,
     DescribeLocation,
@@ -504,11 +509,14 @@ class LaunchedRun:
                 lambda env: launcher.start(loc, spec, env=env),
             )
         except OSError as exc:
+            # No such executable (or not one): the location's Python is unreachable, as
+            # much as code that does not import; anything else is this host's trouble.
+            missing = isinstance(exc, FileNotFoundError | PermissionError | NotADirectoryError)
             self.state = "exited"
             self.report(
                 "RUN_FAILURE",
                 f"could not start the run worker: {exc}",
-                {"failure_kind": "worker_crash"},
+                {"failure_kind": CODE_UNREACHABLE if missing else WORKER_CRASH},
             )
             return
         self.process = proc
@@ -533,7 +541,7 @@ class LaunchedRun:
             self.report(
                 "RUN_FAILURE",
                 f"run worker (pid {proc.pid}) {how} without reporting a result",
-                {"exit_code": self.exit_code, "failure_kind": "worker_crash"},
+                {"exit_code": self.exit_code, "failure_kind": WORKER_CRASH},
             )
 
     async def _follow(self, proc: WorkerProcess, scope: ProcessScope) -> list[LeftProcess]:

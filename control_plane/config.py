@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from control_plane.model.runs import ResumeRules
 from control_plane.model.submission import RunRules
 from control_plane.storage import url_problem
 from protocol.codec import DecodeLimits
@@ -125,12 +126,20 @@ class RunCoordinatorConfig:
     kind: str = "queued"
     max_concurrent_runs: int = 10
     tag_concurrency_limits: list[TagConcurrencyLimit] = field(default_factory=list)
+    # A run whose code location cannot be loaded waits and is launched again, this many
+    # times, before it fails (Dagster's max_user_code_failure_retries); 0: it fails.
+    max_user_code_failure_retries: int = 0
+    user_code_failure_retry_delay_seconds: float = 60.0
 
     def problems(self) -> Iterator[FieldError]:
         if self.kind not in ("queued", "default"):
             yield FieldError("kind", f"must be 'queued' or 'default', not {self.kind!r}")
         if self.max_concurrent_runs < -1:
             yield FieldError("max_concurrent_runs", "must be >= 0, or -1 for no limit")
+        if not 0 <= self.max_user_code_failure_retries <= 1000:
+            yield FieldError("max_user_code_failure_retries", "must be between 0 and 1000")
+        if not 0 <= self.user_code_failure_retry_delay_seconds <= 86400:
+            yield FieldError("user_code_failure_retry_delay_seconds", "must be between 0 and 86400")
 
 
 @dataclass(frozen=True)
@@ -199,6 +208,14 @@ class ControlPlaneConfig:
         """A copy with fields of some sections changed: `updated(auth={"enabled": True})`."""
         changed = {name: replace(getattr(self, name), **kw) for name, kw in sections.items()}
         return replace(self, **changed)
+
+    def resume_rules(self) -> ResumeRules:
+        """When a failed attempt puts its run back in the queue (model/runs.py)."""
+        return ResumeRules(
+            self.run_monitoring.max_resume_run_attempts,
+            self.run_coordinator.max_user_code_failure_retries,
+            self.run_coordinator.user_code_failure_retry_delay_seconds,
+        )
 
     def run_rules(self) -> RunRules:
         """What every new run is held to (model/submission.py), from `[limits]`."""

@@ -34,7 +34,14 @@ STEP_EVENTS = frozenset(
 )
 AGENT_EVENTS = AGENT_RUN_EVENTS | STEP_EVENTS | {LOG, ENGINE_EVENT}
 CONTROL_PLANE_EVENTS = frozenset(
-    {"RUN_ENQUEUED", "RUN_STARTING", "RUN_CANCELING", "RUN_RETRY", "RUN_WORKER_RESTARTED"}
+    {
+        "RUN_ENQUEUED",
+        "RUN_STARTING",
+        "RUN_CANCELING",
+        "RUN_RETRY",
+        "RUN_WORKER_RESTARTED",
+        "RUN_REQUEUED",
+    }
 )
 LOG_STREAMS = frozenset({"stdout", "stderr"})
 
@@ -43,7 +50,8 @@ LOG_STREAMS = frozenset({"stdout", "stderr"})
 WORKER_CRASH = "worker_crash"  # the worker exited without a result
 AGENT_LOST = "agent_lost"  # stopped because its agent lost the control plane or shut down
 UNDELIVERABLE = "undeliverable"  # the agent could not read or start the launch
-AGENT_FAILURE_KINDS = frozenset({WORKER_CRASH, AGENT_LOST, UNDELIVERABLE})
+CODE_UNREACHABLE = "code_unreachable"  # the run's code location could not be loaded
+AGENT_FAILURE_KINDS = frozenset({WORKER_CRASH, AGENT_LOST, UNDELIVERABLE, CODE_UNREACHABLE})
 RECORD_KINDS = frozenset({"event", "log"})
 
 

@@ -39,12 +39,15 @@ def _import(spec: LocationSpec) -> ModuleType:
 
 
 def load_definitions(spec: LocationSpec) -> Definitions:
-    """Import the location and return its single `Definitions` object."""
+    """Import the location and return its single `Definitions` object. What the import
+    raises is a load error, `sys.exit` included; a stop order's interruption (a
+    BaseException of the worker's) is not, and goes through: the run was stopped, its
+    code did not fail."""
     try:
         module = _import(spec)
     except LocationLoadError:
         raise
-    except BaseException as exc:
+    except (Exception, SystemExit) as exc:
         detail = "".join(traceback.format_exception(exc))
         raise LocationLoadError(
             f"code location {spec.name!r} failed to import: {type(exc).__name__}: {exc}\n{detail}"

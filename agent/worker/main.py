@@ -28,6 +28,7 @@ from agent.processes import (
     left_behind_event,
 )
 from protocol.codec import FRAME_HEADER_SIZE, decode_any, frame, frame_length
+from protocol.events import CODE_UNREACHABLE
 from protocol.messages import DescribeLocation, EvaluateSpec, WorkerSpec
 
 RECORD_FD_ENV = "FLEETRUN_RECORD_FD"
@@ -84,10 +85,22 @@ def _run(spec: WorkerSpec, fd: int) -> int:
     launch = spec.launch
     try:
         defs = load_definitions(spec.location)
+    except LocationLoadError as exc:
+        sink.event(
+            "RUN_FAILURE",
+            f"could not load job {launch.job!r}: {exc}",
+            data={
+                "error_type": type(exc).__name__,
+                "message": str(exc),
+                "failure_kind": CODE_UNREACHABLE,
+            },
+        )
+        return 1
+    try:
         job = defs.get_job(launch.job)
         options = executor_options(job.executor, launch.config.get("execution"))
         executor = get_executor(options["name"])
-    except (LocationLoadError, KeyError, ValueError) as exc:
+    except (KeyError, ValueError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         sink.event(
             "RUN_FAILURE",

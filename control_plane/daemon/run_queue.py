@@ -106,8 +106,7 @@ def plan_dispatch(
 
     for run in snapshot.queued:
         if run.not_before is not None and run.not_before > now:
-            delayed = f"retry delay: starts after {iso(run.not_before)}"
-            plan.decisions.append(Decision(run, reason=delayed))
+            plan.decisions.append(Decision(run, reason=_delay_reason(run, run.not_before)))
             plan.next_wake = min(plan.next_wake or run.not_before, run.not_before)
             continue
         reason = _held_back(run, global_limit, active_ids, rules, holders)
@@ -129,6 +128,15 @@ def plan_dispatch(
     for (i, bucket), ids in sorted(holders.items()):
         plan.limits.append(LimitUsage(f"tag {bucket}", rules[i].limit, ids))
     return plan
+
+
+def _delay_reason(run: Run, not_before: float) -> str:
+    if run.code_retries:
+        return (
+            f"waiting for its code location {run.location}, which could not be loaded: "
+            f"tries again after {iso(not_before)} (retry {run.code_retries})"
+        )
+    return f"retry delay: starts after {iso(not_before)}"
 
 
 def _held_back(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from control_plane.bus import MONITOR, RUN, WakeBus, runs_changed
 from control_plane.fleet.dispatch import Dispatcher
 from control_plane.metrics import Metrics
+from control_plane.model.runs import ResumeRules
 from control_plane.model.statuses import TERMINAL_STATUSES, RunStatus
 from control_plane.storage.errors import RecordRefused
 from control_plane.storage.port import Storage
@@ -24,13 +25,13 @@ async def ingest(
     dispatcher: Dispatcher,
     metrics: Metrics,
     now: float,
-    resume_limit: int,
+    resume: ResumeRules,
 ) -> int:
     """Store `batch`; the highest sequence number stored so far for its attempt.
     Raises RecordRefused (after waking the run's watchers) for a record the run may
     not take: the run has then failed, saying why."""
     result = await storage.append_records(
-        batch.run_id, batch.lease, batch.records, now, resume_limit, agent_id=batch.agent_id
+        batch.run_id, batch.lease, batch.records, now, resume, agent_id=batch.agent_id
     )
     metrics.records_stored(result.stored)
     if result.refused is not None:

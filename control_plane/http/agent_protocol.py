@@ -220,7 +220,7 @@ async def events(app: web.Application, msg: EventBatch, _: Principal | None) -> 
         app[DISPATCHER],
         app[METRICS],
         app[CLOCK].time(),
-        config.run_monitoring.max_resume_run_attempts,
+        config.resume_rules(),
     )
     return EventAck(acked_seq=acked_seq)
 

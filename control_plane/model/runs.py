@@ -42,6 +42,7 @@ class Run:
     resume_count: int = 0
     reuse_outputs: dict[str, str] = field(default_factory=dict)
     launch_acked: bool = False
+    code_retries: int = 0  # re-queued this many times because its code could not be loaded
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -63,6 +64,21 @@ class Run:
             "not_before": iso(self.not_before),
             "reuse_outputs": self.reuse_outputs,
         }
+
+
+@dataclass(frozen=True)
+class ResumeRules:
+    """When an attempt that failed puts its run back in the queue instead of failing it:
+    a lost worker resumes in place (`[run_monitoring] max_resume_run_attempts`); a run
+    whose code location could not be loaded waits and tries again
+    (`[run_coordinator] max_user_code_failure_retries`, Dagster's name)."""
+
+    worker_restarts: int = 0
+    code_retries: int = 0
+    code_retry_delay: float = 60.0
+
+
+NO_RESUMES = ResumeRules()
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from protocol.events import AGENT_LOST, UNDELIVERABLE, WORKER_CRASH
+from protocol.events import AGENT_LOST, CODE_UNREACHABLE, UNDELIVERABLE, WORKER_CRASH
 
 
 class RunStatus(StrEnum):
@@ -35,6 +35,7 @@ EVENT_STATUS: dict[str, RunStatus] = {
     "RUN_CANCELING": RunStatus.CANCELING,
     "RUN_CANCELED": RunStatus.CANCELED,
     "RUN_WORKER_RESTARTED": RunStatus.QUEUED,  # a lost worker's run, back to the queue
+    "RUN_REQUEUED": RunStatus.QUEUED,  # its code could not be loaded: it waits to try again
 }
 
 # Why a run failed, as `Run.failure_kind`. Retries of op failures can be turned off;
@@ -54,6 +55,7 @@ FAILURE_KINDS = frozenset(
         MAX_RUNTIME,
         REFUSED_RECORD,
         UNDELIVERABLE,
+        CODE_UNREACHABLE,
     }
 )
 RESUMABLE_KINDS = frozenset({WORKER_CRASH, AGENT_LOST, AGENT_RESTARTED})

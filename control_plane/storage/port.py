@@ -23,10 +23,12 @@ from control_plane.model.agents import Agent
 from control_plane.model.catalog import CodeCatalog, CodeLocation
 from control_plane.model.instigators import InstigatorState, Tick
 from control_plane.model.runs import (
+    NO_RESUMES,
     Event,
     LogChunk,
     NewRun,
     QueueSnapshot,
+    ResumeRules,
     Run,
     RunFilter,
     StatusChange,
@@ -205,14 +207,15 @@ class EventLog(Protocol):
         lease: int,
         records: list[RunRecord],
         now: float,
-        resume_limit: int = 0,
+        resume: ResumeRules = NO_RESUMES,
         agent_id: str | None = None,
     ) -> AppendResult:
         """Store an attempt's records in seq order, each once (a resent seq is skipped,
         a gap ends the batch). UnknownRun, NotYourRun (`agent_id` is not the holder),
         StaleLease. Each record is screened (model/records.py): at the first refused
         one the batch stops, what came before is stored, a run still going fails
-        (`refused_record`) and its lease ends. A worker crash may resume the run."""
+        (`refused_record`) and its lease ends. A worker crash, or code that could not be
+        loaded, may put the run back in the queue instead (`resume`)."""
         ...
 
     async def put_output(self, run_id: str, lease: int, step: str, data: bytes, now: float) -> None:

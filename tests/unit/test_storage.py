@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from control_plane.model.runs import NewRun, QueueSnapshot, Run, RunFilter
+from control_plane.model.runs import NewRun, QueueSnapshot, ResumeRules, Run, RunFilter
 from control_plane.model.statuses import RunStatus
 from control_plane.storage import Storage
 from control_plane.storage.errors import NotYourRun, RecordRefused, StaleLease, UnknownRun
@@ -456,7 +456,8 @@ async def test_a_crashed_worker_resumes_the_run_until_attempts_run_out(storage: 
         message="exit 9",
         data={"failure_kind": "worker_crash"},
     )
-    result = await storage.append_records("r1", lease, [done, crash], now=3, resume_limit=1)
+    one_resume = ResumeRules(worker_restarts=1)
+    result = await storage.append_records("r1", lease, [done, crash], now=3, resume=one_resume)
     assert result.status == RunStatus.QUEUED
     run = await storage.get_run("r1")
     assert run is not None and (run.lease, run.agent_id, run.resume_count) == (None, None, 1)
@@ -469,7 +470,7 @@ async def test_a_crashed_worker_resumes_the_run_until_attempts_run_out(storage: 
     assert second > lease
     await storage.append_records("r1", second, [event(1, "RUN_START")], now=5)
     crash = dataclasses.replace(crash, seq=2)
-    result = await storage.append_records("r1", second, [crash], now=6, resume_limit=1)
+    result = await storage.append_records("r1", second, [crash], now=6, resume=one_resume)
     run = await storage.get_run("r1")
     assert run is not None and run.status == RunStatus.FAILURE
     assert run.failure_kind == "worker_crash"

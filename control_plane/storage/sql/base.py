@@ -98,7 +98,8 @@ def marks(values: Collection[object]) -> str:
 RUN_COLUMNS = (
     "run_id, job, location, status, status_reason, tags, config, agent_id, lease, "
     "create_time, start_time, end_time, priority, queue, status_time, not_before, "
-    "failure_kind, parent_run_id, root_run_id, resume_count, reuse_outputs, launch_acked, id"
+    "failure_kind, parent_run_id, root_run_id, resume_count, reuse_outputs, launch_acked, "
+    "code_retries, id"
 )
 
 
@@ -126,6 +127,7 @@ def run_from_row(row: Iterable[Any]) -> Run:
         resumes,
         reuse,
         acked,
+        code_retries,
         _id,
     ) = row
     return Run(
@@ -151,6 +153,7 @@ def run_from_row(row: Iterable[Any]) -> Run:
         resume_count=resumes,
         reuse_outputs=json.loads(reuse),
         launch_acked=bool(acked),
+        code_retries=code_retries,
     )
 
 

@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from control_plane.model.records import Take, output_problem, screen_record
-from control_plane.model.runs import Event, LogChunk, Run
+from control_plane.model.runs import NO_RESUMES, Event, LogChunk, ResumeRules, Run
 from control_plane.model.statuses import (
     ACTIVE_STATUSES,
     EVENT_STATUS,
@@ -22,7 +22,12 @@ from control_plane.storage.errors import NotYourRun, RecordRefused, StaleLease, 
 from control_plane.storage.port import AppendResult
 from control_plane.storage.sql.base import SqlBase, Tx, event_json
 from control_plane.storage.sql.catalog import CatalogCache
-from control_plane.storage.sql.transitions import append_event, fail, get_run, known_kind
+from control_plane.storage.sql.transitions import (
+    append_event,
+    fail,
+    get_run,
+    known_kind,
+)
 from protocol.events import AGENT_FAILURE_KINDS, RUN_FAILURE
 from protocol.messages import RunRecord
 
@@ -40,7 +45,7 @@ class EventQueries(SqlBase):
         lease: int,
         records: list[RunRecord],
         now: float,
-        resume_limit: int = 0,
+        resume: ResumeRules = NO_RESUMES,
         agent_id: str | None = None,
     ) -> AppendResult:
         async with self._write(run_id) as db:
@@ -86,7 +91,7 @@ class EventQueries(SqlBase):
                         kind,
                         record.message,
                         now,
-                        resume_limit,
+                        resume,
                         record.data,
                         event_time=record.time,
                     )
@@ -198,7 +203,7 @@ async def _leased(db: Tx, run_id: str, lease: int, agent_id: str | None = None) 
 
 async def _refuse(db: Tx, run: Run, what: str, now: float) -> RunStatus:
     """A running run whose agent sent what it may not: it fails, and its lease ends."""
-    status = await fail(db, run, REFUSED_RECORD, f"the agent sent {what}", now, 0)
+    status = await fail(db, run, REFUSED_RECORD, f"the agent sent {what}", now)
     await db.execute("UPDATE runs SET lease = NULL WHERE run_id = ?", (run.run_id,))
     return status
 

@@ -10,6 +10,7 @@ from typing import Any
 from control_plane.model.runs import (
     NewRun,
     QueueSnapshot,
+    ResumeRules,
     Run,
     RunFilter,
     StatusChange,
@@ -277,7 +278,8 @@ class RunQueries(SqlBase):
                         lease=run.lease,
                     )
                 else:
-                    await fail(db, run, verdict.kind, verdict.message, now, resume_limit)
+                    resume = ResumeRules(worker_restarts=resume_limit)
+                    await fail(db, run, verdict.kind, verdict.message, now, resume)
                 await db.execute("UPDATE runs SET lease = NULL WHERE run_id = ?", (run.run_id,))
                 changed.append(await get_run(db, run.run_id))
         return [r for r in changed if r is not None]

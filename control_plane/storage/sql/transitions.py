@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from control_plane.model.runs import NewRun, Run
+from control_plane.model.runs import NO_RESUMES, NewRun, ResumeRules, Run
 from control_plane.model.statuses import (
     EVENT_STATUS,
     FAILURE_KINDS,
@@ -24,6 +24,7 @@ from control_plane.model.statuses import (
     sources_of,
 )
 from control_plane.storage.sql.base import RUN_COLUMNS, Tx, event_json, marks, run_from_row
+from protocol.events import CODE_UNREACHABLE
 
 
 async def get_run(db: Tx, run_id: str) -> Run | None:
@@ -197,18 +198,45 @@ async def fail(
     kind: str,
     message: str,
     now: float,
-    resume_limit: int,
+    resume: ResumeRules = NO_RESUMES,
     data: dict[str, Any] | None = None,
     event_time: float | None = None,
 ) -> RunStatus:
-    """FAILURE, or - for a lost worker with resume attempts left - back to the queue
-    (`RUN_WORKER_RESTARTED`). A resumed run gets a new lease when it is dispatched
-    again, so anything the lost attempt still sends is refused."""
+    """FAILURE, or back to the queue: a lost worker with resume attempts left restarts
+    (`RUN_WORKER_RESTARTED`); a run whose code could not be loaded, with code retries
+    left, waits and tries again (`RUN_REQUEUED`). A run back in the queue gets a new
+    lease when it is dispatched again, so anything the old attempt still sends is
+    refused."""
     data = {**(data or {}), "failure_kind": kind}
-    if kind in RESUMABLE_KINDS and run.resume_count < resume_limit:
+    if kind == CODE_UNREACHABLE and run.code_retries < resume.code_retries:
+        number, delay = run.code_retries + 1, resume.code_retry_delay
+        waiting = (
+            f"{message}; the run waits for its code location {run.location} and tries "
+            f"again after {delay:g} s (retry {number} of {resume.code_retries})"
+        )
+        status, changed = await append_event(
+            db,
+            run.run_id,
+            now,
+            "RUN_REQUEUED",
+            waiting,
+            {**data, "code_retry": number, "delay_seconds": delay},
+            attempt=run.lease,
+            event_time=event_time,
+            lease=run.lease,
+        )
+        if changed:
+            await db.execute(
+                "UPDATE runs SET agent_id = NULL, lease = NULL, not_before = ?,"
+                " code_retries = code_retries + 1 WHERE run_id = ?",
+                (now + delay, run.run_id),
+            )
+            return status
+    if kind in RESUMABLE_KINDS and run.resume_count < resume.worker_restarts:
         attempt = run.resume_count + 2
         restarted = (
-            f"{message}; restarting the run worker (attempt {attempt} of {resume_limit + 1})"
+            f"{message}; restarting the run worker "
+            f"(attempt {attempt} of {resume.worker_restarts + 1})"
         )
         status, changed = await append_event(
             db,
