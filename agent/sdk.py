@@ -24,6 +24,7 @@ from protocol.tags import tag_problem
 from protocol.validation import (
     MAX_NAME_LENGTH,
     NAME_RE,
+    SENSOR_RUN_STATUSES,
     cron_problem,
     timezone_problem,
 )
@@ -44,14 +45,20 @@ __all__ = [
     "RetryPolicy",
     "RetryRequested",
     "RunRequest",
+    "RunStatusSensorContext",
+    "RunStatusSensorDefinition",
     "ScheduleDefinition",
     "ScheduleEvaluationContext",
     "SensorDefinition",
     "SensorEvaluationContext",
     "SkipReason",
+    "StepFailure",
+    "WatchedRun",
     "build_op_context",
     "job",
     "op",
+    "run_failure_sensor",
+    "run_status_sensor",
     "schedule",
     "sensor",
 ]
@@ -578,6 +585,35 @@ class SensorEvaluationContext:
         self.cursor = cursor
 
 
+@dataclass(frozen=True)
+class WatchedRun:
+    """A run as a run status sensor sees it (Dagster's `context.dagster_run`)."""
+
+    run_id: str
+    job: str
+    status: str
+    tags: dict[str, str]
+    status_reason: str | None = None
+    failure_kind: str | None = None  # op_failure, worker_crash, agent_lost, ... (FAILURE)
+
+
+@dataclass(frozen=True)
+class StepFailure:
+    """A step that failed in a watched run, and its error."""
+
+    step: str
+    error: str
+
+
+class RunStatusSensorContext:
+    """What a run status sensor's function receives, once per run that reached its
+    status: the run, and for a failed run the steps that failed."""
+
+    def __init__(self, run: WatchedRun, failure_steps: list[StepFailure] | None = None) -> None:
+        self.run = run
+        self.failure_steps = failure_steps or []
+
+
 class DefaultScheduleStatus(StrEnum):
     """Whether a schedule ticks before anyone turns it on; off by default, as in Dagster."""
 
@@ -655,7 +691,7 @@ class SensorDefinition:
     def __init__(
         self,
         fn: Callable[..., Any],
-        job: JobDefinition,
+        job: JobDefinition | None,
         minimum_interval_seconds: float = 30,
         name: str | None = None,
         default_status: DefaultSensorStatus = DefaultSensorStatus.STOPPED,
@@ -663,7 +699,9 @@ class SensorDefinition:
         _check_callable("sensor", fn)
         self.name = _default_name("sensor", name, fn)
         self.fn = fn
-        self.job = _check_job_target("sensor", self.name, job)
+        # None only for a run status sensor that requests no job of its own
+        optional = job is None and isinstance(self, RunStatusSensorDefinition)
+        self.job = None if optional else _check_job_target("sensor", self.name, job)
         interval = minimum_interval_seconds
         if not _is_number(interval) or not math.isfinite(interval) or interval <= 0:
             raise DefinitionError(
@@ -681,6 +719,49 @@ class SensorDefinition:
 
     def __repr__(self) -> str:
         return f"<sensor {self.name} every {self.minimum_interval_seconds}s>"
+
+
+class RunStatusSensorDefinition(SensorDefinition):
+    """A sensor evaluated once for each run of its monitored jobs that reached
+    `run_status` since its last tick (Dagster's run status sensor). It may return run
+    requests (of `request_job`, or the job a request names) or only act."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        run_status: str,
+        monitored_jobs: Iterable[JobDefinition | str] | None = None,
+        request_job: JobDefinition | None = None,
+        minimum_interval_seconds: float = 30,
+        name: str | None = None,
+        default_status: DefaultSensorStatus = DefaultSensorStatus.STOPPED,
+        monitor_all_code_locations: bool = False,
+    ) -> None:
+        name = _default_name("run status sensor", name, fn)
+        super().__init__(fn, request_job, minimum_interval_seconds, name, default_status)
+        if run_status not in SENSOR_RUN_STATUSES:
+            raise DefinitionError(
+                f"sensor {name}: run_status must be one of {', '.join(SENSOR_RUN_STATUSES)}, "
+                f"got {run_status!r}"
+            )
+        self.run_status = str(run_status)
+        self.monitored_jobs = [_monitored_job(name, j) for j in monitored_jobs or []]
+        if not isinstance(monitor_all_code_locations, bool):
+            raise DefinitionError(f"sensor {name}: monitor_all_code_locations must be a bool")
+        self.monitor_all_code_locations = monitor_all_code_locations
+
+    def __repr__(self) -> str:
+        return f"<run status sensor {self.name} on {self.run_status}>"
+
+
+def _monitored_job(sensor_name: str, job: object) -> str:
+    if isinstance(job, JobDefinition):
+        return job.name
+    if isinstance(job, str):
+        return _check_name("monitored job", job)
+    raise DefinitionError(
+        f"sensor {sensor_name}: monitored_jobs holds jobs or job names, got {job!r}"
+    )
 
 
 def schedule(
@@ -714,6 +795,57 @@ def sensor(
         return SensorDefinition(fn, job, minimum_interval_seconds, name, default_status)
 
     return decorate
+
+
+def run_status_sensor(
+    *,
+    run_status: str,
+    monitored_jobs: Iterable[JobDefinition | str] | None = None,
+    request_job: JobDefinition | None = None,
+    minimum_interval_seconds: float = 30,
+    name: str | None = None,
+    default_status: DefaultSensorStatus = DefaultSensorStatus.STOPPED,
+    monitor_all_code_locations: bool = False,
+) -> Callable[[Callable[..., Any]], RunStatusSensorDefinition]:
+    """Define a run status sensor: the function is called with a RunStatusSensorContext
+    for each run of `monitored_jobs` (default: every job of this code location; with
+    `monitor_all_code_locations`, of every location) that reached `run_status`, from
+    the moment the sensor is first evaluated (no replay of history)."""
+
+    def decorate(fn: Callable[..., Any]) -> RunStatusSensorDefinition:
+        return RunStatusSensorDefinition(
+            fn,
+            run_status,
+            monitored_jobs,
+            request_job,
+            minimum_interval_seconds,
+            name,
+            default_status,
+            monitor_all_code_locations,
+        )
+
+    return decorate
+
+
+def run_failure_sensor(
+    *,
+    monitored_jobs: Iterable[JobDefinition | str] | None = None,
+    request_job: JobDefinition | None = None,
+    minimum_interval_seconds: float = 30,
+    name: str | None = None,
+    default_status: DefaultSensorStatus = DefaultSensorStatus.STOPPED,
+    monitor_all_code_locations: bool = False,
+) -> Callable[[Callable[..., Any]], RunStatusSensorDefinition]:
+    """A run status sensor on FAILURE; `context.failure_steps` has the failed steps."""
+    return run_status_sensor(
+        run_status="FAILURE",
+        monitored_jobs=monitored_jobs,
+        request_job=request_job,
+        minimum_interval_seconds=minimum_interval_seconds,
+        name=name,
+        default_status=default_status,
+        monitor_all_code_locations=monitor_all_code_locations,
+    )
 
 
 class Definitions:
@@ -751,7 +883,8 @@ class Definitions:
                     f"Definitions: sensor {sensor.name!r} has the same name as a schedule"
                 )
             self.sensors[sensor.name] = sensor
-            self._add_target("sensor", sensor.name, sensor.job)
+            if sensor.job is not None:
+                self._add_target("sensor", sensor.name, sensor.job)
 
     def _add_target(self, kind: str, name: str, target: JobDefinition) -> None:
         """Jobs only reachable through a schedule or sensor still need to be runnable."""

@@ -101,10 +101,15 @@ class DaemonConfig:
     """The daemon loops; with several replicas, each loop runs on one at a time."""
 
     leader_lease_seconds: float = 6.0  # a dead leader's loops move within this long
+    # A schedule or sensor whose evaluation fails is evaluated again within the same tick
+    # this many times before the tick is FAILURE (each failure counts in failure_count).
+    max_tick_retries: int = 0
 
     def problems(self) -> Iterator[FieldError]:
         if not 1.0 <= self.leader_lease_seconds <= 300:
             yield FieldError("leader_lease_seconds", "must be between 1 and 300")
+        if not 0 <= self.max_tick_retries <= 10:
+            yield FieldError("max_tick_retries", "must be between 0 and 10")
 
 
 @dataclass(frozen=True)

@@ -42,10 +42,16 @@ class ScheduleInfo:
 
 @dataclass(frozen=True)
 class SensorInfo:
+    """A sensor; with `run_status`, a run status sensor: evaluated once per run of its
+    monitored jobs that reached that status (`job` is "" if it requests no job)."""
+
     name: str
     job: str
     minimum_interval_seconds: float = 30.0
     default_status: str = "STOPPED"
+    run_status: str | None = None
+    monitored_jobs: list[str] = field(default_factory=list)  # empty: its location's jobs
+    monitor_all_locations: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,9 +66,30 @@ class CodeLocationInfo:
 
 
 @dataclass(frozen=True)
+class FailedStep:
+    step: str
+    error: str
+
+
+@dataclass(frozen=True)
+class RunChange:
+    """A run that reached the status a run status sensor watches, as it is now."""
+
+    run_id: str
+    job: str
+    location: str
+    status: str
+    tags: dict[str, str] = field(default_factory=dict)
+    status_reason: str | None = None
+    failure_kind: str | None = None
+    failure_steps: list[FailedStep] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Evaluate:
     """Evaluate a schedule tick or a sensor in the agent (user code never runs in the
-    control plane). `scheduled_time`: the tick's instant (schedules)."""
+    control plane). `scheduled_time`: the tick's instant (schedules); `run_changes`: the
+    runs a run status sensor is evaluated for, one call each."""
 
     eval_id: str
     location: str
@@ -72,6 +99,7 @@ class Evaluate:
     cursor: str | None = None
     last_run_key: str | None = None
     timeout_seconds: float = 60.0
+    run_changes: list[RunChange] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -304,4 +332,6 @@ FIELDS_SINCE: dict[str, dict[str, int]] = {
     "PollReply": {"stops": 2, "evaluations": 2},
     "CodeLocationInfo": {"schedules": 2, "sensors": 2},
     "LaunchRun": {"reuse_outputs": 2},
+    "SensorInfo": {"run_status": 3, "monitored_jobs": 3, "monitor_all_locations": 3},
+    "Evaluate": {"run_changes": 3},
 }

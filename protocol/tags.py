@@ -29,6 +29,7 @@ SCHEDULE_TAG = "fleetrun/schedule"
 SENSOR_TAG = "fleetrun/sensor"
 TICK_TAG = "fleetrun/tick"
 RUN_KEY_TAG = "fleetrun/run_key"
+RETRY_ON_OP_FAILURE_TAG = "fleetrun/retry_on_op_failure"
 
 RETRY_STRATEGIES = ("FROM_FAILURE", "ALL_STEPS")
 ON_LOST_CONTACT_CHOICES = ("continue", "stop")
@@ -78,6 +79,7 @@ TAG_CHECKS: dict[str, Callable[[str], str | None]] = {
     RETRY_STRATEGY_TAG: _one_of(*RETRY_STRATEGIES),
     MAX_RUNTIME_TAG: _seconds,
     ON_LOST_CONTACT_TAG: _one_of(*ON_LOST_CONTACT_CHOICES),
+    RETRY_ON_OP_FAILURE_TAG: _one_of("true", "false"),
 }
 
 

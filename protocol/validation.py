@@ -27,6 +27,17 @@ _CRON_PROBE_START = datetime(2024, 1, 1, tzinfo=UTC)
 MAX_CRON_LENGTH = 256
 MAX_CATCHUP = 10_000
 MAX_SENSOR_INTERVAL = 365 * 86400.0
+# The run statuses a run status sensor may watch (every status a run can change to).
+SENSOR_RUN_STATUSES = (
+    "QUEUED",
+    "STARTING",
+    "STARTED",
+    "SUCCESS",
+    "FAILURE",
+    "CANCELING",
+    "CANCELED",
+)
+MAX_MONITORED_JOBS = 1000
 
 
 AGENT_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,253}")  # host names qualify
@@ -99,8 +110,10 @@ def location_problem(info: CodeLocationInfo) -> str | None:
         interval = sensor.minimum_interval_seconds
         checks = [
             ("name", name_problem(sensor.name)),
-            ("job", name_problem(sensor.job)),
+            ("job", _sensor_job_problem(sensor.job, sensor.run_status)),
             ("default_status", _status_problem(sensor.default_status)),
+            ("run_status", _run_status_problem(sensor.run_status)),
+            ("monitored_jobs", _monitored_jobs_problem(sensor.monitored_jobs)),
             (
                 "minimum_interval_seconds",
                 None
@@ -127,6 +140,23 @@ def _job_problem(job: JobInfo) -> str | None:
             return f"step {op.name} has a tag that is not valid Unicode text"
     problem = tag_problem(job.tags)
     return None if problem is None else f"tags: {problem}"
+
+
+def _sensor_job_problem(job: str, run_status: str | None) -> str | None:
+    """A run status sensor may request no job (it only has side effects)."""
+    return None if job == "" and run_status is not None else name_problem(job)
+
+
+def _run_status_problem(status: str | None) -> str | None:
+    if status is None or status in SENSOR_RUN_STATUSES:
+        return None
+    return f"must be one of {', '.join(SENSOR_RUN_STATUSES)}"
+
+
+def _monitored_jobs_problem(jobs: list[str]) -> str | None:
+    if len(jobs) > MAX_MONITORED_JOBS:
+        return f"may name at most {MAX_MONITORED_JOBS} jobs"
+    return next((f"{name!r} {p}" for name in jobs if (p := name_problem(name))), None)
 
 
 def _status_problem(status: str) -> str | None:

@@ -7,10 +7,11 @@ import importlib.util
 import os
 import sys
 import traceback
+from dataclasses import replace
 from types import ModuleType
 
 from agent.errors import AgentError
-from agent.sdk import Definitions
+from agent.sdk import Definitions, RunStatusSensorDefinition, SensorDefinition
 from protocol.messages import CodeLocationInfo, LocationSpec, ScheduleInfo, SensorInfo
 from protocol.validation import location_problem
 
@@ -81,17 +82,26 @@ def describe(spec: LocationSpec) -> CodeLocationInfo:
             )
             for s in defs.schedules.values()
         ],
-        sensors=[
-            SensorInfo(
-                name=s.name,
-                job=s.job.name,
-                minimum_interval_seconds=float(s.minimum_interval_seconds),
-                default_status=str(s.default_status),
-            )
-            for s in defs.sensors.values()
-        ],
+        sensors=[_sensor_info(s) for s in defs.sensors.values()],
     )
     # What the control plane would refuse is this location's load error, so the
     # agent's other locations still register and serve.
     problem = location_problem(info)
     return info if problem is None else CodeLocationInfo(name=spec.name, error=problem)
+
+
+def _sensor_info(sensor: SensorDefinition) -> SensorInfo:
+    info = SensorInfo(
+        name=sensor.name,
+        job="" if sensor.job is None else sensor.job.name,
+        minimum_interval_seconds=float(sensor.minimum_interval_seconds),
+        default_status=str(sensor.default_status),
+    )
+    if not isinstance(sensor, RunStatusSensorDefinition):
+        return info
+    return replace(
+        info,
+        run_status=sensor.run_status,
+        monitored_jobs=list(sensor.monitored_jobs),
+        monitor_all_locations=sensor.monitor_all_code_locations,
+    )

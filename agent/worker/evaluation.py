@@ -2,7 +2,10 @@
 
 The function's result is normalised to an `EvaluationResult`: run requests, a skip
 reason, or the error it raised (with its traceback); the sensor's cursor travels back so
-the control plane can keep it (only for a successful or skipped tick).
+the control plane can keep it (only for a successful or skipped tick). A run status
+sensor's function is called once per run the control plane sent; its requests are
+gathered, and one that raises fails the whole tick (the control plane sends the same
+runs again next time).
 """
 
 from __future__ import annotations
@@ -15,15 +18,19 @@ from zoneinfo import ZoneInfo
 from agent.sdk import (
     Definitions,
     RunRequest,
+    RunStatusSensorContext,
+    RunStatusSensorDefinition,
     ScheduleEvaluationContext,
     SensorEvaluationContext,
     SkipReason,
+    StepFailure,
+    WatchedRun,
 )
 from agent.worker.code_location import LocationLoadError, load_definitions
-from protocol.messages import EvaluateSpec, EvaluationResult, RequestedRun
+from protocol.messages import EvaluateSpec, EvaluationResult, RequestedRun, RunChange
 
 
-def _requests(result: object, default_job: str) -> tuple[list[RequestedRun], str | None]:
+def _requests(result: object, default_job: str | None) -> tuple[list[RequestedRun], str | None]:
     """Run requests and a skip reason from whatever the function returned."""
     if result is None:
         return [], "the function returned nothing"
@@ -35,9 +42,11 @@ def _requests(result: object, default_job: str) -> tuple[list[RequestedRun], str
             "a schedule or sensor must return a RunRequest, a list of them or a SkipReason, "
             f"got {type(result).__name__}"
         )
+    if default_job is None and any(r.job_name is None for r in items):
+        raise TypeError("this sensor has no request_job: each RunRequest must name job_name")
     runs = [
         RequestedRun(
-            job=r.job_name or default_job,
+            job=r.job_name or default_job or "",
             run_key=r.run_key,
             tags=dict(r.tags),
             config=dict(r.run_config),
@@ -77,6 +86,28 @@ def _run_function(spec: EvaluateSpec) -> tuple[list[RequestedRun], str | None, s
         runs = [replace(run, tags={**schedule.tags, **run.tags}) for run in runs]
         return runs, skip_reason, request.cursor
     sensor = defs.sensors[request.name]
+    default_job = None if sensor.job is None else sensor.job.name
+    if isinstance(sensor, RunStatusSensorDefinition):
+        runs = []
+        for change in request.run_changes:
+            returned = sensor.fn(_run_status_context(change))
+            if returned is not None:
+                runs += _requests(returned, default_job)[0]
+        handled = f"handled {len(request.run_changes)} run(s) that reached {sensor.run_status}"
+        return runs, None if runs else f"{handled}; requested no runs", request.cursor
     context = SensorEvaluationContext(request.cursor, request.last_run_key)
-    runs, skip_reason = _requests(sensor.fn(context), sensor.job.name)
+    runs, skip_reason = _requests(sensor.fn(context), default_job)
     return runs, skip_reason, context.cursor
+
+
+def _run_status_context(change: RunChange) -> RunStatusSensorContext:
+    run = WatchedRun(
+        run_id=change.run_id,
+        job=change.job,
+        status=change.status,
+        tags=dict(change.tags),
+        status_reason=change.status_reason,
+        failure_kind=change.failure_kind,
+    )
+    failed = [StepFailure(step.step, step.error) for step in change.failure_steps]
+    return RunStatusSensorContext(run, failed)

@@ -42,8 +42,9 @@ def daemon_loops(
     """Every loop of one control plane, with what wakes each."""
     timeout = config.run_monitoring.agent_heartbeat_timeout_seconds
     retrier = Retrier(storage, config.run_retries, bus, rules)
-    schedules = Instigators("scheduler", storage, broker, bus, timeout, rules)
-    sensors = Instigators("sensors", storage, broker, bus, timeout, rules)
+    tick_retries = config.daemon.max_tick_retries
+    schedules = Instigators("scheduler", storage, broker, bus, timeout, rules, tick_retries)
+    sensors = Instigators("sensors", storage, broker, bus, timeout, rules, tick_retries)
     loops: list[DaemonLoop[Any]] = [
         DaemonLoop("run-queue", dispatch_pass, run_queue, (QUEUE,), backstop=BACKSTOP_SECONDS),
         DaemonLoop("retries", retry_pass, retrier, (RETRIES,), backstop=BACKSTOP_SECONDS),

@@ -1,10 +1,13 @@
 """What the scheduler and the sensor daemon share: schedules and sensors as the fleet
 defines them (`load_instigators`), and one tick's evaluation on an agent and outcome
-(`run_tick`): its runs, each request checked as a submission is, created with its tick.
+(`run_tick`): evaluated again within the tick while it raises (`[daemon]
+max_tick_retries`), its runs, each request checked as a submission is, created with its
+tick.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -31,6 +34,7 @@ log = logging.getLogger("fleetrun.daemon")
 
 WAIT_FOR_AGENT_SECONDS = 30.0
 EVALUATION_TIMEOUT_SECONDS = 60.0
+MAX_TICK_RETRY_PAUSE_SECONDS = 5.0
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Instigators:
     bus: WakeBus
     heartbeat_timeout: float
     rules: RunRules = DEFAULT_RUN_RULES
+    tick_retries: int = 0  # [daemon] max_tick_retries
     tasks: TaskSet = field(default_factory=TaskSet)
     hosting: set[str] = field(default_factory=set)
     resumed: bool = False  # unfinished ticks picked up since this replica took over
@@ -162,45 +167,79 @@ def runs_for(
 
 
 async def run_tick(
-    storage: Storage,
-    broker: EvaluationBroker,
+    ctx: Instigators,
     inst: Instigator,
     tick: Tick,
-    rules: RunRules = DEFAULT_RUN_RULES,
+    next_cursor: str | None = None,
     **request_fields: object,
 ) -> tuple[Tick, list[Run]]:
-    """Evaluate one tick on an agent and record its outcome (and its runs)."""
-    request = broker.new_request(
-        inst.location,
-        inst.kind,
-        inst.name,
-        timeout_seconds=EVALUATION_TIMEOUT_SECONDS,
-        **request_fields,
-    )
-    result = await broker.evaluate(request, inst.hosting, WAIT_FOR_AGENT_SECONDS)
-    now = broker.clock.time()
-    if result.error is not None:
-        return await storage.finish_tick(
-            tick.id, "FAILURE", [], now, error=result.error, cursor=inst.state.cursor
+    """Evaluate one tick on an agent, again while it fails and retries are left, and
+    record its outcome and its runs. A good tick leaves `next_cursor` if the control
+    plane chose it (a run status sensor's place in the run-status history), else the
+    cursor the function left."""
+    broker, storage = ctx.broker, ctx.storage
+    failures = 0
+    while True:
+        request = broker.new_request(
+            inst.location,
+            inst.kind,
+            inst.name,
+            timeout_seconds=EVALUATION_TIMEOUT_SECONDS,
+            **request_fields,
         )
+        result = await broker.evaluate(request, inst.hosting, WAIT_FOR_AGENT_SECONDS)
+        if result.error is None:
+            break
+        failures += 1
+        if failures > ctx.tick_retries:
+            return await storage.finish_tick(
+                tick.id,
+                "FAILURE",
+                [],
+                broker.clock.time(),
+                error=result.error,
+                cursor=inst.state.cursor,
+                failure_count=failures,
+            )
+        log.info(
+            "%s %s tick %s: evaluation %d failed, evaluating again (max_tick_retries %d)",
+            *(inst.kind, inst.name, tick.id, failures, ctx.tick_retries),
+        )
+        await asyncio.sleep(min(0.5 * 2 ** (failures - 1), MAX_TICK_RETRY_PAUSE_SECONDS))
+    now = broker.clock.time()
     prefix = f"{inst.kind}/{inst.location}/{inst.name}"
     catalog = await storage.code_catalog()
-    runs, problem = runs_for(inst, tick, result, prefix, catalog, rules)
+    runs, problem = runs_for(inst, tick, result, prefix, catalog, ctx.rules)
     if problem is not None:
         return await storage.finish_tick(
-            tick.id, "FAILURE", [], now, error=problem, cursor=inst.state.cursor
+            tick.id,
+            "FAILURE",
+            [],
+            now,
+            error=problem,
+            cursor=inst.state.cursor,
+            failure_count=failures,
         )
-    status = "SUCCESS" if runs else "SKIPPED"
     return await storage.finish_tick(
-        tick.id, status, runs, now, skip_reason=result.skip_reason, cursor=result.cursor
+        tick.id,
+        "SUCCESS" if runs else "SKIPPED",
+        runs,
+        now,
+        skip_reason=result.skip_reason,
+        cursor=result.cursor if next_cursor is None else next_cursor,
+        failure_count=failures,
     )
 
 
 async def tick_and_report(
-    ctx: Instigators, inst: Instigator, tick: Tick, **request_fields: object
+    ctx: Instigators,
+    inst: Instigator,
+    tick: Tick,
+    next_cursor: str | None = None,
+    **request_fields: object,
 ) -> None:
     """Run one tick as a task of the loop: its runs queued, its failure logged."""
-    tick, runs = await run_tick(ctx.storage, ctx.broker, inst, tick, ctx.rules, **request_fields)
+    tick, runs = await run_tick(ctx, inst, tick, next_cursor, **request_fields)
     log.info("%s %s tick %s: %s", inst.kind, inst.name, tick.id, tick.status)
     for run in runs:
         run_queued(ctx.bus, run)

@@ -30,6 +30,7 @@ from protocol.tags import (
     MAX_RETRIES_TAG,
     PARENT_TAG,
     RETRY_NUMBER_TAG,
+    RETRY_ON_OP_FAILURE_TAG,
     RETRY_STRATEGY_TAG,
     ROOT_TAG,
 )
@@ -61,18 +62,26 @@ def decide_retry(
     rules: RunRules = DEFAULT_RUN_RULES,
 ) -> RetryDecision:
     """Whether a failed run is retried, and the retry run if so (held to the rules of
-    every new run: a retry that could not be launched is not made)."""
+    every new run: a retry that could not be launched is not made). Every decision has a
+    message, "not retried" ones too: the run's RUN_RETRY event says why."""
     if not config.enabled:
-        return RetryDecision(None)
+        return RetryDecision(None, "not retried: run retries are off ([run_retries] enabled)")
     max_retries = int(run.tags.get(MAX_RETRIES_TAG, config.max_retries))
-    if max_retries <= 0:
-        return RetryDecision(None)
     number = int(run.tags.get(RETRY_NUMBER_TAG, "0"))
     data: dict[str, Any] = {"max_retries": max_retries, "failure_kind": run.failure_kind}
-    if run.failure_kind == OP_FAILURE and not config.retry_on_op_failure:
+    if max_retries <= 0:
         return RetryDecision(
-            None, "not retried: an op failed and retry_on_op_failure is false", data
+            None,
+            f"not retried: max_retries is 0 (tag {MAX_RETRIES_TAG} or [run_retries] max_retries)",
+            data,
         )
+    on_op_failure = run.tags.get(RETRY_ON_OP_FAILURE_TAG)
+    if on_op_failure is None:
+        on_op_failure, source = str(config.retry_on_op_failure).lower(), "retry_on_op_failure"
+    else:
+        source = f"tag {RETRY_ON_OP_FAILURE_TAG}"
+    if run.failure_kind == OP_FAILURE and on_op_failure != "true":
+        return RetryDecision(None, f"not retried: an op failed and {source} is false", data)
     if number >= max_retries:
         return RetryDecision(None, f"not retried: all {max_retries} retries used", data)
     next_number = number + 1

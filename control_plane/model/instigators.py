@@ -35,6 +35,7 @@ class Tick:
     cursor: str | None
     start_time: float
     end_time: float | None
+    failure_count: int = 0  # evaluations of this tick that raised (retried: max_tick_retries)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -47,4 +48,5 @@ class Tick:
             "cursor": self.cursor,
             "start_time": iso(self.start_time),
             "end_time": iso(self.end_time),
+            "failure_count": self.failure_count,
         }

@@ -226,8 +226,11 @@ class EventLog(Protocol):
 
     async def get_output(self, run_id: str, step: str) -> bytes | None: ...
 
-    async def get_events(self, run_id: str, after: int, limit: int) -> list[Event]:
-        """Events with seq > `after`, in seq order (gapless per run)."""
+    async def get_events(
+        self, run_id: str, after: int, limit: int, types: Collection[str] = ()
+    ) -> list[Event]:
+        """Events with seq > `after`, in seq order (gapless per run); only of `types`,
+        if given."""
         ...
 
     async def get_logs(self, run_id: str, step: str | None, after: int) -> list[LogChunk]:
@@ -324,6 +327,7 @@ class InstigatorStore(Protocol):
         skip_reason: str | None = None,
         error: str | None = None,
         cursor: str | None = None,
+        failure_count: int = 0,
     ) -> tuple[Tick, list[Run]]:
         """End a tick: create its runs (each once, by idempotency key), record the outcome
         and move the schedule's position or the sensor's cursor, in one transaction."""

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -334,6 +335,37 @@ def test_without_retry_on_op_failure_only_crashes_are_retried(tmp_path: Path) ->
         assert retries_of(cp, op_failure) == []
         (decision,) = [e for e in cp.events(op_failure) if e["type"] == "RUN_RETRY"]
         assert "retry_on_op_failure is false" in decision["message"]
+    finally:
+        agent.stop()
+        cp.stop()
+
+
+def test_a_run_tag_overrides_retry_on_op_failure_and_every_decision_is_an_event(
+    tmp_path: Path,
+) -> None:
+    """fleetrun/retry_on_op_failure wins over the instance either way, and a run that is
+    not retried because max_retries is 0 says so in a RUN_RETRY event."""
+    config = monitoring(30, "[run_retries]\nmax_retries = 1\nretry_on_op_failure = false\n")
+    cp = start_control_plane(tmp_path, config)
+    agent = start_agent(cp, tmp_path, "a1", JOBS)
+    try:
+        wants_ops = cp.submit("op_fails", tags={"fleetrun/retry_on_op_failure": "true"})
+        no_retries = cp.submit("op_fails", tags={"fleetrun/max_retries": "0"})
+        assert cp.wait_run(wants_ops)["status"] == "FAILURE"
+        (retry,) = wait_for(lambda: retries_of(cp, wants_ops), what="the op failure's retry")
+        assert cp.wait_run(retry["run_id"])["status"] == "FAILURE"
+        assert retry["tags"]["fleetrun/retry_on_op_failure"] == "true"
+
+        def decisions(run_id: str) -> list[dict]:
+            return [e for e in cp.events(run_id) if e["type"] == "RUN_RETRY"]
+
+        for run_id, reason in (
+            (no_retries, "not retried: max_retries is 0"),
+            (retry["run_id"], "not retried: all 1 retries used"),
+        ):
+            (decision,) = wait_for(partial(decisions, run_id), what=f"{run_id}'s retry decision")
+            assert decision["message"].startswith(reason), decision
+        assert retries_of(cp, no_retries) == []
     finally:
         agent.stop()
         cp.stop()

@@ -93,6 +93,7 @@ READ_TAGS = [
     "fleetrun/max_runtime",
     "fleetrun/retry_strategy",
     "fleetrun/on_lost_contact",
+    "fleetrun/retry_on_op_failure",
     "fleetrun/queue",
 ]
 DOCUMENT = openapi_document()

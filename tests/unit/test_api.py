@@ -276,6 +276,13 @@ async def test_agent_protocol_errors_are_4xx(client: TestClient) -> None:
             422,
             "bad_tag",
         ),
+        (
+            "POST",
+            "/api/v1/runs",
+            b'{"job": "etl", "tags": {"fleetrun/retry_on_op_failure": "yes"}}',
+            422,
+            "bad_tag",
+        ),
         ("POST", "/api/v1/runs/does-not-exist/cancel", b"{}", 404, "unknown_run"),
         (
             "POST",

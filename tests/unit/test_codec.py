@@ -41,6 +41,7 @@ from protocol.messages import (
     Register,
     Registered,
     RequestedRun,
+    RunChange,
     RunRecord,
     RunState,
     ScheduleInfo,
@@ -128,23 +129,31 @@ def test_version_mismatch_names_both_versions(version: object) -> None:
 
 
 def test_the_previous_version_is_spoken_both_ways() -> None:
-    """A version-1 agent's Register decodes; replies to it leave out newer fields."""
-    old_register = {
-        "name": "w",
-        "hostname": "h",
-        "version": "0.0.9",
-        "queues": ["default"],
-        "max_concurrent_runs": 1,
-    }
-    message, version = decode_versioned(_envelope(old_register, "Register", PROTOCOL_VERSION - 1))
-    assert version == PROTOCOL_VERSION - 1 and message.capabilities == [] and message.runs == []
-    reply = PollReply(launches=[LAUNCH], stops=[StopRun("r", 1, True, "x")])
+    """A version-2 agent's sensors decode (no run status fields); what is sent to it
+    leaves out the fields of version 3."""
+    old_info = {"name": "loc", "sensors": [{"name": "s", "job": "j"}]}
+    message, version = decode_versioned(
+        _envelope(old_info, "CodeLocationInfo", PROTOCOL_VERSION - 1)
+    )
+    assert version == PROTOCOL_VERSION - 1
+    assert message.sensors[0].run_status is None and message.sensors[0].monitored_jobs == []
+    evaluate = Evaluate(
+        "e", "loc", "sensor", "s", run_changes=[RunChange("r", "j", "loc", "FAILURE")]
+    )
+    reply = PollReply(launches=[LAUNCH], stops=[StopRun("r", 1, True, "x")], evaluations=[evaluate])
     raw = msgpack.unpackb(encode(reply, PROTOCOL_VERSION - 1))
-    assert raw["v"] == PROTOCOL_VERSION - 1 and set(raw["body"]) == {"launches"}
-    assert "reuse_outputs" not in raw["body"]["launches"][0]
+    assert raw["v"] == PROTOCOL_VERSION - 1
+    assert set(raw["body"]) == {"launches", "stops", "evaluations"}
+    assert "run_changes" not in raw["body"]["evaluations"][0]
     current = msgpack.unpackb(encode(reply))["body"]
-    assert set(current) == {"launches", "stops", "evaluations"}
-    assert "reuse_outputs" in current["launches"][0]
+    assert current["evaluations"][0]["run_changes"][0]["run_id"] == "r"
+
+
+def test_version_1_is_no_longer_spoken() -> None:
+    """Only the previous version is kept: a version-1 agent is told both versions."""
+    with pytest.raises(ProtocolError) as info:
+        decode(_envelope({"acked_seq": 1}, v=1), EventAck)
+    assert info.value.code == "unsupported_version"
 
 
 @pytest.mark.parametrize(

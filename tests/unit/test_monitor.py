@@ -172,12 +172,16 @@ def test_a_retry_that_could_not_be_launched_is_not_made() -> None:
 
 def test_retry_limits_tags_and_kinds() -> None:
     config = RunRetriesConfig(max_retries=1)
-    assert decide_retry(failed(), RunRetriesConfig(), NOW, "n").message == ""  # off by default
-    assert (
-        decide_retry(failed(), RunRetriesConfig(enabled=False, max_retries=3), NOW, "n").retry
-        is None
+    by_default = decide_retry(failed(), RunRetriesConfig(), NOW, "n")
+    assert by_default.retry is None
+    assert by_default.message.startswith("not retried: max_retries is 0")
+    off = decide_retry(failed(), RunRetriesConfig(enabled=False, max_retries=3), NOW, "n")
+    assert (off.retry, off.message) == (
+        None,
+        "not retried: run retries are off ([run_retries] enabled)",
     )
-    assert decide_retry(failed(**{"fleetrun/max_retries": "0"}), config, NOW, "n").retry is None
+    zero = decide_retry(failed(**{"fleetrun/max_retries": "0"}), config, NOW, "n")
+    assert zero.retry is None and zero.message.startswith("not retried: max_retries is 0")
     tagged = decide_retry(failed(**{"fleetrun/max_retries": "3"}), RunRetriesConfig(), NOW, "n")
     assert tagged.retry is not None and "of 3" in tagged.message
     used = decide_retry(failed(**{"fleetrun/retry_number": "1"}), config, NOW, "n")
@@ -186,6 +190,22 @@ def test_retry_limits_tags_and_kinds() -> None:
     assert decide_retry(failed("op_failure"), no_ops, NOW, "n").retry is None
     for kind in ("worker_crash", "agent_lost", "agent_restarted", "start_timeout"):
         assert decide_retry(failed(kind), no_ops, NOW, "n").retry is not None
+
+
+def test_the_retry_on_op_failure_tag_overrides_the_instance_either_way() -> None:
+    """Dagster's dagster/retry_on_asset_or_op_failure: a run asks for retries of
+    infrastructure failures only, or of op failures too, whatever the default."""
+    only_infra = failed("op_failure", **{"fleetrun/retry_on_op_failure": "false"})
+    decision = decide_retry(only_infra, RunRetriesConfig(max_retries=1), NOW, "n")
+    assert decision.retry is None
+    assert decision.message == (
+        "not retried: an op failed and tag fleetrun/retry_on_op_failure is false"
+    )
+    crashed = failed("worker_crash", **{"fleetrun/retry_on_op_failure": "false"})
+    assert decide_retry(crashed, RunRetriesConfig(max_retries=1), NOW, "n").retry is not None
+    wants_ops = failed("op_failure", **{"fleetrun/retry_on_op_failure": "true"})
+    no_ops = RunRetriesConfig(max_retries=1, retry_on_op_failure=False)
+    assert decide_retry(wants_ops, no_ops, NOW, "n").retry is not None
 
 
 def test_retry_delay_and_backoff() -> None:

@@ -159,12 +159,26 @@ def run_from_row(row: Iterable[Any]) -> Run:
 
 TICK_COLUMNS = (
     "id, location, name, kind, scheduled_time, status, skip_reason, error, run_ids, cursor,"
-    " start_time, end_time"
+    " start_time, end_time, failure_count"
 )
 
 
 def tick_from_row(row: Iterable[Any]) -> Tick:
-    tick_id, location, name, kind, scheduled, status, skip, error, run_ids, cursor, start, end = row
+    (
+        tick_id,
+        location,
+        name,
+        kind,
+        scheduled,
+        status,
+        skip,
+        error,
+        run_ids,
+        cursor,
+        start,
+        end,
+        failures,
+    ) = row
     return Tick(
         tick_id,
         location,
@@ -178,6 +192,7 @@ def tick_from_row(row: Iterable[Any]) -> Tick:
         cursor,
         start,
         end,
+        failures,
     )
 
 

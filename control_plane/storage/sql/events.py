@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Collection
 from typing import Any
 
 from control_plane.model.records import Take, output_problem, screen_record
@@ -20,7 +21,7 @@ from control_plane.model.statuses import (
 )
 from control_plane.storage.errors import NotYourRun, RecordRefused, StaleLease, UnknownRun
 from control_plane.storage.port import AppendResult
-from control_plane.storage.sql.base import SqlBase, Tx, event_json
+from control_plane.storage.sql.base import SqlBase, Tx, event_json, marks
 from control_plane.storage.sql.catalog import CatalogCache
 from control_plane.storage.sql.transitions import (
     append_event,
@@ -168,11 +169,14 @@ class EventQueries(SqlBase):
         )
         return bytes(rows[0][0]) if rows else None
 
-    async def get_events(self, run_id: str, after: int, limit: int) -> list[Event]:
+    async def get_events(
+        self, run_id: str, after: int, limit: int, types: Collection[str] = ()
+    ) -> list[Event]:
+        of_types = f" AND type IN ({marks(types)})" if types else ""
         rows = await self._reader.fetch(
             "SELECT seq, time, type, step, message, data FROM events"
-            " WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (run_id, after, limit),
+            f" WHERE run_id = ? AND seq > ?{of_types} ORDER BY seq LIMIT ?",
+            (run_id, after, *types, limit),
         )
         return [
             Event(seq=s, time=t, type=ty, step=st, message=m, data=json.loads(d))

@@ -80,6 +80,7 @@ class InstigatorQueries(SqlBase):
         skip_reason: str | None = None,
         error: str | None = None,
         cursor: str | None = None,
+        failure_count: int = 0,
     ) -> tuple[Tick, list[Run]]:
         """End a tick: create its runs (each once, by idempotency key), record the outcome
         and move the schedule's position or the sensor's cursor, in one transaction."""
@@ -100,8 +101,17 @@ class InstigatorQueries(SqlBase):
             run_ids = [r.run_id for r in created]
             await db.execute(
                 "UPDATE ticks SET status = ?, skip_reason = ?, error = ?, run_ids = ?,"
-                " cursor = ?, end_time = ? WHERE id = ?",
-                (status, skip_reason, error, json.dumps(run_ids), cursor, now, tick_id),
+                " cursor = ?, end_time = ?, failure_count = ? WHERE id = ?",
+                (
+                    status,
+                    skip_reason,
+                    error,
+                    json.dumps(run_ids),
+                    cursor,
+                    now,
+                    failure_count,
+                    tick_id,
+                ),
             )
             key = (tick.location, tick.name, tick.kind)
             if tick.kind == "schedule" and tick.scheduled_time is not None:
