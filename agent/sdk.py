@@ -14,7 +14,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import Enum, StrEnum
 from typing import Any, overload
@@ -41,6 +41,7 @@ __all__ = [
     "Node",
     "OpContext",
     "OpDefinition",
+    "OpInvocation",
     "OpOutput",
     "RetryPolicy",
     "RetryRequested",
@@ -277,11 +278,22 @@ class OpOutput:
 
 @dataclass
 class Node:
-    """One step of a job: an op invocation and the steps whose outputs it takes, in order."""
+    """One step of a job: an op invocation and the steps whose outputs it takes, in order.
+
+    `retry_policy` and `invocation_tags` are what the invocation itself set (with
+    `with_retry_policy` and `tag`); the op's own settings stay on `op`.
+    """
 
     name: str
     op: OpDefinition
     upstream: list[str]
+    retry_policy: RetryPolicy | None = None
+    invocation_tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """The op's tags, overridden key by key by the invocation's (as Dagster merges them)."""
+        return {**self.op.tags, **self.invocation_tags}
 
 
 class _GraphBuilder:
@@ -304,8 +316,17 @@ class _GraphBuilder:
                 self.calls[op_name] = count
                 return candidate
 
-    def add(self, op_def: OpDefinition, args: tuple[Any, ...], kwargs: dict[str, Any]) -> OpOutput:
+    def add(
+        self,
+        op_def: OpDefinition,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        invocation: OpInvocation | None = None,
+    ) -> OpOutput:
+        alias = invocation.given_alias if invocation is not None else None
         where = f"job {self.job_name}: op {op_def.name}"
+        if alias is not None:
+            where += f" (as {alias})"
         if kwargs:
             raise DefinitionError(
                 f"{where} takes upstream outputs as positional arguments only, "
@@ -329,8 +350,23 @@ class _GraphBuilder:
                     f"{where}: argument {position} is the output of step {arg.step!r}, "
                     "which was not called in this job's body"
                 )
-        step = self._step_name(op_def.name)
-        self.nodes[step] = Node(name=step, op=op_def, upstream=[a.step for a in args])
+        if alias is None:
+            step = self._step_name(op_def.name)
+        elif alias in self.nodes:
+            # Step names key events, logs and outputs, so two steps cannot share one.
+            raise DefinitionError(
+                f"{where}: the job already has a step named {alias!r}; "
+                "give each invocation its own alias"
+            )
+        else:
+            step = alias
+        self.nodes[step] = Node(
+            name=step,
+            op=op_def,
+            upstream=[a.step for a in args],
+            retry_policy=invocation.retry_policy if invocation is not None else None,
+            invocation_tags=dict(invocation.tags) if invocation is not None else {},
+        )
         output = OpOutput(step)
         self.outputs[step] = output
         return output
@@ -381,8 +417,70 @@ class OpDefinition:
             return self.fn(*args, **kwargs)
         return builder.add(self, args, kwargs)
 
+    def alias(self, name: str) -> OpInvocation:
+        """This op under another step name, so one job can invoke it more than once by name."""
+        return OpInvocation(self).alias(name)
+
+    def with_retry_policy(self, retry_policy: RetryPolicy) -> OpInvocation:
+        """This op with a retry policy for one invocation, over the op's and the job's."""
+        return OpInvocation(self).with_retry_policy(retry_policy)
+
+    def tag(self, tags: dict[str, str]) -> OpInvocation:
+        """This op with extra tags for one invocation (e.g. its `fleetrun/priority`)."""
+        return OpInvocation(self).tag(tags)
+
     def __repr__(self) -> str:
         return f"<op {self.name}>"
+
+
+@dataclass(frozen=True)
+class OpInvocation:
+    """An op with settings for one invocation (Dagster's PendingNodeInvocation).
+
+    `alias`, `with_retry_policy` and `tag` return new values and chain in any order; call
+    the result like the op. Validation happens here, where the author wrote the call.
+    """
+
+    op: OpDefinition
+    given_alias: str | None = None
+    retry_policy: RetryPolicy | None = None
+    tags: dict[str, str] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.op, OpDefinition):
+            raise DefinitionError(f"OpInvocation: op must be an @op, got {self.op!r}")
+        if self.given_alias is not None:
+            _check_name(f"op {self.op.name}: alias", self.given_alias)
+        if self.retry_policy is not None and not isinstance(self.retry_policy, RetryPolicy):
+            raise DefinitionError(
+                f"op {self.op.name}: with_retry_policy takes a RetryPolicy, "
+                f"got {self.retry_policy!r}"
+            )
+        # A copy, so the caller's dict cannot change a value that looks frozen.
+        object.__setattr__(self, "tags", _check_tags("op", self.op.name, self.tags))
+
+    def alias(self, name: str) -> OpInvocation:
+        """The same invocation under step name `name`."""
+        return replace(self, given_alias=name)
+
+    def with_retry_policy(self, retry_policy: RetryPolicy) -> OpInvocation:
+        """The same invocation with its own retry policy, which wins over the op's and job's."""
+        if not isinstance(retry_policy, RetryPolicy):
+            raise DefinitionError(
+                f"op {self.op.name}: with_retry_policy takes a RetryPolicy, got {retry_policy!r}"
+            )
+        return replace(self, retry_policy=retry_policy)
+
+    def tag(self, tags: dict[str, str]) -> OpInvocation:
+        """The same invocation with `tags` added over the ones it has."""
+        added = _check_tags("op", self.op.name, tags)
+        return replace(self, tags={**self.tags, **added})
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        builder = _current_builder.get()
+        if builder is None:
+            return self.op.fn(*args, **kwargs)
+        return builder.add(self.op, args, kwargs, self)
 
 
 def _normalise_executor(job_name: str, executor: object) -> dict[str, Any]:
@@ -454,11 +552,14 @@ class JobDefinition:
         return builder.nodes
 
     def retry_policy_for(self, step_name: str) -> RetryPolicy | None:
-        """The op's own policy, else the job-wide default, else None (no retries)."""
+        """The most specific policy wins, as in Dagster: the invocation's
+        (`with_retry_policy`), else the op's, else the job-wide default, else None."""
         try:
             node = self.nodes[step_name]
         except KeyError:
             raise KeyError(f"job {self.name} has no step named {step_name!r}") from None
+        if node.retry_policy is not None:
+            return node.retry_policy
         if node.op.retry_policy is not None:
             return node.op.retry_policy
         return self.op_retry_policy
@@ -471,7 +572,7 @@ class JobDefinition:
                 OpInfo(
                     name=node.name,
                     upstream=list(dict.fromkeys(node.upstream)),
-                    tags=dict(node.op.tags),
+                    tags=node.tags,
                 )
                 for node in self.nodes.values()
             ],

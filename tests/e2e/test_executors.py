@@ -76,6 +76,39 @@ def test_step_logs_from_four_sources_stream_while_the_step_runs(
         cp.stop()
 
 
+@pytest.mark.parametrize("executor", ["in_process", "multiprocess"])
+def test_an_aliased_invocation_with_its_own_retry_policy_is_retried_alone(
+    tmp_path: Path, executor: str
+) -> None:
+    cp = start_control_plane(tmp_path)
+    agent = start_agent(cp, tmp_path, "a1", JOBS)
+    try:
+        # Given a job invoking one op twice: as `retried` with max_retries=2, and plainly
+        run_id = cp.submit(
+            "invocation_retries", config={"dir": str(tmp_path), "execution": executor}
+        )
+        # When both invocations fail their first two attempts
+        assert cp.wait_run(run_id)["status"] == "FAILURE"
+        # Then the aliased step was retried twice and succeeded; the plain one failed once
+        events = cp.events(run_id)
+        steps = [(e["type"], e["step"]) for e in events if e["type"].startswith("STEP_")]
+        assert [s for t, s in steps if t == "STEP_UP_FOR_RETRY"] == ["retried", "retried"]
+        assert [s for t, s in steps if t == "STEP_RESTARTED"] == ["retried", "retried"]
+        assert [s for t, s in steps if t == "STEP_SUCCESS"] == ["retried"]
+        assert [s for t, s in steps if t == "STEP_FAILURE"] == ["fails_twice"]
+        assert [s for t, s in steps if t == "STEP_START"] in (
+            ["retried", "fails_twice"],
+            ["fails_twice", "retried"],
+        )
+        (failure,) = [e for e in events if e["type"] == "STEP_FAILURE"]
+        assert failure["data"]["message"] == "attempt 1 of fails_twice fails"
+        jobs = {j["name"]: j for j in cp.get("/api/v1/jobs")["jobs"]}
+        assert [o["name"] for o in jobs["invocation_retries"]["ops"]] == ["retried", "fails_twice"]
+    finally:
+        agent.stop()
+        cp.stop()
+
+
 def test_from_failure_reexecution_runs_on_another_agent_and_reuses_outputs(
     tmp_path: Path,
 ) -> None:

@@ -144,6 +144,20 @@ def test_retry_waits_follow_the_policy(tmp_path: Path, executor: str) -> None:
     assert set(by_step(records, "STEP_SUCCESS")) == {"requested"}
 
 
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_an_invocation_retry_policy_retries_only_that_invocation(
+    tmp_path: Path, executor: str
+) -> None:
+    failed, records = execute(tmp_path, "invocation_retries", executor)
+    assert failed == ["fails_twice"]
+    retries = [(r.step, r.data["retry_number"]) for r in events(records, "STEP_UP_FOR_RETRY")]
+    assert retries == [("retried", 1), ("retried", 2)]
+    assert set(by_step(records, "STEP_SUCCESS")) == {"retried"}
+    assert set(by_step(records, "STEP_FAILURE")) == {"fails_twice"}
+    assert (tmp_path / "count-retried").read_text() == "xxx"
+    assert (tmp_path / "count-fails_twice").read_text() == "x"
+
+
 def test_child_process_deaths_and_unpicklable_things(tmp_path: Path) -> None:
     failed, records = execute(tmp_path, "child_trouble")
     assert sorted(failed) == ["dies_always", "raises_unpicklable", "returns_unpicklable"]
@@ -173,6 +187,12 @@ def test_an_output_over_the_cap_fails_its_step(tmp_path: Path, executor: str) ->
 def test_ready_steps_start_by_priority_tag(tmp_path: Path, executor: str | None) -> None:
     failed, _ = execute(tmp_path, "prioritized", executor)
     assert failed == [] and (tmp_path / "order").read_text().split() == ["high", "low", "plain"]
+
+
+@pytest.mark.parametrize("executor", [None, "in_process"])
+def test_an_invocation_tag_sets_the_step_priority(tmp_path: Path, executor: str | None) -> None:
+    failed, _ = execute(tmp_path, "prioritized_invocations", executor)
+    assert failed == [] and (tmp_path / "order").read_text().split() == ["sooner", "later"]
 
 
 @pytest.mark.parametrize("executor", EXECUTORS)

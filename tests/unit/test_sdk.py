@@ -6,6 +6,7 @@ import logging
 import random
 import re
 from collections.abc import Callable
+from dataclasses import FrozenInstanceError
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from agent.sdk import (
     JobDefinition,
     OpContext,
     OpDefinition,
+    OpInvocation,
     OpOutput,
     RetryPolicy,
     RetryRequested,
@@ -293,6 +295,197 @@ def test_op_policy_wins_over_the_job_default() -> None:
     assert no_policy.retry_policy_for("extract") is None
     with pytest.raises(KeyError, match="no step named 'nope'"):
         policies.retry_policy_for("nope")
+
+
+INVOCATION_POLICY = RetryPolicy(max_retries=3)
+OP_POLICY = RetryPolicy(max_retries=2)
+JOB_POLICY = RetryPolicy(max_retries=1)
+
+
+@pytest.mark.parametrize("on_invocation", [True, False])
+@pytest.mark.parametrize("on_op", [True, False])
+@pytest.mark.parametrize("on_job", [True, False])
+def test_retry_policy_precedence_is_invocation_then_op_then_job(
+    on_invocation: bool, on_op: bool, on_job: bool
+) -> None:
+    step = op(name="step", retry_policy=OP_POLICY if on_op else None)(lambda context: 1)
+    invoke = step.with_retry_policy(INVOCATION_POLICY) if on_invocation else step
+
+    defined = _job(lambda: invoke(), op_retry_policy=JOB_POLICY if on_job else None)
+
+    expected = next(
+        (
+            policy
+            for is_set, policy in [
+                (on_invocation, INVOCATION_POLICY),
+                (on_op, OP_POLICY),
+                (on_job, JOB_POLICY),
+            ]
+            if is_set
+        ),
+        None,
+    )
+    assert defined.retry_policy_for("step") is expected
+
+
+def test_an_invocation_policy_applies_to_that_invocation_only() -> None:
+    @job(op_retry_policy=JOB_POLICY)
+    def two_calls():
+        double.alias("retried").with_retry_policy(INVOCATION_POLICY)(extract())
+        double(extract())
+
+    assert two_calls.retry_policy_for("retried") is INVOCATION_POLICY
+    assert two_calls.retry_policy_for("double_it") is double.retry_policy
+    assert two_calls.retry_policy_for("extract") is JOB_POLICY
+    assert two_calls.nodes["retried"].retry_policy is INVOCATION_POLICY
+    assert two_calls.nodes["double_it"].retry_policy is None
+
+
+# --- invocations: alias, with_retry_policy, tag ------------------------------------------
+
+
+def test_an_alias_names_the_step_and_plain_calls_keep_their_numbering() -> None:
+    @job
+    def aliased():
+        rows = extract.alias("load_eu")()
+        double.alias("double_eu")(rows)
+        extract()
+        extract()
+
+    assert [(n.name, n.upstream) for n in aliased.nodes.values()] == [
+        ("load_eu", []),
+        ("double_eu", ["load_eu"]),
+        ("extract", []),
+        ("extract_2", []),
+    ]
+    assert aliased.nodes["load_eu"].op is extract
+    assert aliased.nodes["double_eu"].op is double
+    assert [o.name for o in aliased.to_info().ops] == [
+        "load_eu",
+        "double_eu",
+        "extract",
+        "extract_2",
+    ]
+
+
+def test_a_plain_call_skips_a_name_an_alias_took() -> None:
+    @job
+    def taken():
+        extract.alias("extract")()
+        extract()
+
+    assert list(taken.nodes) == ["extract", "extract_2"]
+
+
+def test_alias_and_retry_policy_chain_in_either_order() -> None:
+    first = extract.alias("x").with_retry_policy(INVOCATION_POLICY)
+    second = extract.with_retry_policy(INVOCATION_POLICY).alias("x")
+
+    assert first == second == OpInvocation(extract, "x", INVOCATION_POLICY)
+    assert extract.alias("x").alias("y").given_alias == "y"
+
+    @job
+    def chained():
+        first()
+        second.alias("y")()
+        extract.with_retry_policy(INVOCATION_POLICY)()  # no alias: the op's own name
+
+    assert list(chained.nodes) == ["x", "y", "extract"]
+    assert all(n.retry_policy is INVOCATION_POLICY for n in chained.nodes.values())
+
+
+def test_an_invocation_is_a_frozen_value() -> None:
+    plain = OpInvocation(extract)
+    aliased = plain.alias("x")
+    tags = {"a": "1"}
+    tagged = plain.tag(tags)
+    tags["a"] = "changed"
+
+    assert plain == OpInvocation(extract, None, None, {})
+    assert aliased.given_alias == "x" and plain.given_alias is None
+    assert tagged.tags == {"a": "1"}
+    assert hash(aliased) == hash(OpInvocation(extract, "x"))
+    with pytest.raises(FrozenInstanceError):
+        aliased.given_alias = "y"  # type: ignore[misc]
+
+
+def test_an_invocation_outside_a_job_calls_the_function() -> None:
+    assert extract.alias("x")(build_op_context()) == [1, 2]
+    assert double.with_retry_policy(INVOCATION_POLICY)(None, [2]) == [4]
+    assert pure.tag({"a": "b"})([1, 2]) == 2
+
+
+def test_invocation_tags_override_the_op_tags_for_that_step_only() -> None:
+    @job
+    def tagged():
+        rows = extract()
+        double.tag({"kind": "gpu", "fleetrun/priority": "5"}).tag({"extra": "1"})(rows)
+        double(rows)
+
+    assert tagged.nodes["double_it"].tags == {
+        "kind": "gpu",
+        "fleetrun/priority": "5",
+        "extra": "1",
+    }
+    assert tagged.nodes["double_it_2"].tags == {"kind": "cpu"}
+    assert [o.tags for o in tagged.to_info().ops] == [
+        {},
+        {"kind": "gpu", "fleetrun/priority": "5", "extra": "1"},
+        {"kind": "cpu"},
+    ]
+    assert double.tags == {"kind": "cpu"}
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: extract.alias("bad name"), r"op extract: alias name 'bad name' is invalid"),
+        (lambda: extract.alias(""), r"op extract: alias name '' is invalid"),
+        (lambda: extract.alias("a" * 129), "at most 128"),
+        (lambda: extract.alias(3), r"alias name 3 is invalid"),  # type: ignore[arg-type]
+        (lambda: extract.alias("x").alias("no-dash"), r"alias name 'no-dash' is invalid"),
+        (
+            lambda: extract.with_retry_policy(3),  # type: ignore[arg-type]
+            r"op extract: with_retry_policy takes a RetryPolicy, got 3",
+        ),
+        (
+            lambda: extract.alias("x").with_retry_policy(None),  # type: ignore[arg-type]
+            "with_retry_policy takes a RetryPolicy, got None",
+        ),
+        (
+            lambda: OpInvocation(extract, retry_policy={"max_retries": 1}),  # type: ignore[arg-type]
+            "with_retry_policy takes a RetryPolicy",
+        ),
+        (lambda: extract.tag(["a"]), "op extract: tags must be a dict"),  # type: ignore[arg-type]
+        (lambda: extract.tag({"a": 1}), "op extract: tag keys and values"),  # type: ignore[dict-item]
+        (lambda: OpInvocation(len), "op must be an @op"),  # type: ignore[arg-type]
+    ],
+)
+def test_invalid_invocations(make: Callable[[], Any], message: str) -> None:
+    with pytest.raises(DefinitionError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            lambda: (extract.alias("x")(), pure.alias("x")(extract())),
+            r"job j: op pure \(as x\): the job already has a step named 'x'",
+        ),
+        (
+            lambda: (extract(), extract.alias("extract")()),
+            "already has a step named 'extract'; give each invocation its own alias",
+        ),
+        (
+            lambda: double.alias("d")(),
+            r"job j: op double_it \(as d\) takes 1 input \(rows\), got 0",
+        ),
+    ],
+)
+def test_invalid_aliased_job_bodies(body: Callable[[], Any], message: str) -> None:
+    with pytest.raises(DefinitionError, match=message):
+        _job(body)
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,10 @@ from protocol.tags import PRIORITY_TAG
 
 
 def step_priority(execution: Execution, step: str) -> int:
-    """The op's `fleetrun/priority` tag (higher runs first among ready steps); 0 if unset."""
+    """The step's `fleetrun/priority` tag, its invocation's over its op's (higher runs
+    first among ready steps); 0 if unset."""
     try:
-        return int(execution.job.nodes[step].op.tags.get(PRIORITY_TAG, "0"))
+        return int(execution.job.nodes[step].tags.get(PRIORITY_TAG, "0"))
     except ValueError:
         return 0
 
