@@ -47,6 +47,9 @@ def instigator_json(inst: Instigator, now: float) -> dict[str, Any]:
             "minimum_interval_seconds": inst.definition.minimum_interval_seconds,
             "cursor": inst.state.cursor,
             "last_run_key": inst.state.last_run_key,
+            "run_status": inst.definition.run_status,
+            "monitored_jobs": inst.definition.monitored_jobs,
+            "monitor_all_locations": inst.definition.monitor_all_locations,
         }
     out["last_tick_time"] = iso(inst.state.last_tick_time)
     return out

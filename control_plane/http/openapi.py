@@ -359,9 +359,19 @@ def instigator_schemas() -> dict[str, Schema]:
             "minimum_interval_seconds": {"type": "number"},
             "cursor": nullable(string()),
             "last_run_key": nullable(string()),
+            "run_status": nullable(string(description="a run status sensor's status")),
+            "monitored_jobs": array(string(), description="empty: its location's jobs"),
+            "monitor_all_locations": {"type": "boolean"},
             "last_tick_time": nullable(timestamp()),
         },
-        optional=("minimum_interval_seconds", "cursor", "last_run_key"),
+        optional=(
+            "minimum_interval_seconds",
+            "cursor",
+            "last_run_key",
+            "run_status",
+            "monitored_jobs",
+            "monitor_all_locations",
+        ),
     )
     tick = obj(
         {
@@ -374,6 +384,7 @@ def instigator_schemas() -> dict[str, Schema]:
             "cursor": nullable(string()),
             "start_time": timestamp(),
             "end_time": nullable(timestamp()),
+            "failure_count": integer(description="evaluations of this tick that raised"),
         }
     )
     with_ticks = obj({"recent_ticks": array(ref("Tick"), maxItems=5)})

@@ -5,10 +5,12 @@ its clock can be shifted) and a real agent process evaluating the user code.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import threading
 from collections.abc import Iterator
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -193,3 +195,91 @@ def test_readiness_names_a_stuck_daemon_loop(fleet: tuple, monkeypatch: pytest.M
         timeout=60,
         what="readyz to name the stuck scheduler",
     )
+
+
+@pytest.fixture
+def reactions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple]:
+    """A control plane whose ticks are evaluated again twice, with the reaction fixtures."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    monkeypatch.setenv("FLEETRUN_TEST_INBOX", str(inbox))
+    clock = OffsetClock()
+    cp = ThreadedControlPlane.start(tmp_path, clock, "[daemon]\nmax_tick_retries = 2\n")
+    agent = start_agent(cp, tmp_path, "a1", {"reactions": FIXTURES / "reaction_jobs.py"})
+    yield cp, clock, inbox
+    agent.stop()
+    cp.stop()
+
+
+def test_a_sensor_tick_with_a_bad_run_request_fails_whole(reactions: tuple) -> None:
+    """Every request of a tick is checked as a submission is, before any run is made:
+    a bad one fails the tick, creates nothing, and leaves the cursor where it was."""
+    cp, _clock, inbox = reactions
+    good = {"run_key": "k1", "run_config": {"n": 1}}
+    cases = [
+        ({"job_name": "no_such_job"}, "location reactions has no job 'no_such_job'"),
+        ({"tags": {"fleetrun/priority": "high"}}, "tag fleetrun/priority must be an integer"),
+        ({"tags": {"fleetrun/parent_run_id": "x"}}, "tag fleetrun/parent_run_id is set by"),
+    ]
+    assert cli(cp, "sensors", "start", "requests").strip() == "requests RUNNING"
+    for index, (bad, reason) in enumerate(cases):
+        (inbox / f"request-{index}.json").write_text(json.dumps([good, bad]))
+        failed = wait_for(partial(failed_by, cp, reason), what=f"a tick failed by {reason!r}")
+        assert failed[0]["status"] == "FAILURE" and failed[0]["run_ids"] == [], failed
+        assert failed[0]["failure_count"] == 0  # a refused request is not evaluated again
+        assert cp.get("/api/v1/runs?tag=fleetrun/sensor:requests")["runs"] == []
+        assert cp.get("/api/v1/sensors/requests")["cursor"] is None
+        (inbox / f"request-{index}.json").unlink()
+    # A good request makes its run, tagged with its run key
+    (inbox / "request-ok.json").write_text(json.dumps([good]))
+    (run_id,) = wait_for(
+        lambda: [r["run_id"] for r in cp.get("/api/v1/runs?tag=fleetrun/sensor:requests")["runs"]],
+        what="the good request's run",
+    )
+    run = cp.wait_run(run_id)
+    assert run["tags"]["fleetrun/run_key"] == "k1" and run["status"] == "SUCCESS"
+    assert cp.get("/api/v1/sensors/requests")["cursor"] == "request-ok.json"
+
+
+def failed_by(cp: ControlPlaneProc, reason: str) -> list[dict]:
+    return [t for t in ticks(cp, "sensor", "requests") if reason in (t["error"] or "")]
+
+
+def test_runs_a_schedule_requests_with_a_run_key_carry_it(reactions: tuple) -> None:
+    cp, clock, _inbox = reactions
+    clock.offset += (60 - clock.time() % 60) - 1.0
+    assert cli(cp, "schedules", "start", "keyed_minutely")
+    tick = wait_for(
+        lambda: next(
+            (t for t in ticks(cp, "schedule", "keyed_minutely") if t["status"] != "STARTED"),
+            None,
+        ),
+        timeout=60,
+        what="the keyed schedule's tick",
+    )
+    assert tick["status"] == "SUCCESS", tick
+    run = cp.get(f"/api/v1/runs/{tick['run_ids'][0]}")
+    assert run["tags"]["fleetrun/run_key"].startswith("minute-"), run["tags"]
+    assert run["tags"]["fleetrun/schedule"] == "keyed_minutely"
+
+
+def test_a_raising_evaluation_is_retried_within_its_tick(reactions: tuple) -> None:
+    """[daemon] max_tick_retries = 2: two failures then a success make one SKIPPED tick
+    with failure_count 2; a sensor that keeps raising makes a FAILURE tick after 3."""
+    cp, _clock, inbox = reactions
+    (inbox / "flaky-fails").write_text("2")
+    cli(cp, "sensors", "start", "flaky")
+    first = wait_for(
+        lambda: next((t for t in ticks(cp, "sensor", "flaky") if t["status"] != "STARTED"), None),
+        what="the flaky sensor's first tick",
+    )
+    assert (first["status"], first["failure_count"]) == ("SKIPPED", 2), first
+    assert first["skip_reason"] == "evaluation 3 went through"
+    (inbox / "flaky-fails").write_text("1000")
+    failed = wait_for(
+        lambda: next((t for t in ticks(cp, "sensor", "flaky") if t["status"] == "FAILURE"), None),
+        what="a tick that failed three times",
+    )
+    assert failed["failure_count"] == 3 and "the upstream API timed out" in failed["error"]
+    (shown,) = [line for line in cli(cp, "sensors", "list").splitlines() if "flaky" in line]
+    assert "RUNNING" in shown

@@ -893,3 +893,101 @@ def test_definitions_rejects_duplicates_and_impostors() -> None:
         Definitions(jobs=[extract])  # type: ignore[list-item]
     with pytest.raises(DefinitionError, match="in schedules is not a @schedule"):
         Definitions(schedules=[watcher])  # type: ignore[list-item]
+
+
+def test_run_status_sensors_describe_what_they_watch() -> None:
+    from agent.sdk import RunStatusSensorDefinition, run_failure_sensor, run_status_sensor
+    from agent.worker.code_location import _sensor_info
+
+    @op
+    def work() -> int:
+        return 1
+
+    @job
+    def watched() -> None:
+        work()
+
+    @job
+    def follow_up() -> None:
+        work()
+
+    @run_failure_sensor(monitored_jobs=[watched, "other"], request_job=follow_up)
+    def on_failure(context: Any) -> None:
+        return None
+
+    @run_status_sensor(run_status="SUCCESS", monitor_all_code_locations=True)
+    def on_success(context: Any) -> None:
+        return None
+
+    assert isinstance(on_failure, RunStatusSensorDefinition)
+    info = _sensor_info(on_failure)
+    assert (info.job, info.run_status, info.monitored_jobs) == (
+        "follow_up",
+        "FAILURE",
+        ["watched", "other"],
+    )
+    quiet = _sensor_info(on_success)
+    assert (quiet.job, quiet.run_status, quiet.monitor_all_locations) == ("", "SUCCESS", True)
+    defs = Definitions(jobs=[watched], sensors=[on_failure, on_success])
+    assert set(defs.jobs) == {"watched", "follow_up"}  # request_job is runnable
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"run_status": "DONE"}, "run_status must be one of QUEUED"),
+        ({"run_status": "FAILURE", "monitored_jobs": [3]}, "monitored_jobs holds jobs"),
+        ({"run_status": "FAILURE", "monitored_jobs": ["a-b"]}, "monitored job name 'a-b'"),
+        ({"run_status": "FAILURE", "request_job": "etl"}, "job must be a @job"),
+    ],
+)
+def test_invalid_run_status_sensors(options: dict[str, Any], message: str) -> None:
+    from agent.sdk import run_status_sensor
+
+    with pytest.raises(DefinitionError, match=re.escape(message)):
+        run_status_sensor(name="s", **options)(lambda context: None)
+
+
+def test_a_plain_sensor_still_needs_a_job() -> None:
+    with pytest.raises(DefinitionError, match="job must be a @job"):
+        sensor(job=None, name="s")(lambda context: None)  # type: ignore[arg-type]
+
+
+def test_a_run_status_sensor_is_called_once_per_run(tmp_path: Any) -> None:
+    """The worker calls the function for each run sent, gathers what they request."""
+    from agent.worker.evaluation import evaluate
+    from protocol.messages import (
+        Evaluate,
+        EvaluateSpec,
+        FailedStep,
+        LocationSpec,
+        RunChange,
+    )
+
+    location = tmp_path / "watch.py"
+    location.write_text(
+        "from agent.sdk import Definitions, RunRequest, job, op, run_failure_sensor\n"
+        "@op\ndef w():\n    return 1\n"
+        "@job\ndef retry_it():\n    w()\n"
+        "@run_failure_sensor(request_job=retry_it)\n"
+        "def on_failure(context):\n"
+        "    if context.run.tags.get('skip'):\n        return None\n"
+        "    step = context.failure_steps[0]\n"
+        "    return RunRequest(run_key=context.run.run_id, tags={'step': step.step,"
+        " 'kind': context.run.failure_kind})\n"
+        "defs = Definitions(sensors=[on_failure])\n"
+    )
+    changes = [
+        RunChange("r1", "etl", "loc", "FAILURE", {}, "boom", "op_failure", [FailedStep("a", "E")]),
+        RunChange("r2", "etl", "loc", "FAILURE", {"skip": "1"}, None, "worker_crash"),
+    ]
+    request = Evaluate("e", "loc", "sensor", "on_failure", cursor="7", run_changes=changes)
+    result = evaluate(EvaluateSpec(request, LocationSpec("loc", python_file=str(location))))
+    assert result.error is None, result.error
+    (run,) = result.runs
+    assert (run.job, run.run_key, run.tags) == (
+        "retry_it",
+        "r1",
+        {"step": "a", "kind": "op_failure"},
+    )
+    assert result.cursor == "7"

@@ -66,6 +66,8 @@ async def test_create_run_is_queued_with_an_event(storage: Storage) -> None:
     assert (run.tags, run.config, run.create_time) == ({"team": "a"}, {"k": 1}, 5.0)
     events = await storage.get_events("r1", 0, 100)
     assert [(e.seq, e.type) for e in events] == [(1, "RUN_ENQUEUED")]
+    assert await storage.get_events("r1", 0, 100, ("STEP_FAILURE", "RUN_FAILURE")) == []
+    assert len(await storage.get_events("r1", 0, 100, ("STEP_FAILURE", "RUN_ENQUEUED"))) == 1
     assert await storage.get_run("missing") is None
 
 
@@ -612,11 +614,16 @@ async def test_a_sensor_cursor_moves_only_with_good_ticks(storage: Storage) -> N
     await storage.finish_tick(first.id, "SKIPPED", [], now=11, skip_reason="none", cursor="a")
     bad = await storage.start_tick("loc", "inbox", "sensor", None, now=20)
     assert bad is not None
-    await storage.finish_tick(bad.id, "FAILURE", [], now=21, error="boom", cursor="z")
+    await storage.finish_tick(
+        bad.id, "FAILURE", [], now=21, error="boom", cursor="z", failure_count=3
+    )
     state = (await storage.instigator_states())[("loc", "inbox", "sensor")]
     assert (state.cursor, state.last_tick_time) == ("a", 20)  # start-to-start interval
     ticks = await storage.list_ticks("loc", "inbox", "sensor", 10)
-    assert [(t.status, t.error) for t in ticks] == [("FAILURE", "boom"), ("SKIPPED", None)]
+    assert [(t.status, t.error, t.failure_count) for t in ticks] == [
+        ("FAILURE", "boom", 3),
+        ("SKIPPED", None, 0),
+    ]
 
 
 async def test_stopped_and_orphaned_instigators(storage: Storage) -> None:
