@@ -201,10 +201,8 @@ async def run_tick(
                 cursor=inst.state.cursor,
                 failure_count=failures,
             )
-        log.info(
-            "%s %s tick %s: evaluation %d failed, evaluating again (max_tick_retries %d)",
-            *(inst.kind, inst.name, tick.id, failures, ctx.tick_retries),
-        )
+        what = f"{inst.kind} {inst.name} tick {tick.id}"
+        log.info("%s: evaluation %d failed, evaluating again", what, failures)
         await asyncio.sleep(min(0.5 * 2 ** (failures - 1), MAX_TICK_RETRY_PAUSE_SECONDS))
     now = broker.clock.time()
     prefix = f"{inst.kind}/{inst.location}/{inst.name}"
