@@ -25,8 +25,11 @@ class ServerConfig:
     poll_timeout_seconds: float = 25.0
     tls_cert: str = ""  # PEM certificate chain; with tls_key, the server speaks only HTTPS
     tls_key: str = ""
+    public_url: str = ""  # where people reach this control plane (links in alerts)
 
     def problems(self) -> Iterator[FieldError]:
+        if self.public_url and (problem := http_url_problem(self.public_url)):
+            yield FieldError("public_url", problem)
         if not 0 <= self.port <= 65535:
             yield FieldError("port", "must be between 0 and 65535 (0: any free port)")
         if not 0 < self.poll_timeout_seconds <= 300:

@@ -90,7 +90,9 @@ def build_app(config: ControlPlaneConfig, storage: Storage, clock: Clock) -> web
     bus.subscribe(RUN, lambda key: run_watchers.wake(key))
     bus.subscribe(EVALUATION, broker.on_wake)
     driver = Driver(bus, clock, health, elector)
-    for loop in daemon_loops(config, storage, clock, bus, broker, run_queue, rules):
+    for loop in daemon_loops(
+        config, storage, clock, bus, broker, run_queue, rules, health, metrics
+    ):
         driver.add(loop)
 
     verifier = TokenVerifier(storage, clock.time)

@@ -45,8 +45,15 @@ class AlertQueries(SqlBase):
                     "INSERT INTO alert_deliveries (rule, event, dedup_key, payload, status,"
                     " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (rule, dedup_key) DO NOTHING",
-                    (found.rule, found.event, found.key, json.dumps(found.payload), PENDING)
-                    + (now, now),
+                    (
+                        found.rule,
+                        found.event,
+                        found.key,
+                        json.dumps(found.payload),
+                        PENDING,
+                        now,
+                        now,
+                    ),
                 )
                 if added:
                     new.append(found)
@@ -105,8 +112,10 @@ class AlertQueries(SqlBase):
                 "UPDATE alert_deliveries SET status = ?, next_attempt_at = ?,"
                 " last_error = COALESCE(?, last_error), sent_at = ?"
                 " WHERE id = ? AND status = ? AND attempts = ?",
-                (status, due, error, now if status == SENT else None)
-                + (delivery.id, PENDING, delivery.attempts),
+                (
+                    *(status, due, error, now if status == SENT else None),
+                    *(delivery.id, PENDING, delivery.attempts),
+                ),
             )
         return changed > 0
 
