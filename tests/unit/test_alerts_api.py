@@ -30,7 +30,7 @@ async def test_alerts_answer_matches_the_document_and_hides_the_webhook_path(
     aiohttp_client: Callable[..., Awaitable[TestClient]], tmp_path: Path
 ) -> None:
     client = await alerts_client(aiohttp_client, tmp_path)
-    storage = client.app[STORAGE]  # type: ignore[index]
+    storage = client.app[STORAGE]
     body = {"text": "[fleetrun] oncall: run r1 of job etl failed: boom", "run_id": "r1"}
     await storage.record_alerts(
         [Occurrence("oncall", "run_failure", f"run_failure/r{i}", body) for i in range(3)], {}, 1.0
