@@ -68,7 +68,7 @@ class AlertSnapshot:
     started: Sequence[Run] = ()  # runs STARTED now
     queued: Sequence[Run] = ()  # runs queued since before the shortest queued_seconds
     agents: Sequence[Agent] = ()
-    failed_ticks: Sequence[Tick] = ()  # new since the last pass
+    failed_ticks: Sequence[tuple[Tick, str | None]] = ()  # new, with the status before each
     loop_beats: dict[str, float] = field(default_factory=dict)  # loops this replica runs
     judged_since: float = 0.0  # agents: silence counts from here at the earliest (a restart)
     watching_since: float = 0.0  # an agent offline before alerts were watched is not news
@@ -158,7 +158,9 @@ def _agent_happenings(
 
 def _tick_happenings(snapshot: AlertSnapshot) -> list[Happening]:
     found: list[Happening] = []
-    for tick in snapshot.failed_ticks:
+    for tick, before in snapshot.failed_ticks:
+        if before == "FAILURE":  # the same trouble as the tick before: one alert per streak
+            continue
         reason = tick.error or "no error given"
         text = f"{tick.kind} {tick.name} (location {tick.location}) failed a tick: {reason}"
         fields: dict[str, Any] = {
@@ -272,11 +274,11 @@ async def _snapshot(
         failures = await storage.status_changes(after, PAGE, [RunStatus.FAILURE])
         if len(failures) == PAGE:  # more to read: the next pass goes on from here
             moved[STATUS_CURSOR] = float(failures[-1][0].id)
-    failed_ticks: list[Tick] = []
+    failed_ticks: list[tuple[Tick, str | None]] = []
     if TICK_FAILURE in events:
         failed_ticks = await storage.failed_ticks(int(cursors[TICK_CURSOR]), horizon, PAGE)
         if len(failed_ticks) == PAGE:
-            moved[TICK_CURSOR] = float(failed_ticks[-1].id)
+            moved[TICK_CURSOR] = float(failed_ticks[-1][0].id)
     started: list[Run] = []
     if RUN_MAX_RUNTIME in events:
         started = [r for r in await storage.active_runs() if r.status == RunStatus.STARTED]

@@ -12,6 +12,8 @@ and the `Idempotency-Key` / `X-Fleetrun-Alert-Id` headers name it for the receiv
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -44,7 +46,7 @@ class DeliveryPolicy:
     def hold_seconds(self) -> float:
         """How long a claimed row is left alone: its attempt has ended by then, or its
         process died and the row is due again."""
-        return self.timeout_seconds + 30.0
+        return 2 * self.timeout_seconds + 5.0
 
     def retry_at(self, attempts: int, now: float) -> float | None:
         """When to try again after attempt `attempts` failed; None: give up."""
@@ -107,7 +109,14 @@ async def deliver(sink: AlertSink, delivery: AlertDelivery) -> None:
         error: str | None = f"no alert is called {delivery.rule!r} any more"
         final = True
     else:
-        error, final = await post(url, delivery, sink.policy.timeout_seconds)
+        try:
+            error, final = await post(url, delivery, sink.policy.timeout_seconds)
+        except asyncio.CancelledError:  # this replica stops the loop: due again at once
+            stopped = "the control plane stopped during this attempt"
+            now = sink.clock.time()
+            with contextlib.suppress(Exception):  # else its claim lapses by itself
+                await sink.storage.settle_delivery(delivery, now, stopped, retry_at=now)
+            raise
     now = sink.clock.time()
     retry_at = None if error is None or final else sink.policy.retry_at(delivery.attempts, now)
     if not await sink.storage.settle_delivery(delivery, now, error, retry_at):

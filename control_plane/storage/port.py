@@ -423,8 +423,11 @@ class AlertStore(Protocol):
         to it misses no failure of a tick still running."""
         ...
 
-    async def failed_ticks(self, after: int, upto: int, limit: int) -> list[Tick]:
-        """FAILURE ticks with `after` < id <= `upto`, oldest first."""
+    async def failed_ticks(
+        self, after: int, upto: int, limit: int
+    ) -> list[tuple[Tick, str | None]]:
+        """FAILURE ticks with `after` < id <= `upto`, oldest first, each with the status
+        of its schedule's or sensor's tick before it (None: it is the first)."""
         ...
 
     async def queued_before(self, since: float, limit: int) -> list[Run]:

@@ -90,7 +90,7 @@ async def test_a_claimed_delivery_is_not_claimed_again_until_its_claim_lapses(
 
 async def test_failed_ticks_up_to_the_first_unfinished_one(storage: Storage) -> None:
     assert await storage.tick_horizon() == 0
-    ticks = [await storage.start_tick("loc", "s", "sensor", None, now=float(i)) for i in range(3)]
+    ticks = [await storage.start_tick("loc", "s", "sensor", None, now=float(i)) for i in range(4)]
     ids = [t.id for t in ticks if t is not None]
     await storage.finish_tick(ids[1], "FAILURE", [], now=5.0, error="boom")
     assert await storage.tick_horizon() == ids[0] - 1  # the first is still running
@@ -98,8 +98,18 @@ async def test_failed_ticks_up_to_the_first_unfinished_one(storage: Storage) -> 
     await storage.finish_tick(ids[2], "FAILURE", [], now=6.0, error="bang")
     assert await storage.tick_horizon() == ids[2]
     failed = await storage.failed_ticks(0, ids[2], 10)
-    assert [(t.id, t.error) for t in failed] == [(ids[1], "boom"), (ids[2], "bang")]
-    assert [t.id for t in await storage.failed_ticks(ids[1], ids[2], 10)] == [ids[2]]
+    # each with the status of the sensor's tick before it: a streak shows as one
+    assert [(t.id, t.error, before) for t, before in failed] == [
+        (ids[1], "boom", "SKIPPED"),  # (a success without runs)
+        (ids[2], "bang", "FAILURE"),
+    ]
+    assert [t.id for t, _ in await storage.failed_ticks(ids[1], ids[2], 10)] == [ids[2]]
+    await storage.finish_tick(ids[3], "FAILURE", [], now=7.0, error="again")
+    other = await storage.start_tick("loc", "other", "sensor", None, now=8.0)
+    assert other is not None
+    await storage.finish_tick(other.id, "FAILURE", [], now=9.0, error="first")
+    failed = await storage.failed_ticks(ids[2], other.id, 10)
+    assert [(t.name, before) for t, before in failed] == [("s", "FAILURE"), ("other", None)]
 
 
 async def test_runs_queued_before_a_time(storage: Storage) -> None:

@@ -162,21 +162,26 @@ def test_an_agent_is_offline_after_the_heartbeat_timeout_and_a_grace_after_resta
     assert find_alerts(rules, old, NOW, SETTINGS) == []
 
 
-def test_failed_ticks_and_stale_loops() -> None:
-    tick = Tick(
-        7, "loc", "inbox", "sensor", None, "FAILURE", None, "it blew up", [], None, NOW - 5, NOW - 4
+def tick(tick_id: int, error: str = "it blew up") -> Tick:
+    return Tick(
+        tick_id, "loc", "inbox", "sensor", None, "FAILURE", None, error, [], None, NOW - 5, NOW - 4
     )
+
+
+def test_failed_ticks_once_per_streak_and_stale_loops() -> None:
     snapshot = AlertSnapshot(
-        failed_ticks=[tick], loop_beats={"scheduler": NOW - 61, "sensors": NOW - 1}
+        failed_ticks=[(tick(7), "SUCCESS"), (tick(8, "again"), "FAILURE"), (tick(9), None)],
+        loop_beats={"scheduler": NOW - 61, "sensors": NOW - 1},
     )
     found = find_alerts([rule("tick_failure", "daemon_stale")], snapshot, NOW, SETTINGS)
     assert keys(found) == [
         ("oncall", "tick_failure/7"),
+        ("oncall", "tick_failure/9"),
         ("oncall", f"daemon_stale/scheduler/{NOW - 61:.3f}"),
     ]
     assert found[0].payload["reason"] == "it blew up"
     assert found[0].payload["instigator"] == "inbox"
-    assert found[1].payload["loop"] == "scheduler"
+    assert found[2].payload["loop"] == "scheduler"
     assert found[0].payload["run_id"] is None  # generic fields are always there
 
 

@@ -142,13 +142,18 @@ class AlertQueries(SqlBase):
             return int(unfinished) - 1
         return int(latest or 0)
 
-    async def failed_ticks(self, after: int, upto: int, limit: int) -> list[Tick]:
+    async def failed_ticks(
+        self, after: int, upto: int, limit: int
+    ) -> list[tuple[Tick, str | None]]:
+        columns = ", ".join(f"t.{c.strip()}" for c in TICK_COLUMNS.split(","))
         rows = await self._reader.fetch(
-            f"SELECT {TICK_COLUMNS} FROM ticks WHERE id > ? AND id <= ? AND status = 'FAILURE'"
-            " ORDER BY id LIMIT ?",
+            f"SELECT {columns}, (SELECT p.status FROM ticks p WHERE p.location = t.location"
+            " AND p.name = t.name AND p.kind = t.kind AND p.id < t.id"
+            " ORDER BY p.id DESC LIMIT 1) FROM ticks t"
+            " WHERE t.id > ? AND t.id <= ? AND t.status = 'FAILURE' ORDER BY t.id LIMIT ?",
             (after, upto, limit),
         )
-        return [tick_from_row(r) for r in rows]
+        return [(tick_from_row(r[:-1]), r[-1]) for r in rows]
 
     async def queued_before(self, since: float, limit: int) -> list[Run]:
         rows = await self._reader.fetch(
