@@ -249,6 +249,7 @@ class Alerter:
     clock: Clock
     sink: AlertSink
     judged_since: float = 0.0
+    next_look: float = 0.0  # when the queue, agents and loops are next read
     tasks: TaskSet = field(default_factory=TaskSet)
     in_flight: set[int] = field(default_factory=set)
 
@@ -260,10 +261,11 @@ class Alerter:
         return {event for rule in self.rules for event in rule.on}
 
 
-async def _snapshot(
-    alerter: Alerter, cursors: dict[str, float], now: float
-) -> tuple[AlertSnapshot, dict[str, float]]:
-    """Read what detection looks at, and where the cursors move once it is stored."""
+async def _news(
+    alerter: Alerter, cursors: dict[str, float]
+) -> tuple[list[tuple[StatusChange, Run]], list[tuple[Tick, str | None]], dict[str, float]]:
+    """New run failures and failed ticks since the cursors, and where the cursors move
+    once they are stored (the cursors move also for events no rule wants yet)."""
     storage, events = alerter.storage, alerter.events
     latest_change = await storage.last_status_change()
     horizon = await storage.tick_horizon()
@@ -279,6 +281,14 @@ async def _snapshot(
         failed_ticks = await storage.failed_ticks(int(cursors[TICK_CURSOR]), horizon, PAGE)
         if len(failed_ticks) == PAGE:
             moved[TICK_CURSOR] = float(failed_ticks[-1][0].id)
+    return failures, failed_ticks, moved
+
+
+async def _state(
+    alerter: Alerter, now: float
+) -> tuple[list[Run], list[Run], list[Agent], dict[str, float]]:
+    """The runs started and queued for long, the agents and the loops' beats, as now."""
+    storage, events = alerter.storage, alerter.events
     started: list[Run] = []
     if RUN_MAX_RUNTIME in events:
         started = [r for r in await storage.active_runs() if r.status == RunStatus.STARTED]
@@ -287,20 +297,10 @@ async def _snapshot(
     if waits:
         queued = await storage.queued_before(now - min(waits), PAGE)
     agents = await storage.list_agents() if AGENT_OFFLINE in events else []
-    beats = {}
+    beats: dict[str, float] = {}
     if DAEMON_STALE in events:
         beats = {name: loop.last_beat for name, loop in alerter.health.loops.items()}
-    snapshot = AlertSnapshot(
-        failures,
-        started,
-        queued,
-        agents,
-        failed_ticks,
-        beats,
-        alerter.judged_since,
-        cursors[WATCHING_SINCE],
-    )
-    return snapshot, moved
+    return started, queued, agents, beats
 
 
 async def _cursors(alerter: Alerter, now: float) -> dict[str, float]:
@@ -320,10 +320,32 @@ async def _cursors(alerter: Alerter, now: float) -> dict[str, float]:
 
 
 async def detect(alerter: Alerter, now: float) -> list[Occurrence]:
-    """Store what happened since the last pass; the occurrences that were new."""
+    """Store what happened since the last pass; the occurrences that were new. Failures
+    are read on every pass (a run failing wakes the loop); the state of the queue, the
+    agents and the loops only every `DETECT_SECONDS`, so a storm of wake-ups costs a
+    few reads each, not a scan of the fleet."""
     cursors = await _cursors(alerter, now)
-    snapshot, moved = await _snapshot(alerter, cursors, now)
+    failures, failed_ticks, moved = await _news(alerter, cursors)
+    started: list[Run] = []
+    queued: list[Run] = []
+    agents: list[Agent] = []
+    beats: dict[str, float] = {}
+    if now >= alerter.next_look:
+        started, queued, agents, beats = await _state(alerter, now)
+        alerter.next_look = now + DETECT_SECONDS
+    snapshot = AlertSnapshot(
+        failures,
+        started,
+        queued,
+        agents,
+        failed_ticks,
+        beats,
+        alerter.judged_since,
+        cursors[WATCHING_SINCE],
+    )
     found = find_alerts(alerter.rules, snapshot, now, alerter.settings)
+    if not found and all(moved[name] <= cursors[name] for name in moved):
+        return []  # nothing to write
     new = await alerter.storage.record_alerts(found, moved, now)
     for occurrence in new:
         log.warning("alert %s: %s", occurrence.rule, occurrence.payload["text"])
@@ -333,19 +355,19 @@ async def detect(alerter: Alerter, now: float) -> list[Occurrence]:
 async def alert_pass(alerter: Alerter, now: float) -> float:
     """Detect, then start the deliveries that are due, each a task of the loop (at most
     `max_in_flight` at once). Returns when the next delivery falls due, or the next look
-    at the queue, agents and loops; a delivery that ends wakes the loop sooner."""
+    at the queue, agents and loops; a run failing or a delivery ending wakes it sooner."""
     await detect(alerter, now)
     policy = alerter.sink.policy
     room = policy.max_in_flight - len(alerter.in_flight)
-    if room > 0:
+    due = await alerter.storage.next_delivery_due()
+    if room > 0 and due is not None and due <= now:
         for delivery in await alerter.storage.claim_deliveries(now, policy.hold_seconds, room):
             alerter.in_flight.add(delivery.id)
             alerter.tasks.start(delivery.id, _attempt(alerter, delivery))
-    next_look = now + DETECT_SECONDS
-    if len(alerter.in_flight) >= policy.max_in_flight:
-        return next_look
-    due = await alerter.storage.next_delivery_due()
-    return next_look if due is None else min(next_look, max(due, now + MIN_PAUSE_SECONDS))
+        due = await alerter.storage.next_delivery_due()
+    if due is None or len(alerter.in_flight) >= policy.max_in_flight:
+        return alerter.next_look
+    return min(alerter.next_look, max(due, now + MIN_PAUSE_SECONDS))
 
 
 async def _attempt(alerter: Alerter, delivery: AlertDelivery) -> None:

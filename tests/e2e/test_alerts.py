@@ -5,6 +5,7 @@ runs on loopback. Every wait is on a condition."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
@@ -56,6 +57,7 @@ class Receiver:
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _stop: asyncio.Event | None = None
+    _released: asyncio.Event = field(default_factory=asyncio.Event)  # ends every hang
 
     @property
     def url(self) -> str:
@@ -68,7 +70,8 @@ class Receiver:
         if self.hang:
             self.hanging += 1
             try:
-                await asyncio.sleep(self.hang)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._released.wait(), self.hang)
             finally:
                 self.hanging -= 1
         status = self.script.pop(0) if self.script else self.status
@@ -103,6 +106,7 @@ class Receiver:
     def stop(self) -> None:
         self.hang = 0.0
         if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._released.set)
             self._loop.call_soon_threadsafe(self._stop.set)
         if self._thread is not None:
             self._thread.join(10)

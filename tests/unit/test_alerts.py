@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from control_plane.clock import SystemClock
-from control_plane.config import AlertRule, RunMonitoringConfig
+from control_plane.config import AlertRule, RunMonitoringConfig, load_control_plane_config
 from control_plane.daemon.alerts import (
     Alerter,
     AlertSettings,
@@ -23,11 +23,13 @@ from control_plane.daemon.alerts import (
 from control_plane.daemon.health import DaemonHealth
 from control_plane.daemon.webhooks import AlertSink, DeliveryPolicy
 from control_plane.model.agents import Agent
+from control_plane.model.alerts import ALERT_EVENTS
 from control_plane.model.instigators import Tick
 from control_plane.model.runs import NewRun, Run, StatusChange
 from control_plane.model.statuses import MAX_RUNTIME, OP_FAILURE, RunStatus
 from control_plane.storage import Storage, open_storage
 from protocol.messages import CodeLocationInfo, JobInfo, OpInfo, RunRecord
+from protocol.schema import ConfigError
 from tests.conftest import free_port
 
 NOW = 10_000.0
@@ -278,3 +280,67 @@ async def test_a_pass_never_waits_for_a_slow_webhook(sqlite: Storage) -> None:
         release.set()
         await alerter.tasks.cancel_all()
         await runner.cleanup()
+
+
+# --- the rules as control-plane.toml states them -------------------------------------------
+
+
+def test_every_problem_of_the_alert_rules_is_named_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "control-plane.toml"
+    path.write_text(
+        """
+[[alerts]]
+name = "oncall"
+on = ["run_failure", "run_fail"]
+webhook_url = "ftp://hooks.example/x"
+queued_seconds = 0
+[[alerts]]
+name = "oncall"
+on = []
+webhook_url = "http://127.0.0.1:9000/hook"
+[[alerts]]
+name = "team"
+on = ["agent_offline"]
+"""
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_control_plane_config(str(path))
+    events = ", ".join(ALERT_EVENTS)
+    assert caught.value.lines == (
+        f"{path}: key 'alerts[0].on': unknown event 'run_fail': use one of {events}",
+        f"{path}: key 'alerts[0].webhook_url': must be an http:// or https:// URL with a host",
+        f"{path}: key 'alerts[0].queued_seconds': must be in (0, 2592000]",
+        f"{path}: key 'alerts[1].on': list at least one event: {events}",
+        f"{path}: key 'alerts[2].webhook_url': required key is missing",
+        f"{path}: key 'alerts[1].name': another alert is called 'oncall'",
+    )
+
+
+def test_a_rule_read_from_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "control-plane.toml"
+    path.write_text(
+        """
+[server]
+public_url = "https://fleet.example/"
+[[alerts]]
+name = "oncall"
+on = ["run_failure", "run_queued_too_long"]
+webhook_url = "https://hooks.slack.com/services/T/B/X"
+jobs = ["etl"]
+tags = { team = "data" }
+queued_seconds = 120
+"""
+    )
+    config = load_control_plane_config(str(path))
+    (only,) = config.alerts
+    assert only == AlertRule(
+        "oncall",
+        ["run_failure", "run_queued_too_long"],
+        "https://hooks.slack.com/services/T/B/X",
+        ["etl"],
+        {"team": "data"},
+        120.0,
+    )
+    assert config.server.base_url() == "https://fleet.example"
+    assert only.matches_run("etl", {"team": "data", "x": "y"})
+    assert not only.matches_run("etl", {"team": "web"}) and not only.matches_run("x", {})
