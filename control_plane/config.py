@@ -6,7 +6,9 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlsplit
 
+from control_plane.model.alerts import ALERT_EVENTS
 from control_plane.model.runs import ResumeRules
 from control_plane.model.submission import RunRules
 from control_plane.storage import url_problem
@@ -23,8 +25,11 @@ class ServerConfig:
     poll_timeout_seconds: float = 25.0
     tls_cert: str = ""  # PEM certificate chain; with tls_key, the server speaks only HTTPS
     tls_key: str = ""
+    public_url: str = ""  # where people reach this control plane (links in alerts)
 
     def problems(self) -> Iterator[FieldError]:
+        if self.public_url and (problem := http_url_problem(self.public_url)):
+            yield FieldError("public_url", problem)
         if not 0 <= self.port <= 65535:
             yield FieldError("port", "must be between 0 and 65535 (0: any free port)")
         if not 0 < self.poll_timeout_seconds <= 300:
@@ -35,6 +40,24 @@ class ServerConfig:
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert)
+
+    def base_url(self) -> str:
+        """Where people reach this control plane: `public_url`, else host and port."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+
+def http_url_problem(url: str) -> str | None:
+    """Why `url` is not an absolute http(s) URL, or None."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # a port out of range raises here
+    except ValueError as exc:
+        return f"not a valid URL: {exc}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    return None
 
 
 @dataclass(frozen=True)
@@ -194,6 +217,40 @@ class RunRetriesConfig:
 
 
 @dataclass(frozen=True)
+class AlertRule:
+    """One `[[alerts]]` table: which events go to which webhook (docs/alerts.md). `jobs`
+    and `tags` narrow the run events only; the others concern the whole instance."""
+
+    name: str
+    on: list[str]
+    webhook_url: str
+    jobs: list[str] = field(default_factory=list)  # empty: every job
+    tags: dict[str, str] = field(default_factory=dict)  # a run must carry each of these
+    queued_seconds: float = 600.0  # run_queued_too_long: queued longer than this
+
+    def problems(self) -> Iterator[FieldError]:
+        if not 1 <= len(self.name) <= 128 or not self.name.isprintable():
+            yield FieldError("name", "must be 1 to 128 printable characters")
+        if not self.on:
+            yield FieldError("on", f"list at least one event: {', '.join(ALERT_EVENTS)}")
+        for event in self.on:
+            if event not in ALERT_EVENTS:
+                yield FieldError(
+                    "on", f"unknown event {event!r}: use one of {', '.join(ALERT_EVENTS)}"
+                )
+        if problem := http_url_problem(self.webhook_url):
+            yield FieldError("webhook_url", problem)
+        if not 0 < self.queued_seconds <= 30 * 86400:
+            yield FieldError("queued_seconds", "must be in (0, 2592000]")
+
+    def matches_run(self, job: str, tags: dict[str, str]) -> bool:
+        """Whether a run event of this job and tags concerns this rule."""
+        if self.jobs and job not in self.jobs:
+            return False
+        return all(tags.get(key) == value for key, value in self.tags.items())
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     enabled: bool = False
 
@@ -208,6 +265,14 @@ class ControlPlaneConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    alerts: list[AlertRule] = field(default_factory=list)
+
+    def problems(self) -> Iterator[FieldError]:
+        seen: set[str] = set()
+        for index, rule in enumerate(self.alerts):
+            if rule.name in seen:
+                yield FieldError(f"alerts[{index}].name", f"another alert is called {rule.name!r}")
+            seen.add(rule.name)
 
     def updated(self, **sections: dict[str, Any]) -> ControlPlaneConfig:
         """A copy with fields of some sections changed: `updated(auth={"enabled": True})`."""

@@ -28,11 +28,12 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from control_plane.model.agents import AGENT_STATUSES, agent_status
+from control_plane.model.alerts import ALERT_EVENTS
 from control_plane.model.runs import Run
 from control_plane.model.statuses import RunStatus
 from control_plane.storage.port import AgentStore, RunStore
 
-DAEMON_LOOPS = ("run-queue", "monitor", "retries", "scheduler", "sensors")  # as in /readyz
+DAEMON_LOOPS = ("run-queue", "monitor", "retries", "scheduler", "sensors", "alerts")  # /readyz
 # Agent long-polls are held up to poll_timeout_seconds (25 s): the top buckets see them.
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # A run can wait for a free slot from milliseconds to hours.
@@ -179,7 +180,28 @@ class Metrics:
             buckets=PAUSE_BUCKETS,
             registry=registry,
         )
+        self.alerts_sent = Counter(
+            "fleetrun_alerts_sent_total",
+            "Alerts a webhook accepted (2xx), by event.",
+            ["event"],
+            registry=registry,
+        )
+        self.alerts_failed = Counter(
+            "fleetrun_alerts_failed_total",
+            "Alerts given up on (attempts used up, or a 4xx no retry would change), by event.",
+            ["event"],
+            registry=registry,
+        )
+        self.alert_attempts_failed = Counter(
+            "fleetrun_alert_attempts_failed_total",
+            "Alert delivery attempts that failed and will be retried, by event.",
+            ["event"],
+            registry=registry,
+        )
         # Known label sets start at 0, so that increase() sees the first error too.
+        for event in ALERT_EVENTS:
+            for counter in (self.alerts_sent, self.alerts_failed, self.alert_attempts_failed):
+                counter.labels(event)
         for loop in DAEMON_LOOPS:
             self.loop_errors.labels(loop)
         for kind in ("event", "log"):
@@ -218,6 +240,14 @@ class Metrics:
 
     def loop_failed(self, loop: str) -> None:
         self.loop_errors.labels(loop).inc()
+
+    def alert_attempt(self, event: str, outcome: str) -> None:
+        """One delivery attempt ended: "sent", "retry" (it will be tried again) or
+        "failed" (for good)."""
+        counter = {"sent": self.alerts_sent, "retry": self.alert_attempts_failed}.get(
+            outcome, self.alerts_failed
+        )
+        counter.labels(event).inc()
 
     # --- exposition ---------------------------------------------------------------------
 

@@ -5,7 +5,8 @@ Each loop is a pass over storage that returns when it next wants to run; one dri
 their health. A run is queued and leased by the run queue (run_queue.py), watched by
 the monitor (monitor.py, with stallwatch.py), retried by the retrier (retries.py);
 schedules (scheduler.py, ticks.py) and sensors (sensors.py) create runs through one
-tick path (instigators.py).
+tick path (instigators.py). The alerts loop (alerts.py, webhooks.py) tells webhooks
+what went wrong.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from typing import Any
 from control_plane.bus import INSTIGATORS, MONITOR, QUEUE, RETRIES, WakeBus
 from control_plane.clock import Clock
 from control_plane.config import ControlPlaneConfig
+from control_plane.daemon import webhooks
+from control_plane.daemon.alerts import Alerter, AlertSettings, alert_pass
 from control_plane.daemon.driver import DaemonLoop
+from control_plane.daemon.health import DaemonHealth
 from control_plane.daemon.instigators import Instigators
 from control_plane.daemon.monitor import Monitor, monitor_pass
 from control_plane.daemon.retries import Retrier, retry_pass
@@ -24,6 +28,7 @@ from control_plane.daemon.scheduler import schedule_pass
 from control_plane.daemon.sensors import sensor_pass
 from control_plane.daemon.stallwatch import TICK_SECONDS, StallWatch, watch_pass
 from control_plane.fleet.evaluations import EvaluationBroker
+from control_plane.metrics import Metrics
 from control_plane.model.submission import RunRules
 from control_plane.storage.port import Storage
 
@@ -38,6 +43,8 @@ def daemon_loops(
     broker: EvaluationBroker,
     run_queue: RunQueue,
     rules: RunRules,
+    health: DaemonHealth,
+    metrics: Metrics | None = None,
 ) -> list[DaemonLoop[Any]]:
     """Every loop of one control plane, with what wakes each."""
     timeout = config.run_monitoring.agent_heartbeat_timeout_seconds
@@ -81,4 +88,34 @@ def daemon_loops(
             ),
             DaemonLoop("stall-watch", watch_pass, watch, backstop=TICK_SECONDS, lease="monitor"),
         ]
+    if config.alerts:
+        loops.append(alerts_loop(config, storage, clock, health, metrics))
     return loops
+
+
+def alerts_loop(
+    config: ControlPlaneConfig,
+    storage: Storage,
+    clock: Clock,
+    health: DaemonHealth,
+    metrics: Metrics | None,
+) -> DaemonLoop[Alerter]:
+    """The alerts loop, woken by run failures (the retries topic) and by each delivery
+    that ends; it looks at the queue, agents and loops every few seconds."""
+    settings = AlertSettings(
+        config.server.base_url(),
+        config.run_monitoring.agent_heartbeat_timeout_seconds,
+        config.run_monitoring,
+    )
+    urls = {rule.name: rule.webhook_url for rule in config.alerts}
+    sink = webhooks.AlertSink(storage, urls, clock, webhooks.POLICY, metrics)
+    alerter = Alerter(storage, config.alerts, settings, health, clock, sink, clock.time())
+    return DaemonLoop(
+        "alerts",
+        alert_pass,
+        alerter,
+        (RETRIES,),
+        backstop=BACKSTOP_SECONDS,
+        on_gain=alerter.gained,
+        tasks=alerter.tasks,
+    )

@@ -32,7 +32,17 @@ from control_plane.fleet.dispatch import Dispatcher
 from control_plane.fleet.evaluations import EvaluationBroker
 from control_plane.fleet.heartbeats import HeartbeatRecorder
 from control_plane.fleet.identity import AgentIdentities
-from control_plane.http import agent_protocol, fleet, instigators, openapi, probes, runs, tokens, ui
+from control_plane.http import (
+    agent_protocol,
+    alerts,
+    fleet,
+    instigators,
+    openapi,
+    probes,
+    runs,
+    tokens,
+    ui,
+)
 from control_plane.http.auth import TokenVerifier, auth_middleware
 from control_plane.http.errors import error_response, json_errors
 from control_plane.http.keys import (
@@ -90,7 +100,9 @@ def build_app(config: ControlPlaneConfig, storage: Storage, clock: Clock) -> web
     bus.subscribe(RUN, lambda key: run_watchers.wake(key))
     bus.subscribe(EVALUATION, broker.on_wake)
     driver = Driver(bus, clock, health, elector)
-    for loop in daemon_loops(config, storage, clock, bus, broker, run_queue, rules):
+    for loop in daemon_loops(
+        config, storage, clock, bus, broker, run_queue, rules, health, metrics
+    ):
         driver.add(loop)
 
     verifier = TokenVerifier(storage, clock.time)
@@ -112,7 +124,7 @@ def build_app(config: ControlPlaneConfig, storage: Storage, clock: Clock) -> web
     app[RUN_RULES] = rules
     app[DECODE_LIMITS] = limits.decode_limits()
     app.cleanup_ctx.append(lifespan)
-    for module in (runs, fleet, instigators, probes, tokens, agent_protocol, ui, openapi):
+    for module in (runs, fleet, instigators, alerts, probes, tokens, agent_protocol, ui, openapi):
         module.add_routes(app)
     add_metrics_routes(app)
     return app

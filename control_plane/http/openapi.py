@@ -18,6 +18,7 @@ from control_plane.http.keys import CONFIG
 from control_plane.http.params import MAX_LIST_LIMIT, MAX_WAIT_SECONDS
 from control_plane.http.runs import NAME_RE
 from control_plane.http.tokens import TOKEN_NAME_RE
+from control_plane.model.alerts import ALERT_EVENTS, DELIVERY_STATUSES
 from control_plane.model.statuses import RunStatus
 from protocol.tags import (
     MAX_RETRIES_TAG,
@@ -403,6 +404,47 @@ def instigator_schemas() -> dict[str, Schema]:
     }
 
 
+def alert_schemas() -> dict[str, Schema]:
+    event = string(enum=list(ALERT_EVENTS))
+    rule = obj(
+        {
+            "name": string(),
+            "on": array(event),
+            "webhook_url": string(
+                description="its scheme, host and port only: a path may be a secret"
+            ),
+            "jobs": array(string(), description="run events of these jobs only; empty: all"),
+            "tags": string_map(description="run events of runs with each of these tags only"),
+            "queued_seconds": {"type": "number"},
+        }
+    )
+    delivery = obj(
+        {
+            "id": integer(1),
+            "alert": string(description="the rule's name"),
+            "event": event,
+            "key": string(
+                description="the occurrence (run_failure/<run id>…): one delivery per rule and key"
+            ),
+            "status": string(enum=list(DELIVERY_STATUSES)),
+            "attempts": integer(0),
+            "next_attempt_at": nullable(timestamp()),
+            "last_error": nullable(string()),
+            "created_at": timestamp(),
+            "sent_at": nullable(timestamp()),
+            "text": string(description="the message, as Slack shows it"),
+            "payload": {"type": "object", "description": "the JSON body the webhook gets"},
+        }
+    )
+    return {
+        "AlertRule": rule,
+        "AlertDelivery": delivery,
+        "Alerts": obj(
+            {"rules": array(ref("AlertRule")), "deliveries": array(ref("AlertDelivery"))}
+        ),
+    }
+
+
 def misc_schemas() -> dict[str, Schema]:
     loop = obj(
         {
@@ -734,6 +776,21 @@ def fleet_operations() -> dict[str, dict[str, Any]]:
     }
 
 
+def alert_operations() -> dict[str, dict[str, Any]]:
+    return {
+        "/api/v1/alerts": {
+            "get": operation(
+                "listAlerts",
+                "The [[alerts]] rules and the recent deliveries, newest first",
+                "alerts",
+                ok("Alerts", "rules and deliveries"),
+                (400,),
+                (int_query("limit", 50, 1, MAX_LIST_LIMIT, "deliveries to return"),),
+            ),
+        },
+    }
+
+
 def token_operations() -> dict[str, dict[str, Any]]:
     return {
         "/api/v1/tokens": {
@@ -869,7 +926,18 @@ def apply_access(paths: dict[str, dict[str, Any]]) -> None:
 
 # --- the document ----------------------------------------------------------------------
 
-TAGS = ("runs", "queue", "agents", "jobs", "tokens", "schedules", "sensors", "health", "meta")
+TAGS = (
+    "runs",
+    "queue",
+    "agents",
+    "jobs",
+    "tokens",
+    "schedules",
+    "sensors",
+    "alerts",
+    "health",
+    "meta",
+)
 DESCRIPTION = """\
 The fleetrun control plane's JSON API. Times are ISO-8601 UTC, null until known.
 Every refusal is `{"error": {"code": "...", "message": "..."}}` with a 4xx status.
@@ -893,6 +961,7 @@ def openapi_document(config: ControlPlaneConfig | None = None) -> dict[str, Any]
         **token_operations(),
         **instigator_operations("schedule"),
         **instigator_operations("sensor"),
+        **alert_operations(),
         **service_operations(),
     }
     apply_access(paths)
@@ -917,6 +986,7 @@ def openapi_document(config: ControlPlaneConfig | None = None) -> dict[str, Any]
                 **fleet_schemas(),
                 **token_schemas(),
                 **instigator_schemas(),
+                **alert_schemas(),
                 **misc_schemas(),
             },
         },

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from control_plane.model.agents import Agent
+from control_plane.model.alerts import AlertDelivery, Occurrence
 from control_plane.model.catalog import CodeCatalog, CodeLocation
 from control_plane.model.instigators import InstigatorState, Tick
 from control_plane.model.runs import (
@@ -378,6 +379,67 @@ class EvaluationStore(Protocol):
     async def drop_evaluation(self, eval_id: str) -> None: ...
 
 
+class AlertStore(Protocol):
+    """The alerts outbox, and what alert detection reads besides the run history."""
+
+    async def record_alerts(
+        self, occurrences: list[Occurrence], cursors: dict[str, float], now: float
+    ) -> list[Occurrence]:
+        """Store each occurrence its rule has not stored before, pending and due now, and
+        move the named cursors forward (never back), in one transaction; the ones that
+        were new. (rule, key) is unique: however often, and on however many replicas, an
+        occurrence is detected, its rule gets one delivery."""
+        ...
+
+    async def alert_cursors(self) -> dict[str, float]:
+        """Where detection resumes, by cursor name (none yet: detection never ran)."""
+        ...
+
+    async def claim_deliveries(self, now: float, hold: float, limit: int) -> list[AlertDelivery]:
+        """Pending deliveries due by `now`, oldest due first, each claimed for one attempt:
+        `attempts` counted, the next attempt put `hold` s away, so that no other pass on
+        any replica takes it while it is in flight; a claim never settled (its process
+        died) falls due again after `hold`. The deliveries as claimed."""
+        ...
+
+    async def settle_delivery(
+        self,
+        delivery: AlertDelivery,
+        now: float,
+        error: str | None = None,
+        retry_at: float | None = None,
+    ) -> bool:
+        """The outcome of the attempt `delivery` was claimed for: sent (no `error`),
+        pending again from `retry_at`, or failed for good. False, and nothing written, if
+        the claim is no longer the latest."""
+        ...
+
+    async def next_delivery_due(self) -> float | None:
+        """When the earliest pending delivery falls due (None: none pending)."""
+        ...
+
+    async def recent_deliveries(self, limit: int) -> list[AlertDelivery]:
+        """Newest first."""
+        ...
+
+    async def tick_horizon(self) -> int:
+        """The highest tick id at and below which every tick has finished: a cursor up
+        to it misses no failure of a tick still running."""
+        ...
+
+    async def failed_ticks(
+        self, after: int, upto: int, limit: int
+    ) -> list[tuple[Tick, str | None]]:
+        """FAILURE ticks with `after` < id <= `upto`, oldest first, each with the status
+        of its schedule's or sensor's tick before it (None: it is the first)."""
+        ...
+
+    async def queued_before(self, since: float, limit: int) -> list[Run]:
+        """QUEUED runs waiting since `since` or earlier (a delayed retry waits from the
+        end of its delay), oldest first."""
+        ...
+
+
 class Storage(
     Database,
     RunStore,
@@ -387,6 +449,7 @@ class Storage(
     InstigatorStore,
     LeaderStore,
     EvaluationStore,
+    AlertStore,
     Protocol,
 ):
     """Everything the control plane remembers."""

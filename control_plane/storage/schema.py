@@ -217,6 +217,30 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN code_retries INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE ticks ADD COLUMN failure_count INTEGER NOT NULL DEFAULT 0;
     """,
+    # version 10: the alerts outbox, one row per rule and occurrence (the unique key is
+    # what sends each alert once across replicas and restarts), and where detection
+    # resumes (a cursor on the run-status history, one on ticks, when watching began)
+    """
+    CREATE TABLE alert_deliveries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        rule TEXT NOT NULL,
+        event TEXT NOT NULL,
+        dedup_key TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        sent_at REAL,
+        UNIQUE (rule, dedup_key)
+    );
+    CREATE INDEX alert_deliveries_due ON alert_deliveries (status, next_attempt_at);
+    CREATE TABLE alert_cursors (
+        name TEXT PRIMARY KEY,
+        value REAL NOT NULL
+    );
+    """,
 ]
 
 

@@ -2,10 +2,11 @@
 
 Copies everything an instance remembers - runs with their tags, attempts (leases),
 events, compute logs and outputs; agents and code locations; schedules' and sensors'
-state and ticks; tokens - from one storage to another of either kind, keeping every id,
-so leases stay fenced and cursors stay valid. Leader leases and evaluations in flight
-are not copied: they belong to running processes. Stop the control plane first; the
-destination must hold no instance yet.
+state and ticks; tokens; the alerts outbox and its cursors (so no alert is sent twice)
+- from one storage to another of either kind, keeping every id, so leases stay fenced
+and cursors stay valid. Leader leases and evaluations in flight are not copied: they
+belong to running processes. Stop the control plane first; the destination must hold
+no instance yet.
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ TABLES: list[tuple[str, str, str]] = [
         " run_ids, cursor, start_time, end_time, failure_count",
     ),
     ("tokens", "token_id", "name, kind, role, salt, hash, create_time, last_used, revoked_time"),
+    (
+        "alert_deliveries",
+        "id",
+        "rule, event, dedup_key, payload, status, attempts, next_attempt_at, last_error,"
+        " created_at, sent_at",
+    ),
+    ("alert_cursors", "name", "value"),
 ]
 # What is not copied, and why: the destination makes its own.
 NOT_COPIED = {
@@ -66,6 +74,7 @@ IDENTITY = {
     "run_status_changes": "id",
     "compute_logs": "id",
     "ticks": "id",
+    "alert_deliveries": "id",
 }  # the columns whose sequences continue after the copied ids
 
 

@@ -21,6 +21,7 @@ from tests.conftest import (
     FLEETRUN,
     REPO,
     ControlPlaneProc,
+    free_port,
     start_agent,
     start_control_plane,
     write_control_plane_config,
@@ -273,6 +274,29 @@ def test_sign_in_with_a_user_token(tmp_path: Path, page: Any) -> None:
         page.wait_for_url(re.compile(r".*/ui/login\?next=.*"))
         (tmp_path / "gate").write_text("open")
         assert cp.wait_run(run_id)["status"] == "SUCCESS"
+    finally:
+        agent.stop()
+        cp.stop()
+
+
+def test_the_alerts_page_shows_rules_and_deliveries(tmp_path: Path, page: Any) -> None:
+    closed = f"http://127.0.0.1:{free_port()}/hook/secret-part"  # nothing listens there
+    rule = f'[[alerts]]\nname = "oncall"\non = ["run_failure"]\nwebhook_url = "{closed}"\n'
+    cp = start_control_plane(tmp_path, rule)
+    agent = start_agent(cp, tmp_path, "agent-1", UI_JOBS)
+    try:
+        run_id = cp.submit("hostile")
+        assert cp.wait_run(run_id)["status"] == "FAILURE"
+        page.goto(f"{cp.url}/ui/runs")
+        page.locator("header nav").get_by_role("link", name="Alerts").click()
+        assert "secret-part" not in page.locator("tr[data-rule='oncall']").inner_text()
+        row = page.locator(f"tr[data-key='run_failure/{run_id}']")
+        row.locator(".status", has_text="pending").wait_for()  # refreshed live
+        row.get_by_text("Cannot connect to host").wait_for()  # the last error
+        link = row.get_by_role("link", name="of job hostile failed: steps failed: shout")
+        assert link.get_attribute("href") == f"/ui/runs/{run_id}"
+        assert page.locator("img").count() == 0 and page.dialogs == []
+        shot(page, "alerts")
     finally:
         agent.stop()
         cp.stop()

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import jinja2
 from aiohttp import web
 
+from control_plane.http.alerts import alerts_json
 from control_plane.http.auth import PRINCIPAL, SESSION_COOKIE, AuthError
 from control_plane.http.errors import ApiError
 from control_plane.http.fleet import agents_json, queue_json
@@ -222,6 +223,14 @@ def instigators_page(kind: str) -> Any:
     return handle
 
 
+DELIVERY_BADGES = {"sent": "SUCCESS", "failed": "FAILURE", "pending": "STARTING"}
+
+
+async def alerts_page(request: web.Request) -> web.Response:
+    alerts = await alerts_json(request.app, 100)
+    return render(request, "alerts.html", badges=DELIVERY_BADGES, **alerts)
+
+
 async def login_page(request: web.Request) -> web.Response:
     return render(request, "login.html", next=_safe_next(request.query.get("next")), error=None)
 
@@ -325,6 +334,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/ui/queue", queue_page)
     app.router.add_get("/ui/schedules", instigators_page("schedule"))
     app.router.add_get("/ui/sensors", instigators_page("sensor"))
+    app.router.add_get("/ui/alerts", alerts_page)
     app.router.add_get("/ui/login", login_page)
     app.router.add_post("/ui/login", login)
     app.router.add_post("/ui/logout", logout)

@@ -10,6 +10,7 @@ and one test suite covers both.
 from __future__ import annotations
 
 from control_plane.storage.sql.agents import AgentQueries
+from control_plane.storage.sql.alerts import AlertQueries
 from control_plane.storage.sql.catalog import CatalogCache
 from control_plane.storage.sql.evaluations import EvaluationQueries
 from control_plane.storage.sql.events import EventQueries
@@ -27,6 +28,7 @@ class SqlStorage(
     TokenQueries,
     LeaderQueries,
     EvaluationQueries,
+    AlertQueries,
 ):
     """The storage port over any `Tx`; subclasses open connections and migrate."""
 
