@@ -208,22 +208,28 @@ async def fail(
     lease when it is dispatched again, so anything the old attempt still sends is
     refused."""
     data = {**(data or {}), "failure_kind": kind}
+
+    async def record(event_type: str, text: str, **extra: Any) -> tuple[RunStatus, bool]:
+        return await append_event(
+            db,
+            run.run_id,
+            now,
+            event_type,
+            text,
+            {**data, **extra},
+            attempt=run.lease,
+            event_time=event_time,
+            lease=run.lease,
+        )
+
     if kind == CODE_UNREACHABLE and run.code_retries < resume.code_retries:
         number, delay = run.code_retries + 1, resume.code_retry_delay
         waiting = (
             f"{message}; the run waits for its code location {run.location} and tries "
             f"again after {delay:g} s (retry {number} of {resume.code_retries})"
         )
-        status, changed = await append_event(
-            db,
-            run.run_id,
-            now,
-            "RUN_REQUEUED",
-            waiting,
-            {**data, "code_retry": number, "delay_seconds": delay},
-            attempt=run.lease,
-            event_time=event_time,
-            lease=run.lease,
+        status, changed = await record(
+            "RUN_REQUEUED", waiting, code_retry=number, delay_seconds=delay
         )
         if changed:
             await db.execute(
@@ -238,17 +244,7 @@ async def fail(
             f"{message}; restarting the run worker "
             f"(attempt {attempt} of {resume.worker_restarts + 1})"
         )
-        status, changed = await append_event(
-            db,
-            run.run_id,
-            now,
-            "RUN_WORKER_RESTARTED",
-            restarted,
-            {**data, "attempt": attempt},
-            attempt=run.lease,
-            event_time=event_time,
-            lease=run.lease,
-        )
+        status, changed = await record("RUN_WORKER_RESTARTED", restarted, attempt=attempt)
         if changed:
             await db.execute(
                 "UPDATE runs SET agent_id = NULL, lease = NULL, reuse_outputs = ?,"
@@ -256,15 +252,5 @@ async def fail(
                 (json.dumps(await reusable(db, run)), message, run.run_id),
             )
             return status
-    status, _ = await append_event(
-        db,
-        run.run_id,
-        now,
-        "RUN_FAILURE",
-        message,
-        data,
-        attempt=run.lease,
-        event_time=event_time,
-        lease=run.lease,
-    )
+    status, _ = await record("RUN_FAILURE", message)
     return status
