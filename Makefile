@@ -42,7 +42,7 @@ soak: $(STAMP)
 CHAOS_TESTS := tests/e2e/test_reliability.py tests/e2e/test_partition.py \
 	tests/e2e/test_disk_full.py tests/e2e/test_monitoring.py tests/unit/test_spool.py \
 	tests/unit/test_storage_full.py tests/unit/test_stallwatch.py \
-	tests/e2e/test_hardening.py tests/e2e/test_processes.py
+	tests/e2e/test_hardening.py tests/e2e/test_processes.py tests/e2e/test_adoption.py
 chaos: $(STAMP)
 	FLEETRUN_LONG_FAULTS=1 $(BIN)/python -m pytest -q $(CHAOS_TESTS)
 

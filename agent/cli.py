@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from agent.tracking import Tracking
 
 
-async def _run_agent(config_path: str) -> int:
+async def _run_agent(config_path: str, handoff: bool = False) -> int:
     from agent.client import read_token
     from agent.config import load_agent_config
     from agent.tracking import open_tracking
@@ -39,12 +39,15 @@ async def _run_agent(config_path: str) -> int:
     except ValueError as exc:
         raise ConfigError(f"{config_path}: process_tracking: {exc}") from None
     try:
-        return await _serve(config, token, tracking)
+        return await _serve(config, token, tracking, handoff)
     finally:
-        await tracking.close()
+        if not handoff:  # a hand-over leaves the workers' processes to the next start
+            await tracking.close()
 
 
-async def _serve(config: AgentConfig, token: str | None, tracking: Tracking) -> int:
+async def _serve(
+    config: AgentConfig, token: str | None, tracking: Tracking, handoff: bool = False
+) -> int:
     """Run the agent until a signal stops it; exit 1 if the control plane refuses it."""
     from agent.client import ControlPlaneClient
     from agent.errors import FatalAgentError
@@ -54,7 +57,7 @@ async def _serve(config: AgentConfig, token: str | None, tracking: Tracking) -> 
         config.control_plane_url, token, token_file=config.token_file, ca_file=config.ca_file
     )
     async with client:
-        agent = Agent(config, client, tracking)
+        agent = Agent(config, client, tracking, handoff)
         task = asyncio.create_task(agent.run())
         loop = asyncio.get_running_loop()
 
@@ -78,11 +81,12 @@ async def _serve(config: AgentConfig, token: str | None, tracking: Tracking) -> 
     return 0
 
 
-def run_agent(config_path: str, log_format: str | None = None) -> int:
-    """Run an agent until SIGTERM/SIGINT; exit code 2 on a bad config file."""
+def run_agent(config_path: str, log_format: str | None = None, handoff: bool = False) -> int:
+    """Run an agent until SIGTERM/SIGINT; exit code 2 on a bad config file. With
+    `handoff`, SIGTERM leaves the running workers to the next start instead of draining."""
     configure_logging(log_format)
     try:
-        return asyncio.run(_run_agent(config_path))
+        return asyncio.run(_run_agent(config_path, handoff))
     except ConfigError as exc:
         for line in exc.lines:
             print(f"fleetrun-agent: config error: {line}", file=sys.stderr)
@@ -188,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the agent")
     run.add_argument("--config", required=True)
     run.add_argument("--log-format", choices=FORMATS, help="text (default) or json lines")
+    run.add_argument(
+        "--handoff",
+        action="store_true",
+        help="on SIGTERM, leave running runs to the next start of this agent (upgrades)",
+    )
     check = sub.add_parser("check-config", help="validate agent.toml and its code locations")
     check.add_argument("--config", required=True)
     check.add_argument(
@@ -196,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("version", help="print the fleetrun and protocol versions")
     args = parser.parse_args(argv)
     if args.command == "run":
-        return run_agent(args.config, args.log_format)
+        return run_agent(args.config, args.log_format, args.handoff)
     if args.command == "check-config":
         return check_config(args.config, args.connect)
     print(f"fleetrun-agent {FLEETRUN_VERSION} (protocol {PROTOCOL_VERSION})")

@@ -12,8 +12,8 @@ from protocol.validation import name_problem
 class StepOutputSplitter:
     """Splits one output stream (in the agent) into (step, text) pieces at the markers."""
 
-    def __init__(self) -> None:
-        self.step: str | None = None
+    def __init__(self, step: str | None = None) -> None:
+        self.step = step
         self._buffer = b""
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
@@ -42,6 +42,10 @@ class StepOutputSplitter:
             # A step's name; anything else (a marker an op printed itself) names none.
             self.step = name if name and name_problem(name) is None else None
             self._buffer = self._buffer[end + len(MARK_CLOSE) :]
+
+    def pending_bytes(self) -> int:
+        """Bytes fed but not yet in a piece (part of a marker, or of a character)."""
+        return len(self._buffer) + len(self._decoder.getstate()[0])
 
     def flush(self) -> list[tuple[str | None, str]]:
         data, self._buffer = self._buffer, b""

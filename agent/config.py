@@ -65,6 +65,9 @@ class AgentConfig:
     queues: list[str] = field(default_factory=lambda: ["default"])
     max_concurrent_runs: int = 4
     heartbeat_interval_seconds: float = 5.0
+    # A run worker stops itself this long before the control plane may give its run to
+    # another attempt (its lease deadline, counted from the last heartbeat it stored).
+    lease_margin_seconds: float = 2.0
     code_locations: list[CodeLocationConfig] = field(default_factory=list)
     output_store: OutputStoreConfig = field(default_factory=OutputStoreConfig)
     run_launcher: str = "forkserver"  # or "subprocess": a fresh interpreter per run
@@ -104,6 +107,8 @@ class AgentConfig:
             yield FieldError("max_concurrent_runs", "must be >= 1")
         if not 0 < self.heartbeat_interval_seconds <= 300:
             yield FieldError("heartbeat_interval_seconds", "must be in (0, 300]")
+        if not 0 <= self.lease_margin_seconds <= 60:
+            yield FieldError("lease_margin_seconds", "must be between 0 and 60")
         if agent_name_problem(self.name) and self.name:
             yield FieldError("name", agent_name_problem(self.name) or "")
         if not self.queues:

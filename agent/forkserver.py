@@ -45,6 +45,7 @@ PRELOAD = (
     "agent.worker.executors.step",
     "agent.worker.records",
     "agent.worker.capture",
+    "agent.worker.lease",
     "agent.processes",
     "agent.sdk",
     "protocol.codec",

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from agent.client import ControlPlaneError, ControlPlaneUnreachable
+from agent.launchers import LaunchedRun
 from agent.state import REQUEST_TIMEOUT_SECONDS, AgentState
 from protocol.messages import Heartbeat, HeartbeatReply
 from protocol.tags import ON_LOST_CONTACT_TAG
@@ -20,6 +21,7 @@ from protocol.tags import ON_LOST_CONTACT_TAG
 log = logging.getLogger("fleetrun.agent")
 
 HEARTBEAT_SPREAD = 0.2
+STOP_GRACE_SECONDS = 10.0  # at most, between a worker's SIGTERM and SIGKILL at its deadline
 CONTACT_RECHECK_SECONDS = 0.5
 
 
@@ -34,6 +36,7 @@ def heartbeat_pause(interval: float, spread: Callable[[], float] = random.random
 async def heartbeat_forever(agent: AgentState) -> None:
     while True:
         assert agent.agent_id is not None
+        sent = time.monotonic()
         try:
             await agent.client.call(
                 "heartbeat",
@@ -42,11 +45,37 @@ async def heartbeat_forever(agent: AgentState) -> None:
                 min(REQUEST_TIMEOUT_SECONDS, agent.heartbeat_timeout / 3),
             )
             agent.contact_made()
+            extend_deadlines(agent, sent)
         except ControlPlaneUnreachable as exc:
             agent.contact.failed("heartbeat", exc)
         except ControlPlaneError as exc:
             log.warning("heartbeat refused: %s", exc)
         await asyncio.sleep(heartbeat_pause(agent.heartbeat_interval))
+
+
+def extend_deadlines(agent: AgentState, sent: float) -> None:
+    """The control plane stored a heartbeat (or registration) sent at `sent`: it gives
+    none of this agent's runs to another attempt before `sent` plus the heartbeat
+    timeout. Each worker's deadline moves to that, less the margin (agent/worker/lease.py)."""
+    agent.lease_base = max(agent.lease_base or sent, sent)
+    for active in agent.runs.values():
+        extend_deadline(agent, active.worker)
+
+
+def extend_deadline(agent: AgentState, worker: LaunchedRun) -> None:
+    """Write `worker`'s lease deadline, unless its run asked to keep going whatever
+    happens (`fleetrun/on_lost_contact = continue`) or no heartbeat was answered yet."""
+    if agent.lease_base is None or worker.launch.tags.get(ON_LOST_CONTACT_TAG) == "continue":
+        return
+    margin, grace = lease_margins(agent.heartbeat_timeout, agent.config.lease_margin_seconds)
+    worker.channel.set_deadline(agent.lease_base + agent.heartbeat_timeout - margin, grace)
+
+
+def lease_margins(timeout: float, margin: float) -> tuple[float, float]:
+    """The margin between a worker's deadline and the control plane's verdict, and the
+    grace between its SIGTERM and its SIGKILL: each at most a tenth of the heartbeat
+    timeout, so that a heartbeat every sixth of it keeps the deadline well ahead."""
+    return min(margin, timeout / 10), min(STOP_GRACE_SECONDS, timeout / 10)
 
 
 async def watch_contact(agent: AgentState) -> None:

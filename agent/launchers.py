@@ -20,17 +20,27 @@ import signal
 import sys
 import time
 import uuid
+from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
-from agent.compute_logs import StepOutputSplitter
+from agent.channel import (
+    Bell,
+    Channel,
+    ChannelReader,
+    Position,
+    WorkerIdentity,
+)
 from agent.config import CodeLocationConfig, OutputStoreConfig
 from agent.forkserver import WORKER_FDS, ForkServer, ForkServerGone
-from agent.processes import LeftProcess, left_behind_event
+from agent.processes import CGROUP_ENV, LeftProcess, left_behind_event, process_info
 from agent.tracking import ProcessScope, SweepTracking, Tracking
+from agent.worker.lease import CHANNEL_ENV
 from protocol.codec import FRAME_HEADER_SIZE, ProtocolError, decode, frame, frame_length
 from protocol.events import (
+    AGENT_LOST,
+    AGENT_RESTARTED,
     CODE_UNREACHABLE,
     TERMINAL_EVENTS,
     WORKER_CRASH,
@@ -55,6 +65,7 @@ log = logging.getLogger("fleetrun.agent")
 RECORD_FD_ENV = "FLEETRUN_RECORD_FD"
 DESCRIBE_TIMEOUT_SECONDS = 120.0
 OUTPUT_GRACE_SECONDS = 2.0  # reading a worker's output after it exits, at most
+TAIL_POLL_SECONDS = 0.05  # a run worker's output is looked for this often, at the latest
 WORKER_ID_ENV = "FLEETRUN_WORKER_ID"  # marks what an evaluation or describe worker starts
 
 T = TypeVar("T")
@@ -121,8 +132,13 @@ async def _start_tracked(
         raise
 
 
-def _worker_pipes() -> tuple[list[int], list[int]]:
-    """Pipes for a worker's stdin, stdout, stderr and records: its ends, then ours."""
+def _worker_pipes(channel: Channel | None = None) -> tuple[list[int], list[int]]:
+    """A worker's stdin, stdout, stderr and records: its ends, then ours. With a
+    channel, only stdin is a pipe: the rest are the channel's files (ours: none)."""
+    if channel is not None:
+        stdin = os.pipe()
+        files = channel.writer_fds()
+        return [stdin[0], files["stdout"], files["stderr"], files["records"]], [stdin[1]]
     pipes = [os.pipe() for _ in range(WORKER_FDS)]
     theirs = [pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1]]
     ours = [pipes[0][1], pipes[1][0], pipes[2][0], pipes[3][0]]
@@ -131,29 +147,36 @@ def _worker_pipes() -> tuple[list[int], list[int]]:
 
 @dataclass
 class WorkerPipes:
-    """The agent's ends of a started worker's output pipes."""
+    """The agent's ends of a started worker's output pipes (none for a run worker:
+    it reports through its channel's files)."""
 
-    records: asyncio.StreamReader
-    stdout: asyncio.StreamReader
-    stderr: asyncio.StreamReader
+    records: asyncio.StreamReader | None = None
+    stdout: asyncio.StreamReader | None = None
+    stderr: asyncio.StreamReader | None = None
 
 
 async def _connect(ours: list[int], message: object) -> WorkerPipes:
     """Send the worker its message on stdin; read its records, stdout and stderr."""
-    stdin, stdout, stderr, records = ours
-    await _write_and_close(stdin, frame(message))
+    await _write_and_close(ours[0], frame(message))
+    if len(ours) == 1:
+        return WorkerPipes()
+    _, stdout, stderr, records = ours
     return WorkerPipes(
         await _pipe_reader(records), await _pipe_reader(stdout), await _pipe_reader(stderr)
     )
 
 
 async def _spawn(
-    loc: CodeLocationConfig, mode: str, message: object, env: Mapping[str, str]
+    loc: CodeLocationConfig,
+    mode: str,
+    message: object,
+    env: Mapping[str, str],
+    channel: Channel | None = None,
 ) -> tuple[asyncio.subprocess.Process, WorkerPipes]:
     """A fresh interpreter running the worker. Its pipes are plain ones, as a forked
     worker's: asyncio's own would make waiting for its exit also wait for whatever
     process still holds its stdout."""
-    theirs, ours = _worker_pipes()
+    theirs, ours = _worker_pipes(channel)
     try:
         proc = await asyncio.create_subprocess_exec(
             *worker_command(loc.executable, mode),
@@ -202,20 +225,22 @@ async def _write_and_close(fd: int, data: bytes) -> None:
 
 @dataclass
 class ForkedWorker:
-    """A run worker forked by a fork server: the agent's ends of its pipes."""
+    """A worker forked by a fork server: the agent's ends of its pipes, if it has any."""
 
     pid: int
     server: ForkServer
-    records: asyncio.StreamReader
-    stdout: asyncio.StreamReader
-    stderr: asyncio.StreamReader
+    pipes: WorkerPipes
     returncode: int | None = None
     exited: bool = False
 
     async def wait(self) -> int | None:
-        """The return code; None if the fork server died before it could tell."""
+        """The return code; None if the fork server died before it could tell (then
+        its exit is seen through a pidfd)."""
         if not self.exited:
             self.returncode = await self.server.wait(self.pid)
+            if self.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    await _exited(os.pidfd_open(self.pid))
             self.exited = True
         return self.returncode
 
@@ -239,12 +264,10 @@ class ForkedWorker:
 
 @dataclass
 class SpawnedWorker:
-    """A run worker started as a fresh interpreter (the `subprocess` launcher)."""
+    """A worker started as a fresh interpreter (the `subprocess` launcher)."""
 
     process: asyncio.subprocess.Process
-    records: asyncio.StreamReader
-    stdout: asyncio.StreamReader
-    stderr: asyncio.StreamReader
+    pipes: WorkerPipes
 
     @property
     def pid(self) -> int:
@@ -263,7 +286,57 @@ class SpawnedWorker:
             os.killpg(self.pid, signal.SIGKILL)
 
 
-WorkerProcess = ForkedWorker | SpawnedWorker
+class AdoptedWorker:
+    """A run worker a previous life of this agent started: not our child, so its exit
+    is seen through a pidfd and its exit status is unknown (what it reported says)."""
+
+    def __init__(self, identity: WorkerIdentity) -> None:
+        self.pid = identity.pid
+        self.pipes = WorkerPipes()
+        self._pidfd: int | None = None
+        with contextlib.suppress(ProcessLookupError):
+            self._pidfd = os.pidfd_open(identity.pid)
+        self.was_alive = identity.alive()
+        if not self.was_alive:  # gone, or the pid is another process's by now
+            self._close()
+
+    def _close(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    async def wait(self) -> int | None:
+        if self._pidfd is not None:
+            await _exited(self._pidfd)
+            self._pidfd = None
+        return None
+
+    def signal(self, signum: int) -> None:
+        if self._pidfd is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, signum)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signum)
+
+    def kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+
+WorkerProcess = ForkedWorker | SpawnedWorker | AdoptedWorker
+
+
+async def _exited(pidfd: int) -> None:
+    """Until the process of `pidfd` (not necessarily our child) has exited; closes it."""
+    loop = asyncio.get_running_loop()
+    ended = asyncio.Event()
+    loop.add_reader(pidfd, ended.set)
+    try:
+        await ended.wait()
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
 
 
 class RunLauncher(Protocol):
@@ -281,6 +354,7 @@ class RunLauncher(Protocol):
         spec: WorkerSpec | EvaluateSpec,
         mode: str = "run",
         env: Mapping[str, str] | None = None,
+        channel: Channel | None = None,
     ) -> WorkerProcess: ...
     def spec(self, loc: CodeLocationConfig, launch: LaunchRun, scratch: str) -> WorkerSpec: ...
     async def close(self) -> None: ...
@@ -321,9 +395,10 @@ class SubprocessLauncher(_LauncherBase):
         spec: WorkerSpec | EvaluateSpec,
         mode: str = "run",
         env: Mapping[str, str] | None = None,
+        channel: Channel | None = None,
     ) -> SpawnedWorker:
-        process, pipes = await _spawn(loc, mode, spec, env or {})
-        return SpawnedWorker(process, pipes.records, pipes.stdout, pipes.stderr)
+        process, pipes = await _spawn(loc, mode, spec, env or {}, channel)
+        return SpawnedWorker(process, pipes)
 
     async def close(self) -> None:
         return None
@@ -365,8 +440,9 @@ class ForkServerLauncher(_LauncherBase):
         spec: WorkerSpec | EvaluateSpec,
         mode: str = "run",
         env: Mapping[str, str] | None = None,
+        channel: Channel | None = None,
     ) -> ForkedWorker:
-        child_fds, ours = _worker_pipes()
+        child_fds, ours = _worker_pipes(channel)
         try:
             for attempt in (1, 2):
                 server = await self._server(loc.executable)
@@ -385,8 +461,7 @@ class ForkServerLauncher(_LauncherBase):
         finally:
             for fd in child_fds:
                 os.close(fd)
-        pipes = await _connect(ours, spec)
-        return ForkedWorker(pid, server, pipes.records, pipes.stdout, pipes.stderr)
+        return ForkedWorker(pid, server, await _connect(ours, spec))
 
     async def close(self) -> None:
         for server in self._servers.values():
@@ -422,31 +497,48 @@ def _screened(record: RunRecord) -> RunRecord:
     return record
 
 
+OnRecord = Callable[[RunRecord, Position], None]
+
+
 class LaunchedRun:
     """One launched run as the agent sees it: its worker process, what it reported, and
-    how it ended (the worker's own code is agent/worker/)."""
+    how it ended (the worker's own code is agent/worker/). The worker reports through
+    its channel's files (agent/channel.py); each record is passed on with the channel
+    position reached after it, so that an agent started later reads on from there."""
 
-    def __init__(self, launch: LaunchRun, on_record: Callable[[RunRecord], None]) -> None:
+    def __init__(
+        self,
+        launch: LaunchRun,
+        on_record: OnRecord,
+        channel: Channel,
+        start: Position | None = None,
+    ) -> None:
         self.launch = launch
         self.on_record = on_record
+        self.channel = channel
         self.state = "starting"
         self.process: WorkerProcess | None = None
-        self.reported_result = False
+        self._position = start or Position()
+        self.reported_result = self._position.result_passed
         self.exit_code: int | None = None
         self.received_time = time.time()
         self.stop_order: StopRun | None = None
+        self.deadline_passed = False  # it stopped itself at its lease deadline
         self._kill_timer: asyncio.TimerHandle | None = None
-        self._held_result: RunRecord | None = None
+        self._held_result: tuple[RunRecord, int] | None = None  # and its frame's offset
+        self._passed_after_result = 0
+        self._skip_after_result = self._position.passed_after_result
 
-    def _record(self, record: RunRecord) -> None:
+    def _pass_on(self, record: RunRecord) -> None:
         if record.kind == "event" and record.type in TERMINAL_EVENTS:
             if self.reported_result:
                 return
             self.reported_result = True
-        self.on_record(record)
+            self._position = replace(self._position, result_passed=True)
+        self.on_record(record, self._position)
 
     def report(self, event_type: str, message: str, data: dict | None = None) -> None:
-        self._record(
+        self._pass_on(
             RunRecord(
                 seq=0,
                 time=time.time(),
@@ -457,42 +549,94 @@ class LaunchedRun:
             )
         )
 
-    async def _pump_records(self, reader: asyncio.StreamReader) -> None:
-        while (body := await _read_frame(reader)) is not None:
+    def _take_records(self, reader: ChannelReader) -> bool:
+        """Pass on the whole records written since the last look; whether there were."""
+        frames = reader.frames()
+        for body, offset, end in frames:
             record = _screened(decode(body, RunRecord))
             if record.kind == "event" and record.type == "RUN_START":
                 self.state = "running"
                 data = {**record.data, "launch_received_time": self.received_time}
                 record = replace(record, data=data)
-            if record.kind == "event" and record.type == "ENGINE_EVENT" and "killed" in record.data:
-                # The worker's own sweep of its descendants (sweep tracking) found some.
-                log.warning(
-                    "run %s: %s",
-                    self.launch.run_id,
-                    record.message,
-                    extra={"run_id": self.launch.run_id},
-                )
+            if record.kind == "event" and record.type == "ENGINE_EVENT":
+                if record.data.get("lease_deadline"):
+                    self.deadline_passed = True
+                if "killed" in record.data:  # the worker's own sweep found some
+                    log.warning(
+                        "run %s: %s",
+                        self.launch.run_id,
+                        record.message,
+                        extra={"run_id": self.launch.run_id},
+                    )
             if record.kind == "event" and record.type in TERMINAL_EVENTS:
-                # Held until stdout/stderr are drained too, so that a run that ended has
-                # all its compute log stored (a log follower stops at the run's end).
-                self._held_result = self._held_result or record
+                # Held until the output is read too, so that a run that ended has all
+                # its compute log stored (a log follower stops at the run's end).
+                if self._held_result is None:
+                    self._held_result = (record, offset)
+                    self._position = replace(self._position, records=offset)
                 continue
-            self._record(record)
+            if self._held_result is not None:
+                if self._skip_after_result:  # passed on before this agent restarted
+                    self._skip_after_result -= 1
+                    continue
+                self._passed_after_result += 1
+                self._position = replace(
+                    self._position, passed_after_result=self._passed_after_result
+                )
+            else:
+                self._position = replace(self._position, records=end)
+            self._pass_on(record)
+        return bool(frames)
 
-    async def _pump_output(self, stream: asyncio.StreamReader, name: str) -> None:
-        """Forward the worker's output as it comes, split by step at the markers."""
-        splitter = StepOutputSplitter()
-        while True:
-            chunk = await stream.read(65536)
-            pieces = splitter.feed(chunk) if chunk else splitter.flush()
-            for step, text in pieces:
-                self._record(
+    def _take_output(self, reader: ChannelReader, final: bool) -> bool:
+        """Pass on the output written since the last look, split by step."""
+        found = False
+        for name in ("stdout", "stderr"):
+            for step, text in reader.output(name, final):
+                found = True
+                offset, in_step = reader.output_position(name)
+                if name == "stdout":
+                    self._position = replace(self._position, stdout=offset, stdout_step=in_step)
+                else:
+                    self._position = replace(self._position, stderr=offset, stderr_step=in_step)
+                self._pass_on(
                     RunRecord(
                         seq=0, time=time.time(), kind="log", type=name, step=step, message=text
                     )
                 )
-            if not chunk:
-                return
+        return found
+
+    def _release_result(self) -> None:
+        if self._held_result is not None:
+            record, offset = self._held_result
+            self._position = replace(self._position, passed_after_result=0)
+            # Past the result and what followed it: all of the records file.
+            end = os.stat(self.channel.path("records")).st_size
+            self._position = replace(self._position, records=max(end, offset))
+            self._pass_on(record)
+
+    async def _pump(self, exited: asyncio.Future[Any]) -> None:
+        """Read the channel as the worker writes it, until the worker has exited (and
+        what it left running is ended): then everything left, and the held result."""
+        reader = ChannelReader(self.channel, self._position)
+        bell = Bell(self.channel)
+        try:
+            while True:
+                done = exited.done()
+                found = self._take_records(reader)
+                found = self._take_output(reader, final=done) or found
+                if done:
+                    self._take_records(reader)
+                    break
+                if not found:
+                    rang = asyncio.ensure_future(bell.rung())
+                    await asyncio.wait(
+                        [exited, rang], timeout=TAIL_POLL_SECONDS, return_when=FIRST_COMPLETED
+                    )
+                    rang.cancel()
+        finally:
+            bell.close()
+            reader.close()
 
     async def run(self, loc: CodeLocationConfig, launcher: RunLauncher, scratch: str) -> None:
         """Start the worker and follow it to its end; reports a crash as RUN_FAILURE."""
@@ -501,12 +645,13 @@ class LaunchedRun:
             self.state = "exited"
             self._report_stopped("before its worker started")
             return
+        channel = {CHANNEL_ENV: str(self.channel.folder)}
         try:
             scope, proc = await _start_tracked(
                 launcher.tracking,
                 f"run-{self.launch.lease}",
                 run_marker(self.launch),
-                lambda env: launcher.start(loc, spec, env=env),
+                lambda env: launcher.start(loc, spec, env={**env, **channel}, channel=self.channel),
             )
         except OSError as exc:
             # No such executable (or not one): the location's Python is unreachable, as
@@ -519,24 +664,60 @@ class LaunchedRun:
                 {"failure_kind": CODE_UNREACHABLE if missing else WORKER_CRASH},
             )
             return
+        self.channel.set_worker(worker_identity(proc.pid, scope))
+        await self._follow(proc, scope)
+
+    async def adopt(self, identity: WorkerIdentity, scope: ProcessScope) -> None:
+        """Follow a worker that a previous life of this agent started, from where that
+        one got to; one that is gone is reported as lost at once."""
+        self.state = "running"
+        await self._follow(AdoptedWorker(identity), scope)
+
+    async def _follow(self, proc: WorkerProcess, scope: ProcessScope) -> None:
         self.process = proc
         if self.stop_order is not None:
             self._terminate(self.stop_order.grace_seconds)
-        killed = await self._follow(proc, scope)
-        if killed:
-            self._report_left_behind(killed, scope.tracking)
+        exited: asyncio.Future[Any] = asyncio.ensure_future(self._wait_and_sweep(proc, scope))
+        try:
+            await self._pump(exited)
+        except ProtocolError as exc:
+            self.kill()
+            self.report("RUN_FAILURE", f"run worker sent an invalid record: {exc}")
+        except asyncio.CancelledError:  # this agent hands the worker over, or stops
+            exited.cancel()
+            raise
+        await exited
         if self._held_result is not None:
-            self._record(self._held_result)
+            self._release_result()
         self.state = "exited"
         if self._kill_timer is not None:
             self._kill_timer.cancel()
-        how = (
-            "ended with an unknown exit status (its fork server exited)"
-            if self.exit_code is None
-            else _exit_description(self.exit_code)
-        )
+        if isinstance(proc, AdoptedWorker):
+            how = (
+                "exited (its exit status is unknown to an agent that adopted it)"
+                if proc.was_alive
+                else "was gone when the agent started again (the host restarted, or it "
+                "was killed while the agent was down)"
+            )
+        elif self.exit_code is None:
+            how = "ended with an unknown exit status (its fork server exited)"
+        else:
+            how = _exit_description(self.exit_code)
         if self.stop_order is not None:
             self._report_stopped(f"its worker (pid {proc.pid}) {how}")
+        elif self.deadline_passed and not self.reported_result:
+            self.report(
+                "RUN_FAILURE",
+                f"run worker (pid {proc.pid}) stopped itself at its lease deadline: the "
+                "agent had not heard from the control plane in time",
+                {"exit_code": self.exit_code, "failure_kind": AGENT_LOST},
+            )
+        elif isinstance(proc, AdoptedWorker) and not proc.was_alive and not self.reported_result:
+            self.report(
+                "RUN_FAILURE",
+                f"run worker (pid {proc.pid}) {how}, without reporting a result",
+                {"failure_kind": AGENT_RESTARTED},
+            )
         elif not self.reported_result:
             self.report(
                 "RUN_FAILURE",
@@ -544,54 +725,15 @@ class LaunchedRun:
                 {"exit_code": self.exit_code, "failure_kind": WORKER_CRASH},
             )
 
-    async def _follow(self, proc: WorkerProcess, scope: ProcessScope) -> list[LeftProcess]:
-        """Forward the worker's records and output until it has exited and what it left
-        running is killed; returns what was killed."""
-        pumps: asyncio.Future[Any] = asyncio.gather(
-            self._pump_records(proc.records),
-            self._pump_output(proc.stdout, "stdout"),
-            self._pump_output(proc.stderr, "stderr"),
-        )
-        exited = asyncio.create_task(proc.wait())
-        await asyncio.wait([pumps, exited], return_when=asyncio.FIRST_COMPLETED)
-        if exited.done() and exited.result() is not None:
-            # The worker is gone: end what it left at once, which also closes the
-            # stdout/stderr a daemon of it may hold, so its output ends now too.
-            killed = await self._end_left_behind(proc, scope)
-            await self._read_to_end(pumps, bounded=True)
-            self.exit_code = exited.result()
-            return killed
-        # Also when the exit status is unknown (its fork server died): the pipes tell.
-        await self._read_to_end(pumps, bounded=False)
-        self.exit_code = await exited
-        return await self._end_left_behind(proc, scope)
-
-    async def _read_to_end(self, pumps: asyncio.Future[Any], bounded: bool) -> None:
-        """Wait for the worker's pipes to end; if `bounded` (the worker has exited), for
-        OUTPUT_GRACE_SECONDS at most: a process beyond the tracking may hold them."""
-        if bounded:
-            await asyncio.wait({pumps}, timeout=OUTPUT_GRACE_SECONDS)
-            if not pumps.done():
-                pumps.cancel()
-                await asyncio.wait({pumps})
-                with contextlib.suppress(BaseException):  # done: retrieve, do not re-raise
-                    pumps.result()
-                log.warning(
-                    "run %s: a process the run started still holds its output; stopped reading it",
-                    self.launch.run_id,
-                )
-                return
-        try:
-            await pumps
-        except ProtocolError as exc:
-            self.kill()
-            self.report("RUN_FAILURE", f"run worker sent an invalid record: {exc}")
-
-    async def _end_left_behind(self, proc: WorkerProcess, scope: ProcessScope) -> list[LeftProcess]:
-        """Kill what the exited worker left running (its scope); what was killed."""
+    async def _wait_and_sweep(self, proc: WorkerProcess, scope: ProcessScope) -> None:
+        """Wait for the worker to exit, then end what it left running (which also ends
+        any output still coming) and report it."""
+        self.exit_code = await proc.wait()
         if self.stop_order is not None:
             proc.kill_group()  # what the worker started and SIGTERM did not end
-        return await scope.end(proc.pid)
+        killed = await scope.end(proc.pid)
+        if killed:
+            self._report_left_behind(killed, scope.tracking)
 
     def _report_left_behind(self, killed: list[LeftProcess], tracking: str) -> None:
         """Say on the run's page (before its result) and in the agent's log what was killed."""
@@ -630,6 +772,14 @@ class LaunchedRun:
             self.process.signal(signal.SIGKILL)
 
 
+def worker_identity(pid: int, scope: ProcessScope) -> WorkerIdentity:
+    """Who a just-started worker is, to be told apart later from a reused pid."""
+    info = process_info(pid, with_environ=False)
+    return WorkerIdentity(
+        pid, info.start_time if info is not None else -1, scope.env.get(CGROUP_ENV)
+    )
+
+
 def _log_left_behind(killed: list[LeftProcess], tracking: str, who: str, what: str) -> None:
     if killed:
         log.warning("%s: %s", who, left_behind_event(killed, tracking, what)[0])
@@ -663,10 +813,12 @@ async def evaluate_in_worker(
 
 async def _evaluation_result(proc: WorkerProcess, request: Evaluate) -> EvaluationResult:
     """The evaluation worker's reply, once it has exited (killed at the timeout)."""
-    drains = [asyncio.create_task(stream.read()) for stream in (proc.stdout, proc.stderr)]
+    pipes = proc.pipes
+    assert pipes.records is not None and pipes.stdout is not None and pipes.stderr is not None
+    drains = [asyncio.create_task(stream.read()) for stream in (pipes.stdout, pipes.stderr)]
     try:
         async with asyncio.timeout(request.timeout_seconds):
-            body = await _read_frame(proc.records)
+            body = await _read_frame(pipes.records)
             await proc.wait()
     except TimeoutError:
         proc.signal(signal.SIGKILL)
@@ -705,6 +857,7 @@ async def describe_location(
     except OSError as exc:
         return CodeLocationInfo(name=loc.name, error=f"cannot start a worker: {exc}")
     # Both drained as they come: a location that prints a lot must not block on a pipe.
+    assert pipes.records is not None and pipes.stdout is not None and pipes.stderr is not None
     output = [asyncio.create_task(stream.read()) for stream in (pipes.stdout, pipes.stderr)]
     try:
         async with asyncio.timeout(DESCRIBE_TIMEOUT_SECONDS):

@@ -1,5 +1,7 @@
-"""The agent's life: start (re-send the spool, register), serve (poll, heartbeat, watch
-contact), and drain on SIGTERM, whether or not the control plane answers.
+"""The agent's life: start (adopt the workers a previous life left, re-send the spool,
+register), serve (poll, heartbeat, watch contact), and on SIGTERM drain, or hand the
+running workers over to the next start (`--handoff`, an upgrade in place), whether or
+not the control plane answers.
 
 Every activity is a module of its own over one `AgentState`: registration.py,
 polling.py (launches, stops, evaluations), heartbeat.py, supervision.py (one task per
@@ -22,6 +24,7 @@ from agent.polling import poll_forever
 from agent.registration import load_locations, register, register_with_new_token
 from agent.spool import SpooledAttempt
 from agent.state import AgentState
+from agent.supervision import adopt_workers
 from agent.tracking import Tracking
 from protocol.messages import Drain, Drained
 
@@ -42,9 +45,14 @@ class Agent:
     """One agent process: `run()` until `shutting_down` is set (the first SIGTERM)."""
 
     def __init__(
-        self, config: AgentConfig, client: ControlPlaneClient, tracking: Tracking | None = None
+        self,
+        config: AgentConfig,
+        client: ControlPlaneClient,
+        tracking: Tracking | None = None,
+        handoff: bool = False,
     ) -> None:
         self.state = AgentState(config, client, tracking)
+        self.handoff = handoff  # on SIGTERM, leave the workers to the next start
         self.shutting_down = asyncio.Event()
         self._side_tasks: list[asyncio.Task[None]] = []
         client.on_token_rotated = lambda: register_with_new_token(self.state)
@@ -64,12 +72,13 @@ class Agent:
             serving.cancel()  # no new launches from here on
             with contextlib.suppress(asyncio.CancelledError):
                 await serving
-            await self.drain()
+            await (self.hand_off() if self.handoff else self.drain())
         finally:
             for task in (serving, stop, *self._side_tasks):
                 task.cancel()
-            for active in state.runs.values():
-                active.worker.kill()
+            if not self.handoff:
+                for active in state.runs.values():
+                    active.worker.kill()
             await state.launcher.close()
             await state.spool.close()
 
@@ -77,6 +86,7 @@ class Agent:
         """Re-send what the spool holds, register, then poll; the heartbeat and the
         contact watch start with the registration and go on through a drain."""
         state = self.state
+        await adopt_workers(state)
         await replay_spool(state)
         await register(state)
         self._side_tasks = [
@@ -129,12 +139,25 @@ class Agent:
             )
         log.info("drained")
 
+    async def hand_off(self) -> None:
+        """Leave every running worker to the next start of this agent: stop following
+        them (what was read is in the spool, with how far it went) and go. The workers
+        run on, writing to their channels; the next start adopts them under the same
+        leases. One that no agent adopts stops itself at its lease deadline."""
+        state = self.state
+        log.info("handing %d run(s) over to the next start of this agent", len(state.runs))
+        tasks = [active.task for active in state.runs.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
 
 async def replay_spool(state: AgentState) -> None:
     """Deliver what a previous life of this agent spooled but never got acknowledged,
     before registering: a run that finished while the control plane (or this agent)
-    was down then ends as it did, instead of as lost when we register holding nothing."""
-    attempts = await state.spool.attempts()
+    was down then ends as it did, instead of as lost when we register holding nothing.
+    An adopted attempt's own outbox delivers its records."""
+    attempts = [a for a in await state.spool.attempts() if a.lease not in state.runs]
     if not attempts:
         return
     log.info("re-sending the records of %d run attempt(s) from the spool", len(attempts))

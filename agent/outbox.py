@@ -16,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
+from agent.channel import Position
 from agent.client import ContactLog, ControlPlaneError, ControlPlaneUnreachable, RetryDelays
 from agent.errors import AgentError
 from agent.spool import Spool, SpooledAttempt
@@ -72,10 +73,14 @@ class RunOutbox:
         self._closed = False
         self._wake = asyncio.Event()
         self._flushing: asyncio.Task[None] | None = None
+        self._position: Position | None = None
 
-    def add(self, record: RunRecord) -> None:
+    def add(self, record: RunRecord, position: Position | None = None) -> None:
+        """Number a record and send it; `position`: how far into the worker's channel
+        the records added so far go (stored with them)."""
         self._pending.append(replace(record, seq=self._next_seq))
         self._next_seq += 1
+        self._position = position or self._position
         if self._spool is not None and (self._flushing is None or self._flushing.done()):
             self._flushing = asyncio.create_task(self._flush())
         self._wake.set()
@@ -85,9 +90,9 @@ class RunOutbox:
         for its whole timeout in a partition: records must not wait in memory)."""
         assert self._spool is not None
         while self._pending:
-            spooling, self._pending = self._pending, []
+            spooling, position, self._pending = self._pending, self._position, []
             try:
-                await self._spool.append(self._attempt, spooling)
+                await self._spool.append(self._attempt, spooling, position)
             except Exception as exc:  # e.g. the agent's disk is full: keep them in memory
                 self._pending = spooling + self._pending
                 log.warning("run %s: cannot spool records: %s", self.run_id, exc)

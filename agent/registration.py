@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 
 from agent.client import (
     ControlPlaneError,
@@ -14,6 +15,7 @@ from agent.client import (
     TokenRefused,
 )
 from agent.errors import FatalAgentError
+from agent.heartbeat import extend_deadlines
 from agent.launchers import describe_location
 from agent.state import REQUEST_TIMEOUT_SECONDS, AgentState
 from protocol import FLEETRUN_VERSION
@@ -60,6 +62,7 @@ async def register(agent: AgentState) -> None:
     fatal at start-up (a wrong token_file), retried later (it may be rotated)."""
     delays = RetryDelays()
     while True:
+        sent = time.monotonic()
         try:
             reply = await agent.client.call(
                 "register", register_message(agent), Registered, REQUEST_TIMEOUT_SECONDS
@@ -75,6 +78,7 @@ async def register(agent: AgentState) -> None:
             raise FatalAgentError(f"the control plane refused registration: {exc}") from None
         await asyncio.sleep(delays.next_delay())
     registered(agent, reply)
+    extend_deadlines(agent, sent)  # the registration counts as a heartbeat
 
 
 async def register_with_new_token(agent: AgentState) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import aiosqlite
 
+from agent.channel import Position
 from protocol.codec import decode, encode
 from protocol.messages import RunRecord
 
@@ -42,6 +43,11 @@ CREATE TABLE IF NOT EXISTS records (
     PRIMARY KEY (lease, seq)
 );
 CREATE INDEX IF NOT EXISTS records_by_kind ON records (kind, lease, seq);
+CREATE TABLE IF NOT EXISTS positions (
+    lease INTEGER PRIMARY KEY,
+    position TEXT NOT NULL,
+    next_seq INTEGER NOT NULL
+);
 """
 WARN_FRACTION = 0.8
 AGE_CHECK_SECONDS = 60.0
@@ -104,8 +110,12 @@ class Spool:
     def size(self) -> int:
         return self._bytes
 
-    async def append(self, attempt: SpooledAttempt, records: list[RunRecord]) -> None:
-        """Store records (in one transaction); a record already stored is kept as is."""
+    async def append(
+        self, attempt: SpooledAttempt, records: list[RunRecord], position: Position | None = None
+    ) -> None:
+        """Store records (in one transaction); a record already stored is kept as is.
+        With `position`: how far into the worker's channel these records go, stored in
+        the same transaction (where an agent that restarts reads on from)."""
         if not records:
             return
         rows = []
@@ -133,6 +143,12 @@ class Spool:
                     rows,
                 )
                 added = sum(r[5] for r in rows) if cursor.rowcount == len(rows) else None
+                if position is not None:
+                    await self.db.execute(
+                        "INSERT OR REPLACE INTO positions (lease, position, next_seq)"
+                        " VALUES (?, ?, ?)",
+                        (attempt.lease, position.to_json(), records[-1].seq + 1),
+                    )
                 await self.db.execute("COMMIT")
             except BaseException:
                 await self.db.execute("ROLLBACK")
@@ -218,6 +234,22 @@ class Spool:
     async def forget(self, lease: int) -> None:
         """Drop an attempt the control plane refused (fenced, or not this agent's)."""
         await self.acknowledged(lease, 2**62)
+        await self.forget_position(lease)
+
+    async def position(self, lease: int) -> tuple[Position, int] | None:
+        """How far into its channel an attempt's stored records go, and the seq of the
+        next record; None if none was stored."""
+        rows = await self.db.execute_fetchall(
+            "SELECT position, next_seq FROM positions WHERE lease = ?", (lease,)
+        )
+        for position, next_seq in rows:
+            return Position.from_json(position), int(next_seq)
+        return None
+
+    async def forget_position(self, lease: int) -> None:
+        """The attempt is over and delivered: its channel is no longer read."""
+        async with self._lock:
+            await self.db.execute("DELETE FROM positions WHERE lease = ?", (lease,))
 
     async def attempts(self) -> list[SpooledAttempt]:
         rows = await self.db.execute_fetchall(

@@ -59,6 +59,9 @@ class AgentState:
         self.heartbeat_interval = config.heartbeat_interval_seconds
         self.heartbeat_timeout = 30.0
         self.last_contact = time.monotonic()  # of the last reply to a poll or heartbeat
+        # When the last heartbeat (or registration) the control plane stored was sent:
+        # the workers' lease deadlines count from there (heartbeat.extend_deadlines).
+        self.lease_base: float | None = None
         self.contact = ContactLog(log)
         self.runs: dict[int, ActiveRun] = {}  # by lease
         self.evaluations: dict[str, asyncio.Task[None]] = {}  # by eval id

@@ -11,12 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
-import tempfile
+from collections.abc import Callable, Coroutine
+from functools import partial
+from typing import Any
 
-from agent.launchers import LaunchedRun
+from agent.channel import Channel, Position, existing_channels
+from agent.heartbeat import extend_deadline
+from agent.launchers import LaunchedRun, run_marker
 from agent.outbox import AttemptRejected, RunOutbox
 from agent.state import ActiveRun, AgentState
+from agent.tracking import adopted_scope
 from agent.uploads import OutputUploader, download_reused
 from protocol.codec import UnreadableLaunch
 from protocol.events import RUN_FAILURE, UNDELIVERABLE
@@ -37,25 +41,96 @@ def start_run(agent: AgentState, launch: LaunchRun, refusal: str | None = None) 
         launch.lease,
         extra={"run_id": launch.run_id},
     )
-    scratch = tempfile.mkdtemp(prefix=f"fleetrun-{launch.run_id[:8]}-{launch.lease}-")
+    channel = Channel.create(agent.config.state_dir, launch, agent.agent_id)
+    worker, outbox = _supervised(agent, launch, channel, agent.agent_id)
+    extend_deadline(agent, worker)
+
+    async def follow() -> None:
+        reason = refusal or await _refusal(agent, launch, channel.path("scratch"))
+        if reason is not None:
+            worker.report(RUN_FAILURE, reason, {"failure_kind": UNDELIVERABLE})
+            return
+        loc = agent.locations[launch.location]
+        await worker.run(loc, agent.launcher, channel.path("scratch"))
+
+    _start_supervision(agent, worker, outbox, follow)
+
+
+async def adopt_workers(agent: AgentState) -> None:
+    """Take over the run workers that a previous life of this agent left (killed, or
+    handing over to a new version): each from where its records were stored, under the
+    same lease. A worker that is gone is reported lost at once. Before registering, so
+    that the control plane hears these runs are held."""
+    for channel in existing_channels(agent.config.state_dir):
+        try:
+            launch, agent_id = channel.launch(), channel.agent_id()
+        except (OSError, ValueError) as exc:
+            log.warning("left-over run channel %s is unreadable (%s); removed", channel.folder, exc)
+            channel.remove()
+            continue
+        identity = channel.worker()
+        if identity is None:  # it never started: the control plane fails or re-queues it
+            channel.remove()
+            continue
+        saved = await agent.spool.position(channel.lease)
+        position, next_seq = saved if saved is not None else (Position(), 1)
+        log.info(
+            "adopting the worker of run %s (lease %d, pid %d)",
+            launch.run_id,
+            launch.lease,
+            identity.pid,
+            extra={"run_id": launch.run_id},
+        )
+        worker, outbox = _supervised(agent, launch, channel, agent_id, position, next_seq)
+        scope = adopted_scope(identity, run_marker(launch))
+        _start_supervision(agent, worker, outbox, partial(worker.adopt, identity, scope))
+
+
+def _supervised(
+    agent: AgentState,
+    launch: LaunchRun,
+    channel: Channel,
+    agent_id: str,
+    position: Position | None = None,
+    next_seq: int = 1,
+) -> tuple[LaunchedRun, RunOutbox]:
     uploader = None
     if agent.config.output_store.kind == "control_plane":
-        uploader = OutputUploader(agent.client, agent.agent_id, launch, scratch).upload
+        uploader = OutputUploader(agent.client, agent_id, launch, channel.path("scratch")).upload
     outbox = RunOutbox(
-        agent.agent_id,
+        agent_id,
         launch.run_id,
         launch.lease,
         agent.send_records,
         uploader,
         agent.contact,
         agent.spool,
+        next_seq,
     )
-    worker = LaunchedRun(launch, outbox.add)
+    return LaunchedRun(launch, outbox.add, channel, position), outbox
+
+
+def _start_supervision(
+    agent: AgentState,
+    worker: LaunchedRun,
+    outbox: RunOutbox,
+    follow: Callable[[], Coroutine[Any, Any, None]],
+) -> None:
     exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(
-        _supervise(agent, worker, outbox, scratch, exited, refusal), name=f"run-{launch.run_id}"
+        _supervise(agent, worker, outbox, exited, follow), name=f"run-{worker.launch.run_id}"
     )
-    agent.runs[launch.lease] = ActiveRun(worker, outbox, task, exited)
+    agent.runs[worker.launch.lease] = ActiveRun(worker, outbox, task, exited)
+
+
+async def _refusal(agent: AgentState, launch: LaunchRun, scratch: str) -> str | None:
+    """Why this agent cannot carry out a launch; None if it can."""
+    if launch.location not in agent.locations:
+        return f"agent {agent.config.name} does not host code location {launch.location!r}"
+    if agent.config.output_store.kind == "control_plane":
+        assert agent.agent_id is not None
+        return await download_reused(agent.client, agent.agent_id, launch, scratch)
+    return None
 
 
 def refuse_launch(agent: AgentState, bad: UnreadableLaunch) -> None:
@@ -84,42 +159,43 @@ async def _supervise(
     agent: AgentState,
     worker: LaunchedRun,
     outbox: RunOutbox,
-    scratch: str,
     exited: asyncio.Future[None],
-    refusal: str | None = None,
+    follow: Callable[[], Coroutine[Any, Any, None]],
 ) -> None:
+    """Follow the attempt, deliver its records; once it is over for good (delivered,
+    or refused by the control plane) its channel goes. If this agent stops first, the
+    channel stays for the next one to adopt."""
     launch = worker.launch
     CURRENT_RUN.set(launch.run_id)  # this task's log lines (and its children's) name it
     delivery = asyncio.create_task(outbox.deliver())
+    run_task = asyncio.create_task(follow())
+    over = False
     try:
-        loc = agent.locations.get(launch.location)
-        if refusal is None and loc is None:
-            refusal = f"agent {agent.config.name} does not host code location {launch.location!r}"
-        if refusal is None and agent.config.output_store.kind == "control_plane":
-            assert agent.agent_id is not None
-            refusal = await download_reused(agent.client, agent.agent_id, launch, scratch)
-        if refusal is not None:
-            worker.report(RUN_FAILURE, refusal, {"failure_kind": UNDELIVERABLE})
-        else:
-            assert loc is not None
-            run_task = asyncio.create_task(worker.run(loc, agent.launcher, scratch))
-            done, _ = await asyncio.wait({run_task, delivery}, return_when=asyncio.FIRST_COMPLETED)
-            if delivery in done and not run_task.done():
-                worker.kill()
-            await run_task
+        done, _ = await asyncio.wait({run_task, delivery}, return_when=asyncio.FIRST_COMPLETED)
+        if delivery in done and not run_task.done():
+            worker.kill()
+        await run_task
         exited.set_result(None)
         outbox.close()
         await delivery
+        over = True
         log.info("run %s finished (worker %s)", launch.run_id, worker.state)
     except AttemptRejected as exc:
+        over = True
         worker.kill()
         log.warning("run %s: control plane refused this attempt (%s); stopped", launch.run_id, exc)
     finally:
         if not exited.done():
             exited.set_result(None)
+        if not run_task.done():  # this agent is going: the worker runs on
+            run_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run_task
         if not delivery.done():
             delivery.cancel()
             with contextlib.suppress(asyncio.CancelledError, AttemptRejected):
                 await delivery
         agent.runs.pop(launch.lease, None)
-        shutil.rmtree(scratch, ignore_errors=True)
+        if over:
+            await agent.spool.forget_position(launch.lease)
+            worker.channel.remove()

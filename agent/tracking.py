@@ -28,6 +28,7 @@ import time
 from collections.abc import Mapping
 from typing import Protocol
 
+from agent.channel import WorkerIdentity
 from agent.processes import (
     CGROUP_ENV,
     SUBREAPER_ENV,
@@ -262,3 +263,12 @@ def open_tracking(setting: str) -> Tracking:
         tracking = CgroupTracking(base)
     log.info("process tracking: %s", tracking.describe())
     return tracking
+
+
+def adopted_scope(identity: WorkerIdentity, marker: Mapping[str, str]) -> ProcessScope:
+    """The scope of a worker that a previous life of this agent started: its cgroup if
+    it has one (under that agent's folder, left in place because it still held the
+    worker), else the sweep by its marker."""
+    if identity.cgroup:
+        return CgroupScope(identity.cgroup, marker)
+    return SweepScope(marker)

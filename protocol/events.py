@@ -51,7 +51,10 @@ WORKER_CRASH = "worker_crash"  # the worker exited without a result
 AGENT_LOST = "agent_lost"  # stopped because its agent lost the control plane or shut down
 UNDELIVERABLE = "undeliverable"  # the agent could not read or start the launch
 CODE_UNREACHABLE = "code_unreachable"  # the run's code location could not be loaded
-AGENT_FAILURE_KINDS = frozenset({WORKER_CRASH, AGENT_LOST, UNDELIVERABLE, CODE_UNREACHABLE})
+AGENT_RESTARTED = "agent_restarted"  # its worker was gone when its agent started again
+AGENT_FAILURE_KINDS = frozenset(
+    {WORKER_CRASH, AGENT_LOST, UNDELIVERABLE, CODE_UNREACHABLE, AGENT_RESTARTED}
+)
 RECORD_KINDS = frozenset({"event", "log"})
 
 

@@ -27,6 +27,8 @@ from agent.processes import (
     kill_descendants,
     left_behind_event,
 )
+from agent.worker.lease import CHANNEL_ENV, watch_lease
+from agent.worker.records import RecordSink
 from protocol.codec import FRAME_HEADER_SIZE, decode_any, frame, frame_length
 from protocol.events import CODE_UNREACHABLE
 from protocol.messages import DescribeLocation, EvaluateSpec, WorkerSpec
@@ -75,13 +77,11 @@ def executor_options(job_default: dict[str, Any], override: object) -> dict[str,
     )
 
 
-def _run(spec: WorkerSpec, fd: int) -> int:
+def _run(spec: WorkerSpec, sink: RecordSink) -> int:
     from agent.worker.code_location import LocationLoadError, load_definitions
     from agent.worker.executors import Execution, get_executor
     from agent.worker.outputs import FilesystemOutputStore, OutputStore, ScratchOutputStore
-    from agent.worker.records import RecordSink
 
-    sink = RecordSink(fd)
     launch = spec.launch
     try:
         defs = load_definitions(spec.location)
@@ -148,9 +148,10 @@ def _run(spec: WorkerSpec, fd: int) -> int:
     return 0
 
 
-def _enter_tracking() -> bool:
+def _enter_tracking() -> tuple[bool, str]:
     """Join this worker's cgroup, or become a subreaper: before any user code runs or
-    forks, so that nothing it starts is missed. True if it must sweep at its end."""
+    forks, so that nothing it starts is missed. Whether it must sweep at its end, and
+    its cgroup ("" if none)."""
     cgroup = os.environ.pop(CGROUP_ENV, "")
     if cgroup:
         try:
@@ -159,9 +160,9 @@ def _enter_tracking() -> bool:
             print(f"run worker: cannot join its cgroup {cgroup}: {exc}", file=sys.stderr)
             raise SystemExit(1) from None
     if not os.environ.pop(SUBREAPER_ENV, ""):
-        return False
+        return False, cgroup
     become_subreaper()
-    return True
+    return True, cgroup
 
 
 def _sweep(mode: str, fd: int) -> None:
@@ -180,24 +181,33 @@ def _sweep(mode: str, fd: int) -> None:
     if mode != "run":
         print(f"worker: {message}", file=sys.stderr, flush=True)
         return
-    from agent.worker.records import RecordSink
-
     with contextlib.suppress(OSError):  # the agent is gone
         RecordSink(fd).event("ENGINE_EVENT", message, data=data)
+
+
+def _open_bell(channel: str) -> int | None:
+    """The channel's bell, rung after each record (read-write: a FIFO without reader
+    must not block or fail the worker)."""
+    if not channel:
+        return None
+    try:
+        return os.open(os.path.join(channel, "bell"), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def main(argv: list[str]) -> int:
     mode = argv[0] if argv else ""
     fd = int(os.environ[RECORD_FD_ENV])
-    sweeping = _enter_tracking()
+    sweeping, cgroup = _enter_tracking()
     try:
-        return _serve(mode, fd)
+        return _serve(mode, fd, cgroup)
     finally:
         if sweeping:
             _sweep(mode, fd)
 
 
-def _serve(mode: str, fd: int) -> int:
+def _serve(mode: str, fd: int, cgroup: str = "") -> int:
     message = decode_any(_read_frame(sys.stdin.buffer))
     if mode == "describe" and isinstance(message, DescribeLocation):
         from agent.worker.code_location import describe
@@ -215,8 +225,12 @@ def _serve(mode: str, fd: int) -> int:
         os.environ["FLEETRUN_RUN_ID"] = message.launch.run_id
         os.environ["FLEETRUN_LEASE"] = str(message.launch.lease)
         signal.signal(signal.SIGTERM, _interrupt)
+        channel = os.environ.pop(CHANNEL_ENV, "")
+        sink = RecordSink(fd, _open_bell(channel))
+        if channel:
+            watch_lease(channel, sink, cgroup or None)
         try:
-            return _run(message, fd)
+            return _run(message, sink)
         except RunInterrupted:
             return INTERRUPTED_EXIT_CODE
     print(f"run worker: mode {mode!r} does not take a {type(message).__name__}", file=sys.stderr)

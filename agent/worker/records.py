@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -47,8 +48,9 @@ def encode_record(record: RunRecord) -> bytes:
 class RecordSink:
     """Writes RunRecords to the agent; seq is left 0, the agent numbers records."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, bell: int | None = None) -> None:
         self.fd = fd
+        self.bell = bell  # rung after each record: the agent reading the channel wakes
         self._lock = threading.Lock()
 
     def _write(self, record: RunRecord) -> None:
@@ -62,6 +64,9 @@ class RecordSink:
                 while view:
                     written = os.write(self.fd, view)
                     view = view[written:]
+                if self.bell is not None:
+                    with contextlib.suppress(OSError):  # full: it is rung already
+                        os.write(self.bell, b"\x01")
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 

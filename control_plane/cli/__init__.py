@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "agent":
         from agent.cli import run_agent
 
-        return run_agent(args.config, args.log_format)
+        return run_agent(args.config, args.log_format, args.handoff)
     if args.command == "demo":
         from control_plane.cli.demo import run_demo
 

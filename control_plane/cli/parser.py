@@ -246,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     files(serve.add_argument("--config", help="control-plane.toml (default: all defaults)"))
     agent = sub.add_parser("agent", help="run an agent")
     files(agent.add_argument("--config", required=True, help="agent.toml"))
+    agent.add_argument(
+        "--handoff",
+        action="store_true",
+        help="on SIGTERM, leave running runs to the next start of this agent (upgrades)",
+    )
     for cmd in (serve, agent):
         cmd.add_argument("--log-format", choices=FORMATS, help="text (default) or JSON lines")
     migrate = sub.add_parser(

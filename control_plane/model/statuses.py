@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from protocol.events import AGENT_LOST, CODE_UNREACHABLE, UNDELIVERABLE, WORKER_CRASH
+from protocol.events import (
+    AGENT_LOST,
+    AGENT_RESTARTED,
+    CODE_UNREACHABLE,
+    UNDELIVERABLE,
+    WORKER_CRASH,
+)
 
 
 class RunStatus(StrEnum):
@@ -41,7 +47,6 @@ EVENT_STATUS: dict[str, RunStatus] = {
 # Why a run failed, as `Run.failure_kind`. Retries of op failures can be turned off;
 # the worker/agent kinds can also be resumed in place (max_resume_run_attempts).
 OP_FAILURE = "op_failure"
-AGENT_RESTARTED = "agent_restarted"
 START_TIMEOUT = "start_timeout"
 MAX_RUNTIME = "max_runtime"
 REFUSED_RECORD = "refused_record"  # its agent sent a record the event log does not take

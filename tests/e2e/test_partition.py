@@ -212,11 +212,11 @@ def test_a_partition_longer_than_the_timeout_fences_the_old_attempt(
     a2: Proc | None = None
     state = tmp_path / "fleetrun-state" / "a1"
     try:
-        # Given a non-idempotent run holding on a1 (one retry allowed), and a2 connected
-        # directly, not through the proxy
-        run_id = cp.submit(
-            "side_effect", tags={"fleetrun/max_retries": "1"}, config={"dir": str(tmp_path)}
-        )
+        # Given a non-idempotent run holding on a1 (one retry allowed; one that keeps
+        # going whatever happens, else its worker stops itself at its lease deadline),
+        # and a2 connected directly, not through the proxy
+        tags = {"fleetrun/max_retries": "1", "fleetrun/on_lost_contact": "continue"}
+        run_id = cp.submit("side_effect", tags=tags, config={"dir": str(tmp_path)})
         old_lease = wait_status(cp, run_id, "STARTED")["lease"]
         wait_for(lambda: executions(tmp_path) == [old_lease], what="the first execution")
         a2 = start_agent(cp, tmp_path, "a2", CHAOS)

@@ -83,8 +83,8 @@ def test_a_run_that_ends_while_everything_is_down_is_not_lost(tmp_path: Path) ->
 TIMEOUT = "[run_monitoring]\nagent_heartbeat_timeout_seconds = 3\n"
 
 
-def start_gated_run(cp: ControlPlaneProc, gate: Path) -> str:
-    run_id = cp.submit("gated", config={"gate": str(gate)})
+def start_gated_run(cp: ControlPlaneProc, gate: Path, tags: dict[str, str] | None = None) -> str:
+    run_id = cp.submit("gated", config={"gate": str(gate)}, tags=tags or {})
     wait_for(
         lambda: cp.get(f"/api/v1/runs/{run_id}")["status"] == "STARTED", what="the run to start"
     )
@@ -100,10 +100,12 @@ def assert_finished_cleanly(cp: ControlPlaneProc, run_id: str) -> None:
 
 
 def test_a_control_plane_frozen_past_the_timeout_blames_no_agent(tmp_path: Path) -> None:
+    """(The run keeps going whatever happens: by default its worker would stop itself
+    at its lease deadline, which this freeze passes.)"""
     cp = start_control_plane(tmp_path, TIMEOUT)
     agent = start_agent(cp, tmp_path, "agent-1", GATES)
     try:
-        run_id = start_gated_run(cp, tmp_path / "gate")
+        run_id = start_gated_run(cp, tmp_path / "gate", {"fleetrun/on_lost_contact": "continue"})
         # When the control plane is frozen for twice the heartbeat timeout
         os.kill(cp.popen.pid, signal.SIGSTOP)
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from agent.channel import Channel
 from agent.config import CodeLocationConfig
 from agent.forkserver import ForkServer
 from agent.launchers import (
@@ -49,10 +50,16 @@ async def run_job(
     launch = LaunchRun(
         run_id=f"run-{lease}", job=job, location="probe", lease=lease, config=config or {}
     )
-    worker = LaunchedRun(launch, records.append)
+    worker = launched(launch, records)
     async with asyncio.timeout(60):
-        await worker.run(LOCATION, launcher, tempfile.mkdtemp(prefix="fleetrun-test-"))
+        await worker.run(LOCATION, launcher, worker.channel.path("scratch"))
     return worker, records
+
+
+def launched(launch: LaunchRun, records: list[RunRecord]) -> LaunchedRun:
+    """A run as the agent follows it, its channel in a folder of its own."""
+    channel = Channel.create(tempfile.mkdtemp(prefix="fleetrun-test-"), launch, "agent")
+    return LaunchedRun(launch, lambda record, _: records.append(record), channel)
 
 
 def terminal(records: list[RunRecord]) -> RunRecord:

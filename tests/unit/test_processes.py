@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +20,6 @@ import pytest
 
 from agent.config import CodeLocationConfig, OutputStoreConfig
 from agent.launchers import (
-    LaunchedRun,
     RunLauncher,
     describe_location,
     evaluate_in_worker,
@@ -47,6 +45,7 @@ from agent.processes import (
 from agent.tracking import CgroupTracking, Tracking, open_tracking, tracking_choice
 from protocol.messages import Evaluate, EvaluateSpec, LaunchRun, RunRecord, StopRun
 from tests.conftest import FIXTURES
+from tests.unit.test_launcher import launched
 
 LOCATION = CodeLocationConfig(
     name="procs", python_file=str(FIXTURES / "process_jobs.py"), working_directory=str(FIXTURES)
@@ -236,9 +235,9 @@ async def run_job(
     launcher: RunLauncher, job: str, folder: Path, **config: object
 ) -> list[RunRecord]:
     records: list[RunRecord] = []
-    worker = LaunchedRun(launch(job, folder, **config), records.append)
+    worker = launched(launch(job, folder, **config), records)
     async with asyncio.timeout(60):
-        await worker.run(LOCATION, launcher, tempfile.mkdtemp(prefix="fleetrun-test-"))
+        await worker.run(LOCATION, launcher, worker.channel.path("scratch"))
     return records
 
 
@@ -292,10 +291,8 @@ async def test_a_stopped_run_ends_what_left_its_process_group(
 ) -> None:
     records: list[RunRecord] = []
     order = launch("daemon_then_wait", tmp_path)
-    worker = LaunchedRun(order, records.append)
-    running = asyncio.create_task(
-        worker.run(LOCATION, launcher, tempfile.mkdtemp(prefix="fleetrun-test-"))
-    )
+    worker = launched(order, records)
+    running = asyncio.create_task(worker.run(LOCATION, launcher, worker.channel.path("scratch")))
     await until(
         lambda: any("started daemon" in r.message for r in records if r.kind == "log"),
         "the daemon to start",

@@ -17,7 +17,7 @@ from control_plane.model.runs import (
     StopOrder,
     Verdict,
 )
-from control_plane.model.statuses import ACTIVE_STATUSES, AGENT_RESTARTED, RunStatus
+from control_plane.model.statuses import ACTIVE_STATUSES, RunStatus
 from control_plane.storage.sql.base import (
     AGENT_COLUMNS,
     RUN_COLUMNS,
@@ -29,6 +29,7 @@ from control_plane.storage.sql.base import (
 )
 from control_plane.storage.sql.catalog import CatalogCache, agents_by_id
 from control_plane.storage.sql.transitions import append_event, fail, get_run, insert_run, reusable
+from protocol.events import AGENT_RESTARTED
 from protocol.tags import PRIORITY_TAG
 
 DISPATCH_BATCH = 1000
