@@ -209,8 +209,10 @@ def test_a_disk_full_longer_than_the_timeout_blames_no_agent(
     agent = start_agent(cp, tmp_path, "a1", GATES)
     gate = tmp_path / "gate"
     try:
-        # Given a run in flight on a connected agent
-        status, body = submit(cp, "gated", gate)
+        # Given a run in flight on a connected agent (one that keeps going whatever
+        # happens: by default its worker would stop itself at its lease deadline, which
+        # an outage of the control plane this long passes)
+        status, body = submit(cp, "gated", gate, **{"fleetrun/on_lost_contact": "continue"})
         assert status == 201, body
         run_id = body["run_id"]
         wait_for(
