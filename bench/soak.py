@@ -1234,10 +1234,8 @@ class Analysis:
             f" {len(late)} op execution(s) after the fence"
             + (f" (up to {max(late):.2f} s after)" if late else "")
         )
-        self.add("    (such an attempt runs on until its agent hears of the fence: its records get")
-        self.add(
-            "    409/403 and it is stopped; expected with the default on_lost_contact=continue)"
-        )
+        self.add("    (its worker stops itself at its lease deadline, before the fence; only a run")
+        self.add("    tagged on_lost_contact=continue runs on until its agent hears of the fence)")
         self.add(
             f"  op executions of a lease after a newer lease of the same run had started (two"
             f" attempts at once): {dict(overlaps) or 0}"

@@ -93,9 +93,15 @@ def test_a_killed_agent_restarted_in_time_adopts_its_worker(tmp_path: Path, laun
         agent.popen.wait(10)
         printed = len(log_lines(cp, run_id))
         time.sleep(0.5)  # the fault itself: the agent stays dead while the op prints
+        restarted = time.monotonic()
         agent = start_agent(cp, tmp_path, "a1", JOBS, extra)
         wait_for(lambda: "adopting the worker of run" in agent.log(), what="the adoption")
         wait_for(lambda: len(log_lines(cp, run_id)) > printed + 25, what="lines from meanwhile")
+        caught_up = time.monotonic() - restarted
+        print(
+            f"\n[{launcher}] agent restarted -> the lines printed meanwhile stored: "
+            f"{caught_up:.2f} s"
+        )
         (tmp_path / "open").touch()
         # Then the run ends SUCCESS: one attempt under the same lease, one execution,
         # every event and every line once, in order
