@@ -16,7 +16,7 @@ from control_plane.cli.render import (
     seg,
     table,
 )
-from control_plane.storage.errors import StorageError
+from control_plane.storage.errors import SchemaTooNew, StorageError
 from protocol.logs import redact
 from protocol.schema import ConfigError
 
@@ -37,6 +37,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(serve(config, own_process=True))
     except KeyboardInterrupt:
         pass
+    except SchemaTooNew as exc:
+        return _fail(f"cannot serve: {exc}", code=2)
     except (OSError, StorageError) as exc:
         return _fail(f"cannot serve: {exc}")
     return 0
@@ -91,6 +93,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             f"copied {sum(copied.values())} rows from {redact(args.source)} to {redact(dest)}",
         )
         return 0
+    except SchemaTooNew as exc:
+        return _fail(f"migrate: {exc}", code=2)
     except (TransferError, StorageError, ValueError, OSError) as exc:
         return _fail(f"migrate: {exc}")
 

@@ -39,5 +39,19 @@ class StorageFull(StorageError):
     answer 503 (retryable) and carry on; writes work again once space is freed."""
 
 
+class SchemaTooNew(StorageError):
+    """The database was migrated by a newer fleetrun: this one would misread it. Callers
+    exit 2 (a restart cannot fix it), naming both versions."""
+
+    def __init__(self, where: str, found: int, known: int) -> None:
+        super().__init__(
+            f"{where} has schema version {found}, newer than this fleetrun knows ({known}): "
+            "run the fleetrun version that migrated it, or restore the backup taken before "
+            "the upgrade (docs/install.md, rolling back)"
+        )
+        self.found = found
+        self.known = known
+
+
 class AgentNameTaken(NameTaken):
     """An agent name held by another live agent token."""

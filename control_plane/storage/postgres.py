@@ -30,7 +30,12 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from control_plane.storage.errors import StorageError, StorageFull, StorageUnavailable
-from control_plane.storage.schema import MIGRATIONS, current_version, for_postgres
+from control_plane.storage.schema import (
+    MIGRATIONS,
+    check_not_newer,
+    current_version,
+    for_postgres,
+)
 from control_plane.storage.sql import SqlStorage
 from control_plane.storage.sql.base import record_status_changes
 from protocol.logs import redact
@@ -138,7 +143,11 @@ class PostgresStorage(SqlStorage):
         except ValueError as exc:  # asyncpg cannot parse the URL (a port, a parameter)
             raise StorageError(f"cannot use {redact(self.url)}: {redact(str(exc))}") from exc
         if self.auto_migrate:
-            await self.migrate()
+            try:
+                await self.migrate()
+            except BaseException:
+                await self.close()
+                raise
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -157,11 +166,7 @@ class PostgresStorage(SqlStorage):
             await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
             recorded = await conn.fetchval("SELECT version FROM schema_version")
             current = current_version(recorded, postgres=True)
-            if current > len(MIGRATIONS):
-                raise RuntimeError(
-                    f"{redact(self.url)} has schema version {current}, newer than this "
-                    f"fleetrun ({len(MIGRATIONS)}); upgrade fleetrun"
-                )
+            check_not_newer(current, redact(self.url))
             for migration in MIGRATIONS[current:]:
                 await conn.execute(for_postgres(migration))
             if recorded is None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 
+from control_plane.storage.errors import SchemaTooNew
+
 MIGRATIONS: list[str] = [
     # version 1: runs, leases, event log, compute logs, agents, code locations
     """
@@ -277,3 +279,10 @@ def current_version(recorded: int | None, postgres: bool) -> int:
     if postgres and recorded in _EARLIER_POSTGRES_VERSIONS:
         return _EARLIER_POSTGRES_VERSIONS[recorded]
     return recorded
+
+
+def check_not_newer(found: int, where: str) -> None:
+    """Refuse a database migrated past the migrations this fleetrun knows (SchemaTooNew):
+    an older fleetrun would not write what the newer schema's readers expect."""
+    if found > len(MIGRATIONS):
+        raise SchemaTooNew(where, found, len(MIGRATIONS))

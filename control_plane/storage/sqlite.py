@@ -20,7 +20,12 @@ from typing import Any
 import aiosqlite
 
 from control_plane.storage.errors import StorageFull
-from control_plane.storage.schema import MIGRATIONS, current_version, statements
+from control_plane.storage.schema import (
+    MIGRATIONS,
+    check_not_newer,
+    current_version,
+    statements,
+)
 from control_plane.storage.sql import SqlStorage
 from control_plane.storage.sql.base import record_status_changes
 
@@ -65,9 +70,13 @@ class SqliteStorage(SqlStorage):
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._writer = await self._connect()
-        if self.auto_migrate:
-            await self.migrate()
-        self._read_db = await self._connect()
+        try:
+            if self.auto_migrate:
+                await self.migrate()
+            self._read_db = await self._connect()
+        except BaseException:  # e.g. SchemaTooNew: a connection left open keeps the process
+            await self.close()
+            raise
 
     async def _connect(self) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, isolation_level=None)
@@ -88,11 +97,7 @@ class SqliteStorage(SqlStorage):
             await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
             rows = await db.fetch("SELECT version FROM schema_version")
             current = current_version(rows[0][0] if rows else None, postgres=False)
-            if current > len(MIGRATIONS):
-                raise RuntimeError(
-                    f"{self.path} has schema version {current}, newer than this fleetrun "
-                    f"({len(MIGRATIONS)}); upgrade fleetrun"
-                )
+            check_not_newer(current, self.path)
             for migration in MIGRATIONS[current:]:
                 for statement in statements(migration):
                     await db.execute(statement)
