@@ -184,6 +184,8 @@ def _concrete(path: str) -> str:
         .replace("{step}", "s1")
         .replace("{agent}", "a1")
         .replace("{name}", "n1")
+        .replace("{location}", "l1")
+        .replace("{job}", "j1")
     )
 
 
