@@ -135,6 +135,12 @@ document.addEventListener("DOMContentLoaded", () => {
 // POST /api/v1/runs and open the new run; the API's refusal is shown next to its field.
 const FIELD_OF_CODE = { bad_config: "config", run_config_too_large: "config", bad_tag: "tags", too_many_tags: "tags" };
 
+// The field an API refusal is about: by its code, else by the field its message names.
+function fieldOf(err) {
+  const named = /^(config|tags)\b/.exec(err.message || "");
+  return FIELD_OF_CODE[err.code] || (named ? named[1] : "form");
+}
+
 function showFieldError(field, message) {
   for (const name of ["config", "tags", "form"]) {
     const box = document.getElementById(`${name}-error`);
@@ -198,7 +204,7 @@ async function launch(form) {
       return;
     }
     const err = body.error || {};
-    showFieldError(FIELD_OF_CODE[err.code] || "form", `${resp.status} ${err.code || ""}: ${err.message || "request failed"}`);
+    showFieldError(fieldOf(err), `${resp.status} ${err.code || ""}: ${err.message || "request failed"}`);
   } catch (err) {
     showFieldError("form", `the control plane could not be reached: ${err.message}`);
   } finally {
