@@ -72,12 +72,14 @@ def shot(page: Any, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-def doc_shot(page: Any, name: str) -> None:
-    """Also a screenshot for docs/ui.md (the visible part of the page, kept small), only
-    with FLEETRUN_UI_DOCS=1: an ordinary test run leaves the docs alone."""
+def doc_shot(page: Any, name: str, scroll_to: str = "") -> None:
+    """Also a screenshot for docs/ui.md (the visible part of the page from `scroll_to`,
+    kept small), only with FLEETRUN_UI_DOCS=1: an ordinary test run leaves the docs alone."""
     shot(page, name)
     if os.environ.get("FLEETRUN_UI_DOCS") == "1":
         page.set_viewport_size({"width": 1280, "height": 760})
+        if scroll_to:
+            page.locator(scroll_to).evaluate("e => window.scrollTo(0, e.offsetTop - 40)")
         page.screenshot(path=str(DOC_SHOTS / f"{name}.png"))
         page.set_viewport_size({"width": 1440, "height": 900})
 
@@ -454,7 +456,7 @@ def test_the_launch_form_checks_config_and_opens_the_new_run(
         assert cells.nth(1).inner_text() == "success" and cells.nth(2).inner_text() == "1"
         assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}", cells.nth(3).inner_text())
     assert page.locator(".legend .swatch.canceled").count() == 1
-    doc_shot(page, "run")
+    doc_shot(page, "run", scroll_to="#run-config")
 
 
 def test_schedule_and_sensor_pages_show_their_ticks(
