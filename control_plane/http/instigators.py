@@ -55,7 +55,7 @@ def instigator_json(inst: Instigator, now: float) -> dict[str, Any]:
     return out
 
 
-async def _find_instigator(request: web.Request, kind: str) -> Instigator:
+async def find_instigator(request: web.Request, kind: str) -> Instigator:
     name = request.match_info["name"]
     location = request.query.get("location")
     matches = [
@@ -88,13 +88,13 @@ def instigator_routes(kind: str) -> list[tuple[str, str, Any]]:
         return web.json_response({f"{kind}s": items})
 
     async def show(request: web.Request) -> web.Response:
-        inst = await _find_instigator(request, kind)
+        inst = await find_instigator(request, kind)
         ticks = await request.app[STORAGE].list_ticks(inst.location, inst.name, kind, 5)
         body = instigator_json(inst, request.app[CLOCK].time())
         return web.json_response({**body, "recent_ticks": [t.to_json() for t in ticks]})
 
     async def ticks(request: web.Request) -> web.Response:
-        inst = await _find_instigator(request, kind)
+        inst = await find_instigator(request, kind)
         limit = int_param(request, "limit", 50, 1, 1000)
         found = await request.app[STORAGE].list_ticks(inst.location, inst.name, kind, limit)
         return web.json_response({"ticks": [t.to_json() for t in found]})
@@ -102,7 +102,7 @@ def instigator_routes(kind: str) -> list[tuple[str, str, Any]]:
     def set_status(status: str) -> Any:
         async def handle(request: web.Request) -> web.Response:
             app = request.app
-            inst = await _find_instigator(request, kind)
+            inst = await find_instigator(request, kind)
             if inst.definition is None:
                 raise ApiError(
                     409,

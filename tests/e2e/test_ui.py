@@ -30,6 +30,7 @@ from tests.conftest import (
 pytestmark = pytest.mark.e2e
 CHROMIUM = os.environ.get("FLEETRUN_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts" / "ui"
+DOC_SHOTS = REPO / "docs" / "ui"
 UI_JOBS = {"ui": FIXTURES / "ui_jobs.py", "gates": FIXTURES / "gate_jobs.py"}
 TIMEOUT_MS = 30_000
 
@@ -71,6 +72,18 @@ def shot(page: Any, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
+def doc_shot(page: Any, name: str, scroll_to: str = "") -> None:
+    """Also a screenshot for docs/ui.md (the visible part of the page from `scroll_to`,
+    kept small), only with FLEETRUN_UI_DOCS=1: an ordinary test run leaves the docs alone."""
+    shot(page, name)
+    if os.environ.get("FLEETRUN_UI_DOCS") == "1":
+        page.set_viewport_size({"width": 1280, "height": 760})
+        if scroll_to:
+            page.locator(scroll_to).evaluate("e => window.scrollTo(0, e.offsetTop - 40)")
+        page.screenshot(path=str(DOC_SHOTS / f"{name}.png"))
+        page.set_viewport_size({"width": 1440, "height": 900})
+
+
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[ControlPlaneProc]:
     cp = start_control_plane(tmp_path)
@@ -89,7 +102,7 @@ def test_runs_list_and_run_detail(fleet: ControlPlaneProc, page: Any) -> None:
     row = page.locator(f"tr[data-run='{run_id}']")
     assert row.locator(".status").inner_text() == "SUCCESS"
     assert "team=data" in row.inner_text()
-    shot(page, "runs")
+    doc_shot(page, "runs")
     # and the run is opened from it
     row.locator("a").click()
     page.wait_for_url(f"**/ui/runs/{run_id}")
@@ -120,6 +133,11 @@ def test_cancel_from_the_run_page(fleet: ControlPlaneProc, page: Any, tmp_path: 
     page.locator("#run-status", has_text="CANCELED").wait_for()
     assert page.dialogs == ["Cancel this run?"]
     assert fleet.get(f"/api/v1/runs/{run_id}")["status"] == "CANCELED"
+    # and the toast agrees with the page; the interrupted step is canceled, not failed
+    page.locator("#flash", has_text="CANCELED").wait_for()
+    step = page.locator("table.steps tr[data-step='wait_for_gate']")
+    assert "canceled" in step.inner_text() and "failure" not in step.inner_text()
+    assert page.locator("svg.gantt rect.bar.canceled").count() == 1
     shot(page, "run-canceled")
     # and re-executing it opens the new run
     page.locator("#reexecute").click()
@@ -155,13 +173,13 @@ def test_agents_queue_and_schedules_pages(tmp_path: Path, page: Any) -> None:
         page.goto(f"{cp.url}/ui/queue")
         row = page.locator("table.queue tr", has_text=waiting[:8])
         assert "max_concurrent_runs: 1 of 1 in use" in row.inner_text()
-        shot(page, "queue")
+        doc_shot(page, "queue")
         page.goto(f"{cp.url}/ui/agents")
         agent_row = page.locator("tr[data-agent='agent-1']")
         assert "1 / 4" in agent_row.inner_text() and "ONLINE" in agent_row.inner_text()
         agent_row.get_by_role("button", name="Drain").click()
         agent_row.locator(".status", has_text="DRAINING").wait_for()
-        shot(page, "agents")
+        doc_shot(page, "agents")
         agent_row.get_by_role("button", name="Undrain").click()
         agent_row.locator(".status", has_text="ONLINE").wait_for()
         page.goto(f"{cp.url}/ui/schedules")
@@ -258,6 +276,10 @@ def test_sign_in_with_a_user_token(tmp_path: Path, page: Any) -> None:
         page.goto(f"{cp.url}/ui/runs/{run_id}")
         page.locator("#cancel").click()
         page.locator("#flash", has_text="403").wait_for()
+        # the launch form sends the signed-in user's token: a viewer may not launch
+        page.goto(f"{cp.url}/ui/launch?location=gates&job=quick")
+        page.click("#launch-submit")
+        page.locator("#form-error", has_text="403 forbidden").wait_for()
         # and the token never appears in a page, a cookie readable by scripts or a URL
         for html in (page.content(), page.url):
             assert viewer.split("_", 2)[2] not in html
@@ -300,3 +322,175 @@ def test_the_alerts_page_shows_rules_and_deliveries(tmp_path: Path, page: Any) -
     finally:
         agent.stop()
         cp.stop()
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlaneProc]:
+    """One control plane and agent for the deployment pages: a job with a diamond graph,
+    a schedule and a sensor (watching `cp.inbox`), and a location that fails to load."""
+    folder = tmp_path_factory.mktemp("deployment")
+    inbox = folder / "inbox"
+    inbox.mkdir()
+    before = os.environ.get("FLEETRUN_TEST_INBOX")
+    os.environ["FLEETRUN_TEST_INBOX"] = str(inbox)
+    cp = start_control_plane(folder)
+    locations = {
+        "graphs": FIXTURES / "graph_jobs.py",
+        "daemon": FIXTURES / "daemon_jobs.py",
+        "broken": FIXTURES / "broken_location.py",
+    }
+    agent = start_agent(cp, folder, "agent-1", locations)
+    try:
+        yield cp
+    finally:
+        agent.stop()
+        cp.stop()
+        if before is None:
+            os.environ.pop("FLEETRUN_TEST_INBOX", None)
+        else:
+            os.environ["FLEETRUN_TEST_INBOX"] = before
+
+
+def test_the_jobs_page_shows_locations_jobs_and_load_errors(
+    deployment: ControlPlaneProc, page: Any
+) -> None:
+    page.goto(f"{deployment.url}/ui/runs")
+    page.locator("header nav").get_by_role("link", name="Jobs").click()
+    page.wait_for_url("**/ui/jobs")
+    # the load error in full, not a tooltip
+    broken = page.locator("tr[data-location='broken']")
+    assert "module_that_does_not_exist" in broken.locator("pre.load-error").inner_text()
+    assert "load error" in broken.inner_text()
+    daemon = page.locator("tr[data-location='daemon']")
+    assert "every_minute" in daemon.inner_text() and "inbox" in daemon.inner_text()
+    diamond = page.locator("tr[data-job='graphs/diamond']")
+    ops = diamond.locator(".op")
+    assert [ops.nth(i).inner_text() for i in range(ops.count())] == [
+        "extract",
+        "clean",
+        "enrich",
+        "publish",
+    ]
+    assert "multiprocess" in diamond.inner_text() and "team=data" in diamond.inner_text()
+    noted = page.locator("tr[data-job='daemon/noted']")
+    assert "schedule every_minute" in noted.inner_text() and "sensor inbox" in noted.inner_text()
+    doc_shot(page, "jobs")
+    diamond.get_by_role("link", name="diamond").click()
+    page.wait_for_url("**/ui/jobs/graphs/diamond")
+
+
+def test_the_job_page_draws_the_op_graph_and_links_recent_runs(
+    deployment: ControlPlaneProc, page: Any
+) -> None:
+    run_id = deployment.submit("diamond", location="graphs")
+    assert deployment.wait_run(run_id)["status"] == "SUCCESS"
+    page.goto(f"{deployment.url}/ui/jobs/graphs/diamond")
+    columns = {
+        name: page.locator(f"svg.op-graph g.op[data-op='{name}']").get_attribute("data-column")
+        for name in ("extract", "clean", "enrich", "publish")
+    }
+    assert columns == {"extract": "0", "clean": "1", "enrich": "1", "publish": "2"}
+    edges = page.locator("svg.op-graph path.edge")
+    pairs = {
+        (edges.nth(i).get_attribute("data-from"), edges.nth(i).get_attribute("data-to"))
+        for i in range(edges.count())
+    }
+    assert pairs == {
+        ("extract", "clean"),
+        ("extract", "enrich"),
+        ("clean", "publish"),
+        ("enrich", "publish"),
+    }
+    assert "kind=source" in page.locator("table.ops tr[data-op='extract']").inner_text()
+    assert "clean, enrich" in page.locator("table.ops tr[data-op='publish']").inner_text()
+    doc_shot(page, "job")
+    page.locator(f"table.runs tr[data-run='{run_id}'] a").click()
+    page.wait_for_url(f"**/ui/runs/{run_id}")
+
+
+def test_the_launch_form_checks_config_and_opens_the_new_run(
+    deployment: ControlPlaneProc, page: Any
+) -> None:
+    page.goto(f"{deployment.url}/ui/jobs/graphs/diamond")
+    page.click("#launch")
+    page.wait_for_url("**/ui/launch?location=graphs&job=diamond")
+    assert page.locator("#launch-job").input_value() == "graphs/diamond"
+    # JSON that does not parse is caught in the page: nothing is sent
+    page.fill("#launch-config", '{"rows": 1')
+    page.click("#launch-submit")
+    page.locator("#config-error", has_text="not valid JSON").wait_for()
+    assert deployment.get("/api/v1/runs?job=diamond&tag=team:ops")["runs"] == []
+    # JSON the API refuses: its 422 message is shown next to the field
+    page.fill("#launch-config", "[1, 2]")
+    page.click("#launch-submit")
+    page.locator("#config-error", has_text="422 bad_request: config: expected a table").wait_for()
+    doc_shot(page, "launch")
+    # a good one: tags, queue and priority become the run's tags
+    page.fill("#launch-config", '{"rows": 5}')
+    page.fill("#launch-tags", "team=ops\nnote=from the form")
+    page.fill("#launch-queue", "default")
+    page.fill("#launch-priority", "7")
+    page.click("#launch-submit")
+    page.wait_for_url(re.compile(r".*/ui/runs/[0-9a-f-]{36}$"))
+    run_id = page.url.rsplit("/", 1)[1]
+    run = deployment.wait_run(run_id)
+    assert run["status"] == "SUCCESS" and run["config"] == {"rows": 5}
+    assert {k: run["tags"][k] for k in ("team", "note", "fleetrun/queue", "fleetrun/priority")} == {
+        "team": "ops",
+        "note": "from the form",
+        "fleetrun/queue": "default",
+        "fleetrun/priority": "7",
+    }
+    # the run page: its config, and every step's status with times to the millisecond
+    page.locator("#run-status", has_text="SUCCESS").wait_for()
+    assert '"rows": 5' in page.locator("#run-config").inner_text()
+    rows = page.locator("table.steps tbody tr")
+    assert [rows.nth(i).get_attribute("data-step") for i in range(rows.count())] == [
+        "extract",
+        "clean",
+        "enrich",
+        "publish",
+    ]
+    for i in range(4):
+        cells = rows.nth(i).locator("td")
+        assert cells.nth(1).inner_text() == "success" and cells.nth(2).inner_text() == "1"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}", cells.nth(3).inner_text())
+    assert page.locator(".legend .swatch.canceled").count() == 1
+    doc_shot(page, "run", scroll_to="#run-config")
+
+
+def test_schedule_and_sensor_pages_show_their_ticks(
+    deployment: ControlPlaneProc, page: Any
+) -> None:
+    inbox = Path(os.environ["FLEETRUN_TEST_INBOX"])
+    page.goto(f"{deployment.url}/ui/sensors")
+    page.locator("tr[data-name='inbox']").get_by_role("link", name="inbox").click()
+    page.wait_for_url("**/ui/sensors/inbox?location=daemon")
+    skipped = page.locator("table.ticks tr.SKIPPED").first
+    skipped.get_by_text("no files yet").wait_for()  # refreshed live
+    (inbox / "file-1").write_text("")
+    made = page.locator("table.ticks tr.SUCCESS").first
+    made.locator("a").first.wait_for()
+    run_id = made.locator("a").first.get_attribute("href").rsplit("/", 1)[1]
+    assert "file-1" in made.locator("td").nth(4).inner_text()  # the cursor
+    assert deployment.wait_run(run_id)["tags"]["fleetrun/run_key"] == "file-1"
+    (inbox / "boom").write_text("")
+    failed = page.locator("table.ticks tr.FAILURE").first
+    failed.locator("pre.tick-error", has_text="the inbox sensor blew up").wait_for()
+    assert re.fullmatch(r"\d+", failed.locator("td").nth(6).inner_text())
+    (inbox / "boom").unlink()
+    doc_shot(page, "sensor")
+    page.goto(f"{deployment.url}/ui/schedules")
+    page.locator("tr[data-name='nightly']").get_by_role("link", name="nightly").click()
+    page.wait_for_url("**/ui/schedules/nightly?location=daemon")
+    assert "0 3 * * *" in page.locator(".facts").inner_text()
+    page.get_by_role("button", name="Start").click()
+    page.locator("#instigator-status", has_text="RUNNING").wait_for()
+    assert re.search(r"\d{4}-\d\d-\d\d 03:00:00", page.locator(".facts").inner_text())
+    page.get_by_role("button", name="Stop").click()
+    page.locator("#instigator-status", has_text="STOPPED").wait_for()
+    page.goto(f"{deployment.url}/ui/schedules/every_minute?location=daemon")
+    assert "* * * * *" in page.locator(".facts").inner_text()
+    doc_shot(page, "schedule")
+    page.goto(f"{deployment.url}/ui/schedules/no_such_schedule")
+    assert "no schedule named 'no_such_schedule'" in page.locator("main").inner_text()

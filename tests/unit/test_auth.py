@@ -56,8 +56,13 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/ui/runs/{run_id}"): "viewer",
     ("GET", "/ui/agents"): "viewer",
     ("GET", "/ui/queue"): "viewer",
+    ("GET", "/ui/jobs"): "viewer",
+    ("GET", "/ui/jobs/{location}/{job}"): "viewer",
+    ("GET", "/ui/launch"): "viewer",
     ("GET", "/ui/schedules"): "viewer",
+    ("GET", "/ui/schedules/{name}"): "viewer",
     ("GET", "/ui/sensors"): "viewer",
+    ("GET", "/ui/sensors/{name}"): "viewer",
     ("GET", "/ui/alerts"): "viewer",
     ("GET", "/ui/login"): "public",
     ("POST", "/ui/login"): "public",
@@ -179,6 +184,8 @@ def _concrete(path: str) -> str:
         .replace("{step}", "s1")
         .replace("{agent}", "a1")
         .replace("{name}", "n1")
+        .replace("{location}", "l1")
+        .replace("{job}", "j1")
     )
 
 

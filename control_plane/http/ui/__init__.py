@@ -16,77 +16,32 @@ can neither sign a browser into the attacker's session nor sign it out.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import jinja2
 from aiohttp import web
 
 from control_plane.http.alerts import alerts_json
-from control_plane.http.auth import PRINCIPAL, SESSION_COOKIE, AuthError
+from control_plane.http.auth import SESSION_COOKIE, AuthError
 from control_plane.http.errors import ApiError
 from control_plane.http.fleet import agents_json, queue_json
 from control_plane.http.instigators import instigator_json, instigators_of
 from control_plane.http.keys import CLOCK, CONFIG, RUN_QUEUE, STORAGE, VERIFIER
 from control_plane.http.runs import parse_filter, run_json
-from control_plane.model.runs import Event, Run
+from control_plane.http.ui.deployment import job_page, jobs_page, launch_page
+from control_plane.http.ui.instigator_pages import instigator_page
+from control_plane.http.ui.render import HERE, render
+from control_plane.http.ui.steps import step_rows
+from control_plane.model.runs import Event, Run, iso
 from control_plane.model.statuses import TERMINAL_STATUSES, RunStatus
 
-HERE = Path(__file__).parent
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
-CSP = (
-    "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
-    "form-action 'self'; frame-ancestors 'none'"
-)
-TEMPLATES = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(HERE / "templates"),
-    autoescape=True,
-    undefined=jinja2.StrictUndefined,
-)
 STEP_ENDS = {"STEP_SUCCESS": "success", "STEP_FAILURE": "failure", "STEP_UP_FOR_RETRY": "retry"}
 STEP_STARTS = {"STEP_START", "STEP_RESTARTED"}
 DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def _when(ts: str | None) -> str:
-    """ISO time as people read it in a table (UTC, seconds)."""
-    return "" if not ts else ts.replace("T", " ")[:19]
-
-
-def _seconds(value: float) -> str:
-    return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
-
-
-TEMPLATES.filters["when"] = _when
-TEMPLATES.filters["seconds"] = _seconds
-
-
-def render(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
-    """A whole page, or with `X-Fleetrun-Fragment: 1` only its live part (for refresh)."""
-    principal = request.get(PRINCIPAL)
-    html = TEMPLATES.get_template(template).render(
-        fragment=request.headers.get("X-Fleetrun-Fragment") == "1",
-        path=request.path,
-        auth=request.app[CONFIG].auth.enabled,
-        user=principal.name if principal is not None else None,
-        role=principal.role if principal is not None else None,
-        **context,
-    )
-    response = web.Response(text=html, content_type="text/html", status=status)
-    # same-origin, not no-referrer: under no-referrer a browser posts the sign-in form
-    # with `Origin: null`, which `_refuse_cross_origin` must refuse
-    response.headers.update(
-        {
-            "Content-Security-Policy": CSP,
-            "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "same-origin",
-            "Cache-Control": "no-store",
-        }
-    )
-    return response
 
 
 async def index(request: web.Request) -> web.Response:
@@ -131,13 +86,19 @@ async def run_page(request: web.Request) -> web.Response:
     agents = {a.agent_id: a.name for a in await storage.list_agents()}
     logged = {c.step for c in await storage.get_logs(run.run_id, None, 0) if c.step}
     steps = sorted({e.step for e in events if e.step} | logged)
+    job = (await storage.code_catalog()).job_info(run.location, run.job, run.agent_id)
+    now = time.time()
     return render(
         request,
         "run.html",
         run=detail,
+        config=json.dumps(run.config, indent=2, sort_keys=True),
         agent_name=agents.get(run.agent_id or "", ""),
         events=[e.to_json() for e in events],
-        gantt=gantt(run, events, time.time()),
+        gantt=gantt(run, events, now),
+        step_rows=step_rows([op.name for op in job.ops] if job else [], run, events),
+        now=now,
+        iso=iso,
         steps=steps,
         terminal=run.status in TERMINAL_STATUSES,
         reexecutable=run.status in (RunStatus.FAILURE, RunStatus.CANCELED),
@@ -150,7 +111,7 @@ class Bar:
     row: int
     start: float
     end: float
-    outcome: str  # success | failure | retry | running | reused
+    outcome: str  # success | failure | retry | running | reused | canceled
     x: float = 0.0
     width: float = 0.0
 
@@ -176,7 +137,7 @@ def gantt(run: Run, events: list[Event], now: float) -> dict[str, Any]:
     for bar in open_bars.values():
         bar.end = finish
         if run.status in TERMINAL_STATUSES:
-            bar.outcome = "failure"
+            bar.outcome = "canceled" if run.status == RunStatus.CANCELED else "failure"
     if not bars:
         return {"bars": [], "rows": [], "span": 0.0, "height": 0}
     start = min(b.start for b in bars)
@@ -332,8 +293,13 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/ui/runs/{run_id}", run_page)
     app.router.add_get("/ui/agents", agents_page)
     app.router.add_get("/ui/queue", queue_page)
+    app.router.add_get("/ui/jobs", jobs_page)
+    app.router.add_get("/ui/jobs/{location}/{job}", job_page)
+    app.router.add_get("/ui/launch", launch_page)
     app.router.add_get("/ui/schedules", instigators_page("schedule"))
+    app.router.add_get("/ui/schedules/{name}", instigator_page("schedule"))
     app.router.add_get("/ui/sensors", instigators_page("sensor"))
+    app.router.add_get("/ui/sensors/{name}", instigator_page("sensor"))
     app.router.add_get("/ui/alerts", alerts_page)
     app.router.add_get("/ui/login", login_page)
     app.router.add_post("/ui/login", login)
