@@ -102,6 +102,10 @@ class RunStore(Protocol):
 
     async def get_run(self, run_id: str) -> Run | None: ...
 
+    async def run_ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        """Up to `limit` ids of runs that start with `prefix`, in id order: what a short
+        run id (the UI's first 8 characters) resolves to. An indexed range, not a scan."""
+
     async def list_runs(
         self, filt: RunFilter, limit: int, cursor: int | None
     ) -> tuple[list[Run], int | None]:

@@ -90,6 +90,23 @@ async def test_list_runs_filters_and_pages_newest_first(storage: Storage) -> Non
     assert runs == []
 
 
+async def test_a_run_id_prefix_finds_the_runs_it_starts(storage: Storage) -> None:
+    for run_id in ("abcd1234-0001", "abcd1234-0002", "abce0000-0001", "abc-0000", "abcd"):
+        await storage.create_run(new_run(run_id), now=1.0)
+    assert await storage.run_ids_with_prefix("abcd1234-0001", 5) == ["abcd1234-0001"]
+    assert await storage.run_ids_with_prefix("abcd1234", 5) == ["abcd1234-0001", "abcd1234-0002"]
+    assert await storage.run_ids_with_prefix("abcd", 5) == [
+        "abcd",
+        "abcd1234-0001",
+        "abcd1234-0002",
+    ]
+    assert await storage.run_ids_with_prefix("abcd", 2) == ["abcd", "abcd1234-0001"]
+    assert await storage.run_ids_with_prefix("abce", 5) == ["abce0000-0001"]
+    assert await storage.run_ids_with_prefix("abc-", 5) == ["abc-0000"]
+    assert await storage.run_ids_with_prefix("abcf", 5) == []
+    assert await storage.run_ids_with_prefix("ABCD", 5) == []
+
+
 async def test_queued_runs_by_priority_then_submission(storage: Storage) -> None:
     for run_id, prio in [("a", 0), ("b", 5), ("c", -1), ("d", 5)]:
         await storage.create_run(new_run(run_id, priority=prio), now=1)
