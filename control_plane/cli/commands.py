@@ -133,7 +133,7 @@ def _run_filter(args: argparse.Namespace) -> list[tuple[str, str]]:
     if args.agent:
         params.append(("agent", args.agent))
     for key, value in parse_kv(args.tag, "--tag").items():
-        params.append(("tag", f"{key}:{value}"))
+        params.append(("tag", f"{key}={value}"))
     return params
 
 
