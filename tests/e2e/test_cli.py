@@ -24,6 +24,7 @@ import pytest
 
 from control_plane.model.runs import NewRun
 from control_plane.storage import open_storage
+from protocol import FLEETRUN_VERSION
 from tests.conftest import (
     EXAMPLES,
     FIXTURES,
@@ -443,6 +444,11 @@ def test_short_run_ids_and_key_equals_value_tag_filters(fleet: Fleet) -> None:
         )
     missing = one_error_line(fleetrun(url, "runs", "show", "dddd0000-c"))
     assert missing == "fleetrun: no run with id 'dddd0000-c' (404 unknown_run)"
+
+
+def test_health_names_the_control_planes_version(fleet: Fleet) -> None:
+    first = ok(fleetrun(fleet.cp.url, "health")).splitlines()[0]
+    assert first == f"ready  (control plane {FLEETRUN_VERSION})"
 
 
 def test_auth_errors_are_one_line_and_tokens_come_from_flag_or_env(tmp_path: Path) -> None:

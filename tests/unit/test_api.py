@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient
 from control_plane.config import ControlPlaneConfig
 from control_plane.http.keys import STORAGE
 from control_plane.model.runs import NewRun
+from protocol import FLEETRUN_VERSION, PROTOCOL_VERSION
 from protocol.codec import decode, encode
 from protocol.messages import (
     CodeLocationInfo,
@@ -382,6 +383,20 @@ async def test_one_tag_filter_syntax_key_equals_value_and_the_older_colon(
     page = await client.get("/ui/runs", params={"tag": "team=data"})
     text = await page.text()
     assert page.status == 200 and "/ui/runs/r-plain" in text and "/ui/runs/r-other" not in text
+
+
+async def test_the_control_planes_version_in_the_api_the_probes_and_the_ui(
+    client: TestClient,
+) -> None:
+    versions = await (await client.get("/api/v1/version")).json()
+    assert versions == {"version": FLEETRUN_VERSION, "protocol_version": PROTOCOL_VERSION}
+    assert (await (await client.get("/healthz")).json())["version"] == FLEETRUN_VERSION
+    assert (await (await client.get("/readyz")).json())["version"] == FLEETRUN_VERSION
+    page = await (await client.get("/ui/agents")).text()
+    assert (
+        f'<span class="version" title="the control plane\'s fleetrun version">v{FLEETRUN_VERSION}'
+        in page
+    )
 
 
 async def test_run_filters_and_cursor(client: TestClient) -> None:

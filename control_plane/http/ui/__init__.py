@@ -34,6 +34,7 @@ from control_plane.http.keys import CLOCK, CONFIG, RUN_QUEUE, STORAGE, VERIFIER
 from control_plane.http.runs import find_run, parse_filter, run_json
 from control_plane.model.runs import Event, Run
 from control_plane.model.statuses import TERMINAL_STATUSES, RunStatus
+from protocol import FLEETRUN_VERSION
 
 HERE = Path(__file__).parent
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
@@ -73,6 +74,7 @@ def render(request: web.Request, template: str, status: int = 200, **context: An
         auth=request.app[CONFIG].auth.enabled,
         user=principal.name if principal is not None else None,
         role=principal.role if principal is not None else None,
+        version=FLEETRUN_VERSION,
         **context,
     )
     response = web.Response(text=html, content_type="text/html", status=status)
