@@ -213,6 +213,27 @@ async def test_agents_keep_their_id_by_name(storage: Storage) -> None:
     assert locations[0].info.jobs[0].name == "etl"
 
 
+async def test_an_operators_drain_outlives_registrations_until_undrained(storage: Storage) -> None:
+    drained = await agent_id(storage, "w1")
+    own = await agent_id(storage, "w2")
+    agent = await storage.set_operator_drain(drained, True)
+    assert agent is not None and (agent.status, agent.operator_drain) == ("DRAINING", True)
+    await storage.set_agent_status(own, "DRAINING")  # the agent's own drain at shutdown
+    assert (await agent_id(storage, "w1"), await agent_id(storage, "w2")) == (drained, own)
+    agents = {a.name: a for a in await storage.list_agents()}
+    assert (agents["w1"].status, agents["w2"].status) == ("DRAINING", "ONLINE")
+    for offline in (drained, own):
+        await storage.set_agent_status(offline, "OFFLINE")
+    await storage.record_heartbeats([drained, own], now=20.0)
+    agents = {a.name: a for a in await storage.list_agents()}
+    assert (agents["w1"].status, agents["w2"].status) == ("DRAINING", "ONLINE")
+    agent = await storage.set_operator_drain(drained, False)
+    assert agent is not None and (agent.status, agent.operator_drain) == ("ONLINE", False)
+    await agent_id(storage, "w1")
+    assert (await storage.get_agent(drained)).status == "ONLINE"  # type: ignore[union-attr]
+    assert await storage.set_operator_drain("nobody", True) is None
+
+
 async def test_the_code_catalog_follows_registrations_made_by_another_process(
     storage: Storage, storage_url: str
 ) -> None:
