@@ -133,7 +133,7 @@ def _run_filter(args: argparse.Namespace) -> list[tuple[str, str]]:
     if args.agent:
         params.append(("agent", args.agent))
     for key, value in parse_kv(args.tag, "--tag").items():
-        params.append(("tag", f"{key}:{value}"))
+        params.append(("tag", f"{key}={value}"))
     return params
 
 
@@ -453,11 +453,14 @@ def cmd_jobs_list(args: argparse.Namespace, client: ApiClient) -> int:
 
 
 def cmd_health(args: argparse.Namespace, client: ApiClient) -> int:
-    """GET /readyz: exit 0 when storage answers and every daemon loop beats, else 1."""
+    """GET /readyz: exit 0 when storage answers and every daemon loop beats, else 1; the
+    control plane's version on the first line."""
     data = client.request("GET", "/readyz", prefix="")
     rows = [
         [name, f"{loop.get('seconds_since_beat', 0):.1f}", loop.get("last_error") or ""]
         for name, loop in sorted(data.get("loops", {}).items())
     ]
-    emit(args, data, f"{data['status']}\n\n" + table(rows, ["LOOP", "LAST BEAT (S)", "LAST ERROR"]))
+    version = data.get("version") or "unknown"
+    text = f"{data['status']}  (control plane {version})\n\n"
+    emit(args, data, text + table(rows, ["LOOP", "LAST BEAT (S)", "LAST ERROR"]))
     return 0

@@ -19,7 +19,7 @@ from typing import Any
 from control_plane.bus import WakeBus, run_assigned, run_queued
 from control_plane.config import RunCoordinatorConfig, TagConcurrencyLimit
 from control_plane.metrics import Metrics
-from control_plane.model.agents import ONLINE, Agent, agent_status
+from control_plane.model.agents import DRAINING, ONLINE, Agent, agent_status
 from control_plane.model.runs import NewRun, QueueSnapshot, Run, iso
 from control_plane.storage.port import RunStore
 
@@ -103,6 +103,7 @@ def plan_dispatch(
                 holders[(i, bucket)].append(run.run_id)
     used = Counter(r.agent_id for r in snapshot.active)
     agents = [a for a in snapshot.agents if agent_status(a, now, heartbeat_timeout) == ONLINE]
+    draining = [a for a in snapshot.agents if agent_status(a, now, heartbeat_timeout) == DRAINING]
 
     for run in snapshot.queued:
         if run.not_before is not None and run.not_before > now:
@@ -112,6 +113,8 @@ def plan_dispatch(
         reason = _held_back(run, global_limit, active_ids, rules, holders)
         if reason is None:
             reason, agent = _pick_agent(run, agents, snapshot.hosted, used)
+            if agent is None:
+                reason = f"{reason}{_draining_note(run, draining, snapshot.hosted)}"
             if agent is not None:
                 plan.decisions.append(Decision(run, agent=agent))
                 used[agent.agent_id] += 1
@@ -183,6 +186,23 @@ def _pick_agent(
         return f"no agent hosting location {run.location} has a free slot ({slots})", None
     # Most free slots first (spreads load), then by name (deterministic).
     return None, min(free, key=lambda a: (used[a.agent_id] - a.max_concurrent_runs, a.name))
+
+
+def _draining_note(run: Run, draining: list[Agent], hosted: dict[str, set[str]]) -> str:
+    """The DRAINING agents that would otherwise take `run`, so that a wait names them:
+    drained by an operator (until undrained) or shutting down (until they register)."""
+    able = [
+        a for a in draining if run.queue in a.queues and run.location in hosted.get(a.agent_id, ())
+    ]
+    held = sorted(a.name for a in able if a.operator_drain)
+    leaving = sorted(a.name for a in able if not a.operator_drain)
+    notes = []
+    if held:
+        undrain = f"fleetrun agents undrain {held[0] if len(held) == 1 else 'NAME'}"
+        notes.append(f"{', '.join(held)} drained by an operator (`{undrain}` sends runs again)")
+    if leaving:
+        notes.append(f"{', '.join(leaving)} shutting down")
+    return f"; DRAINING: {'; '.join(notes)}" if notes else ""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ http/errors.py gives it (bad input: a 4xx naming the problem).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -54,6 +55,8 @@ from protocol.messages import (
     Registered,
 )
 from protocol.validation import agent_name_problem, location_problem, name_problem
+
+log = logging.getLogger("fleetrun.agents")
 
 MSGPACK = "application/msgpack"
 MAX_AGENT_SLOTS = 100_000
@@ -145,6 +148,13 @@ async def register(app: web.Application, msg: Register, principal: Principal | N
         token_name=token_name,
     )
     app[IDENTITIES].registered(agent.agent_id, token_name)
+    if agent.operator_drain:  # dispatch and evaluations pass it by until it is undrained
+        log.info(
+            "agent %s registered while drained by an operator: it stays DRAINING "
+            "(no new runs) until `fleetrun agents undrain %s`",
+            agent.name,
+            agent.name,
+        )
     monitoring = config.run_monitoring
     held = [r.lease for r in msg.runs]
     lost = await storage.reconcile_agent(

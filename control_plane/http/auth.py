@@ -53,6 +53,7 @@ def _instigator_routes(kind: str) -> dict[tuple[str, str], str]:
 ROUTE_ACCESS: dict[tuple[str, str], str] = {
     ("GET", "/healthz"): PUBLIC,
     ("GET", "/readyz"): PUBLIC,
+    ("GET", "/api/v1/version"): PUBLIC,  # what /healthz shows too
     ("GET", "/metrics"): PUBLIC,  # Prometheus scrapes without a token (no run data in it)
     ("GET", "/"): PUBLIC,  # a redirect to /ui/runs
     ("GET", "/ui/runs"): VIEWER,

@@ -11,7 +11,7 @@ from control_plane.bus import QUEUE
 from control_plane.daemon.run_queue import RunQueue, explain
 from control_plane.http.errors import ApiError
 from control_plane.http.keys import BUS, CLOCK, CONFIG, RUN_QUEUE, STORAGE
-from control_plane.model.agents import DRAINING, ONLINE, agent_status
+from control_plane.model.agents import agent_status
 from control_plane.model.runs import iso
 from control_plane.model.statuses import ACTIVE_STATUSES
 from control_plane.storage.port import Storage
@@ -86,16 +86,18 @@ async def list_jobs(request: web.Request) -> web.Response:
     return web.json_response({"jobs": [jobs[k] for k in sorted(jobs)], "location_errors": errors})
 
 
-async def _set_agent_status(request: web.Request, status: str) -> web.Response:
-    """By agent id or name. DRAINING: no new launches (running runs go on); ONLINE: back."""
+async def _set_operator_drain(request: web.Request, drained: bool) -> web.Response:
+    """By agent id or name. Drained: DRAINING, no new launches (running runs go on), kept
+    through the agent's restarts; undrained: ONLINE, taking runs again."""
     storage = request.app[STORAGE]
     key = request.match_info["agent"]
     match = next((a for a in await storage.list_agents() if key in (a.agent_id, a.name)), None)
     if match is None:
         raise ApiError(404, "unknown_agent", f"no agent with id or name {key!r}")
-    agent = await storage.set_agent_status(match.agent_id, status)
-    assert agent is not None
-    if status == ONLINE:
+    agent = await storage.set_operator_drain(match.agent_id, drained)
+    if agent is None:
+        raise ApiError(404, "unknown_agent", f"no agent with id or name {key!r}")
+    if not drained:
         request.app[BUS].publish(QUEUE)
     return web.json_response(
         {"agent_id": agent.agent_id, "name": agent.name, "status": agent.status}
@@ -103,11 +105,11 @@ async def _set_agent_status(request: web.Request, status: str) -> web.Response:
 
 
 async def drain_agent(request: web.Request) -> web.Response:
-    return await _set_agent_status(request, DRAINING)
+    return await _set_operator_drain(request, drained=True)
 
 
 async def undrain_agent(request: web.Request) -> web.Response:
-    return await _set_agent_status(request, ONLINE)
+    return await _set_operator_drain(request, drained=False)
 
 
 async def get_queue(request: web.Request) -> web.Response:

@@ -455,15 +455,25 @@ def misc_schemas() -> dict[str, Schema]:
         optional=("seconds_since_beat", "last_error", "standby"),
         description="a loop this replica runs, or (standby) one another replica runs",
     )
+    version = string(description="the control plane's fleetrun version, e.g. 0.1.0")
     return {
         "Error": obj(
             {"error": obj({"code": string(), "message": string()})},
             description="every refusal: a machine-readable code and a message for people",
         ),
-        "Health": obj({"status": string(const="ok")}),
+        "Health": obj({"status": string(const="ok"), "version": version}),
+        "Version": obj(
+            {
+                "version": version,
+                "protocol_version": integer(
+                    1, description="the agent protocol it speaks (and the one before)"
+                ),
+            }
+        ),
         "Ready": obj(
             {
                 "status": string(const="ready"),
+                "version": version,
                 "replica": string(description="this process, as leader election names it"),
                 "leading": {
                     "type": "array",
@@ -557,7 +567,11 @@ def location_query(kind: str) -> dict[str, Any]:
     )
 
 
-RUN_ID = path_param("run_id", "a run id")
+RUN_ID = path_param(
+    "run_id",
+    "a run id, or a unique prefix of it of at least 4 characters (the UI shows 8); a "
+    "prefix that starts several runs gets 409 ambiguous_run_id naming up to 5 of them",
+)
 
 
 def json_body(schema: str) -> dict[str, Any]:
@@ -609,8 +623,9 @@ def run_filters() -> tuple[dict[str, Any], ...]:
         query("job", string(), "only runs of this job"),
         query(
             "tag",
-            array(string(pattern="^[^:]+:")),
-            "key:value, repeated: runs with every one of these tags",
+            array(string(pattern="^[^:=]+[:=]")),
+            "key=value, repeated: runs with every one of these tags (the key ends at the "
+            "first = or :, so the older key:value is still accepted)",
             style="form",
             explode=True,
         ),
@@ -652,7 +667,7 @@ def run_operations() -> dict[str, dict[str, Any]]:
                 "A run and its chain of retries/re-executions",
                 "runs",
                 ok("RunDetail", "the run"),
-                (404,),
+                (404, 409),
             ),
         },
         "/api/v1/runs/{run_id}/events": {
@@ -662,7 +677,7 @@ def run_operations() -> dict[str, dict[str, Any]]:
                 "The run's event log",
                 "runs",
                 ok("EventList", "events in seq order"),
-                (400, 404),
+                (400, 404, 409),
                 (
                     int_query("after", 0, 0, 2**62, after.format("events", "seq")),
                     int_query("limit", 1000, 1, 10_000, "at most this many events"),
@@ -677,7 +692,7 @@ def run_operations() -> dict[str, dict[str, Any]]:
                 "Compute-log chunks (stdout/stderr) in order",
                 "runs",
                 ok("LogList", "chunks; `step` null outside any step"),
-                (400, 404),
+                (400, 404, 409),
                 (
                     query("step", name_pattern(), "only this step's chunks"),
                     int_query("after", 0, 0, 2**62, after.format("chunks", "id")),
@@ -891,6 +906,14 @@ def service_operations() -> dict[str, dict[str, Any]]:
         "/healthz": {
             "get": operation(
                 "healthz", "200 while the process serves", "health", ok("Health", "serving")
+            ),
+        },
+        "/api/v1/version": {
+            "get": operation(
+                "getVersion",
+                "The control plane's fleetrun version and agent protocol version",
+                "meta",
+                ok("Version", "the versions"),
             ),
         },
         "/readyz": {

@@ -1,5 +1,6 @@
 """`GET /healthz` (the process answers) and `GET /readyz` (storage and every daemon loop
-this replica runs are working)."""
+this replica runs are working), each with this control plane's version; `GET
+/api/v1/version` for the versions alone (which fleetrun, which agent protocol)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,17 @@ from aiohttp import web
 
 from control_plane.http.errors import ApiError
 from control_plane.http.keys import ELECTOR, HEALTH, STORAGE
+from protocol import FLEETRUN_VERSION, PROTOCOL_VERSION
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return web.json_response({"status": "ok", "version": FLEETRUN_VERSION})
+
+
+async def version(request: web.Request) -> web.Response:
+    """Which fleetrun answers, and the agent protocol it speaks (agents one version
+    older are served too), so an operator can tell what an upgrade changed."""
+    return web.json_response({"version": FLEETRUN_VERSION, "protocol_version": PROTOCOL_VERSION})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -29,6 +37,7 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "status": "ready",
+            "version": FLEETRUN_VERSION,
             "replica": elector.holder,
             "leading": elector.leading(),
             "loops": health.to_json(),
@@ -39,3 +48,4 @@ async def readyz(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/api/v1/version", version)

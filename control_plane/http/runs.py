@@ -19,7 +19,7 @@ from control_plane.daemon.run_queue import enqueue
 from control_plane.http.errors import ApiError, read_json_object
 from control_plane.http.keys import BUS, CLOCK, RUN_RULES, RUN_WATCHERS, STORAGE
 from control_plane.http.params import MAX_LIST_LIMIT, int_param, wait_param
-from control_plane.model.runs import Event, LogChunk, NewRun, Run, RunFilter
+from control_plane.model.runs import Event, LogChunk, NewRun, Run, RunFilter, tag_filter_pair
 from control_plane.model.statuses import TERMINAL_STATUSES, RunStatus
 from control_plane.model.submission import check_config, check_new_run, job_tags, new_run
 from control_plane.storage.port import Storage
@@ -35,6 +35,9 @@ from protocol.tags import (
 from protocol.validation import name_problem
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,128}$")  # the form of job, location and step names
+MIN_RUN_ID_PREFIX = 4
+RUN_ID_PREFIX_RE = re.compile(rf"[A-Za-z0-9_-]{{{MIN_RUN_ID_PREFIX},64}}")
+AMBIGUOUS_SHOWN = 5  # matching ids named in an ambiguous_run_id error
 
 
 @dataclass
@@ -147,7 +150,7 @@ async def reexecute_run(request: web.Request) -> web.Response:
 
 
 async def parse_filter(storage: Storage, request: web.Request) -> RunFilter:
-    """?status=A,B&job=&tag=k:v (repeatable)&agent=NAME-or-ID."""
+    """?status=A,B&job=&tag=k=v (repeatable; k:v too)&agent=NAME-or-ID."""
     filt = RunFilter()
     for raw in request.query.getall("status", []):
         for name in raw.split(","):
@@ -157,10 +160,10 @@ async def parse_filter(storage: Storage, request: web.Request) -> RunFilter:
                 raise ApiError(400, "bad_parameter", f"unknown run status {name!r}") from None
     filt.job = request.query.get("job") or None
     for raw in request.query.getall("tag", []):
-        key, sep, value = raw.partition(":")
-        if not sep or not key:
-            raise ApiError(400, "bad_parameter", f"tag filter must be key:value, got {raw!r}")
-        filt.tags.append((key, value))
+        pair = tag_filter_pair(raw)
+        if pair is None:
+            raise ApiError(400, "bad_parameter", f"tag filter must be key=value, got {raw!r}")
+        filt.tags.append(pair)
     agent = request.query.get("agent")
     if agent:
         agents = await storage.list_agents()
@@ -189,11 +192,28 @@ async def list_runs(request: web.Request) -> web.Response:
 
 
 async def run_or_404(storage: Storage, request: web.Request) -> Run:
-    run_id = request.match_info["run_id"]
-    run = await storage.get_run(run_id) if len(run_id) <= 64 else None
+    return await find_run(storage, request.match_info["run_id"])
+
+
+async def find_run(storage: Storage, given: str) -> Run:
+    """The run `given` names: its whole id, or a unique prefix of at least
+    `MIN_RUN_ID_PREFIX` characters (the UI shows the first 8). 409 when the prefix
+    starts several runs, naming some; 404 when it starts none."""
+    run = await storage.get_run(given) if len(given) <= 64 else None
+    if run is None and RUN_ID_PREFIX_RE.fullmatch(given):
+        matches = await storage.run_ids_with_prefix(given, AMBIGUOUS_SHOWN + 1)
+        if len(matches) > 1:
+            raise ApiError(409, "ambiguous_run_id", ambiguous_message(given, matches))
+        run = await storage.get_run(matches[0]) if matches else None
     if run is None:
-        raise ApiError(404, "unknown_run", f"no run with id {run_id!r}")
+        raise ApiError(404, "unknown_run", f"no run with id {given!r}")
     return run
+
+
+def ambiguous_message(prefix: str, matches: list[str]) -> str:
+    shown = ", ".join(matches[:AMBIGUOUS_SHOWN])
+    more = " and more" if len(matches) > AMBIGUOUS_SHOWN else ""
+    return f"run id {prefix!r} is ambiguous: it starts runs {shown}{more}; give more characters"
 
 
 async def get_run(request: web.Request) -> web.Response:

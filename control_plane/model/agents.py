@@ -18,6 +18,9 @@ class Agent:
     registered_time: float
     capabilities: list[str] = field(default_factory=list)
     token_name: str | None = None  # the agent token it registered with (auth on)
+    # Drained by an operator (`fleetrun agents drain`): DRAINING until undrained, through
+    # the agent's restarts; the agent's own drain at shutdown ends when it registers again.
+    operator_drain: bool = False
 
 
 ONLINE, DRAINING, OFFLINE = "ONLINE", "DRAINING", "OFFLINE"

@@ -116,6 +116,18 @@ class RunFilter:
     agent_id: str | None = None
 
 
+TAG_FILTER_SEPARATORS = "=:"
+
+
+def tag_filter_pair(raw: str) -> tuple[str, str] | None:
+    """`key=value` as the UI, the API and the CLI take a tag filter, or the older
+    `key:value`: the key ends at the first `=` or `:`. None when there is no key."""
+    cut = next((i for i, ch in enumerate(raw) if ch in TAG_FILTER_SEPARATORS), -1)
+    if cut <= 0:
+        return None
+    return raw[:cut], raw[cut + 1 :]
+
+
 @dataclass
 class Verdict:
     """The control plane's decision to end (or resume) a run its worker cannot finish.

@@ -102,6 +102,10 @@ class RunStore(Protocol):
 
     async def get_run(self, run_id: str) -> Run | None: ...
 
+    async def run_ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        """Up to `limit` ids of runs that start with `prefix`, in id order: what a short
+        run id (the UI's first 8 characters) resolves to. An indexed range, not a scan."""
+
     async def list_runs(
         self, filt: RunFilter, limit: int, cursor: int | None
     ) -> tuple[list[Run], int | None]:
@@ -255,17 +259,24 @@ class AgentStore(Protocol):
         token_name: str | None = None,
     ) -> Agent:
         """Create or refresh the agent called `name` (it keeps its id across restarts),
-        ONLINE, with its locations replacing the ones it had; moves the catalog version.
+        ONLINE (DRAINING while an operator's drain holds), with its locations replacing
+        the ones it had; moves the catalog version.
         With auth, NameTaken if the name is bound to another valid token while ONLINE."""
         ...
 
     async def record_heartbeats(self, agent_ids: Iterable[str], now: float) -> dict[str, float]:
         """A heartbeat from each agent, in one transaction (an OFFLINE one is ONLINE
-        again); each known agent's previous heartbeat time (unknown ones left out)."""
+        again, or DRAINING while an operator's drain holds); each known agent's previous
+        heartbeat time (unknown ones left out)."""
         ...
 
     async def set_agent_status(self, agent_id: str, status: str) -> Agent | None:
-        """DRAINING (no new launches; its runs go on) or back to ONLINE."""
+        """DRAINING (no new launches; its runs go on) or back to ONLINE: the agent's own
+        drain as it shuts down, which its next registration ends."""
+
+    async def set_operator_drain(self, agent_id: str, drained: bool) -> Agent | None:
+        """An operator's drain (DRAINING) or undrain (ONLINE). A drained agent stays
+        DRAINING when it registers again or comes back from OFFLINE, until undrained."""
         ...
 
     async def get_agent(self, agent_id: str) -> Agent | None: ...

@@ -243,6 +243,11 @@ MIGRATIONS: list[str] = [
         value REAL NOT NULL
     );
     """,
+    # version 11: an operator's drain, kept apart from the status so that it outlives the
+    # agent's restart (a registration or a return from OFFLINE leaves it DRAINING)
+    """
+    ALTER TABLE agents ADD COLUMN operator_drain INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 

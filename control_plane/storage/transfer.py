@@ -40,7 +40,7 @@ TABLES: list[tuple[str, str, str]] = [
         "agents",
         "agent_id",
         "name, hostname, status, queues, max_concurrent_runs, version,"
-        " last_heartbeat, registered_time, capabilities, token_name",
+        " last_heartbeat, registered_time, capabilities, token_name, operator_drain",
     ),
     ("code_locations", "agent_id, name", "info"),
     ("instigators", "location, name, kind", "status, cursor, last_run_key, last_tick_time"),

@@ -16,6 +16,7 @@ from tests.conftest import (
     FLEETRUN,
     REPO,
     ControlPlaneProc,
+    Proc,
     start_agent,
     start_control_plane,
     start_process,
@@ -28,7 +29,11 @@ FLEETRUN_AGENT = [sys.executable, "-m", "agent.cli"]
 
 
 def agent_status(cp: ControlPlaneProc, name: str) -> str:
-    return next(a["status"] for a in cp.get("/api/v1/agents")["agents"] if a["name"] == name)
+    return str(agent_field(cp, name, "status"))
+
+
+def agent_field(cp: ControlPlaneProc, name: str, field: str) -> object:
+    return next(a[field] for a in cp.get("/api/v1/agents")["agents"] if a["name"] == name)
 
 
 def hold(cp: ControlPlaneProc, folder: Path) -> tuple[str, int]:
@@ -109,6 +114,68 @@ def test_remote_drain_and_undrain(tmp_path: Path) -> None:
         assert code == 1
     finally:
         agent.stop()
+        cp.stop()
+
+
+def restart_agent(cp: ControlPlaneProc, folder: Path, name: str, proc: Proc) -> Proc:
+    """Stop the agent and start it again with its config; back once it has registered
+    (`start_agent` would wait for ONLINE, which a drained agent must not become)."""
+    proc.stop()
+    config = write_agent_config(folder, cp.url, name, JOBS)
+    again = start_process([*FLEETRUN, "agent", "--config", str(config)], folder / f"{name}.log")
+    wait_for(lambda: f"registered as {name}" in again.log(), what=f"{name} to register again")
+    return again
+
+
+def started(cp: ControlPlaneProc, run_id: str) -> dict:
+    def run() -> dict | None:
+        found = cp.get(f"/api/v1/runs/{run_id}")
+        return found if found["status"] == "STARTED" else None
+
+    return wait_for(run, what=f"run {run_id} to start")
+
+
+def test_an_operators_drain_survives_the_agents_restart(tmp_path: Path) -> None:
+    cp = start_control_plane(tmp_path)
+    drained = start_agent(cp, tmp_path, "d1", JOBS)
+    other = start_agent(cp, tmp_path, "w1", JOBS)
+    try:
+        ids = {a["name"]: a["agent_id"] for a in cp.get("/api/v1/agents")["agents"]}
+        assert cp.call("POST", "/api/v1/agents/d1/drain", {})[1]["status"] == "DRAINING"
+        drained = restart_agent(cp, tmp_path, "d1", drained)
+        registered = agent_field(cp, "d1", "last_heartbeat")
+        wait_for(
+            lambda: agent_field(cp, "d1", "last_heartbeat") != registered,
+            what="a heartbeat after the registration",
+        )
+        assert agent_status(cp, "d1") == "DRAINING"
+
+        for _ in range(3):  # w1 takes every run, d1 none
+            run = started(cp, cp.submit("hold", config={"dir": str(tmp_path)}))
+            assert run["agent"] == ids["w1"]
+            (tmp_path / f"open-{run['lease']}").touch()
+            assert cp.wait_run(run["run_id"])["status"] == "SUCCESS"
+
+        other.stop()  # now only the drained agent could take a run
+        waiting = cp.submit("hold", config={"dir": str(tmp_path)})
+
+        def reason() -> str | None:
+            runs = cp.get("/api/v1/queue")["runs"]
+            found = next((r["waiting_for"] for r in runs if r["run_id"] == waiting), None)
+            return found if found and "d1 drained by an operator" in found else None
+
+        assert "`fleetrun agents undrain d1` sends runs again" in wait_for(
+            reason, what="the queue to name d1"
+        )
+        assert agent_status(cp, "d1") == "DRAINING"
+        assert cp.call("POST", "/api/v1/agents/d1/undrain", {})[1]["status"] == "ONLINE"
+        run = started(cp, waiting)
+        assert run["agent"] == ids["d1"]
+        (tmp_path / f"open-{run['lease']}").touch()
+        assert cp.wait_run(waiting)["status"] == "SUCCESS"
+    finally:
+        other.stop()
+        drained.stop()
         cp.stop()
 
 

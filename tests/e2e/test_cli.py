@@ -6,12 +6,14 @@ apart by job or id), so the many short CLI calls stay cheap.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from control_plane.model.runs import NewRun
+from control_plane.storage import open_storage
+from protocol import FLEETRUN_VERSION
 from tests.conftest import (
     EXAMPLES,
     FIXTURES,
@@ -395,6 +400,55 @@ def test_api_errors_exit_1_with_the_servers_message(fleet: Fleet) -> None:
     refused = one_error_line(fleetrun("http://127.0.0.1:9", "runs", "list"))
     assert "cannot reach the control plane at http://127.0.0.1:9" in refused
     assert "must start with http://" in one_error_line(fleetrun("127.0.0.1:9", "queue"))
+
+
+def seed_runs(folder: Path, run_ids: list[str]) -> None:
+    """Queued runs with ids of the test's choosing, written through the storage layer
+    into the control plane's own SQLite file (its API makes random ids)."""
+
+    async def create() -> None:
+        storage = open_storage(f"sqlite:///{folder / 'fleetrun.db'}")
+        await storage.open()
+        try:
+            for run_id in run_ids:
+                new = NewRun(run_id=run_id, job="hello", location="nowhere", tags={}, config={})
+                await storage.create_run(new, now=time.time())
+        finally:
+            await storage.close()
+
+    asyncio.run(create())
+
+
+def test_short_run_ids_and_key_equals_value_tag_filters(fleet: Fleet) -> None:
+    url = fleet.cp.url
+    run_id = json.loads(
+        ok(fleetrun(url, "runs", "submit", "hello", "--tag", "ticket=ids-27", "--json"))
+    )["run_id"]
+    fleet.cp.wait_run(run_id)
+    short = run_id[:8]
+    assert f"run_id:        {run_id}" in ok(fleetrun(url, "runs", "show", short))
+    assert json.loads(ok(fleetrun(url, "runs", "events", short, "--json")))["events"]
+    ok(fleetrun(url, "runs", "logs", short))
+    listed = json.loads(ok(fleetrun(url, "runs", "list", "--tag", "ticket=ids-27", "--json")))
+    assert [r["run_id"] for r in listed["runs"]] == [run_id]
+
+    seed_runs(fleet.folder, ["dddd0000-aaaa", "dddd0000-bbbb"])
+    ambiguous = one_error_line(fleetrun(url, "runs", "cancel", "dddd"))
+    assert ambiguous == (
+        "fleetrun: run id 'dddd' is ambiguous: it starts runs dddd0000-aaaa, dddd0000-bbbb; "
+        "give more characters (409 ambiguous_run_id)"
+    )
+    for unique in ("dddd0000-a", "dddd0000-bbbb"):
+        assert json.loads(ok(fleetrun(url, "runs", "cancel", unique, "--json")))["status"] == (
+            "CANCELED"
+        )
+    missing = one_error_line(fleetrun(url, "runs", "show", "dddd0000-c"))
+    assert missing == "fleetrun: no run with id 'dddd0000-c' (404 unknown_run)"
+
+
+def test_health_names_the_control_planes_version(fleet: Fleet) -> None:
+    first = ok(fleetrun(fleet.cp.url, "health")).splitlines()[0]
+    assert first == f"ready  (control plane {FLEETRUN_VERSION})"
 
 
 def test_auth_errors_are_one_line_and_tokens_come_from_flag_or_env(tmp_path: Path) -> None:

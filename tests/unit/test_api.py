@@ -16,6 +16,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from control_plane.config import ControlPlaneConfig
+from control_plane.http.keys import STORAGE
+from control_plane.model.runs import NewRun
+from protocol import FLEETRUN_VERSION, PROTOCOL_VERSION
 from protocol.codec import decode, encode
 from protocol.messages import (
     CodeLocationInfo,
@@ -311,6 +314,89 @@ async def test_bad_requests_get_json_4xx(
     error = (await resp.json())["error"]
     assert error["code"] == code and error["message"]
     assert (await client.get("/healthz")).status == 200  # still serving
+
+
+async def stored_run(client: TestClient, run_id: str, tags: dict[str, str] | None = None) -> None:
+    """A queued run with an id of the test's choosing (the API makes uuid4 ids)."""
+    new = NewRun(run_id=run_id, job="etl", location="loc", tags=tags or {}, config={})
+    await client.app[STORAGE].create_run(new, now=1.0)
+
+
+async def test_a_unique_prefix_of_a_run_id_names_the_run_everywhere(client: TestClient) -> None:
+    await register(client)
+    run_id = (await submit(client, job="etl"))[1]["run_id"]
+    short = run_id[:8]
+    assert (await (await client.get(f"/api/v1/runs/{short}")).json())["run_id"] == run_id
+    assert (await (await client.get(f"/api/v1/runs/{run_id[:4]}")).json())["run_id"] == run_id
+    events = await (await client.get(f"/api/v1/runs/{short}/events")).json()
+    assert events["events"][0]["type"] == "RUN_ENQUEUED"
+    assert (await client.get(f"/api/v1/runs/{short}/logs")).status == 200
+    canceled = await (await client.post(f"/api/v1/runs/{short}/cancel", json={})).json()
+    assert canceled["run_id"] == run_id
+    page = await client.get(f"/ui/runs/{short}", allow_redirects=False)
+    assert (page.status, page.headers["Location"]) == (302, f"/ui/runs/{run_id}")
+
+
+async def test_an_ambiguous_or_too_short_run_id_prefix_is_refused(client: TestClient) -> None:
+    for suffix in ("0001", "0002", "0003", "0004", "0005", "0006"):
+        await stored_run(client, f"abcd1234-{suffix}")
+    await stored_run(client, "abce0000-0001")
+    resp = await client.get("/api/v1/runs/abcd1234")
+    assert resp.status == 409
+    error = (await resp.json())["error"]
+    assert error["code"] == "ambiguous_run_id"
+    assert error["message"] == (
+        "run id 'abcd1234' is ambiguous: it starts runs abcd1234-0001, abcd1234-0002, "
+        "abcd1234-0003, abcd1234-0004, abcd1234-0005 and more; give more characters"
+    )
+    resp = await client.post("/api/v1/runs/abcd/cancel", json={})
+    assert (resp.status, (await resp.json())["error"]["code"]) == (409, "ambiguous_run_id")
+    assert (await (await client.get("/api/v1/runs/abce")).json())["run_id"] == "abce0000-0001"
+    moved = await client.post("/api/v1/runs/abce0000/priority", json={"priority": 3})
+    assert (await moved.json())["run_id"] == "abce0000-0001"
+    for missing in ("abc", "abcf", "abcd1234-0009", "abc%25"):
+        resp = await client.get(f"/api/v1/runs/{missing}/events")
+        assert (resp.status, (await resp.json())["error"]["code"]) == (404, "unknown_run")
+    page = await client.get("/ui/runs/abcd")
+    assert page.status == 409 and "abcd1234-0005" in await page.text()
+
+
+async def test_one_tag_filter_syntax_key_equals_value_and_the_older_colon(
+    client: TestClient,
+) -> None:
+    await stored_run(client, "r-plain", {"team": "data"})
+    await stored_run(client, "r-url", {"source": "s3://bucket/a=b"})
+    await stored_run(client, "r-other", {"team": "ops"})
+
+    async def tagged(raw: str) -> list[str]:
+        page = await (await client.get("/api/v1/runs", params={"tag": raw})).json()
+        return [r["run_id"] for r in page["runs"]]
+
+    assert await tagged("team=data") == await tagged("team:data") == ["r-plain"]
+    assert await tagged("source=s3://bucket/a=b") == ["r-url"]
+    assert await tagged("source:s3://bucket/a=b") == ["r-url"]
+    assert await tagged("team=") == []
+    for bad in ("=data", ":data", "team"):
+        resp = await client.get("/api/v1/runs", params={"tag": bad})
+        error = (await resp.json())["error"]
+        assert resp.status == 400 and error["message"].startswith("tag filter must be key=value")
+    page = await client.get("/ui/runs", params={"tag": "team=data"})
+    text = await page.text()
+    assert page.status == 200 and "/ui/runs/r-plain" in text and "/ui/runs/r-other" not in text
+
+
+async def test_the_control_planes_version_in_the_api_the_probes_and_the_ui(
+    client: TestClient,
+) -> None:
+    versions = await (await client.get("/api/v1/version")).json()
+    assert versions == {"version": FLEETRUN_VERSION, "protocol_version": PROTOCOL_VERSION}
+    assert (await (await client.get("/healthz")).json())["version"] == FLEETRUN_VERSION
+    assert (await (await client.get("/readyz")).json())["version"] == FLEETRUN_VERSION
+    page = await (await client.get("/ui/agents")).text()
+    assert (
+        f'<span class="version" title="the control plane\'s fleetrun version">v{FLEETRUN_VERSION}'
+        in page
+    )
 
 
 async def test_run_filters_and_cursor(client: TestClient) -> None:

@@ -51,6 +51,7 @@ from tests.conftest import app_for
 EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/healthz"): "public",
     ("GET", "/readyz"): "public",
+    ("GET", "/api/v1/version"): "public",
     ("GET", "/"): "public",
     ("GET", "/ui/runs"): "viewer",
     ("GET", "/ui/runs/{run_id}"): "viewer",

@@ -36,13 +36,19 @@ def run(
 
 
 def agent(
-    agent_id: str, slots: int = 8, queues: tuple[str, ...] = ("default",), heartbeat: float = NOW
+    agent_id: str,
+    slots: int = 8,
+    queues: tuple[str, ...] = ("default",),
+    heartbeat: float = NOW,
+    status: str = "ONLINE",
+    operator_drain: bool = False,
 ) -> Agent:
     return Agent(
         agent_id=agent_id,
         name=agent_id,
         hostname="h",
-        status="ONLINE",
+        status=status,
+        operator_drain=operator_drain,
         queues=list(queues),
         max_concurrent_runs=slots,
         version="0",
@@ -187,6 +193,27 @@ def test_routing_by_queue_location_capacity_and_liveness() -> None:
         "c2": "no agent hosting location loc has a free slot (cpu 1/1)",
         "x": "no online agent serves queue arm",
         "l": "no online agent on queue default hosts location other",
+    }
+
+
+def test_a_wait_names_the_draining_agents_that_would_take_the_run() -> None:
+    agents = [
+        agent("held", status="DRAINING", operator_drain=True),
+        agent("leaving", status="DRAINING"),
+        agent("held2", queues=("gpu",), status="DRAINING", operator_drain=True),
+        agent("busy", 1, queues=("gpu",)),
+        agent("elsewhere", queues=("arm",), status="DRAINING", operator_drain=True),
+    ]
+    hosted = {a.agent_id: {"loc"} for a in agents}
+    queued = [run("d"), run("g1", queue="gpu"), run("g2", queue="gpu"), run("o", location="x")]
+    p = plan(queued, agents=agents, hosted=hosted)
+    assert launched(p) == ["g1"]
+    assert reasons(p) == {
+        "d": "no online agent serves queue default; DRAINING: held drained by an operator "
+        "(`fleetrun agents undrain held` sends runs again); leaving shutting down",
+        "g2": "no agent hosting location loc has a free slot (busy 1/1); DRAINING: held2 "
+        "drained by an operator (`fleetrun agents undrain held2` sends runs again)",
+        "o": "no online agent serves queue default",
     }
 
 

@@ -22,9 +22,10 @@ from control_plane.config import ControlPlaneConfig
 from control_plane.http import openapi
 from control_plane.http.auth import ROUTE_ACCESS
 from control_plane.http.openapi import OPENAPI_PATH, openapi_document
+from protocol import FLEETRUN_VERSION, PROTOCOL_VERSION
 from protocol.messages import CodeLocationInfo, JobInfo, OpInfo, ScheduleInfo, SensorInfo
 from tests.conftest import app_for
-from tests.unit.test_api import register
+from tests.unit.test_api import register, stored_run
 
 DOC = openapi_document()
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
@@ -256,6 +257,11 @@ async def test_run_answers_match_the_document(client: TestClient) -> None:
     assert (await api("GET", runs, query="?agent=w1"))["runs"] == []  # not assigned
     await api("GET", run, run_id=run_id)
     await api("GET", run, 404, run_id="nope")
+    assert (await api("GET", run, run_id=run_id[:8]))["run_id"] == run_id
+    for twin in ("feed0000-0001", "feed0000-0002"):
+        await stored_run(client, twin)
+    for ambiguous in (run, run + "/events", run + "/logs"):
+        await api("GET", ambiguous, 409, run_id="feed0000")
     await api("GET", run + "/events", query="?after=0&limit=10", run_id=run_id)
     await api("GET", run + "/events", 400, query="?wait=31", run_id=run_id)
     await api("GET", run + "/logs", query="?step=a", run_id=run_id)
@@ -297,6 +303,8 @@ async def test_fleet_and_token_answers_match_the_document(client: TestClient) ->
     await api("POST", revoke, 404, name="alice")
     await api("GET", "/healthz")
     await api("GET", "/readyz")
+    versions = await api("GET", "/api/v1/version")
+    assert versions == {"version": FLEETRUN_VERSION, "protocol_version": PROTOCOL_VERSION}
     assert await api("GET", OPENAPI_PATH) == DOC
 
 

@@ -90,6 +90,23 @@ async def test_list_runs_filters_and_pages_newest_first(storage: Storage) -> Non
     assert runs == []
 
 
+async def test_a_run_id_prefix_finds_the_runs_it_starts(storage: Storage) -> None:
+    for run_id in ("abcd1234-0001", "abcd1234-0002", "abce0000-0001", "abc-0000", "abcd"):
+        await storage.create_run(new_run(run_id), now=1.0)
+    assert await storage.run_ids_with_prefix("abcd1234-0001", 5) == ["abcd1234-0001"]
+    assert await storage.run_ids_with_prefix("abcd1234", 5) == ["abcd1234-0001", "abcd1234-0002"]
+    assert await storage.run_ids_with_prefix("abcd", 5) == [
+        "abcd",
+        "abcd1234-0001",
+        "abcd1234-0002",
+    ]
+    assert await storage.run_ids_with_prefix("abcd", 2) == ["abcd", "abcd1234-0001"]
+    assert await storage.run_ids_with_prefix("abce", 5) == ["abce0000-0001"]
+    assert await storage.run_ids_with_prefix("abc-", 5) == ["abc-0000"]
+    assert await storage.run_ids_with_prefix("abcf", 5) == []
+    assert await storage.run_ids_with_prefix("ABCD", 5) == []
+
+
 async def test_queued_runs_by_priority_then_submission(storage: Storage) -> None:
     for run_id, prio in [("a", 0), ("b", 5), ("c", -1), ("d", 5)]:
         await storage.create_run(new_run(run_id, priority=prio), now=1)
@@ -194,6 +211,27 @@ async def test_agents_keep_their_id_by_name(storage: Storage) -> None:
     locations = await storage.list_code_locations()
     assert {(loc.agent_id, loc.info.name) for loc in locations} == {(first, "loc"), (other, "loc")}
     assert locations[0].info.jobs[0].name == "etl"
+
+
+async def test_an_operators_drain_outlives_registrations_until_undrained(storage: Storage) -> None:
+    drained = await agent_id(storage, "w1")
+    own = await agent_id(storage, "w2")
+    agent = await storage.set_operator_drain(drained, True)
+    assert agent is not None and (agent.status, agent.operator_drain) == ("DRAINING", True)
+    await storage.set_agent_status(own, "DRAINING")  # the agent's own drain at shutdown
+    assert (await agent_id(storage, "w1"), await agent_id(storage, "w2")) == (drained, own)
+    agents = {a.name: a for a in await storage.list_agents()}
+    assert (agents["w1"].status, agents["w2"].status) == ("DRAINING", "ONLINE")
+    for offline in (drained, own):
+        await storage.set_agent_status(offline, "OFFLINE")
+    await storage.record_heartbeats([drained, own], now=20.0)
+    agents = {a.name: a for a in await storage.list_agents()}
+    assert (agents["w1"].status, agents["w2"].status) == ("DRAINING", "ONLINE")
+    agent = await storage.set_operator_drain(drained, False)
+    assert agent is not None and (agent.status, agent.operator_drain) == ("ONLINE", False)
+    await agent_id(storage, "w1")
+    assert (await storage.get_agent(drained)).status == "ONLINE"  # type: ignore[union-attr]
+    assert await storage.set_operator_drain("nobody", True) is None
 
 
 async def test_the_code_catalog_follows_registrations_made_by_another_process(

@@ -20,7 +20,7 @@ import json
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
@@ -30,7 +30,7 @@ from control_plane.http.errors import ApiError
 from control_plane.http.fleet import agents_json, queue_json
 from control_plane.http.instigators import instigator_json, instigators_of
 from control_plane.http.keys import CLOCK, CONFIG, RUN_QUEUE, STORAGE, VERIFIER
-from control_plane.http.runs import parse_filter, run_json
+from control_plane.http.runs import find_run, parse_filter, run_json
 from control_plane.http.ui.deployment import job_page, jobs_page, launch_page
 from control_plane.http.ui.instigator_pages import instigator_page
 from control_plane.http.ui.render import HERE, render
@@ -78,9 +78,13 @@ def _run_row(run: Run, agents: dict[str, str]) -> dict[str, Any]:
 async def run_page(request: web.Request) -> web.Response:
     storage = request.app[STORAGE]
     run_id = request.match_info["run_id"]
-    run = await storage.get_run(run_id) if len(run_id) <= 64 else None
-    if run is None:
-        return render(request, "error.html", 404, message="No run with that id.")
+    try:
+        run = await find_run(storage, run_id)
+    except ApiError as exc:
+        message = "No run with that id." if exc.status == 404 else exc.message
+        return render(request, "error.html", exc.status, message=message)
+    if run.run_id != run_id:  # a short id: the page's address is the whole one
+        raise web.HTTPFound(f"/ui/runs/{quote(run.run_id, safe='')}")
     detail = await run_json(storage, run)
     events = await storage.get_events(run.run_id, 0, 10_000)
     agents = {a.agent_id: a.name for a in await storage.list_agents()}

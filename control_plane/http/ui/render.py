@@ -11,6 +11,7 @@ from aiohttp import web
 
 from control_plane.http.auth import PRINCIPAL
 from control_plane.http.keys import CONFIG
+from protocol import FLEETRUN_VERSION
 
 HERE = Path(__file__).parent
 CSP = (
@@ -56,6 +57,7 @@ def render(request: web.Request, template: str, status: int = 200, **context: An
         auth=request.app[CONFIG].auth.enabled,
         user=principal.name if principal is not None else None,
         role=principal.role if principal is not None else None,
+        version=FLEETRUN_VERSION,
         **context,
     )
     response = web.Response(text=html, content_type="text/html", status=status)

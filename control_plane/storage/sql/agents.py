@@ -6,13 +6,17 @@ import json
 import uuid
 from collections.abc import Iterable
 
-from control_plane.model.agents import Agent
+from control_plane.model.agents import DRAINING, ONLINE, Agent
 from control_plane.model.catalog import CodeCatalog, CodeLocation
 from control_plane.storage.errors import AgentNameTaken
 from control_plane.storage.sql.base import AGENT_COLUMNS, SqlBase, agent_from_row, in_chunks
 from control_plane.storage.sql.catalog import CatalogCache, agents_by_id
 from protocol.messages import CodeLocationInfo
 from protocol.schema import to_plain
+
+# What an agent that registers again, or heartbeats again after OFFLINE, becomes: ONLINE,
+# unless an operator drained it.
+STATUS_ON_RETURN = "CASE WHEN agents.operator_drain = 1 THEN 'DRAINING' ELSE 'ONLINE' END"
 
 
 class AgentQueries(SqlBase):
@@ -51,7 +55,7 @@ class AgentQueries(SqlBase):
                 " token_name)"
                 " VALUES (?, ?, ?, 'ONLINE', ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (agent_id) DO UPDATE SET hostname = excluded.hostname,"
-                " status = 'ONLINE', queues = excluded.queues,"
+                f" status = {STATUS_ON_RETURN}, queues = excluded.queues,"
                 " max_concurrent_runs = excluded.max_concurrent_runs,"
                 " version = excluded.version, last_heartbeat = excluded.last_heartbeat,"
                 " registered_time = excluded.registered_time,"
@@ -98,7 +102,8 @@ class AgentQueries(SqlBase):
                 previous.update((agent_id, float(hb)) for agent_id, hb in rows)
                 await db.execute(
                     "UPDATE agents SET last_heartbeat = ?, status = CASE status"
-                    f" WHEN 'OFFLINE' THEN 'ONLINE' ELSE status END WHERE agent_id IN ({marks})",
+                    f" WHEN 'OFFLINE' THEN {STATUS_ON_RETURN} ELSE status END"
+                    f" WHERE agent_id IN ({marks})",
                     (now, *chunk),
                 )
         return previous
@@ -106,6 +111,17 @@ class AgentQueries(SqlBase):
     async def set_agent_status(self, agent_id: str, status: str) -> Agent | None:
         async with self._write() as db:
             await db.execute("UPDATE agents SET status = ? WHERE agent_id = ?", (status, agent_id))
+            rows = await db.fetch(
+                f"SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ?", (agent_id,)
+            )
+            return agent_from_row(rows[0]) if rows else None
+
+    async def set_operator_drain(self, agent_id: str, drained: bool) -> Agent | None:
+        async with self._write() as db:
+            await db.execute(
+                "UPDATE agents SET operator_drain = ?, status = ? WHERE agent_id = ?",
+                (int(drained), DRAINING if drained else ONLINE, agent_id),
+            )
             rows = await db.fetch(
                 f"SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ?", (agent_id,)
             )

@@ -198,12 +198,12 @@ def tick_from_row(row: Iterable[Any]) -> Tick:
 
 AGENT_COLUMNS = (
     "agent_id, name, hostname, status, queues, max_concurrent_runs, version, "
-    "last_heartbeat, registered_time, capabilities, token_name"
+    "last_heartbeat, registered_time, capabilities, token_name, operator_drain"
 )
 
 
 def agent_from_row(row: Iterable[Any]) -> Agent:
-    agent_id, name, hostname, status, queues, cap, version, hb, registered, caps, token = row
+    agent_id, name, hostname, status, queues, cap, version, hb, registered, caps, token, held = row
     return Agent(
         agent_id=agent_id,
         name=name,
@@ -216,6 +216,7 @@ def agent_from_row(row: Iterable[Any]) -> Agent:
         registered_time=registered,
         capabilities=json.loads(caps),
         token_name=token,
+        operator_drain=bool(held),
     )
 
 

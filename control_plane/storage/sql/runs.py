@@ -35,6 +35,14 @@ from protocol.tags import PRIORITY_TAG
 DISPATCH_BATCH = 1000
 
 
+def prefix_upper_bound(prefix: str) -> str | None:
+    """The least string above every string that starts with `prefix` (its last character
+    moved up by one), so a prefix is a range on an index; None for no bound."""
+    if not prefix or ord(prefix[-1]) >= 0x10FFFF:
+        return None
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
 class RunQueries(SqlBase):
     _catalogs: CatalogCache
 
@@ -44,6 +52,19 @@ class RunQueries(SqlBase):
 
     async def get_run(self, run_id: str) -> Run | None:
         return await get_run(self._reader, run_id)
+
+    async def run_ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        # A range on the unique index of run_id, in byte order on SQLite and on PostgreSQL
+        # databases with a C collation; the second test keeps it exact under any other.
+        where, args = "run_id >= ? AND substr(run_id, 1, ?) = ?", [prefix, len(prefix), prefix]
+        upper = prefix_upper_bound(prefix)
+        if upper is not None:
+            where += " AND run_id < ?"
+            args.append(upper)
+        rows = await self._reader.fetch(
+            f"SELECT run_id FROM runs WHERE {where} ORDER BY run_id LIMIT ?", (*args, limit)
+        )
+        return [row[0] for row in rows]
 
     async def list_runs(
         self, filt: RunFilter, limit: int, cursor: int | None
