@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
 import asyncpg
+import pytest
 
+from agent.config import load_agent_config
 from agent.connection_check import Answers, Verdict, judge
+from control_plane.config import load_control_plane_config
 from control_plane.storage.postgres import explain_connect_failure
 from protocol import PROTOCOL_VERSION
+from protocol.schema import ConfigError, unknown_key
 from protocol.transport import certificate_problem, speaks_https
 
 URL = "postgresql://ops:s3cret@db.example:5432/fleet?search_path=fr"
@@ -98,3 +103,28 @@ def test_each_check_is_named_when_it_passes_or_fails() -> None:
     assert "speaks protocol -1" in old.problems[0]
     down = judge(URL_CP, Answers(failure="cannot reach it"), "read")
     assert down == Verdict([], ["cannot reach it"])
+
+
+def test_an_unknown_key_suggests_the_nearest_valid_one() -> None:
+    names = {"max_concurrent_runs", "tag_concurrency_limits", "kind"}
+    assert unknown_key("max_concurent_runs", names) == (
+        "unknown key; did you mean max_concurrent_runs?"
+    )
+    assert unknown_key("zzz", names) == "unknown key"
+
+
+def test_config_files_suggest_the_key_meant(tmp_path: Path) -> None:
+    path = tmp_path / "control-plane.toml"
+    path.write_text("[run_coordinator]\nmax_concurent_runs = 3\n[storag]\n")
+    with pytest.raises(ConfigError) as info:
+        load_control_plane_config(str(path))
+    assert info.value.lines == (
+        f"{path}: key 'storag': unknown key; did you mean storage?",
+        f"{path}: key 'run_coordinator.max_concurent_runs': unknown key; "
+        "did you mean max_concurrent_runs?",
+    )
+    agent = tmp_path / "agent.toml"
+    agent.write_text('control_plane_url = "http://127.0.0.1:8470"\nheartbeat_interval = 5\n')
+    with pytest.raises(ConfigError) as info:
+        load_agent_config(str(agent))
+    assert "did you mean heartbeat_interval_seconds?" in str(info.value)
