@@ -8,6 +8,8 @@ setting it is, and how to fix it; never a traceback.
 
 from __future__ import annotations
 
+import re
+import signal
 import ssl
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from tests.conftest import (
     FIXTURES,
     FLEETRUN,
     POSTGRES_URL,
+    start_agent,
     start_control_plane,
     write_control_plane_config,
 )
@@ -146,4 +149,18 @@ def test_check_config_connect_says_what_it_checked(tmp_path: Path) -> None:
         assert check.returncode == 0, check.stderr
         assert "reachable, protocol" in check.stdout and "token accepted" in check.stdout
     finally:
+        cp.stop()
+
+
+def test_serve_logs_the_signal_that_stopped_it(tmp_path: Path) -> None:
+    cp = start_control_plane(tmp_path)
+    agent = start_agent(cp, tmp_path)  # its long-poll is held open when the signal comes
+    try:
+        cp.popen.send_signal(signal.SIGTERM)
+        assert cp.popen.wait(30) == 0, cp.log()
+        assert "stopping on SIGTERM" in cp.log()
+        assert re.search(r"control plane stopped \(SIGTERM\) in [\d.]+ s", cp.log()), cp.log()
+        assert "Traceback" not in cp.log()
+    finally:
+        agent.stop()
         cp.stop()
