@@ -15,6 +15,7 @@ import logging
 import signal
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -307,7 +308,8 @@ async def serve_until_signal(config: ControlPlaneConfig) -> None:
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
     serving = asyncio.create_task(serve(config, own_process=True), name="serve")
-    await asyncio.wait({serving, received}, return_when=asyncio.FIRST_COMPLETED)
+    either: set[asyncio.Future[Any]] = {serving, received}
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
     if serving.done():
         serving.result()  # it failed: the caller names why
         return
