@@ -10,13 +10,15 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
-from protocol import FLEETRUN_VERSION, PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS
+from protocol import FLEETRUN_VERSION, PROTOCOL_VERSION
 from protocol.logs import FORMATS, configure_logging, set_agent_name
 from protocol.schema import ConfigError
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
+    from agent.connection_check import TokenState
     from agent.tracking import Tracking
+    from protocol.messages import CodeLocationInfo
 
 
 async def _run_agent(config_path: str, handoff: bool = False) -> int:
@@ -125,12 +127,15 @@ def check_config(config_path: str, connect: bool = False) -> int:
         if info.error:
             problems.append(f"code_locations {loc.name}: {info.error}")
         else:
-            print(f"code location {loc.name}: jobs {', '.join(j.name for j in info.jobs)}")
-    token = None
+            print(_describe(info))
+    token: str | None = None
+    token_state: TokenState = "absent"
     if config.token_file:
         try:
             token = read_token(config.token_file)
+            token_state = "read"
         except OSError as exc:
+            token_state = "unreadable"
             problems.append(f"token_file: cannot read {config.token_file}: {exc.strerror}")
     try:
         tracking = open_tracking(config.process_tracking)
@@ -140,41 +145,34 @@ def check_config(config_path: str, connect: bool = False) -> int:
         print(f"process tracking: {tracking.describe()}")
         asyncio.run(tracking.close())
     if connect:
-        problem = asyncio.run(_check_connection(config.control_plane_url, token, config.ca_file))
-        if problem:
-            problems.append(f"control_plane_url: {problem}")
-        else:
-            print(f"control plane {config.control_plane_url}: reachable, protocol compatible")
+        problems += _check_connection(config, token, token_state)
     for problem in problems:
         print(f"{config_path}: {problem}", file=sys.stderr)
     return 2 if problems else 0
 
 
-async def _check_connection(url: str, token: str | None, ca_file: str) -> str | None:
-    """None if the control plane answers and speaks our protocol; else what is wrong."""
-    import aiohttp
+def _describe(info: CodeLocationInfo) -> str:
+    """One line per code location: what the agent would offer the control plane."""
+    found = [
+        f"{what} {', '.join(names) if names else '(none)'}"
+        for what, names in (
+            ("jobs", [j.name for j in info.jobs]),
+            ("schedules", [s.name for s in info.schedules]),
+            ("sensors", [s.name for s in info.sensors]),
+        )
+    ]
+    return f"code location {info.name}: {'; '.join(found)}"
 
-    from agent.client import tls_context
 
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    context = tls_context(url, ca_file)
-    connector = aiohttp.TCPConnector(ssl=context if context is not None else True)
-    try:
-        async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
-            async with session.get(
-                f"{url.rstrip('/')}/agent/v1/version", timeout=aiohttp.ClientTimeout(total=10)
-            ) as resp:
-                if resp.status in (401, 403):
-                    return f"the control plane refused the token (HTTP {resp.status})"
-                if resp.status != 200:
-                    return f"{url} answered HTTP {resp.status}"
-                body = await resp.json()
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        return f"cannot reach {url}: {type(exc).__name__}: {exc}"
-    theirs = body.get("protocol_version")
-    if theirs not in SUPPORTED_PROTOCOL_VERSIONS:
-        return f"the control plane speaks protocol {theirs}; this agent speaks {PROTOCOL_VERSION}"
-    return None
+def _check_connection(config: AgentConfig, token: str | None, token_state: TokenState) -> list[str]:
+    """Print what the connection check passed; return what it found wrong."""
+    from agent.connection_check import ask, judge
+
+    url = config.control_plane_url
+    verdict = judge(url, asyncio.run(ask(url, token, config.ca_file)), token_state)
+    if verdict.checked:
+        print(f"control plane {url}: {', '.join(verdict.checked)}")
+    return [f"control_plane_url: {problem}" for problem in verdict.problems]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import aiohttp
 from agent.errors import AgentError
 from protocol.codec import ProtocolError, decode, encode
 from protocol.messages import ErrorReply
+from protocol.transport import answers_tls, certificate_problem, is_plain_http, speaks_https
 
 T = TypeVar("T")
 log = logging.getLogger("fleetrun.agent")
@@ -23,6 +24,16 @@ log = logging.getLogger("fleetrun.agent")
 
 class ControlPlaneUnreachable(AgentError):
     """No answer (connection refused, reset, timeout, 5xx): worth retrying."""
+
+
+class Misconfigured(ControlPlaneUnreachable):
+    """The connection failed in a way only agent.toml can fix (http:// to a control plane
+    on TLS, a certificate that does not verify). Fatal at start-up; later it is retried
+    like an outage (the control plane's setup may have changed under a running agent)."""
+
+
+CA_SETTING = "ca_file in agent.toml"
+URL_SETTING = "control_plane_url in agent.toml"
 
 
 class TokenRefused(ControlPlaneUnreachable):
@@ -117,7 +128,7 @@ class ControlPlaneClient:
             ) as resp:
                 return resp.status, await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise ControlPlaneUnreachable(f"{path}: {type(exc).__name__}: {exc}") from None
+            raise await transport_failure(self.base_url, path, exc) from None
 
     async def _rotated(self, used: str | None) -> bool:
         """After a 401 with token `used`: True if a newer token is now in use."""
@@ -189,6 +200,28 @@ class ControlPlaneClient:
             return decode(body, reply_type)
         except ProtocolError as exc:
             raise BadReply(exc.code, f"bad reply to {path}: {exc}") from None
+
+
+async def transport_failure(url: str, what: str, exc: BaseException) -> ControlPlaneUnreachable:
+    """The error for a request that got no answer: `Misconfigured`, with the fix, when
+    the agent's settings are the cause; else a plain `ControlPlaneUnreachable`."""
+    problem = await misconfiguration(url, exc, URL_SETTING)
+    if problem is not None:
+        return Misconfigured(f"{what}: {problem}")
+    return ControlPlaneUnreachable(f"{what}: {type(exc).__name__}: {exc}")
+
+
+async def misconfiguration(url: str, exc: BaseException, url_setting: str = "") -> str | None:
+    """What in agent.toml makes the control plane at `url` unreachable, or None. A
+    hang-up on an http:// URL is checked with a TLS handshake (in a thread)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        error = exc.certificate_error
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return certificate_problem(error, CA_SETTING)
+    hung_up = isinstance(exc, aiohttp.ServerDisconnectedError | ConnectionResetError)
+    if hung_up and is_plain_http(url) and await asyncio.to_thread(answers_tls, url):
+        return speaks_https(url, url_setting)
+    return None
 
 
 class RetryDelays:

@@ -90,7 +90,11 @@ class AgentConfig:
         if not self.control_plane_url.startswith(("http://", "https://")):
             yield FieldError("control_plane_url", "must start with http:// or https://")
         if self.ca_file and not self.control_plane_url.startswith("https://"):
-            yield FieldError("ca_file", "is only used with an https:// control_plane_url")
+            yield FieldError(
+                "ca_file",
+                "is only used with an https:// control_plane_url: if the control plane "
+                "speaks TLS, make it https://; if not, remove ca_file",
+            )
         if self.token_file and not self.allow_insecure_http and _insecure(self.control_plane_url):
             yield FieldError(
                 "control_plane_url",

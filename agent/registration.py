@@ -11,6 +11,7 @@ import time
 from agent.client import (
     ControlPlaneError,
     ControlPlaneUnreachable,
+    Misconfigured,
     RetryDelays,
     TokenRefused,
 )
@@ -71,6 +72,10 @@ async def register(agent: AgentState) -> None:
         except TokenRefused as exc:
             if agent.agent_id is None:
                 raise FatalAgentError(f"the control plane refused the token: {exc}") from None
+            agent.contact.failed("register", exc)
+        except Misconfigured as exc:
+            if agent.agent_id is None:
+                raise FatalAgentError(f"cannot reach the control plane: {exc}") from None
             agent.contact.failed("register", exc)
         except ControlPlaneUnreachable as exc:
             agent.contact.failed("register", exc)

@@ -10,10 +10,11 @@ offending key instead of surfacing later as an AttributeError deep inside a hand
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import cache
 from typing import Any, TypeVar, Union
 
@@ -239,7 +240,7 @@ def _dataclass_converter(cls: type) -> Converter:
             raise SchemaError("", f"expected a table, got {_type_name(data)}")
         if not names.issuperset(data):
             unknown = next(key for key in data if key not in names)
-            raise SchemaError(str(unknown), "unknown key")
+            raise SchemaError(str(unknown), unknown_key(unknown, names))
         kwargs = {}
         for name, field_converter, required in specs:
             if name in data:
@@ -257,6 +258,13 @@ def _dataclass_converter(cls: type) -> Converter:
         return obj
 
     return convert
+
+
+def unknown_key(key: object, names: Iterable[str]) -> str:
+    """The problem with a key no field has, naming the nearest one when the key looks
+    like a typo of it: a person fixes `max_concurent_runs` faster when told which."""
+    close = difflib.get_close_matches(str(key), sorted(names), n=1)
+    return f"unknown key; did you mean {close[0]}?" if close else "unknown key"
 
 
 def from_plain(cls: type[T], data: Any, path: str = "") -> T:
@@ -351,7 +359,9 @@ def _collect_dataclass(cls: type, data: Any, path: str, found: list[SchemaError]
     fields, hints = dataclasses.fields(cls), _hints(cls)
     names = {f.name for f in fields}
     found.extend(
-        SchemaError(_join(path, str(key)), "unknown key") for key in data if key not in names
+        SchemaError(_join(path, str(key)), unknown_key(key, names))
+        for key in data
+        if key not in names
     )
     kwargs = {}
     for field in fields:

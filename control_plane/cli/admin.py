@@ -25,7 +25,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from control_plane.config import load_control_plane_config
-    from control_plane.http.app import serve
+    from control_plane.http.app import serve_until_signal
     from protocol.logs import configure_logging
 
     try:
@@ -34,7 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _config_fail(exc)
     configure_logging(args.log_format)
     try:
-        asyncio.run(serve(config, own_process=True))
+        asyncio.run(serve_until_signal(config))
     except KeyboardInterrupt:
         pass
     except SchemaTooNew as exc:

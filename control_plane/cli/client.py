@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
 
 from protocol.logs import redact
+from protocol.transport import answers_tls, certificate_problem, is_plain_http, speaks_https
+
+CA_SETTING = "--ca-file or FLEETRUN_CA_FILE"
+URL_SETTING = "--url or FLEETRUN_URL"
 
 
 def one_line(text: Any) -> str:
@@ -31,8 +36,6 @@ class ApiClient:
         self.token = token
         self.context = None
         if self.url.startswith("https://"):
-            import ssl
-
             try:
                 self.context = ssl.create_default_context(cafile=ca_file or None)
             except (OSError, ssl.SSLError) as exc:
@@ -68,8 +71,7 @@ class ApiClient:
                 f"no answer from the control plane at {self.where} within {wait + 30:g} s"
             ) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise CliError(f"cannot reach the control plane at {self.where}: {reason}") from None
+            raise CliError(self._unreachable(getattr(exc, "reason", exc))) from None
         try:
             return json.loads(raw)
         except ValueError:
@@ -77,6 +79,16 @@ class ApiClient:
                 f"{self.where}{prefix}{path} did not answer JSON; is {self.where} a "
                 "fleetrun control plane?"
             ) from None
+
+    def _unreachable(self, reason: object) -> str:
+        """Why no answer came, with the fix for the two setup mistakes a retry never
+        cures: a certificate that does not verify, http:// to a control plane on TLS."""
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            return f"cannot reach {self.where}: {certificate_problem(reason, CA_SETTING)}"
+        hung_up = isinstance(reason, ConnectionResetError | http.client.BadStatusLine)
+        if hung_up and is_plain_http(self.url) and answers_tls(self.url):
+            return speaks_https(self.where, URL_SETTING)
+        return f"cannot reach the control plane at {self.where}: {reason}"
 
     def _http_error(self, exc: urllib.error.HTTPError) -> str:
         """`message (status code)` from the API's error body, plus a hint for a missing token."""

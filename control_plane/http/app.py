@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import signal
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -71,6 +73,7 @@ from control_plane.waiters import KeyedWaiters
 from protocol.logs import redact
 
 log = logging.getLogger("fleetrun.control_plane")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def build_app(config: ControlPlaneConfig, storage: Storage, clock: Clock) -> web.Application:
@@ -287,3 +290,32 @@ async def serve(
             await asyncio.Event().wait()
     finally:
         await runner.cleanup()
+
+
+async def serve_until_signal(config: ControlPlaneConfig) -> None:
+    """`fleetrun serve`: serve until SIGTERM or SIGINT, then close the listener, the
+    daemon loops and storage in order, logging which signal stopped it, so that a stop
+    in the journal reads as one (a second signal ends the process at once)."""
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[str] = loop.create_future()
+
+    def on_signal(sig: signal.Signals) -> None:
+        for each in STOP_SIGNALS:
+            loop.remove_signal_handler(each)  # the next one takes the default action
+        if not received.done():
+            received.set_result(sig.name)
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
+    serving = asyncio.create_task(serve(config, own_process=True), name="serve")
+    either: set[asyncio.Future[Any]] = {serving, received}
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    if serving.done():
+        serving.result()  # it failed: the caller names why
+        return
+    started = loop.time()
+    log.info("stopping on %s: closing connections, daemon loops and storage", received.result())
+    serving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await serving
+    log.info("control plane stopped (%s) in %.1f s", received.result(), loop.time() - started)

@@ -51,6 +51,11 @@ _CONNECTION_ERRORS = (
     TimeoutError,
 )
 _PLACEHOLDER = re.compile(r"'[^']*'|\?")
+# What the server refuses at log-in: a fix in the URL, not a wait, will help.
+_LOGIN_REFUSALS = (
+    asyncpg.InvalidAuthorizationSpecificationError,  # and its InvalidPasswordError
+    asyncpg.InvalidCatalogNameError,
+)
 
 
 def to_numbered(sql: str) -> str:
@@ -106,6 +111,33 @@ def _search_path(url: str) -> str:
     return values[0].split(",")[0].strip() if values else "public"
 
 
+def explain_connect_failure(url: str, exc: BaseException) -> str:
+    """One line for a failed first connection: the URL (masked), what the server or the
+    network said, and what to change in `storage.url`. Startup errors end here, so an
+    operator reads a fix rather than asyncpg's traceback."""
+    parts = urlsplit(url)
+    role = parts.username or "ROLE"
+    database = parts.path.lstrip("/") or role
+    where = parts.netloc.rpartition("@")[2] or "localhost:5432"
+    if isinstance(exc, asyncpg.InvalidPasswordError):
+        fix = "correct the password in storage.url (percent-encoded: %40 for @, %2F for /)"
+    elif isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        fix = (
+            f"put an existing role in storage.url (postgresql://ROLE@{where}/{database}) "
+            f"or create this one (createuser {role}); if it exists, pg_hba.conf must let it in"
+        )
+    elif isinstance(exc, asyncpg.InvalidCatalogNameError):
+        fix = (
+            f"name an existing database in storage.url (postgresql://{role}@{where}/DATABASE) "
+            f"or create this one (createdb -O {role} {database})"
+        )
+    elif isinstance(exc, OSError | TimeoutError):
+        fix = f"is PostgreSQL listening on {where}? correct the host and port in storage.url"
+    else:
+        fix = "check storage.url"
+    return f"cannot connect to {redact(url)}: {redact(str(exc)) or type(exc).__name__}; fix: {fix}"
+
+
 class PostgresStorage(SqlStorage):
     shared = True
 
@@ -138,8 +170,10 @@ class PostgresStorage(SqlStorage):
             self._pool = await asyncpg.create_pool(
                 self.url, min_size=1, max_size=self.pool_size, command_timeout=60
             )
+        except _LOGIN_REFUSALS as exc:
+            raise StorageError(explain_connect_failure(self.url, exc)) from exc
         except _CONNECTION_ERRORS as exc:
-            raise StorageUnavailable(f"cannot connect to {redact(self.url)}: {exc}") from exc
+            raise StorageUnavailable(explain_connect_failure(self.url, exc)) from exc
         except ValueError as exc:  # asyncpg cannot parse the URL (a port, a parameter)
             raise StorageError(f"cannot use {redact(self.url)}: {redact(str(exc))}") from exc
         if self.auto_migrate:

@@ -144,7 +144,7 @@ backoff = "fibonacci"
     assert info.value.lines == tuple(
         f"{path}: key {key!r}: {reason}"
         for key, reason in [
-            ("server.prot", "unknown key"),
+            ("server.prot", "unknown key; did you mean port?"),
             ("server.port", "expected an integer, got a string"),
             ("server.poll_timeout_seconds", "must be in (0, 300]"),
             ("run_coordinator.tag_concurrency_limits[0].key", "required key is missing"),
