@@ -19,7 +19,7 @@ from datetime import datetime
 from enum import Enum, StrEnum
 from typing import Any, overload
 
-from protocol.messages import JobInfo, OpInfo
+from protocol.messages import JobInfo, OpInfo, RetryPolicyInfo
 from protocol.tags import tag_problem
 from protocol.validation import (
     MAX_NAME_LENGTH,
@@ -573,6 +573,7 @@ class JobDefinition:
                     name=node.name,
                     upstream=list(dict.fromkeys(node.upstream)),
                     tags=node.tags,
+                    retry_policy=_policy_info(self.retry_policy_for(node.name)),
                 )
                 for node in self.nodes.values()
             ],
@@ -582,6 +583,17 @@ class JobDefinition:
 
     def __repr__(self) -> str:
         return f"<job {self.name}>"
+
+
+def _policy_info(policy: RetryPolicy | None) -> RetryPolicyInfo | None:
+    if policy is None:
+        return None
+    return RetryPolicyInfo(
+        max_retries=policy.max_retries,
+        delay=None if policy.delay is None else float(policy.delay),
+        backoff=None if policy.backoff is None else policy.backoff.value,
+        jitter=None if policy.jitter is None else policy.jitter.value,
+    )
 
 
 @overload

@@ -15,10 +15,21 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class RetryPolicyInfo:
+    """A step's retry policy as its job applies it (invocation, op or job default)."""
+
+    max_retries: int
+    delay: float | None = None
+    backoff: str | None = None  # LINEAR | EXPONENTIAL
+    jitter: str | None = None  # FULL | PLUS_MINUS
+
+
+@dataclass(frozen=True)
 class OpInfo:
     name: str
     upstream: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
+    retry_policy: RetryPolicyInfo | None = None  # None: a failure is not retried
 
 
 @dataclass(frozen=True)
@@ -334,4 +345,5 @@ FIELDS_SINCE: dict[str, dict[str, int]] = {
     "LaunchRun": {"reuse_outputs": 2},
     "SensorInfo": {"run_status": 3, "monitored_jobs": 3, "monitor_all_locations": 3},
     "Evaluate": {"run_changes": 3},
+    "OpInfo": {"retry_policy": 3},
 }

@@ -7,13 +7,14 @@ them again to what an agent registers, because an agent's messages are untrusted
 
 from __future__ import annotations
 
+import math
 import re
 import zoneinfo
 from datetime import UTC, datetime
 
 from croniter import croniter
 
-from protocol.messages import CodeLocationInfo, JobInfo
+from protocol.messages import CodeLocationInfo, JobInfo, RetryPolicyInfo
 from protocol.tags import tag_problem
 from protocol.wire import text_problem
 
@@ -38,6 +39,7 @@ SENSOR_RUN_STATUSES = (
     "CANCELED",
 )
 MAX_MONITORED_JOBS = 1000
+MAX_STEP_RETRIES = 10_000
 
 
 AGENT_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,253}")  # host names qualify
@@ -138,8 +140,22 @@ def _job_problem(job: JobInfo) -> str | None:
             return f"step {op.name} takes the output of a step the job does not have"
         if any(text_problem(text) for pair in op.tags.items() for text in pair):
             return f"step {op.name} has a tag that is not valid Unicode text"
+        if op.retry_policy is not None and (problem := _policy_problem(op.retry_policy)):
+            return f"step {op.name} retry_policy {problem}"
     problem = tag_problem(job.tags)
     return None if problem is None else f"tags: {problem}"
+
+
+def _policy_problem(policy: RetryPolicyInfo) -> str | None:
+    if not 0 <= policy.max_retries <= MAX_STEP_RETRIES:
+        return f"max_retries must be between 0 and {MAX_STEP_RETRIES}"
+    if policy.delay is not None and not (math.isfinite(policy.delay) and policy.delay >= 0):
+        return "delay must be a finite number >= 0"
+    if policy.backoff not in (None, "LINEAR", "EXPONENTIAL"):
+        return "backoff must be LINEAR or EXPONENTIAL"
+    if policy.jitter not in (None, "FULL", "PLUS_MINUS"):
+        return "jitter must be FULL or PLUS_MINUS"
+    return None
 
 
 def _sensor_job_problem(job: str, run_status: str | None) -> str | None:

@@ -15,6 +15,7 @@ from control_plane.model.agents import agent_status
 from control_plane.model.runs import iso
 from control_plane.model.statuses import ACTIVE_STATUSES
 from control_plane.storage.port import Storage
+from protocol.schema import to_plain
 
 
 async def list_agents(request: web.Request) -> web.Response:
@@ -75,7 +76,13 @@ async def list_jobs(request: web.Request) -> web.Response:
                     "name": job.name,
                     "location": loc.info.name,
                     "ops": [
-                        {"name": o.name, "upstream": o.upstream, "tags": o.tags} for o in job.ops
+                        {
+                            "name": o.name,
+                            "upstream": o.upstream,
+                            "tags": o.tags,
+                            "retry_policy": to_plain(o.retry_policy),
+                        }
+                        for o in job.ops
                     ],
                     "tags": job.tags,
                     "executor": job.executor,

@@ -266,7 +266,22 @@ def fleet_schemas() -> dict[str, Schema]:
             "code_locations": array(location),
         }
     )
-    op = obj({"name": string(), "upstream": array(string()), "tags": string_map()})
+    retry_policy = obj(
+        {
+            "max_retries": integer(),
+            "delay": nullable({"type": "number"}),
+            "backoff": nullable(string(enum=["LINEAR", "EXPONENTIAL"])),
+            "jitter": nullable(string(enum=["FULL", "PLUS_MINUS"])),
+        }
+    )
+    op = obj(
+        {
+            "name": string(),
+            "upstream": array(string()),
+            "tags": string_map(),
+            "retry_policy": nullable(retry_policy),
+        }
+    )
     job = obj(
         {
             "name": string(),

@@ -403,6 +403,9 @@ def test_the_job_page_draws_the_op_graph_and_links_recent_runs(
     }
     assert "kind=source" in page.locator("table.ops tr[data-op='extract']").inner_text()
     assert "clean, enrich" in page.locator("table.ops tr[data-op='publish']").inner_text()
+    policy = page.locator("table.ops tr[data-op='clean'] td.retry-policy").inner_text()
+    assert policy == "up to 2 retries, 0.1 s apart", policy
+    assert page.locator("table.ops tr[data-op='enrich'] td.retry-policy").inner_text() == "none"
     doc_shot(page, "job")
     page.locator(f"table.runs tr[data-run='{run_id}'] a").click()
     page.wait_for_url(f"**/ui/runs/{run_id}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import re
@@ -991,3 +992,33 @@ def test_a_run_status_sensor_is_called_once_per_run(tmp_path: Any) -> None:
         {"step": "a", "kind": "op_failure"},
     )
     assert result.cursor == "7"
+
+
+def test_a_job_reports_each_steps_retry_policy_as_it_applies() -> None:
+    from agent.sdk import Backoff, Jitter, RetryPolicy
+    from protocol.messages import CodeLocationInfo, RetryPolicyInfo
+    from protocol.validation import location_problem
+
+    @op(retry_policy=RetryPolicy(max_retries=3))
+    def fetch() -> int:
+        return 1
+
+    slow = RetryPolicy(max_retries=1, delay=2, backoff=Backoff.EXPONENTIAL, jitter=Jitter.FULL)
+
+    @job(op_retry_policy=RetryPolicy(max_retries=5))
+    def pipeline() -> None:
+        fetch()
+        fetch.alias("careful").with_retry_policy(slow)()
+
+    info = pipeline.to_info()
+    assert {o.name: o.retry_policy for o in info.ops} == {
+        "fetch": RetryPolicyInfo(3),
+        "careful": RetryPolicyInfo(1, 2.0, "EXPONENTIAL", "FULL"),
+    }
+    assert location_problem(CodeLocationInfo("loc", jobs=[info])) is None
+    bad = dataclasses.replace(
+        info, ops=[dataclasses.replace(info.ops[0], retry_policy=RetryPolicyInfo(-1))]
+    )
+    assert "retry_policy max_retries must be between" in (
+        location_problem(CodeLocationInfo("loc", jobs=[bad])) or ""
+    )
