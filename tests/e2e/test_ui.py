@@ -188,7 +188,7 @@ def test_agents_queue_and_schedules_pages(tmp_path: Path, page: Any) -> None:
         nightly.get_by_role("button", name="Start").click()
         nightly.locator(".status", has_text="RUNNING").wait_for()
         assert re.search(r"\d{4}-\d\d-\d\d 03:00:00", nightly.inner_text())
-        shot(page, "schedules")
+        doc_shot(page, "schedules")
         page.goto(f"{cp.url}/ui/sensors")
         assert page.locator("tr[data-name='inbox']").count() == 1
         gate.write_text("open")
@@ -266,6 +266,7 @@ def test_sign_in_with_a_user_token(tmp_path: Path, page: Any) -> None:
         page.fill("input[name=token]", "fru_0000000000000000_wrong")
         page.click("button[type=submit]")
         assert "not accepted" in page.locator(".error").inner_text()
+        doc_shot(page, "sign-in")
         # A viewer signs in and lands where they were going; buttons they may not use
         # say so
         page.fill("input[name=token]", viewer)
@@ -318,7 +319,7 @@ def test_the_alerts_page_shows_rules_and_deliveries(tmp_path: Path, page: Any) -
         link = row.get_by_role("link", name="of job hostile failed: steps failed: shout")
         assert link.get_attribute("href") == f"/ui/runs/{run_id}"
         assert page.locator("img").count() == 0 and page.dialogs == []
-        shot(page, "alerts")
+        doc_shot(page, "alerts")
     finally:
         agent.stop()
         cp.stop()
