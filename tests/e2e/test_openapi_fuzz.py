@@ -37,6 +37,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 
 from control_plane.http.openapi import OPENAPI_PATH, openapi_document
+from protocol import FLEETRUN_VERSION
 from protocol.codec import decode_any, encode
 from protocol.messages import (
     CodeLocationInfo,
@@ -287,7 +288,7 @@ def test_edge_values(target: Target, method: str, path: str) -> None:
 
 def test_server_still_serves(target: Target) -> None:
     assert target.cp.popen.poll() is None, target.cp.log()[-4000:]
-    assert target.cp.get("/healthz") == {"status": "ok"}
+    assert target.cp.get("/healthz") == {"status": "ok", "version": FLEETRUN_VERSION}
     assert target.cp.get("/api/v1/runs/" + target.real["run_id"][0])["job"] == JOB
     assert target.cp.submit(JOB, location=LOCATION)
 

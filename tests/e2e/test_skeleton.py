@@ -77,7 +77,12 @@ def test_context_config_tags_and_locations(control_plane: ControlPlaneProc, tmp_
             ("inspect_context", "by_module"),
         }
         fan_in = next(j for j in jobs if j["name"] == "fan_in")
-        assert fan_in["ops"][-1] == {"name": "combine", "upstream": ["first", "second"], "tags": {}}
+        assert fan_in["ops"][-1] == {
+            "name": "combine",
+            "upstream": ["first", "second"],
+            "tags": {},
+            "retry_policy": None,
+        }
         # working_directory defaults to the agent config's folder (tmp_path) for by_file
         for location, cwd in (("by_file", tmp_path), ("by_module", FIXTURES)):
             out = tmp_path / f"{location}.json"

@@ -37,7 +37,7 @@ from agent.sdk import (
     schedule,
     sensor,
 )
-from protocol.messages import JobInfo, OpInfo
+from protocol.messages import JobInfo, OpInfo, RetryPolicyInfo
 
 
 @op
@@ -211,7 +211,12 @@ def test_to_info() -> None:
         name="info_job",
         ops=[
             OpInfo(name="extract", upstream=[], tags={}),
-            OpInfo(name="double_it", upstream=["extract"], tags={"kind": "cpu"}),
+            OpInfo(
+                name="double_it",
+                upstream=["extract"],
+                tags={"kind": "cpu"},
+                retry_policy=RetryPolicyInfo(max_retries=2),
+            ),
             OpInfo(name="add", upstream=["double_it", "extract"], tags={}),
         ],
         tags={"team": "data"},
