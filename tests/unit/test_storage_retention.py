@@ -89,7 +89,12 @@ async def test_delete_refuses_an_active_run_and_a_parent_of_a_live_retry(
             await storage.delete_run(run_id)
     await finished(storage, "parent", aid, end=20, outcome="RUN_FAILURE")
     retry = NewRun(
-        run_id="child", job="etl", location="loc", tags={}, config={}, parent_run_id="parent",
+        run_id="child",
+        job="etl",
+        location="loc",
+        tags={},
+        config={},
+        parent_run_id="parent",
         root_run_id="parent",
     )
     await storage.create_run(retry, now=21)
@@ -125,9 +130,7 @@ async def test_logs_and_outputs_purge_only_of_finished_runs(storage: Storage) ->
     live = await started(storage, "live", aid, now=50)
     await storage.append_records("live", live, [log(2, 60.0)], now=60)
     await storage.put_output("live", live, "a", b"live output", now=60)
-    assert (await purge_all(storage, Purge(COMPUTE_LOGS, None, before=1000))) == {
-        "compute_logs": 1
-    }
+    assert (await purge_all(storage, Purge(COMPUTE_LOGS, None, before=1000))) == {"compute_logs": 1}
     assert (await purge_all(storage, Purge(OUTPUTS, None, before=1000))) == {"step_outputs": 1}
     assert await storage.get_logs("done", None, 0) == []
     assert await storage.get_output("done", "a") is None

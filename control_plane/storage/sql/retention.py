@@ -182,4 +182,3 @@ async def _purge_ticks(db: Tx, purge: Purge, max_rows: int, result: PurgeResult)
         await db.execute(f"DELETE FROM ticks WHERE id IN ({places})", chunk)
     result.add("ticks", len(ids), sum(int(row[1]) for row in rows))
     result.more = len(ids) == max_rows
-
