@@ -201,7 +201,7 @@ class Metrics:
         )
         self.retention_rows = Counter(
             "fleetrun_retention_rows_purged_total",
-            "Rows the retention loop purged (run deletions through the API included), by table.",
+            "Rows the retention loop purged, by table.",
             ["table"],
             registry=registry,
         )
