@@ -73,7 +73,7 @@ def test_the_api_deletes_a_finished_run_and_refuses_a_live_one(
     fleet.wait_run(child)
     assert fleet.call("DELETE", f"/api/v1/runs/{live}")[0] == 200
     chain = fleet.get(f"/api/v1/runs/{child}")["chain"]
-    assert [(c["run_id"], c["status"]) for c in chain][0] == (live, "DELETED")
+    assert (chain[0]["run_id"], chain[0]["status"], chain[1]["run_id"]) == (live, "DELETED", child)
 
 
 def test_the_cli_deletes_by_id_and_by_filter(fleet: ControlPlaneProc, tmp_path: Path) -> None:
