@@ -8,6 +8,7 @@ The workloads (each module's docstring says exactly what it measures):
   6    bench/dagster.py   workloads 1 and 2 on Dagster OSS, installed into .bench/
   7    bench/replicas.py  submit -> launch received through the replica that does not
                           lead the run queue (two replicas on PostgreSQL)
+  8    bench/retention.py the longest write pause while the retention loop purges N runs
 plus two figures of earlier issues: executor overhead per step, agent death -> FAILURE.
 The table is Markdown, so that docs/performance.md can hold it as printed.
 """
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         help="PostgreSQL for the replicas (7): a fresh schema on it",
     )
     parser.add_argument("--skip-replicas", action="store_true")
+    parser.add_argument("--purge-runs", type=int, default=20_000, help="finished runs purged (8)")
     parser.add_argument(
         "--skip-extra", action="store_true", help="skip the executor and agent-death figures"
     )
@@ -212,6 +214,19 @@ def main(argv: list[str] | None = None) -> None:
         through = replicas.non_leader(args.runs, args.postgres)
         measure = f"submit to the non-leader -> launch received ({args.runs} runs)"
         rows.append(_dist("7 replicas", measure, through, "p50 <= 50 ms", p50_goal=0.050))
+    progress(f"8: retention purging {args.purge_runs} runs while submitting")
+    from bench.retention import purge_runs
+
+    purged = purge_runs(args.purge_runs)
+    rows.append(
+        Row(
+            "8 retention",
+            f"longest write pause while purging {purged.runs:,} runs (SQLite)",
+            value=f"purge tx {_ms(purged.longest_purge_s)}; a submit waited "
+            f"{_ms(purged.longest_submit_s)} at most (p50 {_ms(purged.median_submit_s)}); "
+            f"{purged.total_s:.1f} s in all",
+        )
+    )
     if not args.skip_extra:
         progress("extra: executors, agent death")
         from bench.executors import per_step_ms

@@ -251,6 +251,39 @@ class AlertRule:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """How long data is kept, in days; 0 keeps it forever (docs/operations.md). Runs by
+    status (from their end); compute logs and stored outputs of the runs that are kept,
+    which are the bulk of the bytes; schedule and sensor ticks by status."""
+
+    success_days: float = 0
+    failure_days: float = 0
+    canceled_days: float = 0
+    compute_logs_days: float = 0
+    outputs_days: float = 0
+    ticks_success_days: float = 0
+    ticks_skipped_days: float = 0
+    ticks_failure_days: float = 0
+
+    def problems(self) -> Iterator[FieldError]:
+        for name, value in vars(self).items():
+            if value < 0:
+                yield FieldError(name, "must be >= 0 (0: keep forever)")
+        # A longer limit than a run's own would never apply: refused once every status
+        # ages out. While one status is kept forever, it applies to those runs: allowed.
+        runs = (self.success_days, self.failure_days, self.canceled_days)
+        if all(days > 0 for days in runs):
+            shortest = min(runs)
+            for name in ("compute_logs_days", "outputs_days"):
+                if getattr(self, name) > shortest:
+                    yield FieldError(
+                        name,
+                        f"must not be longer than the shortest run retention ({shortest:g}"
+                        " days): every run is deleted with its logs and outputs by then",
+                    )
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     enabled: bool = False
 
@@ -266,6 +299,7 @@ class ControlPlaneConfig:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     alerts: list[AlertRule] = field(default_factory=list)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     def problems(self) -> Iterator[FieldError]:
         seen: set[str] = set()

@@ -33,7 +33,8 @@ from control_plane.model.runs import Run
 from control_plane.model.statuses import RunStatus
 from control_plane.storage.port import AgentStore, RunStore
 
-DAEMON_LOOPS = ("run-queue", "monitor", "retries", "scheduler", "sensors", "alerts")  # /readyz
+# The loops /readyz and the error counter know from the start.
+DAEMON_LOOPS = ("run-queue", "monitor", "retries", "scheduler", "sensors", "alerts", "retention")
 # Agent long-polls are held up to poll_timeout_seconds (25 s): the top buckets see them.
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # A run can wait for a free slot from milliseconds to hours.
@@ -198,6 +199,17 @@ class Metrics:
             ["event"],
             registry=registry,
         )
+        self.retention_rows = Counter(
+            "fleetrun_retention_rows_purged_total",
+            "Rows the retention loop purged, by table.",
+            ["table"],
+            registry=registry,
+        )
+        self.retention_bytes = Counter(
+            "fleetrun_retention_bytes_purged_total",
+            "Approximate bytes of the text (and outputs) of the rows purged.",
+            registry=registry,
+        )
         # Known label sets start at 0, so that increase() sees the first error too.
         for event in ALERT_EVENTS:
             for counter in (self.alerts_sent, self.alerts_failed, self.alert_attempts_failed):
@@ -240,6 +252,12 @@ class Metrics:
 
     def loop_failed(self, loop: str) -> None:
         self.loop_errors.labels(loop).inc()
+
+    def purged(self, rows: dict[str, int], size: int) -> None:
+        """Rows removed by retention or a deletion, by table, and their approximate bytes."""
+        for table, count in rows.items():
+            self.retention_rows.labels(table).inc(count)
+        self.retention_bytes.inc(size)
 
     def alert_attempt(self, event: str, outcome: str) -> None:
         """One delivery attempt ended: "sent", "retry" (it will be tried again) or

@@ -35,6 +35,7 @@ from control_plane.cli.commands import (
     cmd_runs_submit,
     cmd_runs_watch,
 )
+from control_plane.cli.deletion import cmd_runs_delete
 from protocol.logs import FORMATS
 
 COMPLETION_HELP = """\
@@ -163,6 +164,19 @@ def _add_runs(sub: Any) -> None:
     )
     cancel.add_argument("run_id")
     cancel.set_defaults(func=cmd_runs_cancel)
+    delete = client_options(
+        runs.add_parser(
+            "delete",
+            help="delete finished runs with their events, logs and outputs (admin): by id, "
+            "or by filter (shown first; deleted with --yes)",
+        )
+    )
+    delete.add_argument("run_ids", nargs="*", metavar="ID")
+    delete.add_argument("--status", help="finished statuses, e.g. FAILURE (default: all three)")
+    delete.add_argument("--before", metavar="DATE", help="runs that ended before, e.g. 2026-01-01")
+    delete.add_argument("--job", help="runs of this job")
+    delete.add_argument("--yes", action="store_true", help="delete what the filter selects")
+    delete.set_defaults(func=cmd_runs_delete)
     reexecute = client_options(
         runs.add_parser("reexecute", help="run a failed or canceled run's job again")
     )

@@ -6,7 +6,7 @@ their health. A run is queued and leased by the run queue (run_queue.py), watche
 the monitor (monitor.py, with stallwatch.py), retried by the retrier (retries.py);
 schedules (scheduler.py, ticks.py) and sensors (sensors.py) create runs through one
 tick path (instigators.py). The alerts loop (alerts.py, webhooks.py) tells webhooks
-what went wrong.
+what went wrong; the retention loop (retention.py) purges what aged out.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from control_plane.daemon.driver import DaemonLoop
 from control_plane.daemon.health import DaemonHealth
 from control_plane.daemon.instigators import Instigators
 from control_plane.daemon.monitor import Monitor, monitor_pass
+from control_plane.daemon.retention import Retention, enabled, retention_pass
 from control_plane.daemon.retries import Retrier, retry_pass
 from control_plane.daemon.run_queue import RunQueue, dispatch_pass
 from control_plane.daemon.scheduler import schedule_pass
@@ -90,6 +91,9 @@ def daemon_loops(
         ]
     if config.alerts:
         loops.append(alerts_loop(config, storage, clock, health, metrics))
+    if enabled(config.retention):
+        retention = Retention(storage, config.retention, metrics)
+        loops.append(DaemonLoop("retention", retention_pass, retention, backstop=30.0))
     return loops
 
 

@@ -80,6 +80,7 @@ ROUTE_ACCESS: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/runs/{run_id}/priority"): OPERATOR,
     ("POST", "/api/v1/runs/{run_id}/cancel"): OPERATOR,
     ("POST", "/api/v1/runs/{run_id}/reexecute"): OPERATOR,
+    ("DELETE", "/api/v1/runs/{run_id}"): ADMIN,
     ("GET", "/api/v1/queue"): VIEWER,
     ("GET", "/api/v1/agents"): VIEWER,
     ("POST", "/api/v1/agents/{agent}/drain"): OPERATOR,

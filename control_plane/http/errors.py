@@ -24,6 +24,8 @@ from control_plane.storage.errors import (
     NameTaken,
     NotYourRun,
     RecordRefused,
+    RunActive,
+    RunHasLiveChildren,
     StaleLease,
     StorageFull,
     StorageUnavailable,
@@ -55,6 +57,8 @@ _STATUS: list[tuple[type[Exception], int, str]] = [
     (RecordRefused, 409, "record_refused"),
     (AgentNameTaken, 409, "agent_name_taken"),
     (NameTaken, 409, "name_taken"),
+    (RunActive, 409, "run_active"),
+    (RunHasLiveChildren, 409, "run_has_live_children"),
 ]
 
 

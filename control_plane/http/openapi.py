@@ -155,6 +155,7 @@ def run_schemas() -> dict[str, Schema]:
             "oldest first; empty for a run with none.",
         },
         "RunAccepted": obj({"run_id": string(), "status": run_status}),
+        "RunDeleted": obj({"run_id": string(), "deleted": {"type": "boolean"}}),
         "RunList": obj(
             {
                 "runs": array(ref("Run")),
@@ -683,6 +684,17 @@ def run_operations() -> dict[str, dict[str, Any]]:
                 "runs",
                 ok("RunDetail", "the run"),
                 (404, 409),
+            ),
+            "delete": operation(
+                "deleteRun",
+                "Delete a finished run with its events, logs and outputs (admin)",
+                "runs",
+                ok("RunDeleted", "the run is gone"),
+                (404, 409),
+                description="409 run_active unless the run is SUCCESS, FAILURE or "
+                "CANCELED; 409 run_has_live_children while a retry or re-execution of "
+                "it has not ended. Its ended retries keep naming it as parent and root; "
+                "their chain shows it as DELETED.",
             ),
         },
         "/api/v1/runs/{run_id}/events": {

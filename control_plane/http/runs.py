@@ -222,23 +222,29 @@ async def get_run(request: web.Request) -> web.Response:
 
 
 async def run_json(storage: Storage, run: Run) -> dict[str, Any]:
-    """The run, with `chain`: its root and every retry and re-execution of it, oldest first."""
+    """The run, with `chain`: its root and every retry and re-execution of it, oldest
+    first. A deleted root stays in the chain as {"status": "DELETED", "kind": "deleted"}:
+    its retries still name it as their parent and root."""
     root_id = run.root_run_id or run.run_id
     family, _ = await storage.list_runs(RunFilter(tags=[(ROOT_TAG, root_id)]), 1000, None)
-    chain = []
-    if family:
-        root = run if root_id == run.run_id else await storage.get_run(root_id)
-        members = ([root] if root is not None else []) + sorted(family, key=lambda r: r.create_time)
-        chain = [
-            {
-                "run_id": r.run_id,
-                "status": str(r.status),
-                "parent_run_id": r.parent_run_id,
-                "kind": _lineage_kind(r),
-            }
-            for r in members
-        ]
+    if not family:
+        return {**run.to_json(), "chain": []}
+    root = run if root_id == run.run_id else await storage.get_run(root_id)
+    first = DELETED_LINK | {"run_id": root_id} if root is None else _link(root)
+    chain = [first] + [_link(r) for r in sorted(family, key=lambda r: r.create_time)]
     return {**run.to_json(), "chain": chain}
+
+
+DELETED_LINK: dict[str, Any] = {"status": "DELETED", "parent_run_id": None, "kind": "deleted"}
+
+
+def _link(run: Run) -> dict[str, Any]:
+    return {
+        "run_id": run.run_id,
+        "status": str(run.status),
+        "parent_run_id": run.parent_run_id,
+        "kind": _lineage_kind(run),
+    }
 
 
 def _lineage_kind(run: Run) -> str:
@@ -317,10 +323,20 @@ async def cancel_run(request: web.Request) -> web.Response:
     return web.json_response({"run_id": run.run_id, "status": str(updated.status)})
 
 
+async def delete_run(request: web.Request) -> web.Response:
+    """A finished run and everything stored under it (admin). 409 run_active while it
+    has not ended; 409 run_has_live_children while a retry or re-execution of it runs."""
+    storage = request.app[STORAGE]
+    run = await run_or_404(storage, request)
+    deleted = await storage.delete_run(run.run_id)
+    return web.json_response({"run_id": deleted.run_id, "deleted": True})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/v1/runs", submit_run)
     app.router.add_get("/api/v1/runs", list_runs)
     app.router.add_get("/api/v1/runs/{run_id}", get_run)
+    app.router.add_delete("/api/v1/runs/{run_id}", delete_run)
     app.router.add_get("/api/v1/runs/{run_id}/events", get_events)
     app.router.add_get("/api/v1/runs/{run_id}/logs", get_logs)
     app.router.add_post("/api/v1/runs/{run_id}/priority", set_priority)

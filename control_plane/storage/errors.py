@@ -55,3 +55,12 @@ class SchemaTooNew(StorageError):
 
 class AgentNameTaken(NameTaken):
     """An agent name held by another live agent token."""
+
+
+class RunActive(StorageError):
+    """A run that has not ended may not be deleted (cancel it first)."""
+
+
+class RunHasLiveChildren(StorageError):
+    """A run whose retry or re-execution has not ended may not be deleted: the live run
+    still reads its parent (reused outputs, the retry's lineage)."""

@@ -23,6 +23,7 @@ from control_plane.model.agents import Agent
 from control_plane.model.alerts import AlertDelivery, Occurrence
 from control_plane.model.catalog import CodeCatalog, CodeLocation
 from control_plane.model.instigators import InstigatorState, Tick
+from control_plane.model.retention import Purge, PurgeResult, RetentionSnapshot
 from control_plane.model.runs import (
     NO_RESUMES,
     Event,
@@ -451,6 +452,35 @@ class AlertStore(Protocol):
         ...
 
 
+class RetentionStore(Protocol):
+    """Deleting finished runs, and purging what aged out (docs/operations.md)."""
+
+    async def delete_run(self, run_id: str) -> Run:
+        """Delete a finished run with its events, compute logs, outputs, attempts, tags
+        and status history, in one transaction; the run as it was. UnknownRun; RunActive
+        (it has not ended: the delete is guarded on its status in the statement itself);
+        RunHasLiveChildren (a retry or re-execution of it has not ended). Its ended
+        children keep their parent and root ids, which then name a deleted run."""
+        ...
+
+    async def retention_snapshot(self) -> RetentionSnapshot:
+        """The oldest candidate time of each purge target (indexed reads only)."""
+        ...
+
+    async def purge(self, purge: Purge, max_runs: int, max_rows: int) -> PurgeResult:
+        """One batch of `purge`, one short transaction: at most `max_runs` runs (fewer
+        if their events pass `max_rows`), or `max_rows` log chunks, outputs or ticks.
+        Only finished runs are touched (guarded in the delete), never a run with a live
+        retry or re-execution; logs and outputs only of finished runs. `more`: the batch
+        was full, so another may find more."""
+        ...
+
+    async def reclaim_space(self, pages: int) -> None:
+        """Hand up to `pages` free pages back to the file system where the database can
+        do it in place (SQLite with auto_vacuum=INCREMENTAL); else nothing."""
+        ...
+
+
 class Storage(
     Database,
     RunStore,
@@ -461,6 +491,7 @@ class Storage(
     LeaderStore,
     EvaluationStore,
     AlertStore,
+    RetentionStore,
     Protocol,
 ):
     """Everything the control plane remembers."""

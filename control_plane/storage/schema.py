@@ -248,6 +248,14 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE agents ADD COLUMN operator_drain INTEGER NOT NULL DEFAULT 0;
     """,
+    # version 12: retention and deletion find what aged out by status and time, and delete
+    # a run's status history by run
+    """
+    CREATE INDEX runs_by_status_end_time ON runs (status, end_time);
+    CREATE INDEX run_status_changes_by_run ON run_status_changes (run_id);
+    CREATE INDEX step_outputs_by_create_time ON step_outputs (create_time);
+    CREATE INDEX ticks_by_status_end_time ON ticks (status, end_time);
+    """,
 ]
 
 

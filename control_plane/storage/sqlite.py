@@ -30,6 +30,7 @@ from control_plane.storage.sql import SqlStorage
 from control_plane.storage.sql.base import record_status_changes
 
 log = logging.getLogger("fleetrun.storage")
+INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
 
 
 class SqliteTx:
@@ -80,6 +81,9 @@ class SqliteStorage(SqlStorage):
 
     async def _connect(self) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, isolation_level=None)
+        # Takes effect only on a new, empty database (an existing one switches with a
+        # VACUUM, docs/operations.md): purged pages can then go back to the file system.
+        await db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=FULL")
         await db.execute("PRAGMA busy_timeout=10000")
@@ -110,6 +114,15 @@ class SqliteStorage(SqlStorage):
     async def schema_version(self) -> int:
         rows = await self._reader.fetch("SELECT version FROM schema_version")
         return int(rows[0][0])
+
+    async def reclaim_space(self, pages: int) -> None:
+        """`PRAGMA incremental_vacuum` when the database has auto_vacuum=INCREMENTAL: a
+        few pages at a time, under the writer lock, outside any transaction."""
+        assert self._writer is not None, "storage is not open"
+        async with self._lock:
+            rows = await self._writer.execute_fetchall("PRAGMA auto_vacuum")
+            if next(iter(rows))[0] == INCREMENTAL:
+                await self._writer.execute_fetchall(f"PRAGMA incremental_vacuum({int(pages)})")
 
     @property
     def _reader(self) -> SqliteTx:

@@ -498,3 +498,25 @@ def test_schedule_and_sensor_pages_show_their_ticks(
     doc_shot(page, "schedule")
     page.goto(f"{deployment.url}/ui/schedules/no_such_schedule")
     assert "no schedule named 'no_such_schedule'" in page.locator("main").inner_text()
+
+
+def test_delete_from_a_finished_run_page(
+    fleet: ControlPlaneProc, page: Any, tmp_path: Path
+) -> None:
+    # Given a finished run and one still running
+    done = fleet.submit("three_steps")
+    fleet.wait_run(done)
+    live = fleet.submit("gated", config={"gate": str(tmp_path / "never")})
+    page.goto(f"{fleet.url}/ui/runs/{live}")
+    page.locator("#run-status", has_text="STARTED").wait_for()
+    # Then a running run offers no Delete button
+    assert page.locator("#delete").count() == 0
+    # When Delete is clicked on the finished run's page (and confirmed)
+    page.goto(f"{fleet.url}/ui/runs/{done}")
+    page.locator("#delete").click()
+    # Then the run list opens, without the run, and the API no longer knows it
+    page.wait_for_url("**/ui/runs")
+    assert page.dialogs and page.dialogs[0].startswith("Delete this run")
+    assert page.locator(f"tr[data-run='{done}']").count() == 0
+    assert fleet.call("GET", f"/api/v1/runs/{done}")[0] == 404
+    fleet.call("POST", f"/api/v1/runs/{live}/cancel", {})

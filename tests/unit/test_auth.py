@@ -78,6 +78,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/runs/{run_id}/priority"): "operator",
     ("POST", "/api/v1/runs/{run_id}/cancel"): "operator",
     ("POST", "/api/v1/runs/{run_id}/reexecute"): "operator",
+    ("DELETE", "/api/v1/runs/{run_id}"): "admin",
     ("GET", "/api/v1/queue"): "viewer",
     ("GET", "/api/v1/agents"): "viewer",
     ("POST", "/api/v1/agents/{agent}/drain"): "operator",

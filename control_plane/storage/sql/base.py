@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from control_plane.model.agents import Agent
 from control_plane.model.instigators import Tick
@@ -80,10 +80,11 @@ async def record_status_changes(db: Tx) -> None:
         db.status_changes = []
 
 
+T = TypeVar("T")
 IN_CHUNK = 500  # ids per `IN (...)` list: well under both databases' parameter limits
 
 
-def in_chunks(ids: Sequence[str]) -> Iterator[tuple[tuple[str, ...], str]]:
+def in_chunks(ids: Sequence[T]) -> Iterator[tuple[tuple[T, ...], str]]:
     """`ids` in slices for `IN (...)`, each with its placeholders."""
     for start in range(0, len(ids), IN_CHUNK):
         chunk = tuple(ids[start : start + IN_CHUNK])

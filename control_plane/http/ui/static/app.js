@@ -54,7 +54,7 @@ async function post(button) {
   button.disabled = true;
   try {
     const resp = await fetch(button.dataset.post, {
-      method: "POST",
+      method: button.dataset.method || "POST",
       headers: { ...UI_HEADERS, "Content-Type": "application/json" },
       credentials: "same-origin",
       body: button.dataset.body || "{}",
@@ -63,6 +63,10 @@ async function post(button) {
     if (!resp.ok) {
       const err = body.error || {};
       flash(`${resp.status} ${err.code || ""}: ${err.message || "request failed"}`, true);
+      return;
+    }
+    if (button.dataset.then) {
+      location.href = button.dataset.then;
       return;
     }
     if (button.dataset.openRun && body.run_id) {
