@@ -248,6 +248,12 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE agents ADD COLUMN operator_drain INTEGER NOT NULL DEFAULT 0;
     """,
+    # version 13 (after issue 26's retention migration): where a compute-log chunk's text
+    # lies in its file when [compute_logs] kind = "filesystem"; NULL: in `text`
+    """
+    ALTER TABLE compute_logs ADD COLUMN file_offset INTEGER;
+    ALTER TABLE compute_logs ADD COLUMN file_length INTEGER;
+    """,
 ]
 
 
