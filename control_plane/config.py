@@ -12,6 +12,7 @@ from control_plane.model.alerts import ALERT_EVENTS
 from control_plane.model.runs import ResumeRules
 from control_plane.model.submission import RunRules
 from control_plane.storage import url_problem
+from control_plane.storage.logstore import LogStore, log_store_for
 from protocol.codec import DecodeLimits
 from protocol.logs import redact
 from protocol.schema import ConfigError, FieldError, load_toml
@@ -117,6 +118,27 @@ class StorageConfig:
             )
         if not 1 <= self.pool_size <= 1000:
             yield FieldError("pool_size", "must be between 1 and 1000")
+
+
+@dataclass(frozen=True)
+class ComputeLogsConfig:
+    """Where compute-log text lives (control_plane/storage/logstore.py): in the database,
+    or in files under `path` (relative to the config file). With "database", a `path`
+    keeps the chunks an earlier "filesystem" instance wrote readable."""
+
+    kind: str = "database"
+    path: str = ""
+
+    def problems(self) -> Iterator[FieldError]:
+        if self.kind not in ("database", "filesystem"):
+            yield FieldError("kind", f"must be 'database' or 'filesystem', not {self.kind!r}")
+        elif self.kind == "filesystem" and not self.path.strip():
+            yield FieldError("path", 'required with kind = "filesystem": the folder for the logs')
+        if "\0" in self.path:
+            yield FieldError("path", "must not contain a NUL character")
+
+    def store(self) -> LogStore:
+        return log_store_for(self.kind, self.path)
 
 
 @dataclass(frozen=True)
@@ -298,6 +320,7 @@ class ControlPlaneConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    compute_logs: ComputeLogsConfig = field(default_factory=ComputeLogsConfig)
     alerts: list[AlertRule] = field(default_factory=list)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
 
@@ -351,10 +374,12 @@ def load_control_plane_config(path: str | None) -> ControlPlaneConfig:
     server = config.server
     tls_cert = os.path.join(base_dir, server.tls_cert) if server.tls_cert else ""
     tls_key = os.path.join(base_dir, server.tls_key) if server.tls_key else ""
+    logs = config.compute_logs
     return replace(
         config,
         storage=replace(config.storage, url=resolve_storage_url(config.storage.url, base_dir)),
         server=replace(server, tls_cert=tls_cert, tls_key=tls_key),
+        compute_logs=replace(logs, path=os.path.join(base_dir, logs.path) if logs.path else ""),
     )
     return config
 

@@ -40,7 +40,9 @@ TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
 
 def app_for(config: ControlPlaneConfig, clock: Clock | None = None) -> web.Application:
     """A control-plane app (not yet started) on the storage its config names."""
-    storage = open_storage(config.storage.url, config.storage.pool_size)
+    storage = open_storage(
+        config.storage.url, config.storage.pool_size, config.compute_logs.store()
+    )
     return build_app(config, storage, clock or SystemClock())
 
 

@@ -256,7 +256,9 @@ async def serve(
     may set how garbage is collected (control_plane/collector.py)."""
     warn_about_insecure_setup(config)
     clock = clock or SystemClock()
-    storage = open_storage(config.storage.url, config.storage.pool_size)
+    storage = open_storage(
+        config.storage.url, config.storage.pool_size, config.compute_logs.store()
+    )
     app = build_app(config, storage, clock)
     runner = web.AppRunner(
         app,

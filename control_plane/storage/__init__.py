@@ -8,8 +8,14 @@ do next: that is the daemon's and the model's.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from control_plane.storage.port import Storage
 from protocol.logs import redact
+
+if TYPE_CHECKING:
+    from control_plane.storage.logstore import LogStore
+    from control_plane.storage.sql import SqlStorage
 
 
 def url_problem(url: str) -> str | None:
@@ -29,19 +35,25 @@ def url_problem(url: str) -> str | None:
     return None
 
 
-def open_storage(url: str, pool_size: int = 10) -> Storage:
-    """Create the storage backend a `[storage] url` names (not yet opened)."""
+def open_storage(url: str, pool_size: int = 10, logs: LogStore | None = None) -> Storage:
+    """Create the storage backend a `[storage] url` names (not yet opened), keeping
+    compute-log text where `logs` does (default: in the database)."""
     problem = url_problem(url)
     if problem is not None:
         raise ValueError(problem)
+    storage: SqlStorage
     if url.startswith("sqlite:///"):
         from control_plane.storage.sqlite import SqliteStorage
 
-        return SqliteStorage(url.removeprefix("sqlite:///"))
-    if url.startswith(("postgresql://", "postgres://")):
+        storage = SqliteStorage(url.removeprefix("sqlite:///"))
+    elif url.startswith(("postgresql://", "postgres://")):
         from control_plane.storage.postgres import PostgresStorage
 
-        return PostgresStorage(url, pool_size)
-    raise ValueError(
-        f"unsupported storage url {redact(url)!r}: expected sqlite:///PATH or postgresql://…"
-    )
+        storage = PostgresStorage(url, pool_size)
+    else:
+        raise ValueError(
+            f"unsupported storage url {redact(url)!r}: expected sqlite:///PATH or postgresql://…"
+        )
+    if logs is not None:
+        storage.logs = logs
+    return storage

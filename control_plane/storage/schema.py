@@ -256,6 +256,12 @@ MIGRATIONS: list[str] = [
     CREATE INDEX step_outputs_by_create_time ON step_outputs (create_time);
     CREATE INDEX ticks_by_status_end_time ON ticks (status, end_time);
     """,
+    # version 13: where a compute-log chunk's text
+    # lies in its file when [compute_logs] kind = "filesystem"; NULL: in `text`
+    """
+    ALTER TABLE compute_logs ADD COLUMN file_offset INTEGER;
+    ALTER TABLE compute_logs ADD COLUMN file_length INTEGER;
+    """,
 ]
 
 

@@ -34,7 +34,7 @@ TABLES: list[tuple[str, str, str]] = [
     ("run_attempts", "attempt_id", "run_id, agent_id, create_time, acked_seq"),
     ("events", "id", "run_id, seq, time, type, step, message, data, attempt"),
     ("run_status_changes", "id", "run_id, status, time"),
-    ("compute_logs", "id", "run_id, attempt, step, stream, time, text"),
+    ("compute_logs", "id", "run_id, attempt, step, stream, time, text, file_offset, file_length"),
     ("step_outputs", "run_id, step", "attempt, size, data, create_time"),
     (
         "agents",

@@ -9,6 +9,7 @@ and one test suite covers both.
 
 from __future__ import annotations
 
+from control_plane.storage.logstore import DatabaseLogStore, LogStore
 from control_plane.storage.sql.agents import AgentQueries
 from control_plane.storage.sql.alerts import AlertQueries
 from control_plane.storage.sql.catalog import CatalogCache
@@ -36,3 +37,4 @@ class SqlStorage(
 
     def __init__(self) -> None:
         self._catalogs = CatalogCache()
+        self.logs: LogStore = DatabaseLogStore()

@@ -20,6 +20,7 @@ from control_plane.model.statuses import (
     RunStatus,
 )
 from control_plane.storage.errors import NotYourRun, RecordRefused, StaleLease, UnknownRun
+from control_plane.storage.logstore import LOG_COLUMNS, LogRow, LogStore
 from control_plane.storage.port import AppendResult
 from control_plane.storage.sql.base import SqlBase, Tx, event_json, marks
 from control_plane.storage.sql.catalog import CatalogCache
@@ -39,6 +40,7 @@ INLINE_OUTPUT_KEY = "output_bytes"  # a STEP_OUTPUT's data may carry the output 
 
 class EventQueries(SqlBase):
     _catalogs: CatalogCache
+    logs: LogStore  # where compute-log text lives (storage/logstore.py)
 
     async def append_records(
         self,
@@ -81,7 +83,7 @@ class EventQueries(SqlBase):
                 ):
                     plain.append(record)
                     continue
-                await _append_plain(db, run_id, lease, now, plain)
+                await self._append_plain(db, run_id, lease, now, plain)
                 plain = []
                 if record.type == RUN_FAILURE and status in (RunStatus.STARTING, RunStatus.STARTED):
                     kind = known_kind(record.data.get("failure_kind"), AGENT_FAILURE_KINDS)
@@ -119,7 +121,7 @@ class EventQueries(SqlBase):
                 changed = changed or did_change
                 if did_change and status in TERMINAL_STATUSES:
                     end_time = now
-            await _append_plain(db, run_id, lease, now, plain)
+            await self._append_plain(db, run_id, lease, now, plain)
             await db.execute(
                 "UPDATE run_attempts SET acked_seq = ? WHERE attempt_id = ?", (acked, lease)
             )
@@ -184,13 +186,23 @@ class EventQueries(SqlBase):
         ]
 
     async def get_logs(self, run_id: str, step: str | None, after: int) -> list[LogChunk]:
-        sql = "SELECT id, step, stream, time, text FROM compute_logs WHERE run_id = ? AND id > ?"
+        sql = f"SELECT {LOG_COLUMNS} FROM compute_logs WHERE run_id = ? AND id > ?"
         args: list[Any] = [run_id, after]
         if step is not None:
             sql += " AND step = ?"
             args.append(step)
         rows = await self._reader.fetch(sql + " ORDER BY id", args)
-        return [LogChunk(id=i, step=s, stream=st, time=t, text=x) for i, s, st, t, x in rows]
+        return await self.logs.read(run_id, [LogRow(*row) for row in rows])
+
+    async def _append_plain(
+        self, db: Tx, run_id: str, lease: int, now: float, records: list[RunRecord]
+    ) -> None:
+        """Store records that change no status (logs, step events) in one statement per
+        table: a batch of 500 costs three statements, not a thousand."""
+        logs = [r for r in records if r.kind == "log"]
+        if logs:
+            await self.logs.append(db, run_id, lease, logs)
+        await _append_events(db, run_id, lease, now, [r for r in records if r.kind != "log"])
 
 
 async def _leased(db: Tx, run_id: str, lease: int, agent_id: str | None = None) -> Run:
@@ -222,19 +234,9 @@ async def _put_output(db: Tx, run_id: str, lease: int, step: str, data: bytes, n
     )
 
 
-async def _append_plain(
-    db: Tx, run_id: str, lease: int, now: float, records: list[RunRecord]
+async def _append_events(
+    db: Tx, run_id: str, lease: int, now: float, events: list[RunRecord]
 ) -> None:
-    """Store records that change no status (logs, step events) in one statement per
-    table: a batch of 500 costs three statements, not a thousand."""
-    logs = [(run_id, lease, r.step, r.type, r.time, r.message) for r in records if r.kind == "log"]
-    events = [r for r in records if r.kind != "log"]
-    if logs:
-        await db.executemany(
-            "INSERT INTO compute_logs (run_id, attempt, step, stream, time, text)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            logs,
-        )
     if not events:
         return
     ((last,),) = await db.fetch(
