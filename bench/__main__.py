@@ -8,6 +8,8 @@ The workloads (each module's docstring says exactly what it measures):
   6    bench/dagster.py   workloads 1 and 2 on Dagster OSS, installed into .bench/
   7    bench/replicas.py  submit -> launch received through the replica that does not
                           lead the run queue (two replicas on PostgreSQL)
+  9    bench/bigdata.py   a million runs and 50 million events (bulk-built) against an
+                          empty database, SQLite and PostgreSQL: each figure <= 2x
 plus two figures of earlier issues: executor overhead per step, agent death -> FAILURE.
 The table is Markdown, so that docs/performance.md can hold it as printed.
 """
@@ -93,6 +95,34 @@ def print_table(rows: list[Row], title: str) -> None:
     sys.stdout.flush()
 
 
+def big_data_rows(runs: int, postgres_url: str) -> list[Row]:
+    """Workload 9's figures, each against its own on an empty database."""
+    import tempfile
+    from pathlib import Path
+
+    from bench import bigdata
+
+    folder = Path(tempfile.mkdtemp(prefix="fleetrun-bigdata-"))
+    rows = []
+    for backend in ("sqlite", "postgres"):
+        for c in bigdata.run_backend(
+            backend, folder, postgres_url, runs, bigdata.EVENTS_PER_RUN, bigdata.REQUESTS
+        ):
+            empty = f"empty p50 {_ms(statistics.median(c.empty))}; {c.ratio:.2f}x"
+            rows.append(
+                Row(
+                    "9 big",
+                    f"{backend}, {runs:,} runs: {c.measure}",
+                    _ms(statistics.median(c.big)),
+                    _ms(pct(c.big, 0.99)),
+                    value=empty,
+                    goal="<= 2x empty",
+                    met=c.ratio <= 2,
+                )
+            )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -119,6 +149,13 @@ def main(argv: list[str] | None = None) -> None:
         help="PostgreSQL for the replicas (7): a fresh schema on it",
     )
     parser.add_argument("--skip-replicas", action="store_true")
+    parser.add_argument(
+        "--big-runs",
+        type=int,
+        default=1_000_000,
+        help="runs in the big database (9), 50 events each; 100000 for a quick try",
+    )
+    parser.add_argument("--skip-big", action="store_true")
     parser.add_argument(
         "--skip-extra", action="store_true", help="skip the executor and agent-death figures"
     )
@@ -212,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
         through = replicas.non_leader(args.runs, args.postgres)
         measure = f"submit to the non-leader -> launch received ({args.runs} runs)"
         rows.append(_dist("7 replicas", measure, through, "p50 <= 50 ms", p50_goal=0.050))
+    if not args.skip_big:
+        progress(f"9: a database of {args.big_runs:,} runs (building it takes minutes)")
+        rows.extend(big_data_rows(args.big_runs, args.postgres))
     if not args.skip_extra:
         progress("extra: executors, agent death")
         from bench.executors import per_step_ms

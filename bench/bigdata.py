@@ -37,6 +37,8 @@ from control_plane.storage import open_storage
 JOBS = [f"job_{n:02d}" for n in range(20)]
 TEAMS = 10
 RUNS_PER_BATCH = 10_000
+EVENTS_PER_RUN = 50
+REQUESTS = 50
 STEP_EVENTS = ["STEP_START", "LOG_MESSAGE", "STEP_OUTPUT", "STEP_SUCCESS"]
 RUN_COLUMNS = (
     "run_id",
@@ -337,8 +339,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=1_000_000)
-    parser.add_argument("--events", type=int, default=50, help="events per run")
-    parser.add_argument("--requests", type=int, default=50, help="samples of each figure")
+    parser.add_argument("--events", type=int, default=EVENTS_PER_RUN, help="events per run")
+    parser.add_argument("--requests", type=int, default=REQUESTS, help="samples of each")
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
