@@ -274,7 +274,7 @@ def build(backend: str, folder: Path, postgres_url: str, runs: int, events: int)
         path = folder / "fleetrun.db"
         build_sqlite(path, runs, events)
         return f"sqlite:///{path}"
-    url = fresh_schema(postgres_url, folder.name)
+    url = fresh_schema(postgres_url, folder.name)  # folder: .../postgres/empty or big
     asyncio.run(build_postgres(url, runs, events))
     return url
 
@@ -302,8 +302,10 @@ def run_backend(
     backend: str, folder: Path, postgres_url: str, runs: int, events: int, requests: int
 ) -> list[Comparison]:
     """Figures on the baseline database, then on the big one, for one backend."""
-    empty = measure_built(backend, folder / "empty", postgres_url, BASELINE_RUNS, events, requests)
-    big = measure_built(backend, folder / "big", postgres_url, runs, events, requests)
+    empty = measure_built(
+        backend, folder / backend / "empty", postgres_url, BASELINE_RUNS, events, requests
+    )
+    big = measure_built(backend, folder / backend / "big", postgres_url, runs, events, requests)
     return compare(backend, empty, big)
 
 
