@@ -9,6 +9,8 @@ The workloads (each module's docstring says exactly what it measures):
   7    bench/replicas.py  submit -> launch received through the replica that does not
                           lead the run queue (two replicas on PostgreSQL)
   8    bench/retention.py the longest write pause while the retention loop purges N runs
+  9    bench/bigdata.py   a million runs and 50 million events (bulk-built) against an
+                          empty database, SQLite and PostgreSQL: each figure <= 2x
 plus two figures of earlier issues: executor overhead per step, agent death -> FAILURE.
 The table is Markdown, so that docs/performance.md can hold it as printed.
 """
@@ -94,6 +96,34 @@ def print_table(rows: list[Row], title: str) -> None:
     sys.stdout.flush()
 
 
+def big_data_rows(runs: int, postgres_url: str) -> list[Row]:
+    """Workload 9's figures, each against its own on an empty database."""
+    import tempfile
+    from pathlib import Path
+
+    from bench import bigdata
+
+    folder = Path(tempfile.mkdtemp(prefix="fleetrun-bigdata-"))
+    rows = []
+    for backend in ("sqlite", "postgres"):
+        for c in bigdata.run_backend(
+            backend, folder, postgres_url, runs, bigdata.EVENTS_PER_RUN, bigdata.REQUESTS
+        ):
+            empty = f"empty p50 {_ms(statistics.median(c.empty))}; {c.ratio:.2f}x"
+            rows.append(
+                Row(
+                    "9 big",
+                    f"{backend}, {runs:,} runs: {c.measure}",
+                    _ms(statistics.median(c.big)),
+                    _ms(pct(c.big, 0.99)),
+                    value=empty,
+                    goal="<= 2x empty",
+                    met=c.ratio <= 2,
+                )
+            )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -121,6 +151,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--skip-replicas", action="store_true")
     parser.add_argument("--purge-runs", type=int, default=20_000, help="finished runs purged (8)")
+    parser.add_argument(
+        "--big-runs",
+        type=int,
+        default=1_000_000,
+        help="runs in the big database (9), 50 events each; 100000 for a quick try",
+    )
+    parser.add_argument("--skip-big", action="store_true")
     parser.add_argument(
         "--skip-extra", action="store_true", help="skip the executor and agent-death figures"
     )
@@ -227,6 +264,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{purged.total_s:.1f} s in all",
         )
     )
+    if not args.skip_big:
+        progress(f"9: a database of {args.big_runs:,} runs (building it takes minutes)")
+        rows.extend(big_data_rows(args.big_runs, args.postgres))
     if not args.skip_extra:
         progress("extra: executors, agent death")
         from bench.executors import per_step_ms

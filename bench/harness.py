@@ -156,10 +156,17 @@ def fleet(control_plane_toml: str, agents: int, slots: int) -> Iterator[str]:
 class Fleet:
     """A control plane and its agents as subprocesses; `stop()` ends them all."""
 
-    def __init__(self, control_plane_toml: str = "", storage_url: str = "sqlite:///b.db") -> None:
+    def __init__(
+        self,
+        control_plane_toml: str = "",
+        storage_url: str = "sqlite:///b.db",
+        fresh_schema: bool = True,
+    ) -> None:
+        """`fresh_schema=False`: serve a PostgreSQL URL as given (a database built
+        beforehand, bench/bigdata.py), not a new empty schema on it."""
         self.folder = Path(tempfile.mkdtemp(prefix="fleetrun-bench-"))
         self._schema: tuple[str, str] | None = None
-        if storage_url.startswith(("postgresql:", "postgres:")):
+        if fresh_schema and storage_url.startswith(("postgresql:", "postgres:")):
             storage_url = self._fresh_schema(storage_url)
         (self.folder / "cp.toml").write_text(
             f'[server]\nport = 0\n[storage]\nurl = "{storage_url}"\n{control_plane_toml}'

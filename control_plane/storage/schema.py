@@ -262,6 +262,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE compute_logs ADD COLUMN file_offset INTEGER;
     ALTER TABLE compute_logs ADD COLUMN file_length INTEGER;
     """,
+    # version 14: runs listed by status, newest first, read in id order from an index
+    # (runs_by_status orders by priority first: a status filter sorted every run of that
+    # status, 80,000 FAILUREs in a million runs, for each page)
+    """
+    CREATE INDEX runs_by_status_id ON runs (status, id);
+    """,
 ]
 
 

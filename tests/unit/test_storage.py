@@ -90,6 +90,40 @@ async def test_list_runs_filters_and_pages_newest_first(storage: Storage) -> Non
     assert runs == []
 
 
+async def all_pages(storage: Storage, filt: RunFilter, limit: int) -> list[str]:
+    """Every run the filter finds, page after page through the cursor."""
+    found: list[str] = []
+    cursor = None
+    while True:
+        runs, cursor = await storage.list_runs(filt, limit, cursor)
+        found += [r.run_id for r in runs]
+        if cursor is None:
+            return found
+
+
+async def test_status_filtered_pages_are_the_newest_first_order_filtered(
+    storage: Storage,
+) -> None:
+    """The status filter reads runs_by_status_id (migration 12): the same pages as
+    filtering the unfiltered list, for one status and for several."""
+    for i in range(9):
+        await storage.create_run(new_run(f"r{i}"), now=i)
+        if i % 3 == 0:
+            await storage.request_cancel(f"r{i}", now=i)
+    newest_first = await all_pages(storage, RunFilter(), 4)
+    runs = [await storage.get_run(r) for r in newest_first]
+    status = {r.run_id: r.status for r in runs if r is not None}
+    for statuses in ([RunStatus.CANCELED], [RunStatus.CANCELED, RunStatus.NOT_STARTED]):
+        expected = [r for r in newest_first if status[r] in statuses]
+        for limit in (1, 2, 100):
+            assert await all_pages(storage, RunFilter(statuses=statuses), limit) == expected
+    assert await all_pages(storage, RunFilter(statuses=[RunStatus.CANCELED]), 2) == [
+        "r6",
+        "r3",
+        "r0",
+    ]
+
+
 async def test_a_run_id_prefix_finds_the_runs_it_starts(storage: Storage) -> None:
     for run_id in ("abcd1234-0001", "abcd1234-0002", "abce0000-0001", "abc-0000", "abcd"):
         await storage.create_run(new_run(run_id), now=1.0)
