@@ -495,7 +495,7 @@ def test_auth_errors_are_one_line_and_tokens_come_from_flag_or_env(tmp_path: Pat
 def test_completion_scripts_know_every_command() -> None:
     bash = ok(fleetrun("http://127.0.0.1:9", "completion", "bash"))
     for words in (
-        "submit list watch show events logs cancel reexecute priority",
+        "submit list watch show events logs cancel delete reexecute priority",
         "list show ticks start stop",
         "runs queue schedules sensors agents jobs",
     ):
