@@ -77,6 +77,16 @@ def executor_options(job_default: dict[str, Any], override: object) -> dict[str,
     )
 
 
+def _cannot_load(sink: RecordSink, job: str, exc: Exception, message: str, **data: str) -> int:
+    """The run fails before its first step: its job could not be loaded, and why."""
+    sink.event(
+        "RUN_FAILURE",
+        f"could not load job {job!r}: {message}",
+        data={"error_type": type(exc).__name__, "message": message, **data},
+    )
+    return 1
+
+
 def _run(spec: WorkerSpec, sink: RecordSink) -> int:
     from agent.worker.code_location import LocationLoadError, load_definitions
     from agent.worker.executors import Execution, get_executor
@@ -86,28 +96,14 @@ def _run(spec: WorkerSpec, sink: RecordSink) -> int:
     try:
         defs = load_definitions(spec.location)
     except LocationLoadError as exc:
-        sink.event(
-            "RUN_FAILURE",
-            f"could not load job {launch.job!r}: {exc}",
-            data={
-                "error_type": type(exc).__name__,
-                "message": str(exc),
-                "failure_kind": CODE_UNREACHABLE,
-            },
-        )
-        return 1
+        return _cannot_load(sink, launch.job, exc, str(exc), failure_kind=CODE_UNREACHABLE)
     try:
         job = defs.get_job(launch.job)
         options = executor_options(job.executor, launch.config.get("execution"))
         executor = get_executor(options["name"])
     except (KeyError, ValueError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        sink.event(
-            "RUN_FAILURE",
-            f"could not load job {launch.job!r}: {message}",
-            data={"error_type": type(exc).__name__, "message": str(message)},
-        )
-        return 1
+        return _cannot_load(sink, launch.job, exc, str(message))
     sink.event(
         "RUN_START",
         f"run worker started (pid {os.getpid()} on {socket.gethostname()})",
