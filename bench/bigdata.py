@@ -60,7 +60,7 @@ RUN_COLUMNS = (
     "launch_acked",
 )
 EVENT_COLUMNS = ("run_id", "seq", "time", "type", "step", "message", "data", "attempt")
-TAG_COLUMNS = ("run_id", "key", "value")
+TAG_COLUMNS = ("run_id", "key", "value", "run_pk")
 CHANGE_COLUMNS = ("run_id", "status", "time")
 # The filters measured: a status of 8 % of the runs, a job of 5 %, a tag of 10 %.
 # The baseline: a database as good as empty, but with enough runs to fill every page
@@ -148,7 +148,7 @@ def batches(runs: int, events: int, now: float) -> Iterator[Batch]:
             start = first + n * 30.0
             batch.runs.append(run_row(n, start, events))
             batch.events.extend(event_rows(n, start, events))
-            batch.tags.extend((run_id_of(n), k, v) for k, v in tags_of(n).items())
+            batch.tags.extend((run_id_of(n), k, v, n + 1) for k, v in tags_of(n).items())
             batch.changes.extend(change_rows(n, start))
         yield batch
 

@@ -226,7 +226,7 @@ async def run_json(storage: Storage, run: Run) -> dict[str, Any]:
     first. A deleted root stays in the chain as {"status": "DELETED", "kind": "deleted"}:
     its retries still name it as their parent and root."""
     root_id = run.root_run_id or run.run_id
-    family, _ = await storage.list_runs(RunFilter(tags=[(ROOT_TAG, root_id)]), 1000, None)
+    family, _ = await storage.list_runs(RunFilter(root_run_id=root_id), 1000, None)
     if not family:
         return {**run.to_json(), "chain": []}
     root = run if root_id == run.run_id else await storage.get_run(root_id)

@@ -53,6 +53,7 @@ class PurgeResult:
     rows: dict[str, int] = field(default_factory=dict)
     bytes: int = 0
     more: bool = False
+    emptied_runs: list[str] = field(default_factory=list)  # runs left with no log chunk
 
     def add(self, table: str, count: int, size: int) -> None:
         if count:

@@ -114,6 +114,7 @@ class RunFilter:
     job: str | None = None
     tags: list[tuple[str, str]] = field(default_factory=list)
     agent_id: str | None = None
+    root_run_id: str | None = None  # the retries and re-executions of this run
 
 
 TAG_FILTER_SEPARATORS = "=:"

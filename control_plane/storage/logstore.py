@@ -7,6 +7,9 @@ transaction as the rest of its batch: the row's id orders the run's chunks and p
 stored twice. The filesystem store writes a chunk's bytes at the end of its file and
 fsyncs them before the row is inserted, so a committed row never points at missing bytes;
 bytes a crash left behind past the last committed row belong to no row and are never read.
+A run's folder is removed once no row of it is left (its deletion, its purge, or the
+purge of its last chunks), after that transaction commits; chunks purged while younger
+ones of the same run are kept stay on disk until the rest go too.
 A row that holds its own text (`file_offset` NULL) is served as it is, whatever the kind:
 an instance that switches kinds keeps serving its old logs.
 """
@@ -17,6 +20,7 @@ import asyncio
 import logging
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -59,6 +63,11 @@ class LogStore(Protocol):
         """The chunks the index rows stand for, in the rows' order."""
         ...
 
+    async def forget(self, run_ids: Sequence[str]) -> None:
+        """Drop the text of runs that no index row points at any more (called once the
+        transaction that deleted their rows committed)."""
+        ...
+
 
 class DatabaseLogStore:
     """Text in the `compute_logs` rows themselves. `files` is the folder of an earlier
@@ -78,6 +87,10 @@ class DatabaseLogStore:
         if not self.files or all(row.file_offset is None for row in rows):
             return [_chunk(row, row.text) for row in rows]
         return await FilesystemLogStore(self.files).read(run_id, rows)
+
+    async def forget(self, run_ids: Sequence[str]) -> None:
+        if self.files:
+            await FilesystemLogStore(self.files).forget(run_ids)
 
 
 class FilesystemLogStore:
@@ -101,6 +114,18 @@ class FilesystemLogStore:
 
     async def read(self, run_id: str, rows: Sequence[LogRow]) -> list[LogChunk]:
         return await asyncio.to_thread(self._read, run_id, rows)
+
+    async def forget(self, run_ids: Sequence[str]) -> None:
+        if run_ids:
+            await asyncio.to_thread(self._remove, run_ids)
+
+    def _remove(self, run_ids: Sequence[str]) -> None:
+        for run_id in run_ids:
+            try:
+                folder = self.path(run_id, None).parent
+            except ValueError:
+                continue  # a name no folder of ours can have
+            shutil.rmtree(folder, ignore_errors=True)
 
     def path(self, run_id: str, step: str | None) -> Path:
         """The file of one run's step; names that could leave the folder are refused."""

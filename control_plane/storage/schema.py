@@ -268,6 +268,16 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX runs_by_status_id ON runs (status, id);
     """,
+    # version 15: a run's family (its retries and re-executions) read by its root, and a
+    # tag filter that pages in run order: each tag row carries its run's numeric id, so
+    # (key, value, run_pk) walks the runs with that tag newest first and stops at a page,
+    # however rare or common the tag (an EXISTS per run walked every run for a rare tag)
+    """
+    CREATE INDEX runs_by_root ON runs (root_run_id, id);
+    ALTER TABLE run_tags ADD COLUMN run_pk INTEGER;
+    UPDATE run_tags SET run_pk = (SELECT id FROM runs WHERE runs.run_id = run_tags.run_id);
+    CREATE INDEX run_tags_by_key_value_run ON run_tags (key, value, run_pk);
+    """,
 ]
 
 

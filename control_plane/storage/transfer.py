@@ -30,7 +30,7 @@ TABLES: list[tuple[str, str, str]] = [
         " root_run_id, resume_count, reuse_outputs, launch_acked, idempotency_key,"
         " code_retries",
     ),
-    ("run_tags", "run_id, key", "value"),
+    ("run_tags", "run_id, key", "value, run_pk"),
     ("run_attempts", "attempt_id", "run_id, agent_id, create_time, acked_seq"),
     ("events", "id", "run_id, seq, time, type, step, message, data, attempt"),
     ("run_status_changes", "id", "run_id, status, time"),

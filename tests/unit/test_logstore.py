@@ -147,3 +147,33 @@ def test_a_bad_compute_logs_table_is_named(tmp_path: Path, text: str, named: str
     with pytest.raises(ConfigError) as info:
         load_control_plane_config(str(path))
     assert named in str(info.value) and "cp.toml" in str(info.value)
+
+
+async def test_a_runs_files_go_when_its_rows_do(storage: Storage, tmp_path: Path) -> None:
+    """Deleting a run, purging it, or purging its last chunks removes its folder; a run
+    whose younger chunks are kept keeps its folder (the file's bytes back them)."""
+    from control_plane.model.retention import COMPUTE_LOGS, RUNS, Purge
+    from tests.unit.test_storage import assign_lease, event, new_run
+    from tests.unit.test_storage_retention import finished, purge_all
+
+    root = tmp_path / "logs"
+    use(storage, FilesystemLogStore(str(root)))
+    aid = await agent_id(storage)
+    await finished(storage, "deleted", aid, end=10)
+    await finished(storage, "purged", aid, end=10)
+    await finished(storage, "old-logs", aid, end=100)
+    await storage.create_run(new_run("young-logs"), now=90)
+    lease = await assign_lease(storage, "young-logs", aid, now=90)
+    late = RunRecord(seq=3, time=5000.0, kind="log", type="stdout", step="a", message="late\n")
+    batch = [event(1, "RUN_START"), line(2, "early\n"), late]
+    await storage.append_records("young-logs", lease, batch, now=5000)
+    await storage.append_records("young-logs", lease, [event(4, "RUN_SUCCESS")], now=5001)
+    assert {p.name for p in root.iterdir()} == {"deleted", "purged", "old-logs", "young-logs"}
+
+    await storage.delete_run("deleted")
+    assert not (root / "deleted").exists()
+    await purge_all(storage, Purge(RUNS, "SUCCESS", before=11))
+    assert {p.name for p in root.iterdir()} == {"old-logs", "young-logs"}
+    assert await purge_all(storage, Purge(COMPUTE_LOGS, None, before=1000)) == {"compute_logs": 2}
+    assert {p.name for p in root.iterdir()} == {"young-logs"}
+    assert [c.text for c in await storage.get_logs("young-logs", None, 0)] == ["late\n"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,84 @@ async def test_status_filtered_pages_are_the_newest_first_order_filtered(
         "r3",
         "r0",
     ]
+
+
+async def test_tag_filtered_pages_are_the_newest_first_order_filtered(
+    storage: Storage,
+) -> None:
+    """A tag filter reads runs in run order from run_tags_by_key_value_run (migration 15):
+    the same pages as filtering the unfiltered list, alone, with a status, with a second
+    tag, and for a tag set after submission (a priority)."""
+    for i in range(12):
+        tags = {"team": f"t{i % 3}", "half": str(i % 2)}
+        await storage.create_run(new_run(f"r{i:02d}", tags=tags), now=i)
+        if i % 4 == 0:
+            await storage.request_cancel(f"r{i:02d}", now=i)
+    await storage.set_priority("r07", 4, now=20)
+    newest_first = await all_pages(storage, RunFilter(), 5)
+    runs = {r: await storage.get_run(r) for r in newest_first}
+
+    def where(test: Callable[[Run], bool]) -> list[str]:
+        return [r for r in newest_first if test(runs[r])]  # type: ignore[arg-type]
+
+    cases = [
+        (RunFilter(tags=[("team", "t1")]), where(lambda r: r.tags["team"] == "t1")),
+        (
+            RunFilter(tags=[("team", "t0")], statuses=[RunStatus.CANCELED]),
+            where(lambda r: r.tags["team"] == "t0" and r.status == RunStatus.CANCELED),
+        ),
+        (
+            RunFilter(tags=[("team", "t2"), ("half", "1")]),
+            where(lambda r: r.tags["team"] == "t2" and r.tags["half"] == "1"),
+        ),
+        (RunFilter(tags=[("fleetrun/priority", "4")]), ["r07"]),
+        (RunFilter(tags=[("team", "nobody")]), []),
+    ]
+    for filt, expected in cases:
+        assert expected or filt.tags == [("team", "nobody")]  # the cases are not vacuous
+        for limit in (1, 2, 100):
+            assert await all_pages(storage, filt, limit) == expected, (filt, limit)
+
+
+async def test_a_family_is_listed_by_its_root(storage: Storage) -> None:
+    await storage.create_run(new_run("root"), now=1)
+    for n, parent in enumerate(["root", "child-0", "root"]):
+        run = dataclasses.replace(new_run(f"child-{n}"), parent_run_id=parent, root_run_id="root")
+        await storage.create_run(run, now=2 + n)
+    await storage.create_run(new_run("stranger"), now=9)
+    runs, _ = await storage.list_runs(RunFilter(root_run_id="root"), 10, None)
+    assert [r.run_id for r in runs] == ["child-2", "child-1", "child-0"]
+
+
+@pytest.mark.parametrize(
+    "filt",
+    [
+        RunFilter(tags=[("a", "b")]),
+        RunFilter(tags=[("a", "b")], statuses=[RunStatus.FAILURE]),
+        RunFilter(tags=[("a", "b"), ("c", "d")], job="etl"),
+    ],
+)
+async def test_sqlite_pages_a_tag_filter_from_the_tag_index(
+    tmp_path: Path, filt: RunFilter
+) -> None:
+    """The plan SQLite picks for a tag filter walks the tags' index in run order: no
+    scan of the runs and no sort, however many runs there are."""
+    import sqlite3
+
+    from control_plane.storage.sql.runs import runs_page_query
+    from control_plane.storage.sqlite import SqliteStorage
+
+    path = tmp_path / "plan.db"
+    store = SqliteStorage(str(path))
+    await store.open()
+    await store.close()
+    for cursor in (None, 9):
+        sql, args = runs_page_query(filt, 50, cursor)
+        with sqlite3.connect(path) as db:
+            plan = db.execute(f"EXPLAIN QUERY PLAN {sql}", args).fetchall()
+        details = " | ".join(row[-1] for row in plan)
+        assert "run_tags_by_key_value_run" in details, details
+        assert "TEMP B-TREE" not in details and "SCAN runs" not in details, details
 
 
 async def test_a_run_id_prefix_finds_the_runs_it_starts(storage: Storage) -> None:
@@ -610,14 +689,17 @@ async def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None
         db.execute("INSERT INTO schema_version VALUES (1)")
         db.execute(
             "INSERT INTO runs (run_id, job, location, status, tags, config, create_time,"
-            " update_time) VALUES ('old', 'etl', 'loc', 'QUEUED', '{}', '{}', 1, 7)"
+            " update_time) VALUES ('old', 'etl', 'loc', 'QUEUED', '{\"team\": \"a\"}', '{}', 1, 7)"
         )
+        db.execute("INSERT INTO run_tags (run_id, key, value) VALUES ('old', 'team', 'a')")
     store = SqliteStorage(str(path))
     await store.open()
     try:
         assert await store.schema_version() == len(MIGRATIONS)
         run = await store.get_run("old")
         assert run is not None and run.status_time == 7 and run.resume_count == 0
+        runs, _ = await store.list_runs(RunFilter(tags=[("team", "a")]), 10, None)
+        assert [r.run_id for r in runs] == ["old"]  # its tag found its run's id
     finally:
         await store.close()
 

@@ -25,6 +25,7 @@ from control_plane.model.retention import (
 from control_plane.model.runs import Run
 from control_plane.model.statuses import TERMINAL_STATUSES
 from control_plane.storage.errors import RunActive, RunHasLiveChildren, UnknownRun
+from control_plane.storage.logstore import LogStore
 from control_plane.storage.sql.base import SqlBase, Tx, in_chunks, marks
 from control_plane.storage.sql.transitions import get_run
 
@@ -38,7 +39,7 @@ NO_LIVE_CHILD = (
 # Approximate bytes of a row's text, per table a run's deletion empties.
 ROW_BYTES = {
     "events": "LENGTH(message) + LENGTH(data)",
-    "compute_logs": "LENGTH(text)",
+    "compute_logs": "LENGTH(text) + COALESCE(file_length, 0)",
     "step_outputs": "size",
     "run_attempts": "0",
     "run_tags": "LENGTH(key) + LENGTH(value)",
@@ -47,6 +48,8 @@ ROW_BYTES = {
 
 
 class RetentionQueries(SqlBase):
+    logs: LogStore  # the text of deleted runs' logs goes too (storage/logstore.py)
+
     async def delete_run(self, run_id: str) -> Run:
         async with self._write() as db:
             run = await get_run(db, run_id)
@@ -68,7 +71,8 @@ class RetentionQueries(SqlBase):
             deleted = await _delete_runs(db, [run_id], PurgeResult())
             if not deleted:
                 raise RunActive(f"run {run_id} is no longer finished")
-            return run
+        await self.logs.forget(deleted)
+        return run
 
     async def retention_snapshot(self) -> RetentionSnapshot:
         reader = self._reader
@@ -98,6 +102,7 @@ class RetentionQueries(SqlBase):
                 await _purge_ticks(db, purge, max_rows, result)
             else:
                 raise ValueError(f"unknown purge target {purge.target!r}")
+        await self.logs.forget(result.emptied_runs)
         return result
 
     async def reclaim_space(self, pages: int) -> None:
@@ -114,6 +119,7 @@ async def _delete_runs(db: Tx, run_ids: Sequence[str], result: PurgeResult) -> l
         )
         deleted.extend(row[0] for row in rows)
     result.add("runs", len(deleted), 0)
+    result.emptied_runs.extend(deleted)
     for chunk, places in in_chunks(deleted):
         for table in RUN_TABLES:
             size = await db.fetch(
@@ -147,7 +153,8 @@ async def _purge_logs(db: Tx, before: float, max_rows: int, result: PurgeResult)
     )
     bound = "AND c.id < ?" if young else ""
     rows = await db.fetch(
-        "SELECT c.id, LENGTH(c.text) FROM compute_logs c JOIN runs r ON r.run_id = c.run_id"
+        "SELECT c.id, LENGTH(c.text) + COALESCE(c.file_length, 0), c.run_id"
+        " FROM compute_logs c JOIN runs r ON r.run_id = c.run_id"
         f" WHERE c.time < ? {bound} AND r.{IN_TERMINAL} ORDER BY c.id LIMIT ?",
         (before, *([young[0][0]] if young else []), *TERMINAL, max_rows),
     )
@@ -156,6 +163,14 @@ async def _purge_logs(db: Tx, before: float, max_rows: int, result: PurgeResult)
         await db.execute(f"DELETE FROM compute_logs WHERE id IN ({places})", chunk)
     result.add("compute_logs", len(ids), sum(int(row[1]) for row in rows))
     result.more = len(ids) == max_rows
+    touched = sorted({row[2] for row in rows})
+    kept: set[str] = set()
+    for chunk, places in in_chunks(touched):
+        found = await db.fetch(
+            f"SELECT DISTINCT run_id FROM compute_logs WHERE run_id IN ({places})", chunk
+        )
+        kept.update(row[0] for row in found)
+    result.emptied_runs.extend(r for r in touched if r not in kept)
 
 
 async def _purge_outputs(db: Tx, before: float, max_rows: int, result: PurgeResult) -> None:

@@ -33,6 +33,7 @@ from protocol.events import AGENT_RESTARTED
 from protocol.tags import PRIORITY_TAG
 
 DISPATCH_BATCH = 1000
+QUALIFIED_RUN_COLUMNS = ", ".join(f"runs.{name.strip()}" for name in RUN_COLUMNS.split(","))
 
 
 def prefix_upper_bound(prefix: str) -> str | None:
@@ -41,6 +42,46 @@ def prefix_upper_bound(prefix: str) -> str | None:
     if not prefix or ord(prefix[-1]) >= 0x10FFFF:
         return None
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def runs_page_query(filt: RunFilter, limit: int, cursor: int | None) -> tuple[str, list[Any]]:
+    """A page of runs (one more row than `limit`: is there a next page?), newest first,
+    after `cursor` (a run's numeric id). With a tag filter the first tag drives the read
+    from `run_tags_by_key_value_run`, in run order, and joins each run by its id: a page
+    costs its own rows, not the table's, however rare or common the tag."""
+    where: list[str] = []
+    args: list[Any] = []
+    source, order = "runs", "runs.id"
+    if filt.tags:
+        source = "run_tags t CROSS JOIN runs"  # CROSS: SQLite keeps run_tags outermost
+        order = "t.run_pk"
+        where.append("t.key = ? AND t.value = ? AND runs.id = t.run_pk")
+        args.extend(filt.tags[0])
+    if filt.statuses:
+        where.append(f"runs.status IN ({marks(filt.statuses)})")
+        args.extend(str(s) for s in filt.statuses)
+    if filt.job:
+        where.append("runs.job = ?")
+        args.append(filt.job)
+    if filt.agent_id:
+        where.append("runs.agent_id = ?")
+        args.append(filt.agent_id)
+    if filt.root_run_id:
+        where.append("runs.root_run_id = ?")
+        args.append(filt.root_run_id)
+    for key, value in filt.tags[1:]:
+        where.append(
+            "EXISTS (SELECT 1 FROM run_tags o WHERE o.run_id = runs.run_id"
+            " AND o.key = ? AND o.value = ?)"
+        )
+        args.extend((key, value))
+    if cursor is not None:
+        where.append(f"{order} < ?")
+        args.append(cursor)
+    sql = f"SELECT {QUALIFIED_RUN_COLUMNS} FROM {source}"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    return sql + f" ORDER BY {order} DESC LIMIT ?", [*args, limit + 1]
 
 
 class RunQueries(SqlBase):
@@ -69,32 +110,7 @@ class RunQueries(SqlBase):
     async def list_runs(
         self, filt: RunFilter, limit: int, cursor: int | None
     ) -> tuple[list[Run], int | None]:
-        where: list[str] = []
-        args: list[Any] = []
-        if filt.statuses:
-            where.append(f"status IN ({marks(filt.statuses)})")
-            args.extend(str(s) for s in filt.statuses)
-        if filt.job:
-            where.append("job = ?")
-            args.append(filt.job)
-        if filt.agent_id:
-            where.append("agent_id = ?")
-            args.append(filt.agent_id)
-        for key, value in filt.tags:
-            where.append(
-                "EXISTS (SELECT 1 FROM run_tags t WHERE t.run_id = runs.run_id"
-                " AND t.key = ? AND t.value = ?)"
-            )
-            args.extend((key, value))
-        if cursor is not None:
-            where.append("id < ?")
-            args.append(cursor)
-        sql = f"SELECT {RUN_COLUMNS} FROM runs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ?"
-        args.append(limit + 1)
-        rows = list(await self._reader.fetch(sql, args))
+        rows = list(await self._reader.fetch(*runs_page_query(filt, limit, cursor)))
         next_cursor = rows[limit - 1][-1] if len(rows) > limit else None
         return [run_from_row(r) for r in rows[:limit]], next_cursor
 
@@ -171,9 +187,10 @@ class RunQueries(SqlBase):
             )
             if changed:
                 await db.execute(
-                    "INSERT INTO run_tags (run_id, key, value) VALUES (?, ?, ?)"
+                    "INSERT INTO run_tags (run_id, key, value, run_pk)"
+                    " SELECT run_id, ?, ?, id FROM runs WHERE run_id = ?"
                     " ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value",
-                    (run_id, PRIORITY_TAG, str(priority)),
+                    (PRIORITY_TAG, str(priority), run_id),
                 )
             return await get_run(db, run_id)
 

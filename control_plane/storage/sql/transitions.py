@@ -173,9 +173,10 @@ async def insert_run(db: Tx, run: NewRun, now: float, message: str = "run queued
             run.idempotency_key,
         ),
     )
+    (run_pk,) = (await db.fetch("SELECT id FROM runs WHERE run_id = ?", (run.run_id,)))[0]
     await db.executemany(
-        "INSERT INTO run_tags (run_id, key, value) VALUES (?, ?, ?)",
-        [(run.run_id, k, v) for k, v in run.tags.items()],
+        "INSERT INTO run_tags (run_id, key, value, run_pk) VALUES (?, ?, ?, ?)",
+        [(run.run_id, k, v, run_pk) for k, v in run.tags.items()],
     )
     await append_event(db, run.run_id, now, "RUN_ENQUEUED", message)
     created = await get_run(db, run.run_id)
