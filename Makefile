@@ -36,7 +36,7 @@ bench: $(STAMP)
 
 .PHONY: soak chaos
 soak: $(STAMP)
-	$(BIN)/python -m bench.soak
+	$(BIN)/python -m bench.soak --retention-seconds 120
 
 # The fault suite, with the long variants (60 s partitions); `make test` runs the rest.
 CHAOS_TESTS := tests/e2e/test_reliability.py tests/e2e/test_partition.py \

@@ -350,7 +350,9 @@ class Managed:
 class Fleet:
     """The control plane and agents of one soak run, with their configs in `folder`."""
 
-    def __init__(self, folder: Path, agents: int, timeout: float, slots: int, resume: int) -> None:
+    def __init__(
+        self, folder: Path, agents: int, timeout: float, slots: int, resume: int, retention: float
+    ) -> None:
         self.folder = folder
         self.timeout = timeout
         self.port = free_port()
@@ -367,7 +369,7 @@ class Fleet:
             '[storage]\nurl = "sqlite:///fleetrun.db"\n'
             f"[run_monitoring]\nagent_heartbeat_timeout_seconds = {timeout:g}\n"
             f"max_resume_run_attempts = {resume}\nstart_timeout_seconds = 60\n"
-            f"[run_retries]\nmax_retries = {MAX_RETRIES}\n"
+            f"[run_retries]\nmax_retries = {MAX_RETRIES}\n" + retention_table(retention)
         )
         self.cp = Managed(
             "control-plane",
@@ -853,6 +855,69 @@ class Sampler:
                 self.errors.append(repr(exc))
 
 
+def retention_table(seconds: float) -> str:
+    """`[retention]` keeping runs `seconds` after their end, their logs and outputs half
+    as long, ticks as long as runs; nothing when 0."""
+    if seconds <= 0:
+        return ""
+    days, half = seconds / 86400, seconds / 2 / 86400
+    keys = ["success_days", "failure_days", "canceled_days", "ticks_success_days"]
+    keys += ["ticks_skipped_days", "ticks_failure_days"]
+    lines = [f"{key} = {days!r}" for key in keys]
+    lines += [f"compute_logs_days = {half!r}", f"outputs_days = {half!r}"]
+    return "[retention]\n" + "\n".join(lines) + "\n"
+
+
+@dataclass
+class Kept:
+    """A run as the archive last saw it, with its events then."""
+
+    run: dict[str, Any]
+    events: list[dict[str, Any]]
+    seen: float  # when it was last seen
+    gone: float | None = None  # the first look that no longer found it
+
+
+class Archive:
+    """With retention on, the runs the control plane will purge: every `interval` s, each
+    finished run and its events as they are then; and when a run is first found gone.
+    The analysis reads a purged run from here, and checks that it was finished and past
+    its retention when it went (`interval` is well below the retention, so every run is
+    seen finished before it can go)."""
+
+    def __init__(self, api: Api, interval: float) -> None:
+        self.api = api
+        self.interval = interval
+        self.kept: dict[str, Kept] = {}
+        self.looks = 0
+        self.errors: list[str] = []
+        self.lock = threading.Lock()  # the harness's last look may meet the thread's
+
+    def look(self) -> None:
+        with self.lock:
+            self._look()
+
+    def _look(self) -> None:
+        now = time.time()
+        runs = {r["run_id"]: r for r in self.api.all_runs()}
+        finished = [r for r in runs.values() if r["status"] in TERMINAL]
+        with ThreadPoolExecutor(4) as pool:
+            logs = list(pool.map(self.api.all_events, (r["run_id"] for r in finished)))
+        for run, events in zip(finished, logs, strict=True):
+            self.kept[run["run_id"]] = Kept(run, events, now)
+        for run_id, kept in self.kept.items():
+            if run_id not in runs and kept.gone is None:
+                kept.gone = now
+        self.looks += 1
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.interval):
+            try:
+                self.look()
+            except Exception as exc:  # the control plane may be down (a fault): next look
+                self.errors.append(type(exc).__name__)
+
+
 # --- analysis -----------------------------------------------------------------------------
 
 
@@ -996,9 +1061,11 @@ class Analysis:
         faults: Faults,
         sampler: Sampler,
         times: dict[str, float],
+        archive: Archive | None = None,
     ) -> None:
         self.args, self.fleet, self.load, self.faults = args, fleet, load, faults
         self.sampler, self.times, self.t0 = sampler, times, times["start"]
+        self.archive = archive
         self.lines: list[str] = []
         self.checks: list[Check] = []
         self.info: list[str] = []
@@ -1006,6 +1073,15 @@ class Analysis:
         self.runs = {r["run_id"]: r for r in api.all_runs()}
         with ThreadPoolExecutor(4) as pool:
             logs = list(pool.map(api.all_events, self.runs))
+        # Runs that retention removed: as the archive last saw them.
+        self.purged = {
+            rid: kept
+            for rid, kept in (archive.kept if archive else {}).items()
+            if rid not in self.runs
+        }
+        for rid, kept in self.purged.items():
+            self.runs[rid] = kept.run
+            logs.append(kept.events)
         self.facts = {
             rid: analyze_run(run, events)
             for (rid, run), events in zip(self.runs.items(), logs, strict=True)
@@ -1037,6 +1113,7 @@ class Analysis:
             self.executions,
             self.event_logs,
             self.memory,
+            self.retention,
             self.fault_log,
             self.processes,
             self.summary,
@@ -1336,6 +1413,59 @@ class Analysis:
         if sampler.errors:
             self.add(f"  sampler errors: {Counter(sampler.errors).most_common(3)}")
 
+    def retention(self) -> None:
+        """With retention on: what it removed, that it removed only finished runs past
+        their limit, and the database's size over the soak (flat once runs age out)."""
+        if self.archive is None:
+            return
+        limit = self.args.retention_seconds
+        never_finished = [
+            f"{rid}: last seen {kept.run['status']}"
+            for rid, kept in self.purged.items()
+            if kept.run["status"] not in TERMINAL
+        ]
+        early = [
+            f"{rid}: gone {kept.gone - kept.run['end_time']:.1f} s after its end"
+            for rid, kept in self.purged.items()
+            if kept.gone is not None and kept.gone - kept.run["end_time"] < limit
+        ]
+        self.add()
+        self.add(
+            f"== retention (runs kept {limit:g} s after their end, logs and outputs"
+            f" {limit / 2:g} s; the archive looked {self.archive.looks} times,"
+            f" every {self.archive.interval:g} s)"
+        )
+        self.add(
+            f"  runs removed by retention {len(self.purged)} (each seen finished first, with its"
+            f" events); still in the database {len(self.runs) - len(self.purged)}"
+        )
+        if self.archive.errors:
+            self.add(f"  looks that failed (faults): {dict(Counter(self.archive.errors))}")
+        self.add("  database + WAL size, MiB, by share of the soak (goal: flat after the first")
+        self.add(f"  {limit:g} s, when runs start to age out):")
+        self.add("    " + "  ".join(f"{share}: {size:.1f}" for share, size in self.size_curve()))
+        settled = [
+            (t, (sizes["db"] + sizes["wal"]) / 2**20)
+            for t, sizes in self.sampler.files
+            if t - self.t0 >= 2 * limit
+        ]
+        slope = slope_per_10min(settled)
+        if slope is not None:
+            self.add(f"    slope from {2 * limit:g} s on: {slope:+.2f} MiB per 10 min")
+        self.check("runs removed before they finished", never_finished)
+        self.check("runs removed before their retention", early)
+
+    def size_curve(self) -> list[tuple[str, float]]:
+        """Database + WAL size at 0, 25, ..., 100 % of the soak's samples."""
+        files = self.sampler.files
+        if not files:
+            return []
+        curve = []
+        for share in (0, 25, 50, 75, 100):
+            _, sizes = files[min(len(files) - 1, len(files) * share // 100)]
+            curve.append((f"{share}%", (sizes["db"] + sizes["wal"]) / 2**20))
+        return curve
+
     def fault_log(self) -> None:
         """Each fault, its recovery, and the verdicts it caused (or should not have caused)."""
         faults = self.faults.faults
@@ -1512,6 +1642,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=300.0,
         help="bound on the wait for active runs to end (300)",
     )
+    parser.add_argument(
+        "--retention-seconds",
+        type=float,
+        default=0.0,
+        help="[retention]: runs kept this long after their end, logs and outputs half as"
+        " long; the report shows the database size over time (0: off)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the folder even when all passes")
     args = parser.parse_args(argv)
     if args.seed is None:
@@ -1564,7 +1701,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def soak(args: argparse.Namespace) -> int:
     subreaper = become_subreaper()
     folder = Path(tempfile.mkdtemp(prefix="fleetrun-soak-"))
-    fleet = Fleet(folder, args.agents, args.timeout, args.slots, args.resume)
+    fleet = Fleet(
+        folder, args.agents, args.timeout, args.slots, args.resume, args.retention_seconds
+    )
     stop = threading.Event()
     threads: list[threading.Thread] = []
     log(
@@ -1583,6 +1722,11 @@ def soak(args: argparse.Namespace) -> int:
         sampler = Sampler(fleet, args.sample_every)
         threads.append(threading.Thread(target=sampler.run, args=(stop,), daemon=True))
         threads[-1].start()
+        archive = None
+        if args.retention_seconds > 0:
+            archive = Archive(fleet.api, min(10.0, args.retention_seconds / 6))
+            threads.append(threading.Thread(target=archive.run, args=(stop,), daemon=True))
+            threads[-1].start()
 
         start = time.time()
         load_end = start + args.minutes * 60
@@ -1612,7 +1756,9 @@ def soak(args: argparse.Namespace) -> int:
         sampler.sample()
         sampler.active = False
         log("analysing")
-        analysis = Analysis(args, fleet, load, faults, sampler, times)
+        if archive is not None:
+            archive.look()  # the last word on which runs are gone
+        analysis = Analysis(args, fleet, load, faults, sampler, times, archive)
         print(analysis.report(), flush=True)
         raw = {
             "faults": [vars(f) for f in faults.faults],
