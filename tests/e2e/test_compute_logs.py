@@ -1,7 +1,7 @@
 """Compute logs kept in files (`[compute_logs] kind = "filesystem"`): the logs API and
-`fleetrun runs logs --follow` serve them as they serve logs kept in the database, and a
-control plane killed with SIGKILL mid-stream serves every line once, in order, after its
-restart."""
+`fleetrun runs logs --follow` serve them as they serve logs kept in the database (and a
+deleted run's files go with it), and a control plane killed with SIGKILL mid-stream
+serves every line once, in order, after its restart."""
 
 from __future__ import annotations
 
@@ -72,6 +72,9 @@ def test_the_logs_api_and_follow_serve_logs_kept_in_files(tmp_path: Path) -> Non
         assert later == whole[3:]
         text = (tmp_path / "logs" / run_id / "step-chatter.log").read_text()
         assert text == "".join(c["text"] for c in by_step)
+        # Deleting the run removes its files with its rows
+        assert cp.call("DELETE", f"/api/v1/runs/{run_id}")[0] == 200
+        assert not (tmp_path / "logs" / run_id).exists()
     finally:
         agent.stop()
         cp.stop()
