@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -106,9 +107,13 @@ def big_data_rows(runs: int, postgres_url: str) -> list[Row]:
     folder = Path(tempfile.mkdtemp(prefix="fleetrun-bigdata-"))
     rows = []
     for backend in ("sqlite", "postgres"):
-        for c in bigdata.run_backend(
-            backend, folder, postgres_url, runs, bigdata.EVENTS_PER_RUN, bigdata.REQUESTS
-        ):
+        try:
+            comparisons = bigdata.run_backend(
+                backend, folder, postgres_url, runs, bigdata.EVENTS_PER_RUN, bigdata.REQUESTS
+            )
+        finally:
+            shutil.rmtree(folder / backend, ignore_errors=True)  # SQLite's: GBs at a million
+        for c in comparisons:
             empty = f"empty p50 {_ms(statistics.median(c.empty))}; {c.ratio:.2f}x"
             rows.append(
                 Row(
