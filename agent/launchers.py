@@ -23,7 +23,7 @@ import uuid
 from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
 
 from agent.channel import (
     Bell,
@@ -32,7 +32,7 @@ from agent.channel import (
     Position,
     WorkerIdentity,
 )
-from agent.config import CodeLocationConfig, OutputStoreConfig
+from agent.config import CodeLocationConfig, DockerConfig, OutputStoreConfig
 from agent.forkserver import WORKER_FDS, ForkServer, ForkServerGone
 from agent.processes import CGROUP_ENV, LeftProcess, left_behind_event, process_info
 from agent.tracking import ProcessScope, SweepTracking, Tracking
@@ -59,6 +59,9 @@ from protocol.messages import (
     WorkerSpec,
 )
 from protocol.wire import make_deliverable, payload_problem
+
+if TYPE_CHECKING:
+    from agent.containers import ContainerWorker
 
 log = logging.getLogger("fleetrun.agent")
 
@@ -95,6 +98,11 @@ def location_spec(loc: CodeLocationConfig) -> LocationSpec:
         module=loc.module,
         working_directory=loc.working_directory,
     )
+
+
+def oom_message(memory_mb: int) -> str:
+    limit = f"its memory limit of {memory_mb} MB" if memory_mb else "the memory it could get"
+    return f"was killed for exceeding {limit} (out of memory; the fleetrun/memory_mb tag sets it)"
 
 
 def _exit_description(code: int) -> str:
@@ -324,7 +332,7 @@ class AdoptedWorker:
             os.killpg(self.pid, signal.SIGKILL)
 
 
-WorkerProcess = ForkedWorker | SpawnedWorker | AdoptedWorker
+WorkerProcess: TypeAlias = "ForkedWorker | SpawnedWorker | AdoptedWorker | ContainerWorker"
 
 
 async def _exited(pidfd: int) -> None:
@@ -343,9 +351,11 @@ class RunLauncher(Protocol):
     """How the agent starts a run worker (selected by `run_launcher` in agent.toml).
 
     `start` must give the worker `env` on top of the agent's environment: that is how a
-    worker joins its process-tracking scope (`tracking`)."""
+    worker joins its process-tracking scope (`tracking`; a run worker's: `run_tracking`,
+    which is `tracking` unless the launcher isolates runs otherwise)."""
 
     tracking: Tracking
+    run_tracking: Tracking
 
     async def warm_up(self) -> None: ...
     async def start(
@@ -370,6 +380,7 @@ class _LauncherBase:
         self.locations = locations
         self.outputs = outputs or OutputStoreConfig()
         self.tracking: Tracking = tracking or SweepTracking()
+        self.run_tracking: Tracking = self.tracking
 
     def spec(self, loc: CodeLocationConfig, launch: LaunchRun, scratch: str) -> WorkerSpec:
         """What a run worker needs: its launch, its code location, its output store."""
@@ -480,7 +491,13 @@ def make_launcher(
     locations: list[CodeLocationConfig],
     outputs: OutputStoreConfig,
     tracking: Tracking | None = None,
+    docker: DockerConfig | None = None,
+    agent_name: str = "",
 ) -> RunLauncher:
+    if kind == "docker":
+        from agent.containers import DockerLauncher
+
+        return DockerLauncher(locations, outputs, tracking, docker, agent_name)
     return RUN_LAUNCHERS[kind](locations, outputs, tracking)
 
 
@@ -648,7 +665,7 @@ class LaunchedRun:
         channel = {CHANNEL_ENV: str(self.channel.folder)}
         try:
             scope, proc = await _start_tracked(
-                launcher.tracking,
+                launcher.run_tracking,
                 f"run-{self.launch.lease}",
                 run_marker(self.launch),
                 lambda env: launcher.start(loc, spec, env={**env, **channel}, channel=self.channel),
@@ -664,14 +681,39 @@ class LaunchedRun:
                 {"failure_kind": CODE_UNREACHABLE if missing else WORKER_CRASH},
             )
             return
-        self.channel.set_worker(worker_identity(proc.pid, scope))
+        container = _container_of(proc)
+        self.channel.set_worker(
+            worker_identity(proc.pid, scope, container.container_id if container else None)
+        )
+        if container is not None:
+            self._report_container(container)
         await self._follow(proc, scope)
 
-    async def adopt(self, identity: WorkerIdentity, scope: ProcessScope) -> None:
+    def _report_container(self, proc: ContainerWorker) -> None:
+        plan = proc.plan
+        self.report(
+            "ENGINE_EVENT",
+            f"run worker container {proc.short_id} started: {plan.describe()}",
+            {
+                "container_id": proc.container_id,
+                "image": plan.image,
+                "cpus": plan.cpus,
+                "memory_mb": plan.memory_mb,
+                "network": plan.network,
+            },
+        )
+
+    async def adopt(
+        self,
+        identity: WorkerIdentity,
+        scope: ProcessScope,
+        proc: WorkerProcess | None = None,
+    ) -> None:
         """Follow a worker that a previous life of this agent started, from where that
-        one got to; one that is gone is reported as lost at once."""
+        one got to; one that is gone is reported as lost at once. `proc`: the worker as
+        its launcher found it (a container), else its process."""
         self.state = "running"
-        await self._follow(AdoptedWorker(identity), scope)
+        await self._follow(proc or AdoptedWorker(identity), scope)
 
     async def _follow(self, proc: WorkerProcess, scope: ProcessScope) -> None:
         self.process = proc
@@ -692,38 +734,47 @@ class LaunchedRun:
         self.state = "exited"
         if self._kill_timer is not None:
             self._kill_timer.cancel()
-        if isinstance(proc, AdoptedWorker):
+        container = _container_of(proc)
+        gone = (container is not None and container.gone) or (
+            isinstance(proc, AdoptedWorker) and not proc.was_alive
+        )
+        oom = container is not None and container.oom_killed
+        if gone:
             how = (
-                "exited (its exit status is unknown to an agent that adopted it)"
-                if proc.was_alive
-                else "was gone when the agent started again (the host restarted, or it "
+                "was gone when the agent started again (the host restarted, or it "
                 "was killed while the agent was down)"
             )
+        elif isinstance(proc, AdoptedWorker):
+            how = "exited (its exit status is unknown to an agent that adopted it)"
+        elif oom:
+            assert container is not None
+            how = oom_message(container.plan.memory_mb)
         elif self.exit_code is None:
             how = "ended with an unknown exit status (its fork server exited)"
         else:
             how = _exit_description(self.exit_code)
+        who = f"container {container.short_id}" if container else f"pid {proc.pid}"
         if self.stop_order is not None:
-            self._report_stopped(f"its worker (pid {proc.pid}) {how}")
+            self._report_stopped(f"its worker ({who}) {how}")
         elif self.deadline_passed and not self.reported_result:
             self.report(
                 "RUN_FAILURE",
-                f"run worker (pid {proc.pid}) stopped itself at its lease deadline: the "
+                f"run worker ({who}) stopped itself at its lease deadline: the "
                 "agent had not heard from the control plane in time",
                 {"exit_code": self.exit_code, "failure_kind": AGENT_LOST},
             )
-        elif isinstance(proc, AdoptedWorker) and not proc.was_alive and not self.reported_result:
+        elif gone and not self.reported_result:
             self.report(
                 "RUN_FAILURE",
-                f"run worker (pid {proc.pid}) {how}, without reporting a result",
+                f"run worker ({who}) {how}, without reporting a result",
                 {"failure_kind": AGENT_RESTARTED},
             )
         elif not self.reported_result:
-            self.report(
-                "RUN_FAILURE",
-                f"run worker (pid {proc.pid}) {how} without reporting a result",
-                {"exit_code": self.exit_code, "failure_kind": WORKER_CRASH},
-            )
+            data: dict[str, Any] = {"exit_code": self.exit_code, "failure_kind": WORKER_CRASH}
+            if oom:
+                assert container is not None
+                data.update(oom_killed=True, memory_mb=container.plan.memory_mb)
+            self.report("RUN_FAILURE", f"run worker ({who}) {how} without reporting a result", data)
 
     async def _wait_and_sweep(self, proc: WorkerProcess, scope: ProcessScope) -> None:
         """Wait for the worker to exit, then end what it left running (which also ends
@@ -731,6 +782,15 @@ class LaunchedRun:
         self.exit_code = await proc.wait()
         if self.stop_order is not None:
             proc.kill_group()  # what the worker started and SIGTERM did not end
+        container = _container_of(proc)
+        if container is not None and container.oom_killed and self._held_result is not None:
+            # The worker reported, but a process of its run met the memory limit.
+            memory_mb = container.plan.memory_mb
+            self.report(
+                "ENGINE_EVENT",
+                f"a process of this run's container {oom_message(memory_mb)}",
+                {"oom_killed": True, "memory_mb": memory_mb},
+            )
         killed = await scope.end(proc.pid)
         if killed:
             self._report_left_behind(killed, scope.tracking)
@@ -763,6 +823,9 @@ class LaunchedRun:
 
     def _terminate(self, grace_seconds: float) -> None:
         assert self.process is not None
+        # A container gets the grace its agent's [docker] stop_grace_seconds gives.
+        if (container := _container_of(self.process)) is not None:
+            grace_seconds = container.stop_grace_seconds
         self.process.signal(signal.SIGTERM)
         loop = asyncio.get_running_loop()
         self._kill_timer = loop.call_later(grace_seconds, self.kill)
@@ -772,11 +835,18 @@ class LaunchedRun:
             self.process.signal(signal.SIGKILL)
 
 
-def worker_identity(pid: int, scope: ProcessScope) -> WorkerIdentity:
+def _container_of(proc: WorkerProcess) -> ContainerWorker | None:
+    """The worker's container, if it runs in one (the docker launcher's)."""
+    from agent.containers import ContainerWorker
+
+    return proc if isinstance(proc, ContainerWorker) else None
+
+
+def worker_identity(pid: int, scope: ProcessScope, container: str | None = None) -> WorkerIdentity:
     """Who a just-started worker is, to be told apart later from a reused pid."""
-    info = process_info(pid, with_environ=False)
+    info = process_info(pid, with_environ=False) if pid > 0 else None
     return WorkerIdentity(
-        pid, info.start_time if info is not None else -1, scope.env.get(CGROUP_ENV)
+        pid, info.start_time if info is not None else -1, scope.env.get(CGROUP_ENV), container
     )
 
 

@@ -66,7 +66,12 @@ class AgentState:
         self.runs: dict[int, ActiveRun] = {}  # by lease
         self.evaluations: dict[str, asyncio.Task[None]] = {}  # by eval id
         self.launcher: RunLauncher = make_launcher(
-            config.run_launcher, config.code_locations, config.output_store, tracking
+            config.run_launcher,
+            config.code_locations,
+            config.output_store,
+            tracking,
+            config.docker,
+            config.name,
         )
         self.spool = Spool(
             os.path.join(config.state_dir, "spool.db"),
