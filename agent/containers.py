@@ -175,6 +175,32 @@ def container_env(
     }
 
 
+def step_container_settings(
+    loc: CodeLocationConfig,
+    launch: LaunchRun,
+    scratch: str,
+    outputs: OutputStoreConfig,
+    config: DockerConfig,
+    agent_name: str,
+) -> dict[str, Any]:
+    """What the docker executor in a run worker needs to start a step's container:
+    the run's own container body (its image, limits, mounts, environment, labels)."""
+    from agent.launchers import run_marker
+
+    channel_dir = os.path.dirname(scratch)
+    plan = container_plan(launch.tags, config)
+    env = container_env(run_marker(launch), channel_dir, config, os.environ)
+    env.pop(OPEN_CHANNEL_ENV)
+    binds = container_binds(loc, channel_dir, outputs, config)
+    return {
+        "socket": config.socket.removeprefix("unix://"),
+        "scratch": scratch,
+        "worker_command": config.worker_command,
+        "memory_mb": plan.memory_mb,
+        "container": container_config(plan, launch, loc, binds, env, config, agent_name),
+    }
+
+
 class ContainerScope:
     """A run in a container needs no process tracking on the host: its container holds
     everything it starts, and goes when it has exited."""
@@ -290,9 +316,8 @@ class DockerLauncher(_LauncherBase):
         docker: DockerConfig | None = None,
         agent_name: str = "",
     ) -> None:
-        super().__init__(locations, outputs, tracking)
-        self.config = docker or DockerConfig()
-        self.agent_name = agent_name
+        super().__init__(locations, outputs, tracking, docker, agent_name)
+        self.config = self.docker_config
         self.host = SubprocessLauncher(locations, outputs, self.tracking)
         self.run_tracking: Tracking = ContainerTracking()
         self._docker: aiodocker.Docker | None = None

@@ -376,14 +376,21 @@ class _LauncherBase:
         locations: list[CodeLocationConfig],
         outputs: OutputStoreConfig | None = None,
         tracking: Tracking | None = None,
+        docker: DockerConfig | None = None,
+        agent_name: str = "",
     ) -> None:
         self.locations = locations
         self.outputs = outputs or OutputStoreConfig()
         self.tracking: Tracking = tracking or SweepTracking()
         self.run_tracking: Tracking = self.tracking
+        self.docker_config = docker or DockerConfig()
+        self.agent_name = agent_name
 
     def spec(self, loc: CodeLocationConfig, launch: LaunchRun, scratch: str) -> WorkerSpec:
-        """What a run worker needs: its launch, its code location, its output store."""
+        """What a run worker needs: its launch, its code location, its output store, and
+        how to start step containers (the docker executor)."""
+        from agent.containers import step_container_settings
+
         filesystem = self.outputs.kind == "filesystem"
         return WorkerSpec(
             launch=launch,
@@ -391,6 +398,9 @@ class _LauncherBase:
             output_store=self.outputs.kind,
             output_path=self.outputs.path if filesystem else scratch,
             max_output_bytes=self.outputs.max_output_bytes,
+            docker=step_container_settings(
+                loc, launch, scratch, self.outputs, self.docker_config, self.agent_name
+            ),
         )
 
 
@@ -423,8 +433,10 @@ class ForkServerLauncher(_LauncherBase):
         locations: list[CodeLocationConfig],
         outputs: OutputStoreConfig | None = None,
         tracking: Tracking | None = None,
+        docker: DockerConfig | None = None,
+        agent_name: str = "",
     ) -> None:
-        super().__init__(locations, outputs, tracking)
+        super().__init__(locations, outputs, tracking, docker, agent_name)
         self._servers: dict[str, ForkServer] = {}
         self._starting = asyncio.Lock()
 
@@ -498,7 +510,7 @@ def make_launcher(
         from agent.containers import DockerLauncher
 
         return DockerLauncher(locations, outputs, tracking, docker, agent_name)
-    return RUN_LAUNCHERS[kind](locations, outputs, tracking)
+    return RUN_LAUNCHERS[kind](locations, outputs, tracking, docker, agent_name)
 
 
 def _screened(record: RunRecord) -> RunRecord:

@@ -118,7 +118,7 @@ def _run(spec: WorkerSpec, sink: RecordSink) -> int:
         else ScratchOutputStore(spec.output_path)
     )
     execution = Execution(
-        job, launch, sink, options, store, spec.max_output_bytes, launch.reuse_outputs
+        job, launch, sink, options, store, spec.max_output_bytes, launch.reuse_outputs, spec
     )
     try:
         failed = executor(execution)
@@ -209,6 +209,11 @@ def _open_channel() -> None:
 
 def main(argv: list[str]) -> int:
     mode = argv[0] if argv else ""
+    if mode == "step":  # in a step container of the docker executor
+        from agent.worker.executors.docker import STEP_DIR_ENV, run_step
+
+        signal.signal(signal.SIGTERM, _interrupt)
+        return run_step(os.environ[STEP_DIR_ENV])
     if os.environ.pop(OPEN_CHANNEL_ENV, ""):
         _open_channel()
     fd = int(os.environ[RECORD_FD_ENV])
