@@ -23,7 +23,7 @@ import uuid
 from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from agent.channel import (
     Bell,
@@ -33,6 +33,7 @@ from agent.channel import (
     WorkerIdentity,
 )
 from agent.config import CodeLocationConfig, DockerConfig, OutputStoreConfig
+from agent.container_spec import oom_message, step_container_settings
 from agent.forkserver import WORKER_FDS, ForkServer, ForkServerGone
 from agent.processes import CGROUP_ENV, LeftProcess, left_behind_event, process_info
 from agent.tracking import ProcessScope, SweepTracking, Tracking
@@ -59,9 +60,6 @@ from protocol.messages import (
     WorkerSpec,
 )
 from protocol.wire import make_deliverable, payload_problem
-
-if TYPE_CHECKING:
-    from agent.containers import ContainerWorker
 
 log = logging.getLogger("fleetrun.agent")
 
@@ -98,11 +96,6 @@ def location_spec(loc: CodeLocationConfig) -> LocationSpec:
         module=loc.module,
         working_directory=loc.working_directory,
     )
-
-
-def oom_message(memory_mb: int) -> str:
-    limit = f"its memory limit of {memory_mb} MB" if memory_mb else "the memory it could get"
-    return f"was killed for exceeding {limit} (out of memory; the fleetrun/memory_mb tag sets it)"
 
 
 def _exit_description(code: int) -> str:
@@ -231,8 +224,55 @@ async def _write_and_close(fd: int, data: bytes) -> None:
     transport.close()
 
 
+class WorkerProcess(Protocol):
+    """A started worker as the agent follows it: a process (forked, spawned, adopted),
+    or a container (agent/containers.py)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def pipes(self) -> WorkerPipes: ...
+    @property
+    def container_id(self) -> str | None:
+        """Its container, if it runs in one."""
+
+    @property
+    def stop_grace_seconds(self) -> float | None:
+        """Its own grace between SIGTERM and SIGKILL, if it has one."""
+
+    @property
+    def oom_killed(self) -> bool:
+        """Killed by its memory limit (known once it has exited)."""
+
+    @property
+    def memory_mb(self) -> int:
+        """That limit; 0 if none."""
+
+    @property
+    def gone(self) -> bool:
+        """Adopted, but gone before this agent started."""
+
+    async def wait(self) -> int | None: ...
+    def signal(self, signum: int) -> None: ...
+    def kill_group(self) -> None: ...
+    def started_note(self) -> tuple[str, dict[str, Any]] | None: ...
+
+
+class _ProcessTraits:
+    """What a worker process is not: in a container, OOM-killed as such."""
+
+    container_id: str | None = None
+    stop_grace_seconds: float | None = None
+    oom_killed = False
+    memory_mb = 0
+    gone = False
+
+    def started_note(self) -> tuple[str, dict[str, Any]] | None:
+        return None
+
+
 @dataclass
-class ForkedWorker:
+class ForkedWorker(_ProcessTraits):
     """A worker forked by a fork server: the agent's ends of its pipes, if it has any."""
 
     pid: int
@@ -271,7 +311,7 @@ class ForkedWorker:
 
 
 @dataclass
-class SpawnedWorker:
+class SpawnedWorker(_ProcessTraits):
     """A worker started as a fresh interpreter (the `subprocess` launcher)."""
 
     process: asyncio.subprocess.Process
@@ -294,7 +334,7 @@ class SpawnedWorker:
             os.killpg(self.pid, signal.SIGKILL)
 
 
-class AdoptedWorker:
+class AdoptedWorker(_ProcessTraits):
     """A run worker a previous life of this agent started: not our child, so its exit
     is seen through a pidfd and its exit status is unknown (what it reported says)."""
 
@@ -305,6 +345,7 @@ class AdoptedWorker:
         with contextlib.suppress(ProcessLookupError):
             self._pidfd = os.pidfd_open(identity.pid)
         self.was_alive = identity.alive()
+        self.gone = not self.was_alive
         if not self.was_alive:  # gone, or the pid is another process's by now
             self._close()
 
@@ -330,9 +371,6 @@ class AdoptedWorker:
     def kill_group(self) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
-
-
-WorkerProcess: TypeAlias = "ForkedWorker | SpawnedWorker | AdoptedWorker | ContainerWorker"
 
 
 async def _exited(pidfd: int) -> None:
@@ -389,8 +427,6 @@ class _LauncherBase:
     def spec(self, loc: CodeLocationConfig, launch: LaunchRun, scratch: str) -> WorkerSpec:
         """What a run worker needs: its launch, its code location, its output store, and
         how to start step containers (the docker executor)."""
-        from agent.containers import step_container_settings
-
         filesystem = self.outputs.kind == "filesystem"
         return WorkerSpec(
             launch=launch,
@@ -399,7 +435,13 @@ class _LauncherBase:
             output_path=self.outputs.path if filesystem else scratch,
             max_output_bytes=self.outputs.max_output_bytes,
             docker=step_container_settings(
-                loc, launch, scratch, self.outputs, self.docker_config, self.agent_name
+                loc,
+                launch,
+                run_marker(launch),
+                scratch,
+                self.outputs,
+                self.docker_config,
+                self.agent_name,
             ),
         )
 
@@ -506,10 +548,7 @@ def make_launcher(
     docker: DockerConfig | None = None,
     agent_name: str = "",
 ) -> RunLauncher:
-    if kind == "docker":
-        from agent.containers import DockerLauncher
-
-        return DockerLauncher(locations, outputs, tracking, docker, agent_name)
+    """A process launcher (the docker launcher is agent.containers.DockerLauncher)."""
     return RUN_LAUNCHERS[kind](locations, outputs, tracking, docker, agent_name)
 
 
@@ -693,27 +732,10 @@ class LaunchedRun:
                 {"failure_kind": CODE_UNREACHABLE if missing else WORKER_CRASH},
             )
             return
-        container = _container_of(proc)
-        self.channel.set_worker(
-            worker_identity(proc.pid, scope, container.container_id if container else None)
-        )
-        if container is not None:
-            self._report_container(container)
+        self.channel.set_worker(worker_identity(proc.pid, scope, proc.container_id))
+        if (note := proc.started_note()) is not None:
+            self.report("ENGINE_EVENT", *note)
         await self._follow(proc, scope)
-
-    def _report_container(self, proc: ContainerWorker) -> None:
-        plan = proc.plan
-        self.report(
-            "ENGINE_EVENT",
-            f"run worker container {proc.short_id} started: {plan.describe()}",
-            {
-                "container_id": proc.container_id,
-                "image": plan.image,
-                "cpus": plan.cpus,
-                "memory_mb": plan.memory_mb,
-                "network": plan.network,
-            },
-        )
 
     async def adopt(
         self,
@@ -746,11 +768,7 @@ class LaunchedRun:
         self.state = "exited"
         if self._kill_timer is not None:
             self._kill_timer.cancel()
-        container = _container_of(proc)
-        gone = (container is not None and container.gone) or (
-            isinstance(proc, AdoptedWorker) and not proc.was_alive
-        )
-        oom = container is not None and container.oom_killed
+        gone, oom = proc.gone, proc.oom_killed
         if gone:
             how = (
                 "was gone when the agent started again (the host restarted, or it "
@@ -759,13 +777,12 @@ class LaunchedRun:
         elif isinstance(proc, AdoptedWorker):
             how = "exited (its exit status is unknown to an agent that adopted it)"
         elif oom:
-            assert container is not None
-            how = oom_message(container.plan.memory_mb)
+            how = oom_message(proc.memory_mb)
         elif self.exit_code is None:
             how = "ended with an unknown exit status (its fork server exited)"
         else:
             how = _exit_description(self.exit_code)
-        who = f"container {container.short_id}" if container else f"pid {proc.pid}"
+        who = f"container {proc.container_id[:12]}" if proc.container_id else f"pid {proc.pid}"
         if self.stop_order is not None:
             self._report_stopped(f"its worker ({who}) {how}")
         elif self.deadline_passed and not self.reported_result:
@@ -784,8 +801,7 @@ class LaunchedRun:
         elif not self.reported_result:
             data: dict[str, Any] = {"exit_code": self.exit_code, "failure_kind": WORKER_CRASH}
             if oom:
-                assert container is not None
-                data.update(oom_killed=True, memory_mb=container.plan.memory_mb)
+                data.update(oom_killed=True, memory_mb=proc.memory_mb)
             self.report("RUN_FAILURE", f"run worker ({who}) {how} without reporting a result", data)
 
     async def _wait_and_sweep(self, proc: WorkerProcess, scope: ProcessScope) -> None:
@@ -794,14 +810,12 @@ class LaunchedRun:
         self.exit_code = await proc.wait()
         if self.stop_order is not None:
             proc.kill_group()  # what the worker started and SIGTERM did not end
-        container = _container_of(proc)
-        if container is not None and container.oom_killed and self._held_result is not None:
+        if proc.oom_killed and self._held_result is not None:
             # The worker reported, but a process of its run met the memory limit.
-            memory_mb = container.plan.memory_mb
             self.report(
                 "ENGINE_EVENT",
-                f"a process of this run's container {oom_message(memory_mb)}",
-                {"oom_killed": True, "memory_mb": memory_mb},
+                f"a process of this run's container {oom_message(proc.memory_mb)}",
+                {"oom_killed": True, "memory_mb": proc.memory_mb},
             )
         killed = await scope.end(proc.pid)
         if killed:
@@ -836,8 +850,8 @@ class LaunchedRun:
     def _terminate(self, grace_seconds: float) -> None:
         assert self.process is not None
         # A container gets the grace its agent's [docker] stop_grace_seconds gives.
-        if (container := _container_of(self.process)) is not None:
-            grace_seconds = container.stop_grace_seconds
+        if self.process.stop_grace_seconds is not None:
+            grace_seconds = self.process.stop_grace_seconds
         self.process.signal(signal.SIGTERM)
         loop = asyncio.get_running_loop()
         self._kill_timer = loop.call_later(grace_seconds, self.kill)
@@ -845,13 +859,6 @@ class LaunchedRun:
     def kill(self) -> None:
         if self.process is not None:
             self.process.signal(signal.SIGKILL)
-
-
-def _container_of(proc: WorkerProcess) -> ContainerWorker | None:
-    """The worker's container, if it runs in one (the docker launcher's)."""
-    from agent.containers import ContainerWorker
-
-    return proc if isinstance(proc, ContainerWorker) else None
 
 
 def worker_identity(pid: int, scope: ProcessScope, container: str | None = None) -> WorkerIdentity:
