@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,6 +108,15 @@ def test_run_in_container_succeeds_with_logs_and_its_image(
     assert any(e["type"] == "LOG" and "in a container: True" in e["message"] for e in events)
     agents = cp.get("/api/v1/agents")["agents"]
     assert [a["launcher"] for a in agents] == ["docker"]
+    with urllib.request.urlopen(f"{cp.url}/ui/runs/{run_id}", timeout=30) as page:
+        html = page.read().decode()
+    assert IMAGE in html and "0.5 CPUs, 256 MB memory, network none" in html
+    with urllib.request.urlopen(f"{cp.url}/ui/agents", timeout=30) as page:
+        assert "<td>docker</td>" in page.read().decode()
+    listed = subprocess.run(
+        [*FLEETRUN, "agents", "list", "--url", cp.url], capture_output=True, text=True, timeout=60
+    )
+    assert "LAUNCHER" in listed.stdout and "docker" in listed.stdout, listed
 
 
 def test_cancel_stops_the_container(cp: ControlPlaneProc, docker_agent: Proc) -> None:
