@@ -34,6 +34,7 @@ from agent.channel import (
 )
 from agent.config import CodeLocationConfig, DockerConfig, OutputStoreConfig
 from agent.container_spec import oom_message, step_container_settings
+from agent.docker_cleanup import remove_run_containers
 from agent.forkserver import WORKER_FDS, ForkServer, ForkServerGone
 from agent.processes import CGROUP_ENV, LeftProcess, left_behind_event, process_info
 from agent.tracking import ProcessScope, SweepTracking, Tracking
@@ -405,6 +406,7 @@ class RunLauncher(Protocol):
         channel: Channel | None = None,
     ) -> WorkerProcess: ...
     def spec(self, loc: CodeLocationConfig, launch: LaunchRun, scratch: str) -> WorkerSpec: ...
+    async def remove_step_containers(self, lease: int) -> list[str]: ...
     async def close(self) -> None: ...
 
 
@@ -423,6 +425,10 @@ class _LauncherBase:
         self.run_tracking: Tracking = self.tracking
         self.docker_config = docker or DockerConfig()
         self.agent_name = agent_name
+
+    async def remove_step_containers(self, lease: int) -> list[str]:
+        """Remove the step containers a run attempt's worker left (docker executor)."""
+        return await remove_run_containers(self.docker_config, self.agent_name, lease)
 
     def spec(self, loc: CodeLocationConfig, launch: LaunchRun, scratch: str) -> WorkerSpec:
         """What a run worker needs: its launch, its code location, its output store, and
@@ -580,8 +586,11 @@ class LaunchedRun:
         on_record: OnRecord,
         channel: Channel,
         start: Position | None = None,
+        remove_step_containers: Callable[[int], Awaitable[list[str]]] | None = None,
     ) -> None:
         self.launch = launch
+        self.remove_step_containers = remove_step_containers
+        self.executor: str | None = None  # as the worker's RUN_START names it
         self.on_record = on_record
         self.channel = channel
         self.state = "starting"
@@ -624,6 +633,7 @@ class LaunchedRun:
             record = _screened(decode(body, RunRecord))
             if record.kind == "event" and record.type == "RUN_START":
                 self.state = "running"
+                self.executor = str(record.data.get("executor"))
                 data = {**record.data, "launch_received_time": self.received_time}
                 record = replace(record, data=data)
             if record.kind == "event" and record.type == "ENGINE_EVENT":
@@ -820,6 +830,13 @@ class LaunchedRun:
         killed = await scope.end(proc.pid)
         if killed:
             self._report_left_behind(killed, scope.tracking)
+        docker_steps = self.executor == "docker" or proc.container_id is not None
+        if docker_steps and self.remove_step_containers is not None:
+            removed = await self.remove_step_containers(self.launch.lease)
+            if removed:
+                message = f"removed {len(removed)} step container(s) the run worker left"
+                log.warning("run %s: %s", self.launch.run_id, message)
+                self.report("ENGINE_EVENT", message, {"containers": removed})
 
     def _report_left_behind(self, killed: list[LeftProcess], tracking: str) -> None:
         """Say on the run's page (before its result) and in the agent's log what was killed."""

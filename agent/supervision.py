@@ -144,7 +144,8 @@ def _supervised(
         agent.spool,
         next_seq,
     )
-    return LaunchedRun(launch, outbox.add, channel, position), outbox
+    cleanup = agent.launcher.remove_step_containers
+    return LaunchedRun(launch, outbox.add, channel, position, cleanup), outbox
 
 
 def _start_supervision(

@@ -5,6 +5,7 @@ real control plane and real agents. After every test no container of ours is lef
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -127,6 +128,14 @@ def test_cancel_stops_the_container(cp: ControlPlaneProc, docker_agent: Proc) ->
     run = cp.wait_run(run_id, timeout=60)
     assert run["status"] == "CANCELED", run
     assert time.monotonic() - begun < 30
+    assert "(last)" not in logs(cp, run_id)
+
+
+def test_max_runtime_stops_the_container(cp: ControlPlaneProc, docker_agent: Proc) -> None:
+    run_id = cp.submit("lines", config={"lines": 600}, tags={"fleetrun/max_runtime": "2"})
+    run = cp.wait_run(run_id, timeout=60)
+    assert run["status"] == "FAILURE", run
+    assert "max runtime" in run["status_reason"], run
     assert "(last)" not in logs(cp, run_id)
 
 
@@ -280,6 +289,26 @@ def test_docker_executor_runs_each_step_in_its_own_container(
         assert "failing on purpose" in text and "last got 42" in text
         flaky_logs = cp.get(f"/api/v1/runs/{run_id}/logs?step=flaky")["logs"]
         assert "flaky attempt 1" in "".join(c["text"] for c in flaky_logs)
+    finally:
+        agent.stop()
+
+
+def test_step_containers_of_a_killed_run_worker_are_removed(
+    cp: ControlPlaneProc, tmp_path: Path, dockerd: Dockerd
+) -> None:
+    extra = docker_config(dockerd).replace('run_launcher = "docker"\n', "")
+    agent = start_agent(cp, tmp_path, "proc-2", JOBS, extra)
+    try:
+        run_id = cp.submit("slow_step")
+        started(cp, run_id, "napping")
+        assert len(dockerd.containers()) == 1
+        start = next(e for e in cp.events(run_id) if e["type"] == "RUN_START")
+        os.kill(start["data"]["pid"], signal.SIGKILL)
+        run = cp.wait_run(run_id, timeout=60)
+        assert run["status"] == "FAILURE", run
+        wait_for(lambda: not dockerd.containers(), timeout=30, what="the step container to go")
+        notes = [e["message"] for e in cp.events(run_id) if e["type"] == "ENGINE_EVENT"]
+        assert any("removed 1 step container(s)" in note for note in notes), notes
     finally:
         agent.stop()
 

@@ -258,10 +258,11 @@ def test_a_run_with_an_image_goes_only_to_a_docker_agent() -> None:
     process, docker = agent("a1"), agent("a2")
     process.capabilities = ["reuse_outputs", "launcher:forkserver"]
     docker.capabilities = ["reuse_outputs", "launcher:docker"]
-    image = {"fleetrun/image": "etl:1"}
-    p = plan([run("r1", **image)], agents=[process])
+    with_image = run("r1")
+    with_image.tags["fleetrun/image"] = "etl:1"
+    p = plan([with_image], agents=[process])
     assert launched(p) == []
     assert "can do launcher:docker (run_launcher = docker)" in reasons(p)["r1"]
-    p = plan([run("r1", **image), run("r2")], agents=[process, docker])
+    p = plan([with_image, run("r2")], agents=[process, docker])
     assert dict((r.run_id, a.agent_id) for r, a in p.assignments)["r1"] == "a2"
     assert docker.launcher == "docker" and agent("old").launcher is None
