@@ -114,7 +114,8 @@ class ContainerWorker:
         self.adopted = adopted
         self.pipes = WorkerPipes()
         self.oom_killed = False
-        self.gone = False  # removed by someone else before its exit was seen
+        self.gone = False  # adopted, but removed before this agent started
+        self.removed = False  # removed by someone else before its exit was seen
         self._signals: set[asyncio.Task[None]] = set()
 
     @property
@@ -141,8 +142,10 @@ class ContainerWorker:
         return self.docker.containers.container(self.container_id)
 
     async def wait(self) -> int | None:
-        """Its exit code (None if it was gone); then it is removed. A Docker daemon that
-        stops answering is asked again: the run's lease deadline still bounds the run."""
+        """Its exit code (None if it was removed meanwhile); then it is removed. A Docker
+        daemon that stops answering is asked again (said once): the run's lease deadline
+        still bounds the run."""
+        unreachable = False
         while True:
             try:
                 result = await self._container().wait()
@@ -150,9 +153,11 @@ class ContainerWorker:
                 break
             except aiodocker.DockerError as exc:
                 if exc.status == 404:
-                    self.gone = True
+                    self.removed = True
                     return None
-                log.warning("container %s: cannot reach Docker: %s", self.short_id, exc)
+                if not unreachable:
+                    log.warning("container %s: cannot reach Docker: %s", self.short_id, exc)
+                unreachable = True
                 await asyncio.sleep(RETRY_SECONDS)
         self.oom_killed = bool(state.get("OOMKilled"))
         await self.remove()
@@ -168,7 +173,7 @@ class ContainerWorker:
 
     def signal(self, signum: int) -> None:
         """Send `signum` to the container's init, which passes it to the worker."""
-        if self.gone:
+        if self.removed:
             return
         task = asyncio.ensure_future(self._send(signal.Signals(signum).name))
         self._signals.add(task)
@@ -341,7 +346,7 @@ class DockerLauncher(_LauncherBase):
             await worker._container().show()
         except aiodocker.DockerError as exc:
             if exc.status == 404:
-                worker.gone = True
+                worker.gone = worker.removed = True
         return worker
 
     async def remove_strays(self, held: set[int]) -> list[str]:

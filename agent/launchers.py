@@ -788,6 +788,8 @@ class LaunchedRun:
             how = "exited (its exit status is unknown to an agent that adopted it)"
         elif oom:
             how = oom_message(proc.memory_mb)
+        elif self.exit_code is None and proc.container_id is not None:
+            how = "was removed by someone else before its exit status was read"
         elif self.exit_code is None:
             how = "ended with an unknown exit status (its fork server exited)"
         else:
