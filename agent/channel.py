@@ -4,6 +4,8 @@ so that it outlives the agent that started it and a restarted agent can adopt it
     <state_dir>/workers/<lease>/
       launch       the run's LaunchRun, framed as on the wire (versioned with the protocol)
       attempt.json the worker: pid, its start time (to tell it from a reused pid), cgroup
+                   or container
+      spec         the worker's WorkerSpec, framed (a worker in a container reads it here)
       records      the RunRecords the worker appends, framed
       stdout, stderr   the worker's output, and that of every process it starts
       bell         a FIFO: the worker writes a byte after each record, waking the reader
@@ -72,6 +74,7 @@ class WorkerIdentity:
     pid: int
     start_time: int  # clock ticks after boot (/proc/PID/stat)
     cgroup: str | None = None  # its process-tracking cgroup, if it has one
+    container: str | None = None  # its Docker container's id (the docker launcher)
 
     def alive(self) -> bool:
         info = process_info(self.pid, with_environ=False)

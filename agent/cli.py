@@ -146,6 +146,8 @@ def check_config(config_path: str, connect: bool = False) -> int:
         asyncio.run(tracking.close())
     if connect:
         problems += _check_connection(config, token, token_state)
+        if config.run_launcher == "docker":
+            problems += asyncio.run(_check_docker(config))
     for problem in problems:
         print(f"{config_path}: {problem}", file=sys.stderr)
     return 2 if problems else 0
@@ -173,6 +175,33 @@ def _check_connection(config: AgentConfig, token: str | None, token_state: Token
     if verdict.checked:
         print(f"control plane {url}: {', '.join(verdict.checked)}")
     return [f"control_plane_url: {problem}" for problem in verdict.problems]
+
+
+async def _check_docker(config: AgentConfig) -> list[str]:
+    """Print what the Docker check passed (the socket answers, the default image is
+    here); return what it found wrong."""
+    from agent.containers import DockerLauncher
+
+    launcher = DockerLauncher([], docker=config.docker, agent_name=config.name)
+    try:
+        version, problem = await launcher.check()
+        if problem is not None:
+            return [f"docker.socket: {problem}"]
+        image = config.docker.image
+        try:
+            present = await launcher.image_present(image)
+        except Exception as exc:
+            return [f"docker.image: cannot inspect {image}: {exc}"]
+        where = f"Docker {version} at {config.docker.socket}"
+        if present:
+            print(f"docker: {where}; default image {image} is here")
+            return []
+        if config.docker.pull == "never":
+            return [f"docker.image: {image} is not on this host, and pull = never"]
+        print(f"docker: {where}; default image {image} is not here: runs will pull it")
+        return []
+    finally:
+        await launcher.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
+import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -11,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from protocol.schema import ConfigError, FieldError, load_toml
+from protocol.tags import image_problem
 from protocol.validation import agent_name_problem
 
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
@@ -54,6 +57,69 @@ class OutputStoreConfig:
             )
 
 
+RUN_LAUNCHERS = ("forkserver", "subprocess", "docker")
+
+
+@dataclass(frozen=True)
+class DockerConfig:
+    """`[docker]`: how the `docker` run launcher runs each run worker in a container.
+
+    `image`, `cpus` and `memory_mb` are defaults that a run's `fleetrun/image`,
+    `fleetrun/cpus` and `fleetrun/memory_mb` tags override (0: no limit)."""
+
+    image: str = "fleetrun-worker:latest"
+    network: str = "host"  # "host" | "none": never a bridge
+    mounts: list[str] = field(default_factory=list)  # "host_path:container_path[:ro]"
+    env: list[str] = field(default_factory=list)  # agent environment variables passed in
+    cpus: float = 0.0
+    memory_mb: int = 0
+    user: str = ""  # "uid[:gid]" inside the container; default: the image's user
+    labels: dict[str, str] = field(default_factory=dict)  # added to every container
+    socket: str = "unix:///var/run/docker.sock"
+    stop_grace_seconds: float = 10.0  # between SIGTERM and SIGKILL when a run is stopped
+    pull: str = "missing"  # "missing": pull an image this host lacks; "never"
+    # What runs the worker inside the image ("run" is appended).
+    worker_command: list[str] = field(default_factory=lambda: ["python3", "-m", "agent.worker"])
+
+    def problems(self) -> Iterator[FieldError]:
+        if (problem := image_problem(self.image)) is not None:
+            yield FieldError("image", problem)
+        if self.network not in ("host", "none"):
+            yield FieldError("network", f"must be 'host' or 'none', not {self.network!r}")
+        for mount in self.mounts:
+            if (problem := mount_problem(mount)) is not None:
+                yield FieldError("mounts", f"{mount!r}: {problem}")
+        for name in self.env:
+            if not name or "=" in name or "\0" in name:
+                yield FieldError("env", f"{name!r} must be the name of an environment variable")
+        if not math.isfinite(self.cpus) or not 0 <= self.cpus <= 1024:
+            yield FieldError("cpus", "must be between 0 (no limit) and 1024")
+        if self.memory_mb != 0 and not 6 <= self.memory_mb <= 16 * 1024 * 1024:
+            yield FieldError("memory_mb", "must be 0 (no limit) or at least 6")
+        if self.user and not re.fullmatch(r"[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?", self.user):
+            yield FieldError("user", "must be 'user' or 'uid[:gid]'")
+        if not self.socket.startswith("unix:///"):
+            yield FieldError("socket", "must be a unix:///path address of the Docker socket")
+        if not 0 <= self.stop_grace_seconds <= 3600:
+            yield FieldError("stop_grace_seconds", "must be between 0 and 3600")
+        if self.pull not in ("missing", "never"):
+            yield FieldError("pull", f"must be 'missing' or 'never', not {self.pull!r}")
+        if not self.worker_command or not all(self.worker_command):
+            yield FieldError("worker_command", "must be a non-empty list of arguments")
+
+
+def mount_problem(mount: str) -> str | None:
+    """What is wrong with a `host_path:container_path[:ro]` mount; None if nothing."""
+    parts = mount.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+        return "must be host_path:container_path[:ro]"
+    if not parts[0]:
+        return "needs a host path (absolute, or relative to agent.toml)"
+    if not os.path.isabs(parts[1]):
+        return "the container path must be absolute"
+    return None
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     control_plane_url: str = "http://127.0.0.1:8470"
@@ -70,7 +136,9 @@ class AgentConfig:
     lease_margin_seconds: float = 2.0
     code_locations: list[CodeLocationConfig] = field(default_factory=list)
     output_store: OutputStoreConfig = field(default_factory=OutputStoreConfig)
-    run_launcher: str = "forkserver"  # or "subprocess": a fresh interpreter per run
+    # "subprocess": a fresh interpreter per run; "docker": a container per run ([docker])
+    run_launcher: str = "forkserver"
+    docker: DockerConfig = field(default_factory=DockerConfig)
     process_tracking: str = "auto"  # "cgroup", "sweep", or "auto": cgroup where possible
     drain_timeout_seconds: float = 60.0  # on SIGTERM: how long running runs may finish
     state_dir: str = ""  # the spool's folder; default: fleetrun-state/NAME beside this file
@@ -78,9 +146,10 @@ class AgentConfig:
     spool_max_age_seconds: float = 7 * 86400  # older compute-log text is dropped too
 
     def problems(self) -> Iterator[FieldError]:
-        if self.run_launcher not in ("forkserver", "subprocess"):
+        if self.run_launcher not in RUN_LAUNCHERS:
             yield FieldError(
-                "run_launcher", f"must be 'forkserver' or 'subprocess', not {self.run_launcher!r}"
+                "run_launcher",
+                f"must be 'forkserver', 'subprocess' or 'docker', not {self.run_launcher!r}",
             )
         if self.process_tracking not in ("auto", "cgroup", "sweep"):
             yield FieldError(
@@ -166,11 +235,17 @@ def load_agent_config(path: str) -> AgentConfig:
     def resolve(value: str) -> str:
         return os.path.join(base_dir, value) if value else value
 
+    docker = config.docker
+    if docker.mounts:
+        mounts = [resolve(m) for m in docker.mounts]  # its host path, if relative
+        docker = replace(docker, mounts=mounts)
+
     config = replace(
         config,
         name=name,
         code_locations=locations,
         output_store=output_store,
+        docker=docker,
         token_file=resolve(config.token_file),
         ca_file=resolve(config.ca_file),
         code_root=resolve(config.code_root),

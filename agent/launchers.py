@@ -32,7 +32,9 @@ from agent.channel import (
     Position,
     WorkerIdentity,
 )
-from agent.config import CodeLocationConfig, OutputStoreConfig
+from agent.config import CodeLocationConfig, DockerConfig, OutputStoreConfig
+from agent.container_spec import oom_message, step_container_settings
+from agent.docker_cleanup import remove_run_containers
 from agent.forkserver import WORKER_FDS, ForkServer, ForkServerGone
 from agent.processes import CGROUP_ENV, LeftProcess, left_behind_event, process_info
 from agent.tracking import ProcessScope, SweepTracking, Tracking
@@ -223,8 +225,55 @@ async def _write_and_close(fd: int, data: bytes) -> None:
     transport.close()
 
 
+class WorkerProcess(Protocol):
+    """A started worker as the agent follows it: a process (forked, spawned, adopted),
+    or a container (agent/containers.py)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def pipes(self) -> WorkerPipes: ...
+    @property
+    def container_id(self) -> str | None:
+        """Its container, if it runs in one."""
+
+    @property
+    def stop_grace_seconds(self) -> float | None:
+        """Its own grace between SIGTERM and SIGKILL, if it has one."""
+
+    @property
+    def oom_killed(self) -> bool:
+        """Killed by its memory limit (known once it has exited)."""
+
+    @property
+    def memory_mb(self) -> int:
+        """That limit; 0 if none."""
+
+    @property
+    def gone(self) -> bool:
+        """Adopted, but gone before this agent started."""
+
+    async def wait(self) -> int | None: ...
+    def signal(self, signum: int) -> None: ...
+    def kill_group(self) -> None: ...
+    def started_note(self) -> tuple[str, dict[str, Any]] | None: ...
+
+
+class _ProcessTraits:
+    """What a worker process is not: in a container, OOM-killed as such."""
+
+    container_id: str | None = None
+    stop_grace_seconds: float | None = None
+    oom_killed = False
+    memory_mb = 0
+    gone = False
+
+    def started_note(self) -> tuple[str, dict[str, Any]] | None:
+        return None
+
+
 @dataclass
-class ForkedWorker:
+class ForkedWorker(_ProcessTraits):
     """A worker forked by a fork server: the agent's ends of its pipes, if it has any."""
 
     pid: int
@@ -263,7 +312,7 @@ class ForkedWorker:
 
 
 @dataclass
-class SpawnedWorker:
+class SpawnedWorker(_ProcessTraits):
     """A worker started as a fresh interpreter (the `subprocess` launcher)."""
 
     process: asyncio.subprocess.Process
@@ -286,7 +335,7 @@ class SpawnedWorker:
             os.killpg(self.pid, signal.SIGKILL)
 
 
-class AdoptedWorker:
+class AdoptedWorker(_ProcessTraits):
     """A run worker a previous life of this agent started: not our child, so its exit
     is seen through a pidfd and its exit status is unknown (what it reported says)."""
 
@@ -297,6 +346,7 @@ class AdoptedWorker:
         with contextlib.suppress(ProcessLookupError):
             self._pidfd = os.pidfd_open(identity.pid)
         self.was_alive = identity.alive()
+        self.gone = not self.was_alive
         if not self.was_alive:  # gone, or the pid is another process's by now
             self._close()
 
@@ -324,9 +374,6 @@ class AdoptedWorker:
             os.killpg(self.pid, signal.SIGKILL)
 
 
-WorkerProcess = ForkedWorker | SpawnedWorker | AdoptedWorker
-
-
 async def _exited(pidfd: int) -> None:
     """Until the process of `pidfd` (not necessarily our child) has exited; closes it."""
     loop = asyncio.get_running_loop()
@@ -343,9 +390,11 @@ class RunLauncher(Protocol):
     """How the agent starts a run worker (selected by `run_launcher` in agent.toml).
 
     `start` must give the worker `env` on top of the agent's environment: that is how a
-    worker joins its process-tracking scope (`tracking`)."""
+    worker joins its process-tracking scope (`tracking`; a run worker's: `run_tracking`,
+    which is `tracking` unless the launcher isolates runs otherwise)."""
 
     tracking: Tracking
+    run_tracking: Tracking
 
     async def warm_up(self) -> None: ...
     async def start(
@@ -357,6 +406,7 @@ class RunLauncher(Protocol):
         channel: Channel | None = None,
     ) -> WorkerProcess: ...
     def spec(self, loc: CodeLocationConfig, launch: LaunchRun, scratch: str) -> WorkerSpec: ...
+    async def remove_step_containers(self, lease: int) -> list[str]: ...
     async def close(self) -> None: ...
 
 
@@ -366,13 +416,23 @@ class _LauncherBase:
         locations: list[CodeLocationConfig],
         outputs: OutputStoreConfig | None = None,
         tracking: Tracking | None = None,
+        docker: DockerConfig | None = None,
+        agent_name: str = "",
     ) -> None:
         self.locations = locations
         self.outputs = outputs or OutputStoreConfig()
         self.tracking: Tracking = tracking or SweepTracking()
+        self.run_tracking: Tracking = self.tracking
+        self.docker_config = docker or DockerConfig()
+        self.agent_name = agent_name
+
+    async def remove_step_containers(self, lease: int) -> list[str]:
+        """Remove the step containers a run attempt's worker left (docker executor)."""
+        return await remove_run_containers(self.docker_config, self.agent_name, lease)
 
     def spec(self, loc: CodeLocationConfig, launch: LaunchRun, scratch: str) -> WorkerSpec:
-        """What a run worker needs: its launch, its code location, its output store."""
+        """What a run worker needs: its launch, its code location, its output store, and
+        how to start step containers (the docker executor)."""
         filesystem = self.outputs.kind == "filesystem"
         return WorkerSpec(
             launch=launch,
@@ -380,6 +440,15 @@ class _LauncherBase:
             output_store=self.outputs.kind,
             output_path=self.outputs.path if filesystem else scratch,
             max_output_bytes=self.outputs.max_output_bytes,
+            docker=step_container_settings(
+                loc,
+                launch,
+                run_marker(launch),
+                scratch,
+                self.outputs,
+                self.docker_config,
+                self.agent_name,
+            ),
         )
 
 
@@ -412,8 +481,10 @@ class ForkServerLauncher(_LauncherBase):
         locations: list[CodeLocationConfig],
         outputs: OutputStoreConfig | None = None,
         tracking: Tracking | None = None,
+        docker: DockerConfig | None = None,
+        agent_name: str = "",
     ) -> None:
-        super().__init__(locations, outputs, tracking)
+        super().__init__(locations, outputs, tracking, docker, agent_name)
         self._servers: dict[str, ForkServer] = {}
         self._starting = asyncio.Lock()
 
@@ -480,8 +551,11 @@ def make_launcher(
     locations: list[CodeLocationConfig],
     outputs: OutputStoreConfig,
     tracking: Tracking | None = None,
+    docker: DockerConfig | None = None,
+    agent_name: str = "",
 ) -> RunLauncher:
-    return RUN_LAUNCHERS[kind](locations, outputs, tracking)
+    """A process launcher (the docker launcher is agent.containers.DockerLauncher)."""
+    return RUN_LAUNCHERS[kind](locations, outputs, tracking, docker, agent_name)
 
 
 def _screened(record: RunRecord) -> RunRecord:
@@ -512,8 +586,11 @@ class LaunchedRun:
         on_record: OnRecord,
         channel: Channel,
         start: Position | None = None,
+        remove_step_containers: Callable[[int], Awaitable[list[str]]] | None = None,
     ) -> None:
         self.launch = launch
+        self.remove_step_containers = remove_step_containers
+        self.executor: str | None = None  # as the worker's RUN_START names it
         self.on_record = on_record
         self.channel = channel
         self.state = "starting"
@@ -556,6 +633,7 @@ class LaunchedRun:
             record = _screened(decode(body, RunRecord))
             if record.kind == "event" and record.type == "RUN_START":
                 self.state = "running"
+                self.executor = str(record.data.get("executor"))
                 data = {**record.data, "launch_received_time": self.received_time}
                 record = replace(record, data=data)
             if record.kind == "event" and record.type == "ENGINE_EVENT":
@@ -648,7 +726,7 @@ class LaunchedRun:
         channel = {CHANNEL_ENV: str(self.channel.folder)}
         try:
             scope, proc = await _start_tracked(
-                launcher.tracking,
+                launcher.run_tracking,
                 f"run-{self.launch.lease}",
                 run_marker(self.launch),
                 lambda env: launcher.start(loc, spec, env={**env, **channel}, channel=self.channel),
@@ -664,14 +742,22 @@ class LaunchedRun:
                 {"failure_kind": CODE_UNREACHABLE if missing else WORKER_CRASH},
             )
             return
-        self.channel.set_worker(worker_identity(proc.pid, scope))
+        self.channel.set_worker(worker_identity(proc.pid, scope, proc.container_id))
+        if (note := proc.started_note()) is not None:
+            self.report("ENGINE_EVENT", *note)
         await self._follow(proc, scope)
 
-    async def adopt(self, identity: WorkerIdentity, scope: ProcessScope) -> None:
+    async def adopt(
+        self,
+        identity: WorkerIdentity,
+        scope: ProcessScope,
+        proc: WorkerProcess | None = None,
+    ) -> None:
         """Follow a worker that a previous life of this agent started, from where that
-        one got to; one that is gone is reported as lost at once."""
+        one got to; one that is gone is reported as lost at once. `proc`: the worker as
+        its launcher found it (a container), else its process."""
         self.state = "running"
-        await self._follow(AdoptedWorker(identity), scope)
+        await self._follow(proc or AdoptedWorker(identity), scope)
 
     async def _follow(self, proc: WorkerProcess, scope: ProcessScope) -> None:
         self.process = proc
@@ -692,38 +778,43 @@ class LaunchedRun:
         self.state = "exited"
         if self._kill_timer is not None:
             self._kill_timer.cancel()
-        if isinstance(proc, AdoptedWorker):
+        gone, oom = proc.gone, proc.oom_killed
+        if gone:
             how = (
-                "exited (its exit status is unknown to an agent that adopted it)"
-                if proc.was_alive
-                else "was gone when the agent started again (the host restarted, or it "
+                "was gone when the agent started again (the host restarted, or it "
                 "was killed while the agent was down)"
             )
+        elif isinstance(proc, AdoptedWorker):
+            how = "exited (its exit status is unknown to an agent that adopted it)"
+        elif oom:
+            how = oom_message(proc.memory_mb)
+        elif self.exit_code is None and proc.container_id is not None:
+            how = "was removed by someone else before its exit status was read"
         elif self.exit_code is None:
             how = "ended with an unknown exit status (its fork server exited)"
         else:
             how = _exit_description(self.exit_code)
+        who = f"container {proc.container_id[:12]}" if proc.container_id else f"pid {proc.pid}"
         if self.stop_order is not None:
-            self._report_stopped(f"its worker (pid {proc.pid}) {how}")
+            self._report_stopped(f"its worker ({who}) {how}")
         elif self.deadline_passed and not self.reported_result:
             self.report(
                 "RUN_FAILURE",
-                f"run worker (pid {proc.pid}) stopped itself at its lease deadline: the "
+                f"run worker ({who}) stopped itself at its lease deadline: the "
                 "agent had not heard from the control plane in time",
                 {"exit_code": self.exit_code, "failure_kind": AGENT_LOST},
             )
-        elif isinstance(proc, AdoptedWorker) and not proc.was_alive and not self.reported_result:
+        elif gone and not self.reported_result:
             self.report(
                 "RUN_FAILURE",
-                f"run worker (pid {proc.pid}) {how}, without reporting a result",
+                f"run worker ({who}) {how}, without reporting a result",
                 {"failure_kind": AGENT_RESTARTED},
             )
         elif not self.reported_result:
-            self.report(
-                "RUN_FAILURE",
-                f"run worker (pid {proc.pid}) {how} without reporting a result",
-                {"exit_code": self.exit_code, "failure_kind": WORKER_CRASH},
-            )
+            data: dict[str, Any] = {"exit_code": self.exit_code, "failure_kind": WORKER_CRASH}
+            if oom:
+                data.update(oom_killed=True, memory_mb=proc.memory_mb)
+            self.report("RUN_FAILURE", f"run worker ({who}) {how} without reporting a result", data)
 
     async def _wait_and_sweep(self, proc: WorkerProcess, scope: ProcessScope) -> None:
         """Wait for the worker to exit, then end what it left running (which also ends
@@ -731,9 +822,23 @@ class LaunchedRun:
         self.exit_code = await proc.wait()
         if self.stop_order is not None:
             proc.kill_group()  # what the worker started and SIGTERM did not end
+        if proc.oom_killed and self._held_result is not None:
+            # The worker reported, but a process of its run met the memory limit.
+            self.report(
+                "ENGINE_EVENT",
+                f"a process of this run's container {oom_message(proc.memory_mb)}",
+                {"oom_killed": True, "memory_mb": proc.memory_mb},
+            )
         killed = await scope.end(proc.pid)
         if killed:
             self._report_left_behind(killed, scope.tracking)
+        docker_steps = self.executor == "docker" or proc.container_id is not None
+        if docker_steps and self.remove_step_containers is not None:
+            removed = await self.remove_step_containers(self.launch.lease)
+            if removed:
+                message = f"removed {len(removed)} step container(s) the run worker left"
+                log.warning("run %s: %s", self.launch.run_id, message)
+                self.report("ENGINE_EVENT", message, {"containers": removed})
 
     def _report_left_behind(self, killed: list[LeftProcess], tracking: str) -> None:
         """Say on the run's page (before its result) and in the agent's log what was killed."""
@@ -763,6 +868,9 @@ class LaunchedRun:
 
     def _terminate(self, grace_seconds: float) -> None:
         assert self.process is not None
+        # A container gets the grace its agent's [docker] stop_grace_seconds gives.
+        if self.process.stop_grace_seconds is not None:
+            grace_seconds = self.process.stop_grace_seconds
         self.process.signal(signal.SIGTERM)
         loop = asyncio.get_running_loop()
         self._kill_timer = loop.call_later(grace_seconds, self.kill)
@@ -772,11 +880,11 @@ class LaunchedRun:
             self.process.signal(signal.SIGKILL)
 
 
-def worker_identity(pid: int, scope: ProcessScope) -> WorkerIdentity:
+def worker_identity(pid: int, scope: ProcessScope, container: str | None = None) -> WorkerIdentity:
     """Who a just-started worker is, to be told apart later from a reused pid."""
-    info = process_info(pid, with_environ=False)
+    info = process_info(pid, with_environ=False) if pid > 0 else None
     return WorkerIdentity(
-        pid, info.start_time if info is not None else -1, scope.env.get(CGROUP_ENV)
+        pid, info.start_time if info is not None else -1, scope.env.get(CGROUP_ENV), container
     )
 
 

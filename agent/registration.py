@@ -25,7 +25,8 @@ from protocol.messages import CodeLocationInfo, Register, Registered
 log = logging.getLogger("fleetrun.agent")
 
 # What this agent can do beyond protocol 1: the control plane assigns a run only to an
-# agent with every capability the run needs.
+# agent with every capability the run needs. Its run launcher is one more:
+# "launcher:<run_launcher>" (a run with a fleetrun/image tag needs "launcher:docker").
 CAPABILITIES = ["reuse_outputs", "stop_orders", "drain"]
 
 
@@ -54,7 +55,7 @@ def register_message(agent: AgentState) -> Register:
         max_concurrent_runs=config.max_concurrent_runs,
         code_locations=agent.location_infos,
         runs=agent.run_states(),
-        capabilities=CAPABILITIES,
+        capabilities=[*CAPABILITIES, f"launcher:{config.run_launcher}"],
     )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from agent.client import ContactLog, ControlPlaneClient
 from agent.config import AgentConfig, CodeLocationConfig
+from agent.containers import DockerLauncher
 from agent.launchers import LaunchedRun, RunLauncher, make_launcher
 from agent.outbox import RunOutbox
 from agent.spool import Spool
@@ -65,8 +66,11 @@ class AgentState:
         self.contact = ContactLog(log)
         self.runs: dict[int, ActiveRun] = {}  # by lease
         self.evaluations: dict[str, asyncio.Task[None]] = {}  # by eval id
-        self.launcher: RunLauncher = make_launcher(
-            config.run_launcher, config.code_locations, config.output_store, tracking
+        args = (config.code_locations, config.output_store, tracking, config.docker, config.name)
+        self.launcher: RunLauncher = (
+            DockerLauncher(*args)
+            if config.run_launcher == "docker"
+            else make_launcher(config.run_launcher, *args)
         )
         self.spool = Spool(
             os.path.join(config.state_dir, "spool.db"),

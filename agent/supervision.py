@@ -13,19 +13,22 @@ import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.channel import Channel, Position, existing_channels
+from agent.channel import Channel, Position, WorkerIdentity, existing_channels
 from agent.heartbeat import extend_deadline
 from agent.launchers import LaunchedRun, run_marker
 from agent.outbox import AttemptRejected, RunOutbox
 from agent.state import ActiveRun, AgentState
-from agent.tracking import adopted_scope
+from agent.tracking import ProcessScope, adopted_scope
 from agent.uploads import OutputUploader, download_reused
 from protocol.codec import UnreadableLaunch
 from protocol.events import RUN_FAILURE, UNDELIVERABLE
 from protocol.logs import CURRENT_RUN
 from protocol.messages import LaunchRun
+
+if TYPE_CHECKING:
+    from agent.containers import ContainerWorker
 
 log = logging.getLogger("fleetrun.agent")
 
@@ -82,8 +85,42 @@ async def adopt_workers(agent: AgentState) -> None:
             extra={"run_id": launch.run_id},
         )
         worker, outbox = _supervised(agent, launch, channel, agent_id, position, next_seq)
-        scope = adopted_scope(identity, run_marker(launch))
-        _start_supervision(agent, worker, outbox, partial(worker.adopt, identity, scope))
+        if identity.container is not None:
+            container = await adopt_container(agent, identity, launch)
+            scope: ProcessScope = agent.launcher.run_tracking.scope("", run_marker(launch))
+            follow = partial(worker.adopt, identity, scope, container)
+        else:
+            follow = partial(worker.adopt, identity, adopted_scope(identity, run_marker(launch)))
+        _start_supervision(agent, worker, outbox, follow)
+    await remove_stray_containers(agent)
+
+
+async def adopt_container(
+    agent: AgentState, identity: WorkerIdentity, launch: LaunchRun
+) -> ContainerWorker | None:
+    """The container of an adopted run; None (followed as a process, which is gone) if
+    this agent no longer runs the docker launcher."""
+    from agent.containers import DockerLauncher
+
+    if not isinstance(agent.launcher, DockerLauncher):
+        log.error(
+            "run %s ran in container %s, but this agent's run_launcher is %s now",
+            launch.run_id,
+            identity.container,
+            agent.config.run_launcher,
+        )
+        return None
+    return await agent.launcher.adopt(identity, launch)
+
+
+async def remove_stray_containers(agent: AgentState) -> None:
+    """Remove this agent's containers of runs it does not hold (never unsupervised)."""
+    from agent.containers import DockerLauncher
+
+    if not isinstance(agent.launcher, DockerLauncher):
+        return
+    for name in await agent.launcher.remove_strays(set(agent.runs)):
+        log.warning("removed container %s: a run this agent does not hold", name)
 
 
 def _supervised(
@@ -107,7 +144,8 @@ def _supervised(
         agent.spool,
         next_seq,
     )
-    return LaunchedRun(launch, outbox.add, channel, position), outbox
+    cleanup = agent.launcher.remove_step_containers
+    return LaunchedRun(launch, outbox.add, channel, position, cleanup), outbox
 
 
 def _start_supervision(

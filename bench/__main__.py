@@ -11,6 +11,9 @@ The workloads (each module's docstring says exactly what it measures):
   8    bench/retention.py the longest write pause while the retention loop purges N runs
   9    bench/bigdata.py   a million runs and 50 million events (bulk-built) against an
                           empty database, SQLite and PostgreSQL: each figure <= 2x
+  10   bench/docker.py    submit -> STARTED with the docker launcher next to the process
+                          launchers, and the docker executor's per-step overhead (a
+                          dockerd of its own; needs Debian's docker.io)
 plus two figures of earlier issues: executor overhead per step, agent death -> FAILURE.
 The table is Markdown, so that docs/performance.md can hold it as printed.
 """
@@ -97,6 +100,22 @@ def print_table(rows: list[Row], title: str) -> None:
     sys.stdout.flush()
 
 
+def docker_rows(runs: int) -> list[Row]:
+    """Workload 10: each launcher's submit -> STARTED, each executor's per-step cost."""
+    from bench import docker
+
+    found = docker.measure(runs)
+    rows = [
+        _dist("10 docker", f"{launcher} launcher: submit -> STARTED", found[launcher])
+        for launcher in docker.LAUNCHERS
+    ]
+    for executor in ("multiprocess", "docker"):
+        ms = statistics.median(found[f"{executor} executor"])
+        measure = f"{executor} executor, per step of a {docker.CHAIN_STEPS}-op chain"
+        rows.append(Row("10 docker", measure, value=f"{ms:.1f} ms"))
+    return rows
+
+
 def big_data_rows(runs: int, postgres_url: str) -> list[Row]:
     """Workload 9's figures, each against its own on an empty database."""
     import tempfile
@@ -166,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--skip-extra", action="store_true", help="skip the executor and agent-death figures"
     )
+    parser.add_argument("--docker-runs", type=int, default=20, help="runs per launcher (10)")
+    parser.add_argument("--skip-docker", action="store_true")
     args = parser.parse_args(argv)
     started = time.monotonic()
     rows: list[Row] = []
@@ -272,6 +293,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_big:
         progress(f"9: a database of {args.big_runs:,} runs (building it takes minutes)")
         rows.extend(big_data_rows(args.big_runs, args.postgres))
+    if not args.skip_docker:
+        progress("10: docker launcher and executor (a dockerd of its own)")
+        rows.extend(docker_rows(args.docker_runs))
     if not args.skip_extra:
         progress("extra: executors, agent death")
         from bench.executors import per_step_ms

@@ -32,4 +32,11 @@ def chain_100():
         value = add_one(value)
 
 
-defs = Definitions(jobs=[sleepy, chain_100])
+@job
+def chain_10():
+    value = zero()
+    for _ in range(9):
+        value = add_one(value)
+
+
+defs = Definitions(jobs=[sleepy, chain_100, chain_10])

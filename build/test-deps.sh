@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make test`'s machine prerequisites besides Python: headless Chromium for the UI tests
-# and a running PostgreSQL server (every storage test also runs on it). As root, install
+# `make test`'s machine prerequisites besides Python: headless Chromium for the UI tests,
+# a running PostgreSQL server (every storage test also runs on it) and Debian's docker.io
+# (the Docker tests start a dockerd of their own: tests/dockerd.py). As root, install
 # or start what is missing; otherwise say which command would, and go on: the tests that
 # need it then fail with their own explanation. Nothing to do costs a few milliseconds.
 set -u
@@ -70,6 +71,18 @@ need_postgres() {
     tell "cannot reach $TEST_DB_URL; the PostgreSQL tests will fail"
 }
 
+need_docker() {
+  # Installed only: the tests start and stop a daemon of their own, with no bridge.
+  command -v dockerd >/dev/null 2>&1 && command -v docker-init >/dev/null 2>&1 && return
+  if ! as_root; then
+    tell "the Docker tests need dockerd; as root, run: apt-get install -y docker.io"
+    return
+  fi
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io ||
+    tell "could not install docker.io; the Docker tests will fail"
+}
+
 need_chromium
 need_postgres
+need_docker
 exit 0

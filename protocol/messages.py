@@ -291,6 +291,9 @@ class WorkerSpec:
     output_store: str = "control_plane"  # or "filesystem"
     output_path: str = ""  # the attempt's scratch folder, or the filesystem store's root
     max_output_bytes: int = 16 * 1024 * 1024
+    # How the docker executor starts a step's container (agent/containers.py
+    # step_container_settings); the agent and its worker share a version.
+    docker: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ created and wherever an agent describes a job, and names the tag it refuses.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +31,10 @@ SENSOR_TAG = "fleetrun/sensor"
 TICK_TAG = "fleetrun/tick"
 RUN_KEY_TAG = "fleetrun/run_key"
 RETRY_ON_OP_FAILURE_TAG = "fleetrun/retry_on_op_failure"
+# The Docker launcher's image and limits for a run (agent.toml [docker] gives defaults).
+IMAGE_TAG = "fleetrun/image"
+CPUS_TAG = "fleetrun/cpus"
+MEMORY_MB_TAG = "fleetrun/memory_mb"
 
 RETRY_STRATEGIES = ("FROM_FAILURE", "ALL_STEPS")
 ON_LOST_CONTACT_CHOICES = ("continue", "stop")
@@ -69,6 +74,33 @@ def _seconds(value: str) -> str | None:
     return None if math.isfinite(number) and number >= 0 else "must be a number of seconds >= 0"
 
 
+def _cpus(value: str) -> str | None:
+    try:
+        number = float(value)
+    except ValueError:
+        return "must be a number of CPUs"
+    return (
+        None
+        if math.isfinite(number) and 0 < number <= 1024
+        else "must be a number of CPUs in (0, 1024]"
+    )
+
+
+# What Docker takes as an image reference: [registry[:port]/]path[:tag][@digest].
+_IMAGE = re.compile(
+    r"(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+    r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@[a-z0-9]+:[a-fA-F0-9]{32,})?"
+)
+
+
+def image_problem(value: str) -> str | None:
+    """What is wrong with a Docker image reference; None if nothing."""
+    if len(value) > 255 or _IMAGE.fullmatch(value) is None:
+        return "must be a Docker image reference such as fleetrun-worker:latest"
+    return None
+
+
 def _one_of(*choices: str) -> Callable[[str], str | None]:
     return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
 
@@ -80,6 +112,10 @@ TAG_CHECKS: dict[str, Callable[[str], str | None]] = {
     MAX_RUNTIME_TAG: _seconds,
     ON_LOST_CONTACT_TAG: _one_of(*ON_LOST_CONTACT_CHOICES),
     RETRY_ON_OP_FAILURE_TAG: _one_of("true", "false"),
+    IMAGE_TAG: image_problem,
+    CPUS_TAG: _cpus,
+    # Docker's smallest memory limit is 6 MB.
+    MEMORY_MB_TAG: lambda value: _integer(value, 6, 16 * 1024 * 1024),
 }
 
 

@@ -34,6 +34,9 @@ from protocol.events import CODE_UNREACHABLE
 from protocol.messages import DescribeLocation, EvaluateSpec, WorkerSpec
 
 RECORD_FD_ENV = "FLEETRUN_RECORD_FD"
+# Set for a worker in a container (agent/docker.py), which is passed no descriptors: it
+# opens its channel's files itself, and reads its spec from the channel's `spec` file.
+OPEN_CHANNEL_ENV = "FLEETRUN_OPEN_CHANNEL"
 
 
 def _read_frame(stream: BinaryIO) -> bytes:
@@ -115,7 +118,7 @@ def _run(spec: WorkerSpec, sink: RecordSink) -> int:
         else ScratchOutputStore(spec.output_path)
     )
     execution = Execution(
-        job, launch, sink, options, store, spec.max_output_bytes, launch.reuse_outputs
+        job, launch, sink, options, store, spec.max_output_bytes, launch.reuse_outputs, spec
     )
     try:
         failed = executor(execution)
@@ -192,8 +195,27 @@ def _open_bell(channel: str) -> int | None:
         return None
 
 
+def _open_channel() -> None:
+    """Make the channel's files this worker's stdin (its spec), stdout, stderr and record
+    fd, as the agent's launchers pass them to a worker on the host."""
+    channel = os.environ.get(CHANNEL_ENV, "")
+    flags = os.O_WRONLY | os.O_APPEND
+    for name, target in (("spec", 0), ("stdout", 1), ("stderr", 2)):
+        fd = os.open(os.path.join(channel, name), os.O_RDONLY if target == 0 else flags)
+        os.dup2(fd, target)
+        os.close(fd)
+    os.environ[RECORD_FD_ENV] = str(os.open(os.path.join(channel, "records"), flags))
+
+
 def main(argv: list[str]) -> int:
     mode = argv[0] if argv else ""
+    if mode == "step":  # in a step container of the docker executor
+        from agent.worker.executors.docker import STEP_DIR_ENV, run_step
+
+        signal.signal(signal.SIGTERM, _interrupt)
+        return run_step(os.environ[STEP_DIR_ENV])
+    if os.environ.pop(OPEN_CHANNEL_ENV, ""):
+        _open_channel()
     fd = int(os.environ[RECORD_FD_ENV])
     sweeping, cgroup = _enter_tracking()
     try:

@@ -427,13 +427,23 @@ def cmd_agents_list(args: argparse.Namespace, client: ApiClient) -> int:
             a["status"],
             ",".join(a["queues"]),
             f"{a['running']}/{a['max_concurrent_runs']}",
+            a.get("launcher") or "-",
             a["last_heartbeat"],
             a["version"],
             ", ".join(c["name"] + (" (ERROR)" if c["error"] else "") for c in a["code_locations"]),
         ]
         for a in data["agents"]
     ]
-    headers = ["NAME", "STATUS", "QUEUES", "RUNNING", "LAST HEARTBEAT", "VERSION", "LOCATIONS"]
+    headers = [
+        "NAME",
+        "STATUS",
+        "QUEUES",
+        "RUNNING",
+        "LAUNCHER",
+        "LAST HEARTBEAT",
+        "VERSION",
+        "LOCATIONS",
+    ]
     emit(args, data, table(rows, headers))
     return 0
 

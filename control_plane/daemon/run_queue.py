@@ -19,16 +19,27 @@ from typing import Any
 from control_plane.bus import WakeBus, run_assigned, run_queued
 from control_plane.config import RunCoordinatorConfig, TagConcurrencyLimit
 from control_plane.metrics import Metrics
-from control_plane.model.agents import DRAINING, ONLINE, Agent, agent_status
+from control_plane.model.agents import (
+    DRAINING,
+    LAUNCHER_CAPABILITY,
+    ONLINE,
+    Agent,
+    agent_status,
+)
 from control_plane.model.runs import NewRun, QueueSnapshot, Run, iso
 from control_plane.storage.port import RunStore
+from protocol.tags import IMAGE_TAG
 
 log = logging.getLogger("fleetrun.coordinator")
 
 
 def required_capabilities(run: Run) -> set[str]:
-    """What an agent must support to take this run (older agents lack newer features)."""
-    return {"reuse_outputs"} if run.reuse_outputs else set()
+    """What an agent must support to take this run (older agents lack newer features; a
+    run with a container image, the docker launcher)."""
+    needs = {"reuse_outputs"} if run.reuse_outputs else set()
+    if IMAGE_TAG in run.tags:
+        needs.add(f"{LAUNCHER_CAPABILITY}docker")
+    return needs
 
 
 def limit_bucket(rule: TagConcurrencyLimit, tags: dict[str, str]) -> str | None:
@@ -179,7 +190,8 @@ def _pick_agent(
     hosting = [a for a in hosting if needs <= set(a.capabilities)]
     if not hosting:
         wanted = ", ".join(sorted(needs))
-        return f"no online agent hosting location {run.location} can do {wanted} (upgrade it)", None
+        hint = "run_launcher = docker" if IMAGE_TAG in run.tags else "upgrade it"
+        return f"no online agent hosting location {run.location} can do {wanted} ({hint})", None
     free = [a for a in hosting if used[a.agent_id] < a.max_concurrent_runs]
     if not free:
         slots = ", ".join(f"{a.name} {used[a.agent_id]}/{a.max_concurrent_runs}" for a in hosting)

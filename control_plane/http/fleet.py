@@ -51,6 +51,7 @@ async def agents_json(
             "status": agent_status(a, now, heartbeat_timeout),
             "queues": a.queues,
             "max_concurrent_runs": a.max_concurrent_runs,
+            "launcher": a.launcher,
             "running": running.get(a.agent_id, 0),
             "last_heartbeat": iso(a.last_heartbeat),
             "version": a.version,

@@ -261,6 +261,7 @@ def fleet_schemas() -> dict[str, Schema]:
             "status": string(enum=["ONLINE", "OFFLINE", "DRAINING"]),
             "queues": array(string()),
             "max_concurrent_runs": integer(),
+            "launcher": nullable(string(enum=["forkserver", "subprocess", "docker"])),
             "running": integer(0),
             "last_heartbeat": nullable(timestamp()),
             "version": string(),

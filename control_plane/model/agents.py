@@ -22,6 +22,18 @@ class Agent:
     # the agent's restarts; the agent's own drain at shutdown ends when it registers again.
     operator_drain: bool = False
 
+    @property
+    def launcher(self) -> str | None:
+        """Its run launcher ("forkserver", "subprocess", "docker"), from the capability
+        "launcher:<name>" it registered with; None for an agent too old to say."""
+        for capability in self.capabilities:
+            if capability.startswith(LAUNCHER_CAPABILITY):
+                return capability[len(LAUNCHER_CAPABILITY) :]
+        return None
+
+
+LAUNCHER_CAPABILITY = "launcher:"
+
 
 ONLINE, DRAINING, OFFLINE = "ONLINE", "DRAINING", "OFFLINE"
 AGENT_STATUSES = (ONLINE, DRAINING, OFFLINE)

@@ -285,6 +285,6 @@ def test_check_config_lists_every_problem_of_the_file(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == [
         f"config error: {config}: key 'queue': unknown key; did you mean queues?",
         f"config error: {config}: key 'max_concurrent_runs': expected an integer, got a string",
-        f"config error: {config}: key 'run_launcher': must be 'forkserver' or 'subprocess', "
-        "not 'thread'",
+        f"config error: {config}: key 'run_launcher': must be 'forkserver', 'subprocess' or "
+        "'docker', not 'thread'",
     ]

@@ -252,3 +252,17 @@ def test_a_run_needing_a_capability_waits_for_an_agent_that_has_it() -> None:
     )
     p = plan([rerun], agents=[old, new], hosted={"old": {"loc"}, "new": {"loc"}})
     assert [(r.run_id, a.agent_id) for r, a in p.assignments] == [("rerun", "new")]
+
+
+def test_a_run_with_an_image_goes_only_to_a_docker_agent() -> None:
+    process, docker = agent("a1"), agent("a2")
+    process.capabilities = ["reuse_outputs", "launcher:forkserver"]
+    docker.capabilities = ["reuse_outputs", "launcher:docker"]
+    with_image = run("r1")
+    with_image.tags["fleetrun/image"] = "etl:1"
+    p = plan([with_image], agents=[process])
+    assert launched(p) == []
+    assert "can do launcher:docker (run_launcher = docker)" in reasons(p)["r1"]
+    p = plan([with_image, run("r2")], agents=[process, docker])
+    assert dict((r.run_id, a.agent_id) for r, a in p.assignments)["r1"] == "a2"
+    assert docker.launcher == "docker" and agent("old").launcher is None

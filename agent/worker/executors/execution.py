@@ -10,7 +10,7 @@ from typing import Any
 from agent.sdk import JobDefinition
 from agent.worker.outputs import OutputStore, encode_output
 from agent.worker.records import RecordSink
-from protocol.messages import LaunchRun
+from protocol.messages import LaunchRun, WorkerSpec
 
 
 @dataclass
@@ -24,6 +24,7 @@ class Execution:
     store: OutputStore
     max_output_bytes: int
     reuse: dict[str, str] = field(default_factory=dict)  # step -> run whose output to reuse
+    spec: WorkerSpec | None = None  # the worker's whole spec (its location, step containers)
 
     def load_reused(self) -> dict[str, Any]:
         """The steps this run does not run again, each with its output from the run that

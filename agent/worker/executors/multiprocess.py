@@ -21,6 +21,7 @@ import signal
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,7 @@ from agent.worker.executors.step import (
     error_data,
     retry_wait,
 )
+from protocol.messages import LaunchRun
 
 _LENGTH = struct.Struct(">I")
 CHILD_STOP_GRACE_SECONDS = 5.0  # below the agent's terminate grace (10 s by default)
@@ -66,22 +68,24 @@ class _PipeSink:
 def _child(
     node: Node,
     inputs: list[Any],
-    execution: Execution,
+    launch: LaunchRun,
+    encode: Callable[[str, Any], bytes],
     retry_number: int,
     fds: tuple[int, int, int],
 ) -> None:
-    """In the forked child: run one attempt, send its outcome, exit (never returns)."""
+    """In the step's process (forked, or in a step container): run one attempt, send its
+    outcome, exit (never returns)."""
     code = 0
     try:
         out, err, result = fds
         os.dup2(out, 1)
         os.dup2(err, 2)
         sink = _PipeSink(result)
-        attempt = attempt_step(node, inputs, execution.launch, sink, retry_number)
+        attempt = attempt_step(node, inputs, launch, sink, retry_number)
         payload = b""
         if attempt.ok:
             try:
-                payload = execution.encode(node.name, attempt.value)
+                payload = encode(node.name, attempt.value)
             except Exception as exc:
                 attempt = StepAttempt(False, error=error_data(exc))
         attempt.value = None  # it travels pickled in `payload`
@@ -212,7 +216,10 @@ class _Scheduler:
                         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                         inputs = [self.outputs[u] for u in node.upstream]
                         writes = (pipes[0][1], pipes[1][1], pipes[2][1])
-                        _child(node, inputs, self.execution, retry_number, writes)
+                        execution = self.execution
+                        _child(
+                            node, inputs, execution.launch, execution.encode, retry_number, writes
+                        )
                     finally:
                         os._exit(128 + signal.SIGTERM)
             finally:
@@ -289,9 +296,13 @@ class _Scheduler:
         self.drain(running)
         _, status = os.waitpid(running.pid, 0)
         del self.running[running.pid]
+        self.conclude(running, lambda: _died(running.pid, os.waitstatus_to_exitcode(status)))
+
+    def conclude(self, running: _Running, died: Callable[[], StepAttempt]) -> None:
+        """Act on how an attempt ended: its outcome, or `died()` if it sent none."""
         name = running.node.name
         if running.outcome is None:
-            attempt = _died(running.pid, os.waitstatus_to_exitcode(status))
+            attempt = died()
         else:
             attempt, payload = running.outcome
         if attempt.ok:

@@ -96,6 +96,7 @@ async def run_page(request: web.Request) -> web.Response:
         request,
         "run.html",
         run=detail,
+        container=run_container(events),
         config=json.dumps(run.config, indent=2, sort_keys=True),
         agent_name=agents.get(run.agent_id or "", ""),
         events=[e.to_json() for e in events],
@@ -107,6 +108,15 @@ async def run_page(request: web.Request) -> web.Response:
         terminal=run.status in TERMINAL_STATUSES,
         reexecutable=run.status in (RunStatus.FAILURE, RunStatus.CANCELED),
     )
+
+
+def run_container(events: list[Event]) -> dict[str, Any] | None:
+    """The image and limits of the run's (last) container, as its agent reported them
+    (the docker launcher's ENGINE_EVENT); None for a run not in a container."""
+    for event in reversed(events):
+        if event.type == "ENGINE_EVENT" and event.data.get("container_id"):
+            return event.data
+    return None
 
 
 @dataclass
