@@ -1424,10 +1424,13 @@ class Analysis:
             for rid, kept in self.purged.items()
             if kept.run["status"] not in TERMINAL
         ]
-        early = [
-            f"{rid}: gone {kept.gone - kept.run['end_time']:.1f} s after its end"
+        lived = {
+            rid: kept.gone - end
             for rid, kept in self.purged.items()
-            if kept.gone is not None and kept.gone - kept.run["end_time"] < limit
+            if kept.gone is not None and (end := _iso(kept.run["end_time"])) is not None
+        }
+        early = [
+            f"{rid}: gone {age:.1f} s after its end" for rid, age in lived.items() if age < limit
         ]
         self.add()
         self.add(
@@ -1439,6 +1442,12 @@ class Analysis:
             f"  runs removed by retention {len(self.purged)} (each seen finished first, with its"
             f" events); still in the database {len(self.runs) - len(self.purged)}"
         )
+        if lived:
+            ages = sorted(lived.values())
+            self.add(
+                f"  removed {ages[0]:.0f} to {ages[-1]:.0f} s after their end (median"
+                f" {statistics.median(ages):.0f} s; the loop looks every 30 s when idle)"
+            )
         if self.archive.errors:
             self.add(f"  looks that failed (faults): {dict(Counter(self.archive.errors))}")
         self.add("  database + WAL size, MiB, by share of the soak (goal: flat after the first")
