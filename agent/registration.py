@@ -55,6 +55,8 @@ def register_message(agent: AgentState) -> Register:
         code_locations=agent.location_infos,
         runs=agent.run_states(),
         capabilities=CAPABILITIES,
+        labels=dict(config.labels),
+        resources=config.resources.offered(),
     )
 
 
