@@ -7,7 +7,7 @@ import pytest
 
 from control_plane.config import ConcurrencyConfig, PoolConfig
 from control_plane.model.pools import Claim, GrantPlan, plan_grants
-from control_plane.model.runs import Verdict
+from control_plane.model.runs import Placement, QueueSnapshot, Verdict
 from control_plane.model.statuses import RunStatus
 from control_plane.storage import Storage
 from control_plane.storage.errors import StaleLease
@@ -217,7 +217,7 @@ async def test_run_granularity_holds_a_slot_per_pool_from_launch_to_end(
     await storage.create_run(new_run("r1"), 2.0)
     snapshots = []
 
-    def place(snapshot):  # type: ignore[no-untyped-def]
+    def place(snapshot: QueueSnapshot) -> list[Placement]:
         snapshots.append(snapshot)
         return [("r1", agent, ("warehouse",))]
 

@@ -82,13 +82,20 @@ def placed(
     return plan_dispatch(snapshot, RunCoordinatorConfig(), NOW, 30, pools)
 
 
+def asking(run_id: str, tags: dict[str, str]) -> Run:
+    """A queued run with placement tags."""
+    queued = run(run_id)
+    queued.tags.update(tags)
+    return queued
+
+
 def labelled(agent_id: str, labels: dict[str, str], **resources: int) -> Agent:
     return dataclasses.replace(agent(agent_id), labels=labels, resources=resources)
 
 
 def test_a_run_goes_only_to_an_agent_with_every_label_it_requires() -> None:
     agents = [labelled("w1", {"gpu": "t4"}), labelled("w2", {"gpu": "a100", "zone": "us"})]
-    wants = run("r1", **{"fleetrun/requires": "gpu=a100,zone=eu"})
+    wants = asking("r1", {"fleetrun/requires": "gpu=a100,zone=eu"})
     (decision,) = placed([wants], agents).decisions
     assert decision.reason == "no ONLINE agent has label zone=eu"
     agents.append(labelled("w3", {"gpu": "t4", "zone": "eu"}))
@@ -101,14 +108,14 @@ def test_a_run_goes_only_to_an_agent_with_every_label_it_requires() -> None:
 
 def test_resources_are_reserved_by_running_runs_until_they_end() -> None:
     agents = [labelled("w3", {}, cpus=4), labelled("w4", {})]
-    big = run("r2", **{"fleetrun/cpus": "3"})
+    big = asking("r2", {"fleetrun/cpus": "3"})
     holding = active("r1", "w3", **{"fleetrun/cpus": "2"})
     (decision,) = placed([big], agents, [holding]).decisions
     assert decision.reason == "needs 3 cpus: agent w3 has 2 of 4 cpus free; agent w4 offers no cpus"
     (decision,) = placed([big], agents).decisions
     assert decision.agent is not None and decision.agent.name == "w3"
     # two queued runs that each fit alone: the first takes what the second needed
-    both = placed([big, run("r3", **{"fleetrun/cpus": "2"})], agents).decisions
+    both = placed([big, asking("r3", {"fleetrun/cpus": "2"})], agents).decisions
     assert both[0].agent is not None and both[1].reason is not None
     assert "agent w3 has 1 of 4 cpus free" in both[1].reason
 
@@ -131,7 +138,7 @@ def test_placement_tags_are_checked_at_submission_naming_the_tag() -> None:
     assert tag_problem({"fleetrun/cpus": "two"}) == (
         "tag fleetrun/cpus must be an integer, got 'two'"
     )
-    assert tag_problem({"fleetrun/memory_mb": "-1"}).startswith("tag fleetrun/memory_mb must")
+    assert str(tag_problem({"fleetrun/memory_mb": "-1"})).startswith("tag fleetrun/memory_mb")
     problem = tag_problem({"fleetrun/requires": "gpu"})
     assert problem is not None and problem.startswith("tag fleetrun/requires must be key=value")
     assert tag_problem({"fleetrun/requires": "gpu=a100, zone=eu", "fleetrun/gpus": "1"}) is None
