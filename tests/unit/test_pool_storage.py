@@ -54,6 +54,12 @@ async def register(storage: Storage, name: str = "w1") -> str:
     return agent.agent_id
 
 
+async def rows_left(storage: Storage) -> int:
+    """Rows in pool_slots, live or not: a freed slot is deleted, not merely unseen."""
+    rows = await storage._reader.fetch("SELECT COUNT(*) FROM pool_slots")  # type: ignore[attr-defined]
+    return int(rows[0][0])
+
+
 def held(claims: list[Claim]) -> list[tuple[str, str]]:
     return sorted((c.run_id, c.step) for c in claims if c.granted)
 
@@ -123,7 +129,7 @@ async def test_a_retry_claims_again_and_each_attempt_end_releases(storage: Stora
     (granted,) = await storage.grant_slots(6.0, decide())
     assert granted.attempt == 1
     await storage.append_records("r1", lease, [record(5, "STEP_FAILURE", "load")], 7.0)
-    assert await storage.pool_claims() == []
+    assert await storage.pool_claims() == [] and await rows_left(storage) == 0
 
 
 async def test_the_run_ending_frees_every_slot_it_held_or_waited_for(storage: Storage) -> None:
@@ -133,7 +139,7 @@ async def test_the_run_ending_frees_every_slot_it_held_or_waited_for(storage: St
     await storage.grant_slots(4.0, decide())  # load holds the slot, other waits
     assert held(await storage.pool_claims()) == [("r1", "load")]
     await storage.append_records("r1", lease, [record(4, "RUN_FAILURE")], 5.0)
-    assert await storage.pool_claims() == []
+    assert await storage.pool_claims() == [] and await rows_left(storage) == 0
 
 
 async def test_cancel_drops_waiting_claims_at_once_and_held_ones_at_the_end(
@@ -150,8 +156,9 @@ async def test_cancel_drops_waiting_claims_at_once_and_held_ones_at_the_end(
     # a canceled run's step asks for nothing more
     await storage.append_records("r1", lease, [claim(4, "other", attempt=1)], 6.0)
     assert len(await storage.pool_claims()) == 1
+    assert await rows_left(storage) == 1
     await storage.append_records("r1", lease, [record(5, "RUN_CANCELED")], 7.0)
-    assert await storage.pool_claims() == []
+    assert await storage.pool_claims() == [] and await rows_left(storage) == 0
 
 
 async def test_a_dead_agent_verdict_frees_its_slots_and_fences_late_claims(
@@ -167,6 +174,7 @@ async def test_a_dead_agent_verdict_frees_its_slots_and_fences_late_claims(
     changed = await storage.apply_verdicts([verdict], 5.0, 0)
     assert [r.status for r in changed] == [RunStatus.FAILURE]
     assert [c.run_id for c in await storage.pool_claims()] == ["r2"]
+    assert await rows_left(storage) == 1
     assert [c.run_id for c in await storage.grant_slots(6.0, decide())] == ["r2"]
     with pytest.raises(StaleLease):
         await storage.append_records("r1", lease, [claim(3, "other")], 7.0)
@@ -183,7 +191,7 @@ async def test_a_resumed_run_frees_its_old_attempts_slots(storage: Storage) -> N
     verdict = Verdict("r1", lease, RunStatus.STARTED, RunStatus.FAILURE, AGENT_LOST, "lost")
     (resumed,) = await storage.apply_verdicts([verdict], 5.0, 1)
     assert resumed.status == RunStatus.QUEUED
-    assert await storage.pool_claims() == []
+    assert await storage.pool_claims() == [] and await rows_left(storage) == 0
 
 
 async def test_a_claim_naming_no_valid_pool_is_refused(storage: Storage) -> None:
@@ -229,4 +237,4 @@ async def test_run_granularity_holds_a_slot_per_pool_from_launch_to_end(
     assert run.lease is not None
     await storage.append_records("r1", run.lease, [record(1, "RUN_START")], 4.0)
     await storage.append_records("r1", run.lease, [record(2, "RUN_SUCCESS")], 5.0)
-    assert await storage.pool_claims() == []
+    assert await storage.pool_claims() == [] and await rows_left(storage) == 0
