@@ -32,4 +32,15 @@ def chain_100():
         value = add_one(value)
 
 
-defs = Definitions(jobs=[sleepy, chain_100])
+@op(pool="bench")
+def pooled_step(context):
+    return None
+
+
+@job
+def pooled_tick():
+    """One step in pool `bench`: workload 10 times the handover of its slot."""
+    pooled_step()
+
+
+defs = Definitions(jobs=[sleepy, chain_100, pooled_tick])
