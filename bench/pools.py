@@ -11,6 +11,7 @@ the slot, the grant pass, the waiting agent's long-poll, its worker's slot bell.
 
 from __future__ import annotations
 
+import itertools
 import json
 import urllib.request
 
@@ -51,4 +52,4 @@ def handovers(runs: int = 40, storage_url: str = "sqlite:///b.db") -> list[float
             kinds = {e["type"]: ts(e["time"]) for e in events}
             steps.append((kinds["STEP_START"], kinds["STEP_SUCCESS"]))
     steps.sort()
-    return [nxt[0] - prev[1] for prev, nxt in zip(steps, steps[1:], strict=False)]
+    return [nxt[0] - prev[1] for prev, nxt in itertools.pairwise(steps)]
