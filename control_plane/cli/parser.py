@@ -302,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = client_options(agents.add_parser(action, help=help_text))
         cmd.add_argument("agent", help="agent name or id")
         cmd.set_defaults(func=cmd_agents_drain, action_path=action)
+    jobs = sub.add_parser("jobs", help="jobs").add_subparsers(dest="action", required=True)
+    client_options(jobs.add_parser("list", help="jobs of every code location")).set_defaults(
+        func=cmd_jobs_list
+    )
     pools = sub.add_parser("pools", help="concurrency pools").add_subparsers(
         dest="action", required=True
     )
@@ -317,10 +321,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pool_delete.add_argument("name", help="pool name")
     pool_delete.set_defaults(func=cmd_pools_delete)
-    jobs = sub.add_parser("jobs", help="jobs").add_subparsers(dest="action", required=True)
-    client_options(jobs.add_parser("list", help="jobs of every code location")).set_defaults(
-        func=cmd_jobs_list
-    )
     _add_tokens(sub)
     health = client_options(
         sub.add_parser(

@@ -198,9 +198,10 @@ class Dispatcher:
             if self.broker is not None and await self.broker.waiting():
                 hosted = (await self.storage.code_catalog()).hosted.get(agent_id, set())
                 evaluations = await self.broker.take_for(agent_id, hosted)
-            grants = [
-                grant_message(c) for c in await self.storage.owed_grants(agent_id, held_grants)
-            ]
+            grants = []
+            if held_leases:  # a grant is for a step of a run the agent holds
+                owed_grants = await self.storage.owed_grants(agent_id, held_grants)
+                grants = [grant_message(c) for c in owed_grants]
             if launches or stops or evaluations or grants:
                 return PollReply(launches, stops, evaluations, grants)
             return None

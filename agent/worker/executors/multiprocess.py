@@ -394,11 +394,15 @@ class _Scheduler:
                     timeout = max(0.0, self.delayed[0][0] - time.monotonic())
                 if self.parked:  # the bell is the fast path; the file is the truth
                     timeout = min(timeout if timeout is not None else RECHECK, RECHECK)
-                for key, _ in self.selector.select(timeout):
-                    if key.fd in self.by_fd:
+                events = self.selector.select(timeout)
+                rang = not events  # a recheck while steps wait
+                for key, _ in events:
+                    if key.fd == self.bell:
+                        rang = True
+                    elif key.fd in self.by_fd:
                         self.read(key.fd)
-                if self.parked:
-                    self.take_grants()
+                if rang and self.slots is not None:
+                    self.take_grants()  # empties the bell too, parked steps or not
         finally:
             self.stop_children()
 

@@ -141,13 +141,14 @@ class RunQueries(SqlBase):
             info = catalog.job_info(run.location, run.job)
             if info is not None:
                 job_pools[(run.location, run.job)] = frozenset(o.pool for o in info.ops if o.pool)
+        pooled = every_agent or any(job_pools.values())  # a run's pools may hold it back
         return QueueSnapshot(
             queued=queued,
             active=[run_from_row(r) for r in active],
             agents=agents,
             hosted=catalog.hosted,
-            claims=await live_claims(db) if any(job_pools.values()) or every_agent else [],
-            pool_limits=await set_limits(db),
+            claims=await live_claims(db) if pooled else [],
+            pool_limits=await set_limits(db) if pooled else {},
             job_pools=job_pools,
         )
 
