@@ -19,6 +19,7 @@ from tests.conftest import (
     FLEETRUN,
     ControlPlaneProc,
     Proc,
+    free_port,
     start_agent,
     start_control_plane,
     wait_for,
@@ -200,42 +201,56 @@ def test_cancel_frees_running_and_waiting_steps(tmp_path: Path) -> None:
 
 
 def test_no_slot_leaks_when_the_agent_and_the_control_plane_die(tmp_path: Path) -> None:
-    # Given an agent whose run holds the slot while another of its runs waits for it
-    config = WAREHOUSE_1 + "\n[run_monitoring]\nagent_heartbeat_timeout_seconds = 3\n"
-    cp = start_control_plane(tmp_path, config)
+    # Given a run holding the only slot and another waiting for it, on one agent
+    config = WAREHOUSE_1 + "\n[run_monitoring]\nagent_heartbeat_timeout_seconds = 6\n"
+    port = free_port()
+    cp = start_control_plane(tmp_path, config, port=port)
     agent = start_agent(cp, tmp_path, locations=POOLS, name="doomed")
     gates = tmp_path / "gates"
     gates.mkdir()
-    restarted: ControlPlaneProc | None = None
     survivor: Proc | None = None
     try:
         holder = submit_pooled(cp, gates)
         wait_for(lambda: step_started(cp, holder), what="the holder to start")
         waiter = submit_pooled(cp, gates)
         wait_for(lambda: waits(cp, waiter), what="the waiter")
-        # When the agent is killed, and the control plane right after it
+        # When the control plane dies, and the holder's step ends while it is down
+        cp.popen.send_signal(signal.SIGKILL)
+        cp.popen.wait(10)
+        (gates / holder).touch()
+        cp = start_control_plane(tmp_path, config, port=port)
+        # Then the end reaches the restarted control plane, which hands the slot on
+        wait_for(lambda: step_started(cp, waiter), what="the waiter to start after the restart")
+        (gates / waiter).touch()
+        assert cp.wait_run(holder)["status"] == "SUCCESS"
+        assert cp.wait_run(waiter)["status"] == "SUCCESS"
+        wait_idle(cp)
+        # Given a new holder and waiter
+        holder = submit_pooled(cp, gates)
+        wait_for(lambda: step_started(cp, holder), what="the next holder to start")
+        waiter = submit_pooled(cp, gates)
+        wait_for(lambda: waits(cp, waiter), what="the next waiter")
+        # When the agent and the control plane are both killed
         agent.popen.send_signal(signal.SIGKILL)
         agent.popen.wait(10)
         cp.popen.send_signal(signal.SIGKILL)
         cp.popen.wait(10)
-        restarted = start_control_plane(tmp_path, config)
+        cp = start_control_plane(tmp_path, config, port=port)
         # Then the restarted control plane declares the agent dead and frees every slot
         for run_id in (holder, waiter):
-            assert restarted.wait_run(run_id)["status"] == "FAILURE"
-        wait_idle(restarted)
-        # And the pool works for the next run on another agent
-        survivor = start_agent(restarted, tmp_path, locations=POOLS, name="survivor")
-        after = submit_pooled(restarted, gates)
+            assert cp.wait_run(run_id)["status"] == "FAILURE"
+        wait_idle(cp)
+        # And the pool works for the next run, on another agent
+        survivor = start_agent(cp, tmp_path, locations=POOLS, name="survivor")
+        after = submit_pooled(cp, gates)
         (gates / after).touch()
-        assert restarted.wait_run(after)["status"] == "SUCCESS"
-        wait_idle(restarted)
+        assert cp.wait_run(after)["status"] == "SUCCESS"
+        wait_idle(cp)
     finally:
         for proc in (survivor, agent):
             if proc is not None:
                 proc.stop()
-        for plane in (restarted, cp):
-            if plane is not None:
-                plane.stop()
+        cp.stop()
 
 
 def test_run_granularity_keeps_a_run_queued_until_its_pools_have_room(tmp_path: Path) -> None:
