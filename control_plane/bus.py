@@ -122,11 +122,12 @@ def runs_changed(bus: WakeBus, runs: list[Run], agent_id: str | None = None) -> 
     bus.publish(MONITOR)
 
 
-def pools_changed(bus: WakeBus) -> None:
-    """A step claimed a pool slot or gave one back, or a limit changed: the grant pass
-    looks again (and, for run granularity, the run queue)."""
+def pools_changed(bus: WakeBus, limit: bool = False) -> None:
+    """A step claimed a pool slot or gave one back: the grant pass looks again; a
+    limit changed (`limit`): the run queue too, for runs waiting for a pool by run."""
     bus.publish(POOLS)
-    bus.publish(QUEUE)
+    if limit:
+        bus.publish(QUEUE)
 
 
 def slots_granted(bus: WakeBus, agent_ids: set[str | None], run_ids: set[str]) -> None:

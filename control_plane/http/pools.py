@@ -53,7 +53,7 @@ async def set_pool(request: web.Request) -> web.Response:
         message = f"limit must be an integer from 0 to {MAX_POOL_LIMIT} (0: paused), got {limit!r}"
         raise ApiError(422, "bad_request", message)
     await app[STORAGE].set_pool_limit(name, limit, app[CLOCK].time())
-    pools_changed(app[BUS])
+    pools_changed(app[BUS], limit=True)
     return web.json_response({"name": name, "limit": limit, "source": "api"})
 
 
@@ -63,7 +63,7 @@ async def delete_pool(request: web.Request) -> web.Response:
     name = _pool_name(request)
     if not await app[STORAGE].delete_pool_limit(name):
         raise ApiError(404, "unknown_pool", f"no limit was set for pool {name!r} through the API")
-    pools_changed(app[BUS])
+    pools_changed(app[BUS], limit=True)
     limits = app[CONFIG].concurrency.limits()
     return web.json_response(
         {"name": name, "limit": limits.limit_of(name), "source": limits.source_of(name)}
