@@ -199,9 +199,9 @@ class Dispatcher:
                 hosted = (await self.storage.code_catalog()).hosted.get(agent_id, set())
                 evaluations = await self.broker.take_for(agent_id, hosted)
             grants = []
-            if held_leases:  # a grant is for a step of a run the agent holds
+            if held_leases:  # a grant is for a step of an attempt the agent holds
                 owed_grants = await self.storage.owed_grants(agent_id, held_grants)
-                grants = [grant_message(c) for c in owed_grants]
+                grants = [grant_message(c) for c in owed_grants if c.lease in held_leases]
             if launches or stops or evaluations or grants:
                 return PollReply(launches, stops, evaluations, grants)
             return None
