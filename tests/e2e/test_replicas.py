@@ -219,7 +219,7 @@ def test_a_pool_slot_freed_on_one_replica_starts_the_step_waiting_on_the_other(
     try:
         ids = [b.submit("pooled", config={"gates": str(gates)}) for _ in range(2)]
 
-        def started(run_id: str) -> float | None:
+        def started(run_id: str) -> str | None:
             events = b.get(f"/api/v1/runs/{run_id}/events")["events"]
             return next((e["time"] for e in events if e["type"] == "STEP_START"), None)
 
