@@ -10,6 +10,9 @@ so that it outlives the agent that started it and a restarted agent can adopt it
       stdout, stderr   the worker's output, and that of every process it starts
       bell         a FIFO: the worker writes a byte after each record, waking the reader
       deadline     the lease deadline, written by the agent, enforced by the worker
+      slots        the pool slots granted to its steps (JSON: ["step#attempt", ...]),
+                   written by the agent as the control plane grants them
+      slot_bell    a FIFO: the agent writes a byte after each change of `slots`
 
 The agent tails the three files. Where it got to (a `Position`) is stored in its spool
 in the transaction that stores the records read up to there, so an agent that restarts
@@ -34,6 +37,7 @@ import msgpack
 
 from agent.compute_logs import StepOutputSplitter
 from agent.processes import process_info
+from agent.worker.slots import SLOT_BELL, SLOTS
 from protocol import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS
 from protocol.codec import FRAME_HEADER_SIZE, frame_length
 from protocol.messages import LaunchRun
@@ -102,6 +106,7 @@ class Channel:
         channel = cls(folder)
         os.mkdir(channel.path("scratch"), 0o700)
         os.mkfifo(channel.path("bell"), FILE_MODE)
+        os.mkfifo(channel.path(SLOT_BELL), FILE_MODE)
         for name in STREAMS:
             os.close(os.open(channel.path(name), os.O_CREAT | os.O_WRONLY, FILE_MODE))
         _write_atomically(channel.path("agent"), agent_id.encode())
@@ -149,6 +154,23 @@ class Channel:
         text = f"{monotonic_deadline:.3f} {grace:.3f}\n"
         with contextlib.suppress(FileNotFoundError):  # the attempt ended meanwhile
             _write_atomically(self.path("deadline"), text.encode())
+
+    def grant_slots(self, keys: list[str]) -> None:
+        """Tell the worker which of its steps' slot claims are granted (`slot_key`s):
+        the whole set, replaced at once, then the bell (the worker may not read it yet,
+        or no longer: it reads the file whenever it looks)."""
+        with contextlib.suppress(FileNotFoundError):  # the attempt ended meanwhile
+            _write_atomically(self.path(SLOTS), json.dumps(sorted(keys)).encode())
+        try:
+            fd = os.open(self.path(SLOT_BELL), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # no reader (the worker is gone or not started yet), or no FIFO
+            return
+        try:
+            os.write(fd, b"\x01")
+        except OSError:  # full: it is rung already
+            pass
+        finally:
+            os.close(fd)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from protocol.schema import ConfigError, FieldError, load_toml
-from protocol.tags import image_problem
-from protocol.validation import agent_name_problem
+from protocol.tags import MAX_RESOURCE, image_problem
+from protocol.validation import agent_name_problem, placement_problem
 
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 
@@ -121,6 +121,26 @@ def mount_problem(mount: str) -> str | None:
 
 
 @dataclass(frozen=True)
+class ResourcesConfig:
+    """`[resources]`: what this agent offers to runs that ask for resources
+    (`fleetrun/cpus`, `fleetrun/memory_mb`, `fleetrun/gpus`); 0: not offered. A run holds
+    what it asked for on its agent from its launch to its end."""
+
+    cpus: int = 0
+    memory_mb: int = 0
+    gpus: int = 0
+
+    def problems(self) -> Iterator[FieldError]:
+        for name, amount in self.offered(every=True).items():
+            if not 0 <= amount <= MAX_RESOURCE:
+                yield FieldError(name, f"must be between 0 and {MAX_RESOURCE} (0: not offered)")
+
+    def offered(self, every: bool = False) -> dict[str, int]:
+        amounts = {"cpus": self.cpus, "memory_mb": self.memory_mb, "gpus": self.gpus}
+        return {k: v for k, v in amounts.items() if every or v > 0}
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     control_plane_url: str = "http://127.0.0.1:8470"
     name: str = ""
@@ -144,6 +164,8 @@ class AgentConfig:
     state_dir: str = ""  # the spool's folder; default: fleetrun-state/NAME beside this file
     spool_max_bytes: int = 256 * 1024 * 1024  # past it, compute-log text is dropped first
     spool_max_age_seconds: float = 7 * 86400  # older compute-log text is dropped too
+    labels: dict[str, str] = field(default_factory=dict)  # what `fleetrun/requires` matches
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def problems(self) -> Iterator[FieldError]:
         if self.run_launcher not in RUN_LAUNCHERS:
@@ -186,6 +208,8 @@ class AgentConfig:
             yield FieldError("name", agent_name_problem(self.name) or "")
         if not self.queues:
             yield FieldError("queues", "must name at least one queue")
+        if (problem := placement_problem(self.labels, {})) is not None:
+            yield FieldError("labels", problem)
         names = [loc.name for loc in self.code_locations]
         for name in sorted({name for name in names if names.count(name) > 1}):
             yield FieldError("code_locations", f"location name {name!r} is used twice")

@@ -1,5 +1,5 @@
 """The long-poll: what the control plane has for this agent (launches, stop orders,
-evaluations), each carried out as it arrives.
+evaluations, pool slots granted to its runs' steps), each carried out as it arrives.
 
 A reply is read launch by launch (`decode_poll_reply`): one launch this agent cannot
 read fails its own run and the rest are carried out. Only a refusal no retry can cure
@@ -17,6 +17,7 @@ from agent.evaluations import start_evaluation
 from agent.registration import register
 from agent.state import REQUEST_TIMEOUT_SECONDS, AgentState
 from agent.supervision import refuse_launch, start_run
+from agent.worker.slots import slot_key
 from protocol.codec import ProtocolError, decode_poll_reply
 from protocol.messages import Poll, PollReply
 
@@ -31,6 +32,7 @@ async def poll_forever(agent: AgentState) -> None:
             agent_id=agent.agent_id,
             held_leases=list(agent.runs),
             stopping_leases=[lease for lease, a in agent.runs.items() if a.worker.stop_order],
+            held_grants=agent.held_grants(),
         )
         try:
             body = await agent.client.call_raw(
@@ -65,6 +67,15 @@ def carry_out(agent: AgentState, reply: PollReply) -> None:
             start_run(agent, launch)
     for request in reply.evaluations:
         start_evaluation(agent, request)
+    granted: set[int] = set()
+    for grant in reply.grants:
+        active = agent.runs.get(grant.lease)
+        if active is not None and active.worker.launch.run_id == grant.run_id:
+            active.grants[grant.claim_id] = slot_key(grant.step, grant.attempt)
+            granted.add(grant.lease)
+    for lease in granted:
+        active = agent.runs[lease]
+        active.worker.channel.grant_slots(list(active.grants.values()))
     for order in reply.stops:
         active = agent.runs.get(order.lease)
         if active is not None:

@@ -56,6 +56,8 @@ def register_message(agent: AgentState) -> Register:
         code_locations=agent.location_infos,
         runs=agent.run_states(),
         capabilities=[*CAPABILITIES, f"launcher:{config.run_launcher}"],
+        labels=dict(config.labels),
+        resources=config.resources.offered(),
     )
 
 

@@ -103,6 +103,39 @@ def _check_tags(kind: str, name: str, tags: object) -> dict[str, str]:
     return dict(tags)
 
 
+def _check_pool(where: str, pool: object) -> str | None:
+    """A concurrency pool's name meets the rules of every name (it keys the database)."""
+    if pool is None:
+        return None
+    if not isinstance(pool, str) or len(pool) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(pool):
+        raise DefinitionError(
+            f"{where}: pool {pool!r} is invalid: it must match ^[A-Za-z0-9_]+$ and be at "
+            f"most {MAX_NAME_LENGTH} characters"
+        )
+    return pool
+
+
+def tag_concurrency_limits(where: str, rules: object) -> list[tuple[str, str | None, int]]:
+    """An executor's `tag_concurrency_limits` (Dagster's): a list of {"key", "value"?,
+    "limit"} tables, as (key, value or None, limit); ValueError naming the rule."""
+    if not isinstance(rules, list):
+        raise ValueError(f"{where}: tag_concurrency_limits must be a list of tables")
+    parsed = []
+    for index, rule in enumerate(rules):
+        at = f"{where}: tag_concurrency_limits[{index}]"
+        if not isinstance(rule, dict) or not rule.keys() <= {"key", "value", "limit"}:
+            raise ValueError(f"{at} must be a table with key, optional value, and limit")
+        key, value, limit = rule.get("key"), rule.get("value"), rule.get("limit")
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{at}.key must be a non-empty string")
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{at}.value must be a string")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError(f"{at}.limit must be an integer >= 1")
+        parsed.append((key, value, limit))
+    return parsed
+
+
 def _check_callable(kind: str, fn: object) -> None:
     """Guards against `@op("name")`-style misuse, which would otherwise fail obscurely."""
     if not callable(fn):
@@ -386,11 +419,13 @@ class OpDefinition:
         name: str | None = None,
         tags: dict[str, str] | None = None,
         retry_policy: RetryPolicy | None = None,
+        pool: str | None = None,
     ) -> None:
         _check_callable("op", fn)
         self.fn = fn
         self.name = _default_name("op", name, fn)
         self.tags = _check_tags("op", self.name, tags)
+        self.pool = _check_pool(f"op {self.name}", pool)
         if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
             raise DefinitionError(
                 f"op {self.name}: retry_policy must be a RetryPolicy, got {retry_policy!r}"
@@ -501,6 +536,11 @@ def _normalise_executor(job_name: str, executor: object) -> dict[str, Any]:
         raise DefinitionError(
             f"job {job_name}: executor max_concurrent must be a positive int, got {limit!r}"
         )
+    if "tag_concurrency_limits" in config:
+        try:
+            tag_concurrency_limits(f"job {job_name}: executor", config["tag_concurrency_limits"])
+        except ValueError as exc:
+            raise DefinitionError(str(exc)) from None
     return config
 
 
@@ -514,10 +554,12 @@ class JobDefinition:
         tags: dict[str, str] | None = None,
         executor: str | dict[str, Any] = "in_process",
         op_retry_policy: RetryPolicy | None = None,
+        pool: str | None = None,
     ) -> None:
         _check_callable("job", fn)
         self.name = _default_name("job", name, fn)
         self.tags = _check_tags("job", self.name, tags)
+        self.pool = _check_pool(f"job {self.name}", pool)
         self.executor = _normalise_executor(self.name, executor)
         if op_retry_policy is not None and not isinstance(op_retry_policy, RetryPolicy):
             raise DefinitionError(
@@ -564,6 +606,11 @@ class JobDefinition:
             return node.op.retry_policy
         return self.op_retry_policy
 
+    def pool_for(self, step_name: str) -> str | None:
+        """The concurrency pool a step takes a slot in: its op's, else the job's default."""
+        op_pool = self.nodes[step_name].op.pool
+        return op_pool if op_pool is not None else self.pool
+
     def to_info(self) -> JobInfo:
         """What the agent reports to the control plane about this job."""
         return JobInfo(
@@ -574,6 +621,7 @@ class JobDefinition:
                     upstream=list(dict.fromkeys(node.upstream)),
                     tags=node.tags,
                     retry_policy=_policy_info(self.retry_policy_for(node.name)),
+                    pool=self.pool_for(node.name),
                 )
                 for node in self.nodes.values()
             ],
@@ -606,6 +654,7 @@ def op(
     name: str | None = None,
     tags: dict[str, str] | None = None,
     retry_policy: RetryPolicy | None = None,
+    pool: str | None = None,
 ) -> Callable[[Callable[..., Any]], OpDefinition]: ...
 
 
@@ -616,13 +665,15 @@ def op(
     name: str | None = None,
     tags: dict[str, str] | None = None,
     retry_policy: RetryPolicy | None = None,
+    pool: str | None = None,
 ) -> OpDefinition | Callable[[Callable[..., Any]], OpDefinition]:
-    """Define an op; works bare (`@op`) or called (`@op(name=...)`)."""
+    """Define an op; works bare (`@op`) or called (`@op(name=...)`). With `pool`, each
+    attempt of its steps takes a slot of that concurrency pool before it starts."""
     if fn is not None:
-        return OpDefinition(fn, name, tags, retry_policy)
+        return OpDefinition(fn, name, tags, retry_policy, pool)
 
     def decorate(f: Callable[..., Any]) -> OpDefinition:
-        return OpDefinition(f, name, tags, retry_policy)
+        return OpDefinition(f, name, tags, retry_policy, pool)
 
     return decorate
 
@@ -638,6 +689,7 @@ def job(
     tags: dict[str, str] | None = None,
     executor: str | dict[str, Any] = "in_process",
     op_retry_policy: RetryPolicy | None = None,
+    pool: str | None = None,
 ) -> Callable[[Callable[[], Any]], JobDefinition]: ...
 
 
@@ -649,13 +701,15 @@ def job(
     tags: dict[str, str] | None = None,
     executor: str | dict[str, Any] = "in_process",
     op_retry_policy: RetryPolicy | None = None,
+    pool: str | None = None,
 ) -> JobDefinition | Callable[[Callable[[], Any]], JobDefinition]:
-    """Define a job; its body wires ops by calling them. Bare or called."""
+    """Define a job; its body wires ops by calling them. Bare or called. `pool`: the
+    concurrency pool of its ops that name none."""
     if fn is not None:
-        return JobDefinition(fn, name, tags, executor, op_retry_policy)
+        return JobDefinition(fn, name, tags, executor, op_retry_policy, pool)
 
     def decorate(f: Callable[[], Any]) -> JobDefinition:
-        return JobDefinition(f, name, tags, executor, op_retry_policy)
+        return JobDefinition(f, name, tags, executor, op_retry_policy, pool)
 
     return decorate
 

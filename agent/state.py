@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.client import ContactLog, ControlPlaneClient
 from agent.config import AgentConfig, CodeLocationConfig
@@ -35,6 +35,7 @@ class ActiveRun:
     outbox: RunOutbox
     task: asyncio.Task[None]  # supervises the attempt until its records are delivered
     worker_exited: asyncio.Future[None]
+    grants: dict[int, str] = field(default_factory=dict)  # pool slots: claim id -> slot key
 
     def stop_as_agent_lost(self, lease: int, reason: str, grace: float) -> None:
         """Stop the worker on the agent's own account (out of contact, shutting down):
@@ -77,6 +78,10 @@ class AgentState:
             config.spool_max_bytes,
             config.spool_max_age_seconds,
         )
+
+    def held_grants(self) -> list[int]:
+        """The pool-slot grants passed to this agent's workers (claim ids)."""
+        return [claim for active in self.runs.values() for claim in active.grants]
 
     def run_states(self) -> list[RunState]:
         return [

@@ -14,6 +14,7 @@ The workloads (each module's docstring says exactly what it measures):
   10   bench/docker.py    submit -> STARTED with the docker launcher next to the process
                           launchers, and the docker executor's per-step overhead (a
                           dockerd of its own; needs Debian's docker.io)
+  11   bench/pools.py     a freed pool slot -> the next waiting step started
 plus two figures of earlier issues: executor overhead per step, agent death -> FAILURE.
 The table is Markdown, so that docs/performance.md can hold it as printed.
 """
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         help="runs in the big database (9), 50 events each; 100000 for a quick try",
     )
     parser.add_argument("--skip-big", action="store_true")
+    parser.add_argument("--pool-runs", type=int, default=40, help="runs through one slot (10)")
     parser.add_argument(
         "--skip-extra", action="store_true", help="skip the executor and agent-death figures"
     )
@@ -290,6 +292,12 @@ def main(argv: list[str] | None = None) -> None:
             f"{purged.total_s:.1f} s in all",
         )
     )
+    progress(f"11: {args.pool_runs} steps handing one pool slot on")
+    from bench.pools import handovers
+
+    handed = handovers(args.pool_runs, args.storage)
+    measure = f"pool slot freed -> next waiting step started ({len(handed)} handovers)"
+    rows.append(_dist("11 pools", measure, handed, "p50 <= 50 ms", p50_goal=0.050))
     if not args.skip_big:
         progress(f"9: a database of {args.big_runs:,} runs (building it takes minutes)")
         rows.extend(big_data_rows(args.big_runs, args.postgres))

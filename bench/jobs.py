@@ -39,4 +39,15 @@ def chain_10():
         value = add_one(value)
 
 
-defs = Definitions(jobs=[sleepy, chain_100, chain_10])
+@op(pool="bench")
+def pooled_step(context):
+    return None
+
+
+@job
+def pooled_tick():
+    """One step in pool `bench`: workload 11 times the handover of its slot."""
+    pooled_step()
+
+
+defs = Definitions(jobs=[sleepy, chain_100, chain_10, pooled_tick])

@@ -25,6 +25,7 @@ from control_plane.storage.port import Database
 log = logging.getLogger("fleetrun.bus")
 
 QUEUE = "queue"  # the run queue may dispatch (a submit, a freed slot, an agent arriving)
+POOLS = "pools"  # a pool slot was claimed or freed, or a pool's limit changed
 MONITOR = "monitor"  # a deadline may have changed
 RETRIES = "retries"  # a run failed
 INSTIGATORS = "instigators"  # a schedule or sensor was started/stopped, or a location changed
@@ -116,8 +117,26 @@ def runs_changed(bus: WakeBus, runs: list[Run], agent_id: str | None = None) -> 
         bus.publish(AGENT, run.agent_id)
     bus.publish(AGENT, agent_id)
     bus.publish(QUEUE)
+    bus.publish(POOLS)
     bus.publish(RETRIES)
     bus.publish(MONITOR)
+
+
+def pools_changed(bus: WakeBus, limit: bool = False) -> None:
+    """A step claimed a pool slot or gave one back: the grant pass looks again; a
+    limit changed (`limit`): the run queue too, for runs waiting for a pool by run."""
+    bus.publish(POOLS)
+    if limit:
+        bus.publish(QUEUE)
+
+
+def slots_granted(bus: WakeBus, agent_ids: set[str | None], run_ids: set[str]) -> None:
+    """Steps got pool slots: their agents' polls carry the grants, their watchers see
+    the events."""
+    for agent_id in agent_ids:
+        bus.publish(AGENT, agent_id)
+    for run_id in run_ids:
+        bus.publish(RUN, run_id)
 
 
 def instigators_changed(bus: WakeBus, registered_agent: str = "") -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from control_plane.model.alerts import ALERT_EVENTS
+from control_plane.model.pools import GRANULARITIES, PoolLimits
 from control_plane.model.runs import ResumeRules
 from control_plane.model.submission import RunRules
 from control_plane.storage import url_problem
@@ -17,6 +18,9 @@ from protocol.codec import DecodeLimits
 from protocol.logs import redact
 from protocol.schema import ConfigError, FieldError, load_toml
 from protocol.tags import TagLimits
+from protocol.validation import name_problem
+
+MAX_POOL_LIMIT = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,45 @@ class RunCoordinatorConfig:
 
 
 @dataclass(frozen=True)
+class PoolConfig:
+    """One `[[concurrency.pools]]` table: a pool's limit (`fleetrun pools set` wins)."""
+
+    name: str
+    limit: int
+
+    def problems(self) -> Iterator[FieldError]:
+        if problem := name_problem(self.name):
+            yield FieldError("name", problem)
+        if not 0 <= self.limit <= MAX_POOL_LIMIT:
+            yield FieldError("limit", f"must be between 0 and {MAX_POOL_LIMIT} (0: paused)")
+
+
+@dataclass(frozen=True)
+class ConcurrencyConfig:
+    """`[concurrency]`: pools of ops across runs (control_plane/model/pools.py)."""
+
+    default_pool_limit: int = 0  # a pool nobody configured; 0: unlimited
+    granularity: str = "op"  # "op": each step holds a slot; "run": the run holds one per pool
+    pools: list[PoolConfig] = field(default_factory=list)
+
+    def problems(self) -> Iterator[FieldError]:
+        if not 0 <= self.default_pool_limit <= MAX_POOL_LIMIT:
+            yield FieldError("default_pool_limit", f"must be between 0 and {MAX_POOL_LIMIT}")
+        if self.granularity not in GRANULARITIES:
+            yield FieldError("granularity", f"must be 'op' or 'run', not {self.granularity!r}")
+        seen: set[str] = set()
+        for index, pool in enumerate(self.pools):
+            if pool.name in seen:
+                yield FieldError(f"pools[{index}].name", f"pool {pool.name!r} is listed twice")
+            seen.add(pool.name)
+
+    def limits(self, set_limits: dict[str, int] | None = None) -> PoolLimits:
+        """These limits under the ones set through the API."""
+        configured = {pool.name: pool.limit for pool in self.pools}
+        return PoolLimits(dict(set_limits or {}), configured, self.default_pool_limit)
+
+
+@dataclass(frozen=True)
 class RunMonitoringConfig:
     enabled: bool = True
     agent_heartbeat_timeout_seconds: float = 30.0
@@ -323,6 +366,7 @@ class ControlPlaneConfig:
     compute_logs: ComputeLogsConfig = field(default_factory=ComputeLogsConfig)
     alerts: list[AlertRule] = field(default_factory=list)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    concurrency: ConcurrencyConfig = field(default_factory=ConcurrencyConfig)
 
     def problems(self) -> Iterator[FieldError]:
         seen: set[str] = set()

@@ -32,7 +32,13 @@ STEP_EVENTS = frozenset(
         "STEP_REUSED",
     }
 )
-AGENT_EVENTS = AGENT_RUN_EVENTS | STEP_EVENTS | {LOG, ENGINE_EVENT}
+# A step of an op with a pool asks for a slot before it starts (the claim), and the
+# control plane says when it waits and when it got one; its attempt's end releases it.
+STEP_SLOT_REQUESTED = "STEP_SLOT_REQUESTED"
+STEP_SLOT_WAITING = "STEP_SLOT_WAITING"
+STEP_SLOT_GRANTED = "STEP_SLOT_GRANTED"
+STEP_ATTEMPT_ENDS = frozenset({"STEP_SUCCESS", "STEP_FAILURE", "STEP_UP_FOR_RETRY"})
+AGENT_EVENTS = AGENT_RUN_EVENTS | STEP_EVENTS | {LOG, ENGINE_EVENT, STEP_SLOT_REQUESTED}
 CONTROL_PLANE_EVENTS = frozenset(
     {
         "RUN_ENQUEUED",
@@ -41,6 +47,8 @@ CONTROL_PLANE_EVENTS = frozenset(
         "RUN_RETRY",
         "RUN_WORKER_RESTARTED",
         "RUN_REQUEUED",
+        STEP_SLOT_WAITING,
+        STEP_SLOT_GRANTED,
     }
 )
 LOG_STREAMS = frozenset({"stdout", "stderr"})
@@ -69,7 +77,7 @@ def record_shape_problem(kind: str, record_type: str, step: str | None) -> str |
             return f"{record_type} is written by the control plane only"
         if record_type not in AGENT_EVENTS:
             return f"{record_type[:64]!r} is not an event type an agent may send"
-        if record_type in STEP_EVENTS and step is None:
+        if (record_type in STEP_EVENTS or record_type == STEP_SLOT_REQUESTED) and step is None:
             return f"{record_type} needs a step"
     else:
         return f"record kind must be event or log, not {kind[:64]!r}"

@@ -30,6 +30,7 @@ class OpInfo:
     upstream: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
     retry_policy: RetryPolicyInfo | None = None  # None: a failure is not retried
+    pool: str | None = None  # the concurrency pool its attempts take a slot in
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,10 @@ class Register:
     # What this agent can do beyond protocol 1; the control plane only assigns a run to
     # an agent with every capability the run needs ("reuse_outputs": re-executions).
     capabilities: list[str] = field(default_factory=list)
+    # Placement: what a run's `fleetrun/requires` selects on, and what this agent offers
+    # to runs' `fleetrun/cpus`, `fleetrun/memory_mb`, `fleetrun/gpus` (0: not offered).
+    labels: dict[str, str] = field(default_factory=dict)
+    resources: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,7 @@ class Poll:
     agent_id: str
     held_leases: list[int] = field(default_factory=list)
     stopping_leases: list[int] = field(default_factory=list)  # stop orders being carried out
+    held_grants: list[int] = field(default_factory=list)  # slot grants passed to workers
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,10 @@ class LaunchRun:
     config: dict[str, Any] = field(default_factory=dict)
     # Steps not to run again, each with the run whose stored output to use instead.
     reuse_outputs: dict[str, str] = field(default_factory=dict)
+    # Steps of an op with a pool ask for a slot (STEP_SLOT_REQUESTED) and start once it
+    # is granted (`SlotGrant`); False from a control plane without pools, or one that
+    # limits pools by run (the run holds its slots from its launch).
+    claim_pool_slots: bool = False
 
 
 @dataclass(frozen=True)
@@ -198,10 +208,25 @@ class StopRun:
 
 
 @dataclass(frozen=True)
+class SlotGrant:
+    """A pool slot granted to one attempt (`attempt`, from 0) of a step of run attempt
+    `lease`: the step may start. Offered on every poll until the agent lists `claim_id`
+    in `Poll.held_grants`."""
+
+    run_id: str
+    lease: int
+    claim_id: int
+    step: str
+    attempt: int
+    pool: str
+
+
+@dataclass(frozen=True)
 class PollReply:
     launches: list[LaunchRun] = field(default_factory=list)
     stops: list[StopRun] = field(default_factory=list)
     evaluations: list[Evaluate] = field(default_factory=list)
+    grants: list[SlotGrant] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -340,13 +365,13 @@ MESSAGE_TYPES: dict[str, type] = {
 # Fields added after protocol version 1, by message: left out when talking to a peer of an
 # older version (which would refuse unknown keys). A version-1 agent sends none of them.
 FIELDS_SINCE: dict[str, dict[str, int]] = {
-    "Register": {"runs": 2, "capabilities": 2},
     "Registered": {"heartbeat_timeout_seconds": 2},
-    "Poll": {"stopping_leases": 2},
-    "PollReply": {"stops": 2, "evaluations": 2},
     "CodeLocationInfo": {"schedules": 2, "sensors": 2},
-    "LaunchRun": {"reuse_outputs": 2},
     "SensorInfo": {"run_status": 3, "monitored_jobs": 3, "monitor_all_locations": 3},
     "Evaluate": {"run_changes": 3},
-    "OpInfo": {"retry_policy": 3},
+    "OpInfo": {"retry_policy": 3, "pool": 4},
+    "Register": {"runs": 2, "capabilities": 2, "labels": 4, "resources": 4},
+    "Poll": {"stopping_leases": 2, "held_grants": 4},
+    "PollReply": {"stops": 2, "evaluations": 2, "grants": 4},
+    "LaunchRun": {"reuse_outputs": 2, "claim_pool_slots": 4},
 }

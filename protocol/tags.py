@@ -31,10 +31,18 @@ SENSOR_TAG = "fleetrun/sensor"
 TICK_TAG = "fleetrun/tick"
 RUN_KEY_TAG = "fleetrun/run_key"
 RETRY_ON_OP_FAILURE_TAG = "fleetrun/retry_on_op_failure"
-# The Docker launcher's image and limits for a run (agent.toml [docker] gives defaults).
+# The Docker launcher's image for a run (agent.toml [docker] gives the default).
 IMAGE_TAG = "fleetrun/image"
+REQUIRES_TAG = "fleetrun/requires"  # label selector: key=value[,key=value...]
+# Resources a run needs: its agent must offer them ([resources] in agent.toml), and under
+# the Docker launcher they are also its container's limits.
 CPUS_TAG = "fleetrun/cpus"
 MEMORY_MB_TAG = "fleetrun/memory_mb"
+GPUS_TAG = "fleetrun/gpus"
+# Resources a run asks of its agent, by the name agent.toml's [resources] gives them.
+RESOURCE_TAGS = {CPUS_TAG: "cpus", MEMORY_MB_TAG: "memory_mb", GPUS_TAG: "gpus"}
+RESOURCE_NAMES = tuple(RESOURCE_TAGS.values())
+MAX_RESOURCE = 10**9
 
 RETRY_STRATEGIES = ("FROM_FAILURE", "ALL_STEPS")
 ON_LOST_CONTACT_CHOICES = ("continue", "stop")
@@ -101,6 +109,50 @@ def image_problem(value: str) -> str | None:
     return None
 
 
+def label_selector(value: str) -> dict[str, str]:
+    """`key=value[,key=value...]` as a dict; ValueError naming the part that is not."""
+    pairs: dict[str, str] = {}
+    for part in value.split(","):
+        key, sep, wanted = (p.strip() for p in part.partition("="))
+        if not sep or not key or not wanted:
+            raise ValueError(f"{part.strip()!r} is not key=value")
+        if key in pairs and pairs[key] != wanted:
+            raise ValueError(f"label {key} is asked for twice, as {pairs[key]} and {wanted}")
+        pairs[key] = wanted
+    return pairs
+
+
+def _selector(value: str) -> str | None:
+    try:
+        label_selector(value)
+    except ValueError as exc:
+        return f"must be key=value[,key=value...]: {exc}"
+    return None
+
+
+def run_resources(tags: dict[str, str]) -> dict[str, float]:
+    """What a run asks of its agent (`fleetrun/cpus`...), by resource name (cpus may be a
+    fraction, as a container limit); a tag that is not a number counts as 0 (submission
+    refuses it before it gets here)."""
+    wanted = {}
+    for tag, name in RESOURCE_TAGS.items():
+        try:
+            amount = float(tags.get(tag, "0"))
+        except ValueError:
+            amount = 0.0
+        if amount > 0:
+            wanted[name] = amount
+    return wanted
+
+
+def run_labels(tags: dict[str, str]) -> dict[str, str]:
+    """The labels a run's agent must have (`fleetrun/requires`); {} if none or unreadable."""
+    try:
+        return label_selector(tags[REQUIRES_TAG]) if tags.get(REQUIRES_TAG) else {}
+    except ValueError:
+        return {}
+
+
 def _one_of(*choices: str) -> Callable[[str], str | None]:
     return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
 
@@ -113,9 +165,11 @@ TAG_CHECKS: dict[str, Callable[[str], str | None]] = {
     ON_LOST_CONTACT_TAG: _one_of(*ON_LOST_CONTACT_CHOICES),
     RETRY_ON_OP_FAILURE_TAG: _one_of("true", "false"),
     IMAGE_TAG: image_problem,
+    REQUIRES_TAG: _selector,
     CPUS_TAG: _cpus,
     # Docker's smallest memory limit is 6 MB.
     MEMORY_MB_TAG: lambda value: _integer(value, 6, 16 * 1024 * 1024),
+    GPUS_TAG: lambda value: _integer(value, 0, MAX_RESOURCE),
 }
 
 

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from croniter import croniter
 
 from protocol.messages import CodeLocationInfo, JobInfo, RetryPolicyInfo
-from protocol.tags import tag_problem
+from protocol.tags import MAX_RESOURCE, RESOURCE_NAMES, tag_problem
 from protocol.wire import text_problem
 
 MAX_NAME_LENGTH = 128
@@ -129,6 +129,34 @@ def location_problem(info: CodeLocationInfo) -> str | None:
     return None
 
 
+MAX_LABELS = 64
+
+
+def label_problem(key: str, value: str) -> str | None:
+    """Why `key = value` cannot be an agent label (a selector is `k=v,k=v`), or None."""
+    for what, text in (("key", key), ("value", value)):
+        if not isinstance(text, str) or not 1 <= len(text) <= 128:
+            return f"label {what}s must be 1 to 128 characters"
+        if any(ch in text for ch in ",= ") or text_problem(text):
+            return f"label {what} {text[:64]!r} must be text without ',', '=' or spaces"
+    return None
+
+
+def placement_problem(labels: dict[str, str], resources: dict[str, int]) -> str | None:
+    """What is wrong with an agent's labels and resources, naming it; None if nothing."""
+    if len(labels) > MAX_LABELS:
+        return f"an agent may have at most {MAX_LABELS} labels"
+    for key, value in labels.items():
+        if (problem := label_problem(key, value)) is not None:
+            return problem
+    for name, amount in resources.items():
+        if name not in RESOURCE_NAMES:
+            return f"resources.{name[:64]} is not one of {', '.join(RESOURCE_NAMES)}"
+        if type(amount) is not int or not 0 <= amount <= MAX_RESOURCE:
+            return f"resources.{name} must be an integer from 0 to {MAX_RESOURCE}"
+    return None
+
+
 def _job_problem(job: JobInfo) -> str | None:
     """Its steps are names (they become events' steps and outputs' keys), wired only to
     one another, and its tags are valid run tags (they become its runs' tags)."""
@@ -142,6 +170,8 @@ def _job_problem(job: JobInfo) -> str | None:
             return f"step {op.name} has a tag that is not valid Unicode text"
         if op.retry_policy is not None and (problem := _policy_problem(op.retry_policy)):
             return f"step {op.name} retry_policy {problem}"
+        if op.pool is not None and (problem := name_problem(op.pool)):
+            return f"step {op.name} pool {problem}"
     problem = tag_problem(job.tags)
     return None if problem is None else f"tags: {problem}"
 

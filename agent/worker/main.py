@@ -73,6 +73,10 @@ def executor_options(job_default: dict[str, Any], override: object) -> dict[str,
         limit = override.get("max_concurrent")
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise ValueError(f"run config execution.max_concurrent must be >= 1, got {limit!r}")
+        if "tag_concurrency_limits" in override:
+            from agent.sdk import tag_concurrency_limits
+
+            tag_concurrency_limits("run config execution", override["tag_concurrency_limits"])
         return dict(override)
     raise ValueError(
         "run config key 'execution' must be an executor name or a dict with a 'name', "
@@ -90,10 +94,11 @@ def _cannot_load(sink: RecordSink, job: str, exc: Exception, message: str, **dat
     return 1
 
 
-def _run(spec: WorkerSpec, sink: RecordSink) -> int:
+def _run(spec: WorkerSpec, sink: RecordSink, channel: str = "") -> int:
     from agent.worker.code_location import LocationLoadError, load_definitions
     from agent.worker.executors import Execution, get_executor
     from agent.worker.outputs import FilesystemOutputStore, OutputStore, ScratchOutputStore
+    from agent.worker.slots import SlotGate
 
     launch = spec.launch
     try:
@@ -118,7 +123,15 @@ def _run(spec: WorkerSpec, sink: RecordSink) -> int:
         else ScratchOutputStore(spec.output_path)
     )
     execution = Execution(
-        job, launch, sink, options, store, spec.max_output_bytes, launch.reuse_outputs, spec
+        job,
+        launch,
+        sink,
+        options,
+        store,
+        spec.max_output_bytes,
+        launch.reuse_outputs,
+        spec=spec,
+        slots=SlotGate(sink, channel, launch.claim_pool_slots),
     )
     try:
         failed = executor(execution)
@@ -248,7 +261,7 @@ def _serve(mode: str, fd: int, cgroup: str = "") -> int:
         if channel:
             watch_lease(channel, sink, cgroup or None)
         try:
-            return _run(message, sink)
+            return _run(message, sink, channel)
         except RunInterrupted:
             return INTERRUPTED_EXIT_CODE
     print(f"run worker: mode {mode!r} does not take a {type(message).__name__}", file=sys.stderr)

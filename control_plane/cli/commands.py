@@ -340,7 +340,56 @@ def cmd_queue(args: argparse.Namespace, client: ApiClient) -> int:
     ]
     if limits:
         text += "\n\n" + table(limits, ["LIMIT", "IN USE", "HELD BY"])
+    pools = [
+        [p["name"], f"{p['in_use']}/{_pool_limit(p['limit'])}", p["waiting"], _claims(p["waiters"])]
+        for p in data.get("pools", [])
+    ]
+    if pools:
+        text += "\n\nsteps of running runs waiting for pool slots:\n"
+        text += table(pools, ["POOL", "IN USE", "WAITING", "NEXT IN LINE"])
     emit(args, data, text)
+    return 0
+
+
+def _pool_limit(limit: int | None) -> str:
+    return "unlimited" if limit is None else str(limit)
+
+
+def _claims(claims: list[dict[str, Any]], shown: int = 3) -> str:
+    """Claims as `run/step` (a run's own slot: `run`), the first `shown` of them."""
+    names = [c["run_id"][:8] + (f"/{c['step']}" if c["step"] else "") for c in claims]
+    return ", ".join(names[:shown]) + (f" (+{len(names) - shown})" if len(names) > shown else "")
+
+
+def cmd_pools_list(args: argparse.Namespace, client: ApiClient) -> int:
+    data = client.request("GET", "/pools")
+    rows = [
+        [
+            p["name"],
+            _pool_limit(p["limit"]),
+            p["source"],
+            p["in_use"],
+            p["waiting"],
+            _claims(p["holders"]),
+            _claims(p["waiters"]),
+        ]
+        for p in data["pools"]
+    ]
+    headers = ["POOL", "LIMIT", "SOURCE", "IN USE", "WAITING", "HOLDERS", "WAITERS (IN ORDER)"]
+    text = f"granularity {data['granularity']}; default_pool_limit {data['default_pool_limit']}"
+    emit(args, data, text + "\n\n" + table(rows, headers))
+    return 0
+
+
+def cmd_pools_set(args: argparse.Namespace, client: ApiClient) -> int:
+    data = client.request("PUT", f"/pools/{seg(args.name)}", {"limit": args.limit})
+    emit(args, data, f"pool {data['name']}: limit {data['limit']}")
+    return 0
+
+
+def cmd_pools_delete(args: argparse.Namespace, client: ApiClient) -> int:
+    data = client.request("DELETE", f"/pools/{seg(args.name)}")
+    emit(args, data, f"pool {data['name']}: limit {_pool_limit(data['limit'])} ({data['source']})")
     return 0
 
 
@@ -431,6 +480,8 @@ def cmd_agents_list(args: argparse.Namespace, client: ApiClient) -> int:
             a["last_heartbeat"],
             a["version"],
             ", ".join(c["name"] + (" (ERROR)" if c["error"] else "") for c in a["code_locations"]),
+            ",".join(f"{k}={v}" for k, v in sorted(a.get("labels", {}).items())),
+            _resources(a.get("resources", {}), a.get("resources_free", {})),
         ]
         for a in data["agents"]
     ]
@@ -443,9 +494,15 @@ def cmd_agents_list(args: argparse.Namespace, client: ApiClient) -> int:
         "LAST HEARTBEAT",
         "VERSION",
         "LOCATIONS",
+        "LABELS",
+        "RESOURCES (FREE/OFFERED)",
     ]
     emit(args, data, table(rows, headers))
     return 0
+
+
+def _resources(offered: dict[str, int], free: dict[str, int]) -> str:
+    return ", ".join(f"{name} {free.get(name, n)}/{n}" for name, n in sorted(offered.items()))
 
 
 def cmd_jobs_list(args: argparse.Namespace, client: ApiClient) -> int:

@@ -24,6 +24,9 @@ from control_plane.cli.commands import (
     cmd_instigators_show,
     cmd_instigators_ticks,
     cmd_jobs_list,
+    cmd_pools_delete,
+    cmd_pools_list,
+    cmd_pools_set,
     cmd_queue,
     cmd_runs_cancel,
     cmd_runs_events,
@@ -303,6 +306,21 @@ def build_parser() -> argparse.ArgumentParser:
     client_options(jobs.add_parser("list", help="jobs of every code location")).set_defaults(
         func=cmd_jobs_list
     )
+    pools = sub.add_parser("pools", help="concurrency pools").add_subparsers(
+        dest="action", required=True
+    )
+    client_options(
+        pools.add_parser("list", help="pools: limit, slots in use, holders, waiters in order")
+    ).set_defaults(func=cmd_pools_list)
+    pool_set = client_options(pools.add_parser("set", help="set a pool's limit (0: paused)"))
+    pool_set.add_argument("name", help="pool name")
+    pool_set.add_argument("limit", type=int, help="slots in use at once at most")
+    pool_set.set_defaults(func=cmd_pools_set)
+    pool_delete = client_options(
+        pools.add_parser("delete", help="forget a limit set with `pools set`")
+    )
+    pool_delete.add_argument("name", help="pool name")
+    pool_delete.set_defaults(func=cmd_pools_delete)
     _add_tokens(sub)
     health = client_options(
         sub.add_parser(

@@ -5,7 +5,8 @@ Each loop is a pass over storage that returns when it next wants to run; one dri
 their health. A run is queued and leased by the run queue (run_queue.py), watched by
 the monitor (monitor.py, with stallwatch.py), retried by the retrier (retries.py);
 schedules (scheduler.py, ticks.py) and sensors (sensors.py) create runs through one
-tick path (instigators.py). The alerts loop (alerts.py, webhooks.py) tells webhooks
+tick path (instigators.py). The pool granter (pools.py) gives freed pool slots to
+waiting steps. The alerts loop (alerts.py, webhooks.py) tells webhooks
 what went wrong; the retention loop (retention.py) purges what aged out.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from control_plane.bus import INSTIGATORS, MONITOR, QUEUE, RETRIES, WakeBus
+from control_plane.bus import INSTIGATORS, MONITOR, POOLS, QUEUE, RETRIES, WakeBus
 from control_plane.clock import Clock
 from control_plane.config import ControlPlaneConfig
 from control_plane.daemon import webhooks
@@ -22,6 +23,7 @@ from control_plane.daemon.driver import DaemonLoop
 from control_plane.daemon.health import DaemonHealth
 from control_plane.daemon.instigators import Instigators
 from control_plane.daemon.monitor import Monitor, monitor_pass
+from control_plane.daemon.pools import PoolGranter, grant_pass
 from control_plane.daemon.retention import Retention, enabled, retention_pass
 from control_plane.daemon.retries import Retrier, retry_pass
 from control_plane.daemon.run_queue import RunQueue, dispatch_pass
@@ -56,6 +58,14 @@ def daemon_loops(
     loops: list[DaemonLoop[Any]] = [
         DaemonLoop("run-queue", dispatch_pass, run_queue, (QUEUE,), backstop=BACKSTOP_SECONDS),
         DaemonLoop("retries", retry_pass, retrier, (RETRIES,), backstop=BACKSTOP_SECONDS),
+        DaemonLoop(
+            "pools",
+            grant_pass,
+            PoolGranter(storage, config.concurrency, bus),
+            (POOLS,),
+            backstop=BACKSTOP_SECONDS,
+            lease="run-queue",  # one replica decides on runs and pools alike
+        ),
         DaemonLoop(
             "scheduler",
             schedule_pass,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from control_plane.bus import WakeBus, run_assigned, run_queued
-from control_plane.config import RunCoordinatorConfig, TagConcurrencyLimit
+from control_plane.config import ConcurrencyConfig, RunCoordinatorConfig, TagConcurrencyLimit
 from control_plane.metrics import Metrics
 from control_plane.model.agents import (
     DRAINING,
@@ -26,11 +26,13 @@ from control_plane.model.agents import (
     Agent,
     agent_status,
 )
-from control_plane.model.runs import NewRun, QueueSnapshot, Run, iso
-from control_plane.storage.port import RunStore
-from protocol.tags import IMAGE_TAG
+from control_plane.model.pools import RUN_SLOT, Claim, run_pool_problem
+from control_plane.model.runs import NewRun, Placement, QueueSnapshot, Run, iso
+from control_plane.storage.port import QueueStore, RunStore
+from protocol.tags import IMAGE_TAG, run_labels, run_resources
 
 log = logging.getLogger("fleetrun.coordinator")
+NO_POOLS = ConcurrencyConfig()
 
 
 def required_capabilities(run: Run) -> set[str]:
@@ -70,11 +72,13 @@ class LimitUsage:
 
 @dataclass
 class Decision:
-    """One queued run: the agent it goes to now, or the reason it waits."""
+    """One queued run: the agent it goes to now (holding a slot of each of `pools`, at
+    run granularity), or the reason it waits."""
 
     run: Run
     agent: Agent | None = None
     reason: str | None = None
+    pools: tuple[str, ...] = ()
 
 
 @dataclass
@@ -87,17 +91,25 @@ class DispatchPlan:
     def assignments(self) -> list[tuple[Run, Agent]]:
         return [(d.run, d.agent) for d in self.decisions if d.agent is not None]
 
+    def placements(self) -> list[Placement]:
+        return [
+            (d.run.run_id, d.agent.agent_id, d.pools) for d in self.decisions if d.agent is not None
+        ]
+
 
 def plan_dispatch(
     snapshot: QueueSnapshot,
     config: RunCoordinatorConfig,
     now: float,
     heartbeat_timeout: float,
+    pools: ConcurrencyConfig = NO_POOLS,
 ) -> DispatchPlan:
     """Walk the queue in priority order and admit every run that no rule holds back.
 
-    A run that a limit or a missing agent holds back stays queued, and the runs behind
-    it still go ahead (no head-of-line blocking).
+    A run that a limit, a full pool (run granularity) or a missing agent holds back
+    stays queued, and the runs behind it still go ahead (no head-of-line blocking). A
+    run is placed only on an agent with the labels it requires and the resources it
+    asks for free; what runs hold on an agent counts until they end.
     """
     plan = DispatchPlan()
     queued_mode = config.kind == "queued"
@@ -113,6 +125,10 @@ def plan_dispatch(
             if bucket is not None:
                 holders[(i, bucket)].append(run.run_id)
     used = Counter(r.agent_id for r in snapshot.active)
+    held = held_resources(snapshot.active)
+    by_pool = pools.granularity == "run"
+    limits = pools.limits(snapshot.pool_limits)
+    claims = list(snapshot.claims)
     agents = [a for a in snapshot.agents if agent_status(a, now, heartbeat_timeout) == ONLINE]
     draining = [a for a in snapshot.agents if agent_status(a, now, heartbeat_timeout) == DRAINING]
 
@@ -122,13 +138,21 @@ def plan_dispatch(
             plan.next_wake = min(plan.next_wake or run.not_before, run.not_before)
             continue
         reason = _held_back(run, global_limit, active_ids, rules, holders)
+        run_pools = snapshot.job_pools.get((run.location, run.job), frozenset())
+        if reason is None and by_pool and run_pools:
+            reason = run_pool_problem(run_pools, claims, limits)
         if reason is None:
-            reason, agent = _pick_agent(run, agents, snapshot.hosted, used)
+            reason, agent = _pick_agent(run, agents, snapshot.hosted, used, held)
             if agent is None:
                 reason = f"{reason}{_draining_note(run, draining, snapshot.hosted)}"
             if agent is not None:
-                plan.decisions.append(Decision(run, agent=agent))
+                taken = tuple(sorted(run_pools)) if by_pool else ()
+                plan.decisions.append(Decision(run, agent=agent, pools=taken))
                 used[agent.agent_id] += 1
+                held[agent.agent_id].update(run_resources(run.tags))
+                claims += [
+                    Claim(0, pool, run.run_id, 0, RUN_SLOT, 0, 0, now, now) for pool in taken
+                ]
                 active_ids.append(run.run_id)
                 for i, rule in enumerate(rules):
                     bucket = limit_bucket(rule, run.tags)
@@ -177,8 +201,63 @@ def _held_back(
     return None
 
 
+def held_resources(active: list[Run]) -> dict[str | None, Counter[str]]:
+    """What the active runs on each agent hold of its resources (until they end)."""
+    held: dict[str | None, Counter[str]] = defaultdict(Counter)
+    for run in active:
+        held[run.agent_id].update(run_resources(run.tags))
+    return held
+
+
+def free_resources(agent: Agent, active: list[Run]) -> dict[str, float]:
+    """What `agent` offers that its active runs do not hold."""
+    held = held_resources([r for r in active if r.agent_id == agent.agent_id])[agent.agent_id]
+    return {name: amount - held[name] for name, amount in agent.resources.items()}
+
+
+def _placement_problem(
+    run: Run, hosting: list[Agent], held: dict[str | None, Counter[str]]
+) -> tuple[str | None, list[Agent]]:
+    """The agents among `hosting` that have the labels `run` requires and the resources
+    it asks for free; or, when none does, exactly why."""
+    labels = run_labels(run.tags)
+    for key, value in sorted(labels.items()):
+        if not any(a.labels.get(key) == value for a in hosting):
+            return f"no ONLINE agent has label {key}={value}", []
+    labelled = [a for a in hosting if all(a.labels.get(k) == v for k, v in labels.items())]
+    if not labelled:
+        wanted = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        return f"no ONLINE agent has every label of {wanted}", []
+    wanted_resources = run_resources(run.tags)
+    fitting = []
+    shortfalls = []
+    for agent in labelled:
+        short = None
+        for name, amount in sorted(wanted_resources.items()):
+            offered = agent.resources.get(name, 0)
+            free = offered - held[agent.agent_id][name]
+            if offered == 0:
+                short = f"agent {agent.name} offers no {name}"
+            elif free < amount:
+                short = f"agent {agent.name} has {max(free, 0):g} of {offered:g} {name} free"
+            if short is not None:
+                break
+        if short is None:
+            fitting.append(agent)
+        else:
+            shortfalls.append(short)
+    if not fitting:
+        asked = ", ".join(f"{amount:g} {name}" for name, amount in sorted(wanted_resources.items()))
+        return f"needs {asked}: {'; '.join(shortfalls[:5])}", []
+    return None, fitting
+
+
 def _pick_agent(
-    run: Run, agents: list[Agent], hosted: dict[str, set[str]], used: Counter[str | None]
+    run: Run,
+    agents: list[Agent],
+    hosted: dict[str, set[str]],
+    used: Counter[str | None],
+    held: dict[str | None, Counter[str]],
 ) -> tuple[str | None, Agent | None]:
     serving = [a for a in agents if run.queue in a.queues]
     if not serving:
@@ -192,6 +271,9 @@ def _pick_agent(
         wanted = ", ".join(sorted(needs))
         hint = "run_launcher = docker" if IMAGE_TAG in run.tags else "upgrade it"
         return f"no online agent hosting location {run.location} can do {wanted} ({hint})", None
+    problem, hosting = _placement_problem(run, hosting, held)
+    if problem is not None:
+        return problem, None
     free = [a for a in hosting if used[a.agent_id] < a.max_concurrent_runs]
     if not free:
         slots = ", ".join(f"{a.name} {used[a.agent_id]}/{a.max_concurrent_runs}" for a in hosting)
@@ -221,11 +303,12 @@ def _draining_note(run: Run, draining: list[Agent], hosted: dict[str, set[str]])
 class RunQueue:
     """What a dispatch pass works with."""
 
-    storage: RunStore
+    storage: QueueStore
     config: RunCoordinatorConfig
     heartbeat_timeout: float
     bus: WakeBus
     metrics: Metrics
+    pools: ConcurrencyConfig = NO_POOLS
 
 
 async def enqueue(storage: RunStore, bus: WakeBus, new_run: NewRun, now: float) -> Run:
@@ -242,11 +325,11 @@ async def dispatch_pass(queue: RunQueue, now: float) -> float | None:
     queued: dict[str, Run] = {}
     next_wake: list[float | None] = [None]
 
-    def decide(snapshot: QueueSnapshot) -> list[tuple[str, str]]:
+    def decide(snapshot: QueueSnapshot) -> list[Placement]:
         queued.update((run.run_id, run) for run in snapshot.queued)
-        plan = plan_dispatch(snapshot, queue.config, now, queue.heartbeat_timeout)
+        plan = plan_dispatch(snapshot, queue.config, now, queue.heartbeat_timeout, queue.pools)
         next_wake[0] = plan.next_wake
-        return [(run.run_id, agent.agent_id) for run, agent in plan.assignments]
+        return plan.placements()
 
     for run in await queue.storage.assign_queued(now, decide):
         # How long it waited is on the run as queued (assigned, its status_time is now).
@@ -258,4 +341,4 @@ async def dispatch_pass(queue: RunQueue, now: float) -> float | None:
 async def explain(queue: RunQueue, now: float) -> DispatchPlan:
     """The plan a dispatch pass would make now, with the reason each run waits."""
     snapshot = await queue.storage.queue_snapshot()
-    return plan_dispatch(snapshot, queue.config, now, queue.heartbeat_timeout)
+    return plan_dispatch(snapshot, queue.config, now, queue.heartbeat_timeout, queue.pools)

@@ -3,7 +3,8 @@
 The storage is the source of truth (a run in STARTING with an agent and a lease is a
 launch owed to that agent), so a launch survives a lost poll response or a control-plane
 restart: it is offered on every poll until the agent reports it holds the lease. Stop
-orders work the same way: owed while the agent holds a lease that is canceled or stale.
+orders work the same way: owed while the agent holds a lease that is canceled or stale;
+and so do pool-slot grants: owed until the agent lists them as held.
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ from control_plane.bus import WakeBus, runs_changed
 from control_plane.clock import Clock
 from control_plane.fleet.evaluations import EvaluationBroker
 from control_plane.metrics import Metrics
+from control_plane.model.pools import Claim
 from control_plane.model.runs import Run, Verdict
 from control_plane.model.statuses import RunStatus
 from control_plane.storage.port import Storage
 from control_plane.waiters import KeyedWaiters
 from protocol.events import UNDELIVERABLE
-from protocol.messages import LaunchRun, PollReply, StopRun
+from protocol.messages import LaunchRun, PollReply, SlotGrant, StopRun
 from protocol.wire import delivery_problem
 
 
-def launch_message(run: Run) -> LaunchRun:
+def launch_message(run: Run, claim_pool_slots: bool = True) -> LaunchRun:
     assert run.lease is not None
     return LaunchRun(
         run_id=run.run_id,
@@ -35,6 +37,18 @@ def launch_message(run: Run) -> LaunchRun:
         tags=run.tags,
         config=run.config,
         reuse_outputs=run.reuse_outputs,
+        claim_pool_slots=claim_pool_slots,
+    )
+
+
+def grant_message(claim: Claim) -> SlotGrant:
+    return SlotGrant(
+        run_id=claim.run_id,
+        lease=claim.lease,
+        claim_id=claim.claim_id,
+        step=claim.step,
+        attempt=claim.attempt,
+        pool=claim.pool,
     )
 
 
@@ -69,8 +83,10 @@ class Dispatcher:
         broker: EvaluationBroker | None = None,
         max_polls_per_agent: int = 2,
         spread: Callable[[], float] = random.random,
+        claim_pool_slots: bool = True,
     ) -> None:
         self.storage = storage
+        self.claim_pool_slots = claim_pool_slots  # op granularity: steps claim slots
         self.spread = spread  # in [0, 1): which part of HOLD_SPREAD this poll gives up
         self.max_polls_per_agent = max_polls_per_agent
         self._parked: dict[str, list[_ParkedPoll]] = {}
@@ -90,7 +106,12 @@ class Dispatcher:
         self.wake_agent(run.agent_id)
 
     async def wait_for_commands(
-        self, agent_id: str, held_leases: set[int], stopping: set[int], max_wait: float
+        self,
+        agent_id: str,
+        held_leases: set[int],
+        stopping: set[int],
+        max_wait: float,
+        held_grants: frozenset[int] = frozenset(),
     ) -> PollReply:
         """What the agent must do; waits up to `max_wait` s for something if nothing is."""
         parked = self._parked.setdefault(agent_id, [])
@@ -101,7 +122,7 @@ class Dispatcher:
             self.wake_agent(agent_id)
         hold = max_wait * (1 - self.HOLD_SPREAD * self.spread())
         try:
-            return await self._wait(agent_id, held_leases, stopping, hold, mine)
+            return await self._wait(agent_id, held_leases, stopping, hold, mine, held_grants)
         finally:
             if mine in parked:
                 parked.remove(mine)
@@ -148,13 +169,18 @@ class Dispatcher:
         stopping: set[int],
         max_wait: float,
         mine: _ParkedPoll,
+        held_grants: frozenset[int],
     ) -> PollReply:
         async def owed() -> PollReply | None:
             if mine.evicted:
                 return PollReply()
             runs = await self.storage.pending_launches(agent_id)
             launches = await self._deliverable(
-                [launch_message(r) for r in runs if r.lease not in held_leases]
+                [
+                    launch_message(r, self.claim_pool_slots)
+                    for r in runs
+                    if r.lease not in held_leases
+                ]
             )
             held = [r for r in runs if r.lease in held_leases and not r.launch_acked]
             await self.launches_held(agent_id, held)
@@ -172,8 +198,12 @@ class Dispatcher:
             if self.broker is not None and await self.broker.waiting():
                 hosted = (await self.storage.code_catalog()).hosted.get(agent_id, set())
                 evaluations = await self.broker.take_for(agent_id, hosted)
-            if launches or stops or evaluations:
-                return PollReply(launches, stops, evaluations)
+            grants = []
+            if held_leases:  # a grant is for a step of an attempt the agent holds
+                owed_grants = await self.storage.owed_grants(agent_id, held_grants)
+                grants = [grant_message(c) for c in owed_grants if c.lease in held_leases]
+            if launches or stops or evaluations or grants:
+                return PollReply(launches, stops, evaluations, grants)
             return None
 
         return await self.agents.wait_for(agent_id, owed, max_wait) or PollReply()

@@ -8,7 +8,7 @@ monitor) through the bus.
 
 from __future__ import annotations
 
-from control_plane.bus import MONITOR, RUN, WakeBus, runs_changed
+from control_plane.bus import MONITOR, RUN, WakeBus, pools_changed, runs_changed
 from control_plane.fleet.dispatch import Dispatcher
 from control_plane.metrics import Metrics
 from control_plane.model.runs import ResumeRules
@@ -34,6 +34,8 @@ async def ingest(
         batch.run_id, batch.lease, batch.records, now, resume, agent_id=batch.agent_id
     )
     metrics.records_stored(result.stored)
+    if result.pools_changed:
+        pools_changed(bus)
     if result.refused is not None:
         runs_changed(bus, [], batch.agent_id)
         bus.publish(RUN, batch.run_id)

@@ -54,7 +54,12 @@ from protocol.messages import (
     Register,
     Registered,
 )
-from protocol.validation import agent_name_problem, location_problem, name_problem
+from protocol.validation import (
+    agent_name_problem,
+    location_problem,
+    name_problem,
+    placement_problem,
+)
 
 log = logging.getLogger("fleetrun.agents")
 
@@ -133,6 +138,8 @@ async def register(app: web.Application, msg: Register, principal: Principal | N
     if not 1 <= msg.max_concurrent_runs <= MAX_AGENT_SLOTS:
         message = f"max_concurrent_runs must be between 1 and {MAX_AGENT_SLOTS}"
         raise ApiError(422, "bad_message", message)
+    if (problem := placement_problem(msg.labels, msg.resources)) is not None:
+        raise ApiError(422, "bad_message", problem)
     storage, config, bus = app[STORAGE], app[CONFIG], app[BUS]
     token_name = principal.name if principal is not None else None
     now = app[CLOCK].time()
@@ -146,6 +153,8 @@ async def register(app: web.Application, msg: Register, principal: Principal | N
         now=now,
         capabilities=msg.capabilities,
         token_name=token_name,
+        labels=msg.labels,
+        resources=msg.resources,
     )
     app[IDENTITIES].registered(agent.agent_id, token_name)
     if agent.operator_drain:  # dispatch and evaluations pass it by until it is undrained
@@ -181,6 +190,7 @@ async def poll(app: web.Application, msg: Poll, _: Principal | None) -> PollRepl
         set(msg.held_leases),
         set(msg.stopping_leases),
         app[CONFIG].server.poll_timeout_seconds,
+        frozenset(msg.held_grants),
     )
 
 

@@ -40,6 +40,7 @@ from control_plane.http import (
     fleet,
     instigators,
     openapi,
+    pools,
     probes,
     runs,
     tokens,
@@ -95,10 +96,11 @@ def build_app(config: ControlPlaneConfig, storage: Storage, clock: Clock) -> web
         metrics,
         broker,
         max_polls_per_agent=limits.max_polls_per_agent,
+        claim_pool_slots=config.concurrency.granularity == "op",
     )
     run_watchers = KeyedWaiters()
     rules = config.run_rules()
-    run_queue = RunQueue(storage, config.run_coordinator, timeout, bus, metrics)
+    run_queue = RunQueue(storage, config.run_coordinator, timeout, bus, metrics, config.concurrency)
     bus.subscribe(AGENT, lambda key: dispatcher.agents.wake(key))
     bus.subscribe(RUN, lambda key: run_watchers.wake(key))
     bus.subscribe(EVALUATION, broker.on_wake)
@@ -127,7 +129,8 @@ def build_app(config: ControlPlaneConfig, storage: Storage, clock: Clock) -> web
     app[RUN_RULES] = rules
     app[DECODE_LIMITS] = limits.decode_limits()
     app.cleanup_ctx.append(lifespan)
-    for module in (runs, fleet, instigators, alerts, probes, tokens, agent_protocol, ui, openapi):
+    modules = (runs, fleet, pools, instigators, alerts, probes, tokens, agent_protocol, ui, openapi)
+    for module in modules:
         module.add_routes(app)
     add_metrics_routes(app)
     return app

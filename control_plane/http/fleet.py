@@ -8,9 +8,10 @@ from typing import Any
 from aiohttp import web
 
 from control_plane.bus import QUEUE
-from control_plane.daemon.run_queue import RunQueue, explain
+from control_plane.daemon.run_queue import RunQueue, explain, free_resources
 from control_plane.http.errors import ApiError
 from control_plane.http.keys import BUS, CLOCK, CONFIG, RUN_QUEUE, STORAGE
+from control_plane.http.pools import pools_json
 from control_plane.model.agents import agent_status
 from control_plane.model.runs import iso
 from control_plane.model.statuses import ACTIVE_STATUSES
@@ -31,7 +32,8 @@ async def agents_json(
 ) -> list[dict[str, Any]]:
     """Every agent with its liveness as the monitor sees it, slots in use and locations."""
     running: dict[str, int] = {}
-    for run in await storage.active_runs():
+    active = await storage.active_runs()
+    for run in active:
         if run.agent_id and run.status in ACTIVE_STATUSES:
             running[run.agent_id] = running.get(run.agent_id, 0) + 1
     locations: dict[str, list[dict[str, Any]]] = {}
@@ -56,6 +58,9 @@ async def agents_json(
             "last_heartbeat": iso(a.last_heartbeat),
             "version": a.version,
             "code_locations": locations.get(a.agent_id, []),
+            "labels": a.labels,
+            "resources": a.resources,
+            "resources_free": free_resources(a, active),
         }
         for a in await storage.list_agents()
     ]
@@ -82,6 +87,7 @@ async def list_jobs(request: web.Request) -> web.Response:
                             "upstream": o.upstream,
                             "tags": o.tags,
                             "retry_policy": to_plain(o.retry_policy),
+                            "pool": o.pool,
                         }
                         for o in job.ops
                     ],
@@ -125,8 +131,10 @@ async def get_queue(request: web.Request) -> web.Response:
 
 
 async def queue_json(run_queue: RunQueue, now: float) -> dict[str, Any]:
-    """The queued runs in the order they would leave, each with why it waits."""
+    """The queued runs in the order they would leave, each with why it waits; and the
+    pools that hold steps of running runs back (with those steps, in order)."""
     plan = await explain(run_queue, now)
+    pools = await pools_json(run_queue.storage, run_queue.pools)
     runs = [
         {
             "position": i + 1,
@@ -141,7 +149,8 @@ async def queue_json(run_queue: RunQueue, now: float) -> dict[str, Any]:
         }
         for i, d in enumerate(plan.decisions)
     ]
-    return {"runs": runs, "limits": [u.to_json() for u in plan.limits]}
+    waiting = [pool for pool in pools["pools"] if pool["waiting"]]
+    return {"runs": runs, "limits": [u.to_json() for u in plan.limits], "pools": waiting}
 
 
 def add_routes(app: web.Application) -> None:

@@ -233,6 +233,7 @@ def request_schemas(limits: LimitsConfig) -> dict[str, Schema]:
             optional=("strategy",),
             closed=True,
         ),
+        "SetPoolLimit": obj({"limit": integer(0, 1_000_000)}, closed=True),
         "SetPriority": obj(
             {"priority": integer(-(2**31), 2**31 - 1, description="a JSON integer, not 1.0")},
             closed=True,
@@ -266,6 +267,17 @@ def fleet_schemas() -> dict[str, Schema]:
             "last_heartbeat": nullable(timestamp()),
             "version": string(),
             "code_locations": array(location),
+            "labels": string_map(description="what `fleetrun/requires` selects on"),
+            "resources": {
+                "type": "object",
+                "additionalProperties": integer(0),
+                "description": "what it offers to placement: cpus, memory_mb, gpus",
+            },
+            "resources_free": {
+                "type": "object",
+                "additionalProperties": {"type": "number"},
+                "description": "what its running runs do not hold (cpus may be a fraction)",
+            },
         }
     )
     retry_policy = obj(
@@ -282,6 +294,7 @@ def fleet_schemas() -> dict[str, Schema]:
             "upstream": array(string()),
             "tags": string_map(),
             "retry_policy": nullable(retry_policy),
+            "pool": nullable(string(description="the concurrency pool its steps take a slot of")),
         }
     )
     job = obj(
@@ -325,7 +338,54 @@ def fleet_schemas() -> dict[str, Schema]:
                 ),
             }
         ),
-        "Queue": obj({"runs": array(queued), "limits": array(limit)}),
+        "Queue": obj(
+            {
+                "runs": array(queued),
+                "limits": array(limit),
+                "pools": array(ref("Pool"), description="pools with steps waiting for a slot"),
+            }
+        ),
+        **pool_schemas(),
+    }
+
+
+def pool_schemas() -> dict[str, Schema]:
+    claim = obj(
+        {
+            "run_id": string(),
+            "step": nullable(string(description="null: the run's own slot (run granularity)")),
+            "attempt": integer(0),
+            "priority": integer(),
+            "since": timestamp(),
+        }
+    )
+    pool = obj(
+        {
+            "name": string(),
+            "limit": nullable(integer(0, description="null: unlimited; 0: paused")),
+            "source": string(enum=["api", "config", "default"]),
+            "in_use": integer(0),
+            "waiting": integer(0),
+            "holders": array(claim),
+            "waiters": array(claim, description="in the order they get slots"),
+        }
+    )
+    return {
+        "Pool": pool,
+        "PoolList": obj(
+            {
+                "granularity": string(enum=["op", "run"]),
+                "default_pool_limit": integer(0),
+                "pools": array(ref("Pool")),
+            }
+        ),
+        "PoolLimit": obj(
+            {
+                "name": string(),
+                "limit": nullable(integer(0)),
+                "source": string(enum=["api", "config", "default"]),
+            }
+        ),
     }
 
 
@@ -816,6 +876,34 @@ def fleet_operations() -> dict[str, dict[str, Any]]:
                 ok("JobList", "jobs and location errors"),
             ),
         },
+        "/api/v1/pools": {
+            "get": operation(
+                "listPools",
+                "Concurrency pools: limit, slots in use, holders and waiters in order",
+                "pools",
+                ok("PoolList", "every pool with a limit or a claim"),
+            ),
+        },
+        "/api/v1/pools/{name}": {
+            "parameters": [path_param("name", "a pool name")],
+            "put": operation(
+                "setPoolLimit",
+                "Set a pool's limit (it wins over the config's)",
+                "pools",
+                ok("PoolLimit", "the limit now in force"),
+                (400,),
+                body="SetPoolLimit",
+                description='`{"limit": N}`: at most N slots in use at once; 0 pauses '
+                "the pool. Steps waiting that now fit start at once.",
+            ),
+            "delete": operation(
+                "deletePoolLimit",
+                "Forget the limit set through the API",
+                "pools",
+                ok("PoolLimit", "the limit now in force (config's or default)"),
+                (400, 404),
+            ),
+        },
     }
 
 
@@ -982,6 +1070,7 @@ TAGS = (
     "queue",
     "agents",
     "jobs",
+    "pools",
     "tokens",
     "schedules",
     "sensors",

@@ -21,6 +21,8 @@ class Agent:
     # Drained by an operator (`fleetrun agents drain`): DRAINING until undrained, through
     # the agent's restarts; the agent's own drain at shutdown ends when it registers again.
     operator_drain: bool = False
+    labels: dict[str, str] = field(default_factory=dict)  # what `fleetrun/requires` selects
+    resources: dict[str, int] = field(default_factory=dict)  # cpus, memory_mb, gpus offered
 
     @property
     def launcher(self) -> str | None:

@@ -11,6 +11,7 @@ log and the run's status always tell the same story.
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
 from control_plane.model.statuses import ACTIVE_STATUSES, TERMINAL_STATUSES, RunStatus
 from protocol.events import (
@@ -19,6 +20,7 @@ from protocol.events import (
     RUN_START,
     RUN_SUCCESS,
     STEP_EVENTS,
+    STEP_SLOT_REQUESTED,
     record_shape_problem,
 )
 from protocol.messages import RunRecord
@@ -78,7 +80,25 @@ def screen_record(
         return Take.REFUSE, f"{record.type} cannot follow status {status}"
     if record.type in STEP_EVENTS and status not in _STEPS_FROM:
         return Take.REFUSE, f"{record.type} before the run started"
+    if record.type == STEP_SLOT_REQUESTED:
+        if status not in _STEPS_FROM:
+            return Take.REFUSE, f"{record.type} before the run started"
+        try:
+            slot_claim(record.data)
+        except ValueError as exc:
+            return Take.REFUSE, str(exc)
     return take, "an event of a running run"
+
+
+def slot_claim(data: dict[str, Any]) -> tuple[str, int]:
+    """The pool and step attempt (from 0) of a STEP_SLOT_REQUESTED's data; ValueError
+    naming what is wrong."""
+    pool, attempt = data.get("pool"), data.get("attempt", 0)
+    if not isinstance(pool, str) or (problem := name_problem(pool)) is not None:
+        raise ValueError(f"a slot request's pool {str(pool)[:64]!r} {problem or 'is not text'}")
+    if type(attempt) is not int or not 0 <= attempt <= 1_000_000:
+        raise ValueError(f"a slot request's attempt must be an integer >= 0, not {attempt!r}")
+    return pool, attempt
 
 
 def output_problem(step: str, status: RunStatus, steps: frozenset[str] | None) -> str | None:

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from control_plane.model.agents import Agent
 from control_plane.model.statuses import RunStatus
+
+if TYPE_CHECKING:
+    from control_plane.model.pools import Claim
 
 
 def iso(ts: float | None) -> str | None:
@@ -202,3 +205,12 @@ class QueueSnapshot:
     active: list[Run]
     agents: list[Agent]
     hosted: dict[str, set[str]]
+    claims: list[Claim] = field(default_factory=list)  # live pool-slot claims
+    pool_limits: dict[str, int] = field(default_factory=dict)  # set through the API
+    # The pools each queued run's job uses, by (location, job): run granularity.
+    job_pools: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)
+
+
+# What a dispatch decides for a run: (run id, agent id), or with the pools it holds a slot
+# of from its launch to its end, (run id, agent id, pools).
+Placement = tuple[str, str] | tuple[str, str, tuple[str, ...]]

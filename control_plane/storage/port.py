@@ -15,7 +15,7 @@ StorageUnavailable (the database cannot be reached) mean "retry later".
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,12 +23,14 @@ from control_plane.model.agents import Agent
 from control_plane.model.alerts import AlertDelivery, Occurrence
 from control_plane.model.catalog import CodeCatalog, CodeLocation
 from control_plane.model.instigators import InstigatorState, Tick
+from control_plane.model.pools import Claim, GrantPlan
 from control_plane.model.retention import Purge, PurgeResult, RetentionSnapshot
 from control_plane.model.runs import (
     NO_RESUMES,
     Event,
     LogChunk,
     NewRun,
+    Placement,
     QueueSnapshot,
     ResumeRules,
     Run,
@@ -52,6 +54,7 @@ class AppendResult:
     stored: dict[str, int] = field(default_factory=dict)  # records stored now, by kind
     launch_acked: bool = True  # whether the agent's hold of the launch was known before
     refused: str | None = None  # the record the batch stopped at, and why
+    pools_changed: bool = False  # a step claimed a pool slot or gave one back
 
 
 class Database(Protocol):
@@ -125,11 +128,12 @@ class RunStore(Protocol):
         ...
 
     async def assign_queued(
-        self, now: float, decide: Callable[[QueueSnapshot], list[tuple[str, str]]]
+        self, now: float, decide: Callable[[QueueSnapshot], Sequence[Placement]]
     ) -> list[Run]:
         """Decide on a snapshot and record the assignments (QUEUED -> STARTING under a
-        new lease each) in one transaction: no two passes, on any replica, can both
-        admit a run into the last slot of a limit. A run no longer QUEUED is skipped."""
+        new lease each, holding a slot of each pool a placement names) in one
+        transaction: no two passes, on any replica, can both admit a run into the last
+        slot of a limit or a pool. A run no longer QUEUED is skipped."""
         ...
 
     async def set_priority(self, run_id: str, priority: int, now: float) -> Run | None:
@@ -258,10 +262,12 @@ class AgentStore(Protocol):
         now: float,
         capabilities: list[str] | None = None,
         token_name: str | None = None,
+        labels: dict[str, str] | None = None,
+        resources: dict[str, int] | None = None,
     ) -> Agent:
         """Create or refresh the agent called `name` (it keeps its id across restarts),
-        ONLINE (DRAINING while an operator's drain holds), with its locations replacing
-        the ones it had; moves the catalog version.
+        ONLINE (DRAINING while an operator's drain holds), with its locations, labels
+        and resources replacing the ones it had; moves the catalog version.
         With auth, NameTaken if the name is bound to another valid token while ONLINE."""
         ...
 
@@ -481,8 +487,52 @@ class RetentionStore(Protocol):
         ...
 
 
+class PoolStore(Protocol):
+    """Concurrency pools: limits set through the API, and the slots runs hold or wait
+    for (model/pools.py). A claim lives under its run's lease: the transaction that ends
+    the step's attempt, or moves the run out of STARTING/STARTED/CANCELING (ended,
+    fenced, back in the queue, its agent declared dead), deletes it; cancelling drops
+    the run's waiting claims at once."""
+
+    async def pool_limits(self) -> dict[str, int]:
+        """The limits set through the API, by pool."""
+        ...
+
+    async def set_pool_limit(self, name: str, limit: int, now: float) -> None:
+        """Set (or change) a pool's limit; it wins over the config's."""
+        ...
+
+    async def delete_pool_limit(self, name: str) -> bool:
+        """Forget the limit set through the API (the config's or the default applies
+        again); False if none was set."""
+        ...
+
+    async def pool_claims(self) -> list[Claim]:
+        """Every live claim (held or waiting), oldest first, with its run's agent."""
+        ...
+
+    async def grant_slots(
+        self, now: float, decide: Callable[[list[Claim], dict[str, int]], GrantPlan]
+    ) -> list[Claim]:
+        """Decide over the live claims and the limits set through the API, and record
+        the grants, in one instance-wide transaction (so no two passes anywhere can both
+        fill a pool's last slot); the claims granted. Each claim that now waits gets a
+        STEP_SLOT_WAITING event in its run's log, once; a claim granted after waiting, a
+        STEP_SLOT_GRANTED."""
+        ...
+
+    async def owed_grants(self, agent_id: str, held: Collection[int]) -> list[Claim]:
+        """Granted step claims of the runs this agent holds, but those it already has."""
+        ...
+
+
+class QueueStore(RunStore, PoolStore, Protocol):
+    """What the run queue works with: runs, and pools (run granularity, the queue view)."""
+
+
 class Storage(
     Database,
+    PoolStore,
     RunStore,
     EventLog,
     AgentStore,

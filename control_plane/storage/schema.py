@@ -278,6 +278,32 @@ MIGRATIONS: list[str] = [
     UPDATE run_tags SET run_pk = (SELECT id FROM runs WHERE runs.run_id = run_tags.run_id);
     CREATE INDEX run_tags_by_key_value_run ON run_tags (key, value, run_pk);
     """,
+    # version 16: concurrency pools (issue 24): the limits set through the API, every
+    # live slot claim (waiting or granted) under its run's lease, and what agents offer
+    # to placement (labels, resources)
+    """
+    CREATE TABLE pool_limits (
+        name TEXT PRIMARY KEY,
+        slot_limit INTEGER NOT NULL,
+        update_time REAL NOT NULL
+    );
+    CREATE TABLE pool_slots (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        pool TEXT NOT NULL,
+        run_id TEXT NOT NULL,
+        lease INTEGER NOT NULL,
+        step TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        priority INTEGER NOT NULL,
+        create_time REAL NOT NULL,
+        granted_time REAL,
+        noted INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (run_id, step, attempt, pool)
+    );
+    CREATE INDEX pool_slots_by_pool ON pool_slots (pool, granted_time);
+    ALTER TABLE agents ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE agents ADD COLUMN resources TEXT NOT NULL DEFAULT '{}';
+    """,
 ]
 
 

@@ -2,11 +2,11 @@
 
 Copies everything an instance remembers - runs with their tags, attempts (leases),
 events, compute logs and outputs; agents and code locations; schedules' and sensors'
-state and ticks; tokens; the alerts outbox and its cursors (so no alert is sent twice)
-- from one storage to another of either kind, keeping every id, so leases stay fenced
-and cursors stay valid. Leader leases and evaluations in flight are not copied: they
-belong to running processes. Stop the control plane first; the destination must hold
-no instance yet.
+state and ticks; tokens; the alerts outbox and its cursors (so no alert is sent twice);
+pool limits and the slots runs hold or wait for - from one storage to another of either
+kind, keeping every id, so leases stay fenced and cursors stay valid. Leader leases and
+evaluations in flight are not copied: they belong to running processes. Stop the control
+plane first; the destination must hold no instance yet.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ TABLES: list[tuple[str, str, str]] = [
         "agents",
         "agent_id",
         "name, hostname, status, queues, max_concurrent_runs, version,"
-        " last_heartbeat, registered_time, capabilities, token_name, operator_drain",
+        " last_heartbeat, registered_time, capabilities, token_name, operator_drain,"
+        " labels, resources",
     ),
     ("code_locations", "agent_id, name", "info"),
     ("instigators", "location, name, kind", "status, cursor, last_run_key, last_tick_time"),
@@ -58,6 +59,12 @@ TABLES: list[tuple[str, str, str]] = [
         " created_at, sent_at",
     ),
     ("alert_cursors", "name", "value"),
+    ("pool_limits", "name", "slot_limit, update_time"),
+    (
+        "pool_slots",
+        "id",
+        "pool, run_id, lease, step, attempt, priority, create_time, granted_time, noted",
+    ),
 ]
 # What is not copied, and why: the destination makes its own.
 NOT_COPIED = {
@@ -75,6 +82,7 @@ IDENTITY = {
     "compute_logs": "id",
     "ticks": "id",
     "alert_deliveries": "id",
+    "pool_slots": "id",
 }  # the columns whose sequences continue after the copied ids
 
 

@@ -497,7 +497,7 @@ def test_completion_scripts_know_every_command() -> None:
     for words in (
         "submit list watch show events logs cancel delete reexecute priority",
         "list show ticks start stop",
-        "runs queue schedules sensors agents jobs",
+        "runs queue schedules sensors agents jobs pools",
     ):
         assert words in bash, words
     assert "--interval" in bash and "--follow" in bash

@@ -60,6 +60,8 @@ def docker_config(daemon: Dockerd, extra: str = "") -> str:
     return (
         'run_launcher = "docker"\n'
         "heartbeat_interval_seconds = 1\n"
+        # a run's fleetrun/cpus and memory_mb are placed, then its container's limits
+        "[resources]\ncpus = 2\nmemory_mb = 4096\n"
         f'[docker]\nimage = "{IMAGE}"\nsocket = "{daemon.url}"\nnetwork = "none"\n'
         'pull = "never"\nstop_grace_seconds = 3\n' + extra
     )

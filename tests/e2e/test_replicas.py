@@ -203,6 +203,47 @@ def submit_through(balancer: LoadBalancer, marker: Path) -> str | None:
     return body["run_id"] if status == 201 else None
 
 
+def test_a_pool_slot_freed_on_one_replica_starts_the_step_waiting_on_the_other(
+    replicas: tuple[ControlPlaneProc, ControlPlaneProc, LoadBalancer], tmp_path: Path
+) -> None:
+    """A step's end ingested by replica b wakes the grant pass on a (which leads the run
+    queue) through NOTIFY, and the grant wakes the poll that b holds: the waiting step
+    starts within a second, far under the 5 s backstop of either hop."""
+    a, b, _ = replicas
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    # Given a pool of one slot, set through replica a, and one agent polling b only
+    assert http("PUT", f"{a.url}/api/v1/pools/warehouse", {"limit": 1})[0] == 200
+    pools = {"pools": FIXTURES / "pool_jobs.py"}
+    agent = start_agent(a, tmp_path, "agent-b", pools, "max_concurrent_runs = 4", url=b.url)
+    try:
+        ids = [b.submit("pooled", config={"gates": str(gates)}) for _ in range(2)]
+
+        def started(run_id: str) -> str | None:
+            events = b.get(f"/api/v1/runs/{run_id}/events")["events"]
+            return next((e["time"] for e in events if e["type"] == "STEP_START"), None)
+
+        def waiting(run_id: str) -> bool:
+            events = b.get(f"/api/v1/runs/{run_id}/events")["events"]
+            return any(e["type"] == "STEP_SLOT_WAITING" for e in events)
+
+        wait_for(lambda: any(started(r) for r in ids), what="one load to start")
+        holder, waiter = ids if started(ids[0]) else ids[::-1]
+        wait_for(lambda: waiting(waiter), what="the other load to wait")
+        # When the holder's step ends
+        opened = time.time()
+        (gates / holder).touch()
+        # Then the waiter starts at once, through both replicas
+        at = wait_for(lambda: started(waiter), 10, what="the waiting load to start")
+        assert datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp() - opened < 2.5
+        (gates / waiter).touch()
+        assert {b.wait_run(r)["status"] for r in ids} == {"SUCCESS"}
+        warehouse = next(p for p in a.get("/api/v1/pools")["pools"] if p["name"] == "warehouse")
+        assert (warehouse["in_use"], warehouse["waiting"]) == (0, 0)
+    finally:
+        agent.stop()
+
+
 def test_kill_9_of_the_leader_mid_burst_loses_nothing_and_the_loops_move(
     replicas: tuple[ControlPlaneProc, ControlPlaneProc, LoadBalancer], tmp_path: Path
 ) -> None:

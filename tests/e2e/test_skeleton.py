@@ -82,6 +82,7 @@ def test_context_config_tags_and_locations(control_plane: ControlPlaneProc, tmp_
             "upstream": ["first", "second"],
             "tags": {},
             "retry_policy": None,
+            "pool": None,
         }
         # working_directory defaults to the agent config's folder (tmp_path) for by_file
         for location, cwd in (("by_file", tmp_path), ("by_module", FIXTURES)):

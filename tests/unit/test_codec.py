@@ -41,11 +41,11 @@ from protocol.messages import (
     Register,
     Registered,
     RequestedRun,
-    RunChange,
     RunRecord,
     RunState,
     ScheduleInfo,
     SensorInfo,
+    SlotGrant,
     StopRun,
     WorkerSpec,
 )
@@ -58,7 +58,7 @@ RECORD = RunRecord(
 )
 LOCATION = CodeLocationInfo(
     name="loc",
-    jobs=[JobInfo(name="etl", ops=[OpInfo(name="a", upstream=["b"], tags={"t": "v"})])],
+    jobs=[JobInfo(name="etl", ops=[OpInfo(name="a", upstream=["b"], tags={"t": "v"}, pool="db")])],
     schedules=[ScheduleInfo(name="daily", job="etl", cron="0 6 * * *", timezone="Europe/Berlin")],
     sensors=[SensorInfo(name="files", job="etl", minimum_interval_seconds=5.0)],
 )
@@ -70,10 +70,16 @@ SAMPLES = [
         queues=["default"],
         max_concurrent_runs=4,
         code_locations=[LOCATION, CodeLocationInfo(name="bad", error="ImportError: x")],
+        labels={"gpu": "a100"},
+        resources={"cpus": 8},
     ),
     Registered(agent_id="a1", heartbeat_interval_seconds=5.0, poll_timeout_seconds=25.0),
-    Poll(agent_id="a1", held_leases=[1, 2], stopping_leases=[2]),
-    PollReply(launches=[LAUNCH], stops=[StopRun("r2", 2, True, "run canceled", 10.0)]),
+    Poll(agent_id="a1", held_leases=[1, 2], stopping_leases=[2], held_grants=[4]),
+    PollReply(
+        launches=[LAUNCH],
+        stops=[StopRun("r2", 2, True, "run canceled", 10.0)],
+        grants=[SlotGrant("r1", 7, 4, "a", 0, "db")],
+    ),
     Drain(agent_id="a1"),
     Drained(status="DRAINING"),
     Evaluate(eval_id="e1", location="loc", kind="schedule", name="daily", scheduled_time=1.5),
@@ -129,24 +135,31 @@ def test_version_mismatch_names_both_versions(version: object) -> None:
 
 
 def test_the_previous_version_is_spoken_both_ways() -> None:
-    """A version-2 agent's sensors decode (no run status fields); what is sent to it
-    leaves out the fields of version 3."""
-    old_info = {"name": "loc", "sensors": [{"name": "s", "job": "j"}]}
+    """A version-3 agent's jobs decode (no pools); what is sent to it leaves out the
+    fields of version 4 (slot grants, whether steps claim slots)."""
+    old_info = {"name": "loc", "jobs": [{"name": "j", "ops": [{"name": "a"}]}]}
     message, version = decode_versioned(
         _envelope(old_info, "CodeLocationInfo", PROTOCOL_VERSION - 1)
     )
     assert version == PROTOCOL_VERSION - 1
-    assert message.sensors[0].run_status is None and message.sensors[0].monitored_jobs == []
-    evaluate = Evaluate(
-        "e", "loc", "sensor", "s", run_changes=[RunChange("r", "j", "loc", "FAILURE")]
-    )
-    reply = PollReply(launches=[LAUNCH], stops=[StopRun("r", 1, True, "x")], evaluations=[evaluate])
+    assert message.jobs[0].ops[0].pool is None
+    grant = SlotGrant("r", 1, 7, "a", 0, "warehouse")
+    launch = dataclasses.replace(LAUNCH, claim_pool_slots=True)
+    reply = PollReply(launches=[launch], stops=[StopRun("r", 1, True, "x")], grants=[grant])
     raw = msgpack.unpackb(encode(reply, PROTOCOL_VERSION - 1))
     assert raw["v"] == PROTOCOL_VERSION - 1
     assert set(raw["body"]) == {"launches", "stops", "evaluations"}
-    assert "run_changes" not in raw["body"]["evaluations"][0]
+    assert "claim_pool_slots" not in raw["body"]["launches"][0]
     current = msgpack.unpackb(encode(reply))["body"]
-    assert current["evaluations"][0]["run_changes"][0]["run_id"] == "r"
+    assert current["grants"][0]["claim_id"] == 7
+    assert current["launches"][0]["claim_pool_slots"] is True
+
+
+def test_version_2_is_no_longer_spoken() -> None:
+    """Only the previous version is kept: a version-2 agent is told both versions."""
+    with pytest.raises(ProtocolError) as info:
+        decode(_envelope({"acked_seq": 1}, v=2), EventAck)
+    assert info.value.code == "unsupported_version"
 
 
 def test_version_1_is_no_longer_spoken() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 from agent.sdk import JobDefinition
 from agent.worker.outputs import OutputStore, encode_output
 from agent.worker.records import RecordSink
+from agent.worker.slots import SlotGate
 from protocol.messages import LaunchRun, WorkerSpec
 
 
@@ -25,6 +26,12 @@ class Execution:
     max_output_bytes: int
     reuse: dict[str, str] = field(default_factory=dict)  # step -> run whose output to reuse
     spec: WorkerSpec | None = None  # the worker's whole spec (its location, step containers)
+    slots: SlotGate | None = None  # pool slots (None: every step starts at once)
+
+    def acquire_slot(self, step: str, attempt: int) -> None:
+        """Block until attempt `attempt` (from 0) of `step` holds a slot of its pool."""
+        if self.slots is not None:
+            self.slots.acquire(step, self.job.pool_for(step), attempt)
 
     def load_reused(self) -> dict[str, Any]:
         """The steps this run does not run again, each with its output from the run that

@@ -79,7 +79,13 @@ def execute_in_process(execution: Execution) -> list[str]:
             continue
         inputs = [outputs[u] for u in node.upstream]
         attempt = run_step(
-            node, inputs, execution.job, execution.launch, execution.sink, capture_step_output
+            node,
+            inputs,
+            execution.job,
+            execution.launch,
+            execution.sink,
+            capture_step_output,
+            execution.acquire_slot,
         )
         if attempt.ok:
             attempt = store_output(execution, name, attempt)

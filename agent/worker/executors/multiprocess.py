@@ -7,7 +7,10 @@ outcome. A child that dies without an outcome (segfault, os._exit, OOM kill) fai
 attempt with the exit code, and the step is retried if its policy allows. Children stay
 in the worker's process group, so stopping the run stops them and what they started.
 Ready steps start in order of their op's `fleetrun/priority` tag (higher first), then
-graph order.
+graph order, within `max_concurrent` and the executor's `tag_concurrency_limits` (at
+most `limit` steps at once whose op tags match `key`, and `value` if given). A step of
+an op with a pool first asks for a slot (agent/worker/slots.py) and waits, without
+holding the worker up, until the slot bell says it got one.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.sdk import Node
+from agent.sdk import Node, tag_concurrency_limits
 from agent.worker.executors.execution import Execution
 from agent.worker.executors.in_process import skip, step_priority
 from agent.worker.executors.step import (
@@ -37,9 +40,11 @@ from agent.worker.executors.step import (
     error_data,
     retry_wait,
 )
+from agent.worker.slots import slot_key
 from protocol.messages import LaunchRun
 
 _LENGTH = struct.Struct(">I")
+RECHECK = 1.0  # while steps wait for pool slots, the grants are read at least this often
 CHILD_STOP_GRACE_SECONDS = 5.0  # below the agent's terminate grace (10 s by default)
 
 
@@ -160,6 +165,13 @@ class _Scheduler:
         self.selector = selectors.DefaultSelector()
         self.by_fd: dict[int, _Running] = {}
         self.queued: set[str] = set()
+        rules = execution.options.get("tag_concurrency_limits", [])
+        self.tag_limits = tag_concurrency_limits("executor", rules)
+        self.slots = execution.slots
+        self.parked: dict[str, _Ready] = {}  # waiting for a pool slot, by slot key
+        self.bell = self.slots.fd if self.slots is not None else None
+        if self.bell is not None:
+            self.selector.register(self.bell, selectors.EVENT_READ)
 
     def priority(self, name: str) -> int:
         return -step_priority(self.execution, name)  # heapq pops the smallest first
@@ -176,6 +188,51 @@ class _Scheduler:
             if all(u in self.done for u in node.upstream):
                 self.queued.add(name)
                 heapq.heappush(self.ready, _Ready(self.priority(name), self.order[name], name))
+
+    def tags_allow(self, name: str) -> bool:
+        """Whether starting `name` keeps every tag concurrency limit."""
+        tags = self.job.nodes[name].tags
+        for key, value, limit in self.tag_limits:
+            if key not in tags or (value is not None and tags[key] != value):
+                continue
+            same = sum(
+                1
+                for running in self.running.values()
+                if key in running.node.tags and (value is None or running.node.tags[key] == value)
+            )
+            if same >= limit:
+                return False
+        return True
+
+    def start_ready(self) -> None:
+        """Start ready steps while the limits allow; a step whose pool slot is not
+        granted yet asks for it and is parked until it is."""
+        held_back = []
+        granted = self.slots.granted() if self.slots is not None and self.parked else set()
+        while self.ready and len(self.running) < self.max_concurrent:
+            item = heapq.heappop(self.ready)
+            if not self.tags_allow(item.name):
+                held_back.append(item)
+                continue
+            pool = self.job.pool_for(item.name)
+            if self.slots is not None and pool is not None and self.slots.needed(pool):
+                key = slot_key(item.name, item.retry_number)
+                if key not in granted:
+                    granted = self.slots.granted()
+                if key not in granted:
+                    self.slots.ask(item.name, pool, item.retry_number)
+                    self.parked[key] = item
+                    continue
+            self.start(item.name, item.retry_number)
+        for item in held_back:
+            heapq.heappush(self.ready, item)
+
+    def take_grants(self) -> None:
+        """The slot bell rang: parked steps that got their slot are ready again."""
+        assert self.slots is not None
+        granted = self.slots.granted()
+        for key in [key for key in self.parked if key in granted]:
+            heapq.heappush(self.ready, self.parked.pop(key))
 
     def start(self, name: str, retry_number: int) -> None:
         node = self.job.nodes[name]
@@ -213,6 +270,8 @@ class _Scheduler:
                         self.selector.close()
                         for fd in [*self.by_fd, *(r for r, _ in pipes), self.sink.fd]:
                             os.close(fd)
+                        if self.bell is not None:
+                            os.close(self.bell)
                         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                         inputs = [self.outputs[u] for u in node.upstream]
                         writes = (pipes[0][1], pipes[1][1], pipes[2][1])
@@ -338,17 +397,23 @@ class _Scheduler:
                 while self.delayed and self.delayed[0][0] <= now:
                     _, order, name, retry = heapq.heappop(self.delayed)
                     heapq.heappush(self.ready, _Ready(self.priority(name), order, name, retry))
-                while self.ready and len(self.running) < self.max_concurrent:
-                    item = heapq.heappop(self.ready)
-                    self.start(item.name, item.retry_number)
-                if not self.running and not self.ready and not self.delayed:
+                self.start_ready()
+                if not (self.running or self.ready or self.delayed or self.parked):
                     return self.failed
                 timeout = None
                 if self.delayed:
                     timeout = max(0.0, self.delayed[0][0] - time.monotonic())
-                for key, _ in self.selector.select(timeout):
-                    if key.fd in self.by_fd:
+                if self.parked:  # the bell is the fast path; the file is the truth
+                    timeout = min(timeout if timeout is not None else RECHECK, RECHECK)
+                events = self.selector.select(timeout)
+                rang = not events  # a recheck while steps wait
+                for key, _ in events:
+                    if key.fd == self.bell:
+                        rang = True
+                    elif key.fd in self.by_fd:
                         self.read(key.fd)
+                if rang and self.slots is not None:
+                    self.take_grants()  # empties the bell too, parked steps or not
         finally:
             self.stop_children()
 

@@ -169,11 +169,14 @@ def run_step(
     launch: LaunchRun,
     sink: EventSink,
     capture: Callable[[str], ContextManager[object]],
+    acquire: Callable[[str, int], None] = lambda step, attempt: None,
 ) -> StepAttempt:
-    """StepAttempt `node` in this process until it succeeds or its retries run out."""
+    """StepAttempt `node` in this process until it succeeds or its retries run out; each
+    attempt first takes its pool slot (`acquire`), which its end gives back."""
     policy = job.retry_policy_for(node.name)
     retry_number = 0
     while True:
+        acquire(node.name, retry_number)
         emit_start(sink, node.name, retry_number)
         attempt = attempt_step(node, inputs, launch, sink, retry_number, capture)
         if attempt.ok:

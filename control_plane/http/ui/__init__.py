@@ -30,6 +30,7 @@ from control_plane.http.errors import ApiError
 from control_plane.http.fleet import agents_json, queue_json
 from control_plane.http.instigators import instigator_json, instigators_of
 from control_plane.http.keys import CLOCK, CONFIG, RUN_QUEUE, STORAGE, VERIFIER
+from control_plane.http.pools import pools_json
 from control_plane.http.runs import find_run, parse_filter, run_json
 from control_plane.http.ui.deployment import job_page, jobs_page, launch_page
 from control_plane.http.ui.instigator_pages import instigator_page
@@ -183,6 +184,12 @@ async def queue_page(request: web.Request) -> web.Response:
     return render(request, "queue.html", queue=queue, coordinator=app[CONFIG].run_coordinator)
 
 
+async def pools_page(request: web.Request) -> web.Response:
+    app = request.app
+    pools = await pools_json(app[STORAGE], app[CONFIG].concurrency)
+    return render(request, "pools.html", pools=pools)
+
+
 def instigators_page(kind: str) -> Any:
     async def handle(request: web.Request) -> web.Response:
         app = request.app
@@ -307,6 +314,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/ui/runs/{run_id}", run_page)
     app.router.add_get("/ui/agents", agents_page)
     app.router.add_get("/ui/queue", queue_page)
+    app.router.add_get("/ui/pools", pools_page)
     app.router.add_get("/ui/jobs", jobs_page)
     app.router.add_get("/ui/jobs/{location}/{job}", job_page)
     app.router.add_get("/ui/launch", launch_page)

@@ -17,6 +17,7 @@ from control_plane.storage.sql.evaluations import EvaluationQueries
 from control_plane.storage.sql.events import EventQueries
 from control_plane.storage.sql.instigators import InstigatorQueries
 from control_plane.storage.sql.leaders import LeaderQueries
+from control_plane.storage.sql.pools import PoolQueries
 from control_plane.storage.sql.retention import RetentionQueries
 from control_plane.storage.sql.runs import RunQueries
 from control_plane.storage.sql.tokens import TokenQueries
@@ -32,6 +33,7 @@ class SqlStorage(
     EvaluationQueries,
     AlertQueries,
     RetentionQueries,
+    PoolQueries,
 ):
     """The storage port over any `Tx`; subclasses open connections and migrate."""
 

@@ -33,6 +33,8 @@ class AgentQueries(SqlBase):
         now: float,
         capabilities: list[str] | None = None,
         token_name: str | None = None,
+        labels: dict[str, str] | None = None,
+        resources: dict[str, int] | None = None,
     ) -> Agent:
         async with self._write() as db:
             rows = await db.fetch(
@@ -52,14 +54,15 @@ class AgentQueries(SqlBase):
             await db.execute(
                 "INSERT INTO agents (agent_id, name, hostname, status, queues,"
                 " max_concurrent_runs, version, last_heartbeat, registered_time, capabilities,"
-                " token_name)"
-                " VALUES (?, ?, ?, 'ONLINE', ?, ?, ?, ?, ?, ?, ?)"
+                " token_name, labels, resources)"
+                " VALUES (?, ?, ?, 'ONLINE', ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (agent_id) DO UPDATE SET hostname = excluded.hostname,"
                 f" status = {STATUS_ON_RETURN}, queues = excluded.queues,"
                 " max_concurrent_runs = excluded.max_concurrent_runs,"
                 " version = excluded.version, last_heartbeat = excluded.last_heartbeat,"
                 " registered_time = excluded.registered_time,"
-                " capabilities = excluded.capabilities, token_name = excluded.token_name",
+                " capabilities = excluded.capabilities, token_name = excluded.token_name,"
+                " labels = excluded.labels, resources = excluded.resources",
                 (
                     agent_id,
                     name,
@@ -71,6 +74,8 @@ class AgentQueries(SqlBase):
                     now,
                     json.dumps(capabilities or []),
                     token_name,
+                    json.dumps(labels or {}),
+                    json.dumps(resources or {}),
                 ),
             )
             await db.execute("DELETE FROM code_locations WHERE agent_id = ?", (agent_id,))

@@ -199,12 +199,28 @@ def tick_from_row(row: Iterable[Any]) -> Tick:
 
 AGENT_COLUMNS = (
     "agent_id, name, hostname, status, queues, max_concurrent_runs, version, "
-    "last_heartbeat, registered_time, capabilities, token_name, operator_drain"
+    "last_heartbeat, registered_time, capabilities, token_name, operator_drain, labels, "
+    "resources"
 )
 
 
 def agent_from_row(row: Iterable[Any]) -> Agent:
-    agent_id, name, hostname, status, queues, cap, version, hb, registered, caps, token, held = row
+    (
+        agent_id,
+        name,
+        hostname,
+        status,
+        queues,
+        cap,
+        version,
+        hb,
+        registered,
+        caps,
+        token,
+        held,
+        labels,
+        resources,
+    ) = row
     return Agent(
         agent_id=agent_id,
         name=name,
@@ -218,6 +234,8 @@ def agent_from_row(row: Iterable[Any]) -> Agent:
         capabilities=json.loads(caps),
         token_name=token,
         operator_drain=bool(held),
+        labels=json.loads(labels),
+        resources=json.loads(resources),
     )
 
 

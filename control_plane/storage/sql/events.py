@@ -10,7 +10,7 @@ import logging
 from collections.abc import Collection
 from typing import Any
 
-from control_plane.model.records import Take, output_problem, screen_record
+from control_plane.model.records import Take, output_problem, screen_record, slot_claim
 from control_plane.model.runs import NO_RESUMES, Event, LogChunk, ResumeRules, Run
 from control_plane.model.statuses import (
     ACTIVE_STATUSES,
@@ -24,13 +24,19 @@ from control_plane.storage.logstore import LOG_COLUMNS, LogRow, LogStore
 from control_plane.storage.port import AppendResult
 from control_plane.storage.sql.base import SqlBase, Tx, event_json, marks
 from control_plane.storage.sql.catalog import CatalogCache
+from control_plane.storage.sql.pools import claim_step_slot, release_step
 from control_plane.storage.sql.transitions import (
     append_event,
     fail,
     get_run,
     known_kind,
 )
-from protocol.events import AGENT_FAILURE_KINDS, RUN_FAILURE
+from protocol.events import (
+    AGENT_FAILURE_KINDS,
+    RUN_FAILURE,
+    STEP_ATTEMPT_ENDS,
+    STEP_SLOT_REQUESTED,
+)
 from protocol.messages import RunRecord
 
 log = logging.getLogger("fleetrun.storage")
@@ -61,6 +67,7 @@ class EventQueries(SqlBase):
             changed = False
             refused: str | None = None
             stored: dict[str, int] = {}
+            pools_changed = False
             plain: list[RunRecord] = []  # stored together, in as few statements as can be
             for record in sorted(records, key=lambda r: r.seq):
                 if record.seq <= acked:
@@ -74,6 +81,8 @@ class EventQueries(SqlBase):
                 acked = record.seq
                 if take is Take.SKIP:
                     continue
+                if record.step is not None and record.kind == "event":
+                    pools_changed |= await _claim_or_release(db, run, lease, record, status, now)
                 if take is Take.STORE_UNATTRIBUTED:
                     record = dataclasses.replace(record, step=None)
                 stored_as = "log" if record.kind == "log" else "event"
@@ -145,6 +154,7 @@ class EventQueries(SqlBase):
                 stored=stored,
                 launch_acked=run.launch_acked,
                 refused=refused,
+                pools_changed=pools_changed,
             )
 
     async def _job_steps(self, db: Tx, run: Run) -> frozenset[str] | None:
@@ -203,6 +213,22 @@ class EventQueries(SqlBase):
         if logs:
             await self.logs.append(db, run_id, lease, logs)
         await _append_events(db, run_id, lease, now, [r for r in records if r.kind != "log"])
+
+
+async def _claim_or_release(
+    db: Tx, run: Run, lease: int, record: RunRecord, status: RunStatus, now: float
+) -> bool:
+    """A step's claim on a pool slot, or the end of the attempt that held one, stored in
+    the transaction that stores its record; whether a pool's line changed. A run being
+    canceled starts no step, so it claims nothing."""
+    assert record.step is not None
+    if record.type == STEP_SLOT_REQUESTED and status == RunStatus.STARTED:
+        pool, attempt = slot_claim(record.data)
+        await claim_step_slot(db, run, lease, record.step, attempt, pool, now)
+        return True
+    if record.type in STEP_ATTEMPT_ENDS:
+        return await release_step(db, run.run_id, record.step) > 0
+    return False
 
 
 async def _leased(db: Tx, run_id: str, lease: int, agent_id: str | None = None) -> Run:

@@ -4,11 +4,12 @@ the control plane decides for an attempt (verdicts, retries)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from control_plane.model.runs import (
     NewRun,
+    Placement,
     QueueSnapshot,
     ResumeRules,
     Run,
@@ -28,6 +29,7 @@ from control_plane.storage.sql.base import (
     run_from_row,
 )
 from control_plane.storage.sql.catalog import CatalogCache, agents_by_id
+from control_plane.storage.sql.pools import hold_run_slots, live_claims, set_limits
 from control_plane.storage.sql.transitions import append_event, fail, get_run, insert_run, reusable
 from protocol.events import AGENT_RESTARTED
 from protocol.tags import PRIORITY_TAG
@@ -150,27 +152,38 @@ class RunQueries(SqlBase):
             wanted = {run.location for run in queued}
             hosting = {loc.agent_id for name in wanted for loc in catalog.by_name.get(name, ())}
             agents = list((await agents_by_id(db, hosting)).values())
+        job_pools = {}
+        for run in queued:
+            info = catalog.job_info(run.location, run.job)
+            if info is not None:
+                job_pools[(run.location, run.job)] = frozenset(o.pool for o in info.ops if o.pool)
+        pooled = every_agent or any(job_pools.values())  # a run's pools may hold it back
         return QueueSnapshot(
             queued=queued,
             active=[run_from_row(r) for r in active],
             agents=agents,
             hosted=catalog.hosted,
+            claims=await live_claims(db) if pooled else [],
+            pool_limits=await set_limits(db) if pooled else {},
+            job_pools=job_pools,
         )
 
     async def queue_snapshot(self) -> QueueSnapshot:
         return await self._snapshot(self._reader, every_agent=True)
 
     async def assign_queued(
-        self, now: float, decide: Callable[[QueueSnapshot], list[tuple[str, str]]]
+        self, now: float, decide: Callable[[QueueSnapshot], Sequence[Placement]]
     ) -> list[Run]:
         async with self._write() as db:
             snapshot = await self._snapshot(db)
             if not snapshot.queued:
                 return []
             assigned = []
-            for run_id, agent_id in decide(snapshot):
+            for run_id, agent_id, *pools in decide(snapshot):
                 run = await _assign(db, run_id, agent_id, now)
                 if run is not None:
+                    if pools and pools[0]:
+                        await hold_run_slots(db, run, pools[0], now)
                     assigned.append(run)
             return assigned
 

@@ -2,7 +2,8 @@
 
 A status write is one conditional UPDATE: it names the statuses the transition may start
 from (`model/statuses.py`) and, where an agent's attempt is concerned, the lease, and
-its row count says whether it happened. The event that records the change takes the
+its row count says whether it happened. A run that stops running frees its pool slots
+(`sql/pools.py`) in that same transaction. The event that records the change takes the
 sequence number that same statement reserved, so the event log holds a status event
 only with its transition: the log and the status tell one story, whatever races. Locks
 (the backends' write transactions) only order writes; they are not the guard.
@@ -15,6 +16,7 @@ from typing import Any
 
 from control_plane.model.runs import NO_RESUMES, NewRun, ResumeRules, Run
 from control_plane.model.statuses import (
+    ACTIVE_STATUSES,
     EVENT_STATUS,
     FAILURE_KINDS,
     OP_FAILURE,
@@ -78,6 +80,16 @@ async def transition(
     )
     if not rows:
         return None
+    if new not in ACTIVE_STATUSES:
+        # The attempt is over (ended, or back in the queue): every slot it held or waited
+        # for is free, in this same transaction, whatever ended it.
+        await db.execute("DELETE FROM pool_slots WHERE run_id = ?", (run_id,))
+    elif new == RunStatus.CANCELING:
+        # Canceled: no step of it starts again, so its places in line go at once; the
+        # slots of steps still running go when the run ends.
+        await db.execute(
+            "DELETE FROM pool_slots WHERE run_id = ? AND granted_time IS NULL", (run_id,)
+        )
     db.status_changes.append((run_id, str(new), now))
     seq: int = rows[0][0]
     return seq
