@@ -8,6 +8,7 @@ so that it outlives the agent that started it and a restarted agent can adopt it
       stdout, stderr   the worker's output, and that of every process it starts
       bell         a FIFO: the worker writes a byte after each record, waking the reader
       deadline     the lease deadline, written by the agent, enforced by the worker
+      code_version the version of the run's code location that the worker runs
 
 The agent tails the three files. Where it got to (a `Position`) is stored in its spool
 in the transaction that stores the records read up to there, so an agent that restarts
@@ -139,6 +140,17 @@ class Channel:
         if data.pop("format", None) != CHANNEL_FORMAT:
             return None
         return WorkerIdentity(**data)
+
+    def set_code_version(self, version: str) -> None:
+        """The code version the worker runs (its folder is kept while the run lasts)."""
+        _write_atomically(self.path("code_version"), version.encode())
+
+    def code_version(self) -> str:
+        try:
+            with open(self.path("code_version"), "rb") as fh:
+                return fh.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def set_deadline(self, monotonic_deadline: float, grace: float) -> None:
         """When the worker must be gone (SIGKILL) on the host's monotonic clock, and how

@@ -74,6 +74,12 @@ class CodeLocationInfo:
     error: str | None = None
     schedules: list[ScheduleInfo] = field(default_factory=list)
     sensors: list[SensorInfo] = field(default_factory=list)
+    # The version serving new runs (a git commit, or a hash of the location's files);
+    # every version the agent still has (newest first: re-executions, pinned runs); and
+    # why the last reload failed while `version` goes on serving.
+    version: str = ""
+    versions: list[str] = field(default_factory=list)
+    reload_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,9 @@ class LaunchRun:
     config: dict[str, Any] = field(default_factory=dict)
     # Steps not to run again, each with the run whose stored output to use instead.
     reuse_outputs: dict[str, str] = field(default_factory=dict)
+    # The code version to run: the parent's for a re-execution (used if the agent still
+    # has it), the `fleetrun/code_version` tag's (required); "": the current one.
+    code_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -198,10 +207,18 @@ class StopRun:
 
 
 @dataclass(frozen=True)
+class ReloadLocations:
+    """Reload code locations now (`fleetrun agents reload`): these, or all if empty."""
+
+    locations: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class PollReply:
     launches: list[LaunchRun] = field(default_factory=list)
     stops: list[StopRun] = field(default_factory=list)
     evaluations: list[Evaluate] = field(default_factory=list)
+    reload: ReloadLocations | None = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +238,19 @@ class Heartbeat:
 
 @dataclass(frozen=True)
 class HeartbeatReply:
+    ok: bool = True
+
+
+@dataclass(frozen=True)
+class UpdateLocations:
+    """The agent's code locations changed (a reload): what it now serves, in full."""
+
+    agent_id: str
+    code_locations: list[CodeLocationInfo] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LocationsUpdated:
     ok: bool = True
 
 
@@ -282,6 +312,10 @@ class LocationSpec:
     python_file: str | None = None
     module: str | None = None
     working_directory: str | None = None
+    # One version's files (the agent's copy): first on sys.path, so that the run
+    # imports that version whatever happens to the location's own folder meanwhile.
+    code_directory: str | None = None
+    version: str = ""
 
 
 @dataclass(frozen=True)
@@ -330,6 +364,8 @@ MESSAGE_TYPES: dict[str, type] = {
         EvaluateSpec,
         EvaluationResult,
         EvaluationAck,
+        UpdateLocations,
+        LocationsUpdated,
     )
 }
 
@@ -340,10 +376,17 @@ FIELDS_SINCE: dict[str, dict[str, int]] = {
     "Register": {"runs": 2, "capabilities": 2},
     "Registered": {"heartbeat_timeout_seconds": 2},
     "Poll": {"stopping_leases": 2},
-    "PollReply": {"stops": 2, "evaluations": 2},
-    "CodeLocationInfo": {"schedules": 2, "sensors": 2},
-    "LaunchRun": {"reuse_outputs": 2},
     "SensorInfo": {"run_status": 3, "monitored_jobs": 3, "monitor_all_locations": 3},
     "Evaluate": {"run_changes": 3},
     "OpInfo": {"retry_policy": 3},
+    "CodeLocationInfo": {
+        "schedules": 2,
+        "sensors": 2,
+        "version": 4,
+        "versions": 4,
+        "reload_error": 4,
+    },
+    "LaunchRun": {"reuse_outputs": 2, "code_version": 4},
+    "PollReply": {"stops": 2, "evaluations": 2, "reload": 4},
+    "LocationSpec": {"code_directory": 4, "version": 4},
 }

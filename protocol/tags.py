@@ -30,6 +30,7 @@ SENSOR_TAG = "fleetrun/sensor"
 TICK_TAG = "fleetrun/tick"
 RUN_KEY_TAG = "fleetrun/run_key"
 RETRY_ON_OP_FAILURE_TAG = "fleetrun/retry_on_op_failure"
+CODE_VERSION_TAG = "fleetrun/code_version"  # run only where this code version is served
 
 RETRY_STRATEGIES = ("FROM_FAILURE", "ALL_STEPS")
 ON_LOST_CONTACT_CHOICES = ("continue", "stop")
@@ -49,6 +50,11 @@ class TagLimits:
 
 
 DEFAULT_TAG_LIMITS = TagLimits()
+
+
+def code_version_ok(version: str) -> bool:
+    """A code version: a git commit or a content hash, letters and digits only."""
+    return 0 < len(version) <= 64 and version.isascii() and version.isalnum()
 
 
 def _integer(value: str, minimum: int, maximum: int) -> str | None:
@@ -80,6 +86,9 @@ TAG_CHECKS: dict[str, Callable[[str], str | None]] = {
     MAX_RUNTIME_TAG: _seconds,
     ON_LOST_CONTACT_TAG: _one_of(*ON_LOST_CONTACT_CHOICES),
     RETRY_ON_OP_FAILURE_TAG: _one_of("true", "false"),
+    CODE_VERSION_TAG: lambda value: (
+        None if code_version_ok(value) else "must be a code version (letters and digits, <= 64)"
+    ),
 }
 
 

@@ -22,6 +22,7 @@ from control_plane.metrics import Metrics
 from control_plane.model.agents import DRAINING, ONLINE, Agent, agent_status
 from control_plane.model.runs import NewRun, QueueSnapshot, Run, iso
 from control_plane.storage.port import RunStore
+from protocol.tags import CODE_VERSION_TAG
 
 log = logging.getLogger("fleetrun.coordinator")
 
@@ -112,7 +113,7 @@ def plan_dispatch(
             continue
         reason = _held_back(run, global_limit, active_ids, rules, holders)
         if reason is None:
-            reason, agent = _pick_agent(run, agents, snapshot.hosted, used)
+            reason, agent = _pick_agent(run, agents, snapshot.hosted, used, snapshot.code_versions)
             if agent is None:
                 reason = f"{reason}{_draining_note(run, draining, snapshot.hosted)}"
             if agent is not None:
@@ -167,7 +168,11 @@ def _held_back(
 
 
 def _pick_agent(
-    run: Run, agents: list[Agent], hosted: dict[str, set[str]], used: Counter[str | None]
+    run: Run,
+    agents: list[Agent],
+    hosted: dict[str, set[str]],
+    used: Counter[str | None],
+    code_versions: dict[tuple[str, str], set[str]],
 ) -> tuple[str | None, Agent | None]:
     serving = [a for a in agents if run.queue in a.queues]
     if not serving:
@@ -175,6 +180,17 @@ def _pick_agent(
     hosting = [a for a in serving if run.location in hosted.get(a.agent_id, ())]
     if not hosting:
         return f"no online agent on queue {run.queue} hosts location {run.location}", None
+    pinned = run.tags.get(CODE_VERSION_TAG)
+    if pinned:
+        hosting = [
+            a for a in hosting if pinned in code_versions.get((a.agent_id, run.location), ())
+        ]
+        if not hosting:
+            return (
+                f"no online agent hosting location {run.location} has its code version "
+                f"{pinned} (tag {CODE_VERSION_TAG})",
+                None,
+            )
     needs = required_capabilities(run)
     hosting = [a for a in hosting if needs <= set(a.capabilities)]
     if not hosting:
@@ -184,6 +200,10 @@ def _pick_agent(
     if not free:
         slots = ", ".join(f"{a.name} {used[a.agent_id]}/{a.max_concurrent_runs}" for a in hosting)
         return f"no agent hosting location {run.location} has a free slot ({slots})", None
+    parents = run.wanted_code_version
+    if parents:  # a re-execution: an agent that still has its parent's version, if any
+        having = [a for a in free if parents in code_versions.get((a.agent_id, run.location), ())]
+        free = having or free
     # Most free slots first (spreads load), then by name (deterministic).
     return None, min(free, key=lambda a: (used[a.agent_id] - a.max_concurrent_runs, a.name))
 

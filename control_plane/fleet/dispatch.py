@@ -21,7 +21,8 @@ from control_plane.model.statuses import RunStatus
 from control_plane.storage.port import Storage
 from control_plane.waiters import KeyedWaiters
 from protocol.events import UNDELIVERABLE
-from protocol.messages import LaunchRun, PollReply, StopRun
+from protocol.messages import LaunchRun, PollReply, ReloadLocations, StopRun
+from protocol.tags import CODE_VERSION_TAG
 from protocol.wire import delivery_problem
 
 
@@ -35,6 +36,7 @@ def launch_message(run: Run) -> LaunchRun:
         tags=run.tags,
         config=run.config,
         reuse_outputs=run.reuse_outputs,
+        code_version=run.tags.get(CODE_VERSION_TAG) or run.wanted_code_version or "",
     )
 
 
@@ -80,6 +82,18 @@ class Dispatcher:
         self.bus = bus
         self.metrics = metrics
         self.agents = KeyedWaiters()  # parked polls, keyed by agent id: AGENT wake-ups
+        # Reload requests are stored; a poll reads storage for one only if told of it
+        # (a RELOAD wake-up) or if it has not looked for this agent since it started.
+        self._reload_told: set[str] = set()
+        self._reload_looked: set[str] = set()
+
+    def reload_requested(self, agent_id: str | None) -> None:
+        """A reload was asked of this agent (None: of any: the bus lost wake-ups)."""
+        if agent_id is None:
+            self._reload_looked.clear()
+            return
+        self._reload_told.add(agent_id)
+        self.agents.wake(agent_id)
 
     def wake_agent(self, agent_id: str | None) -> None:
         """Something is owed to this agent (a launch, a stop): answer its poll now."""
@@ -138,6 +152,14 @@ class Dispatcher:
         runs_changed(self.bus, changed)
         return [launch for launch in launches if launch.run_id not in bad]
 
+    async def _reload_owed(self, agent_id: str) -> ReloadLocations | None:
+        if agent_id not in self._reload_told and agent_id in self._reload_looked:
+            return None
+        self._reload_told.discard(agent_id)
+        self._reload_looked.add(agent_id)
+        locations = await self.storage.take_reload(agent_id)
+        return None if locations is None else ReloadLocations(locations)
+
     def parked_polls(self, agent_id: str) -> int:
         return len(self._parked.get(agent_id, ()))
 
@@ -172,8 +194,9 @@ class Dispatcher:
             if self.broker is not None and await self.broker.waiting():
                 hosted = (await self.storage.code_catalog()).hosted.get(agent_id, set())
                 evaluations = await self.broker.take_for(agent_id, hosted)
-            if launches or stops or evaluations:
-                return PollReply(launches, stops, evaluations)
+            reload = await self._reload_owed(agent_id)
+            if launches or stops or evaluations or reload:
+                return PollReply(launches, stops, evaluations, reload)
             return None
 
         return await self.agents.wait_for(agent_id, owed, max_wait) or PollReply()

@@ -268,6 +268,14 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX runs_by_status_id ON runs (status, id);
     """,
+    # version 15 (code versions): the version of its code location a run ran with (from
+    # its RUN_START), the version a re-execution asks for (its parent's), and a reload
+    # an operator asked of an agent (JSON list of locations, [] = all; taken by a poll)
+    """
+    ALTER TABLE runs ADD COLUMN code_version TEXT;
+    ALTER TABLE runs ADD COLUMN wanted_code_version TEXT;
+    ALTER TABLE agents ADD COLUMN reload_request TEXT;
+    """,
 ]
 
 

@@ -35,11 +35,13 @@ from protocol.messages import (
     JobInfo,
     LaunchRun,
     LocationSpec,
+    LocationsUpdated,
     OpInfo,
     Poll,
     PollReply,
     Register,
     Registered,
+    ReloadLocations,
     RequestedRun,
     RunChange,
     RunRecord,
@@ -47,6 +49,7 @@ from protocol.messages import (
     ScheduleInfo,
     SensorInfo,
     StopRun,
+    UpdateLocations,
     WorkerSpec,
 )
 
@@ -97,6 +100,14 @@ SAMPLES = [
     WorkerSpec(launch=LAUNCH, location=LocationSpec(name="loc", python_file="/x/defs.py")),
     DescribeLocation(location=LocationSpec(name="loc", module="pkg.defs")),
     LOCATION,
+    UpdateLocations(
+        agent_id="a1",
+        code_locations=[
+            dataclasses.replace(LOCATION, version="abc1", versions=["abc1", "abc0"]),
+            CodeLocationInfo(name="other", version="c0ffee", reload_error="SyntaxError"),
+        ],
+    ),
+    LocationsUpdated(ok=True),
 ]
 
 
@@ -129,24 +140,32 @@ def test_version_mismatch_names_both_versions(version: object) -> None:
 
 
 def test_the_previous_version_is_spoken_both_ways() -> None:
-    """A version-2 agent's sensors decode (no run status fields); what is sent to it
-    leaves out the fields of version 3."""
+    """A version-3 agent's locations decode (no code versions); what is sent to it
+    leaves out the fields of version 4 (a reload order, a launch's code version)."""
     old_info = {"name": "loc", "sensors": [{"name": "s", "job": "j"}]}
     message, version = decode_versioned(
         _envelope(old_info, "CodeLocationInfo", PROTOCOL_VERSION - 1)
     )
     assert version == PROTOCOL_VERSION - 1
-    assert message.sensors[0].run_status is None and message.sensors[0].monitored_jobs == []
+    assert message.version == "" and message.versions == [] and message.reload_error is None
     evaluate = Evaluate(
         "e", "loc", "sensor", "s", run_changes=[RunChange("r", "j", "loc", "FAILURE")]
     )
-    reply = PollReply(launches=[LAUNCH], stops=[StopRun("r", 1, True, "x")], evaluations=[evaluate])
+    launch = dataclasses.replace(LAUNCH, code_version="abc")
+    reply = PollReply(
+        launches=[launch],
+        stops=[StopRun("r", 1, True, "x")],
+        evaluations=[evaluate],
+        reload=ReloadLocations(["loc"]),
+    )
     raw = msgpack.unpackb(encode(reply, PROTOCOL_VERSION - 1))
     assert raw["v"] == PROTOCOL_VERSION - 1
     assert set(raw["body"]) == {"launches", "stops", "evaluations"}
-    assert "run_changes" not in raw["body"]["evaluations"][0]
+    assert "code_version" not in raw["body"]["launches"][0]
+    assert raw["body"]["evaluations"][0]["run_changes"][0]["run_id"] == "r"
     current = msgpack.unpackb(encode(reply))["body"]
-    assert current["evaluations"][0]["run_changes"][0]["run_id"] == "r"
+    assert current["reload"] == {"locations": ["loc"]}
+    assert current["launches"][0]["code_version"] == "abc"
 
 
 def test_version_1_is_no_longer_spoken() -> None:

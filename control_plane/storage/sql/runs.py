@@ -139,6 +139,7 @@ class RunQueries(SqlBase):
             active=[run_from_row(r) for r in active],
             agents=agents,
             hosted=catalog.hosted,
+            code_versions=catalog.code_versions,
         )
 
     async def queue_snapshot(self) -> QueueSnapshot:
