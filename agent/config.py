@@ -47,6 +47,11 @@ class CodeLocationConfig:
                     yield FieldError(key, "is only used with git")
         elif self.git.startswith("-"):
             yield FieldError("git", "must be a repository URL or path")
+        else:
+            for key in ("python_file", "working_directory"):
+                value = getattr(self, key)
+                if value is not None and (value.startswith("/") or ".." in value.split("/")):
+                    yield FieldError(key, "of a git location is a path inside its checkout")
         if self.ref.startswith("-") or any(c.isspace() for c in self.ref):
             yield FieldError("ref", "must be a branch, tag or commit name")
         if self.subdirectory.startswith("/") or ".." in self.subdirectory.split("/"):

@@ -18,7 +18,7 @@ from tests.conftest import (
     wait_for,
 )
 
-DEFS = '''\
+DEFS = """\
 import os
 import time
 
@@ -52,7 +52,7 @@ def watcher(context):
 
 
 defs = Definitions(jobs=[versioned], sensors=[watcher])
-'''
+"""
 
 
 def write_code(folder: Path, version: str, helper: str | None = None) -> None:
@@ -149,11 +149,9 @@ def test_reload_by_command_and_sighup_switches_sensors_and_reexecutes_on_old_cod
     write_code(code, "v1")
     cp = start_control_plane(tmp_path)
     agent: Proc | None = None
-    config = 'watch = false\nkeep_versions = 1\n'
+    config = "watch = false\nkeep_versions = 1\n"
     try:
-        agent = start_agent(
-            cp, tmp_path, "a1", {"live": code / "defs.py"}, location_extra=config
-        )
+        agent = start_agent(cp, tmp_path, "a1", {"live": code / "defs.py"}, location_extra=config)
         v1 = location(cp)["version"]
 
         def skip_reasons() -> set[str]:
@@ -242,8 +240,7 @@ def test_a_git_location_follows_new_commits(tmp_path: Path) -> None:
     cp = start_control_plane(tmp_path)
     agent: Proc | None = None
     config = (
-        f'git = "{repo}"\nref = "main"\nsubdirectory = "pipelines"\n'
-        "update_interval_seconds = 0.5\n"
+        f'git = "{repo}"\nref = "main"\nsubdirectory = "pipelines"\nupdate_interval_seconds = 0.5\n'
     )
     try:
         agent = start_agent(cp, tmp_path, "a1", {"fromgit": Path("defs.py")}, location_extra=config)
