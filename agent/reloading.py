@@ -19,6 +19,7 @@ import logging
 import os
 from dataclasses import dataclass, replace
 
+from agent.channel import existing_channels
 from agent.client import ControlPlaneError, ControlPlaneUnreachable, RetryDelays
 from agent.codeversions import (
     CodeFetchError,
@@ -186,12 +187,21 @@ def _failed(served: ServedLocation, error: str) -> bool:
 
 
 def _in_use(agent: AgentState, name: str) -> set[str]:
-    """The versions of location `name` that this agent's runs use, and the current one."""
+    """The versions of location `name` that this agent's runs use (those it follows,
+    and those whose channels wait for it to adopt them at start), and the current one."""
     used = {
         active.worker.code_version
         for active in agent.runs.values()
         if active.worker.launch.location == name and active.worker.code_version
     }
+    for channel in existing_channels(agent.config.state_dir):
+        version = channel.code_version()
+        if version and version not in used:
+            try:
+                if channel.launch().location == name:
+                    used.add(version)
+            except (OSError, ValueError):  # unreadable: adoption removes it
+                continue
     current = agent.code[name].current
     if current is not None:
         used.add(current.version)
@@ -239,7 +249,9 @@ async def publish_forever(agent: AgentState) -> None:
     while True:
         await agent.catalog_changed.wait()
         agent.catalog_changed.clear()
-        if agent.agent_id is None:
+        if agent.agent_id is None:  # registering: send it again once registered
+            await asyncio.sleep(1.0)
+            agent.catalog_changed.set()
             continue
         message = UpdateLocations(agent_id=agent.agent_id, code_locations=location_infos(agent))
         try:

@@ -215,8 +215,8 @@ async def _supervise(
             with contextlib.suppress(asyncio.CancelledError, AttemptRejected):
                 await delivery
         agent.runs.pop(launch.lease, None)
-        if worker.code_version and launch.location in agent.code:
-            agent.reloads.put_nowait((launch.location, PRUNE))  # its version may go now
         if over:
             await agent.spool.forget_position(launch.lease)
             worker.channel.remove()
+            if worker.code_version and launch.location in agent.code:
+                agent.reloads.put_nowait((launch.location, PRUNE))  # its version may go

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make test`'s machine prerequisites besides Python: headless Chromium for the UI tests
-# and a running PostgreSQL server (every storage test also runs on it). As root, install
+# `make test`'s machine prerequisites besides Python: headless Chromium for the UI tests,
+# a running PostgreSQL server (every storage test also runs on it) and git. As root, install
 # or start what is missing; otherwise say which command would, and go on: the tests that
 # need it then fail with their own explanation. Nothing to do costs a few milliseconds.
 set -u
@@ -18,6 +18,17 @@ need_chromium() {
   fi
   apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium ||
     tell "could not install chromium; the UI tests will fail"
+}
+
+need_git() {
+  # The tests of git code locations make repositories and let agents fetch from them.
+  command -v git >/dev/null 2>&1 && return
+  if ! as_root; then
+    tell "the git code location tests need git; as root, run: apt-get install -y git"
+    return
+  fi
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q git ||
+    tell "could not install git; the git code location tests will fail"
 }
 
 TEST_DB_URL="postgresql://postgres@127.0.0.1:5432/test"
@@ -72,4 +83,5 @@ need_postgres() {
 
 need_chromium
 need_postgres
+need_git
 exit 0

@@ -294,10 +294,16 @@ ADVERSARIAL = {
     "envelope_with_bytes_keys": msgpack.packb({b"v": 2, b"type": b"EventAck", b"body": {}}),
     "version_is_a_map": msgpack.packb({"v": {}, "type": "EventAck", "body": {"acked_seq": 1}}),
     "version_is_true": msgpack.packb({"v": True, "type": "EventAck", "body": {"acked_seq": 1}}),
-    "type_is_a_list": msgpack.packb({"v": 2, "type": ["EventAck"], "body": {"acked_seq": 1}}),
-    "body_is_a_list": msgpack.packb({"v": 2, "type": "EventAck", "body": [1]}),
-    "body_key_is_bytes": msgpack.packb({"v": 2, "type": "EventAck", "body": {b"acked_seq": 1}}),
-    "seq_is_a_float": msgpack.packb({"v": 2, "type": "EventAck", "body": {"acked_seq": 1.0}}),
+    "type_is_a_list": msgpack.packb(
+        {"v": PROTOCOL_VERSION, "type": ["EventAck"], "body": {"acked_seq": 1}}
+    ),
+    "body_is_a_list": msgpack.packb({"v": PROTOCOL_VERSION, "type": "EventAck", "body": [1]}),
+    "body_key_is_bytes": msgpack.packb(
+        {"v": PROTOCOL_VERSION, "type": "EventAck", "body": {b"acked_seq": 1}}
+    ),
+    "seq_is_a_float": msgpack.packb(
+        {"v": PROTOCOL_VERSION, "type": "EventAck", "body": {"acked_seq": 1.0}}
+    ),
     "too_large": b"\xc4\x00" + b"\x00" * (8 * 1024 * 1024),
 }
 
