@@ -42,6 +42,9 @@ MAX_BYTES = 256 * 1024 * 1024  # a version's size, at most
 GIT_TIMEOUT_SECONDS = 300.0
 REPO = "repo.git"
 TEMPORARY = ".tmp-"
+# In every agent's state dir: what is below it is never a location's code, so agents
+# whose state dirs lie in a location's folder do not copy (and watch) each other's.
+STATE_MARKER = ".fleetrun-state"
 
 
 class CodeFetchError(AgentError):
@@ -72,12 +75,28 @@ def location_dir(state_dir: str, name: str) -> Path:
     return Path(state_dir) / "code" / name
 
 
+def mark_state_dir(state_dir: str) -> None:
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    Path(state_dir, STATE_MARKER).touch()
+
+
 def _skipped_dir(path: str, name: str) -> bool:
     return (
         name.startswith(".")
         or name == "__pycache__"
         or os.path.exists(os.path.join(path, name, "pyvenv.cfg"))
+        or os.path.exists(os.path.join(path, name, STATE_MARKER))
     )
+
+
+def in_skipped_dir(folder: str, path: str) -> bool:
+    """Whether `path` (below `folder`) lies in a folder that holds no code."""
+    parent = os.path.dirname(path)
+    while len(parent) > len(folder) and parent.startswith(folder + os.sep):
+        if _skipped_dir(os.path.dirname(parent), os.path.basename(parent)):
+            return True
+        parent = os.path.dirname(parent)
+    return False
 
 
 def code_files(folder: str, include: list[str], skip: str = "") -> list[str]:

@@ -26,7 +26,9 @@ from agent.codeversions import (
     LocationVersion,
     clear_temporaries,
     code_folder,
+    in_skipped_dir,
     make_version,
+    mark_state_dir,
     prune,
     remove_version,
     version_of,
@@ -127,6 +129,7 @@ def request_reload(agent: AgentState, names: list[str] | None, why: str) -> list
 
 async def load_all(agent: AgentState) -> None:
     """The first load of every location, at start (before registering)."""
+    mark_state_dir(agent.config.state_dir)
     for name in agent.code:
         clear_temporaries(agent.config.state_dir, name)
     await asyncio.gather(*(reload_location(agent, name, "start") for name in agent.code))
@@ -280,10 +283,10 @@ def _touches(loc: CodeLocationConfig, path: str, state_dir: str) -> bool:
     folder = os.path.abspath(code_folder(loc))
     if not path.startswith(folder + os.sep) or path.startswith(state_dir + os.sep):
         return False
-    parts = os.path.relpath(path, folder).split(os.sep)
-    if any(p.startswith(".") or p == "__pycache__" for p in parts[:-1]):
+    name = os.path.basename(path)
+    if not any(fnmatch.fnmatch(name, pattern) for pattern in loc.include):
         return False
-    return any(fnmatch.fnmatch(parts[-1], pattern) for pattern in loc.include)
+    return not in_skipped_dir(folder, path)
 
 
 def _changed(locations: list[CodeLocationConfig], paths: set[str], state_dir: str) -> list[str]:

@@ -13,6 +13,7 @@ import pytest
 from agent.codeversions import (
     CodeFetchError,
     code_files,
+    mark_state_dir,
     prune,
     snapshot_local,
     to_remove,
@@ -196,3 +197,18 @@ def test_git_keys_are_checked(tmp_path: Path) -> None:
     assert "git" in {p.field for p in bad.problems()}
     outside = CodeLocationConfig(name="g", python_file="/etc/d.py", git="https://x.invalid/r")
     assert "python_file" in {p.field for p in outside.problems()}
+
+
+def test_another_agents_state_dir_in_the_code_folder_is_not_code(tmp_path: Path) -> None:
+    """Agents whose state dirs lie in a location's folder neither copy nor watch the
+    versions the others keep there."""
+    (tmp_path / "defs.py").write_text("A = 1\n")
+    mine, theirs = tmp_path / "fleetrun-state" / "a1", tmp_path / "fleetrun-state" / "a2"
+    mark_state_dir(str(theirs))
+    (theirs / "code" / "loc" / "abc").mkdir(parents=True)
+    (theirs / "code" / "loc" / "abc" / "defs.py").write_text("A = 0\n")
+    version = snapshot_local(local(tmp_path), str(mine))
+    assert code_files(str(mine / "code" / "loc" / version), ["*.py"]) == ["defs.py"]
+    copy = theirs / "code" / "loc" / "abc" / "defs.py"
+    assert _changed([local(tmp_path)], {str(copy)}, str(mine)) == []
+    assert _changed([local(tmp_path)], {str(tmp_path / "defs.py")}, str(mine)) == ["loc"]
