@@ -214,16 +214,18 @@ async def _git(loc: CodeLocationConfig, *args: str, limit: int = 1 << 20) -> byt
     except OSError as exc:
         raise CodeFetchError(f"cannot run git: {exc}") from None
     assert proc.stdout is not None and proc.stderr is not None
-    errors = asyncio.ensure_future(proc.stderr.read(64 * 1024))
+    errors = asyncio.ensure_future(proc.stderr.read())
+    out = bytearray()
     try:
         async with asyncio.timeout(GIT_TIMEOUT_SECONDS):
-            out = await proc.stdout.read(limit + 1)
-            if len(out) > limit:
-                proc.kill()
-                raise CodeFetchError(
-                    f"code location {loc.name}: git {args[0]} gave more than "
-                    f"{limit >> 20} MiB (the limit of one version)"
-                )
+            while chunk := await proc.stdout.read(1 << 20):
+                out += chunk
+                if len(out) > limit:
+                    proc.kill()
+                    raise CodeFetchError(
+                        f"code location {loc.name}: git {args[0]} gave more than "
+                        f"{limit >> 20} MiB (the limit of one version)"
+                    )
             await proc.wait()
     except TimeoutError:
         proc.kill()
@@ -236,7 +238,7 @@ async def _git(loc: CodeLocationConfig, *args: str, limit: int = 1 << 20) -> byt
     stderr = (await errors).decode(errors="replace").strip()
     if proc.returncode != 0:
         raise CodeFetchError(f"code location {loc.name}: git {args[0]} failed: {stderr[-2000:]}")
-    return out
+    return bytes(out)
 
 
 async def update_git(loc: CodeLocationConfig, state_dir: str) -> str:

@@ -60,9 +60,6 @@ class AgentState:
     ) -> None:
         self.config = config
         self.client = client
-        self.locations: dict[str, CodeLocationConfig] = {
-            loc.name: loc for loc in config.code_locations
-        }
         self.code: dict[str, ServedLocation] = {
             loc.name: ServedLocation(loc, CodeLocationInfo(name=loc.name, error="not loaded yet"))
             for loc in config.code_locations

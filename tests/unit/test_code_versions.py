@@ -212,3 +212,17 @@ def test_another_agents_state_dir_in_the_code_folder_is_not_code(tmp_path: Path)
     copy = theirs / "code" / "loc" / "abc" / "defs.py"
     assert _changed([local(tmp_path)], {str(copy)}, str(mine)) == []
     assert _changed([local(tmp_path)], {str(tmp_path / "defs.py")}, str(mine)) == ["loc"]
+
+
+def test_a_git_version_larger_than_a_pipe_read_comes_whole(tmp_path: Path) -> None:
+    repo, state = tmp_path / "repo", str(tmp_path / "state")
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    blob = os.urandom(3 * 1024 * 1024)
+    (repo / "data.bin").write_bytes(blob)
+    (repo / "defs.py").write_text("A = 1\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "big")
+    loc = CodeLocationConfig(name="g", python_file="defs.py", git=str(repo))
+    commit = asyncio.run(update_git(loc, state))
+    assert Path(state, "code", "g", commit, "data.bin").read_bytes() == blob
