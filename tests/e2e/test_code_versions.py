@@ -55,10 +55,24 @@ defs = Definitions(jobs=[versioned], sensors=[watcher])
 """
 
 
-def write_code(folder: Path, version: str, helper: str | None = None) -> None:
+SCHEDULED = """
+
+from agent.sdk import schedule
+
+
+@schedule(job=versioned, cron="0 4 * * *")
+def nightly(context):
+    return SkipReason("a schedule of the new version")
+
+
+defs = Definitions(jobs=[versioned], sensors=[watcher], schedules=[nightly])
+"""
+
+
+def write_code(folder: Path, version: str, schedule: bool = False) -> None:
     folder.mkdir(exist_ok=True)
-    (folder / "helper.py").write_text(f'HELPER = "{helper or version}"\n')
-    (folder / "defs.py").write_text(DEFS.format(version=version))
+    (folder / "helper.py").write_text(f'HELPER = "{version}"\n')
+    (folder / "defs.py").write_text(DEFS.format(version=version) + (SCHEDULED if schedule else ""))
 
 
 def location(cp: ControlPlaneProc, agent: str = "a1") -> dict:
@@ -96,7 +110,9 @@ def test_an_edit_reaches_new_runs_while_a_running_run_keeps_its_code(tmp_path: P
     cp = start_control_plane(tmp_path)
     agent: Proc | None = None
     try:
-        agent = start_agent(cp, tmp_path, "a1", {"live": code / "defs.py"})
+        agent = start_agent(
+            cp, tmp_path, "a1", {"live": code / "defs.py"}, location_extra="keep_versions = 0\n"
+        )
         v1 = location(cp)["version"]
         assert v1 and location(cp)["versions"] == [v1]
         gate = tmp_path / "gate"
@@ -115,6 +131,10 @@ def test_an_edit_reaches_new_runs_while_a_running_run_keeps_its_code(tmp_path: P
         assert "code v1 helper v1" in said(cp, long_run)  # even its late import
         assert finished["code_version"] == v1
         assert cp.get(f"/api/v1/runs/{new_run}")["code_version"] == v2
+        # No run uses v1 any more (and keep_versions = 0): its folder goes.
+        wait_for(lambda: location(cp)["versions"] == [v2], what="v1 to be removed")
+        held = tmp_path / "fleetrun-state" / "a1" / "code" / "live"
+        assert sorted(p.name for p in held.iterdir() if not p.name.startswith(".")) == [v2]
         assert v2[:12] in cli(cp, "runs", "list")
         assert f"code_version:  {v2}" in cli(cp, "runs", "show", new_run)
 
@@ -164,10 +184,13 @@ def test_reload_by_command_and_sighup_switches_sensors_and_reexecutes_on_old_cod
         failed = cp.submit("versioned", config={"fail_if": str(flag)})
         assert cp.wait_run(failed)["status"] == "FAILURE"
 
-        write_code(code, "v2")  # not watched: nothing happens until told
+        assert cp.get("/api/v1/schedules")["schedules"] == []
+        write_code(code, "v2", schedule=True)  # not watched: nothing happens until told
         assert "reloads" in cli(cp, "agents", "reload", "a1", "--location", "live")
         v2 = new_version(cp, v1)
         wait_for(lambda: "sensor code v2" in skip_reasons(), what="the sensor's v2 ticks")
+        schedules = cp.get("/api/v1/schedules")["schedules"]
+        assert [s["name"] for s in schedules] == ["nightly"]  # the new version's schedule
 
         flag.unlink()
         status, body = cp.call("POST", f"/api/v1/runs/{failed}/reexecute", {})
@@ -194,6 +217,10 @@ def test_reload_by_command_and_sighup_switches_sensors_and_reexecutes_on_old_cod
         agent.popen.send_signal(signal.SIGHUP)
         v3 = new_version(cp, v2)
         assert v1 not in location(cp)["versions"]  # keep_versions = 1: v1 went
+        wait_for(
+            lambda: cp.get("/api/v1/schedules")["schedules"] == [],
+            what="the schedule v3 no longer defines to go",
+        )
         status, body = cp.call("POST", f"/api/v1/runs/{failed}/reexecute", {})
         later = cp.wait_run(body["run_id"])
         assert later["code_version"] == v3
