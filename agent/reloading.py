@@ -39,6 +39,7 @@ from agent.launchers import describe_location
 from agent.state import REQUEST_TIMEOUT_SECONDS, AgentState, ServedLocation
 from protocol.messages import CodeLocationInfo, LaunchRun, LocationsUpdated, UpdateLocations
 from protocol.tags import CODE_VERSION_TAG
+from protocol.validation import MAX_CODE_VERSIONS
 
 log = logging.getLogger("fleetrun.agent")
 
@@ -114,7 +115,7 @@ def location_infos(agent: AgentState) -> list[CodeLocationInfo]:
         if served.current is not None:
             current = served.current.version
             held = [current, *(v for v in held if v != current)]
-        infos.append(replace(served.info, versions=held))
+        infos.append(replace(served.info, versions=held[:MAX_CODE_VERSIONS]))
     return infos
 
 
@@ -144,6 +145,8 @@ async def reload_location(agent: AgentState, name: str, why: str) -> bool:
         version = await make_version(loc, state_dir)
     except CodeFetchError as exc:
         return _failed(served, str(exc))
+    except OSError as exc:  # the state dir: not writable, full
+        return _failed(served, f"cannot make a version folder in {state_dir}: {exc}")
     current = served.current
     if current is not None and version == current.version:
         if served.info.reload_error is None:
