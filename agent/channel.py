@@ -13,6 +13,7 @@ so that it outlives the agent that started it and a restarted agent can adopt it
       slots        the pool slots granted to its steps (JSON: ["step#attempt", ...]),
                    written by the agent as the control plane grants them
       slot_bell    a FIFO: the agent writes a byte after each change of `slots`
+      code_version the version of the run's code location that the worker runs
 
 The agent tails the three files. Where it got to (a `Position`) is stored in its spool
 in the transaction that stores the records read up to there, so an agent that restarts
@@ -147,6 +148,17 @@ class Channel:
         if data.pop("format", None) != CHANNEL_FORMAT:
             return None
         return WorkerIdentity(**data)
+
+    def set_code_version(self, version: str) -> None:
+        """The code version the worker runs (its folder is kept while the run lasts)."""
+        _write_atomically(self.path("code_version"), version.encode())
+
+    def code_version(self) -> str:
+        try:
+            with open(self.path("code_version"), "rb") as fh:
+                return fh.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def set_deadline(self, monotonic_deadline: float, grace: float) -> None:
         """When the worker must be gone (SIGKILL) on the host's monotonic clock, and how

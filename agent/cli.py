@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from protocol import FLEETRUN_VERSION, PROTOCOL_VERSION
@@ -15,7 +16,7 @@ from protocol.logs import FORMATS, configure_logging, set_agent_name
 from protocol.schema import ConfigError
 
 if TYPE_CHECKING:
-    from agent.config import AgentConfig
+    from agent.config import AgentConfig, CodeLocationConfig
     from agent.connection_check import TokenState
     from agent.tracking import Tracking
     from protocol.messages import CodeLocationInfo
@@ -72,6 +73,7 @@ async def _serve(
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(signal.SIGHUP, agent.reload)
         try:
             await task
         except asyncio.CancelledError:
@@ -101,7 +103,6 @@ def check_config(config_path: str, connect: bool = False) -> int:
     Exit 0 when all is well, 2 otherwise, each problem named with its file and key."""
     from agent.client import read_token
     from agent.config import load_agent_config
-    from agent.launchers import describe_location
     from agent.tracking import open_tracking
 
     try:
@@ -112,7 +113,7 @@ def check_config(config_path: str, connect: bool = False) -> int:
         return 2
     problems = []
     for loc in config.code_locations:
-        if not os.path.isdir(loc.working_directory):
+        if not loc.git and not os.path.isdir(loc.working_directory):
             problems.append(
                 f"code_locations {loc.name}: working_directory "
                 f"{loc.working_directory} does not exist"
@@ -123,7 +124,7 @@ def check_config(config_path: str, connect: bool = False) -> int:
                 f"code_locations {loc.name}: executable {loc.executable} is not an executable file"
             )
             continue
-        info = asyncio.run(describe_location(loc))
+        info = asyncio.run(_load_once(loc))
         if info.error:
             problems.append(f"code_locations {loc.name}: {info.error}")
         else:
@@ -153,6 +154,26 @@ def check_config(config_path: str, connect: bool = False) -> int:
     return 2 if problems else 0
 
 
+async def _load_once(loc: CodeLocationConfig) -> CodeLocationInfo:
+    """The location's newest version (fetched, for git) described as the agent would,
+    in a folder of its own that goes afterwards."""
+    import tempfile
+
+    from agent.codeversions import CodeFetchError, make_version, version_of
+    from agent.launchers import describe_location
+    from protocol.messages import CodeLocationInfo
+
+    with tempfile.TemporaryDirectory(prefix="fleetrun-check-") as scratch:
+        try:
+            version = await make_version(loc, scratch)
+        except CodeFetchError as exc:
+            return CodeLocationInfo(name=loc.name, error=str(exc))
+        loaded = version_of(loc, scratch, version)
+        assert loaded is not None
+        info = await describe_location(loaded)
+        return info if info.error else replace(info, version=version)
+
+
 def _describe(info: CodeLocationInfo) -> str:
     """One line per code location: what the agent would offer the control plane."""
     found = [
@@ -163,7 +184,8 @@ def _describe(info: CodeLocationInfo) -> str:
             ("sensors", [s.name for s in info.sensors]),
         )
     ]
-    return f"code location {info.name}: {'; '.join(found)}"
+    version = f" (version {info.version})" if info.version else ""
+    return f"code location {info.name}{version}: {'; '.join(found)}"
 
 
 def _check_connection(config: AgentConfig, token: str | None, token_state: TokenState) -> list[str]:

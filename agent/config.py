@@ -21,17 +21,50 @@ NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789
 
 @dataclass(frozen=True)
 class CodeLocationConfig:
+    """One `[[code_locations]]` table: local files (python_file or module, in
+    working_directory), or a git repository the agent clones (`git`, `ref`,
+    `subdirectory`; python_file and working_directory are then inside the checkout)."""
+
     name: str
     python_file: str | None = None
     module: str | None = None
     working_directory: str = "."
     executable: str = ""
+    git: str = ""  # a repository URL (or path): the agent fetches the code itself
+    ref: str = ""  # branch, tag or commit; "": the remote's default branch
+    subdirectory: str = ""  # of the repository, where the location's files are
+    credentials_file: str = ""  # git credential-store lines: https://user:token@host
+    update_interval_seconds: float = 60.0  # git: look for a new commit this often; 0: never
+    watch: bool = True  # local files: reload when they change
+    include: list[str] = field(default_factory=lambda: ["*.py"])  # files that are code
+    keep_versions: int = 3  # old versions kept besides the current one and those in use
 
     def problems(self) -> Iterator[FieldError]:
         if not self.name or not set(self.name) <= NAME_CHARS or len(self.name) > 128:
             yield FieldError("name", "must match ^[A-Za-z0-9_]{1,128}$")
         if (self.python_file is None) == (self.module is None):
             yield FieldError("python_file", "give exactly one of python_file or module")
+        if not self.git:
+            for key in ("ref", "subdirectory", "credentials_file"):
+                if getattr(self, key):
+                    yield FieldError(key, "is only used with git")
+        elif self.git.startswith("-"):
+            yield FieldError("git", "must be a repository URL or path")
+        else:
+            for key in ("python_file", "working_directory"):
+                value = getattr(self, key)
+                if value is not None and (value.startswith("/") or ".." in value.split("/")):
+                    yield FieldError(key, "of a git location is a path inside its checkout")
+        if self.ref.startswith("-") or any(c.isspace() for c in self.ref):
+            yield FieldError("ref", "must be a branch, tag or commit name")
+        if self.subdirectory.startswith("/") or ".." in self.subdirectory.split("/"):
+            yield FieldError("subdirectory", "must be a relative path inside the repository")
+        if self.update_interval_seconds < 0:
+            yield FieldError("update_interval_seconds", "must be >= 0")
+        if not 0 <= self.keep_versions <= 100:
+            yield FieldError("keep_versions", "must be between 0 and 100")
+        if not self.include or not all(isinstance(p, str) and p for p in self.include):
+            yield FieldError("include", "must list at least one file name pattern")
 
 
 MAX_OUTPUT_BYTES = 64 * 1024 * 1024
@@ -230,9 +263,12 @@ def _insecure(url: str) -> bool:
 
 def _outside_code_root(config: AgentConfig) -> Iterator[str]:
     """With `code_root`, a location's folder and file must resolve (symlinks followed)
-    inside it, so a config cannot point workers at code elsewhere on the host."""
+    inside it, so a config cannot point workers at code elsewhere on the host. (A git
+    location's files are inside the agent's own checkout.)"""
     root = Path(config.code_root).resolve()
     for i, loc in enumerate(config.code_locations):
+        if loc.git:
+            continue
         for key in ("working_directory", "python_file"):
             value = getattr(loc, key)
             if value is not None and not Path(value).resolve().is_relative_to(root):
@@ -240,7 +276,15 @@ def _outside_code_root(config: AgentConfig) -> Iterator[str]:
 
 
 def _resolved_location(loc: CodeLocationConfig, base_dir: str) -> CodeLocationConfig:
-    """A location with its folder and file as absolute paths (relative to `base_dir`)."""
+    """A location with its folder and file as absolute paths (relative to `base_dir`);
+    a git location's stay relative to its checkout, and a local-path repository and
+    credentials file are resolved against `base_dir` too."""
+    if loc.git:
+        git = loc.git
+        if "://" not in git and ":" not in git.split("/")[0]:  # a path, not user@host:repo
+            git = os.path.normpath(os.path.join(base_dir, git))
+        credentials = os.path.join(base_dir, loc.credentials_file) if loc.credentials_file else ""
+        return replace(loc, git=git, credentials_file=credentials)
     folder = os.path.normpath(os.path.join(base_dir, loc.working_directory))
     python_file = None if loc.python_file is None else os.path.join(folder, loc.python_file)
     return replace(loc, working_directory=folder, python_file=python_file)

@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.config import CodeLocationConfig, DockerConfig, OutputStoreConfig
+from agent.codeversions import LocationVersion
+from agent.config import DockerConfig, OutputStoreConfig
 from agent.worker.lease import CHANNEL_ENV
 from agent.worker.main import OPEN_CHANNEL_ENV
 from protocol.messages import LaunchRun
@@ -57,20 +58,17 @@ def _bind(host: str, container: str, read_only: bool) -> str:
 
 
 def container_binds(
-    loc: CodeLocationConfig,
+    loc: LocationVersion,
     channel_dir: str,
     outputs: OutputStoreConfig,
     config: DockerConfig,
 ) -> list[str]:
     """What a run's container sees of the host, each at the same path as on the host
     (paths in the run's spec and channel stay valid) except `[docker] mounts`."""
-    binds = [
-        _bind(channel_dir, channel_dir, False),
-        _bind(loc.working_directory, loc.working_directory, True),
-    ]
-    if loc.python_file is not None:
-        folder = os.path.dirname(loc.python_file)
-        if os.path.relpath(folder, loc.working_directory).startswith(".."):
+    binds = [_bind(channel_dir, channel_dir, False)]
+    code = sorted({loc.working_directory, loc.folder}, key=len)  # the version's copy too
+    for i, folder in enumerate(code):
+        if all(os.path.relpath(folder, outer).startswith("..") for outer in code[:i]):
             binds.append(_bind(folder, folder, True))
     if outputs.kind == "filesystem":
         binds.append(_bind(outputs.path, outputs.path, False))
@@ -83,7 +81,7 @@ def container_binds(
 def container_config(
     plan: ContainerPlan,
     launch: LaunchRun,
-    loc: CodeLocationConfig,
+    loc: LocationVersion,
     binds: list[str],
     env: Mapping[str, str],
     config: DockerConfig,
@@ -135,7 +133,7 @@ def container_env(
 
 
 def step_container_settings(
-    loc: CodeLocationConfig,
+    loc: LocationVersion,
     launch: LaunchRun,
     marker: Mapping[str, str],
     scratch: str,

@@ -34,6 +34,7 @@ from typing import Any
 import aiodocker
 
 from agent.channel import Channel, WorkerIdentity
+from agent.codeversions import LocationVersion
 from agent.config import CodeLocationConfig, DockerConfig, OutputStoreConfig
 from agent.container_spec import (
     LABEL_AGENT,
@@ -249,7 +250,7 @@ class DockerLauncher(_LauncherBase):
 
     async def start(
         self,
-        loc: CodeLocationConfig,
+        loc: LocationVersion,
         spec: WorkerSpec | EvaluateSpec,
         mode: str = "run",
         env: Mapping[str, str] | None = None,
@@ -260,7 +261,7 @@ class DockerLauncher(_LauncherBase):
         return await self.start_container(loc, spec, env or {}, channel)
 
     async def start_container(
-        self, loc: CodeLocationConfig, spec: WorkerSpec, env: Mapping[str, str], channel: Channel
+        self, loc: LocationVersion, spec: WorkerSpec, env: Mapping[str, str], channel: Channel
     ) -> ContainerWorker:
         launch = spec.launch
         plan = container_plan(launch.tags, self.config)

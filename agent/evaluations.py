@@ -9,7 +9,7 @@ import time
 from dataclasses import replace
 
 from agent.client import ControlPlaneError, ControlPlaneUnreachable, RetryDelays
-from agent.launchers import evaluate_in_worker, location_spec
+from agent.launchers import evaluate_in_worker
 from agent.state import REQUEST_TIMEOUT_SECONDS, AgentState
 from protocol.messages import Evaluate, EvaluateSpec, EvaluationAck, EvaluationResult
 from protocol.wire import delivery_problem
@@ -30,12 +30,16 @@ async def evaluate(agent: AgentState, request: Evaluate) -> None:
     """Evaluate a schedule tick or sensor in a worker; send the result back (one that
     could not be sent is replaced by an error saying why)."""
     assert agent.agent_id is not None
-    loc = agent.locations.get(request.location)
-    if loc is None:
+    served = agent.code.get(request.location)
+    if served is None or served.current is None:
         error = f"agent {agent.config.name} does not host location {request.location!r}"
+        if served is not None:
+            error = f"code location {request.location!r} has no version that loads: "
+            error += served.info.error or ""
         result = EvaluationResult(eval_id=request.eval_id, error=error)
-    else:
-        spec = EvaluateSpec(evaluate=request, location=location_spec(loc))
+    else:  # the current version: a reload switches schedules and sensors at once
+        loc = served.current
+        spec = EvaluateSpec(evaluate=request, location=loc.spec)
         result = await evaluate_in_worker(agent.launcher, loc, spec)
     result = replace(result, agent_id=agent.agent_id)
     if (problem := delivery_problem(result)) is not None:

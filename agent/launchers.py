@@ -32,6 +32,7 @@ from agent.channel import (
     Position,
     WorkerIdentity,
 )
+from agent.codeversions import LocationVersion
 from agent.config import CodeLocationConfig, DockerConfig, OutputStoreConfig
 from agent.container_spec import oom_message, step_container_settings
 from agent.docker_cleanup import remove_run_containers
@@ -55,7 +56,6 @@ from protocol.messages import (
     EvaluateSpec,
     EvaluationResult,
     LaunchRun,
-    LocationSpec,
     RunRecord,
     StopRun,
     WorkerSpec,
@@ -88,15 +88,6 @@ def worker_command(executable: str, mode: str) -> list[str]:
 
 def forkserver_command(executable: str) -> list[str]:
     return _python_command(executable, "agent.forkserver", "_forkserver")
-
-
-def location_spec(loc: CodeLocationConfig) -> LocationSpec:
-    return LocationSpec(
-        name=loc.name,
-        python_file=loc.python_file,
-        module=loc.module,
-        working_directory=loc.working_directory,
-    )
 
 
 def _exit_description(code: int) -> str:
@@ -169,7 +160,7 @@ async def _connect(ours: list[int], message: object) -> WorkerPipes:
 
 
 async def _spawn(
-    loc: CodeLocationConfig,
+    loc: LocationVersion,
     mode: str,
     message: object,
     env: Mapping[str, str],
@@ -399,13 +390,13 @@ class RunLauncher(Protocol):
     async def warm_up(self) -> None: ...
     async def start(
         self,
-        loc: CodeLocationConfig,
+        loc: LocationVersion,
         spec: WorkerSpec | EvaluateSpec,
         mode: str = "run",
         env: Mapping[str, str] | None = None,
         channel: Channel | None = None,
     ) -> WorkerProcess: ...
-    def spec(self, loc: CodeLocationConfig, launch: LaunchRun, scratch: str) -> WorkerSpec: ...
+    def spec(self, loc: LocationVersion, launch: LaunchRun, scratch: str) -> WorkerSpec: ...
     async def remove_step_containers(self, lease: int) -> list[str]: ...
     async def close(self) -> None: ...
 
@@ -430,13 +421,13 @@ class _LauncherBase:
         """Remove the step containers a run attempt's worker left (docker executor)."""
         return await remove_run_containers(self.docker_config, self.agent_name, lease)
 
-    def spec(self, loc: CodeLocationConfig, launch: LaunchRun, scratch: str) -> WorkerSpec:
-        """What a run worker needs: its launch, its code location, its output store, and
-        how to start step containers (the docker executor)."""
+    def spec(self, loc: LocationVersion, launch: LaunchRun, scratch: str) -> WorkerSpec:
+        """What a run worker needs: its launch, its code location's version, its output
+        store, and how to start step containers (the docker executor)."""
         filesystem = self.outputs.kind == "filesystem"
         return WorkerSpec(
             launch=launch,
-            location=location_spec(loc),
+            location=loc.spec,
             output_store=self.outputs.kind,
             output_path=self.outputs.path if filesystem else scratch,
             max_output_bytes=self.outputs.max_output_bytes,
@@ -460,7 +451,7 @@ class SubprocessLauncher(_LauncherBase):
 
     async def start(
         self,
-        loc: CodeLocationConfig,
+        loc: LocationVersion,
         spec: WorkerSpec | EvaluateSpec,
         mode: str = "run",
         env: Mapping[str, str] | None = None,
@@ -507,7 +498,7 @@ class ForkServerLauncher(_LauncherBase):
 
     async def start(
         self,
-        loc: CodeLocationConfig,
+        loc: LocationVersion,
         spec: WorkerSpec | EvaluateSpec,
         mode: str = "run",
         env: Mapping[str, str] | None = None,
@@ -599,6 +590,7 @@ class LaunchedRun:
         self.reported_result = self._position.result_passed
         self.exit_code: int | None = None
         self.received_time = time.time()
+        self.code_version = channel.code_version()  # the version it runs, once chosen
         self.stop_order: StopRun | None = None
         self.deadline_passed = False  # it stopped itself at its lease deadline
         self._kill_timer: asyncio.TimerHandle | None = None
@@ -635,6 +627,8 @@ class LaunchedRun:
                 self.state = "running"
                 self.executor = str(record.data.get("executor"))
                 data = {**record.data, "launch_received_time": self.received_time}
+                if self.code_version:
+                    data["code_version"] = self.code_version
                 record = replace(record, data=data)
             if record.kind == "event" and record.type == "ENGINE_EVENT":
                 if record.data.get("lease_deadline"):
@@ -716,7 +710,7 @@ class LaunchedRun:
             bell.close()
             reader.close()
 
-    async def run(self, loc: CodeLocationConfig, launcher: RunLauncher, scratch: str) -> None:
+    async def run(self, loc: LocationVersion, launcher: RunLauncher, scratch: str) -> None:
         """Start the worker and follow it to its end; reports a crash as RUN_FAILURE."""
         spec = launcher.spec(loc, self.launch, scratch)
         if self.stop_order is not None:
@@ -894,7 +888,7 @@ def _log_left_behind(killed: list[LeftProcess], tracking: str, who: str, what: s
 
 
 async def evaluate_in_worker(
-    launcher: RunLauncher, loc: CodeLocationConfig, spec: EvaluateSpec
+    launcher: RunLauncher, loc: LocationVersion, spec: EvaluateSpec
 ) -> EvaluationResult:
     """Run a schedule or sensor function in a worker process, bounded by its timeout."""
     request = spec.evaluate
@@ -950,11 +944,11 @@ async def _evaluation_result(proc: WorkerProcess, request: Evaluate) -> Evaluati
 
 
 async def describe_location(
-    loc: CodeLocationConfig, tracking: Tracking | None = None
+    loc: LocationVersion, tracking: Tracking | None = None
 ) -> CodeLocationInfo:
     """Load a location in a throwaway worker, so broken user code cannot hurt the agent."""
     label, marker = _helper_marker()
-    message = DescribeLocation(location=location_spec(loc))
+    message = DescribeLocation(location=loc.spec)
     try:
         scope, (proc, pipes) = await _start_tracked(
             tracking or SweepTracking(),

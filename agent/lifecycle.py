@@ -21,7 +21,8 @@ from agent.config import AgentConfig
 from agent.heartbeat import heartbeat_forever, watch_contact
 from agent.outbox import AttemptRejected, RunOutbox
 from agent.polling import poll_forever
-from agent.registration import load_locations, register, register_with_new_token
+from agent.registration import register, register_with_new_token
+from agent.reloading import code_tasks, load_all, request_reload
 from agent.spool import SpooledAttempt
 from agent.state import AgentState
 from agent.supervision import adopt_workers
@@ -55,6 +56,7 @@ class Agent:
         self.handoff = handoff  # on SIGTERM, leave the workers to the next start
         self.shutting_down = asyncio.Event()
         self._side_tasks: list[asyncio.Task[None]] = []
+        self._code_tasks: list[asyncio.Task[None]] = []  # reloads (agent/reloading.py)
         client.on_token_rotated = lambda: register_with_new_token(self.state)
 
     async def run(self) -> None:
@@ -62,7 +64,8 @@ class Agent:
         re-sending the spool, registering, polling - gives way to the shutdown, so that
         SIGTERM is obeyed whether or not the control plane answers."""
         state = self.state
-        await asyncio.gather(load_locations(state), state.launcher.warm_up(), state.spool.open())
+        await asyncio.gather(load_all(state), state.launcher.warm_up(), state.spool.open())
+        self._code_tasks = code_tasks(state)
         serving = asyncio.create_task(self._serve(), name="serve")
         stop = asyncio.create_task(self.shutting_down.wait(), name="shutdown")
         try:
@@ -74,13 +77,18 @@ class Agent:
                 await serving
             await (self.hand_off() if self.handoff else self.drain())
         finally:
-            for task in (serving, stop, *self._side_tasks):
+            for task in (serving, stop, *self._side_tasks, *self._code_tasks):
                 task.cancel()
             if not self.handoff:
                 for active in state.runs.values():
                     active.worker.kill()
             await state.launcher.close()
             await state.spool.close()
+
+    def reload(self) -> None:
+        """SIGHUP: reload every code location."""
+        names = request_reload(self.state, None, "SIGHUP")
+        log.info("SIGHUP: reloading code location(s) %s", ", ".join(names))
 
     async def _serve(self) -> None:
         """Re-send what the spool holds, register, then poll; the heartbeat and the

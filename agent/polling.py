@@ -15,6 +15,7 @@ from agent.client import FATAL_CODES, ControlPlaneError, ControlPlaneUnreachable
 from agent.errors import FatalAgentError
 from agent.evaluations import start_evaluation
 from agent.registration import register
+from agent.reloading import request_reload
 from agent.state import REQUEST_TIMEOUT_SECONDS, AgentState
 from agent.supervision import refuse_launch, start_run
 from agent.worker.slots import slot_key
@@ -76,6 +77,9 @@ def carry_out(agent: AgentState, reply: PollReply) -> None:
     for lease in granted:
         active = agent.runs[lease]
         active.worker.channel.grant_slots(list(active.grants.values()))
+    if reply.reload is not None:
+        names = request_reload(agent, reply.reload.locations, "asked by the control plane")
+        log.info("reloading code location(s) %s, as the control plane asks", ", ".join(names))
     for order in reply.stops:
         active = agent.runs.get(order.lease)
         if active is not None:

@@ -17,10 +17,10 @@ from agent.client import (
 )
 from agent.errors import FatalAgentError
 from agent.heartbeat import extend_deadlines
-from agent.launchers import describe_location
+from agent.reloading import location_infos
 from agent.state import REQUEST_TIMEOUT_SECONDS, AgentState
 from protocol import FLEETRUN_VERSION
-from protocol.messages import CodeLocationInfo, Register, Registered
+from protocol.messages import Register, Registered
 
 log = logging.getLogger("fleetrun.agent")
 
@@ -28,21 +28,6 @@ log = logging.getLogger("fleetrun.agent")
 # agent with every capability the run needs. Its run launcher is one more:
 # "launcher:<run_launcher>" (a run with a fleetrun/image tag needs "launcher:docker").
 CAPABILITIES = ["reuse_outputs", "stop_orders", "drain"]
-
-
-async def load_locations(agent: AgentState) -> list[CodeLocationInfo]:
-    """Each code location as a throwaway worker describes it (its jobs, or its error)."""
-    tracking = agent.launcher.tracking
-    infos = await asyncio.gather(
-        *(describe_location(loc, tracking) for loc in agent.locations.values())
-    )
-    for info in infos:
-        if info.error:
-            log.error("code location %s failed to load: %s", info.name, info.error)
-        else:
-            log.info("code location %s: jobs %s", info.name, [j.name for j in info.jobs])
-    agent.location_infos = list(infos)
-    return agent.location_infos
 
 
 def register_message(agent: AgentState) -> Register:
@@ -53,7 +38,7 @@ def register_message(agent: AgentState) -> Register:
         version=FLEETRUN_VERSION,
         queues=config.queues,
         max_concurrent_runs=config.max_concurrent_runs,
-        code_locations=agent.location_infos,
+        code_locations=location_infos(agent),
         runs=agent.run_states(),
         capabilities=[*CAPABILITIES, f"launcher:{config.run_launcher}"],
         labels=dict(config.labels),

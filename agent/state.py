@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from agent.client import ContactLog, ControlPlaneClient
+from agent.codeversions import LocationVersion
 from agent.config import AgentConfig, CodeLocationConfig
 from agent.containers import DockerLauncher
 from agent.launchers import LaunchedRun, RunLauncher, make_launcher
@@ -45,16 +46,28 @@ class ActiveRun:
         self.worker.stop(StopRun(run_id, lease, False, reason, grace, AGENT_LOST))
 
 
+@dataclass
+class ServedLocation:
+    """One code location as this agent serves it (agent/reloading.py): the version new
+    runs, schedules and sensors use, and what the control plane is told of it."""
+
+    config: CodeLocationConfig
+    info: CodeLocationInfo
+    current: LocationVersion | None = None
+
+
 class AgentState:
     def __init__(
         self, config: AgentConfig, client: ControlPlaneClient, tracking: Tracking | None = None
     ) -> None:
         self.config = config
         self.client = client
-        self.locations: dict[str, CodeLocationConfig] = {
-            loc.name: loc for loc in config.code_locations
+        self.code: dict[str, ServedLocation] = {
+            loc.name: ServedLocation(loc, CodeLocationInfo(name=loc.name, error="not loaded yet"))
+            for loc in config.code_locations
         }
-        self.location_infos: list[CodeLocationInfo] = []
+        self.reloads: asyncio.Queue[tuple[str, str]] = asyncio.Queue()  # (location, why)
+        self.catalog_changed = asyncio.Event()  # the control plane is owed an update
         self.agent_id: str | None = None  # known once registered
         # Set by the control plane at registration (these are its defaults).
         self.poll_timeout = 25.0

@@ -19,11 +19,12 @@ from agent.channel import Channel, Position, WorkerIdentity, existing_channels
 from agent.heartbeat import extend_deadline
 from agent.launchers import LaunchedRun, run_marker
 from agent.outbox import AttemptRejected, RunOutbox
+from agent.reloading import PRUNE, choose_version, held_versions
 from agent.state import ActiveRun, AgentState
 from agent.tracking import ProcessScope, adopted_scope
 from agent.uploads import OutputUploader, download_reused
 from protocol.codec import UnreadableLaunch
-from protocol.events import RUN_FAILURE, UNDELIVERABLE
+from protocol.events import CODE_UNREACHABLE, ENGINE_EVENT, RUN_FAILURE, UNDELIVERABLE
 from protocol.logs import CURRENT_RUN
 from protocol.messages import LaunchRun
 
@@ -53,8 +54,26 @@ def start_run(agent: AgentState, launch: LaunchRun, refusal: str | None = None) 
         if reason is not None:
             worker.report(RUN_FAILURE, reason, {"failure_kind": UNDELIVERABLE})
             return
-        loc = agent.locations[launch.location]
-        await worker.run(loc, agent.launcher, channel.path("scratch"))
+        served = agent.code[launch.location]
+        choice = choose_version(
+            launch.location,
+            served.current,
+            launch,
+            held_versions(agent, launch.location),
+            agent.config.name,
+        )
+        if choice.version is None:
+            detail = choice.refusal or ""
+            if served.current is None and served.info.error:
+                detail = f"{detail}: {served.info.error}"
+            worker.report(RUN_FAILURE, detail, {"failure_kind": CODE_UNREACHABLE})
+            return
+        # Set before anything awaits: from here on no pruning removes this version.
+        worker.code_version = choice.version.version
+        channel.set_code_version(choice.version.version)
+        if choice.note is not None:
+            worker.report(ENGINE_EVENT, choice.note, {"code_version": choice.version.version})
+        await worker.run(choice.version, agent.launcher, channel.path("scratch"))
 
     _start_supervision(agent, worker, outbox, follow)
 
@@ -163,7 +182,7 @@ def _start_supervision(
 
 async def _refusal(agent: AgentState, launch: LaunchRun, scratch: str) -> str | None:
     """Why this agent cannot carry out a launch; None if it can."""
-    if launch.location not in agent.locations:
+    if launch.location not in agent.code:
         return f"agent {agent.config.name} does not host code location {launch.location!r}"
     if agent.config.output_store.kind == "control_plane":
         assert agent.agent_id is not None
@@ -237,3 +256,5 @@ async def _supervise(
         if over:
             await agent.spool.forget_position(launch.lease)
             worker.channel.remove()
+            if worker.code_version and launch.location in agent.code:
+                agent.reloads.put_nowait((launch.location, PRUNE))  # its version may go

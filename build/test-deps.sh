@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make test`'s machine prerequisites besides Python: headless Chromium for the UI tests,
-# a running PostgreSQL server (every storage test also runs on it) and Debian's docker.io
+# a running PostgreSQL server (every storage test also runs on it), git, and Debian's docker.io
 # (the Docker tests start a dockerd of their own: tests/dockerd.py). As root, install
 # or start what is missing; otherwise say which command would, and go on: the tests that
 # need it then fail with their own explanation. Nothing to do costs a few milliseconds.
@@ -19,6 +19,17 @@ need_chromium() {
   fi
   apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium ||
     tell "could not install chromium; the UI tests will fail"
+}
+
+need_git() {
+  # The tests of git code locations make repositories and let agents fetch from them.
+  command -v git >/dev/null 2>&1 && return
+  if ! as_root; then
+    tell "the git code location tests need git; as root, run: apt-get install -y git"
+    return
+  fi
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q git ||
+    tell "could not install git; the git code location tests will fail"
 }
 
 TEST_DB_URL="postgresql://postgres@127.0.0.1:5432/test"
@@ -84,5 +95,6 @@ need_docker() {
 
 need_chromium
 need_postgres
+need_git
 need_docker
 exit 0

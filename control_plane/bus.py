@@ -31,6 +31,7 @@ RETRIES = "retries"  # a run failed
 INSTIGATORS = "instigators"  # a schedule or sensor was started/stopped, or a location changed
 AGENT = "agent"  # key: an agent id that is owed something (a launch, a stop, an evaluation)
 RUN = "run"  # key: a run id whose events or status changed
+RELOAD = "reload"  # key: an agent id an operator asked to reload its code locations
 EVALUATION = "evaluation"  # key: "+id" opened, "~id" taken or answered, "-id" closed
 
 Handler = Callable[[str | None], None]  # None: anything may have changed
@@ -143,3 +144,8 @@ def instigators_changed(bus: WakeBus, registered_agent: str = "") -> None:
     """A schedule or sensor was started or stopped, or (`registered_agent`) an agent
     registered whose locations define none: it matters only if it hosted one before."""
     bus.publish(INSTIGATORS, registered_agent)
+
+
+def reload_requested(bus: WakeBus, agent_id: str) -> None:
+    """An operator asked an agent to reload its code: whichever replica holds its poll."""
+    bus.publish(RELOAD, agent_id)

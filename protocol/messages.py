@@ -75,6 +75,12 @@ class CodeLocationInfo:
     error: str | None = None
     schedules: list[ScheduleInfo] = field(default_factory=list)
     sensors: list[SensorInfo] = field(default_factory=list)
+    # The version serving new runs (a git commit, or a hash of the location's files);
+    # every version the agent still has (newest first: re-executions, pinned runs); and
+    # why the last reload failed while `version` goes on serving.
+    version: str = ""
+    versions: list[str] = field(default_factory=list)
+    reload_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,9 @@ class LaunchRun:
     # is granted (`SlotGrant`); False from a control plane without pools, or one that
     # limits pools by run (the run holds its slots from its launch).
     claim_pool_slots: bool = False
+    # The code version to run: the parent's for a re-execution (used if the agent still
+    # has it), the `fleetrun/code_version` tag's (required); "": the current one.
+    code_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -222,11 +231,19 @@ class SlotGrant:
 
 
 @dataclass(frozen=True)
+class ReloadLocations:
+    """Reload code locations now (`fleetrun agents reload`): these, or all if empty."""
+
+    locations: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class PollReply:
     launches: list[LaunchRun] = field(default_factory=list)
     stops: list[StopRun] = field(default_factory=list)
     evaluations: list[Evaluate] = field(default_factory=list)
     grants: list[SlotGrant] = field(default_factory=list)
+    reload: ReloadLocations | None = None
 
 
 @dataclass(frozen=True)
@@ -246,6 +263,19 @@ class Heartbeat:
 
 @dataclass(frozen=True)
 class HeartbeatReply:
+    ok: bool = True
+
+
+@dataclass(frozen=True)
+class UpdateLocations:
+    """The agent's code locations changed (a reload): what it now serves, in full."""
+
+    agent_id: str
+    code_locations: list[CodeLocationInfo] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LocationsUpdated:
     ok: bool = True
 
 
@@ -307,6 +337,10 @@ class LocationSpec:
     python_file: str | None = None
     module: str | None = None
     working_directory: str | None = None
+    # One version's files (the agent's copy): first on sys.path, so that the run
+    # imports that version whatever happens to the location's own folder meanwhile.
+    code_directory: str | None = None
+    version: str = ""
 
 
 @dataclass(frozen=True)
@@ -358,6 +392,8 @@ MESSAGE_TYPES: dict[str, type] = {
         EvaluateSpec,
         EvaluationResult,
         EvaluationAck,
+        UpdateLocations,
+        LocationsUpdated,
     )
 }
 
@@ -366,12 +402,19 @@ MESSAGE_TYPES: dict[str, type] = {
 # older version (which would refuse unknown keys). A version-1 agent sends none of them.
 FIELDS_SINCE: dict[str, dict[str, int]] = {
     "Registered": {"heartbeat_timeout_seconds": 2},
-    "CodeLocationInfo": {"schedules": 2, "sensors": 2},
+    "CodeLocationInfo": {
+        "schedules": 2,
+        "sensors": 2,
+        "version": 4,
+        "versions": 4,
+        "reload_error": 4,
+    },
     "SensorInfo": {"run_status": 3, "monitored_jobs": 3, "monitor_all_locations": 3},
     "Evaluate": {"run_changes": 3},
     "OpInfo": {"retry_policy": 3, "pool": 4},
     "Register": {"runs": 2, "capabilities": 2, "labels": 4, "resources": 4},
     "Poll": {"stopping_leases": 2, "held_grants": 4},
-    "PollReply": {"stops": 2, "evaluations": 2, "grants": 4},
-    "LaunchRun": {"reuse_outputs": 2, "claim_pool_slots": 4},
+    "PollReply": {"stops": 2, "evaluations": 2, "grants": 4, "reload": 4},
+    "LaunchRun": {"reuse_outputs": 2, "claim_pool_slots": 4, "code_version": 4},
+    "LocationSpec": {"code_directory": 4, "version": 4},
 }

@@ -43,6 +43,7 @@ GPUS_TAG = "fleetrun/gpus"
 RESOURCE_TAGS = {CPUS_TAG: "cpus", MEMORY_MB_TAG: "memory_mb", GPUS_TAG: "gpus"}
 RESOURCE_NAMES = tuple(RESOURCE_TAGS.values())
 MAX_RESOURCE = 10**9
+CODE_VERSION_TAG = "fleetrun/code_version"  # run only where this code version is served
 
 RETRY_STRATEGIES = ("FROM_FAILURE", "ALL_STEPS")
 ON_LOST_CONTACT_CHOICES = ("continue", "stop")
@@ -62,6 +63,11 @@ class TagLimits:
 
 
 DEFAULT_TAG_LIMITS = TagLimits()
+
+
+def code_version_ok(version: str) -> bool:
+    """A code version: a git commit or a content hash, letters and digits only."""
+    return 0 < len(version) <= 64 and version.isascii() and version.isalnum()
 
 
 def _integer(value: str, minimum: int, maximum: int) -> str | None:
@@ -170,6 +176,9 @@ TAG_CHECKS: dict[str, Callable[[str], str | None]] = {
     # Docker's smallest memory limit is 6 MB.
     MEMORY_MB_TAG: lambda value: _integer(value, 6, 16 * 1024 * 1024),
     GPUS_TAG: lambda value: _integer(value, 0, MAX_RESOURCE),
+    CODE_VERSION_TAG: lambda value: (
+        None if code_version_ok(value) else "must be a code version (letters and digits, <= 64)"
+    ),
 }
 
 

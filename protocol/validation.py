@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from croniter import croniter
 
 from protocol.messages import CodeLocationInfo, JobInfo, RetryPolicyInfo
-from protocol.tags import MAX_RESOURCE, RESOURCE_NAMES, tag_problem
+from protocol.tags import MAX_RESOURCE, RESOURCE_NAMES, code_version_ok, tag_problem
 from protocol.wire import text_problem
 
 MAX_NAME_LENGTH = 128
@@ -80,11 +80,19 @@ def timezone_problem(timezone: object) -> str | None:
     return None
 
 
+MAX_CODE_VERSIONS = 200
+
+
 def location_problem(info: CodeLocationInfo) -> str | None:
     """What is wrong with a code location as an agent describes it; None if nothing."""
     where = f"code location {info.name[:MAX_NAME_LENGTH]!r}"
     if name_problem(info.name):
         return f"{where}: name {name_problem(info.name)}"
+    if len(info.versions) > MAX_CODE_VERSIONS:
+        return f"{where}: at most {MAX_CODE_VERSIONS} code versions may be listed"
+    for version in (info.version, *info.versions):
+        if version and not code_version_ok(version):
+            return f"{where}: code version {version[:64]!r} is not letters and digits (<= 64)"
     for job in info.jobs:
         if name_problem(job.name):
             return f"{where}: job name {name_problem(job.name)}"

@@ -226,12 +226,18 @@ def start_control_plane(
 
 
 def write_agent_config(
-    folder: Path, url: str, name: str, locations: dict[str, Path], extra: str = ""
+    folder: Path,
+    url: str,
+    name: str,
+    locations: dict[str, Path],
+    extra: str = "",
+    location_extra: str = "",
 ) -> Path:
     path = folder / f"{name}.toml"
     text = f'control_plane_url = "{url}"\nname = "{name}"\n{extra}\n'
     for loc_name, file in locations.items():
         text += f'\n[[code_locations]]\nname = "{loc_name}"\npython_file = "{file}"\n'
+        text += location_extra
     path.write_text(text)
     return path
 
@@ -244,9 +250,10 @@ def start_agent(
     extra: str = "",
     extra_args: tuple[str, ...] = (),
     url: str | None = None,  # e.g. a fault proxy's, in front of `cp`
+    location_extra: str = "",  # more keys for every [[code_locations]] table
 ) -> Proc:
     locations = {"examples": EXAMPLES} if locations is None else locations
-    config = write_agent_config(folder, url or cp.url, name, locations, extra)
+    config = write_agent_config(folder, url or cp.url, name, locations, extra, location_extra)
     proc = start_process(
         [*FLEETRUN, "agent", "--config", str(config), *extra_args], folder / f"{name}.log"
     )

@@ -24,6 +24,8 @@ def _import(spec: LocationSpec) -> ModuleType:
     if spec.working_directory:
         os.chdir(spec.working_directory)
         sys.path.insert(0, spec.working_directory)
+    if spec.code_directory:  # this version's copy comes first: its modules win
+        sys.path.insert(0, spec.code_directory)
     if spec.module is not None:
         return importlib.import_module(spec.module)
     assert spec.python_file is not None
@@ -69,6 +71,7 @@ def describe(spec: LocationSpec) -> CodeLocationInfo:
         return CodeLocationInfo(name=spec.name, error=str(exc))
     info = CodeLocationInfo(
         name=spec.name,
+        version=spec.version,
         jobs=[j.to_info() for j in defs.jobs.values()],
         schedules=[
             ScheduleInfo(

@@ -25,6 +25,7 @@ from control_plane.cli.render import (
     runs_table,
     say,
     seg,
+    short_version,
     table,
     ticks_table,
     watch_body,
@@ -226,6 +227,7 @@ def cmd_runs_show(args: argparse.Namespace, client: ApiClient) -> int:
         "create_time",
         "start_time",
         "end_time",
+        "code_version",
     ):
         value = run_view.get(key)
         print(f"{key + ':':<15}{value if value is not None else '-'}")
@@ -468,6 +470,26 @@ def cmd_agents_drain(args: argparse.Namespace, client: ApiClient) -> int:
     return 0
 
 
+def cmd_agents_reload(args: argparse.Namespace, client: ApiClient) -> int:
+    body = {"location": args.location} if args.location else {}
+    data = client.request("POST", f"/agents/{seg(args.agent)}/reload", body)
+    what = f"code location {data['location']}" if data["location"] else "its code locations"
+    emit(args, data, f"{data['name']} reloads {what}")
+    return 0
+
+
+def _location_cell(loc: dict[str, Any]) -> str:
+    """A location in the agents table: its name, the version serving, and trouble."""
+    text = loc["name"]
+    if loc.get("version"):
+        text += f"@{short_version(loc['version'])}"
+    if loc["error"]:
+        text += " (ERROR)"
+    elif loc.get("reload_error"):
+        text += " (RELOAD FAILED)"
+    return text
+
+
 def cmd_agents_list(args: argparse.Namespace, client: ApiClient) -> int:
     data = client.request("GET", "/agents")
     rows = [
@@ -479,7 +501,7 @@ def cmd_agents_list(args: argparse.Namespace, client: ApiClient) -> int:
             a.get("launcher") or "-",
             a["last_heartbeat"],
             a["version"],
-            ", ".join(c["name"] + (" (ERROR)" if c["error"] else "") for c in a["code_locations"]),
+            ", ".join(_location_cell(c) for c in a["code_locations"]),
             ",".join(f"{k}={v}" for k, v in sorted(a.get("labels", {}).items())),
             _resources(a.get("resources", {}), a.get("resources_free", {})),
         ]
@@ -508,13 +530,23 @@ def _resources(offered: dict[str, int], free: dict[str, int]) -> str:
 def cmd_jobs_list(args: argparse.Namespace, client: ApiClient) -> int:
     data = client.request("GET", "/jobs")
     rows = [
-        [j["name"], j["location"], len(j["ops"]), j["executor"], ", ".join(j["agents"])]
+        [
+            j["name"],
+            j["location"],
+            len(j["ops"]),
+            j["executor"],
+            ", ".join(j["agents"]),
+            ", ".join(short_version(v) for v in j.get("code_versions", [])),
+        ]
         for j in data["jobs"]
     ]
-    text = table(rows, ["JOB", "LOCATION", "OPS", "EXECUTOR", "AGENTS"])
+    text = table(rows, ["JOB", "LOCATION", "OPS", "EXECUTOR", "AGENTS", "CODE"])
     for err in data["location_errors"]:
         first_line = err["error"].splitlines()[0] if err["error"] else ""
-        text += f"\nlocation {err['location']} on {err['agent']} failed to load: {first_line}"
+        if err.get("serving_version"):
+            text += f"\nlocation {err['location']} on {err['agent']}: {first_line}"
+        else:
+            text += f"\nlocation {err['location']} on {err['agent']} failed to load: {first_line}"
     emit(args, data, text)
     return 0
 

@@ -18,6 +18,7 @@ from control_plane.cli.client import DEFAULT_URL
 from control_plane.cli.commands import (
     cmd_agents_drain,
     cmd_agents_list,
+    cmd_agents_reload,
     cmd_health,
     cmd_instigators_list,
     cmd_instigators_set,
@@ -302,6 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = client_options(agents.add_parser(action, help=help_text))
         cmd.add_argument("agent", help="agent name or id")
         cmd.set_defaults(func=cmd_agents_drain, action_path=action)
+    reload = client_options(
+        agents.add_parser(
+            "reload",
+            help="reload an agent's code locations now (new runs use the new version)",
+        )
+    )
+    reload.add_argument("agent", help="agent name or id")
+    reload.add_argument("--location", metavar="L", help="only this code location")
+    reload.set_defaults(func=cmd_agents_reload)
     jobs = sub.add_parser("jobs", help="jobs").add_subparsers(dest="action", required=True)
     client_options(jobs.add_parser("list", help="jobs of every code location")).set_defaults(
         func=cmd_jobs_list

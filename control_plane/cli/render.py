@@ -165,10 +165,16 @@ def runs_table(runs: list[dict[str, Any]], names: dict[str, str]) -> str:
             names.get(r["agent"], r["agent"]) if r["agent"] else "",
             r["create_time"],
             duration(elapsed(r.get("start_time"), r.get("end_time"))),
+            short_version(r.get("code_version")),
         ]
         for r in runs
     ]
-    return table(rows, ["RUN ID", "JOB", "STATUS", "AGENT", "CREATED", "DURATION"])
+    return table(rows, ["RUN ID", "JOB", "STATUS", "AGENT", "CREATED", "DURATION", "CODE"])
+
+
+def short_version(version: str | None) -> str:
+    """A code version as tables show it: a git commit's first 12 characters."""
+    return (version or "")[:12]
 
 
 def watch_body(data: dict[str, Any], names: dict[str, str]) -> str:

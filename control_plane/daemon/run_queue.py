@@ -29,7 +29,7 @@ from control_plane.model.agents import (
 from control_plane.model.pools import RUN_SLOT, Claim, run_pool_problem
 from control_plane.model.runs import NewRun, Placement, QueueSnapshot, Run, iso
 from control_plane.storage.port import QueueStore, RunStore
-from protocol.tags import IMAGE_TAG, run_labels, run_resources
+from protocol.tags import CODE_VERSION_TAG, IMAGE_TAG, run_labels, run_resources
 
 log = logging.getLogger("fleetrun.coordinator")
 NO_POOLS = ConcurrencyConfig()
@@ -142,7 +142,9 @@ def plan_dispatch(
         if reason is None and by_pool and run_pools:
             reason = run_pool_problem(run_pools, claims, limits)
         if reason is None:
-            reason, agent = _pick_agent(run, agents, snapshot.hosted, used, held)
+            reason, agent = _pick_agent(
+                run, agents, snapshot.hosted, used, held, snapshot.code_versions
+            )
             if agent is None:
                 reason = f"{reason}{_draining_note(run, draining, snapshot.hosted)}"
             if agent is not None:
@@ -258,6 +260,7 @@ def _pick_agent(
     hosted: dict[str, set[str]],
     used: Counter[str | None],
     held: dict[str | None, Counter[str]],
+    code_versions: dict[tuple[str, str], set[str]],
 ) -> tuple[str | None, Agent | None]:
     serving = [a for a in agents if run.queue in a.queues]
     if not serving:
@@ -265,6 +268,17 @@ def _pick_agent(
     hosting = [a for a in serving if run.location in hosted.get(a.agent_id, ())]
     if not hosting:
         return f"no online agent on queue {run.queue} hosts location {run.location}", None
+    pinned = run.tags.get(CODE_VERSION_TAG)
+    if pinned:
+        hosting = [
+            a for a in hosting if pinned in code_versions.get((a.agent_id, run.location), ())
+        ]
+        if not hosting:
+            return (
+                f"no online agent hosting location {run.location} has its code version "
+                f"{pinned} (tag {CODE_VERSION_TAG})",
+                None,
+            )
     needs = required_capabilities(run)
     hosting = [a for a in hosting if needs <= set(a.capabilities)]
     if not hosting:
@@ -278,6 +292,10 @@ def _pick_agent(
     if not free:
         slots = ", ".join(f"{a.name} {used[a.agent_id]}/{a.max_concurrent_runs}" for a in hosting)
         return f"no agent hosting location {run.location} has a free slot ({slots})", None
+    parents = run.wanted_code_version
+    if parents:  # a re-execution: an agent that still has its parent's version, if any
+        having = [a for a in free if parents in code_versions.get((a.agent_id, run.location), ())]
+        free = having or free
     # Most free slots first (spreads load), then by name (deterministic).
     return None, min(free, key=lambda a: (used[a.agent_id] - a.max_concurrent_runs, a.name))
 

@@ -23,7 +23,8 @@ from control_plane.model.statuses import RunStatus
 from control_plane.storage.port import Storage
 from control_plane.waiters import KeyedWaiters
 from protocol.events import UNDELIVERABLE
-from protocol.messages import LaunchRun, PollReply, SlotGrant, StopRun
+from protocol.messages import LaunchRun, PollReply, ReloadLocations, SlotGrant, StopRun
+from protocol.tags import CODE_VERSION_TAG
 from protocol.wire import delivery_problem
 
 
@@ -38,6 +39,7 @@ def launch_message(run: Run, claim_pool_slots: bool = True) -> LaunchRun:
         config=run.config,
         reuse_outputs=run.reuse_outputs,
         claim_pool_slots=claim_pool_slots,
+        code_version=run.tags.get(CODE_VERSION_TAG) or run.wanted_code_version or "",
     )
 
 
@@ -96,6 +98,18 @@ class Dispatcher:
         self.bus = bus
         self.metrics = metrics
         self.agents = KeyedWaiters()  # parked polls, keyed by agent id: AGENT wake-ups
+        # Reload requests are stored; a poll reads storage for one only if told of it
+        # (a RELOAD wake-up) or if it has not looked for this agent since it started.
+        self._reload_told: set[str] = set()
+        self._reload_looked: set[str] = set()
+
+    def reload_requested(self, agent_id: str | None) -> None:
+        """A reload was asked of this agent (None: of any: the bus lost wake-ups)."""
+        if agent_id is None:
+            self._reload_looked.clear()
+            return
+        self._reload_told.add(agent_id)
+        self.agents.wake(agent_id)
 
     def wake_agent(self, agent_id: str | None) -> None:
         """Something is owed to this agent (a launch, a stop): answer its poll now."""
@@ -159,6 +173,14 @@ class Dispatcher:
         runs_changed(self.bus, changed)
         return [launch for launch in launches if launch.run_id not in bad]
 
+    async def _reload_owed(self, agent_id: str) -> ReloadLocations | None:
+        if agent_id not in self._reload_told and agent_id in self._reload_looked:
+            return None
+        self._reload_told.discard(agent_id)
+        self._reload_looked.add(agent_id)
+        locations = await self.storage.take_reload(agent_id)
+        return None if locations is None else ReloadLocations(locations)
+
     def parked_polls(self, agent_id: str) -> int:
         return len(self._parked.get(agent_id, ()))
 
@@ -202,8 +224,9 @@ class Dispatcher:
             if held_leases:  # a grant is for a step of an attempt the agent holds
                 owed_grants = await self.storage.owed_grants(agent_id, held_grants)
                 grants = [grant_message(c) for c in owed_grants if c.lease in held_leases]
-            if launches or stops or evaluations or grants:
-                return PollReply(launches, stops, evaluations, grants)
+            reload = await self._reload_owed(agent_id)
+            if launches or stops or evaluations or grants or reload:
+                return PollReply(launches, stops, evaluations, grants, reload)
             return None
 
         return await self.agents.wait_for(agent_id, owed, max_wait) or PollReply()

@@ -49,10 +49,12 @@ from protocol.messages import (
     EventBatch,
     Heartbeat,
     HeartbeatReply,
+    LocationsUpdated,
     Poll,
     PollReply,
     Register,
     Registered,
+    UpdateLocations,
 )
 from protocol.validation import (
     agent_name_problem,
@@ -179,6 +181,22 @@ async def register(app: web.Application, msg: Register, principal: Principal | N
         poll_timeout_seconds=config.server.poll_timeout_seconds,
         heartbeat_timeout_seconds=timeout,
     )
+
+
+async def update_locations(
+    app: web.Application, msg: UpdateLocations, _: Principal | None
+) -> LocationsUpdated:
+    """An agent reloaded code: its locations replace the ones it registered."""
+    for info in msg.code_locations:
+        problem = location_problem(info)
+        if problem is not None:
+            raise ApiError(422, "bad_definition", problem)
+    if not await app[STORAGE].update_code_locations(msg.agent_id, msg.code_locations):
+        raise _unknown_agent(msg.agent_id)
+    bus = app[BUS]
+    instigators_changed(bus)  # schedules and sensors switch to the new version at once
+    bus.publish(QUEUE)  # runs waiting for a location (or a code version) may go now
+    return LocationsUpdated()
 
 
 async def poll(app: web.Application, msg: Poll, _: Principal | None) -> PollReply:
@@ -332,6 +350,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/agent/v1/heartbeat", handler(Heartbeat, heartbeat))
     app.router.add_post("/agent/v1/events", handler(EventBatch, events))
     app.router.add_post("/agent/v1/drain", handler(Drain, drain))
+    app.router.add_post("/agent/v1/locations", handler(UpdateLocations, update_locations))
     app.router.add_post("/agent/v1/evaluation", handler(EvaluationResult, evaluation))
     app.router.add_get("/agent/v1/version", version)
     app.router.add_put("/agent/v1/outputs/{run_id}/{step}", put_output)

@@ -22,7 +22,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from control_plane import collector
-from control_plane.bus import AGENT, EVALUATION, RUN, WakeBus
+from control_plane.bus import AGENT, EVALUATION, RELOAD, RUN, WakeBus
 from control_plane.clock import Clock, SystemClock
 from control_plane.config import ControlPlaneConfig, LimitsConfig, ServerConfig
 from control_plane.daemon import daemon_loops
@@ -102,6 +102,7 @@ def build_app(config: ControlPlaneConfig, storage: Storage, clock: Clock) -> web
     rules = config.run_rules()
     run_queue = RunQueue(storage, config.run_coordinator, timeout, bus, metrics, config.concurrency)
     bus.subscribe(AGENT, lambda key: dispatcher.agents.wake(key))
+    bus.subscribe(RELOAD, dispatcher.reload_requested)
     bus.subscribe(RUN, lambda key: run_watchers.wake(key))
     bus.subscribe(EVALUATION, broker.on_wake)
     driver = Driver(bus, clock, health, elector)

@@ -7,9 +7,9 @@ from typing import Any
 
 from aiohttp import web
 
-from control_plane.bus import QUEUE
+from control_plane.bus import QUEUE, reload_requested
 from control_plane.daemon.run_queue import RunQueue, explain, free_resources
-from control_plane.http.errors import ApiError
+from control_plane.http.errors import ApiError, read_json_object
 from control_plane.http.keys import BUS, CLOCK, CONFIG, RUN_QUEUE, STORAGE
 from control_plane.http.pools import pools_json
 from control_plane.model.agents import agent_status
@@ -43,6 +43,9 @@ async def agents_json(
                 "name": loc.info.name,
                 "jobs": [j.name for j in loc.info.jobs],
                 "error": loc.info.error,
+                "version": loc.info.version or None,
+                "versions": loc.info.versions,
+                "reload_error": loc.info.reload_error,
             }
         )
     return [
@@ -75,6 +78,16 @@ async def list_jobs(request: web.Request) -> web.Response:
         agent_name = names.get(loc.agent_id, loc.agent_id)
         if loc.info.error is not None:
             errors.append({"location": loc.info.name, "agent": agent_name, "error": loc.info.error})
+        elif loc.info.reload_error is not None:
+            errors.append(
+                {
+                    "location": loc.info.name,
+                    "agent": agent_name,
+                    "error": f"reload failed; version {loc.info.version} still serves: "
+                    f"{loc.info.reload_error}",
+                    "serving_version": loc.info.version,
+                }
+            )
         for job in loc.info.jobs:
             entry = jobs.setdefault(
                 (loc.info.name, job.name),
@@ -94,9 +107,12 @@ async def list_jobs(request: web.Request) -> web.Response:
                     "tags": job.tags,
                     "executor": job.executor,
                     "agents": [],
+                    "code_versions": [],
                 },
             )
             entry["agents"].append(agent_name)
+            if loc.info.version and loc.info.version not in entry["code_versions"]:
+                entry["code_versions"].append(loc.info.version)
     return web.json_response({"jobs": [jobs[k] for k in sorted(jobs)], "location_errors": errors})
 
 
@@ -124,6 +140,39 @@ async def drain_agent(request: web.Request) -> web.Response:
 
 async def undrain_agent(request: web.Request) -> web.Response:
     return await _set_operator_drain(request, drained=False)
+
+
+async def reload_agent(request: web.Request) -> web.Response:
+    """Ask an agent (by id or name) to reload its code locations, or the one given as
+    `{"location": L}`; it does so at its next poll (at once when it is polling)."""
+    app = request.app
+    storage = app[STORAGE]
+    key = request.match_info["agent"]
+    body = await read_json_object(request) if await request.read() else {}
+    location = body.get("location")
+    if set(body) - {"location"}:
+        unknown = ", ".join(sorted(set(body) - {"location"}))
+        raise ApiError(422, "bad_request", f"unknown field(s): {unknown}")
+    if location is not None and not isinstance(location, str):
+        raise ApiError(422, "bad_request", "location must be a string")
+    match = next((a for a in await storage.list_agents() if key in (a.agent_id, a.name)), None)
+    if match is None:
+        raise ApiError(404, "unknown_agent", f"no agent with id or name {key!r}")
+    if location:
+        hosted = [
+            loc.info.name for loc in (await storage.code_catalog()).by_agent.get(match.agent_id, [])
+        ]
+        if location not in hosted:
+            raise ApiError(
+                404, "unknown_location", f"agent {match.name} has no code location {location!r}"
+            )
+    if not await storage.request_reload(match.agent_id, [location] if location else []):
+        raise ApiError(404, "unknown_agent", f"no agent with id or name {key!r}")
+    reload_requested(app[BUS], match.agent_id)
+    return web.json_response(
+        {"agent_id": match.agent_id, "name": match.name, "location": location or None},
+        status=202,
+    )
 
 
 async def get_queue(request: web.Request) -> web.Response:
@@ -158,4 +207,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/agents", list_agents)
     app.router.add_post("/api/v1/agents/{agent}/drain", drain_agent)
     app.router.add_post("/api/v1/agents/{agent}/undrain", undrain_agent)
+    app.router.add_post("/api/v1/agents/{agent}/reload", reload_agent)
     app.router.add_get("/api/v1/jobs", list_jobs)

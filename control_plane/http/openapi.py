@@ -136,6 +136,12 @@ def run_schemas() -> dict[str, Schema]:
             "root_run_id": nullable(string()),
             "not_before": nullable(timestamp()),
             "reuse_outputs": string_map(description="step -> the run that stored its output"),
+            "code_version": nullable(
+                string(
+                    description="the version of its code location the run ran with (a git "
+                    "commit, or a hash of the location's files); null until it started"
+                )
+            ),
         }
     )
     chain_link = obj(
@@ -253,7 +259,20 @@ def request_schemas(limits: LimitsConfig) -> dict[str, Schema]:
 
 
 def fleet_schemas() -> dict[str, Schema]:
-    location = obj({"name": string(), "jobs": array(string()), "error": nullable(string())})
+    location = obj(
+        {
+            "name": string(),
+            "jobs": array(string()),
+            "error": nullable(string(description="no version loads")),
+            "version": nullable(string(description="the code version new runs use")),
+            "versions": array(
+                string(), description="every version the agent has, serving one first"
+            ),
+            "reload_error": nullable(
+                string(description="the last reload failed; `version` still serves")
+            ),
+        }
+    )
     agent = obj(
         {
             "agent_id": string(),
@@ -305,6 +324,7 @@ def fleet_schemas() -> dict[str, Schema]:
             "tags": string_map(),
             "executor": string(),
             "agents": array(string()),
+            "code_versions": array(string(), description="the versions agents serve"),
         }
     )
     queued = obj(
@@ -334,7 +354,17 @@ def fleet_schemas() -> dict[str, Schema]:
             {
                 "jobs": array(ref("Job")),
                 "location_errors": array(
-                    obj({"location": string(), "agent": string(), "error": string()})
+                    obj(
+                        {
+                            "location": string(),
+                            "agent": string(),
+                            "error": string(),
+                            "serving_version": string(
+                                description="a failed reload: the version still serving"
+                            ),
+                        },
+                        optional=("serving_version",),
+                    )
                 ),
             }
         ),
@@ -344,6 +374,15 @@ def fleet_schemas() -> dict[str, Schema]:
                 "limits": array(limit),
                 "pools": array(ref("Pool"), description="pools with steps waiting for a slot"),
             }
+        ),
+        "Reload": obj(
+            {"location": name_pattern()},
+            optional=("location",),
+            closed=True,
+            description="Send `{}` (or nothing) to reload every code location of the agent.",
+        ),
+        "ReloadAccepted": obj(
+            {"agent_id": string(), "name": string(), "location": nullable(string())}
         ),
         **pool_schemas(),
     }
@@ -651,8 +690,8 @@ RUN_ID = path_param(
 )
 
 
-def json_body(schema: str) -> dict[str, Any]:
-    return {"required": True, "content": {"application/json": {"schema": ref(schema)}}}
+def json_body(schema: str, required: bool = True) -> dict[str, Any]:
+    return {"required": required, "content": {"application/json": {"schema": ref(schema)}}}
 
 
 # --- operations ------------------------------------------------------------------------
@@ -667,6 +706,7 @@ def operation(
     params: tuple[dict[str, Any], ...] = (),
     body: str | None = None,
     description: str | None = None,
+    body_required: bool = True,
 ) -> dict[str, Any]:
     """One operation; one with a body also gets the body errors (400, 408, 413, 422).
     `apply_access` adds the auth errors later, from the route table."""
@@ -677,7 +717,7 @@ def operation(
         op["parameters"] = list(params)
     codes = set(errors)
     if body is not None:
-        op["requestBody"] = json_body(body)
+        op["requestBody"] = json_body(body, body_required)
         codes |= set(BODY_ERRORS)
     op["responses"] = {
         **success,
@@ -866,6 +906,21 @@ def fleet_operations() -> dict[str, dict[str, Any]]:
                 "agents",
                 ok("AgentStatus", "now ONLINE"),
                 (404,),
+            ),
+        },
+        "/api/v1/agents/{agent}/reload": {
+            "parameters": [agent],
+            "post": operation(
+                "reloadAgent",
+                "Reload the agent's code locations (or one) now",
+                "agents",
+                ok("ReloadAccepted", "the agent reloads at its next poll", 202),
+                (404,),
+                body="Reload",
+                body_required=False,
+                description="New runs, schedules and sensors use the new version once it "
+                "loads; a version that fails to load leaves the last good one serving "
+                "(`reload_error` on /agents).",
             ),
         },
         "/api/v1/jobs": {

@@ -145,6 +145,7 @@ async def reexecute_run(request: web.Request) -> web.Response:
         root_run_id=root,
         reuse_outputs=reuse,
     )
+    new.wanted_code_version = parent.code_version  # its agent says if it still has it
     check_new_run(new, app[RUN_RULES], reserved_ok=True)
     return await _queued(request, new)
 

@@ -24,6 +24,8 @@ class CodeCatalog:
     hosted: dict[str, set[str]]  # agent id -> the names of its locations that loaded
     by_name: dict[str, list[CodeLocation]]
     jobs: dict[str, set[str]]  # location name -> the jobs any agent's copy defines
+    # (agent id, location) -> the code versions the agent has of it (serving or kept)
+    code_versions: dict[tuple[str, str], set[str]]
 
     def job_info(self, location: str, job: str, agent_id: str | None = None) -> JobInfo | None:
         """Job `job` of `location`: as agent `agent_id` has it, else as any agent does."""
@@ -44,12 +46,16 @@ class CodeCatalog:
         hosted: dict[str, set[str]] = {}
         by_name: dict[str, list[CodeLocation]] = {}
         jobs: dict[str, set[str]] = {}
+        versions: dict[tuple[str, str], set[str]] = {}
         seen: set[int] = set()  # agents share parsed infos: look at each one once
         for loc in locations:
             by_name.setdefault(loc.info.name, []).append(loc)
             if loc.info.error is None:
                 hosted.setdefault(loc.agent_id, set()).add(loc.info.name)
+                held = {v for v in (loc.info.version, *loc.info.versions) if v}
+                if held:
+                    versions[(loc.agent_id, loc.info.name)] = held
             if id(loc.info) not in seen:
                 seen.add(id(loc.info))
                 jobs.setdefault(loc.info.name, set()).update(j.name for j in loc.info.jobs)
-        return cls(version, by_agent, locations, hosted, by_name, jobs)
+        return cls(version, by_agent, locations, hosted, by_name, jobs, versions)

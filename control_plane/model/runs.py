@@ -46,6 +46,8 @@ class Run:
     reuse_outputs: dict[str, str] = field(default_factory=dict)
     launch_acked: bool = False
     code_retries: int = 0  # re-queued this many times because its code could not be loaded
+    code_version: str | None = None  # of its code location, as its agent ran it
+    wanted_code_version: str | None = None  # a re-execution's parent's: used if still there
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,6 +68,7 @@ class Run:
             "root_run_id": self.root_run_id,
             "not_before": iso(self.not_before),
             "reuse_outputs": self.reuse_outputs,
+            "code_version": self.code_version,
         }
 
 
@@ -109,6 +112,7 @@ class NewRun:
     reuse_outputs: dict[str, str] = field(default_factory=dict)
     idempotency_key: str | None = None  # a second run with the same key is not created
     run_key: str | None = None  # a sensor's run key (part of its idempotency key)
+    wanted_code_version: str | None = None  # a re-execution runs its parent's code version
 
 
 @dataclass
@@ -209,6 +213,8 @@ class QueueSnapshot:
     pool_limits: dict[str, int] = field(default_factory=dict)  # set through the API
     # The pools each queued run's job uses, by (location, job): run granularity.
     job_pools: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)
+    # (agent id, location) -> the code versions that agent has of it
+    code_versions: dict[tuple[str, str], set[str]] = field(default_factory=dict)
 
 
 # What a dispatch decides for a run: (run id, agent id), or with the pools it holds a slot

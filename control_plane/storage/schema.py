@@ -304,6 +304,14 @@ MIGRATIONS: list[str] = [
     ALTER TABLE agents ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
     ALTER TABLE agents ADD COLUMN resources TEXT NOT NULL DEFAULT '{}';
     """,
+    # version 17 (code versions): the version of its code location a run ran with (from
+    # its RUN_START), the version a re-execution asks for (its parent's), and a reload
+    # an operator asked of an agent (JSON list of locations, [] = all; taken by a poll)
+    """
+    ALTER TABLE runs ADD COLUMN code_version TEXT;
+    ALTER TABLE runs ADD COLUMN wanted_code_version TEXT;
+    ALTER TABLE agents ADD COLUMN reload_request TEXT;
+    """,
 ]
 
 

@@ -28,7 +28,7 @@ TABLES: list[tuple[str, str, str]] = [
         " queue, agent_id, lease, create_time, start_time, end_time, update_time,"
         " last_event_seq, status_time, not_before, failure_kind, retry_pending, parent_run_id,"
         " root_run_id, resume_count, reuse_outputs, launch_acked, idempotency_key,"
-        " code_retries",
+        " code_retries, code_version, wanted_code_version",
     ),
     ("run_tags", "run_id, key", "value, run_pk"),
     ("run_attempts", "attempt_id", "run_id, agent_id, create_time, acked_seq"),
@@ -41,7 +41,7 @@ TABLES: list[tuple[str, str, str]] = [
         "agent_id",
         "name, hostname, status, queues, max_concurrent_runs, version,"
         " last_heartbeat, registered_time, capabilities, token_name, operator_drain,"
-        " labels, resources",
+        " labels, resources, reload_request",
     ),
     ("code_locations", "agent_id, name", "info"),
     ("instigators", "location, name, kind", "status, cursor, last_run_key, last_tick_time"),

@@ -335,6 +335,7 @@ def test_every_command_accepts_json(fleet: Fleet) -> None:
         (["runs", "submit", "hello", "--wait"], lambda d: d["status"] == "SUCCESS"),
         (["agents", "drain", "a1"], lambda d: d["status"] == "DRAINING"),
         (["agents", "undrain", "a1"], lambda d: d["status"] == "ONLINE"),
+        (["agents", "reload", "a1", "--location", "daemon"], lambda d: d["name"] == "a1"),
         (["schedules", "start", "nightly"], lambda d: d["status"] == "RUNNING"),
         (["schedules", "stop", "nightly"], lambda d: d["status"] == "STOPPED"),
         (["sensors", "stop", "inbox"], lambda d: d["status"] == "STOPPED"),

@@ -427,6 +427,7 @@ async def test_run_filters_and_cursor(client: TestClient) -> None:
         "root_run_id",
         "not_before",
         "reuse_outputs",
+        "code_version",
     }
     assert run["create_time"].endswith("Z") and run["start_time"] is None
 

@@ -35,18 +35,22 @@ from protocol.messages import (
     JobInfo,
     LaunchRun,
     LocationSpec,
+    LocationsUpdated,
     OpInfo,
     Poll,
     PollReply,
     Register,
     Registered,
+    ReloadLocations,
     RequestedRun,
+    RunChange,
     RunRecord,
     RunState,
     ScheduleInfo,
     SensorInfo,
     SlotGrant,
     StopRun,
+    UpdateLocations,
     WorkerSpec,
 )
 
@@ -103,6 +107,14 @@ SAMPLES = [
     WorkerSpec(launch=LAUNCH, location=LocationSpec(name="loc", python_file="/x/defs.py")),
     DescribeLocation(location=LocationSpec(name="loc", module="pkg.defs")),
     LOCATION,
+    UpdateLocations(
+        agent_id="a1",
+        code_locations=[
+            dataclasses.replace(LOCATION, version="abc1", versions=["abc1", "abc0"]),
+            CodeLocationInfo(name="other", version="c0ffee", reload_error="SyntaxError"),
+        ],
+    ),
+    LocationsUpdated(ok=True),
 ]
 
 
@@ -135,24 +147,43 @@ def test_version_mismatch_names_both_versions(version: object) -> None:
 
 
 def test_the_previous_version_is_spoken_both_ways() -> None:
-    """A version-3 agent's jobs decode (no pools); what is sent to it leaves out the
-    fields of version 4 (slot grants, whether steps claim slots)."""
-    old_info = {"name": "loc", "jobs": [{"name": "j", "ops": [{"name": "a"}]}]}
+    """A version-3 agent's locations decode (no pools, no code versions); what is sent
+    to it leaves out the fields of version 4 (slot grants, whether steps claim slots, a
+    reload order, a launch's code version)."""
+    old_info = {
+        "name": "loc",
+        "jobs": [{"name": "j", "ops": [{"name": "a"}]}],
+        "sensors": [{"name": "s", "job": "j"}],
+    }
     message, version = decode_versioned(
         _envelope(old_info, "CodeLocationInfo", PROTOCOL_VERSION - 1)
     )
     assert version == PROTOCOL_VERSION - 1
     assert message.jobs[0].ops[0].pool is None
+    assert message.version == "" and message.versions == [] and message.reload_error is None
+    evaluate = Evaluate(
+        "e", "loc", "sensor", "s", run_changes=[RunChange("r", "j", "loc", "FAILURE")]
+    )
     grant = SlotGrant("r", 1, 7, "a", 0, "warehouse")
-    launch = dataclasses.replace(LAUNCH, claim_pool_slots=True)
-    reply = PollReply(launches=[launch], stops=[StopRun("r", 1, True, "x")], grants=[grant])
+    launch = dataclasses.replace(LAUNCH, claim_pool_slots=True, code_version="abc")
+    reply = PollReply(
+        launches=[launch],
+        stops=[StopRun("r", 1, True, "x")],
+        evaluations=[evaluate],
+        grants=[grant],
+        reload=ReloadLocations(["loc"]),
+    )
     raw = msgpack.unpackb(encode(reply, PROTOCOL_VERSION - 1))
     assert raw["v"] == PROTOCOL_VERSION - 1
     assert set(raw["body"]) == {"launches", "stops", "evaluations"}
     assert "claim_pool_slots" not in raw["body"]["launches"][0]
+    assert "code_version" not in raw["body"]["launches"][0]
+    assert raw["body"]["evaluations"][0]["run_changes"][0]["run_id"] == "r"
     current = msgpack.unpackb(encode(reply))["body"]
     assert current["grants"][0]["claim_id"] == 7
     assert current["launches"][0]["claim_pool_slots"] is True
+    assert current["reload"] == {"locations": ["loc"]}
+    assert current["launches"][0]["code_version"] == "abc"
 
 
 def test_version_2_is_no_longer_spoken() -> None:

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from agent.config import CodeLocationConfig, DockerConfig, OutputStoreConfig, load_agent_config
+from agent.codeversions import LocationVersion
+from agent.config import DockerConfig, OutputStoreConfig, load_agent_config
 from agent.container_spec import (
     ContainerPlan,
     container_binds,
@@ -17,11 +19,21 @@ from agent.container_spec import (
     oom_message,
     step_container_settings,
 )
-from protocol.messages import LaunchRun
+from protocol.messages import LaunchRun, LocationSpec
 from protocol.schema import ConfigError
 from protocol.tags import tag_problem
 
-LOC = CodeLocationConfig("etl", python_file="/code/etl/defs.py", working_directory="/code/etl")
+# A version of a local location: its copy in the agent's state dir, run from its folder.
+LOC = LocationVersion(
+    "etl",
+    "abc123",
+    "/state/code/etl/abc123",
+    "python3",
+    "/code/etl",
+    LocationSpec(
+        "etl", "/state/code/etl/abc123/defs.py", None, "/code/etl", "/state/code/etl/abc123"
+    ),
+)
 LAUNCH = LaunchRun(run_id="r-1", job="etl", location="etl", lease=7)
 
 
@@ -41,8 +53,14 @@ def test_the_container_body_has_the_limits_mounts_labels_and_no_bridge() -> None
     assert binds == [
         "/state/workers/7:/state/workers/7:rw",
         "/code/etl:/code/etl:ro",
+        "/state/code/etl/abc123:/state/code/etl/abc123:ro",  # the version the run imports
         "/out:/out:rw",
         "/data:/data:ro",
+    ]
+    in_place = dataclasses.replace(LOC, folder="/code/etl")  # a location not versioned
+    assert container_binds(in_place, "/w", OutputStoreConfig(), DockerConfig()) == [
+        "/w:/w:rw",
+        "/code/etl:/code/etl:ro",
     ]
     env = container_env({"FLEETRUN_RUN_ID": "r-1"}, "/state/workers/7", config, {})
     body = container_config(plan, LAUNCH, LOC, binds, env, config, "agent-1")

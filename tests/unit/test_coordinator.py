@@ -10,6 +10,7 @@ from control_plane.daemon.run_queue import DispatchPlan, plan_dispatch
 from control_plane.model.agents import Agent
 from control_plane.model.runs import QueueSnapshot, Run
 from control_plane.model.statuses import RunStatus
+from protocol.tags import CODE_VERSION_TAG
 
 NOW = 1000.0
 
@@ -266,3 +267,43 @@ def test_a_run_with_an_image_goes_only_to_a_docker_agent() -> None:
     p = plan([with_image, run("r2")], agents=[process, docker])
     assert dict((r.run_id, a.agent_id) for r, a in p.assignments)["r1"] == "a2"
     assert docker.launcher == "docker" and agent("old").launcher is None
+
+
+def pinned_run(run_id: str, version: str) -> Run:
+    pinned = run(run_id)
+    pinned.tags[CODE_VERSION_TAG] = version
+    return pinned
+
+
+def test_a_pinned_code_version_goes_only_to_agents_that_have_it() -> None:
+    agents = [agent("a1"), agent("a2")]
+    versions = {("a1", "loc"): {"new"}, ("a2", "loc"): {"new", "old"}}
+    snapshot = QueueSnapshot(
+        queued=[pinned_run("pinned", "old"), run("any")],
+        active=[],
+        agents=agents,
+        hosted={"a1": {"loc"}, "a2": {"loc"}},
+        code_versions=versions,
+    )
+    p = plan_dispatch(snapshot, RunCoordinatorConfig(), NOW, heartbeat_timeout=30)
+    assert {r.run_id: a.agent_id for r, a in p.assignments}["pinned"] == "a2"
+    snapshot.queued = [pinned_run("gone", "older")]
+    p = plan_dispatch(snapshot, RunCoordinatorConfig(), NOW, heartbeat_timeout=30)
+    assert "has its code version older" in reasons(p)["gone"]
+
+
+def test_a_reexecution_prefers_an_agent_with_its_parents_version() -> None:
+    reexecution = run("again")
+    reexecution.wanted_code_version = "old"
+    snapshot = QueueSnapshot(
+        queued=[reexecution],
+        active=[],
+        agents=[agent("a1"), agent("a2", slots=2)],
+        hosted={"a1": {"loc"}, "a2": {"loc"}},
+        code_versions={("a1", "loc"): {"new"}, ("a2", "loc"): {"old", "new"}},
+    )
+    p = plan_dispatch(snapshot, RunCoordinatorConfig(), NOW, heartbeat_timeout=30)
+    assert [a.agent_id for _, a in p.assignments] == ["a2"]  # not a1, though freer
+    snapshot.code_versions = {}
+    p = plan_dispatch(snapshot, RunCoordinatorConfig(), NOW, heartbeat_timeout=30)
+    assert [a.agent_id for _, a in p.assignments] == ["a1"]  # nobody has it: anyone

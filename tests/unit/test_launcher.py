@@ -14,6 +14,7 @@ import msgpack
 import pytest
 
 from agent.channel import Channel
+from agent.codeversions import in_place
 from agent.config import CodeLocationConfig
 from agent.forkserver import ForkServer
 from agent.launchers import (
@@ -26,14 +27,15 @@ from agent.launchers import (
 from protocol.messages import LaunchRun, RunRecord
 from tests.conftest import FIXTURES
 
-LOCATION = CodeLocationConfig(
+CONFIG = CodeLocationConfig(
     name="probe", python_file=str(FIXTURES / "worker_jobs.py"), working_directory=str(FIXTURES)
 )
+LOCATION = in_place(CONFIG)
 
 
 @pytest.fixture
 async def launcher():
-    launcher = ForkServerLauncher([LOCATION])
+    launcher = ForkServerLauncher([CONFIG])
     await launcher.warm_up()
     yield launcher
     await launcher.close()
@@ -146,7 +148,7 @@ def test_fork_server_answers_bad_requests_and_keeps_serving() -> None:
 
 
 async def test_the_subprocess_launcher_runs_a_fresh_interpreter_per_run() -> None:
-    launcher = SubprocessLauncher([LOCATION])
+    launcher = SubprocessLauncher([CONFIG])
     await launcher.warm_up()
     try:
         worker, records = await run_job(launcher, "module_state")

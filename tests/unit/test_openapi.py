@@ -289,6 +289,12 @@ async def test_fleet_and_token_answers_match_the_document(client: TestClient) ->
     assert (await api("POST", drain, agent="w1"))["status"] == "DRAINING"
     await api("POST", drain, 404, agent="nobody")
     await api("POST", "/api/v1/agents/{agent}/undrain", agent=agent_id)
+    reload = "/api/v1/agents/{agent}/reload"
+    assert (await api("POST", reload, 202, body={}, agent="w1"))["location"] is None
+    named = await api("POST", reload, 202, body={"location": LOCATION.name}, agent=agent_id)
+    assert named["location"] == LOCATION.name
+    await api("POST", reload, 404, body={"location": "nope"}, agent="w1")
+    await api("POST", reload, 404, body={}, agent="nobody")
     jobs = await api("GET", "/api/v1/jobs")
     assert jobs["jobs"][0]["ops"][1]["upstream"] == ["a"] and jobs["location_errors"]
     tokens = "/api/v1/tokens"

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from agent.codeversions import in_place
 from agent.config import CodeLocationConfig, OutputStoreConfig
 from agent.launchers import (
     RunLauncher,
     describe_location,
     evaluate_in_worker,
-    location_spec,
     make_launcher,
 )
 from agent.processes import (
@@ -47,9 +47,10 @@ from protocol.messages import Evaluate, EvaluateSpec, LaunchRun, RunRecord, Stop
 from tests.conftest import FIXTURES
 from tests.unit.test_launcher import launched
 
-LOCATION = CodeLocationConfig(
+CONFIG = CodeLocationConfig(
     name="procs", python_file=str(FIXTURES / "process_jobs.py"), working_directory=str(FIXTURES)
 )
+LOCATION = in_place(CONFIG)
 
 # The pure parts
 
@@ -195,7 +196,7 @@ async def tracking(request: pytest.FixtureRequest) -> AsyncIterator[Tracking]:
 async def launcher(
     request: pytest.FixtureRequest, tracking: Tracking
 ) -> AsyncIterator[RunLauncher]:
-    launcher = make_launcher(request.param, [LOCATION], OutputStoreConfig(), tracking)
+    launcher = make_launcher(request.param, [CONFIG], OutputStoreConfig(), tracking)
     await launcher.warm_up()
     yield launcher
     await launcher.close()
@@ -310,7 +311,7 @@ async def test_loading_and_evaluating_a_location_leave_nothing_running(
     info = await describe_location(LOCATION, tracking)
     assert info.error is None and [j.name for j in info.jobs]
     request = Evaluate(eval_id="e1", location="procs", kind="sensor", name="leaky_sensor")
-    spec = EvaluateSpec(evaluate=request, location=location_spec(LOCATION))
+    spec = EvaluateSpec(evaluate=request, location=LOCATION.spec)
     result = await evaluate_in_worker(launcher, LOCATION, spec)
     assert result.error is None and result.skip_reason == "left a daemon behind"
     found = daemon_pids(tmp_path)

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from control_plane.model.agents import DRAINING, ONLINE, Agent
 from control_plane.model.catalog import CodeCatalog, CodeLocation
 from control_plane.storage.errors import AgentNameTaken
-from control_plane.storage.sql.base import AGENT_COLUMNS, SqlBase, agent_from_row, in_chunks
+from control_plane.storage.sql.base import AGENT_COLUMNS, SqlBase, Tx, agent_from_row, in_chunks
 from control_plane.storage.sql.catalog import CatalogCache, agents_by_id
 from protocol.messages import CodeLocationInfo
 from protocol.schema import to_plain
@@ -78,18 +78,7 @@ class AgentQueries(SqlBase):
                     json.dumps(resources or {}),
                 ),
             )
-            await db.execute("DELETE FROM code_locations WHERE agent_id = ?", (agent_id,))
-            await db.executemany(
-                "INSERT INTO code_locations (agent_id, name, info) VALUES (?, ?, ?)",
-                [(agent_id, loc.name, json.dumps(to_plain(loc))) for loc in locations],
-            )
-            ((catalog_version,),) = await db.fetch(
-                "UPDATE catalog SET version = version + 1 RETURNING version"
-            )
-            await db.execute(
-                "UPDATE agents SET catalog_version = ? WHERE agent_id = ?",
-                (catalog_version, agent_id),
-            )
+            await _replace_locations(db, agent_id, locations)
             rows = await db.fetch(
                 f"SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ?", (agent_id,)
             )
@@ -121,6 +110,43 @@ class AgentQueries(SqlBase):
             )
             return agent_from_row(rows[0]) if rows else None
 
+    async def update_code_locations(self, agent_id: str, locations: list[CodeLocationInfo]) -> bool:
+        async with self._write() as db:
+            rows = await db.fetch("SELECT 1 FROM agents WHERE agent_id = ?", (agent_id,))
+            if not rows:
+                return False
+            await _replace_locations(db, agent_id, locations)
+            return True
+
+    async def request_reload(self, agent_id: str, locations: list[str]) -> bool:
+        async with self._write() as db:
+            rows = await db.fetch(
+                "SELECT reload_request FROM agents WHERE agent_id = ?", (agent_id,)
+            )
+            if not rows:
+                return False
+            pending = None if rows[0][0] is None else json.loads(rows[0][0])
+            merged = merged_reload(pending, locations)
+            await db.execute(
+                "UPDATE agents SET reload_request = ? WHERE agent_id = ?",
+                (json.dumps(merged), agent_id),
+            )
+            return True
+
+    async def take_reload(self, agent_id: str) -> list[str] | None:
+        rows = await self._reader.fetch(
+            "SELECT reload_request FROM agents WHERE agent_id = ?", (agent_id,)
+        )
+        if not rows or rows[0][0] is None:
+            return None
+        async with self._write_row() as db:  # only if it is still the request read
+            taken = await db.fetch(
+                "UPDATE agents SET reload_request = NULL"
+                " WHERE agent_id = ? AND reload_request = ? RETURNING agent_id",
+                (agent_id, rows[0][0]),
+            )
+        return json.loads(rows[0][0]) if taken else None
+
     async def set_operator_drain(self, agent_id: str, drained: bool) -> Agent | None:
         async with self._write() as db:
             await db.execute(
@@ -150,3 +176,28 @@ class AgentQueries(SqlBase):
 
     async def code_catalog(self) -> CodeCatalog:
         return await self._catalogs.read(self._reader)
+
+
+def merged_reload(pending: list[str] | None, wanted: list[str]) -> list[str]:
+    """One reload request from a pending one and a new one ([]: every location)."""
+    if pending is None:
+        return sorted(set(wanted))
+    if not pending or not wanted:
+        return []
+    return sorted(set(pending) | set(wanted))
+
+
+async def _replace_locations(db: Tx, agent_id: str, locations: list[CodeLocationInfo]) -> None:
+    """The agent's locations, replaced; the catalog version moves (every replica's
+    cached catalog reads this agent's again)."""
+    await db.execute("DELETE FROM code_locations WHERE agent_id = ?", (agent_id,))
+    await db.executemany(
+        "INSERT INTO code_locations (agent_id, name, info) VALUES (?, ?, ?)",
+        [(agent_id, loc.name, json.dumps(to_plain(loc))) for loc in locations],
+    )
+    ((catalog_version,),) = await db.fetch(
+        "UPDATE catalog SET version = version + 1 RETURNING version"
+    )
+    await db.execute(
+        "UPDATE agents SET catalog_version = ? WHERE agent_id = ?", (catalog_version, agent_id)
+    )

@@ -100,7 +100,7 @@ RUN_COLUMNS = (
     "run_id, job, location, status, status_reason, tags, config, agent_id, lease, "
     "create_time, start_time, end_time, priority, queue, status_time, not_before, "
     "failure_kind, parent_run_id, root_run_id, resume_count, reuse_outputs, launch_acked, "
-    "code_retries, id"
+    "code_retries, code_version, wanted_code_version, id"
 )
 
 
@@ -129,6 +129,8 @@ def run_from_row(row: Iterable[Any]) -> Run:
         reuse,
         acked,
         code_retries,
+        code_version,
+        wanted_code_version,
         _id,
     ) = row
     return Run(
@@ -155,6 +157,8 @@ def run_from_row(row: Iterable[Any]) -> Run:
         reuse_outputs=json.loads(reuse),
         launch_acked=bool(acked),
         code_retries=code_retries,
+        code_version=code_version,
+        wanted_code_version=wanted_code_version,
     )
 
 

@@ -166,6 +166,7 @@ class RunQueries(SqlBase):
             claims=await live_claims(db) if pooled else [],
             pool_limits=await set_limits(db) if pooled else {},
             job_pools=job_pools,
+            code_versions=catalog.code_versions,
         )
 
     async def queue_snapshot(self) -> QueueSnapshot:

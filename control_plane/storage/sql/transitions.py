@@ -27,11 +27,19 @@ from control_plane.model.statuses import (
 )
 from control_plane.storage.sql.base import RUN_COLUMNS, Tx, event_json, marks, run_from_row
 from protocol.events import CODE_UNREACHABLE
+from protocol.tags import code_version_ok
 
 
 async def get_run(db: Tx, run_id: str) -> Run | None:
     rows = await db.fetch(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
     return run_from_row(rows[0]) if rows else None
+
+
+def code_version_of(data: dict[str, Any]) -> str | None:
+    """The code version an agent's RUN_START names (any msgpack value: kept only if it
+    is one)."""
+    claimed = data.get("code_version")
+    return claimed if isinstance(claimed, str) and code_version_ok(claimed) else None
 
 
 def known_kind(claimed: object, allowed: frozenset[str] = FAILURE_KINDS) -> str:
@@ -47,10 +55,12 @@ async def transition(
     now: float,
     lease: int | None = None,
     failure_kind: str | None = None,
+    code_version: str | None = None,
 ) -> int | None:
     """Move the run to `new` if it is in a status that may go there (and, with `lease`,
     still under that lease), reserving the next event seq; the seq, or None if the run
-    was not where the transition may start (nothing changed)."""
+    was not where the transition may start (nothing changed). A start records the code
+    version its agent said it runs."""
     sources = sources_of(new)
     sets = [
         "status = ?",
@@ -63,6 +73,9 @@ async def transition(
     if new == RunStatus.STARTED:
         sets.append("start_time = ?")
         args.append(now)
+        if code_version is not None:
+            sets.append("code_version = ?")
+            args.append(code_version)
     if new in TERMINAL_STATUSES:
         sets.append("end_time = ?")
         args.append(now)
@@ -134,7 +147,9 @@ async def append_event(
     new = EVENT_STATUS.get(event_type)
     if new is not None:
         kind = (data or {}).get("failure_kind")
-        seq = await transition(db, run_id, new, message, now, lease, kind)
+        seq = await transition(
+            db, run_id, new, message, now, lease, kind, code_version_of(data or {})
+        )
         if seq is None:
             ((status,),) = await db.fetch("SELECT status FROM runs WHERE run_id = ?", (run_id,))
             return RunStatus(status), False
@@ -164,8 +179,8 @@ async def insert_run(db: Tx, run: NewRun, now: float, message: str = "run queued
     await db.execute(
         "INSERT INTO runs (run_id, job, location, status, tags, config, priority, queue,"
         " create_time, update_time, status_time, not_before, parent_run_id, root_run_id,"
-        " reuse_outputs, idempotency_key)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " reuse_outputs, idempotency_key, wanted_code_version)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             run.run_id,
             run.job,
@@ -183,6 +198,7 @@ async def insert_run(db: Tx, run: NewRun, now: float, message: str = "run queued
             run.root_run_id,
             json.dumps(run.reuse_outputs),
             run.idempotency_key,
+            run.wanted_code_version,
         ),
     )
     (run_pk,) = (await db.fetch("SELECT id FROM runs WHERE run_id = ?", (run.run_id,)))[0]
