@@ -38,8 +38,9 @@ from control_plane.model.alerts import (
     Occurrence,
 )
 from control_plane.model.instigators import Tick
-from control_plane.model.runs import Run, StatusChange, iso
+from control_plane.model.runs import Run, StatusChange
 from control_plane.model.statuses import MAX_RUNTIME, RunStatus
+from control_plane.model.times import iso
 from control_plane.storage.port import AgentStore, AlertStore, RunStore
 
 log = logging.getLogger("fleetrun.alerts")

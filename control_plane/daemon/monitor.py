@@ -21,8 +21,9 @@ from control_plane.bus import AGENT, MONITOR, WakeBus, runs_changed
 from control_plane.config import RunMonitoringConfig
 from control_plane.daemon.stallwatch import StallWatch
 from control_plane.model.agents import Agent
-from control_plane.model.runs import Run, Verdict, iso
+from control_plane.model.runs import Run, Verdict
 from control_plane.model.statuses import MAX_RUNTIME, START_TIMEOUT, RunStatus
+from control_plane.model.times import iso
 from control_plane.storage.errors import StorageFull
 from control_plane.storage.port import AgentStore, Database, RunStore
 from protocol.events import AGENT_LOST

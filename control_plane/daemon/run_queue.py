@@ -27,7 +27,8 @@ from control_plane.model.agents import (
     agent_status,
 )
 from control_plane.model.pools import RUN_SLOT, Claim, run_pool_problem
-from control_plane.model.runs import NewRun, Placement, QueueSnapshot, Run, iso
+from control_plane.model.runs import NewRun, Placement, QueueSnapshot, Run
+from control_plane.model.times import iso
 from control_plane.storage.port import QueueStore, RunStore
 from protocol.tags import CODE_VERSION_TAG, IMAGE_TAG, run_labels, run_resources
 

@@ -13,8 +13,8 @@ from control_plane.http.errors import ApiError, read_json_object
 from control_plane.http.keys import BUS, CLOCK, CONFIG, RUN_QUEUE, STORAGE
 from control_plane.http.pools import pools_json
 from control_plane.model.agents import agent_status
-from control_plane.model.runs import iso
 from control_plane.model.statuses import ACTIVE_STATUSES
+from control_plane.model.times import iso
 from control_plane.storage.port import Storage
 from protocol.schema import to_plain
 

@@ -14,7 +14,7 @@ from control_plane.daemon.ticks import ticks_after
 from control_plane.http.errors import ApiError
 from control_plane.http.keys import BUS, CLOCK, CONFIG, STORAGE
 from control_plane.http.params import int_param
-from control_plane.model.runs import iso
+from control_plane.model.times import iso
 from protocol.messages import ScheduleInfo, SensorInfo
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from control_plane.model.runs import iso
+from control_plane.model.times import iso
 
 RUN_FAILURE = "run_failure"
 RUN_MAX_RUNTIME = "run_max_runtime"

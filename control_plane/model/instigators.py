@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from control_plane.model.runs import iso
+from control_plane.model.times import iso
 
 
 @dataclass

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from control_plane.model.runs import iso
+from control_plane.model.times import iso
 
 RUN_SLOT = ""  # the `step` of a run's own claim (run granularity)
 GRANULARITIES = ("op", "run")

@@ -5,20 +5,14 @@ by, its event log and compute log, and the two decisions made about a running at
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from control_plane.model.agents import Agent
 from control_plane.model.statuses import RunStatus
+from control_plane.model.times import iso
 
 if TYPE_CHECKING:
     from control_plane.model.pools import Claim
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass

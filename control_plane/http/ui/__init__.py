@@ -36,8 +36,9 @@ from control_plane.http.ui.deployment import job_page, jobs_page, launch_page
 from control_plane.http.ui.instigator_pages import instigator_page
 from control_plane.http.ui.render import HERE, render
 from control_plane.http.ui.steps import step_rows
-from control_plane.model.runs import Event, Run, iso
+from control_plane.model.runs import Event, Run
 from control_plane.model.statuses import TERMINAL_STATUSES, RunStatus
+from control_plane.model.times import iso
 
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 STEP_ENDS = {"STEP_SUCCESS": "success", "STEP_FAILURE": "failure", "STEP_UP_FOR_RETRY": "retry"}
