@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from bench.harness import Fleet, get, post, ts, wait
+from bench.harness import Fleet, chain_step_ms, ts
 from bench.latency import one_hello
 from tests.dockerd import IMAGE, build_worker_image, start_dockerd
 
@@ -37,21 +37,7 @@ def _agent_toml(socket_url: str, launcher: str) -> str:
 
 
 def _per_step_ms(fleet: Fleet, executor: str, runs: int) -> list[float]:
-    results = []
-    for _ in range(runs):
-        body = {"job": "chain_10", "config": {"execution": executor}}
-        run_id = post(f"{fleet.url}/api/v1/runs", body)["run_id"]
-
-        def ended(rid: str = run_id) -> dict | None:
-            run = get(f"{fleet.url}/api/v1/runs/{rid}")
-            return run if run["end_time"] else None
-
-        run = wait(ended, 300, "the chain")
-        assert run["status"] == "SUCCESS", run
-        events = get(f"{fleet.url}/api/v1/runs/{run_id}/events?limit=1000")["events"]
-        times = {e["type"]: ts(e["time"]) for e in events}
-        results.append((times["RUN_SUCCESS"] - times["RUN_START"]) * 1000 / CHAIN_STEPS)
-    return results
+    return [chain_step_ms(fleet.url, "chain_10", executor, CHAIN_STEPS) for _ in range(runs)]
 
 
 def measure(runs: int = 20, chain_runs: int = 3) -> dict[str, list[float]]:

@@ -14,10 +14,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from bench.harness import FLEETRUN, fleet
+from bench.harness import FLEETRUN, chain_step_ms, fleet
 from bench.harness import get as _get
-from bench.harness import post as _post
-from bench.harness import ts as _ts
 from bench.harness import wait as _wait
 from bench.monitoring import JOBS
 
@@ -44,19 +42,7 @@ def per_step_ms(executor: str, runs: int) -> list[float]:
                 60,
                 "the agent",
             )
-            for _ in range(runs):
-                body = {"job": "chain_100", "config": {"execution": executor}}
-                run_id = _post(f"{url}/api/v1/runs", body)["run_id"]
-
-                def ended(rid: str = run_id) -> dict | None:
-                    run = _get(f"{url}/api/v1/runs/{rid}")
-                    return run if run["end_time"] else None
-
-                run = _wait(ended, 300, "the chain")
-                assert run["status"] == "SUCCESS", run
-                events = _get(f"{url}/api/v1/runs/{run_id}/events?limit=1000")["events"]
-                times = {e["type"]: _ts(e["time"]) for e in events}
-                results.append((times["RUN_SUCCESS"] - times["RUN_START"]) * 1000 / STEPS)
+            results += [chain_step_ms(url, "chain_100", executor, STEPS) for _ in range(runs)]
         finally:
             agent.terminate()
             agent.wait(20)

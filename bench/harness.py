@@ -71,6 +71,22 @@ def ts(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
+def chain_step_ms(url: str, job: str, executor: str, steps: int) -> float:
+    """One run of the chain `job` under `executor`: milliseconds per step, from the
+    worker's RUN_START to its RUN_SUCCESS (both stamped by the worker)."""
+    run_id = post(f"{url}/api/v1/runs", {"job": job, "config": {"execution": executor}})["run_id"]
+
+    def ended() -> dict | None:
+        run = get(f"{url}/api/v1/runs/{run_id}")
+        return run if run["end_time"] else None
+
+    run = wait(ended, 300, f"the chain {job}")
+    assert run["status"] == "SUCCESS", run
+    events = get(f"{url}/api/v1/runs/{run_id}/events?limit=1000")["events"]
+    times = {e["type"]: ts(e["time"]) for e in events}
+    return (times["RUN_SUCCESS"] - times["RUN_START"]) * 1000 / steps
+
+
 def metric(url: str, series: str) -> float:
     """One series' value on the control plane's /metrics (`series` as printed there,
     labels included); 0 when it has not been counted yet."""
