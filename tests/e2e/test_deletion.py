@@ -28,6 +28,10 @@ def start_fleet(tmp_path: Path, extra_config: str = "") -> Iterator[ControlPlane
     cp = start_control_plane(tmp_path, extra_config)
     agent = start_agent(cp, tmp_path, "agent-1", GATES)
     yield cp
+    # Cancel what is still running, so that the agent stops at once instead of draining
+    for run in cp.get("/api/v1/runs?status=STARTED")["runs"]:
+        cp.call("POST", f"/api/v1/runs/{run['run_id']}/cancel", {})
+        cp.wait_run(run["run_id"])
     agent.stop()
     cp.stop()
 
