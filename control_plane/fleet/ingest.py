@@ -8,7 +8,7 @@ monitor) through the bus.
 
 from __future__ import annotations
 
-from control_plane.bus import MONITOR, RUN, WakeBus, pools_changed, runs_changed
+from control_plane.bus import AGENT, MONITOR, QUEUE, RUN, WakeBus, pools_changed, runs_changed
 from control_plane.fleet.dispatch import Dispatcher
 from control_plane.metrics import Metrics
 from control_plane.model.runs import ResumeRules
@@ -36,6 +36,11 @@ async def ingest(
     metrics.records_stored(result.stored)
     if result.pools_changed:
         pools_changed(bus)
+    if result.step_tasks_changed:  # a step task waits: the run queue places it
+        bus.publish(QUEUE)
+    if result.step_task_ended is not None:  # the orchestrator's poll takes the result
+        bus.publish(AGENT, result.step_task_ended)
+        bus.publish(QUEUE)  # its agent's slot is free
     if result.refused is not None:
         runs_changed(bus, [], batch.agent_id)
         bus.publish(RUN, batch.run_id)

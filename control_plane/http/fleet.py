@@ -198,8 +198,26 @@ async def queue_json(run_queue: RunQueue, now: float) -> dict[str, Any]:
         }
         for i, d in enumerate(plan.decisions)
     ]
+    steps = [
+        {
+            "task_id": d.task.task_id,
+            "run_id": d.task.run_id,
+            "step": d.task.step,
+            "attempt": d.task.attempt,
+            "queue": d.task.queue,
+            "create_time": iso(d.task.create_time),
+            "waiting_for": d.reason,
+            "next_agent": d.agent.name if d.agent else None,
+        }
+        for d in plan.step_decisions
+    ]
     waiting = [pool for pool in pools["pools"] if pool["waiting"]]
-    return {"runs": runs, "limits": [u.to_json() for u in plan.limits], "pools": waiting}
+    return {
+        "runs": runs,
+        "step_tasks": steps,
+        "limits": [u.to_json() for u in plan.limits],
+        "pools": waiting,
+    }
 
 
 def add_routes(app: web.Application) -> None:
