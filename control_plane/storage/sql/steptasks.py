@@ -103,8 +103,12 @@ async def waiting_tasks(db: Tx, limit: int) -> list[StepTask]:
 
 
 async def running_tasks(db: Tx) -> list[StepTask]:
+    """RUNNING step tasks of run attempts still going (a fenced one is being stopped:
+    it holds no slot and is judged by no monitor)."""
     rows = await db.fetch(
-        f"SELECT {TASK_COLUMNS} {FROM_TASKS} WHERE t.status = ? ORDER BY t.task_id", (RUNNING,)
+        f"SELECT {TASK_COLUMNS} {FROM_TASKS} WHERE t.status = ? AND r.lease = t.run_lease"
+        " AND r.status IN (?, ?) ORDER BY t.task_id",
+        (RUNNING, RunStatus.STARTED, RunStatus.CANCELING),
     )
     return [task_from_row(row) for row in rows]
 
