@@ -21,6 +21,7 @@ from typing import Protocol
 from control_plane.bus import AGENT, MONITOR, QUEUE, WakeBus, runs_changed
 from control_plane.config import RunMonitoringConfig
 from control_plane.daemon.stallwatch import StallWatch
+from control_plane.fleet.dispatch import wake_step_agents
 from control_plane.model.agents import Agent
 from control_plane.model.runs import Run, Verdict
 from control_plane.model.statuses import MAX_RUNTIME, START_TIMEOUT, RunStatus
@@ -209,6 +210,7 @@ async def monitor_pass(monitor: Monitor, now: float) -> float | None:
             )
         if changed:
             runs_changed(monitor.bus, changed)
+            await wake_step_agents(storage, monitor.bus, [run.run_id for run in changed])
             for verdict in verdicts:
                 monitor.bus.publish(AGENT, verdict.offline_agent)
     return next_deadline

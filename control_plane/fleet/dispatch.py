@@ -10,10 +10,10 @@ and so do pool-slot grants: owed until the agent lists them as held.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from control_plane.bus import WakeBus, runs_changed
+from control_plane.bus import AGENT, WakeBus, runs_changed
 from control_plane.clock import Clock
 from control_plane.fleet.evaluations import EvaluationBroker
 from control_plane.metrics import Metrics
@@ -21,7 +21,7 @@ from control_plane.model.pools import Claim
 from control_plane.model.runs import Run, Verdict
 from control_plane.model.statuses import RunStatus
 from control_plane.model.steptasks import StepTask
-from control_plane.storage.port import Storage
+from control_plane.storage.port import StepTaskStore, Storage
 from control_plane.waiters import KeyedWaiters
 from protocol.events import UNDELIVERABLE
 from protocol.messages import (
@@ -80,6 +80,14 @@ def result_message(task: StepTask, agent_names: dict[str, str]) -> StepResult:
         agent=agent_names.get(task.agent_id or "", task.agent_id or ""),
         outcome=task.outcome,
     )
+
+
+async def wake_step_agents(storage: StepTaskStore, bus: WakeBus, run_ids: Iterable[str]) -> None:
+    """These runs ended, or are being canceled or resumed: the agents running their step
+    tasks are owed stop orders now, not at their next poll."""
+    for run_id in run_ids:
+        for agent_id in await storage.step_task_agents(run_id):
+            bus.publish(AGENT, agent_id)
 
 
 def grant_message(claim: Claim) -> SlotGrant:

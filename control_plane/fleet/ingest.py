@@ -9,7 +9,7 @@ monitor) through the bus.
 from __future__ import annotations
 
 from control_plane.bus import AGENT, MONITOR, QUEUE, RUN, WakeBus, pools_changed, runs_changed
-from control_plane.fleet.dispatch import Dispatcher
+from control_plane.fleet.dispatch import Dispatcher, wake_step_agents
 from control_plane.metrics import Metrics
 from control_plane.model.runs import ResumeRules
 from control_plane.model.statuses import TERMINAL_STATUSES, RunStatus
@@ -51,6 +51,7 @@ async def ingest(
             await dispatcher.launches_held(batch.agent_id, [run])
     if result.status_changed and result.status in (*TERMINAL_STATUSES, RunStatus.QUEUED):
         runs_changed(bus, [], batch.agent_id)
+        await wake_step_agents(storage, bus, [batch.run_id])
     elif result.status_changed:
         bus.publish(MONITOR)  # a new deadline (max runtime) starts
     bus.publish(RUN, batch.run_id)

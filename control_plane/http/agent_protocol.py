@@ -20,6 +20,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from control_plane.bus import AGENT, QUEUE, RUN, instigators_changed, runs_changed
+from control_plane.fleet.dispatch import wake_step_agents
 from control_plane.fleet.ingest import ingest
 from control_plane.http.auth import PRINCIPAL, Principal
 from control_plane.http.errors import ApiError, api_error
@@ -174,6 +175,7 @@ async def register(app: web.Application, msg: Register, principal: Principal | N
         agent.agent_id, held, now, monitoring.max_resume_run_attempts
     )
     runs_changed(bus, lost, agent.agent_id)
+    await wake_step_agents(storage, bus, [run.run_id for run in lost])
     for owed in await storage.reconcile_step_tasks(agent.agent_id, held, now):
         bus.publish(AGENT, owed)
     if lost or held:

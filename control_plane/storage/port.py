@@ -553,6 +553,10 @@ class StepTaskStore(Protocol):
         """Every step task of a run, oldest first (the run page's "which agent")."""
         ...
 
+    async def step_task_agents(self, run_id: str) -> set[str]:
+        """The agents running a step task of this run (owed a stop order when it ends)."""
+        ...
+
     async def running_step_tasks(self) -> list[StepTask]: ...
     async def pending_step_launches(self, agent_id: str) -> list[tuple[StepTask, Run]]:
         """RUNNING step tasks placed on this agent, of runs still STARTED under the

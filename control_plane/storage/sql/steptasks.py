@@ -207,6 +207,13 @@ class StepTaskQueries(SqlBase):
         )
         return [task_from_row(row) for row in rows]
 
+    async def step_task_agents(self, run_id: str) -> set[str]:
+        rows = await self._reader.fetch(
+            "SELECT DISTINCT agent_id FROM step_tasks WHERE run_id = ? AND status = ?",
+            (run_id, RUNNING),
+        )
+        return {str(agent_id) for (agent_id,) in rows if agent_id}
+
     async def running_step_tasks(self) -> list[StepTask]:
         return await running_tasks(self._reader)
 
