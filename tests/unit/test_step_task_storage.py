@@ -56,7 +56,7 @@ async def place(storage: Storage, agent: str) -> list[int]:
         seen.append(snapshot)
         return [StepPlacement(t.task_id, agent) for t in snapshot.waiting_steps]
 
-    placed = await storage.assign_queued(5.0, decide)  # type: ignore[arg-type]
+    placed = await storage.assign_queued(5.0, decide)
     leases = [t.lease for t in placed if getattr(t, "lease", None) is not None]
     return [lease for lease in leases if lease is not None]
 
