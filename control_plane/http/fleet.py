@@ -36,6 +36,10 @@ async def agents_json(
     for run in active:
         if run.agent_id and run.status in ACTIVE_STATUSES:
             running[run.agent_id] = running.get(run.agent_id, 0) + 1
+    steps: dict[str, int] = {}
+    for task in await storage.running_step_tasks():
+        if task.agent_id:
+            steps[task.agent_id] = steps.get(task.agent_id, 0) + 1
     locations: dict[str, list[dict[str, Any]]] = {}
     for loc in await storage.list_code_locations():
         locations.setdefault(loc.agent_id, []).append(
@@ -58,6 +62,7 @@ async def agents_json(
             "max_concurrent_runs": a.max_concurrent_runs,
             "launcher": a.launcher,
             "running": running.get(a.agent_id, 0),
+            "step_tasks": steps.get(a.agent_id, 0),
             "last_heartbeat": iso(a.last_heartbeat),
             "version": a.version,
             "code_locations": locations.get(a.agent_id, []),

@@ -283,6 +283,7 @@ def fleet_schemas() -> dict[str, Schema]:
             "max_concurrent_runs": integer(),
             "launcher": nullable(string(enum=["forkserver", "subprocess", "docker"])),
             "running": integer(0),
+            "step_tasks": integer(0, description="step tasks of fleet runs it runs now"),
             "last_heartbeat": nullable(timestamp()),
             "version": string(),
             "code_locations": array(location),
