@@ -10,12 +10,25 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from protocol import PROTOCOL_VERSION
+from protocol.codec import decode_any, encode
+from protocol.messages import (
+    CodeLocationInfo,
+    JobInfo,
+    OpInfo,
+    Poll,
+    PollReply,
+    Register,
+    Registered,
+)
 from tests.conftest import (
     FIXTURES,
+    FLEETRUN,
     ControlPlaneProc,
     Proc,
     http,
@@ -235,3 +248,90 @@ def test_run_worker_dying_resumes_the_run_reusing_finished_steps(tmp_path: Path)
         assert asked == [("slow_first", 0), ("wait_then", 0), ("wait_then", 0)]
     finally:
         stop_all(a1, a2, cp)
+
+
+def test_a_step_no_agent_can_take_waits_in_the_queue_view_until_one_can(
+    tmp_path: Path,
+) -> None:
+    # Given only an agent without the label a step of the run requires
+    cp = start_control_plane(tmp_path)
+    plain = start_agent(cp, tmp_path, "plain", FLEET, extra=slots(8))
+    folder = tmp_path / "run"
+    folder.mkdir()
+    gpu = None
+    try:
+        run_id = cp.submit("fan_out", config={"dir": str(folder)})
+
+        def waiting() -> list[dict[str, Any]]:
+            """The step tasks the queue view says wait (not those placed next pass)."""
+            return [t for t in cp.get("/api/v1/queue")["step_tasks"] if t["waiting_for"]]
+
+        # Then the labelled step waits, and the queue view (API and CLI) says why
+        (task,) = wait_for(waiting, 60, what="the labelled step to wait")
+        assert (task["run_id"], task["step"], task["attempt"]) == (run_id, "on_gpu", 0)
+        assert task["waiting_for"] == "no ONLINE agent has label gpu=yes"
+        shown = subprocess.run(
+            [*FLEETRUN, "queue", "--url", cp.url], capture_output=True, text=True, timeout=60
+        )
+        assert "on_gpu" in shown.stdout and "gpu=yes" in shown.stdout, shown.stdout
+        # When an agent with the label arrives, the step runs there and the run succeeds
+        gpu = start_agent(cp, tmp_path, "gpu", FLEET, extra=slots(2) + GPU)
+        assert cp.wait_run(run_id, 60)["status"] == "SUCCESS", cp.events(run_id)
+        assert started_on(cp, run_id)[("on_gpu", 0)] == "gpu"
+        assert waiting() == []
+    finally:
+        stop_all(*(p for p in (plain, gpu) if p is not None), cp)
+
+
+def agent_call(cp: ControlPlaneProc, path: str, message: object, version: int) -> object:
+    """One agent-protocol call in protocol `version`, as an agent of that version."""
+    request = urllib.request.Request(
+        f"{cp.url}/agent/v1/{path}",
+        data=encode(message, version),
+        method="POST",
+        headers={"Content-Type": "application/msgpack"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return decode_any(response.read())
+
+
+def test_an_agent_of_the_previous_protocol_never_gets_a_fleet_run_or_step(
+    tmp_path: Path,
+) -> None:
+    # Given an ONLINE agent of protocol 4 (no step_tasks capability) serving the location
+    cp = start_control_plane(tmp_path, server_extra="poll_timeout_seconds = 1")
+    old = PROTOCOL_VERSION - 1
+    jobs = [JobInfo(name="fan_out", ops=[OpInfo(name="extract")], executor="fleet")]
+    registered = agent_call(
+        cp,
+        "register",
+        Register(
+            name="old",
+            hostname="h",
+            version="0.0.9",
+            queues=["default"],
+            max_concurrent_runs=8,
+            code_locations=[CodeLocationInfo("fleet", jobs)],
+            capabilities=["reuse_outputs", "stop_orders", "drain", "launcher:forkserver"],
+        ),
+        old,
+    )
+    assert isinstance(registered, Registered)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    new = None
+    try:
+        # When a fleet run is submitted
+        run_id = cp.submit("fan_out", config={"dir": str(folder)})
+        # Then the old agent is not given it, and the queue view says why
+        (waiting,) = wait_for(lambda: cp.get("/api/v1/queue")["runs"], 30)
+        assert waiting["run_id"] == run_id
+        assert "can do step_tasks (upgrade it)" in waiting["waiting_for"]
+        reply = agent_call(cp, "poll", Poll(agent_id=registered.agent_id), old)
+        assert isinstance(reply, PollReply) and reply.launches == []
+        # and an agent that can takes it, with every step task, and the run succeeds
+        new = start_agent(cp, tmp_path, "new", FLEET, extra=slots(8) + GPU)
+        assert cp.wait_run(run_id, 60)["status"] == "SUCCESS", cp.events(run_id)
+        assert set(started_on(cp, run_id).values()) == {"new"}
+    finally:
+        stop_all(*(p for p in (new,) if p is not None), cp)
