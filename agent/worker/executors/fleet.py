@@ -56,8 +56,8 @@ class _FleetScheduler(_Scheduler):
         node = self.job.nodes[name]
         emit_start(self.sink, name, retry_number)
         run_id = self.execution.launch.run_id
-        reuse = self.execution.reuse
-        inputs = {u: reuse.get(u, run_id) if u in reuse else run_id for u in node.upstream}
+        reuse = self.execution.reuse  # a re-execution's inputs may be its parent's outputs
+        inputs = {u: reuse.get(u, run_id) for u in node.upstream}
         self.sink.event(
             STEP_TASK_REQUESTED,
             f"step {name} (attempt {retry_number}) waits for an agent",
