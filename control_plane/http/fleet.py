@@ -3,6 +3,7 @@ why each queued run waits."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from aiohttp import web
@@ -17,6 +18,7 @@ from control_plane.model.statuses import ACTIVE_STATUSES
 from control_plane.model.times import iso
 from control_plane.storage.port import Storage
 from protocol.schema import to_plain
+from protocol.tags import run_resources
 
 
 async def list_agents(request: web.Request) -> web.Response:
@@ -37,9 +39,11 @@ async def agents_json(
         if run.agent_id and run.status in ACTIVE_STATUSES:
             running[run.agent_id] = running.get(run.agent_id, 0) + 1
     steps: dict[str, int] = {}
+    step_held: dict[str, Counter[str]] = {}
     for task in await storage.running_step_tasks():
         if task.agent_id:
             steps[task.agent_id] = steps.get(task.agent_id, 0) + 1
+            step_held.setdefault(task.agent_id, Counter()).update(run_resources(task.tags))
     locations: dict[str, list[dict[str, Any]]] = {}
     for loc in await storage.list_code_locations():
         locations.setdefault(loc.agent_id, []).append(
@@ -68,7 +72,10 @@ async def agents_json(
             "code_locations": locations.get(a.agent_id, []),
             "labels": a.labels,
             "resources": a.resources,
-            "resources_free": free_resources(a, active),
+            "resources_free": {
+                name: free - step_held.get(a.agent_id, Counter())[name]
+                for name, free in free_resources(a, active).items()
+            },
         }
         for a in await storage.list_agents()
     ]
