@@ -91,7 +91,9 @@ def task_inputs_problem(
 ) -> str | None:
     """Why a STEP_TASK_REQUESTED's inputs are not the step's upstream outputs of this
     run (or of the run a re-execution reuses them from); None if they are."""
-    if not isinstance(inputs, dict):
+    if not isinstance(inputs, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in inputs.items()
+    ):
         return "inputs must map each upstream step to a run id"
     if sorted(inputs) != sorted(upstream):
         return f"inputs name {sorted(inputs)!r}, the step's upstream is {sorted(upstream)!r}"

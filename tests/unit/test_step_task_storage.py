@@ -10,7 +10,7 @@ from control_plane.model.runs import QueueSnapshot
 from control_plane.model.statuses import RunStatus
 from control_plane.model.steptasks import DONE, RUNNING, WAITING, StepPlacement, StepTaskLost
 from control_plane.storage import Storage
-from control_plane.storage.errors import NotYourRun, StaleLease
+from control_plane.storage.errors import NotYourRun, RecordRefused, StaleLease
 from protocol.messages import CodeLocationInfo, JobInfo, OpInfo, RunRecord
 from tests.unit.test_storage import new_run
 
@@ -175,3 +175,18 @@ async def test_an_agent_that_registers_without_its_step_task_loses_it(storage: S
     assert await storage.reconcile_step_tasks(other, [], 6.0) == [orchestrator]
     (done,) = await storage.step_tasks_of("r1")
     assert done.status == DONE and "agent restarted" in done.outcome["message"]
+
+
+async def test_a_step_task_uploads_its_own_steps_output_only(storage: Storage) -> None:
+    orchestrator = await register(storage, "w1")
+    run_lease = await started(storage, "r1", orchestrator)
+    await storage.append_records("r1", run_lease, [ask(2)], 4.0)
+    (lease,) = await place(storage, orchestrator)
+    await storage.put_output("r1", lease, "extract", b"big output", 5.0)
+    assert await storage.get_output("r1", "extract") == b"big output"
+    with pytest.raises(RecordRefused):
+        await storage.put_output("r1", lease, "load", b"not mine", 5.0)
+    assert await storage.get_output("r1", "load") is None
+    await storage.append_records("r1", run_lease, [record(3, "RUN_SUCCESS")], 6.0)
+    with pytest.raises(StaleLease):
+        await storage.put_output("r1", lease, "extract", b"too late", 7.0)

@@ -195,6 +195,7 @@ def test_a_step_tasks_inputs_are_its_upstream_outputs_of_this_run_or_reused() ->
         task_inputs_problem({"a": "r1", "b": "other"}, upstream, "r1", {}) or ""
     )
     assert task_inputs_problem(["a"], upstream, "r1", {}) is not None
+    assert task_inputs_problem({1: "r1", "b": ["r1"]}, upstream, "r1", {}) is not None
 
 
 def test_a_step_tasks_outcome_reads_its_workers_result_or_the_agents_report() -> None:

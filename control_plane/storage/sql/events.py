@@ -205,7 +205,12 @@ class EventQueries(SqlBase):
             task = await task_by_lease(db, lease)
             if task is not None and task.run_id == run_id:  # a step task's own step only
                 run = await get_run(db, run_id)
-                if run is None or run.lease != task.run_lease or task.status != RUNNING:
+                if (
+                    run is None
+                    or run.status != RunStatus.STARTED
+                    or run.lease != task.run_lease
+                    or task.status != RUNNING
+                ):
                     raise StaleLease(f"lease {lease} of step task {task.task_id} is over")
                 if step != task.step:
                     raise RecordRefused(f"step task {task.task_id} runs step {task.step}")
