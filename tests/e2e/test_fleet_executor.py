@@ -108,9 +108,8 @@ def test_fan_out_spreads_over_agents_and_a_labelled_step_lands_on_its_match(
         with urllib.request.urlopen(f"{cp.url}/ui/runs/{run_id}", timeout=30) as response:
             page = response.read().decode()
         assert '<td class="step-agent">gpu</td>' in page
-        # and the total (3*2*6 + 3*10) is right: total took every output from the store
-        ended = step_events(cp, run_id, "STEP_SUCCESS")
-        assert {e["step"] for e in ended} >= {"total", "on_gpu"}
+        # and the total (3*2*6 + 3*10) is right: it took every output from the store
+        assert (folder / "total").read_text() == "66"
     finally:
         stop_all(plain, gpu, cp)
 
@@ -164,7 +163,7 @@ def test_cancel_stops_step_tasks_in_flight_on_two_agents(tmp_path: Path) -> None
         # Then it ends CANCELED and every step process on every agent is gone
         assert cp.wait_run(run_id, 60)["status"] == "CANCELED"
         wait_for(lambda: not any(alive(p) for p in pids), 30, what="the step processes to end")
-        assert not (folder / "gate-left").exists()
+        assert not step_events(cp, run_id, "STEP_SUCCESS")
     finally:
         stop_all(a1, a2, cp)
 
