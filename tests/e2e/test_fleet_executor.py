@@ -273,6 +273,9 @@ def test_a_step_no_agent_can_take_waits_in_the_queue_view_until_one_can(
             [*FLEETRUN, "queue", "--url", cp.url], capture_output=True, text=True, timeout=60
         )
         assert "on_gpu" in shown.stdout and "gpu=yes" in shown.stdout, shown.stdout
+        with urllib.request.urlopen(f"{cp.url}/ui/queue", timeout=30) as response:
+            page = response.read().decode()
+        assert '<tr data-step="on_gpu">' in page and "gpu=yes" in page
         # When an agent with the label arrives, the step runs there and the run succeeds
         gpu = start_agent(cp, tmp_path, "gpu", FLEET, extra=slots(2) + GPU)
         assert cp.wait_run(run_id, 60)["status"] == "SUCCESS", cp.events(run_id)
