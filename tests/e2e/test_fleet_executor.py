@@ -142,7 +142,7 @@ def test_step_whose_agent_is_killed_is_retried_elsewhere_and_the_run_succeeds(
         (folder / "gate-held").touch()  # the orphaned first attempt may end now
         wait_for(lambda: not alive(first), 30, what="the orphaned attempt to end")
     finally:
-        stop_all(orchestra, cp)
+        stop_all(orchestra, doomed, cp)
 
 
 def test_cancel_stops_step_tasks_in_flight_on_two_agents(tmp_path: Path) -> None:
