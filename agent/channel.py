@@ -12,7 +12,10 @@ so that it outlives the agent that started it and a restarted agent can adopt it
       deadline     the lease deadline, written by the agent, enforced by the worker
       slots        the pool slots granted to its steps (JSON: ["step#attempt", ...]),
                    written by the agent as the control plane grants them
-      slot_bell    a FIFO: the agent writes a byte after each change of `slots`
+      slot_bell    a FIFO: the agent writes a byte after each change of `slots` or
+                   `step_results`
+      step_results how its step tasks ended (the fleet executor; JSON list), written by
+                   the agent as the control plane tells it
       code_version the version of the run's code location that the worker runs
 
 The agent tails the three files. Where it got to (a `Position`) is stored in its spool
@@ -33,12 +36,13 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import msgpack
 
 from agent.compute_logs import StepOutputSplitter
 from agent.processes import process_info
-from agent.worker.slots import SLOT_BELL, SLOTS
+from agent.worker.slots import SLOT_BELL, SLOTS, STEP_RESULTS
 from protocol import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS
 from protocol.codec import FRAME_HEADER_SIZE, frame_length
 from protocol.messages import LaunchRun
@@ -173,8 +177,18 @@ class Channel:
         or no longer: it reads the file whenever it looks)."""
         with contextlib.suppress(FileNotFoundError):  # the attempt ended meanwhile
             _write_atomically(self.path(SLOTS), json.dumps(sorted(keys)).encode())
+        self._ring(SLOT_BELL)
+
+    def deliver_step_results(self, results: list[dict[str, Any]]) -> None:
+        """Tell the worker how its step tasks ended (the fleet executor): the whole
+        list, replaced at once, then the slot bell, which its scheduler listens to."""
+        with contextlib.suppress(FileNotFoundError):  # the attempt ended meanwhile
+            _write_atomically(self.path(STEP_RESULTS), json.dumps(results).encode())
+        self._ring(SLOT_BELL)
+
+    def _ring(self, name: str) -> None:
         try:
-            fd = os.open(self.path(SLOT_BELL), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(self.path(name), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:  # no reader (the worker is gone or not started yet), or no FIFO
             return
         try:

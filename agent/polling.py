@@ -18,7 +18,7 @@ from agent.registration import register
 from agent.reloading import request_reload
 from agent.state import REQUEST_TIMEOUT_SECONDS, AgentState
 from agent.supervision import refuse_launch, start_run
-from agent.worker.slots import slot_key
+from agent.worker.slots import slot_key, step_result_entry
 from protocol.codec import ProtocolError, decode_poll_reply
 from protocol.messages import Poll, PollReply
 
@@ -34,6 +34,7 @@ async def poll_forever(agent: AgentState) -> None:
             held_leases=list(agent.runs),
             stopping_leases=[lease for lease, a in agent.runs.items() if a.worker.stop_order],
             held_grants=agent.held_grants(),
+            held_results=agent.held_results(),
         )
         try:
             body = await agent.client.call_raw(
@@ -77,6 +78,15 @@ def carry_out(agent: AgentState, reply: PollReply) -> None:
     for lease in granted:
         active = agent.runs[lease]
         active.worker.channel.grant_slots(list(active.grants.values()))
+    told: set[int] = set()
+    for result in reply.step_results:
+        active = agent.runs.get(result.lease)
+        if active is not None and active.worker.launch.run_id == result.run_id:
+            active.results[result.task_id] = step_result_entry(result)
+            told.add(result.lease)
+    for lease in told:
+        active = agent.runs[lease]
+        active.worker.channel.deliver_step_results(list(active.results.values()))
     if reply.reload is not None:
         names = request_reload(agent, reply.reload.locations, "asked by the control plane")
         log.info("reloading code location(s) %s, as the control plane asks", ", ".join(names))

@@ -27,7 +27,8 @@ log = logging.getLogger("fleetrun.agent")
 # What this agent can do beyond protocol 1: the control plane assigns a run only to an
 # agent with every capability the run needs. Its run launcher is one more:
 # "launcher:<run_launcher>" (a run with a fleetrun/image tag needs "launcher:docker").
-CAPABILITIES = ["reuse_outputs", "stop_orders", "drain"]
+# "step_tasks": it runs fleet runs and the step tasks of any fleet run (protocol 5).
+CAPABILITIES = ["reuse_outputs", "stop_orders", "drain", "step_tasks"]
 
 
 def register_message(agent: AgentState) -> Register:

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.client import ContactLog, ControlPlaneClient
 from agent.codeversions import LocationVersion
@@ -37,6 +38,8 @@ class ActiveRun:
     task: asyncio.Task[None]  # supervises the attempt until its records are delivered
     worker_exited: asyncio.Future[None]
     grants: dict[int, str] = field(default_factory=dict)  # pool slots: claim id -> slot key
+    # Step tasks' results for its worker (the fleet executor): task id -> the result
+    results: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def stop_as_agent_lost(self, lease: int, reason: str, grace: float) -> None:
         """Stop the worker on the agent's own account (out of contact, shutting down):
@@ -91,6 +94,10 @@ class AgentState:
             config.spool_max_bytes,
             config.spool_max_age_seconds,
         )
+
+    def held_results(self) -> list[int]:
+        """The step results passed to this agent's workers (task ids)."""
+        return [task for active in self.runs.values() for task in active.results]
 
     def held_grants(self) -> list[int]:
         """The pool-slot grants passed to this agent's workers (claim ids)."""

@@ -306,15 +306,15 @@ def main(argv: list[str] | None = None) -> None:
         rows.extend(docker_rows(args.docker_runs))
     if not args.skip_extra:
         progress("extra: executors, agent death")
-        from bench.executors import per_step_ms
+        from bench.executors import CASES, describe, per_step_ms
         from bench.monitoring import TIMEOUT, agent_death
 
-        for executor in ("in_process", "multiprocess"):
-            ms = per_step_ms(executor, 3)
+        for executor, job in CASES:
+            ms = per_step_ms(executor, 3, job)
             rows.append(
                 Row(
                     "extra",
-                    f"{executor} executor, per step of a 100-op chain",
+                    describe(executor, job),
                     value=f"{statistics.median(ms):.2f} ms",
                 )
             )

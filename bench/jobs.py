@@ -39,6 +39,15 @@ def chain_10():
         value = add_one(value)
 
 
+@job
+def fan_out_100():
+    """One root and 99 steps that each take its output: 100 steps, 99 of them ready at
+    once."""
+    value = zero()
+    for i in range(99):
+        add_one.alias(f"leaf_{i}")(value)
+
+
 @op(pool="bench")
 def pooled_step(context):
     return None
@@ -50,4 +59,4 @@ def pooled_tick():
     pooled_step()
 
 
-defs = Definitions(jobs=[sleepy, chain_100, chain_10, pooled_tick])
+defs = Definitions(jobs=[sleepy, chain_100, chain_10, fan_out_100, pooled_tick])

@@ -38,7 +38,23 @@ STEP_SLOT_REQUESTED = "STEP_SLOT_REQUESTED"
 STEP_SLOT_WAITING = "STEP_SLOT_WAITING"
 STEP_SLOT_GRANTED = "STEP_SLOT_GRANTED"
 STEP_ATTEMPT_ENDS = frozenset({"STEP_SUCCESS", "STEP_FAILURE", "STEP_UP_FOR_RETRY"})
-AGENT_EVENTS = AGENT_RUN_EVENTS | STEP_EVENTS | {LOG, ENGINE_EVENT, STEP_SLOT_REQUESTED}
+# The fleet executor: the run worker asks for a step attempt to be run on the fleet (a
+# step task, data: attempt and inputs); the control plane notes which agent started it
+# and how it ended (under the step task's lease the worker's RUN_START and result
+# become these two).
+STEP_TASK_REQUESTED = "STEP_TASK_REQUESTED"
+STEP_TASK_STARTED = "STEP_TASK_STARTED"
+STEP_TASK_ENDED = "STEP_TASK_ENDED"
+AGENT_EVENTS = (
+    AGENT_RUN_EVENTS
+    | STEP_EVENTS
+    | {
+        LOG,
+        ENGINE_EVENT,
+        STEP_SLOT_REQUESTED,
+        STEP_TASK_REQUESTED,
+    }
+)
 CONTROL_PLANE_EVENTS = frozenset(
     {
         "RUN_ENQUEUED",
@@ -49,6 +65,8 @@ CONTROL_PLANE_EVENTS = frozenset(
         "RUN_REQUEUED",
         STEP_SLOT_WAITING,
         STEP_SLOT_GRANTED,
+        STEP_TASK_STARTED,
+        STEP_TASK_ENDED,
     }
 )
 LOG_STREAMS = frozenset({"stdout", "stderr"})
@@ -64,6 +82,7 @@ AGENT_FAILURE_KINDS = frozenset(
     {WORKER_CRASH, AGENT_LOST, UNDELIVERABLE, CODE_UNREACHABLE, AGENT_RESTARTED}
 )
 RECORD_KINDS = frozenset({"event", "log"})
+STEPPED_REQUESTS = frozenset({STEP_SLOT_REQUESTED, STEP_TASK_REQUESTED})
 
 
 def record_shape_problem(kind: str, record_type: str, step: str | None) -> str | None:
@@ -77,7 +96,7 @@ def record_shape_problem(kind: str, record_type: str, step: str | None) -> str |
             return f"{record_type} is written by the control plane only"
         if record_type not in AGENT_EVENTS:
             return f"{record_type[:64]!r} is not an event type an agent may send"
-        if (record_type in STEP_EVENTS or record_type == STEP_SLOT_REQUESTED) and step is None:
+        if (record_type in STEP_EVENTS or record_type in STEPPED_REQUESTS) and step is None:
             return f"{record_type} needs a step"
     else:
         return f"record kind must be event or log, not {kind[:64]!r}"

@@ -179,6 +179,7 @@ class Poll:
     held_leases: list[int] = field(default_factory=list)
     stopping_leases: list[int] = field(default_factory=list)  # stop orders being carried out
     held_grants: list[int] = field(default_factory=list)  # slot grants passed to workers
+    held_results: list[int] = field(default_factory=list)  # step results passed to workers
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,27 @@ class LaunchRun:
     # The code version to run: the parent's for a re-execution (used if the agent still
     # has it), the `fleetrun/code_version` tag's (required); "": the current one.
     code_version: str = ""
+    # A step task (the fleet executor): run only attempt `step_attempt` (from 0) of step
+    # `step` of this run, under `lease` (the step task's own, fenced with the run's);
+    # its inputs are the outputs `reuse_outputs` names. "": the whole run.
+    step: str = ""
+    step_attempt: int = 0
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """How a step task of run attempt `lease` ended, for the agent holding that attempt
+    (its worker orchestrates the run). Offered on every poll until the agent lists
+    `task_id` in `Poll.held_results`. `outcome`: ok, and on failure error_type, message,
+    traceback, max_retries, wait_seconds (what the step's retry decision needs)."""
+
+    run_id: str
+    lease: int
+    task_id: int
+    step: str
+    attempt: int
+    agent: str
+    outcome: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -244,6 +266,7 @@ class PollReply:
     evaluations: list[Evaluate] = field(default_factory=list)
     grants: list[SlotGrant] = field(default_factory=list)
     reload: ReloadLocations | None = None
+    step_results: list[StepResult] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -413,8 +436,14 @@ FIELDS_SINCE: dict[str, dict[str, int]] = {
     "Evaluate": {"run_changes": 3},
     "OpInfo": {"retry_policy": 3, "pool": 4},
     "Register": {"runs": 2, "capabilities": 2, "labels": 4, "resources": 4},
-    "Poll": {"stopping_leases": 2, "held_grants": 4},
-    "PollReply": {"stops": 2, "evaluations": 2, "grants": 4, "reload": 4},
-    "LaunchRun": {"reuse_outputs": 2, "claim_pool_slots": 4, "code_version": 4},
+    "Poll": {"stopping_leases": 2, "held_grants": 4, "held_results": 5},
+    "PollReply": {"stops": 2, "evaluations": 2, "grants": 4, "reload": 4, "step_results": 5},
+    "LaunchRun": {
+        "reuse_outputs": 2,
+        "claim_pool_slots": 4,
+        "code_version": 4,
+        "step": 5,
+        "step_attempt": 5,
+    },
     "LocationSpec": {"code_directory": 4, "version": 4},
 }

@@ -112,11 +112,6 @@ def _run(spec: WorkerSpec, sink: RecordSink, channel: str = "") -> int:
     except (KeyError, ValueError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         return _cannot_load(sink, launch.job, exc, str(message))
-    sink.event(
-        "RUN_START",
-        f"run worker started (pid {os.getpid()} on {socket.gethostname()})",
-        data={"pid": os.getpid(), "executor": options["name"]},
-    )
     store: OutputStore = (
         FilesystemOutputStore(spec.output_path)
         if spec.output_store == "filesystem"
@@ -132,6 +127,16 @@ def _run(spec: WorkerSpec, sink: RecordSink, channel: str = "") -> int:
         launch.reuse_outputs,
         spec=spec,
         slots=SlotGate(sink, channel, launch.claim_pool_slots),
+        channel=channel,
+    )
+    if launch.step:  # a step task of a fleet run: that one step attempt only
+        from agent.worker.executors.fleet import run_step_task
+
+        return run_step_task(execution)
+    sink.event(
+        "RUN_START",
+        f"run worker started (pid {os.getpid()} on {socket.gethostname()})",
+        data={"pid": os.getpid(), "executor": options["name"]},
     )
     try:
         failed = executor(execution)

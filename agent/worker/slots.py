@@ -15,15 +15,28 @@ import contextlib
 import json
 import os
 import select
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from protocol.events import STEP_SLOT_REQUESTED
+from protocol.messages import StepResult
 
 if TYPE_CHECKING:
     from agent.worker.executors.step import EventSink
 
 RECHECK_SECONDS = 1.0  # a wait looks at the grants this often even without a bell
 SLOTS, SLOT_BELL = "slots", "slot_bell"  # in the worker's channel folder
+STEP_RESULTS = "step_results"  # how its step tasks ended (the fleet executor)
+
+
+def step_result_entry(result: StepResult) -> dict[str, Any]:
+    """A step task's result as the worker reads it in its channel's `step_results`."""
+    return {
+        "task_id": result.task_id,
+        "step": result.step,
+        "attempt": result.attempt,
+        "agent": result.agent,
+        "outcome": result.outcome,
+    }
 
 
 def slot_key(step: str, attempt: int) -> str:

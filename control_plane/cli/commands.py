@@ -349,6 +349,19 @@ def cmd_queue(args: argparse.Namespace, client: ApiClient) -> int:
     if pools:
         text += "\n\nsteps of running runs waiting for pool slots:\n"
         text += table(pools, ["POOL", "IN USE", "WAITING", "NEXT IN LINE"])
+    steps = [
+        [
+            s["run_id"][:8],
+            s["step"],
+            s["attempt"],
+            s["queue"],
+            s["waiting_for"] or f"launching on {s['next_agent']}",
+        ]
+        for s in data.get("step_tasks", [])
+    ]
+    if steps:
+        text += "\n\nstep tasks of fleet runs waiting for an agent:\n"
+        text += table(steps, ["RUN", "STEP", "ATTEMPT", "QUEUE", "WAITING FOR"])
     emit(args, data, text)
     return 0
 

@@ -14,18 +14,21 @@ of the control plane's own.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from control_plane.bus import AGENT, MONITOR, WakeBus, runs_changed
+from control_plane.bus import AGENT, MONITOR, QUEUE, WakeBus, runs_changed
 from control_plane.config import RunMonitoringConfig
 from control_plane.daemon.stallwatch import StallWatch
+from control_plane.fleet.dispatch import wake_step_agents
 from control_plane.model.agents import Agent
 from control_plane.model.runs import Run, Verdict
 from control_plane.model.statuses import MAX_RUNTIME, START_TIMEOUT, RunStatus
+from control_plane.model.steptasks import StepTask, StepTaskLost
 from control_plane.model.times import iso
 from control_plane.storage.errors import StorageFull
-from control_plane.storage.port import AgentStore, Database, RunStore
+from control_plane.storage.port import AgentStore, Database, RunStore, StepTaskStore
 from protocol.events import AGENT_LOST
 from protocol.tags import MAX_RUNTIME_TAG
 
@@ -85,16 +88,34 @@ def _run_deadline(
     return min(candidates, key=lambda c: c[0]) if candidates else None
 
 
+def _step_task_deadline(
+    task: StepTask, agent: Agent | None, config: RunMonitoringConfig, boot_time: float, now: float
+) -> tuple[float, StepTaskLost] | None:
+    """When a RUNNING step task's agent counts as lost (its heartbeat, as for a run)."""
+    if agent is None or task.lease is None:
+        return None
+    last = min(agent.last_heartbeat, now)
+    message = (
+        f"agent lost: no heartbeat from agent {agent.name} for {now - last:.0f} s while it"
+        f" ran step {task.step} (attempt {task.attempt})"
+    )
+    lost = StepTaskLost(task.task_id, task.lease, message, agent.agent_id)
+    return max(last, boot_time) + config.agent_heartbeat_timeout_seconds, lost
+
+
 def find_verdicts(
     runs: list[Run],
     agents: dict[str, Agent],
     now: float,
     config: RunMonitoringConfig,
     boot_time: float,
-) -> tuple[list[Verdict], float | None]:
-    """Verdicts due now, and when the next one could fall due (None: no active run)."""
-    verdicts: list[Verdict] = []
+    step_tasks: Sequence[StepTask] = (),
+) -> tuple[list[Verdict | StepTaskLost], float | None]:
+    """Verdicts due now (on runs; on RUNNING step tasks, StepTaskLost when their agent
+    went silent), and when the next one could fall due (None: nothing active)."""
+    verdicts: list[Verdict | StepTaskLost] = []
     next_deadline: float | None = None
+    found: tuple[float, Verdict | StepTaskLost] | None
     for run in runs:
         found = _run_deadline(run, agents.get(run.agent_id or ""), config, boot_time, now)
         if found is None:
@@ -104,10 +125,19 @@ def find_verdicts(
             verdicts.append(verdict)
         elif next_deadline is None or deadline < next_deadline:
             next_deadline = deadline
+    for task in step_tasks:
+        found = _step_task_deadline(task, agents.get(task.agent_id or ""), config, boot_time, now)
+        if found is None:
+            continue
+        deadline, lost = found
+        if deadline <= now:
+            verdicts.append(lost)
+        elif next_deadline is None or deadline < next_deadline:
+            next_deadline = deadline
     return verdicts, next_deadline
 
 
-class MonitoredStore(RunStore, Database, Protocol):
+class MonitoredStore(RunStore, StepTaskStore, Database, Protocol):
     """What the monitor uses of storage: the runs, and whether the database can write
     (no agent can heartbeat while it cannot, so nobody is judged)."""
 
@@ -150,10 +180,22 @@ async def monitor_pass(monitor: Monitor, now: float) -> float | None:
     runs = await storage.active_runs()
     if not runs:
         return None
-    agents = await monitor.agents.get_agents({r.agent_id for r in runs if r.agent_id})
+    tasks = await storage.running_step_tasks()
+    agent_ids = {r.agent_id for r in runs if r.agent_id} | {t.agent_id for t in tasks}
+    agents = await monitor.agents.get_agents({a for a in agent_ids if a})
     if monitor.watch is not None:
         monitor.watch.observe()  # a gap of ours, ending just now, must not count against agents
-    verdicts, next_deadline = find_verdicts(runs, agents, now, monitor.config, monitor.boot_time)
+    found, next_deadline = find_verdicts(
+        runs, agents, now, monitor.config, monitor.boot_time, tasks
+    )
+    lost = [v for v in found if isinstance(v, StepTaskLost)]
+    if lost:
+        for task in lost:
+            log.warning("step task %d: %s", task.task_id, task.message)
+        for owed in await storage.end_lost_step_tasks(lost, now):
+            monitor.bus.publish(AGENT, owed)
+        monitor.bus.publish(QUEUE)
+    verdicts = [v for v in found if isinstance(v, Verdict)]
     if verdicts:
         changed = await storage.apply_verdicts(
             verdicts, now, monitor.config.max_resume_run_attempts
@@ -168,6 +210,7 @@ async def monitor_pass(monitor: Monitor, now: float) -> float | None:
             )
         if changed:
             runs_changed(monitor.bus, changed)
+            await wake_step_agents(storage, monitor.bus, [run.run_id for run in changed])
             for verdict in verdicts:
                 monitor.bus.publish(AGENT, verdict.offline_agent)
     return next_deadline

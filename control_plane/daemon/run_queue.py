@@ -16,7 +16,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from control_plane.bus import WakeBus, run_assigned, run_queued
+from control_plane.bus import AGENT, MONITOR, WakeBus, run_assigned, run_queued
 from control_plane.config import ConcurrencyConfig, RunCoordinatorConfig, TagConcurrencyLimit
 from control_plane.metrics import Metrics
 from control_plane.model.agents import (
@@ -28,6 +28,12 @@ from control_plane.model.agents import (
 )
 from control_plane.model.pools import RUN_SLOT, Claim, run_pool_problem
 from control_plane.model.runs import NewRun, Placement, QueueSnapshot, Run
+from control_plane.model.steptasks import (
+    FLEET_EXECUTOR,
+    STEP_TASKS_CAPABILITY,
+    StepPlacement,
+    StepTask,
+)
 from control_plane.model.times import iso
 from control_plane.storage.port import QueueStore, RunStore
 from protocol.tags import CODE_VERSION_TAG, IMAGE_TAG, run_labels, run_resources
@@ -36,12 +42,25 @@ log = logging.getLogger("fleetrun.coordinator")
 NO_POOLS = ConcurrencyConfig()
 
 
-def required_capabilities(run: Run) -> set[str]:
+def run_executor(run: Run, job_executor: str) -> str:
+    """The executor a run's worker will use: its run config's `execution`, else its
+    job's."""
+    override = run.config.get("execution")
+    if isinstance(override, str):
+        return override
+    if isinstance(override, dict) and isinstance(override.get("name"), str):
+        return str(override["name"])
+    return job_executor
+
+
+def required_capabilities(run: Run, executor: str = "") -> set[str]:
     """What an agent must support to take this run (older agents lack newer features; a
-    run with a container image, the docker launcher)."""
+    run with a container image, the docker launcher; a fleet run, step tasks)."""
     needs = {"reuse_outputs"} if run.reuse_outputs else set()
     if IMAGE_TAG in run.tags:
         needs.add(f"{LAUNCHER_CAPABILITY}docker")
+    if executor == FLEET_EXECUTOR:
+        needs.add(STEP_TASKS_CAPABILITY)
     return needs
 
 
@@ -83,17 +102,32 @@ class Decision:
 
 
 @dataclass
+class StepDecision:
+    """One waiting step task: the agent it runs on now, or the reason it waits."""
+
+    task: StepTask
+    agent: Agent | None = None
+    reason: str | None = None
+
+
+@dataclass
 class DispatchPlan:
     decisions: list[Decision] = field(default_factory=list)
     limits: list[LimitUsage] = field(default_factory=list)
     next_wake: float | None = None  # the earliest time a delayed run may start
+    step_decisions: list[StepDecision] = field(default_factory=list)
 
     @property
     def assignments(self) -> list[tuple[Run, Agent]]:
         return [(d.run, d.agent) for d in self.decisions if d.agent is not None]
 
     def placements(self) -> list[Placement]:
-        return [
+        steps: list[Placement] = [
+            StepPlacement(d.task.task_id, d.agent.agent_id)
+            for d in self.step_decisions
+            if d.agent is not None
+        ]
+        return steps + [
             (d.run.run_id, d.agent.agent_id, d.pools) for d in self.decisions if d.agent is not None
         ]
 
@@ -126,12 +160,26 @@ def plan_dispatch(
             if bucket is not None:
                 holders[(i, bucket)].append(run.run_id)
     used = Counter(r.agent_id for r in snapshot.active)
+    used.update(t.agent_id for t in snapshot.running_steps)
     held = held_resources(snapshot.active)
+    for task in snapshot.running_steps:
+        held[task.agent_id].update(run_resources(task.tags))
     by_pool = pools.granularity == "run"
     limits = pools.limits(snapshot.pool_limits)
     claims = list(snapshot.claims)
     agents = [a for a in snapshot.agents if agent_status(a, now, heartbeat_timeout) == ONLINE]
     draining = [a for a in snapshot.agents if agent_status(a, now, heartbeat_timeout) == DRAINING]
+
+    # Step tasks first: their runs hold a slot already and wait for them.
+    for task in snapshot.waiting_steps:
+        reason, agent = _pick_step_agent(task, agents, snapshot.hosted, used, held)
+        if agent is None:
+            note = _draining_note(task.queue, task.location, draining, snapshot.hosted)
+            plan.step_decisions.append(StepDecision(task, reason=f"{reason}{note}"))
+            continue
+        plan.step_decisions.append(StepDecision(task, agent=agent))
+        used[agent.agent_id] += 1
+        held[agent.agent_id].update(run_resources(task.tags))
 
     for run in snapshot.queued:
         if run.not_before is not None and run.not_before > now:
@@ -143,11 +191,13 @@ def plan_dispatch(
         if reason is None and by_pool and run_pools:
             reason = run_pool_problem(run_pools, claims, limits)
         if reason is None:
+            executor = run_executor(run, snapshot.job_executors.get((run.location, run.job), ""))
             reason, agent = _pick_agent(
-                run, agents, snapshot.hosted, used, held, snapshot.code_versions
+                run, agents, snapshot.hosted, used, held, snapshot.code_versions, executor
             )
             if agent is None:
-                reason = f"{reason}{_draining_note(run, draining, snapshot.hosted)}"
+                note = _draining_note(run.queue, run.location, draining, snapshot.hosted)
+                reason = f"{reason}{note}"
             if agent is not None:
                 taken = tuple(sorted(run_pools)) if by_pool else ()
                 plan.decisions.append(Decision(run, agent=agent, pools=taken))
@@ -219,11 +269,12 @@ def free_resources(agent: Agent, active: list[Run]) -> dict[str, float]:
 
 
 def _placement_problem(
-    run: Run, hosting: list[Agent], held: dict[str | None, Counter[str]]
+    tags: dict[str, str], hosting: list[Agent], held: dict[str | None, Counter[str]]
 ) -> tuple[str | None, list[Agent]]:
-    """The agents among `hosting` that have the labels `run` requires and the resources
-    it asks for free; or, when none does, exactly why."""
-    labels = run_labels(run.tags)
+    """The agents among `hosting` that have the labels `tags` (a run's, or a step
+    task's op's) require and the resources they ask for free; or, when none does,
+    exactly why."""
+    labels = run_labels(tags)
     for key, value in sorted(labels.items()):
         if not any(a.labels.get(key) == value for a in hosting):
             return f"no ONLINE agent has label {key}={value}", []
@@ -231,7 +282,7 @@ def _placement_problem(
     if not labelled:
         wanted = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
         return f"no ONLINE agent has every label of {wanted}", []
-    wanted_resources = run_resources(run.tags)
+    wanted_resources = run_resources(tags)
     fitting = []
     shortfalls = []
     for agent in labelled:
@@ -262,6 +313,7 @@ def _pick_agent(
     used: Counter[str | None],
     held: dict[str | None, Counter[str]],
     code_versions: dict[tuple[str, str], set[str]],
+    executor: str = "",
 ) -> tuple[str | None, Agent | None]:
     serving = [a for a in agents if run.queue in a.queues]
     if not serving:
@@ -280,13 +332,13 @@ def _pick_agent(
                 f"{pinned} (tag {CODE_VERSION_TAG})",
                 None,
             )
-    needs = required_capabilities(run)
+    needs = required_capabilities(run, executor)
     hosting = [a for a in hosting if needs <= set(a.capabilities)]
     if not hosting:
         wanted = ", ".join(sorted(needs))
         hint = "run_launcher = docker" if IMAGE_TAG in run.tags else "upgrade it"
         return f"no online agent hosting location {run.location} can do {wanted} ({hint})", None
-    problem, hosting = _placement_problem(run, hosting, held)
+    problem, hosting = _placement_problem(run.tags, hosting, held)
     if problem is not None:
         return problem, None
     free = [a for a in hosting if used[a.agent_id] < a.max_concurrent_runs]
@@ -301,12 +353,45 @@ def _pick_agent(
     return None, min(free, key=lambda a: (used[a.agent_id] - a.max_concurrent_runs, a.name))
 
 
-def _draining_note(run: Run, draining: list[Agent], hosted: dict[str, set[str]]) -> str:
-    """The DRAINING agents that would otherwise take `run`, so that a wait names them:
-    drained by an operator (until undrained) or shutting down (until they register)."""
-    able = [
-        a for a in draining if run.queue in a.queues and run.location in hosted.get(a.agent_id, ())
-    ]
+def _pick_step_agent(
+    task: StepTask,
+    agents: list[Agent],
+    hosted: dict[str, set[str]],
+    used: Counter[str | None],
+    held: dict[str | None, Counter[str]],
+) -> tuple[str | None, Agent | None]:
+    """The agent a step task runs on, by the rules a run's placement follows (queue,
+    location, capability, labels and resources of its op, a free slot); or why none."""
+    serving = [a for a in agents if task.queue in a.queues]
+    if not serving:
+        return f"no online agent serves queue {task.queue}", None
+    hosting = [a for a in serving if task.location in hosted.get(a.agent_id, ())]
+    if not hosting:
+        return f"no online agent on queue {task.queue} hosts location {task.location}", None
+    hosting = [a for a in hosting if STEP_TASKS_CAPABILITY in a.capabilities]
+    if not hosting:
+        return (
+            f"no online agent hosting location {task.location} can do {STEP_TASKS_CAPABILITY}"
+            " (upgrade it)",
+            None,
+        )
+    problem, hosting = _placement_problem(task.tags, hosting, held)
+    if problem is not None:
+        return problem, None
+    free = [a for a in hosting if used[a.agent_id] < a.max_concurrent_runs]
+    if not free:
+        slots = ", ".join(f"{a.name} {used[a.agent_id]}/{a.max_concurrent_runs}" for a in hosting)
+        return f"no agent hosting location {task.location} has a free slot ({slots})", None
+    return None, min(free, key=lambda a: (used[a.agent_id] - a.max_concurrent_runs, a.name))
+
+
+def _draining_note(
+    queue: str, location: str, draining: list[Agent], hosted: dict[str, set[str]]
+) -> str:
+    """The DRAINING agents that would otherwise take a run (or step task) of `queue` and
+    `location`, so that a wait names them: drained by an operator (until undrained) or
+    shutting down (until they register)."""
+    able = [a for a in draining if queue in a.queues and location in hosted.get(a.agent_id, ())]
     held = sorted(a.name for a in able if a.operator_drain)
     leaving = sorted(a.name for a in able if not a.operator_drain)
     notes = []
@@ -351,6 +436,10 @@ async def dispatch_pass(queue: RunQueue, now: float) -> float | None:
         return plan.placements()
 
     for run in await queue.storage.assign_queued(now, decide):
+        if isinstance(run, StepTask):  # its agent's poll takes it at once
+            queue.bus.publish(AGENT, run.agent_id)
+            queue.bus.publish(MONITOR)
+            continue
         # How long it waited is on the run as queued (assigned, its status_time is now).
         queue.metrics.run_assigned(queued.get(run.run_id, run), now)
         run_assigned(queue.bus, run)

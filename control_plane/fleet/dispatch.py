@@ -10,20 +10,28 @@ and so do pool-slot grants: owed until the agent lists them as held.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from control_plane.bus import WakeBus, runs_changed
+from control_plane.bus import AGENT, WakeBus, runs_changed
 from control_plane.clock import Clock
 from control_plane.fleet.evaluations import EvaluationBroker
 from control_plane.metrics import Metrics
 from control_plane.model.pools import Claim
 from control_plane.model.runs import Run, Verdict
 from control_plane.model.statuses import RunStatus
-from control_plane.storage.port import Storage
+from control_plane.model.steptasks import StepTask
+from control_plane.storage.port import StepTaskStore, Storage
 from control_plane.waiters import KeyedWaiters
 from protocol.events import UNDELIVERABLE
-from protocol.messages import LaunchRun, PollReply, ReloadLocations, SlotGrant, StopRun
+from protocol.messages import (
+    LaunchRun,
+    PollReply,
+    ReloadLocations,
+    SlotGrant,
+    StepResult,
+    StopRun,
+)
 from protocol.tags import CODE_VERSION_TAG
 from protocol.wire import delivery_problem
 
@@ -41,6 +49,45 @@ def launch_message(run: Run, claim_pool_slots: bool = True) -> LaunchRun:
         claim_pool_slots=claim_pool_slots,
         code_version=run.tags.get(CODE_VERSION_TAG) or run.wanted_code_version or "",
     )
+
+
+def step_launch_message(task: StepTask, run: Run) -> LaunchRun:
+    """A step task as its agent receives it: its run's launch, narrowed to one step
+    attempt under the task's lease, its inputs as the outputs it reuses."""
+    assert task.lease is not None
+    return LaunchRun(
+        run_id=run.run_id,
+        job=run.job,
+        location=run.location,
+        lease=task.lease,
+        tags=run.tags,
+        config=run.config,
+        reuse_outputs=task.inputs,
+        claim_pool_slots=False,  # the orchestrator took the step's slot
+        code_version=run.tags.get(CODE_VERSION_TAG) or run.code_version or "",
+        step=task.step,
+        step_attempt=task.attempt,
+    )
+
+
+def result_message(task: StepTask, agent_names: dict[str, str]) -> StepResult:
+    return StepResult(
+        run_id=task.run_id,
+        lease=task.run_lease,
+        task_id=task.task_id,
+        step=task.step,
+        attempt=task.attempt,
+        agent=agent_names.get(task.agent_id or "", task.agent_id or ""),
+        outcome=task.outcome,
+    )
+
+
+async def wake_step_agents(storage: StepTaskStore, bus: WakeBus, run_ids: Iterable[str]) -> None:
+    """These runs ended, or are being canceled or resumed: the agents running their step
+    tasks are owed stop orders now, not at their next poll."""
+    for run_id in run_ids:
+        for agent_id in await storage.step_task_agents(run_id):
+            bus.publish(AGENT, agent_id)
 
 
 def grant_message(claim: Claim) -> SlotGrant:
@@ -126,6 +173,7 @@ class Dispatcher:
         stopping: set[int],
         max_wait: float,
         held_grants: frozenset[int] = frozenset(),
+        held_results: frozenset[int] = frozenset(),
     ) -> PollReply:
         """What the agent must do; waits up to `max_wait` s for something if nothing is."""
         parked = self._parked.setdefault(agent_id, [])
@@ -136,7 +184,9 @@ class Dispatcher:
             self.wake_agent(agent_id)
         hold = max_wait * (1 - self.HOLD_SPREAD * self.spread())
         try:
-            return await self._wait(agent_id, held_leases, stopping, hold, mine, held_grants)
+            return await self._wait(
+                agent_id, held_leases, stopping, hold, mine, held_grants, held_results
+            )
         finally:
             if mine in parked:
                 parked.remove(mine)
@@ -181,6 +231,15 @@ class Dispatcher:
         locations = await self.storage.take_reload(agent_id)
         return None if locations is None else ReloadLocations(locations)
 
+    async def _step_launches(self, agent_id: str, held_leases: set[int]) -> list[LaunchRun]:
+        """The step tasks placed on this agent that it does not hold yet."""
+        pending = await self.storage.pending_step_launches(agent_id)
+        return [step_launch_message(t, run) for t, run in pending if t.lease not in held_leases]
+
+    async def _agent_names(self, tasks: list[StepTask]) -> dict[str, str]:
+        ids = {t.agent_id for t in tasks if t.agent_id is not None}
+        return {a.agent_id: a.name for a in (await self.storage.get_agents(ids)).values()}
+
     def parked_polls(self, agent_id: str) -> int:
         return len(self._parked.get(agent_id, ()))
 
@@ -192,6 +251,7 @@ class Dispatcher:
         max_wait: float,
         mine: _ParkedPoll,
         held_grants: frozenset[int],
+        held_results: frozenset[int] = frozenset(),
     ) -> PollReply:
         async def owed() -> PollReply | None:
             if mine.evicted:
@@ -224,9 +284,18 @@ class Dispatcher:
             if held_leases:  # a grant is for a step of an attempt the agent holds
                 owed_grants = await self.storage.owed_grants(agent_id, held_grants)
                 grants = [grant_message(c) for c in owed_grants if c.lease in held_leases]
+            launches += await self._step_launches(agent_id, held_leases)
+            results = []
+            if held_leases:  # a result is for a run attempt the agent holds
+                owed_results = await self.storage.owed_step_results(
+                    agent_id, held_leases, held_results
+                )
+                if owed_results:
+                    names = await self._agent_names(owed_results)
+                    results = [result_message(t, names) for t in owed_results]
             reload = await self._reload_owed(agent_id)
-            if launches or stops or evaluations or grants or reload:
-                return PollReply(launches, stops, evaluations, grants, reload)
+            if launches or stops or evaluations or grants or reload or results:
+                return PollReply(launches, stops, evaluations, grants, reload, results)
             return None
 
         return await self.agents.wait_for(agent_id, owed, max_wait) or PollReply()

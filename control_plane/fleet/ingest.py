@@ -8,8 +8,8 @@ monitor) through the bus.
 
 from __future__ import annotations
 
-from control_plane.bus import MONITOR, RUN, WakeBus, pools_changed, runs_changed
-from control_plane.fleet.dispatch import Dispatcher
+from control_plane.bus import AGENT, MONITOR, QUEUE, RUN, WakeBus, pools_changed, runs_changed
+from control_plane.fleet.dispatch import Dispatcher, wake_step_agents
 from control_plane.metrics import Metrics
 from control_plane.model.runs import ResumeRules
 from control_plane.model.statuses import TERMINAL_STATUSES, RunStatus
@@ -36,6 +36,11 @@ async def ingest(
     metrics.records_stored(result.stored)
     if result.pools_changed:
         pools_changed(bus)
+    if result.step_tasks_changed:  # a step task waits: the run queue places it
+        bus.publish(QUEUE)
+    if result.step_task_ended is not None:  # the orchestrator's poll takes the result
+        bus.publish(AGENT, result.step_task_ended)
+        bus.publish(QUEUE)  # its agent's slot is free
     if result.refused is not None:
         runs_changed(bus, [], batch.agent_id)
         bus.publish(RUN, batch.run_id)
@@ -46,6 +51,7 @@ async def ingest(
             await dispatcher.launches_held(batch.agent_id, [run])
     if result.status_changed and result.status in (*TERMINAL_STATUSES, RunStatus.QUEUED):
         runs_changed(bus, [], batch.agent_id)
+        await wake_step_agents(storage, bus, [batch.run_id])
     elif result.status_changed:
         bus.publish(MONITOR)  # a new deadline (max runtime) starts
     bus.publish(RUN, batch.run_id)

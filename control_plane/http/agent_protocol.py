@@ -10,6 +10,7 @@ http/errors.py gives it (bad input: a 4xx naming the problem).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -18,7 +19,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from control_plane.bus import QUEUE, RUN, instigators_changed, runs_changed
+from control_plane.bus import AGENT, QUEUE, RUN, instigators_changed, runs_changed
+from control_plane.fleet.dispatch import wake_step_agents
 from control_plane.fleet.ingest import ingest
 from control_plane.http.auth import PRINCIPAL, Principal
 from control_plane.http.errors import ApiError, api_error
@@ -36,6 +38,7 @@ from control_plane.http.keys import (
 )
 from control_plane.model.agents import DRAINING
 from control_plane.model.runs import Run
+from control_plane.model.steptasks import RUNNING
 from control_plane.storage.errors import RecordRefused
 from protocol import FLEETRUN_VERSION, PROTOCOL_VERSION
 from protocol.codec import ProtocolError, decode_versioned, encode
@@ -172,6 +175,11 @@ async def register(app: web.Application, msg: Register, principal: Principal | N
         agent.agent_id, held, now, monitoring.max_resume_run_attempts
     )
     runs_changed(bus, lost, agent.agent_id)
+    await wake_step_agents(storage, bus, [run.run_id for run in lost])
+    for owed in await storage.reconcile_step_tasks(agent.agent_id, held, now):
+        bus.publish(AGENT, owed)
+    if lost or held:
+        bus.publish(QUEUE)
     defines = any(info.schedules or info.sensors for info in msg.code_locations)
     instigators_changed(bus, "" if defines else agent.agent_id)
     timeout = monitoring.agent_heartbeat_timeout_seconds
@@ -209,6 +217,7 @@ async def poll(app: web.Application, msg: Poll, _: Principal | None) -> PollRepl
         set(msg.stopping_leases),
         app[CONFIG].server.poll_timeout_seconds,
         frozenset(msg.held_grants),
+        frozenset(msg.held_results),
     )
 
 
@@ -264,16 +273,24 @@ async def events(app: web.Application, msg: EventBatch, _: Principal | None) -> 
 
 
 async def _leased_run(request: web.Request, run_id: str) -> tuple[Run, int]:
-    """The run named by an outputs request, held by the calling agent under `lease`."""
+    """The run named by an outputs request, held by the calling agent under `lease`
+    (a step task's lease: as the run, its inputs as the outputs it reuses)."""
     try:
         lease = int(request.query.get("lease", ""))
     except ValueError:
         raise ApiError(400, "bad_parameter", "lease must be an integer") from None
     agent_id = request.query.get("agent_id", "")
     await _check_identity(request.app, request.get(PRINCIPAL), agent_id)
-    run = await request.app[STORAGE].get_run(run_id)
+    storage = request.app[STORAGE]
+    run = await storage.get_run(run_id)
     if run is None:
         raise ApiError(404, "unknown_run", "no run with that id")
+    if run.lease != lease and -(2**63) <= lease < 2**63:
+        task = await storage.step_task_by_lease(lease)
+        if task is not None and task.run_id == run_id and task.agent_id == agent_id:
+            if task.status != RUNNING or task.run_lease != run.lease:
+                raise ApiError(409, "stale_lease", f"step task lease {lease} is over")
+            return dataclasses.replace(run, reuse_outputs=task.inputs, agent_id=agent_id), lease
     if run.agent_id != agent_id:
         raise ApiError(403, "not_your_run", f"run {run_id} is not leased to this agent")
     if run.lease != lease:

@@ -3,6 +3,7 @@ why each queued run waits."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from aiohttp import web
@@ -17,6 +18,7 @@ from control_plane.model.statuses import ACTIVE_STATUSES
 from control_plane.model.times import iso
 from control_plane.storage.port import Storage
 from protocol.schema import to_plain
+from protocol.tags import run_resources
 
 
 async def list_agents(request: web.Request) -> web.Response:
@@ -36,6 +38,12 @@ async def agents_json(
     for run in active:
         if run.agent_id and run.status in ACTIVE_STATUSES:
             running[run.agent_id] = running.get(run.agent_id, 0) + 1
+    steps: dict[str, int] = {}
+    step_held: dict[str, Counter[str]] = {}
+    for task in await storage.running_step_tasks():
+        if task.agent_id:
+            steps[task.agent_id] = steps.get(task.agent_id, 0) + 1
+            step_held.setdefault(task.agent_id, Counter()).update(run_resources(task.tags))
     locations: dict[str, list[dict[str, Any]]] = {}
     for loc in await storage.list_code_locations():
         locations.setdefault(loc.agent_id, []).append(
@@ -58,12 +66,16 @@ async def agents_json(
             "max_concurrent_runs": a.max_concurrent_runs,
             "launcher": a.launcher,
             "running": running.get(a.agent_id, 0),
+            "step_tasks": steps.get(a.agent_id, 0),
             "last_heartbeat": iso(a.last_heartbeat),
             "version": a.version,
             "code_locations": locations.get(a.agent_id, []),
             "labels": a.labels,
             "resources": a.resources,
-            "resources_free": free_resources(a, active),
+            "resources_free": {
+                name: free - step_held.get(a.agent_id, Counter())[name]
+                for name, free in free_resources(a, active).items()
+            },
         }
         for a in await storage.list_agents()
     ]
@@ -198,8 +210,26 @@ async def queue_json(run_queue: RunQueue, now: float) -> dict[str, Any]:
         }
         for i, d in enumerate(plan.decisions)
     ]
+    steps = [
+        {
+            "task_id": d.task.task_id,
+            "run_id": d.task.run_id,
+            "step": d.task.step,
+            "attempt": d.task.attempt,
+            "queue": d.task.queue,
+            "create_time": iso(d.task.create_time),
+            "waiting_for": d.reason,
+            "next_agent": d.agent.name if d.agent else None,
+        }
+        for d in plan.step_decisions
+    ]
     waiting = [pool for pool in pools["pools"] if pool["waiting"]]
-    return {"runs": runs, "limits": [u.to_json() for u in plan.limits], "pools": waiting}
+    return {
+        "runs": runs,
+        "step_tasks": steps,
+        "limits": [u.to_json() for u in plan.limits],
+        "pools": waiting,
+    }
 
 
 def add_routes(app: web.Application) -> None:

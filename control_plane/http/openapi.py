@@ -283,6 +283,7 @@ def fleet_schemas() -> dict[str, Schema]:
             "max_concurrent_runs": integer(),
             "launcher": nullable(string(enum=["forkserver", "subprocess", "docker"])),
             "running": integer(0),
+            "step_tasks": integer(0, description="step tasks of fleet runs it runs now"),
             "last_heartbeat": nullable(timestamp()),
             "version": string(),
             "code_locations": array(location),
@@ -340,6 +341,18 @@ def fleet_schemas() -> dict[str, Schema]:
             "next_agent": nullable(string()),
         }
     )
+    step_task = obj(
+        {
+            "task_id": integer(1),
+            "run_id": string(),
+            "step": string(),
+            "attempt": integer(0),
+            "queue": string(),
+            "create_time": timestamp(),
+            "waiting_for": nullable(string(description="null when the next pass places it")),
+            "next_agent": nullable(string()),
+        }
+    )
     limit = obj(
         {"limit": string(), "max": integer(), "in_use": integer(0), "runs": array(string())}
     )
@@ -371,6 +384,9 @@ def fleet_schemas() -> dict[str, Schema]:
         "Queue": obj(
             {
                 "runs": array(queued),
+                "step_tasks": array(
+                    step_task, description="step tasks of fleet runs waiting for an agent"
+                ),
                 "limits": array(limit),
                 "pools": array(ref("Pool"), description="pools with steps waiting for a slot"),
             }

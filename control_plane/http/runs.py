@@ -16,6 +16,7 @@ from aiohttp import web
 
 from control_plane.bus import QUEUE, runs_changed
 from control_plane.daemon.run_queue import enqueue
+from control_plane.fleet.dispatch import wake_step_agents
 from control_plane.http.errors import ApiError, read_json_object
 from control_plane.http.keys import BUS, CLOCK, RUN_RULES, RUN_WATCHERS, STORAGE
 from control_plane.http.params import MAX_LIST_LIMIT, int_param, wait_param
@@ -321,6 +322,7 @@ async def cancel_run(request: web.Request) -> web.Response:
     if updated.status in (RunStatus.SUCCESS, RunStatus.FAILURE):
         raise ApiError(409, "already_finished", f"run already ended with {updated.status}")
     runs_changed(app[BUS], [updated])
+    await wake_step_agents(storage, app[BUS], [run.run_id])
     return web.json_response({"run_id": run.run_id, "status": str(updated.status)})
 
 

@@ -26,6 +26,7 @@ RUN_TABLES = (
     "run_attempts",
     "run_tags",
     "run_status_changes",
+    "step_tasks",
 )
 
 

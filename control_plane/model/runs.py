@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from control_plane.model.agents import Agent
 from control_plane.model.statuses import RunStatus
+from control_plane.model.steptasks import StepPlacement, StepTask
 from control_plane.model.times import iso
 
 if TYPE_CHECKING:
@@ -209,8 +210,14 @@ class QueueSnapshot:
     job_pools: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)
     # (agent id, location) -> the code versions that agent has of it
     code_versions: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+    # The executor of each queued run's job, by (location, job) (a fleet run needs an
+    # agent that can run step tasks); step tasks waiting to be placed, and those running
+    # (each holds one of its agent's slots and the resources its op asks for).
+    job_executors: dict[tuple[str, str], str] = field(default_factory=dict)
+    waiting_steps: list[StepTask] = field(default_factory=list)
+    running_steps: list[StepTask] = field(default_factory=list)
 
 
 # What a dispatch decides for a run: (run id, agent id), or with the pools it holds a slot
-# of from its launch to its end, (run id, agent id, pools).
-Placement = tuple[str, str] | tuple[str, str, tuple[str, ...]]
+# of from its launch to its end, (run id, agent id, pools); for a step task, the agent.
+Placement = tuple[str, str] | tuple[str, str, tuple[str, ...]] | StepPlacement

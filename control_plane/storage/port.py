@@ -40,6 +40,7 @@ from control_plane.model.runs import (
     Verdict,
 )
 from control_plane.model.statuses import RunStatus
+from control_plane.model.steptasks import StepTask, StepTaskLost
 from control_plane.model.tokens import TokenRecord
 from protocol.messages import CodeLocationInfo, Evaluate, EvaluationResult, RunRecord
 
@@ -55,6 +56,8 @@ class AppendResult:
     launch_acked: bool = True  # whether the agent's hold of the launch was known before
     refused: str | None = None  # the record the batch stopped at, and why
     pools_changed: bool = False  # a step claimed a pool slot or gave one back
+    step_tasks_changed: bool = False  # a step task was asked for (the run queue places it)
+    step_task_ended: str | None = None  # the agent owed a step task's result (its run's)
 
 
 class Database(Protocol):
@@ -129,7 +132,7 @@ class RunStore(Protocol):
 
     async def assign_queued(
         self, now: float, decide: Callable[[QueueSnapshot], Sequence[Placement]]
-    ) -> list[Run]:
+    ) -> list[Run | StepTask]:
         """Decide on a snapshot and record the assignments (QUEUED -> STARTING under a
         new lease each, holding a slot of each pool a placement names) in one
         transaction: no two passes, on any replica, can both admit a run into the last
@@ -541,6 +544,45 @@ class PoolStore(Protocol):
         ...
 
 
+class StepTaskStore(Protocol):
+    """Step tasks (the fleet executor): asked for and ended through the run's records
+    (`append_records`), placed by `assign_queued`; these read and end them otherwise."""
+
+    async def step_task_by_lease(self, lease: int) -> StepTask | None: ...
+    async def step_tasks_of(self, run_id: str) -> list[StepTask]:
+        """Every step task of a run, oldest first (the run page's "which agent")."""
+        ...
+
+    async def step_task_agents(self, run_id: str) -> set[str]:
+        """The agents running a step task of this run (owed a stop order when it ends)."""
+        ...
+
+    async def running_step_tasks(self) -> list[StepTask]: ...
+    async def pending_step_launches(self, agent_id: str) -> list[tuple[StepTask, Run]]:
+        """RUNNING step tasks placed on this agent, of runs still STARTED under the
+        lease that asked (offered until the agent holds their lease)."""
+        ...
+
+    async def owed_step_results(
+        self, agent_id: str, run_leases: Collection[int], held: Collection[int]
+    ) -> list[StepTask]:
+        """Ended step tasks of the run attempts this agent holds (`run_leases`), but
+        those it already has (task ids in `held`)."""
+        ...
+
+    async def end_lost_step_tasks(self, verdicts: list[StepTaskLost], now: float) -> list[str]:
+        """Fail each step task still RUNNING under the verdict's lease; the agents (of
+        their runs) owed the result."""
+        ...
+
+    async def reconcile_step_tasks(
+        self, agent_id: str, held_leases: Collection[int], now: float
+    ) -> list[str]:
+        """An agent registered holding `held_leases`: its RUNNING step tasks not among
+        them failed; the agents owed the result."""
+        ...
+
+
 class QueueStore(RunStore, PoolStore, Protocol):
     """What the run queue works with: runs, and pools (run granularity, the queue view)."""
 
@@ -557,6 +599,7 @@ class Storage(
     EvaluationStore,
     AlertStore,
     RetentionStore,
+    StepTaskStore,
     Protocol,
 ):
     """Everything the control plane remembers."""

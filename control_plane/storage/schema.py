@@ -312,6 +312,31 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN wanted_code_version TEXT;
     ALTER TABLE agents ADD COLUMN reload_request TEXT;
     """,
+    # version 18 (the fleet executor): step tasks, one step attempt of a run placed on
+    # any agent under a lease of its own (a run_attempts row, fenced with the run's)
+    """
+    CREATE TABLE step_tasks (
+        task_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL,
+        run_lease INTEGER NOT NULL,
+        step TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        queue TEXT NOT NULL,
+        tags TEXT NOT NULL,
+        inputs TEXT NOT NULL,
+        status TEXT NOT NULL,
+        create_time REAL NOT NULL,
+        agent_id TEXT,
+        lease INTEGER,
+        start_time REAL,
+        end_time REAL,
+        outcome TEXT,
+        UNIQUE (run_id, run_lease, step, attempt)
+    );
+    CREATE INDEX step_tasks_by_status ON step_tasks (status, task_id);
+    CREATE INDEX step_tasks_by_lease ON step_tasks (lease);
+    CREATE INDEX step_tasks_by_run ON step_tasks (run_id, task_id);
+    """,
 ]
 
 

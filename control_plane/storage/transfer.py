@@ -65,6 +65,12 @@ TABLES: list[tuple[str, str, str]] = [
         "id",
         "pool, run_id, lease, step, attempt, priority, create_time, granted_time, noted",
     ),
+    (
+        "step_tasks",
+        "task_id",
+        "run_id, run_lease, step, attempt, queue, tags, inputs, status, create_time,"
+        " agent_id, lease, start_time, end_time, outcome",
+    ),
 ]
 # What is not copied, and why: the destination makes its own.
 NOT_COPIED = {
@@ -83,6 +89,7 @@ IDENTITY = {
     "ticks": "id",
     "alert_deliveries": "id",
     "pool_slots": "id",
+    "step_tasks": "task_id",
 }  # the columns whose sequences continue after the copied ids
 
 

@@ -233,9 +233,15 @@ def test_the_one_file_binary_runs_a_job(tmp_path: Path) -> None:
             ),
             what="the binary agent to register",
         )
-        for job in ("etl", "chatty"):
-            run_id = cp.submit(job, config={"execution": "multiprocess"})
+        for job, executor in (
+            ("etl", "multiprocess"),
+            ("chatty", "multiprocess"),
+            ("etl", "fleet"),
+        ):
+            run_id = cp.submit(job, config={"execution": executor})
             assert cp.wait_run(run_id)["status"] == "SUCCESS", cp.events(run_id)
+        started = [e for e in cp.events(run_id) if e["type"] == "STEP_TASK_STARTED"]
+        assert started and {e["data"]["agent"] for e in started} == {"bin"}
         agent.popen.send_signal(signal.SIGTERM)
         assert agent.popen.wait(60) == 0
     finally:

@@ -43,12 +43,12 @@ from protocol.messages import (
     Registered,
     ReloadLocations,
     RequestedRun,
-    RunChange,
     RunRecord,
     RunState,
     ScheduleInfo,
     SensorInfo,
     SlotGrant,
+    StepResult,
     StopRun,
     UpdateLocations,
     WorkerSpec,
@@ -147,43 +147,35 @@ def test_version_mismatch_names_both_versions(version: object) -> None:
 
 
 def test_the_previous_version_is_spoken_both_ways() -> None:
-    """A version-3 agent's locations decode (no pools, no code versions); what is sent
-    to it leaves out the fields of version 4 (slot grants, whether steps claim slots, a
-    reload order, a launch's code version)."""
-    old_info = {
-        "name": "loc",
-        "jobs": [{"name": "j", "ops": [{"name": "a"}]}],
-        "sensors": [{"name": "s", "job": "j"}],
-    }
-    message, version = decode_versioned(
-        _envelope(old_info, "CodeLocationInfo", PROTOCOL_VERSION - 1)
-    )
+    """A version-4 agent's poll decodes (no step results held); what is sent to it
+    leaves out the fields of version 5 (step results, a launch's step), and what it
+    was already told (slot grants, code versions) stays."""
+    old_poll = {"agent_id": "a", "held_leases": [1], "held_grants": [7]}
+    message, version = decode_versioned(_envelope(old_poll, "Poll", PROTOCOL_VERSION - 1))
     assert version == PROTOCOL_VERSION - 1
-    assert message.jobs[0].ops[0].pool is None
-    assert message.version == "" and message.versions == [] and message.reload_error is None
-    evaluate = Evaluate(
-        "e", "loc", "sensor", "s", run_changes=[RunChange("r", "j", "loc", "FAILURE")]
-    )
+    assert message.held_results == [] and message.held_grants == [7]
     grant = SlotGrant("r", 1, 7, "a", 0, "warehouse")
-    launch = dataclasses.replace(LAUNCH, claim_pool_slots=True, code_version="abc")
+    launch = dataclasses.replace(
+        LAUNCH, claim_pool_slots=True, code_version="abc", step="a", step_attempt=2
+    )
+    result = StepResult("r", 1, 9, "a", 0, "agent-2", {"ok": True})
     reply = PollReply(
         launches=[launch],
         stops=[StopRun("r", 1, True, "x")],
-        evaluations=[evaluate],
         grants=[grant],
         reload=ReloadLocations(["loc"]),
+        step_results=[result],
     )
     raw = msgpack.unpackb(encode(reply, PROTOCOL_VERSION - 1))
     assert raw["v"] == PROTOCOL_VERSION - 1
-    assert set(raw["body"]) == {"launches", "stops", "evaluations"}
-    assert "claim_pool_slots" not in raw["body"]["launches"][0]
-    assert "code_version" not in raw["body"]["launches"][0]
-    assert raw["body"]["evaluations"][0]["run_changes"][0]["run_id"] == "r"
+    assert set(raw["body"]) == {"launches", "stops", "evaluations", "grants", "reload"}
+    assert "step" not in raw["body"]["launches"][0]
+    assert "step_attempt" not in raw["body"]["launches"][0]
+    assert raw["body"]["launches"][0]["code_version"] == "abc"
     current = msgpack.unpackb(encode(reply))["body"]
-    assert current["grants"][0]["claim_id"] == 7
-    assert current["launches"][0]["claim_pool_slots"] is True
-    assert current["reload"] == {"locations": ["loc"]}
-    assert current["launches"][0]["code_version"] == "abc"
+    assert current["step_results"][0]["task_id"] == 9
+    assert current["launches"][0]["step"] == "a"
+    assert current["launches"][0]["step_attempt"] == 2
 
 
 def test_version_2_is_no_longer_spoken() -> None:

@@ -57,7 +57,10 @@ def agent(heartbeat: float, agent_id: str = "a1") -> Agent:
 def verdicts(
     runs: list[Run], heartbeat: float = NOW - 1, boot: float = BOOT, **config: Any
 ) -> tuple[list[Verdict], float | None]:
-    return find_verdicts(runs, {"a1": agent(heartbeat)}, NOW, RunMonitoringConfig(**config), boot)
+    found, deadline = find_verdicts(
+        runs, {"a1": agent(heartbeat)}, NOW, RunMonitoringConfig(**config), boot
+    )
+    return [v for v in found if isinstance(v, Verdict)], deadline
 
 
 def test_silent_agent_fails_its_runs_naming_it() -> None:

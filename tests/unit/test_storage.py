@@ -38,7 +38,7 @@ def event(seq: int, type_: str, step: str | None = None, message: str = "") -> R
 
 async def assign(storage: Storage, run_id: str, agent: str, now: float) -> Run | None:
     assigned = await storage.assign_queued(now, lambda snapshot: [(run_id, agent)])
-    return assigned[0] if assigned else None
+    return next((r for r in assigned if isinstance(r, Run)), None)
 
 
 async def assign_lease(storage: Storage, run_id: str, agent: str, now: float) -> int:

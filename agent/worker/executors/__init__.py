@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from agent.worker.executors.docker import execute_docker
 from agent.worker.executors.execution import Execution, Executor
+from agent.worker.executors.fleet import execute_fleet
 from agent.worker.executors.in_process import execute_in_process
 from agent.worker.executors.multiprocess import execute_multiprocess
 
@@ -33,3 +34,4 @@ def get_executor(name: str) -> Executor:
 register_executor("in_process", execute_in_process)
 register_executor("multiprocess", execute_multiprocess)
 register_executor("docker", execute_docker)
+register_executor("fleet", execute_fleet)

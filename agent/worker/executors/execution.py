@@ -27,6 +27,7 @@ class Execution:
     reuse: dict[str, str] = field(default_factory=dict)  # step -> run whose output to reuse
     spec: WorkerSpec | None = None  # the worker's whole spec (its location, step containers)
     slots: SlotGate | None = None  # pool slots (None: every step starts at once)
+    channel: str = ""  # the worker's channel folder (the fleet executor reads results there)
 
     def acquire_slot(self, step: str, attempt: int) -> None:
         """Block until attempt `attempt` (from 0) of `step` holds a slot of its pool."""

@@ -1,7 +1,7 @@
 """The run page's per-step table: each step of the job with its status, attempts and
-times, read from the run's events. Steps the job defines but that have not started are
-listed as not started; a step still open when the run was canceled is canceled, not
-failed. Pure: no I/O."""
+times (and, for a fleet run, the agent that ran it), read from the run's events. Steps
+the job defines but that have not started are listed as not started; a step still open
+when the run was canceled is canceled, not failed. Pure: no I/O."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from control_plane.model.runs import Event, Run
 from control_plane.model.statuses import TERMINAL_STATUSES, RunStatus
+from protocol.events import STEP_TASK_STARTED
 
 NOT_STARTED = "not started"
 OPEN = {"running", "up for retry"}
@@ -29,6 +30,7 @@ class StepRow:
     attempts: int = 0
     start: float | None = None
     end: float | None = None
+    agent: str = ""  # the agent that ran its last attempt (a fleet run's step tasks)
 
     def duration(self, now: float) -> float | None:
         """Seconds from the first attempt's start to the end, or to now while open."""
@@ -55,7 +57,9 @@ def step_rows(job_steps: list[str], run: Run, events: list[Event]) -> list[StepR
 
 
 def _apply(row: StepRow, event: Event) -> None:
-    if event.type in STARTS:
+    if event.type == STEP_TASK_STARTED:
+        row.agent = str(event.data.get("agent") or event.data.get("agent_id") or "")
+    elif event.type in STARTS:
         row.attempts += 1
         row.start = event.time if row.start is None else row.start
         row.status, row.end = "running", None

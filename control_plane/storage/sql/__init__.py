@@ -20,6 +20,7 @@ from control_plane.storage.sql.leaders import LeaderQueries
 from control_plane.storage.sql.pools import PoolQueries
 from control_plane.storage.sql.retention import RetentionQueries
 from control_plane.storage.sql.runs import RunQueries
+from control_plane.storage.sql.steptasks import StepTaskQueries
 from control_plane.storage.sql.tokens import TokenQueries
 
 
@@ -34,6 +35,7 @@ class SqlStorage(
     AlertQueries,
     RetentionQueries,
     PoolQueries,
+    StepTaskQueries,
 ):
     """The storage port over any `Tx`; subclasses open connections and migrate."""
 

@@ -19,12 +19,20 @@ from control_plane.model.statuses import (
     TERMINAL_STATUSES,
     RunStatus,
 )
+from control_plane.model.steptasks import RUNNING
 from control_plane.storage.errors import NotYourRun, RecordRefused, StaleLease, UnknownRun
 from control_plane.storage.logstore import LOG_COLUMNS, LogRow, LogStore
 from control_plane.storage.port import AppendResult
 from control_plane.storage.sql.base import SqlBase, Tx, event_json, marks
 from control_plane.storage.sql.catalog import CatalogCache
 from control_plane.storage.sql.pools import claim_step_slot, release_step
+from control_plane.storage.sql.steptasks import (
+    append_step_records,
+    check_task_agent,
+    put_output_row,
+    request_task,
+    task_by_lease,
+)
 from control_plane.storage.sql.transitions import (
     append_event,
     fail,
@@ -36,6 +44,7 @@ from protocol.events import (
     RUN_FAILURE,
     STEP_ATTEMPT_ENDS,
     STEP_SLOT_REQUESTED,
+    STEP_TASK_REQUESTED,
 )
 from protocol.messages import RunRecord
 
@@ -58,6 +67,14 @@ class EventQueries(SqlBase):
         agent_id: str | None = None,
     ) -> AppendResult:
         async with self._write(run_id) as db:
+            run = await get_run(db, run_id)
+            if run is not None and run.lease != lease:
+                task = await task_by_lease(db, lease)
+                if task is not None and task.run_id == run_id:
+                    check_task_agent(task, agent_id)
+                    return await append_step_records(
+                        db, self._catalogs, self._append_plain, run, task, records, now
+                    )
             run = await _leased(db, run_id, lease, agent_id)
             ((acked,),) = await db.fetch(
                 "SELECT acked_seq FROM run_attempts WHERE attempt_id = ?", (lease,)
@@ -68,6 +85,7 @@ class EventQueries(SqlBase):
             refused: str | None = None
             stored: dict[str, int] = {}
             pools_changed = False
+            tasks_changed = False
             plain: list[RunRecord] = []  # stored together, in as few statements as can be
             for record in sorted(records, key=lambda r: r.seq):
                 if record.seq <= acked:
@@ -83,6 +101,12 @@ class EventQueries(SqlBase):
                     continue
                 if record.step is not None and record.kind == "event":
                     pools_changed |= await _claim_or_release(db, run, lease, record, status, now)
+                if record.type == STEP_TASK_REQUESTED and record.kind == "event":
+                    problem = await self._request_task(db, run, lease, record, status, now)
+                    if problem is not None:
+                        refused = f"record {record.seq} ({record.type}): {problem}"
+                        break
+                    tasks_changed = True
                 if take is Take.STORE_UNATTRIBUTED:
                     record = dataclasses.replace(record, step=None)
                 stored_as = "log" if record.kind == "log" else "event"
@@ -155,7 +179,20 @@ class EventQueries(SqlBase):
                 launch_acked=run.launch_acked,
                 refused=refused,
                 pools_changed=pools_changed,
+                step_tasks_changed=tasks_changed,
             )
+
+    async def _request_task(
+        self, db: Tx, run: Run, lease: int, record: RunRecord, status: RunStatus, now: float
+    ) -> str | None:
+        """A STEP_TASK_REQUESTED: the step task it asks for (not once the run is being
+        canceled: it starts no step)."""
+        if status != RunStatus.STARTED:
+            return None
+        assert record.step is not None
+        info = (await self._catalogs.read(db)).job_info(run.location, run.job, run.agent_id)
+        ops = {op.name: op for op in info.ops} if info is not None else {}
+        return await request_task(db, run, lease, record, ops.get(record.step), now)
 
     async def _job_steps(self, db: Tx, run: Run) -> frozenset[str] | None:
         """The steps of the run's job, as its agent's copy of the location defines them
@@ -165,6 +202,20 @@ class EventQueries(SqlBase):
 
     async def put_output(self, run_id: str, lease: int, step: str, data: bytes, now: float) -> None:
         async with self._write(run_id) as db:
+            task = await task_by_lease(db, lease)
+            if task is not None and task.run_id == run_id:  # a step task's own step only
+                run = await get_run(db, run_id)
+                if (
+                    run is None
+                    or run.status != RunStatus.STARTED
+                    or run.lease != task.run_lease
+                    or task.status != RUNNING
+                ):
+                    raise StaleLease(f"lease {lease} of step task {task.task_id} is over")
+                if step != task.step:
+                    raise RecordRefused(f"step task {task.task_id} runs step {task.step}")
+                await _put_output(db, run_id, lease, step, data, now)
+                return
             run = await _leased(db, run_id, lease)
             why = output_problem(step, run.status, await self._job_steps(db, run))
             if why is None:
@@ -251,13 +302,7 @@ async def _refuse(db: Tx, run: Run, what: str, now: float) -> RunStatus:
 
 
 async def _put_output(db: Tx, run_id: str, lease: int, step: str, data: bytes, now: float) -> None:
-    await db.execute(
-        "INSERT INTO step_outputs (run_id, step, attempt, size, data, create_time)"
-        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, step) DO UPDATE SET"
-        " attempt = excluded.attempt, size = excluded.size, data = excluded.data,"
-        " create_time = excluded.create_time",
-        (run_id, step, lease, len(data), data, now),
-    )
+    await put_output_row(db, run_id, lease, step, data, now)
 
 
 async def _append_events(

@@ -44,6 +44,7 @@ ROW_BYTES = {
     "run_attempts": "0",
     "run_tags": "LENGTH(key) + LENGTH(value)",
     "run_status_changes": "0",
+    "step_tasks": "LENGTH(tags) + LENGTH(inputs) + COALESCE(LENGTH(outcome), 0)",
 }
 
 

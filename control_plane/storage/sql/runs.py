@@ -19,6 +19,7 @@ from control_plane.model.runs import (
     Verdict,
 )
 from control_plane.model.statuses import ACTIVE_STATUSES, RunStatus
+from control_plane.model.steptasks import StepPlacement, StepTask
 from control_plane.storage.sql.base import (
     AGENT_COLUMNS,
     RUN_COLUMNS,
@@ -30,6 +31,12 @@ from control_plane.storage.sql.base import (
 )
 from control_plane.storage.sql.catalog import CatalogCache, agents_by_id
 from control_plane.storage.sql.pools import hold_run_slots, live_claims, set_limits
+from control_plane.storage.sql.steptasks import (
+    assign_task,
+    running_tasks,
+    stale_task_orders,
+    waiting_tasks,
+)
 from control_plane.storage.sql.transitions import append_event, fail, get_run, insert_run, reusable
 from protocol.events import AGENT_RESTARTED
 from protocol.tags import PRIORITY_TAG
@@ -141,7 +148,8 @@ class RunQueries(SqlBase):
         active = await db.fetch(
             f"SELECT {RUN_COLUMNS} FROM runs WHERE status IN (?, ?, ?)", tuple(ACTIVE_STATUSES)
         )
-        if not queued and not every_agent:  # nothing to decide (an agent registered, say)
+        waiting = await waiting_tasks(db, DISPATCH_BATCH)
+        if not queued and not waiting and not every_agent:  # nothing to decide
             return QueueSnapshot(queued=[], active=[], agents=[], hosted={})
         catalog = await self._catalogs.read(db)
         if every_agent:
@@ -149,14 +157,16 @@ class RunQueries(SqlBase):
                 agent_from_row(r) for r in await db.fetch(f"SELECT {AGENT_COLUMNS} FROM agents")
             ]
         else:
-            wanted = {run.location for run in queued}
+            wanted = {run.location for run in queued} | {t.location for t in waiting}
             hosting = {loc.agent_id for name in wanted for loc in catalog.by_name.get(name, ())}
             agents = list((await agents_by_id(db, hosting)).values())
         job_pools = {}
+        job_executors = {}
         for run in queued:
             info = catalog.job_info(run.location, run.job)
             if info is not None:
                 job_pools[(run.location, run.job)] = frozenset(o.pool for o in info.ops if o.pool)
+                job_executors[(run.location, run.job)] = info.executor
         pooled = every_agent or any(job_pools.values())  # a run's pools may hold it back
         return QueueSnapshot(
             queued=queued,
@@ -167,6 +177,9 @@ class RunQueries(SqlBase):
             pool_limits=await set_limits(db) if pooled else {},
             job_pools=job_pools,
             code_versions=catalog.code_versions,
+            job_executors=job_executors,
+            waiting_steps=waiting,
+            running_steps=await running_tasks(db),
         )
 
     async def queue_snapshot(self) -> QueueSnapshot:
@@ -174,13 +187,19 @@ class RunQueries(SqlBase):
 
     async def assign_queued(
         self, now: float, decide: Callable[[QueueSnapshot], Sequence[Placement]]
-    ) -> list[Run]:
+    ) -> list[Run | StepTask]:
         async with self._write() as db:
             snapshot = await self._snapshot(db)
-            if not snapshot.queued:
+            if not snapshot.queued and not snapshot.waiting_steps:
                 return []
-            assigned = []
-            for run_id, agent_id, *pools in decide(snapshot):
+            assigned: list[Run | StepTask] = []
+            for placement in decide(snapshot):
+                if isinstance(placement, StepPlacement):
+                    task = await assign_task(db, placement.task_id, placement.agent_id, now)
+                    if task is not None:
+                        assigned.append(task)
+                    continue
+                run_id, agent_id, *pools = placement
                 run = await _assign(db, run_id, agent_id, now)
                 if run is not None:
                     if pools and pools[0]:
@@ -277,6 +296,9 @@ class RunQueries(SqlBase):
                             "UPDATE runs SET lease = NULL WHERE run_id = ?", (run.run_id,)
                         )
                         canceled.append(await get_run(db, run.run_id))  # type: ignore[arg-type]
+        step_leases, step_orders = await stale_task_orders(self._reader, agent_id, held)
+        orders += [StopOrder(*order) for order in step_orders]
+        held -= step_leases
         if held:
             stale = await self._reader.fetch(
                 "SELECT a.attempt_id, a.run_id, r.lease, r.status, r.status_reason"
