@@ -16,19 +16,17 @@ as the multiprocess executor settles a child's.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import itertools
 import json
 import os
 import pickle
 import selectors
 import socket
-import time
 from typing import Any
 
 from agent.worker.capture import capture_step_output
 from agent.worker.executors.execution import Execution
-from agent.worker.executors.multiprocess import RECHECK, _Ready, _Running, _Scheduler
+from agent.worker.executors.multiprocess import RECHECK, _Running, _Scheduler
 from agent.worker.executors.step import StepAttempt, attempt_step, emit_start, error_data
 from agent.worker.slots import SLOT_BELL, STEP_RESULTS
 from protocol.events import RUN_FAILURE, RUN_START, RUN_SUCCESS, STEP_TASK_REQUESTED
@@ -120,34 +118,23 @@ class _FleetScheduler(_Scheduler):
         )
         self.settle(name, running.retry_number, attempt)
 
-    def run(self) -> list[str]:
-        try:
-            while True:
-                self.enqueue_ready_steps()
-                now = time.monotonic()
-                while self.delayed and self.delayed[0][0] <= now:
-                    _, order, name, retry = heapq.heappop(self.delayed)
-                    heapq.heappush(self.ready, _Ready(self.priority(name), order, name, retry))
-                self.start_ready()
-                if not (self.running or self.ready or self.delayed or self.parked):
-                    return self.failed
-                timeout = RECHECK  # the bell is the fast path; the files are the truth
-                if self.delayed:
-                    timeout = min(timeout, max(0.0, self.delayed[0][0] - time.monotonic()))
-                self.selector.select(timeout)
-                if self.own_bell is not None:
-                    with contextlib.suppress(BlockingIOError):
-                        while os.read(self.own_bell, 4096):
-                            pass
-                if self.slots is not None and self.slots.fd is not None:
-                    self.take_grants()  # empties the shared bell too
-                elif self.slots is not None and self.parked:
-                    self.take_grants()
-                self.take_results()
-        finally:
-            self.selector.close()
-            if self.own_bell is not None:
-                os.close(self.own_bell)
+    def wait_for_news(self, timeout: float | None) -> None:
+        """Until a step result or slot grant is announced, at most RECHECK s: the bell
+        is the fast path, the files are the truth."""
+        self.selector.select(RECHECK if timeout is None else min(timeout, RECHECK))
+        if self.own_bell is not None:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self.own_bell, 4096):
+                    pass
+        if self.slots is not None and (self.slots.fd is not None or self.parked):
+            self.take_grants()  # empties the shared bell too
+        self.take_results()
+
+    def stop_children(self) -> None:
+        """Step tasks run elsewhere: the control plane stops them when the run ends."""
+        self.selector.close()
+        if self.own_bell is not None:
+            os.close(self.own_bell)
 
 
 def execute_fleet(execution: Execution) -> list[str]:

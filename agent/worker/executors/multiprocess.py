@@ -403,19 +403,24 @@ class _Scheduler:
                 timeout = None
                 if self.delayed:
                     timeout = max(0.0, self.delayed[0][0] - time.monotonic())
-                if self.parked:  # the bell is the fast path; the file is the truth
-                    timeout = min(timeout if timeout is not None else RECHECK, RECHECK)
-                events = self.selector.select(timeout)
-                rang = not events  # a recheck while steps wait
-                for key, _ in events:
-                    if key.fd == self.bell:
-                        rang = True
-                    elif key.fd in self.by_fd:
-                        self.read(key.fd)
-                if rang and self.slots is not None:
-                    self.take_grants()  # empties the bell too, parked steps or not
+                self.wait_for_news(timeout)
         finally:
             self.stop_children()
+
+    def wait_for_news(self, timeout: float | None) -> None:
+        """Until a step process writes, a slot grant arrives, or `timeout` (s, the next
+        retry's due time) passes."""
+        if self.parked:  # the bell is the fast path; the file is the truth
+            timeout = min(timeout if timeout is not None else RECHECK, RECHECK)
+        events = self.selector.select(timeout)
+        rang = not events  # a recheck while steps wait
+        for key, _ in events:
+            if key.fd == self.bell:
+                rang = True
+            elif key.fd in self.by_fd:
+                self.read(key.fd)
+        if rang and self.slots is not None:
+            self.take_grants()  # empties the bell too, parked steps or not
 
     def stop_children(self) -> None:
         """Leaving early (interrupted, or a bug): no step process may outlive the run.
