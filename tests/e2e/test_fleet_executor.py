@@ -8,10 +8,12 @@ a test knows which steps are in flight, and where, when it kills or cancels.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,20 @@ def stop_all(*procs: Proc) -> None:
         proc.stop()
 
 
+@contextlib.contextmanager
+def two_agents(tmp_path: Path, cp_extra: str = "") -> Iterator[tuple[ControlPlaneProc, Path]]:
+    """A control plane, agents a1 and a2 with four slots each, and the run's folder."""
+    cp = start_control_plane(tmp_path, cp_extra)
+    a1 = start_agent(cp, tmp_path, "a1", FLEET, extra=slots(4))
+    a2 = start_agent(cp, tmp_path, "a2", FLEET, extra=slots(4))
+    folder = tmp_path / "run"
+    folder.mkdir()
+    try:
+        yield cp, folder
+    finally:
+        stop_all(a1, a2, cp)
+
+
 def test_fan_out_spreads_over_agents_and_a_labelled_step_lands_on_its_match(
     tmp_path: Path,
 ) -> None:
@@ -147,12 +163,7 @@ def test_step_whose_agent_is_killed_is_retried_elsewhere_and_the_run_succeeds(
 
 def test_cancel_stops_step_tasks_in_flight_on_two_agents(tmp_path: Path) -> None:
     # Given a fleet run with two gated steps in flight on two agents
-    cp = start_control_plane(tmp_path)
-    a1 = start_agent(cp, tmp_path, "a1", FLEET, extra=slots(4))
-    a2 = start_agent(cp, tmp_path, "a2", FLEET, extra=slots(4))
-    folder = tmp_path / "run"
-    folder.mkdir()
-    try:
+    with two_agents(tmp_path) as (cp, folder):
         run_id = cp.submit("two_gated", config={"dir": str(folder)})
         pids = [pid_of(folder, "left"), pid_of(folder, "right")]
         where = wait_for(lambda: len(started_on(cp, run_id)) == 2 and started_on(cp, run_id))
@@ -164,19 +175,12 @@ def test_cancel_stops_step_tasks_in_flight_on_two_agents(tmp_path: Path) -> None
         assert cp.wait_run(run_id, 60)["status"] == "CANCELED"
         wait_for(lambda: not any(alive(p) for p in pids), 30, what="the step processes to end")
         assert not step_events(cp, run_id, "STEP_SUCCESS")
-    finally:
-        stop_all(a1, a2, cp)
 
 
 def test_pool_limit_holds_fleet_steps_to_one_at_a_time(tmp_path: Path) -> None:
     # Given a warehouse pool of one slot, and two agents with room for every step
     pool = '[concurrency]\n[[concurrency.pools]]\nname = "warehouse"\nlimit = 1\n'
-    cp = start_control_plane(tmp_path, pool)
-    a1 = start_agent(cp, tmp_path, "a1", FLEET, extra=slots(4))
-    a2 = start_agent(cp, tmp_path, "a2", FLEET, extra=slots(4))
-    folder = tmp_path / "run"
-    folder.mkdir()
-    try:
+    with two_agents(tmp_path, pool) as (cp, folder):
         # When a fleet run has four steps in that pool, all ready at once
         run_id = cp.submit("pooled", config={"dir": str(folder)})
         assert cp.wait_run(run_id, 60)["status"] == "SUCCESS", cp.events(run_id)
@@ -190,18 +194,11 @@ def test_pool_limit_holds_fleet_steps_to_one_at_a_time(tmp_path: Path) -> None:
         assert peak == 1 and len(marks) == 8
         assert len(step_events(cp, run_id, "STEP_SLOT_REQUESTED")) == 4
         assert step_events(cp, run_id, "STEP_SLOT_WAITING")
-    finally:
-        stop_all(a1, a2, cp)
 
 
 def test_reexecution_from_failure_reuses_outputs_across_agents(tmp_path: Path) -> None:
     # Given a fleet run whose middle step failed
-    cp = start_control_plane(tmp_path)
-    a1 = start_agent(cp, tmp_path, "a1", FLEET, extra=slots(4))
-    a2 = start_agent(cp, tmp_path, "a2", FLEET, extra=slots(4))
-    folder = tmp_path / "run"
-    folder.mkdir()
-    try:
+    with two_agents(tmp_path) as (cp, folder):
         parent = cp.submit("mends", config={"dir": str(folder)})
         assert cp.wait_run(parent, 60)["status"] == "FAILURE"
         # When the cause is fixed and the run is re-executed FROM_FAILURE
@@ -214,18 +211,11 @@ def test_reexecution_from_failure_reuses_outputs_across_agents(tmp_path: Path) -
         (reused,) = step_events(cp, child, "STEP_REUSED")
         assert reused["step"] == "extract" and reused["data"]["source_run_id"] == parent
         assert set(started_on(cp, child)) == {("flaky", 0), ("after", 0)}
-    finally:
-        stop_all(a1, a2, cp)
 
 
 def test_run_worker_dying_resumes_the_run_reusing_finished_steps(tmp_path: Path) -> None:
     # Given a run that resumes once when its worker is lost, its second step in flight
-    cp = start_control_plane(tmp_path, "[run_monitoring]\nmax_resume_run_attempts = 1\n")
-    a1 = start_agent(cp, tmp_path, "a1", FLEET, extra=slots(4))
-    a2 = start_agent(cp, tmp_path, "a2", FLEET, extra=slots(4))
-    folder = tmp_path / "run"
-    folder.mkdir()
-    try:
+    with two_agents(tmp_path, "[run_monitoring]\nmax_resume_run_attempts = 1\n") as (cp, folder):
         run_id = cp.submit("resumable", config={"dir": str(folder)})
         in_flight = pid_of(folder, "wait_then")
         (start,) = step_events(cp, run_id, "RUN_START")
@@ -245,8 +235,6 @@ def test_run_worker_dying_resumes_the_run_reusing_finished_steps(tmp_path: Path)
             for e in step_events(cp, run_id, "STEP_TASK_REQUESTED")
         ]
         assert asked == [("slow_first", 0), ("wait_then", 0), ("wait_then", 0)]
-    finally:
-        stop_all(a1, a2, cp)
 
 
 def test_a_step_no_agent_can_take_waits_in_the_queue_view_until_one_can(
