@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from protocol import PROTOCOL_VERSION
 from protocol.codec import decode_any, encode
 from protocol.messages import (
@@ -97,13 +99,17 @@ def two_agents(tmp_path: Path, cp_extra: str = "") -> Iterator[tuple[ControlPlan
         stop_all(a1, a2, cp)
 
 
+@pytest.mark.parametrize("store", ["control_plane", "filesystem"])
 def test_fan_out_spreads_over_agents_and_a_labelled_step_lands_on_its_match(
-    tmp_path: Path,
+    tmp_path: Path, store: str
 ) -> None:
-    # Given two agents, only one of them labelled gpu=yes
+    # Given two agents, only one of them labelled gpu=yes, sharing an output store:
+    # the control plane's, or a folder both can read (a shared volume)
+    shared = tmp_path / "shared-outputs"
+    table = f'[output_store]\nkind = "{store}"\npath = "{shared}"\n'
     cp = start_control_plane(tmp_path)
-    plain = start_agent(cp, tmp_path, "plain", FLEET, extra=slots(4))
-    gpu = start_agent(cp, tmp_path, "gpu", FLEET, extra=slots(4) + GPU)
+    plain = start_agent(cp, tmp_path, "plain", FLEET, extra=slots(4) + table)
+    gpu = start_agent(cp, tmp_path, "gpu", FLEET, extra=slots(4) + GPU + table)
     folder = tmp_path / "run"
     folder.mkdir()
     try:
@@ -126,6 +132,9 @@ def test_fan_out_spreads_over_agents_and_a_labelled_step_lands_on_its_match(
         assert '<td class="step-agent">gpu</td>' in page
         # and the total (3*2*6 + 3*10) is right: it took every output from the store
         assert (folder / "total").read_text() == "66"
+        if store == "filesystem":
+            kept = {p.stem for p in (shared / run_id).glob("*.pickle")}
+            assert kept == {s for s, _ in where}
     finally:
         stop_all(plain, gpu, cp)
 
