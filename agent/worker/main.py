@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
 from typing import Any, BinaryIO
 
@@ -94,7 +95,9 @@ def _cannot_load(sink: RecordSink, job: str, exc: Exception, message: str, **dat
     return 1
 
 
-def _run(spec: WorkerSpec, sink: RecordSink, channel: str = "") -> int:
+def _run(spec: WorkerSpec, sink: RecordSink, channel: str = "", began: float = 0.0) -> int:
+    """Run the job; `began`: when this worker's code started, for RUN_START (where a
+    launch's time goes, bench/hops.py)."""
     from agent.worker.code_location import LocationLoadError, load_definitions
     from agent.worker.executors import Execution, get_executor
     from agent.worker.outputs import FilesystemOutputStore, OutputStore, ScratchOutputStore
@@ -115,7 +118,7 @@ def _run(spec: WorkerSpec, sink: RecordSink, channel: str = "") -> int:
     sink.event(
         "RUN_START",
         f"run worker started (pid {os.getpid()} on {socket.gethostname()})",
-        data={"pid": os.getpid(), "executor": options["name"]},
+        data={"pid": os.getpid(), "executor": options["name"], "worker_began_time": began},
     )
     store: OutputStore = (
         FilesystemOutputStore(spec.output_path)
@@ -221,6 +224,7 @@ def _open_channel() -> None:
 
 
 def main(argv: list[str]) -> int:
+    began = time.time()
     mode = argv[0] if argv else ""
     if mode == "step":  # in a step container of the docker executor
         from agent.worker.executors.docker import STEP_DIR_ENV, run_step
@@ -232,13 +236,13 @@ def main(argv: list[str]) -> int:
     fd = int(os.environ[RECORD_FD_ENV])
     sweeping, cgroup = _enter_tracking()
     try:
-        return _serve(mode, fd, cgroup)
+        return _serve(mode, fd, cgroup, began)
     finally:
         if sweeping:
             _sweep(mode, fd)
 
 
-def _serve(mode: str, fd: int, cgroup: str = "") -> int:
+def _serve(mode: str, fd: int, cgroup: str = "", began: float = 0.0) -> int:
     message = decode_any(_read_frame(sys.stdin.buffer))
     if mode == "describe" and isinstance(message, DescribeLocation):
         from agent.worker.code_location import describe
@@ -261,7 +265,7 @@ def _serve(mode: str, fd: int, cgroup: str = "") -> int:
         if channel:
             watch_lease(channel, sink, cgroup or None)
         try:
-            return _run(message, sink, channel)
+            return _run(message, sink, channel, began)
         except RunInterrupted:
             return INTERRUPTED_EXIT_CODE
     print(f"run worker: mode {mode!r} does not take a {type(message).__name__}", file=sys.stderr)
