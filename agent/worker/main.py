@@ -27,6 +27,7 @@ from agent.processes import (
     join_cgroup,
     kill_descendants,
     left_behind_event,
+    own_cgroup_dir,
 )
 from agent.worker.lease import CHANNEL_ENV, watch_lease
 from agent.worker.records import RecordSink
@@ -163,12 +164,18 @@ def _run(spec: WorkerSpec, sink: RecordSink, channel: str = "", began: float = 0
     return 0
 
 
+def _born_in(cgroup: str) -> bool:
+    """Whether this process is in `cgroup` already: joining costs an RCU grace period."""
+    own = own_cgroup_dir()
+    return own is not None and os.path.normpath(own) == os.path.normpath(cgroup)
+
+
 def _enter_tracking() -> tuple[bool, str]:
     """Join this worker's cgroup, or become a subreaper: before any user code runs or
     forks, so that nothing it starts is missed. Whether it must sweep at its end, and
     its cgroup ("" if none)."""
     cgroup = os.environ.pop(CGROUP_ENV, "")
-    if cgroup:
+    if cgroup and not _born_in(cgroup):  # the fork server starts it inside where it can
         try:
             join_cgroup(cgroup)
         except OSError as exc:
