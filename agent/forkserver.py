@@ -250,9 +250,18 @@ class _Forker:
 
     def __init__(self) -> None:
         self.clone3 = sys.platform == "linux"  # until the kernel refuses it
-        # A PyDLL call keeps the GIL, as os.fork() does around fork().
-        self._libc = ctypes.PyDLL(None, use_errno=True)
-        self._libc.syscall.restype = ctypes.c_long
+        try:
+            # A PyDLL call keeps the GIL, as os.fork() does around fork().
+            self._syscall = ctypes.PyDLL(None, use_errno=True).syscall
+            self._syscall.restype = ctypes.c_long
+            api = ctypes.pythonapi
+            self._before, self._child, self._parent = (
+                api.PyOS_BeforeFork,
+                api.PyOS_AfterFork_Child,
+                api.PyOS_AfterFork_Parent,
+            )
+        except (AttributeError, OSError):  # an interpreter that does not export them
+            self.clone3 = False
 
     def fork(self, cgroup: str) -> int:
         """Like os.fork(); with `cgroup` (a cgroup v2 directory), the child starts in it
@@ -278,13 +287,13 @@ class _Forker:
         after-fork steps (locks, at-fork hooks, thread state). (pid, errno)."""
         args = CLONE_ARGS.pack(CLONE_INTO_CGROUP, 0, 0, 0, signal.SIGCHLD, 0, 0, 0, 0, 0, cgroup_fd)
         buffer = ctypes.create_string_buffer(args, len(args))
-        ctypes.pythonapi.PyOS_BeforeFork()
-        pid = int(self._libc.syscall(SYS_CLONE3, buffer, ctypes.c_size_t(len(args))))
+        self._before()
+        pid = int(self._syscall(SYS_CLONE3, buffer, ctypes.c_size_t(len(args))))
         if pid == 0:
-            ctypes.pythonapi.PyOS_AfterFork_Child()
+            self._child()
             return 0, 0
         error = ctypes.get_errno() if pid < 0 else 0
-        ctypes.pythonapi.PyOS_AfterFork_Parent()
+        self._parent()
         return pid, error
 
 
