@@ -1,9 +1,12 @@
 """`make bench` (`python -m bench`): every benchmark, one table, each figure against its goal.
 
 The workloads (each module's docstring says exactly what it measures):
-  1-2  bench/latency.py   submit -> running on an idle system; a burst through 4 x 8 slots
-  3    bench/scale.py     one control plane under 1,000 and 5,000 simulated agents
-  4    bench/ingest.py    event ingestion from 50 concurrent runs
+  1    bench/hops.py      submit -> STARTED on an idle system, hop by hop, and the
+                          machine's floor (a bare fork, one fsync'd commit)
+  2    bench/latency.py   a burst through 4 x 8 slots, with each side's CPU per run
+  3    bench/scale.py     one control plane under 1,000 and 10,000 simulated agents
+  4    bench/ingest.py    event ingestion from 50 concurrent runs, SQLite and PostgreSQL
+  1-4 run again while bench/hog.py keeps one core busy (--no-hog: not)
   5    bench/footprint.py the agent's own RSS and CPU, idle and per run
   6    bench/dagster.py   workloads 1 and 2 on Dagster OSS, installed into .bench/
   7    bench/replicas.py  submit -> launch received through the replica that does not

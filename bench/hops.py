@@ -10,8 +10,10 @@ stamps taken on the path, all with this host's clock:
   assigned         RUN_STARTING's time: the run queue woke, planned and assigned it
                    (after the submission's fsync'd commit)
   launch received  the agent decoded the poll reply holding the launch
-  worker forked    the agent got the worker's pid back (channel files + fork server)
-  worker began     the forked worker reached agent.worker.main
+  worker forked    the agent got the worker's pid back (channel files, its cgroup, the
+                   fork server's round trip)
+  worker began     the forked worker reached agent.worker.main (it runs meanwhile, so
+                   this hop is the agent's lag behind it, and may be negative)
   RUN_START        the worker wrote RUN_START (it loaded the job's code first)
   STARTED          the run's start_time: the control plane took RUN_START from the
                    agent (which tails the worker's channel)

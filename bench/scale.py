@@ -100,6 +100,8 @@ def measure(agents: int, window: float = 30.0, runs: int = 60) -> ScaleResult:
             result.flood_heartbeats_per_s = (heartbeats_counted(fleet.url) - beats0) / elapsed
             result.flood_cpu_percent = 100 * (cpu_seconds(pid) - cpu0) / elapsed
             result.rss_bytes = max(result.rss_bytes, rss_bytes(pid))
+            if sim.poll() is not None:  # its figures would be a dead fleet's
+                raise RuntimeError(f"the simulated agents exited ({sim.returncode})")
         finally:
             sim.terminate()
             sim.wait(30)
