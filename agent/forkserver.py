@@ -12,6 +12,12 @@ with SCM_RIGHTS). The agent sends `{"argv", "env", "cwd"}` with the worker's fou
 later `{"exit": pid, "code": returncode}` when it reaps the worker (negative code:
 killed by that signal, as in `subprocess`). When the agent closes its end the server
 exits; workers already running carry on.
+
+A worker tracked by a cgroup (agent/tracking.py) is born in it: clone3 with
+CLONE_INTO_CGROUP, where the kernel allows it. Moving a process in afterwards (writing
+cgroup.procs) waits for an RCU grace period, 10-14 ms of every launch on the bench host
+(docs/performance.md); where clone3 is refused (an old kernel, a seccomp filter) the
+server forks as before and the worker joins its cgroup itself.
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import ctypes
+import errno
 import gc
 import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 import threading
 import traceback
@@ -32,6 +41,7 @@ from typing import Any
 import msgpack
 
 from agent.errors import AgentError
+from agent.processes import CGROUP_ENV
 
 WORKER_FDS = 4
 RECORD_FD = 3
@@ -51,6 +61,12 @@ PRELOAD = (
     "protocol.codec",
     "protocol.messages",
 )
+
+
+SYS_CLONE3 = 435  # the same number on every architecture fleetrun runs on
+CLONE_INTO_CGROUP = 0x200000000
+CLONE_ARGS = struct.Struct("=11Q")  # struct clone_args up to `cgroup` (CLONE_ARGS_SIZE_VER2)
+REFUSALS = (errno.ENOSYS, errno.EPERM, errno.E2BIG)  # clone3 is not to be had here
 
 
 class ForkServerGone(AgentError):
@@ -229,6 +245,58 @@ def _child(request: dict[str, Any], fds: list[int]) -> None:
         os._exit(code)
 
 
+class _Forker:
+    """fork(), or a fork whose child is born in a given cgroup."""
+
+    def __init__(self) -> None:
+        self.clone3 = sys.platform == "linux"  # until the kernel refuses it
+        try:
+            # A PyDLL call keeps the GIL, as os.fork() does around fork().
+            self._syscall = ctypes.PyDLL(None, use_errno=True).syscall
+            self._syscall.restype = ctypes.c_long
+            api = ctypes.pythonapi
+            self._before, self._child, self._parent = (
+                api.PyOS_BeforeFork,
+                api.PyOS_AfterFork_Child,
+                api.PyOS_AfterFork_Parent,
+            )
+        except (AttributeError, OSError):  # an interpreter that does not export them
+            self.clone3 = False
+
+    def fork(self, cgroup: str) -> int:
+        """Like os.fork(); with `cgroup` (a cgroup v2 directory), the child starts in it
+        where clone3 allows, else it is an ordinary fork."""
+        if not cgroup or not self.clone3:
+            return os.fork()
+        try:
+            fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return os.fork()  # the worker reports the cgroup's trouble when it joins
+        try:
+            pid, error = self._clone_into(fd)
+        finally:
+            os.close(fd)
+        if pid >= 0:
+            return pid
+        if error in REFUSALS:
+            self.clone3 = False
+        return os.fork()
+
+    def _clone_into(self, cgroup_fd: int) -> tuple[int, int]:
+        """clone3 as os.fork() calls fork(): between CPython's own before- and
+        after-fork steps (locks, at-fork hooks, thread state). (pid, errno)."""
+        args = CLONE_ARGS.pack(CLONE_INTO_CGROUP, 0, 0, 0, signal.SIGCHLD, 0, 0, 0, 0, 0, cgroup_fd)
+        buffer = ctypes.create_string_buffer(args, len(args))
+        self._before()
+        pid = int(self._syscall(SYS_CLONE3, buffer, ctypes.c_size_t(len(args))))
+        if pid == 0:
+            self._child()
+            return 0, 0
+        error = ctypes.get_errno() if pid < 0 else 0
+        self._parent()
+        return pid, error
+
+
 def _reap(sock: socket.socket) -> None:
     while True:
         try:
@@ -250,6 +318,7 @@ def serve(sock: socket.socket) -> None:
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ)
     selector.register(wake_read, selectors.EVENT_READ)
+    forker = _Forker()
     gc.freeze()
     try:
         while True:
@@ -261,19 +330,23 @@ def serve(sock: socket.socket) -> None:
                 data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE_BYTES, WORKER_FDS)
                 if not data:
                     return
-                _handle(sock, selector, data, fds)
+                _handle(sock, selector, data, fds, forker)
     finally:
         selector.close()
 
 
 def _handle(
-    sock: socket.socket, selector: selectors.BaseSelector, data: bytes, fds: list[int]
+    sock: socket.socket,
+    selector: selectors.BaseSelector,
+    data: bytes,
+    fds: list[int],
+    forker: _Forker,
 ) -> None:
     try:
         request = _unpack(data)
         if len(fds) != WORKER_FDS:
             raise ValueError(f"expected {WORKER_FDS} fds, got {len(fds)}")
-        pid = os.fork()
+        pid = forker.fork(str(request["env"].get(CGROUP_ENV, "")))
         if pid == 0:
             selector.close()
             sock.close()

@@ -590,6 +590,7 @@ class LaunchedRun:
         self.reported_result = self._position.result_passed
         self.exit_code: int | None = None
         self.received_time = time.time()
+        self.spawned_time: float | None = None  # when its worker's pid came back
         self.code_version = channel.code_version()  # the version it runs, once chosen
         self.stop_order: StopRun | None = None
         self.deadline_passed = False  # it stopped itself at its lease deadline
@@ -627,6 +628,8 @@ class LaunchedRun:
                 self.state = "running"
                 self.executor = str(record.data.get("executor"))
                 data = {**record.data, "launch_received_time": self.received_time}
+                if self.spawned_time is not None:  # not for a worker an earlier life started
+                    data["worker_spawned_time"] = self.spawned_time
                 if self.code_version:
                     data["code_version"] = self.code_version
                 record = replace(record, data=data)
@@ -736,6 +739,7 @@ class LaunchedRun:
                 {"failure_kind": CODE_UNREACHABLE if missing else WORKER_CRASH},
             )
             return
+        self.spawned_time = time.time()
         self.channel.set_worker(worker_identity(proc.pid, scope, proc.container_id))
         if (note := proc.started_note()) is not None:
             self.report("ENGINE_EVENT", *note)

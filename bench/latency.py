@@ -7,18 +7,24 @@
    worker's RUN_START arrived).
 2. Burst: `runs` runs of `hello` submitted at once (8 client threads) through 4 agents x
    8 slots: runs/s from the first submit to the last end, and each run's time in queue
-   (RUN_STARTING - create_time).
+   (RUN_STARTING - create_time). CPU per run on each side, from /proc over the burst:
+   the control plane's; the agents' own plus their fork servers' own; the run workers'
+   (their fork servers' reaped children: a worker's CPU is counted when it is reaped);
+   and the bench client's (submitting, then asking every 0.2 s whether all have ended).
 Everything runs on this machine over loopback: `fleetrun serve` and `fleetrun agent`
 subprocesses, SQLite in a temporary folder (or `storage_url`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from bench.harness import Fleet, get, post, ts, wait
+from bench.harness import CLOCK_TICKS, Fleet, children, cpu_seconds, get, post, ts, wait
 
 
 def one_hello(url: str) -> tuple[float, float, dict[str, Any]]:
@@ -55,14 +61,41 @@ def idle(runs: int = 100, storage_url: str = "sqlite:///b.db") -> dict[str, list
     }
 
 
+def _reaped_children_seconds(pid: int) -> float:
+    """CPU of a process's children that it has reaped (cutime + cstime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
+
+
+def _cpu_by_side(fleet: Fleet) -> dict[str, float]:
+    """CPU seconds so far: control plane, agents (with their fork servers), workers, and
+    this bench client."""
+    servers = [c for a in fleet.agents for c in children(a.pid)]
+    usage = os.times()
+    return {
+        "control plane": cpu_seconds(fleet.control_plane.pid),
+        "agent": sum(cpu_seconds(a.pid) for a in fleet.agents)
+        + sum(cpu_seconds(s) for s in servers),
+        "worker": sum(_reaped_children_seconds(s) for s in servers),
+        "bench client": usage.user + usage.system,
+    }
+
+
+@dataclass
+class BurstResult:
+    runs_per_s: float
+    queued: list[float]  # seconds in queue per run
+    cpu_ms_per_run: dict[str, float]  # by side, as _cpu_by_side names them
+
+
 def burst(
     runs: int = 1000, agents: int = 4, slots: int = 8, storage_url: str = "sqlite:///b.db"
-) -> tuple[float, list[float]]:
-    """(runs/s, seconds in queue per run)."""
+) -> BurstResult:
     config = f"[run_coordinator]\nmax_concurrent_runs = {agents * slots}\n"
     with Fleet(config, storage_url) as fleet:
         fleet.add_agents(agents, slots)
         url = fleet.url
+        cpu0 = _cpu_by_side(fleet)
         t0 = time.time()
         with ThreadPoolExecutor(8) as pool:
             ids = list(
@@ -82,6 +115,9 @@ def burst(
             return done if len(done) >= runs else None
 
         done = wait(all_done, 600, "the burst", 0.2)
+        servers = [c for a in fleet.agents for c in children(a.pid)]
+        wait(lambda: not any(children(s) for s in servers), 60, "the workers' exits", 0.01)
+        cpu1 = _cpu_by_side(fleet)
         assert {r["status"] for r in done} == {"SUCCESS"}, "some runs of the burst failed"
         elapsed = max(ts(r["end_time"]) for r in done) - t0
         waits = []
@@ -90,4 +126,5 @@ def burst(
             events = get(f"{url}/api/v1/runs/{run_id}/events?limit=3")["events"]
             starting = next(e for e in events if e["type"] == "RUN_STARTING")
             waits.append(ts(starting["time"]) - ts(run["create_time"]))
-    return runs / elapsed, waits
+    per_run = {side: (cpu1[side] - cpu0[side]) * 1000 / runs for side in cpu0}
+    return BurstResult(runs / elapsed, waits, per_run)

@@ -12,13 +12,29 @@ every simulated agent heartbeating back to back (flood), which is its capacity.
 
 from __future__ import annotations
 
+import resource
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
-from bench.harness import Fleet, cpu_seconds, get, metric, post, rss_bytes, spawn, wait
+from bench.harness import OPEN_FILES, Fleet, cpu_seconds, get, metric, post, rss_bytes, spawn, wait
+
+SPARE_FILES = 1000  # the control plane's own: storage, the real agent, the bench
+
+
+def open_files_limit() -> int:
+    """How many files a bench subprocess may surely open: the hard limit, which the
+    bench raises to OPEN_FILES only where the host lets it (bench/harness.py)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return OPEN_FILES if hard == resource.RLIM_INFINITY else max(hard, 0)
+
+
+def most_agents() -> int:
+    """The most simulated agents one control plane can serve here, in thousands: each
+    holds two connections (its long-poll and its heartbeats)."""
+    return (open_files_limit() - SPARE_FILES) // 2 // 1000 * 1000
 
 
 def heartbeats_counted(url: str) -> float:
@@ -84,6 +100,8 @@ def measure(agents: int, window: float = 30.0, runs: int = 60) -> ScaleResult:
             result.flood_heartbeats_per_s = (heartbeats_counted(fleet.url) - beats0) / elapsed
             result.flood_cpu_percent = 100 * (cpu_seconds(pid) - cpu0) / elapsed
             result.rss_bytes = max(result.rss_bytes, rss_bytes(pid))
+            if sim.poll() is not None:  # its figures would be a dead fleet's
+                raise RuntimeError(f"the simulated agents exited ({sim.returncode})")
         finally:
             sim.terminate()
             sim.wait(30)

@@ -11,11 +11,12 @@ second the control plane can take.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
 import signal
 import sys
 
-from agent.client import ControlPlaneClient
+from agent.client import ControlPlaneClient, ControlPlaneUnreachable
 from agent.heartbeat import heartbeat_pause
 from control_plane import collector
 from protocol.messages import (
@@ -63,15 +64,24 @@ async def serve(
 
     async def heartbeat() -> None:
         while True:
-            await client.call("heartbeat", Heartbeat(agent_id=reply.agent_id), HeartbeatReply, 120)
+            with contextlib.suppress(ControlPlaneUnreachable):  # retried, as an agent does
+                await client.call(
+                    "heartbeat", Heartbeat(agent_id=reply.agent_id), HeartbeatReply, 120
+                )
             if not flood.is_set():
                 await asyncio.sleep(heartbeat_pause(reply.heartbeat_interval_seconds))
 
     async def poll() -> None:
         while True:
-            await client.call(
-                "poll", Poll(agent_id=reply.agent_id), PollReply, reply.poll_timeout_seconds + 60
-            )
+            try:
+                await client.call(
+                    "poll",
+                    Poll(agent_id=reply.agent_id),
+                    PollReply,
+                    reply.poll_timeout_seconds + 60,
+                )
+            except ControlPlaneUnreachable:  # e.g. a kept-alive connection the server closed
+                await asyncio.sleep(1.0)
 
     await asyncio.gather(heartbeat(), poll())
 

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
 from typing import Any, BinaryIO
 
@@ -26,6 +27,7 @@ from agent.processes import (
     join_cgroup,
     kill_descendants,
     left_behind_event,
+    own_cgroup_dir,
 )
 from agent.worker.lease import CHANNEL_ENV, watch_lease
 from agent.worker.records import RecordSink
@@ -94,7 +96,9 @@ def _cannot_load(sink: RecordSink, job: str, exc: Exception, message: str, **dat
     return 1
 
 
-def _run(spec: WorkerSpec, sink: RecordSink, channel: str = "") -> int:
+def _run(spec: WorkerSpec, sink: RecordSink, channel: str = "", began: float = 0.0) -> int:
+    """Run the job; `began`: when this worker's code started, for RUN_START (where a
+    launch's time goes, bench/hops.py)."""
     from agent.worker.code_location import LocationLoadError, load_definitions
     from agent.worker.executors import Execution, get_executor
     from agent.worker.outputs import FilesystemOutputStore, OutputStore, ScratchOutputStore
@@ -136,7 +140,7 @@ def _run(spec: WorkerSpec, sink: RecordSink, channel: str = "") -> int:
     sink.event(
         "RUN_START",
         f"run worker started (pid {os.getpid()} on {socket.gethostname()})",
-        data={"pid": os.getpid(), "executor": options["name"]},
+        data={"pid": os.getpid(), "executor": options["name"], "worker_began_time": began},
     )
     try:
         failed = executor(execution)
@@ -165,12 +169,18 @@ def _run(spec: WorkerSpec, sink: RecordSink, channel: str = "") -> int:
     return 0
 
 
+def _born_in(cgroup: str) -> bool:
+    """Whether this process is in `cgroup` already: joining costs an RCU grace period."""
+    own = own_cgroup_dir()
+    return own is not None and os.path.normpath(own) == os.path.normpath(cgroup)
+
+
 def _enter_tracking() -> tuple[bool, str]:
     """Join this worker's cgroup, or become a subreaper: before any user code runs or
     forks, so that nothing it starts is missed. Whether it must sweep at its end, and
     its cgroup ("" if none)."""
     cgroup = os.environ.pop(CGROUP_ENV, "")
-    if cgroup:
+    if cgroup and not _born_in(cgroup):  # the fork server starts it inside where it can
         try:
             join_cgroup(cgroup)
         except OSError as exc:
@@ -226,6 +236,7 @@ def _open_channel() -> None:
 
 
 def main(argv: list[str]) -> int:
+    began = time.time()
     mode = argv[0] if argv else ""
     if mode == "step":  # in a step container of the docker executor
         from agent.worker.executors.docker import STEP_DIR_ENV, run_step
@@ -237,13 +248,13 @@ def main(argv: list[str]) -> int:
     fd = int(os.environ[RECORD_FD_ENV])
     sweeping, cgroup = _enter_tracking()
     try:
-        return _serve(mode, fd, cgroup)
+        return _serve(mode, fd, cgroup, began)
     finally:
         if sweeping:
             _sweep(mode, fd)
 
 
-def _serve(mode: str, fd: int, cgroup: str = "") -> int:
+def _serve(mode: str, fd: int, cgroup: str = "", began: float = 0.0) -> int:
     message = decode_any(_read_frame(sys.stdin.buffer))
     if mode == "describe" and isinstance(message, DescribeLocation):
         from agent.worker.code_location import describe
@@ -266,7 +277,7 @@ def _serve(mode: str, fd: int, cgroup: str = "") -> int:
         if channel:
             watch_lease(channel, sink, cgroup or None)
         try:
-            return _run(message, sink, channel)
+            return _run(message, sink, channel, began)
         except RunInterrupted:
             return INTERRUPTED_EXIT_CODE
     print(f"run worker: mode {mode!r} does not take a {type(message).__name__}", file=sys.stderr)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import resource
 import signal
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -249,6 +250,17 @@ def warn_about_insecure_setup(config: ControlPlaneConfig) -> None:
         )
 
 
+def open_files_up_to_hard_limit() -> None:
+    """Every agent holds two connections (its long-poll and its heartbeats), so a fleet
+    of 10,000 needs more than 20,000 descriptors; the soft limit is often far below the
+    hard one the operator set (LimitNOFILE), and running out fails storage as well."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    log.info("open files limit: %s", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
 async def serve(
     config: ControlPlaneConfig,
     on_ready: Callable[[str], None] | None = None,
@@ -287,6 +299,7 @@ async def serve(
         if on_ready is not None:
             on_ready(url)
         if own_process:
+            open_files_up_to_hard_limit()
             collector.tune()
             metrics = app[METRICS]
             collector.observe_pauses(metrics.gc_paused)

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,10 @@ from tests.conftest import (
 
 JOBS = {"ex": FIXTURES / "executor_jobs.py"}
 SOURCES = ["from print", "from logging", "from a subprocess", "from fd 1"]
+
+
+def ts(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 def step_logs(cp: ControlPlaneProc, run_id: str, step: str) -> str:
@@ -71,6 +76,10 @@ def test_step_logs_from_four_sources_stream_while_the_step_runs(
             assert line in out + err
         start = next(e for e in cp.events(run_id) if e["type"] == "RUN_START")
         assert start["data"]["executor"] == executor
+        # The launch's own stamps (bench/hops.py reads them), in the order they happen
+        data = start["data"]
+        assert data["launch_received_time"] <= data["worker_spawned_time"]
+        assert data["launch_received_time"] <= data["worker_began_time"] <= ts(start["time"])
     finally:
         agent.stop()
         cp.stop()

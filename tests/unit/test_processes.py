@@ -20,6 +20,7 @@ import pytest
 
 from agent.codeversions import in_place
 from agent.config import CodeLocationConfig, OutputStoreConfig
+from agent.forkserver import _Forker
 from agent.launchers import (
     RunLauncher,
     describe_location,
@@ -357,3 +358,30 @@ def test_a_new_agent_removes_the_empty_cgroups_an_agent_killed_outright_left() -
         asyncio.run(tracking.close())
     finally:
         remove_cgroup(str(stale))
+
+
+def test_the_fork_server_starts_a_worker_inside_its_cgroup() -> None:
+    """Born inside (clone3 into the cgroup), the worker need not join it: joining waits
+    for an RCU grace period, 10-14 ms of every launch (docs/performance.md)."""
+    try:
+        tracking = open_tracking("cgroup")
+    except ValueError as exc:
+        pytest.skip(f"this machine offers no writable cgroup v2: {exc}")
+    assert isinstance(tracking, CgroupTracking)
+    scope = tracking.scope("run-born", {})
+    forker = _Forker()
+    read, write = os.pipe()
+    pid = forker.fork(scope.path)
+    if pid == 0:
+        os.write(write, (own_cgroup_dir() or "").encode())
+        os._exit(0)
+    os.close(write)
+    try:
+        where = os.read(read, 4096).decode()
+        os.waitpid(pid, 0)
+    finally:
+        os.close(read)
+        asyncio.run(tracking.close())
+    if not forker.clone3:
+        pytest.skip("the kernel refuses clone3 here: the worker joins its cgroup itself")
+    assert where == scope.path
