@@ -29,6 +29,7 @@ import ctypes
 import errno
 import gc
 import os
+import platform
 import selectors
 import signal
 import socket
@@ -64,6 +65,11 @@ PRELOAD = (
 
 
 SYS_CLONE3 = 435  # the same number on every architecture fleetrun runs on
+# (set_robust_list, get_robust_list) by machine: these numbers differ
+ROBUST_LIST_SYSCALLS = {"x86_64": (273, 274), "aarch64": (99, 100)}
+PR_GET_TID_ADDRESS = 40
+CLONE_CHILD_CLEARTID = 0x00200000
+CLONE_CHILD_SETTID = 0x01000000
 CLONE_INTO_CGROUP = 0x200000000
 CLONE_ARGS = struct.Struct("=11Q")  # struct clone_args up to `cgroup` (CLONE_ARGS_SIZE_VER2)
 REFUSALS = (errno.ENOSYS, errno.EPERM, errno.E2BIG)  # clone3 is not to be had here
@@ -249,11 +255,15 @@ class _Forker:
     """fork(), or a fork whose child is born in a given cgroup."""
 
     def __init__(self) -> None:
-        self.clone3 = sys.platform == "linux"  # until the kernel refuses it
+        robust = ROBUST_LIST_SYSCALLS.get(platform.machine())
+        self.clone3 = sys.platform == "linux" and robust is not None  # until refused
+        self._set_robust, self._get_robust = robust or (0, 0)
         try:
             # A PyDLL call keeps the GIL, as os.fork() does around fork().
-            self._syscall = ctypes.PyDLL(None, use_errno=True).syscall
+            libc = ctypes.PyDLL(None, use_errno=True)
+            self._syscall = libc.syscall
             self._syscall.restype = ctypes.c_long
+            self._prctl = libc.prctl
             api = ctypes.pythonapi
             self._before, self._child, self._parent = (
                 api.PyOS_BeforeFork,
@@ -282,14 +292,38 @@ class _Forker:
             self.clone3 = False
         return os.fork()
 
+    def _thread_registrations(self) -> tuple[int, int, int] | None:
+        """This thread's tid field and robust-futex list as glibc registered them with
+        the kernel: (tid address, list head, head size), or None if not to be had."""
+        tid_address = ctypes.c_void_p()
+        if self._prctl(PR_GET_TID_ADDRESS, ctypes.byref(tid_address), 0, 0, 0) != 0:
+            return None
+        head, size = ctypes.c_void_p(), ctypes.c_size_t()
+        args = (ctypes.c_long(0), ctypes.byref(head), ctypes.byref(size))
+        if self._syscall(self._get_robust, *args) != 0 or not tid_address.value:
+            return None
+        return tid_address.value, head.value or 0, size.value
+
     def _clone_into(self, cgroup_fd: int) -> tuple[int, int]:
-        """clone3 as os.fork() calls fork(): between CPython's own before- and
-        after-fork steps (locks, at-fork hooks, thread state). (pid, errno)."""
-        args = CLONE_ARGS.pack(CLONE_INTO_CGROUP, 0, 0, 0, signal.SIGCHLD, 0, 0, 0, 0, 0, cgroup_fd)
+        """clone3 as glibc's fork() calls clone, and between CPython's own before- and
+        after-fork steps (locks, at-fork hooks, thread state) as os.fork() does.
+
+        As glibc's fork: the kernel writes the child's tid into glibc's thread
+        descriptor (CLONE_CHILD_SETTID), and the child registers its robust-futex list
+        again (a new process has none), so that PI and robust mutexes in a job's native
+        code work. (pid, errno)."""
+        registrations = self._thread_registrations()
+        if registrations is None:
+            return -1, errno.ENOSYS
+        tid_address, head, size = registrations
+        flags = CLONE_INTO_CGROUP | CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID
+        args = CLONE_ARGS.pack(flags, 0, tid_address, 0, signal.SIGCHLD, 0, 0, 0, 0, 0, cgroup_fd)
         buffer = ctypes.create_string_buffer(args, len(args))
         self._before()
         pid = int(self._syscall(SYS_CLONE3, buffer, ctypes.c_size_t(len(args))))
         if pid == 0:
+            if head:
+                self._syscall(self._set_robust, ctypes.c_void_p(head), ctypes.c_size_t(size))
             self._child()
             return 0, 0
         error = ctypes.get_errno() if pid < 0 else 0

@@ -7,6 +7,8 @@ alone misses them: each tracking (a cgroup per worker, or the sweep) must find t
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import json
 import logging
 import os
 import signal
@@ -373,15 +375,22 @@ def test_the_fork_server_starts_a_worker_inside_its_cgroup() -> None:
     read, write = os.pipe()
     pid = forker.fork(scope.path)
     if pid == 0:
-        os.write(write, (own_cgroup_dir() or "").encode())
+        # What glibc's fork would leave: its thread descriptor holds the child's own tid
+        # and the kernel has the child's robust-futex list
+        registrations = forker._thread_registrations()
+        tid_field = ctypes.c_int.from_address(registrations[0]).value if registrations else 0
+        robust_head = registrations[1] if registrations else 0
+        seen = {"cgroup": own_cgroup_dir(), "tid_field": tid_field, "robust": robust_head}
+        os.write(write, json.dumps(seen).encode())
         os._exit(0)
     os.close(write)
     try:
-        where = os.read(read, 4096).decode()
+        seen = json.loads(os.read(read, 4096))
         os.waitpid(pid, 0)
     finally:
         os.close(read)
         asyncio.run(tracking.close())
     if not forker.clone3:
         pytest.skip("the kernel refuses clone3 here: the worker joins its cgroup itself")
-    assert where == scope.path
+    assert seen == {"cgroup": scope.path, "tid_field": pid, "robust": seen["robust"]}
+    assert seen["robust"] != 0
