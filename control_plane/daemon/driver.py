@@ -84,6 +84,9 @@ class DaemonLoop(Generic[C]):
     wake_on: tuple[str, ...] = ()  # bus topics that wake it
     wake_if: Callable[[str | None], bool] = lambda key: True  # which keys of them do
     backstop: float = 5.0  # the longest it sleeps
+    # After a pass, wake-ups within this many seconds wait for it: a burst of changes
+    # makes one pass, not one each (for loops whose deadlines are seconds away anyway)
+    settle: float = 0.0
     lease: str = ""  # the leader lease it runs under; default: its name
     on_gain: Callable[[], None] | None = None  # this replica starts running it
     tasks: TaskSet = field(default_factory=TaskSet)
@@ -129,6 +132,10 @@ class Driver:
                 sleep = loop.backstop
                 if next_at is not None:
                     sleep = min(sleep, max(0.0, next_at - self.clock.time()) + EARLY)
+                if loop.settle:
+                    settle = min(loop.settle, sleep)
+                    await asyncio.sleep(settle)
+                    sleep -= settle
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), sleep)
         finally:
