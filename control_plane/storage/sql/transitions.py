@@ -176,11 +176,11 @@ async def insert_run(db: Tx, run: NewRun, now: float, message: str = "run queued
         )
         if rows:
             return run_from_row(rows[0])  # made before (a retried tick): not again
-    await db.execute(
+    ((run_pk,),) = await db.fetch(
         "INSERT INTO runs (run_id, job, location, status, tags, config, priority, queue,"
         " create_time, update_time, status_time, not_before, parent_run_id, root_run_id,"
         " reuse_outputs, idempotency_key, wanted_code_version)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         (
             run.run_id,
             run.job,
@@ -201,7 +201,6 @@ async def insert_run(db: Tx, run: NewRun, now: float, message: str = "run queued
             run.wanted_code_version,
         ),
     )
-    (run_pk,) = (await db.fetch("SELECT id FROM runs WHERE run_id = ?", (run.run_id,)))[0]
     await db.executemany(
         "INSERT INTO run_tags (run_id, key, value, run_pk) VALUES (?, ?, ?, ?)",
         [(run.run_id, k, v, run_pk) for k, v in run.tags.items()],
