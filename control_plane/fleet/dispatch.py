@@ -9,6 +9,7 @@ and so do pool-slot grants: owed until the agent lists them as held.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -53,17 +54,13 @@ def launch_message(run: Run, claim_pool_slots: bool = True) -> LaunchRun:
 
 def step_launch_message(task: StepTask, run: Run) -> LaunchRun:
     """A step task as its agent receives it: its run's launch, narrowed to one step
-    attempt under the task's lease, its inputs as the outputs it reuses."""
+    attempt under the task's lease, its inputs as the outputs it reuses, in the code
+    version the run runs."""
     assert task.lease is not None
-    return LaunchRun(
-        run_id=run.run_id,
-        job=run.job,
-        location=run.location,
+    return dataclasses.replace(
+        launch_message(run, claim_pool_slots=False),  # the orchestrator took the slot
         lease=task.lease,
-        tags=run.tags,
-        config=run.config,
         reuse_outputs=task.inputs,
-        claim_pool_slots=False,  # the orchestrator took the step's slot
         code_version=run.tags.get(CODE_VERSION_TAG) or run.code_version or "",
         step=task.step,
         step_attempt=task.attempt,
