@@ -19,6 +19,7 @@ The workloads (each module's docstring says exactly what it measures):
                           dockerd of its own; needs Debian's docker.io)
   11   bench/pools.py     a freed pool slot -> the next waiting step started
 plus two figures of earlier issues: executor overhead per step, agent death -> FAILURE.
+For before -> after pairs of one change, bench/pair.py prints workloads 1 and 2 in a line.
 The table is Markdown, so that docs/performance.md can hold it as printed.
 """
 
