@@ -115,23 +115,19 @@ def find_verdicts(
     went silent), and when the next one could fall due (None: nothing active)."""
     verdicts: list[Verdict | StepTaskLost] = []
     next_deadline: float | None = None
-    found: tuple[float, Verdict | StepTaskLost] | None
-    for run in runs:
-        found = _run_deadline(run, agents.get(run.agent_id or ""), config, boot_time, now)
+    candidates = [
+        *(_run_deadline(r, agents.get(r.agent_id or ""), config, boot_time, now) for r in runs),
+        *(
+            _step_task_deadline(t, agents.get(t.agent_id or ""), config, boot_time, now)
+            for t in step_tasks
+        ),
+    ]
+    for found in candidates:
         if found is None:
             continue
         deadline, verdict = found
         if deadline <= now:
             verdicts.append(verdict)
-        elif next_deadline is None or deadline < next_deadline:
-            next_deadline = deadline
-    for task in step_tasks:
-        found = _step_task_deadline(task, agents.get(task.agent_id or ""), config, boot_time, now)
-        if found is None:
-            continue
-        deadline, lost = found
-        if deadline <= now:
-            verdicts.append(lost)
         elif next_deadline is None or deadline < next_deadline:
             next_deadline = deadline
     return verdicts, next_deadline

@@ -341,10 +341,9 @@ def _pick_agent(
     problem, hosting = _placement_problem(run.tags, hosting, held)
     if problem is not None:
         return problem, None
-    free = [a for a in hosting if used[a.agent_id] < a.max_concurrent_runs]
-    if not free:
-        slots = ", ".join(f"{a.name} {used[a.agent_id]}/{a.max_concurrent_runs}" for a in hosting)
-        return f"no agent hosting location {run.location} has a free slot ({slots})", None
+    problem, free = _free_slots(hosting, used, run.location)
+    if problem is not None:
+        return problem, None
     parents = run.wanted_code_version
     if parents:  # a re-execution: an agent that still has its parent's version, if any
         having = [a for a in free if parents in code_versions.get((a.agent_id, run.location), ())]
@@ -378,11 +377,21 @@ def _pick_step_agent(
     problem, hosting = _placement_problem(task.tags, hosting, held)
     if problem is not None:
         return problem, None
+    problem, free = _free_slots(hosting, used, task.location)
+    if problem is not None:
+        return problem, None
+    return None, min(free, key=lambda a: (used[a.agent_id] - a.max_concurrent_runs, a.name))
+
+
+def _free_slots(
+    hosting: list[Agent], used: Counter[str | None], location: str
+) -> tuple[str | None, list[Agent]]:
+    """The agents of `hosting` with a free slot, or why there are none."""
     free = [a for a in hosting if used[a.agent_id] < a.max_concurrent_runs]
     if not free:
         slots = ", ".join(f"{a.name} {used[a.agent_id]}/{a.max_concurrent_runs}" for a in hosting)
-        return f"no agent hosting location {task.location} has a free slot ({slots})", None
-    return None, min(free, key=lambda a: (used[a.agent_id] - a.max_concurrent_runs, a.name))
+        return f"no agent hosting location {location} has a free slot ({slots})", []
+    return None, free
 
 
 def _draining_note(
